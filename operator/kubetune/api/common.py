@@ -39,6 +39,10 @@ class KubeModel(BaseModel):
 
 
 DECIMAL_PATTERN = r"^[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$"
+# Decimal strings between 0 and 1: plain ("0", "0.05", "1.0") or scientific notation with a single-digit
+# mantissa and a negative exponent ("5e-2"). Every string it admits is <= 1, so the CRD can enforce the
+# range with a pattern alone (an exact "<= 1" over all exponent forms is not a regular language).
+RATIO_PATTERN = r"^(0+(\.[0-9]+)?|0*1(\.0+)?|0*[0-9](\.[0-9]+)?[eE]-[0-9]*[1-9][0-9]*)$"
 
 
 def _check_decimal(value: str) -> str:
@@ -59,15 +63,15 @@ DecimalString = Annotated[
     str,
     Field(
         pattern=DECIMAL_PATTERN,
-        description="A non-negative decimal number written as a string, e.g. \"0.1\" or \"3e-4\".",
+        description='A non-negative decimal number written as a string, e.g. "0.1" or "3e-4".',
     ),
     AfterValidator(_check_decimal),
 ]
 RatioString = Annotated[
     str,
     Field(
-        pattern=DECIMAL_PATTERN,
-        description="A ratio between 0 and 1 written as a string, e.g. \"0.1\".",
+        pattern=RATIO_PATTERN,
+        description='A ratio between 0 and 1 written as a string, e.g. "0.1" or "5e-2".',
         json_schema_extra={"x-kubetune-ratio": True},
     ),
     AfterValidator(_check_decimal),
@@ -134,7 +138,9 @@ class PipelineRunRef(KubeModel):
     id: str
     url: str | None = None
     name: str | None = None
-    generation: int | None = Field(default=None, description="Generation of the spec the run was submitted for.")
+    generation: int | None = Field(
+        default=None, description="Generation of the spec the run was submitted for."
+    )
 
 
 class OutputRef(KubeModel):

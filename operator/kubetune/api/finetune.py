@@ -7,7 +7,6 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from kubetune.api.common import (
-    API_VERSION,
     Condition,
     DecimalString,
     KubeModel,
@@ -37,7 +36,9 @@ Executor = Literal["kfp", "local"]
 class Curation(KubeModel):
     """Dataset curation applied before the split."""
 
-    dedupe: bool = Field(default=True, description="Drop exact duplicate examples (after whitespace normalisation).")
+    dedupe: bool = Field(
+        default=True, description="Drop exact duplicate examples (after whitespace normalisation)."
+    )
     min_tokens: int = Field(default=1, ge=0, description="Drop examples shorter than this many tokens.")
     max_tokens: int = Field(
         default=2048, ge=1, le=1_048_576, description="Drop examples longer than this many tokens."
@@ -86,7 +87,9 @@ class LoraOptions(KubeModel):
 
 
 class VirtualTokenOptions(KubeModel):
-    num_virtual_tokens: int = Field(default=16, ge=1, le=1024, description="Number of virtual tokens learned.")
+    num_virtual_tokens: int = Field(
+        default=16, ge=1, le=1024, description="Number of virtual tokens learned."
+    )
 
 
 class PromptTuningOptions(VirtualTokenOptions):
@@ -96,7 +99,9 @@ class PromptTuningOptions(VirtualTokenOptions):
 
 
 class Ia3Options(KubeModel):
-    target_modules: list[str] = Field(default_factory=list, description="Modules whose activations are scaled.")
+    target_modules: list[str] = Field(
+        default_factory=list, description="Modules whose activations are scaled."
+    )
     feedforward_modules: list[str] = Field(
         default_factory=list, description="Subset of targetModules that are feed-forward layers."
     )
@@ -107,7 +112,11 @@ class FullOptions(KubeModel):
 
 
 class Method(KubeModel):
-    """The adaptation method. `type` names it; the block of the same name holds its options."""
+    """The adaptation method. `type` names it; the block of the same name holds its options.
+
+    Only the block named by `type` may be set, and it is optional: left out, the method runs with its
+    defaults. Setting another method's block is an error.
+    """
 
     type: MethodType = Field(default="lora")
     lora: LoraOptions | None = None
@@ -155,7 +164,12 @@ class Scheduler(KubeModel):
 
 
 class Training(KubeModel):
-    epochs: int | None = Field(default=None, ge=1, le=1000, description="Passes over the training set.")
+    epochs: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Passes over the training set; when neither epochs nor maxSteps is set, one epoch runs.",
+    )
     max_steps: int | None = Field(
         default=None, ge=1, description="Optimizer steps to run; overrides epochs when both are set."
     )
@@ -185,6 +199,7 @@ class Training(KubeModel):
 
 
 GateMetric = Literal["evalLoss", "perplexity", "exactMatch"]
+_DEFAULT_METRICS: tuple[GateMetric, ...] = ("evalLoss", "perplexity", "exactMatch")
 
 
 class Gate(KubeModel):
@@ -195,7 +210,9 @@ class Gate(KubeModel):
     max: DecimalString | None = Field(default=None, description="The metric must be at most this.")
     min_improvement: DecimalString | None = Field(
         default=None,
-        description="The metric must beat the base model by at least this (lower for losses, higher for exactMatch).",
+        description=(
+            "The metric must beat the base model by at least this (lower for losses, higher for exactMatch)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -207,7 +224,7 @@ class Gate(KubeModel):
 
 class Evaluation(KubeModel):
     metrics: list[GateMetric] = Field(
-        default_factory=lambda: ["evalLoss", "perplexity", "exactMatch"],
+        default_factory=lambda: list(_DEFAULT_METRICS),
         description="Metrics computed on the held-out split for the base and the tuned model.",
     )
     max_new_tokens: int = Field(default=32, ge=1, le=4096, description="Generation budget for exactMatch.")
@@ -285,8 +302,8 @@ class FineTuneJobStatus(KubeModel):
 class FineTuneJob(KubeModel):
     model_config = KubeModel.model_config | {"extra": "ignore"}
 
-    api_version: Literal["kubetune.dev/v1alpha1"] = API_VERSION
-    kind: Literal["FineTuneJob"] = KIND
+    api_version: Literal["kubetune.dev/v1alpha1"] = "kubetune.dev/v1alpha1"
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
     metadata: ObjectMeta
     spec: FineTuneJobSpec
     status: dict[str, Any] | None = None

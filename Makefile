@@ -1,0 +1,45 @@
+# kubetune's two promises: `make quickstart` and `make test`, each from a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kubetune-installed
+TINY_BASE := .kubetune/models/tiny-base
+
+.PHONY: setup quickstart test lint typecheck unit integration e2e crds clean
+
+setup: $(STAMP)
+
+# torch goes first and pinned: a bare torch requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[test]'
+	touch $@
+
+quickstart: setup
+	$(BIN)/kubetune dev tiny-base --out $(TINY_BASE)
+	$(BIN)/kubetune up -f examples/quickstart/
+	$(BIN)/kubetune get ftj
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check operator components tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q tests/unit
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+
+crds: setup
+	$(BIN)/kubetune crds --out-dir manifests/crds
+
+clean:
+	rm -rf $(VENV) .kubetune .pytest_cache .mypy_cache .ruff_cache

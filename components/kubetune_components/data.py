@@ -1,0 +1,296 @@
+"""Training data: parsing JSONL datasets, rendering prompts, tokenizing, curating and batching."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from kubetune_components import storage
+from kubetune_components.errors import ConfigError, DatasetError
+
+DatasetFormat = Literal["text", "instruction", "chat"]
+FORMATS: tuple[str, ...] = get_args(DatasetFormat)
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100
+
+INSTRUCTION_HEADER = "### Instruction:\n"
+INPUT_HEADER = "### Input:\n"
+RESPONSE_HEADER = "### Response:\n"
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"dataset.format: {fmt!r} is not one of {', '.join(FORMATS)}")
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _require_string(record: dict[str, Any], key: str, where: str, label: str | None = None) -> str:
+    name = label or f'"{key}"'
+    if key not in record:
+        raise DatasetError(f"{where}: {name} is missing")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: {name} must be a string, got {_json_type(value)}")
+    return value
+
+
+def _parse_text(record: dict[str, Any], where: str) -> dict[str, Any]:
+    return {"text": _require_string(record, "text", where)}
+
+
+def _parse_instruction(record: dict[str, Any], where: str) -> dict[str, Any]:
+    example: dict[str, Any] = {"instruction": _require_string(record, "instruction", where)}
+    if record.get("input") is not None:
+        example["input"] = _require_string(record, "input", where)
+    example["output"] = _require_string(record, "output", where)
+    return example
+
+
+def _parse_chat(record: dict[str, Any], where: str) -> dict[str, Any]:
+    if "messages" not in record:
+        raise DatasetError(f'{where}: "messages" is missing')
+    raw_messages = record["messages"]
+    if not isinstance(raw_messages, list):
+        raise DatasetError(f'{where}: "messages" must be an array, got {_json_type(raw_messages)}')
+    if not raw_messages:
+        raise DatasetError(f'{where}: "messages" is empty')
+    messages = []
+    for index, message in enumerate(raw_messages):
+        label = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise DatasetError(f"{where}: {label} must be an object, got {_json_type(message)}")
+        role = _require_string(message, "role", where, f"{label}.role")
+        if role not in ROLES:
+            raise DatasetError(f"{where}: {label}.role must be one of {', '.join(ROLES)}")
+        content = _require_string(message, "content", where, f"{label}.content")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "assistant":
+        raise DatasetError(
+            f"{where}: the last message must be from the assistant, got {messages[-1]['role']}"
+        )
+    return {"messages": messages}
+
+
+_PARSERS = {"text": _parse_text, "instruction": _parse_instruction, "chat": _parse_chat}
+
+
+def load_examples(uri: str, fmt: DatasetFormat) -> list[dict[str, Any]]:
+    """Parse a JSONL dataset; any problem raises DatasetError naming the file and 1-based line."""
+    _check_format(fmt)
+    try:
+        raw = storage.read_bytes(uri)
+    except FileNotFoundError as error:
+        raise DatasetError(f"{uri}: file not found") from error
+    except IsADirectoryError as error:
+        raise DatasetError(f"{uri}: is a directory, expected a JSONL file") from error
+    except OSError as error:
+        raise DatasetError(f"{uri}: cannot read the file ({error})") from error
+    parse = _PARSERS[fmt]
+    examples = []
+    for line_number, raw_line in enumerate(raw.split(b"\n"), start=1):
+        where = f"{uri} line {line_number}"
+        try:
+            line = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise DatasetError(f"{where}: not valid UTF-8 (byte {error.start + 1})") from error
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from error
+        if not isinstance(record, dict):
+            raise DatasetError(f"{where}: expected a JSON object, got {_json_type(record)}")
+        examples.append(parse(record, where))
+    if not examples:
+        raise DatasetError(f"{uri}: the dataset is empty (no JSON lines)")
+    return examples
+
+
+def render_instruction_prompt(instruction: str, input_text: str | None = None) -> str:
+    prompt = f"{INSTRUCTION_HEADER}{instruction}\n\n"
+    if input_text:
+        prompt += f"{INPUT_HEADER}{input_text}\n\n"
+    return prompt + RESPONSE_HEADER
+
+
+def render_prompt_and_response(
+    example: dict[str, Any], fmt: DatasetFormat, tokenizer: PreTrainedTokenizerBase
+) -> tuple[str, str]:
+    """Split an example into the text the model is given and the text it must produce."""
+    _check_format(fmt)
+    if fmt == "text":
+        return "", str(example["text"])
+    if fmt == "instruction":
+        prompt = render_instruction_prompt(str(example["instruction"]), example.get("input"))
+        return prompt, str(example["output"])
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ConfigError(
+            f"the tokenizer {name} has no chat_template, which the chat format needs; "
+            "use a chat model or the instruction format"
+        )
+    messages = example["messages"]
+    chat_prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    if not isinstance(chat_prompt, str):
+        raise ConfigError(f"the chat_template of {tokenizer.name_or_path} did not render to text")
+    return chat_prompt, str(messages[-1]["content"])
+
+
+def prompt_token_ids(prompt: str, fmt: DatasetFormat, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids of a rendered prompt, exactly as training sees them; use these to generate.
+
+    Chat templates write their own special tokens (bos included), so only the other formats let
+    the tokenizer add them.
+    """
+    encoded = tokenizer(prompt, add_special_tokens=fmt != "chat")["input_ids"]
+    return list(encoded)
+
+
+def _response_token_ids(response: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ConfigError("the tokenizer has no eos token, which marks the end of a response")
+    return [*tokenizer(response, add_special_tokens=False)["input_ids"], int(eos_id)]
+
+
+def _encode(
+    example: dict[str, Any], fmt: DatasetFormat, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
+    prompt, response = render_prompt_and_response(example, fmt, tokenizer)
+    return prompt_token_ids(prompt, fmt, tokenizer), _response_token_ids(response, tokenizer)
+
+
+def tokenize_for_training(
+    example: dict[str, Any], fmt: DatasetFormat, tokenizer: PreTrainedTokenizerBase, max_seq_length: int
+) -> dict[str, list[int]] | None:
+    """Prompt + response + eos, with the loss masked to the response (except for `text`).
+
+    Sequences over `max_seq_length` are cut at the end. Returns None when the cut leaves no
+    response token to learn from.
+    """
+    if max_seq_length < 1:
+        raise ConfigError(f"training.maxSeqLength must be positive, got {max_seq_length}")
+    prompt_ids, response_ids = _encode(example, fmt, tokenizer)
+    if len(prompt_ids) >= max_seq_length:
+        return None
+    input_ids = (prompt_ids + response_ids)[:max_seq_length]
+    if fmt == "text":
+        labels = list(input_ids)
+    else:
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_seq_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, str):
+        return " ".join(value.split())
+    if isinstance(value, dict):
+        return {key: _normalise(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_normalise(item) for item in value]
+    return value
+
+
+def dedupe_key(example: dict[str, Any]) -> str:
+    """Equal for examples that differ only in whitespace."""
+    return json.dumps(_normalise(example), sort_keys=True, ensure_ascii=False)
+
+
+@dataclass
+class CurationResult:
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    report: dict[str, int] = field(default_factory=dict)
+
+
+def split_sizes(count: int, validation_split: float) -> int:
+    """How many of `count` examples go to validation."""
+    if validation_split <= 0 or count < 2:
+        return 0
+    return min(count - 1, max(1, round(count * validation_split)))
+
+
+def curate(
+    examples: Sequence[dict[str, Any]],
+    fmt: DatasetFormat,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    dedupe: bool,
+    min_tokens: int,
+    max_tokens: int,
+    validation_split: float,
+    seed: int,
+    max_seq_length: int | None = None,
+) -> CurationResult:
+    """Dedupe, filter by token length and split deterministically.
+
+    With `max_seq_length`, examples whose prompt alone fills the context (no response token
+    would survive truncation) are dropped too and counted as `noResponseTokens`.
+    """
+    _check_format(fmt)
+    if not 0 <= validation_split < 1:
+        raise ConfigError(f"dataset.validationSplit must be in [0, 1), got {validation_split}")
+    report = {"total": len(examples), "duplicates": 0, "tooShort": 0, "tooLong": 0, "noResponseTokens": 0}
+    seen: set[str] = set()
+    kept: list[dict[str, Any]] = []
+    for example in examples:
+        if dedupe:
+            key = dedupe_key(example)
+            if key in seen:
+                report["duplicates"] += 1
+                continue
+            seen.add(key)
+        prompt_ids, response_ids = _encode(example, fmt, tokenizer)
+        length = len(prompt_ids) + len(response_ids)
+        if length < min_tokens:
+            report["tooShort"] += 1
+        elif length > max_tokens:
+            report["tooLong"] += 1
+        elif max_seq_length is not None and len(prompt_ids) >= max_seq_length:
+            report["noResponseTokens"] += 1
+        else:
+            kept.append(example)
+    report["kept"] = len(kept)
+    if not kept:
+        raise DatasetError(
+            f"no examples left after curation: {report['total']} read, {report['duplicates']} duplicates, "
+            f"{report['tooShort']} shorter than minTokens={min_tokens}, "
+            f"{report['tooLong']} longer than maxTokens={max_tokens}, "
+            f"{report['noResponseTokens']} with no room for the response"
+        )
+    order = list(range(len(kept)))
+    # random.Random with an int seed is deterministic across processes, unlike hash().
+    random.Random(seed).shuffle(order)
+    validation_count = split_sizes(len(kept), validation_split)
+    validation_indices = set(order[:validation_count])
+    train = [ex for index, ex in enumerate(kept) if index not in validation_indices]
+    validation = [ex for index, ex in enumerate(kept) if index in validation_indices]
+    report["train"] = len(train)
+    report["validation"] = len(validation)
+    return CurationResult(train=train, validation=validation, report=report)
+
+
+def pad_batch(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized examples into tensors; padded labels are ignored by the loss."""
+    if not features:
+        raise ValueError("cannot pad an empty batch")
+    width = max(len(feature["input_ids"]) for feature in features)
+    pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    batch: dict[str, torch.Tensor] = {}
+    for key, pad_value in pad_values.items():
+        if key not in features[0]:
+            continue
+        rows = [list(feature[key]) + [pad_value] * (width - len(feature[key])) for feature in features]
+        batch[key] = torch.tensor(rows, dtype=torch.long)
+    return batch

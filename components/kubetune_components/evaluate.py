@@ -1,0 +1,333 @@
+"""The evaluation step: held-out loss, perplexity and exact match, for the base and the tuned model.
+
+- evalLoss: mean next-token loss over the response tokens of the validation set (the same
+  masking and loss as training);
+- perplexity: exp(evalLoss);
+- exactMatch: the share of (up to `maxSamples`) validation examples whose greedy generation of
+  the response, stripped, equals the stripped reference response.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+
+from kubetune_components import data, models, storage
+from kubetune_components.errors import ConfigError, DatasetError
+from kubetune_components.finetune import (
+    Feature,
+    TrainingSettings,
+    autocast_context,
+    collate,
+    load_trained_model,
+    pick_device,
+    token_loss_sum,
+    tokenize_examples,
+)
+from kubetune_components.progress import ProgressReporter
+
+Which = Literal["baseline", "final"]
+METRICS = ("evalLoss", "perplexity", "exactMatch")
+PREDICTIONS_KEPT = 50
+"""Predictions written next to the metrics, for people to look at."""
+MAX_PERPLEXITY_EXPONENT = 700.0
+"""exp() overflows a float just above 709; a loss this high means the model is useless anyway."""
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    metrics: tuple[str, ...] = METRICS
+    max_new_tokens: int = 32
+    max_samples: int = 200
+
+    @classmethod
+    def from_spec(cls, evaluation: Mapping[str, Any]) -> EvaluationSettings:
+        metrics = tuple(evaluation.get("metrics", METRICS))
+        unknown = sorted(set(metrics) - set(METRICS))
+        if unknown:
+            raise ConfigError(f"evaluation.metrics: unknown metric(s) {unknown}; known: {list(METRICS)}")
+        return cls(
+            metrics=metrics,
+            max_new_tokens=int(evaluation.get("maxNewTokens", 32)),
+            max_samples=int(evaluation.get("maxSamples", 200)),
+        )
+
+
+def _inference_precision(precision: str, device: torch.device) -> str:
+    return (
+        "fp16"
+        if precision == "fp16" and device.type == "cuda"
+        else ("bf16" if precision == "bf16" else "fp32")
+    )
+
+
+def mean_token_loss(
+    model: torch.nn.Module,
+    features: Sequence[Feature],
+    *,
+    pad_token_id: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> tuple[float, int]:
+    """Mean loss per target token over `features`, and the number of target tokens."""
+    order = sorted(range(len(features)), key=lambda index: len(features[index]["input_ids"]))
+    loss_total = 0.0
+    token_total = 0
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = collate(
+                [features[index] for index in order[start : start + batch_size]], pad_token_id, device
+            )
+            with autocast_context(precision, device):
+                loss_sum, tokens = token_loss_sum(model, batch)
+            loss_total += float(loss_sum)
+            token_total += int(tokens)
+    if token_total == 0:
+        raise DatasetError("the validation set has no response tokens to compute evalLoss on")
+    return loss_total / token_total, token_total
+
+
+def _is_prompt_learning(model: torch.nn.Module) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _decode_until_eos(tokenizer: Any, tokens: list[int]) -> str:
+    eos_id = tokenizer.eos_token_id
+    if eos_id is not None and eos_id in tokens:
+        tokens = tokens[: tokens.index(eos_id)]
+    return str(tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def _greedy_without_cache(
+    model: torch.nn.Module, prompt: list[int], max_new_tokens: int, eos_id: int | None, device: torch.device
+) -> list[int]:
+    """One prompt, no padding and no KV cache: every step is a plain forward over the whole sequence.
+
+    Used for prefix and prompt tuning, whose `generate` in PEFT 0.21 with transformers 5 drops the
+    prefix (prefix tuning) or shifts the positions of generated tokens (prompt tuning).
+    """
+    sequence = torch.tensor([prompt], device=device)
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits
+        next_token = int(logits[0, -1].argmax())
+        generated.append(next_token)
+        if next_token == eos_id:
+            break
+        sequence = torch.cat([sequence, torch.tensor([[next_token]], device=device)], dim=1)
+    return generated
+
+
+def greedy_responses(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> list[str]:
+    """Greedy continuation of each prompt (token ids), stopped at eos, decoded without special tokens."""
+    responses = [""] * len(prompts)
+    pad_id = int(tokenizer.pad_token_id)
+    eos_id = tokenizer.eos_token_id
+    model.eval()
+    with torch.inference_mode(), autocast_context(precision, device):
+        if _is_prompt_learning(model):
+            for index, prompt in enumerate(prompts):
+                tokens = _greedy_without_cache(model, prompt, max_new_tokens, eos_id, device)
+                responses[index] = _decode_until_eos(tokenizer, tokens)
+            return responses
+        generate: Any = model.generate
+        # Prompts of similar length share a batch, so there is little padding.
+        order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            width = max(len(prompts[index]) for index in indices)
+            # Left padding, so every row continues right where its prompt ends.
+            input_ids = torch.tensor(
+                [[pad_id] * (width - len(prompts[index])) + prompts[index] for index in indices],
+                device=device,
+            )
+            attention_mask = torch.tensor(
+                [[0] * (width - len(prompts[index])) + [1] * len(prompts[index]) for index in indices],
+                device=device,
+            )
+            output = generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=eos_id,
+                pad_token_id=pad_id,
+            )
+            new_tokens = output[:, width:].tolist()
+            for row, index in enumerate(indices):
+                responses[index] = _decode_until_eos(tokenizer, new_tokens[row])
+    return responses
+
+
+def exact_match(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, Any]],
+    fmt: str,
+    *,
+    max_new_tokens: int,
+    max_samples: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> tuple[float, list[dict[str, Any]]]:
+    """Share of the first `max_samples` examples whose stripped greedy response equals the reference."""
+    dataset_format = cast(data.DatasetFormat, fmt)
+    chosen = list(examples)[:max_samples]
+    if not chosen:
+        raise DatasetError("the validation set is empty; exactMatch needs held-out examples")
+    rendered = [
+        data.render_prompt_and_response(dict(example), dataset_format, tokenizer) for example in chosen
+    ]
+    prompts = [data.prompt_token_ids(prompt, dataset_format, tokenizer) for prompt, _ in rendered]
+    predictions = greedy_responses(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+    )
+    records = [
+        {
+            "prompt": prompt,
+            "reference": reference,
+            "prediction": prediction,
+            "match": prediction.strip() == reference.strip(),
+        }
+        for (prompt, reference), prediction in zip(rendered, predictions, strict=True)
+    ]
+    return sum(1 for record in records if record["match"]) / len(records), records
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, Any]],
+    fmt: str,
+    settings: EvaluationSettings,
+    *,
+    max_seq_length: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The metrics listed in `settings` (others are left out), plus the generations behind exactMatch."""
+    if not examples:
+        raise DatasetError(
+            "the validation set is empty; set dataset.validationSplit above 0 or dataset.validationUri"
+        )
+    result: dict[str, Any] = {"samples": len(examples)}
+    predictions: list[dict[str, Any]] = []
+    if {"evalLoss", "perplexity"} & set(settings.metrics):
+        features = tokenize_examples(examples, fmt, tokenizer, max_seq_length)
+        if not features:
+            raise DatasetError("no validation example has a response token within training.maxSeqLength")
+        loss, _ = mean_token_loss(
+            model,
+            features,
+            pad_token_id=int(tokenizer.pad_token_id),
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+        )
+        if "evalLoss" in settings.metrics:
+            result["evalLoss"] = loss
+        if "perplexity" in settings.metrics:
+            result["perplexity"] = math.exp(min(loss, MAX_PERPLEXITY_EXPONENT))
+    if "exactMatch" in settings.metrics:
+        result["exactMatch"], predictions = exact_match(
+            model,
+            tokenizer,
+            examples,
+            fmt,
+            max_new_tokens=settings.max_new_tokens,
+            max_samples=settings.max_samples,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+        )
+    return result, predictions
+
+
+def read_validation_examples(workspace_dir: Path, fmt: str) -> list[dict[str, Any]]:
+    path = workspace_dir / "data" / "validation.jsonl"
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing; the curate step must run before evaluate")
+    if not path.read_bytes().strip():
+        return []
+    return data.load_examples(str(path), cast(data.DatasetFormat, fmt))
+
+
+def run_evaluation(
+    spec: Mapping[str, Any],
+    workspace_dir: Path,
+    which: Which,
+    *,
+    progress: ProgressReporter | None = None,
+) -> dict[str, Any]:
+    """Evaluate the base model (`baseline`) or the tuned one (`final`); writes evaluation/{which}.json."""
+    if which not in ("baseline", "final"):
+        raise ConfigError(f"evaluate: which must be baseline or final, got {which!r}")
+    if progress is not None:
+        progress.set_phase("evaluating-baseline" if which == "baseline" else "evaluating")
+    settings = EvaluationSettings.from_spec(spec.get("evaluation") or {})
+    training = TrainingSettings.from_spec(spec.get("training") or {})
+    fmt = str((spec.get("dataset") or {}).get("format", "instruction"))
+    base_uri = str(spec["baseModel"]["uri"])
+    device = pick_device()
+    precision = _inference_precision(training.precision, device)
+    examples = read_validation_examples(workspace_dir, fmt)
+    if not settings.metrics:
+        result: dict[str, Any] = {"samples": len(examples)}
+        predictions: list[dict[str, Any]] = []
+    else:
+        torch.manual_seed(training.seed)
+        if which == "baseline":
+            tokenizer = models.load_tokenizer(base_uri)
+            model: torch.nn.Module = models.load_causal_lm(base_uri)
+        else:
+            trained_dir = workspace_dir / "trained"
+            model = load_trained_model(trained_dir, base_uri)
+            tokenizer = models.load_tokenizer(str(trained_dir))
+        model.to(device)
+        result, predictions = evaluate_model(
+            model,
+            tokenizer,
+            examples,
+            fmt,
+            settings,
+            max_seq_length=training.max_seq_length,
+            batch_size=training.batch_size,
+            device=device,
+            precision=precision,
+        )
+    out_dir = workspace_dir / "evaluation"
+    storage.atomic_write_json(out_dir / f"{which}.json", result)
+    lines = "".join(
+        json.dumps(record, ensure_ascii=False) + "\n" for record in predictions[:PREDICTIONS_KEPT]
+    )
+    with contextlib.suppress(OSError):
+        storage.atomic_write_text(out_dir / f"{which}-predictions.jsonl", lines)
+    return result

@@ -1,0 +1,274 @@
+"""The kubetune resource registry: every kind the API serves, and what the CRD generator needs to know.
+
+A :class:`ResourceDefinition` ties a kind to its pydantic models (the single source of truth for the
+schema), its names (``kubectl get ftj``), its printer columns and the CEL rules that mirror the
+cross-field checks of the pydantic validators. ``kubetune.api.crd`` turns each definition into a
+CustomResourceDefinition; ``kubetune.api.validation`` uses it to route documents to their model; the CLI
+resolves ``kubetune get ftj`` through :func:`get_definition`.
+
+Adding a kind (e.g. QuantizeJob): write its models next to ``finetune.py``, add a definition to
+:func:`_builtin_definitions`, run ``kubetune crds --out-dir manifests/crds`` and commit the new file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from kubetune.api import finetune
+from kubetune.api.common import GROUP, VERSION
+
+ColumnType = Literal["string", "integer", "number", "boolean", "date"]
+
+
+@dataclass(frozen=True)
+class PrinterColumn:
+    """An ``additionalPrinterColumns`` entry: a column of ``kubectl get``."""
+
+    name: str
+    json_path: str
+    type: ColumnType = "string"
+    description: str = ""
+    priority: int = 0  # 0: always shown; 1: only with ``-o wide``
+    format: str | None = None
+
+    def to_crd(self) -> dict[str, Any]:
+        column: dict[str, Any] = {"name": self.name, "type": self.type}
+        if self.format:
+            column["format"] = self.format
+        if self.description:
+            column["description"] = self.description
+        column["jsonPath"] = self.json_path
+        if self.priority:
+            column["priority"] = self.priority
+        return column
+
+
+@dataclass(frozen=True)
+class CelRule:
+    """An ``x-kubernetes-validations`` rule attached to the schema node at ``path``.
+
+    ``path`` is dotted from the resource root: ``""`` is the whole object, ``"spec.dataset.curation"`` a
+    nested object, and ``[*]`` steps into list items (``"spec.evaluation.gates[*]"``). The generator fails
+    loudly if the path does not exist, so renaming a field cannot silently drop a rule.
+
+    Rules may rely on schema defaults: the API server applies them before it evaluates rules.
+    """
+
+    path: str
+    rule: str
+    message: str
+
+    def to_crd(self) -> dict[str, Any]:
+        return {"rule": self.rule, "message": self.message}
+
+
+@dataclass(frozen=True)
+class ResourceDefinition:
+    """Everything that defines one kubetune kind."""
+
+    kind: str
+    plural: str
+    singular: str
+    model: type[BaseModel]
+    spec_model: type[BaseModel]
+    status_model: type[BaseModel] | None = None
+    short_names: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ("kubetune",)
+    description: str = ""
+    printer_columns: tuple[PrinterColumn, ...] = ()
+    rules: tuple[CelRule, ...] = ()
+    immutable_spec: bool = True
+    group: str = GROUP
+    version: str = VERSION
+    scope: Literal["Namespaced", "Cluster"] = "Namespaced"
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}"
+
+    @property
+    def list_kind(self) -> str:
+        return f"{self.kind}List"
+
+    @property
+    def crd_name(self) -> str:
+        """``<plural>.<group>``, the name of the CustomResourceDefinition."""
+        return f"{self.plural}.{self.group}"
+
+    @property
+    def all_rules(self) -> tuple[CelRule, ...]:
+        """The declared rules plus the generated spec immutability rule."""
+        if not self.immutable_spec:
+            return self.rules
+        immutable = CelRule("spec", "self == oldSelf", f"spec is immutable; create a new {self.kind}")
+        return (immutable, *self.rules)
+
+    def names(self) -> tuple[str, ...]:
+        """Every name the resource answers to, lower-cased (kind, plural, singular, short names)."""
+        return tuple(
+            dict.fromkeys(n.lower() for n in (self.kind, self.plural, self.singular, *self.short_names))
+        )
+
+
+class UnknownResource(KeyError):
+    """No registered kind answers to the name."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.known = known
+
+    def __str__(self) -> str:
+        return f"unknown resource {self.name!r}; kubetune serves: {', '.join(self.known)}"
+
+
+@dataclass
+class ResourceRegistry:
+    """Kind -> definition, with case-insensitive lookup by any of the resource's names."""
+
+    _by_kind: dict[str, ResourceDefinition] = field(default_factory=dict)
+    _by_name: dict[str, ResourceDefinition] = field(default_factory=dict)
+
+    def register(self, definition: ResourceDefinition) -> ResourceDefinition:
+        for name in definition.names():
+            taken = self._by_name.get(name)
+            if taken is not None and taken.kind != definition.kind:
+                raise ValueError(f"{definition.kind}: name {name!r} is already used by {taken.kind}")
+        self._by_kind[definition.kind] = definition
+        for name in definition.names():
+            self._by_name[name] = definition
+        return definition
+
+    def find(self, name: str) -> ResourceDefinition | None:
+        """The definition for a kind, plural, singular or short name (any case), or ``None``.
+
+        ``kubectl``-style qualified names (``finetunejobs.kubetune.dev``) resolve too.
+        """
+        key = name.strip().lower()
+        found = self._by_name.get(key)
+        if found is None and "." in key:
+            base, _, group = key.partition(".")
+            candidate = self._by_name.get(base)
+            if candidate is not None and candidate.group == group:
+                found = candidate
+        return found
+
+    def get(self, name: str) -> ResourceDefinition:
+        """Like :meth:`find` but raises :class:`UnknownResource` (a ``KeyError``) naming the known kinds."""
+        found = self.find(name)
+        if found is None:
+            raise UnknownResource(name, [f"{d.kind} ({', '.join((*d.short_names, d.plural))})" for d in self])
+        return found
+
+    def by_kind(self, kind: str) -> ResourceDefinition | None:
+        """Exact (case-sensitive) lookup by ``kind``, as it appears in manifests."""
+        return self._by_kind.get(kind)
+
+    def kinds(self) -> list[str]:
+        return sorted(self._by_kind)
+
+    def __iter__(self) -> Iterator[ResourceDefinition]:
+        return iter([self._by_kind[k] for k in self.kinds()])
+
+    def __len__(self) -> int:
+        return len(self._by_kind)
+
+
+def _method_block_rules() -> tuple[CelRule, ...]:
+    """Mirror ``Method._own_block_only``: only the block named by ``type`` may be set (it is optional)."""
+    return tuple(
+        CelRule(
+            "spec.method",
+            f'!has(self.{block}) || self.type == "{method_type}"',
+            f"method.{block} may only be set when method.type is {method_type}",
+        )
+        for method_type, block in finetune.METHOD_BLOCKS.items()
+    )
+
+
+FINETUNEJOB = ResourceDefinition(
+    kind=finetune.KIND,
+    plural=finetune.PLURAL,
+    singular=finetune.KIND.lower(),
+    short_names=tuple(finetune.SHORT_NAMES),
+    model=finetune.FineTuneJob,
+    spec_model=finetune.FineTuneJobSpec,
+    status_model=finetune.FineTuneJobStatus,
+    description=(
+        "FineTuneJob adapts a base model to a domain: it curates and splits a JSONL dataset, trains "
+        "with LoRA, prefix/prompt tuning, IA3 or full fine-tuning, evaluates the tuned model against "
+        "the base model, and publishes it if every gate passes. The spec is immutable: to change a "
+        "run, create a new FineTuneJob."
+    ),
+    printer_columns=(
+        PrinterColumn(
+            "Status", ".status.phase", description="Pending, Running, Succeeded or Failed (status.phase)."
+        ),
+        PrinterColumn(
+            "Progress %", ".status.progress.percent", "integer", "Training steps done, in percent."
+        ),
+        PrinterColumn("Base Model", ".spec.baseModel.uri", description="The model being adapted."),
+        PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
+        PrinterColumn("Method", ".spec.method.type", description="Adaptation method.", priority=1),
+        PrinterColumn(
+            "Eval Loss", ".status.evaluation.final.evalLoss", "number", "Held-out loss of the tuned model.", 1
+        ),
+        PrinterColumn(
+            "Output", ".status.output.uri", description="Where the tuned model was published.", priority=1
+        ),
+        PrinterColumn(
+            "Reason",
+            '.status.conditions[?(@.type=="Succeeded")].reason',
+            description="Why the job is in its phase (reason of the Succeeded condition).",
+            priority=1,
+        ),
+    ),
+    rules=(
+        CelRule("", "self.metadata.name.size() <= 63", "metadata.name must be at most 63 characters"),
+        *_method_block_rules(),
+        CelRule(
+            "spec.dataset.curation", "self.minTokens <= self.maxTokens", "minTokens must not exceed maxTokens"
+        ),
+        CelRule(
+            "spec.evaluation.gates[*]",
+            "has(self.min) || has(self.max) || has(self.minImprovement)",
+            "a gate needs min, max or minImprovement",
+        ),
+    ),
+)
+
+
+def _builtin_definitions() -> tuple[ResourceDefinition, ...]:
+    return (FINETUNEJOB,)
+
+
+REGISTRY = ResourceRegistry()
+for _definition in _builtin_definitions():
+    REGISTRY.register(_definition)
+
+
+def get_definition(name: str) -> ResourceDefinition:
+    """The definition for a kind, plural, singular or short name (any case).
+
+    Raises :class:`UnknownResource` (a ``KeyError``) naming the known kinds.
+    """
+    return REGISTRY.get(name)
+
+
+def find_definition(name: str) -> ResourceDefinition | None:
+    """Like :func:`get_definition` but returns ``None`` for unknown names."""
+    return REGISTRY.find(name)
+
+
+def all_definitions() -> list[ResourceDefinition]:
+    """Every registered definition, sorted by kind."""
+    return list(REGISTRY)
+
+
+def register(definition: ResourceDefinition) -> ResourceDefinition:
+    """Add a definition to the default registry (raises ``ValueError`` on a name clash)."""
+    return REGISTRY.register(definition)

@@ -1,0 +1,64 @@
+"""What a pipeline backend offers the control plane: idempotent submit, find, resume, cancel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+RunPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled", "Interrupted"]
+FINISHED_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "Cancelled"})
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One pipeline run for one generation of one resource.
+
+    `key` is derived from the resource's uid and generation; a backend never starts two runs with
+    the same key, which is what makes submission exactly-once across restarts and repeated events.
+    """
+
+    key: str
+    kind: str
+    display_name: str
+    config: dict[str, Any]
+    workspace: str
+    experiment: str
+    labels: dict[str, str] = field(default_factory=dict)
+    pipeline_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    backend: Literal["kfp", "local"]
+    id: str
+    phase: RunPhase
+    message: str = ""
+    reason: str = ""
+    url: str | None = None
+    attempt: int = 1
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINISHED_PHASES
+
+
+class Backend(Protocol):
+    @property
+    def name(self) -> Literal["kfp", "local"]:
+        """Which executor this backend is."""
+
+    def find(self, key: str) -> RunStatus | None:
+        """The run submitted under this key, if any."""
+
+    def submit(self, request: RunRequest) -> RunStatus:
+        """Start the run unless one exists under the same key; either way return it."""
+
+    def resume(self, key: str) -> RunStatus:
+        """Start another attempt of an interrupted run (steps resume from their checkpoints)."""
+
+    def cancel(self, key: str) -> None:
+        """Stop the run; a no-op when it is finished or unknown."""
+
+
+class BackendError(RuntimeError):
+    """The backend could not be reached or refused the request (retried by the caller)."""

@@ -1,0 +1,183 @@
+"""Run pipelines on this machine with kfp's local runner, one detached worker process per run.
+
+Each run lives in ``<root>/<key>/``: ``request.json`` (what to run), ``state.json`` (phase, worker pid,
+attempt) and the worker logs. Workers are started in their own session, so they outlive the process
+that started them: an operator restart re-attaches to a running worker instead of starting a second
+run. A worker that died (killed pod, Ctrl+C, reboot) shows as ``Interrupted``; ``resume`` starts a new
+attempt of the same run, whose steps pick up from their checkpoints in the workspace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+
+from kubetune.backends.base import RunRequest, RunStatus
+
+STATE_FILE = "state.json"
+REQUEST_FILE = "request.json"
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def process_alive(pid: int | None, started_at: float | None) -> bool:
+    """Whether the worker with this pid (and start time, guarding against pid reuse) still runs."""
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started_at is None or abs(proc.create_time() - started_at) < 1.0
+    except psutil.Error:
+        return False
+
+
+class LocalBackend:
+    name: Literal["local"] = "local"
+
+    def __init__(self, root: Path, *, extra_env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.extra_env = extra_env or {}
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def run_dir(self, key: str) -> Path:
+        return self.root / key
+
+    def find(self, key: str) -> RunStatus | None:
+        state = read_json(self.run_dir(key) / STATE_FILE)
+        if state is None:
+            return None
+        child = self._children.get(key)
+        if child is not None:
+            child.poll()  # reap, so an exited worker is not mistaken for a live zombie
+        phase = state.get("phase", "Pending")
+        if phase in ("Pending", "Running") and not process_alive(state.get("pid"), state.get("pidStartedAt")):
+            # The worker wrote no final phase before it went away.
+            state = read_json(self.run_dir(key) / STATE_FILE) or state
+            phase = state.get("phase", "Pending")
+            if phase in ("Pending", "Running"):
+                phase = "Interrupted"
+                state["message"] = "the local worker process stopped before the run finished"
+        return RunStatus(
+            backend="local",
+            id=key,
+            phase=phase,
+            message=str(state.get("message", "")),
+            reason=str(state.get("reason", "")),
+            url=str(self.run_dir(key)),
+            attempt=int(state.get("attempt", 1)),
+        )
+
+    def submit(self, request: RunRequest) -> RunStatus:
+        existing = self.find(request.key)
+        if existing is not None:
+            return existing
+        run_dir = self.run_dir(request.key)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(run_dir / REQUEST_FILE, asdict(request))
+        return self._start(request.key, attempt=1)
+
+    def resume(self, key: str) -> RunStatus:
+        current = self.find(key)
+        if current is None:
+            raise KeyError(f"no local run {key}")
+        if current.phase != "Interrupted":
+            return current
+        return self._start(key, attempt=current.attempt + 1)
+
+    def cancel(self, key: str) -> None:
+        state = read_json(self.run_dir(key) / STATE_FILE)
+        if state is None or state.get("phase") in ("Succeeded", "Failed", "Cancelled"):
+            return
+        self._stop_worker(key, state)
+        state.update(phase="Cancelled", message="cancelled", finishedAt=utc_now())
+        write_json_atomically(self.run_dir(key) / STATE_FILE, state)
+
+    def interrupt_all(self) -> list[str]:
+        """Stop every worker this process started (Ctrl+C in `kubetune up`); they can be resumed."""
+        stopped = []
+        for key in list(self._children):
+            state = read_json(self.run_dir(key) / STATE_FILE)
+            if state is None or state.get("phase") not in ("Pending", "Running"):
+                continue
+            self._stop_worker(key, state)
+            state.update(phase="Interrupted", message="stopped by the user; `kubetune up` resumes it")
+            write_json_atomically(self.run_dir(key) / STATE_FILE, state)
+            stopped.append(key)
+        return stopped
+
+    def _stop_worker(self, key: str, state: dict[str, Any], grace_s: float = 20.0) -> None:
+        pid = state.get("pid")
+        if not process_alive(pid, state.get("pidStartedAt")):
+            return
+        assert isinstance(pid, int)
+        try:
+            # SIGTERM lets the training step write a checkpoint before it exits.
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and process_alive(pid, state.get("pidStartedAt")):
+            child = self._children.get(key)
+            if child is not None:
+                child.poll()
+            time.sleep(0.1)
+        if process_alive(pid, state.get("pidStartedAt")):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        child = self._children.pop(key, None)
+        if child is not None:
+            child.wait(timeout=5)
+
+    def _start(self, key: str, attempt: int) -> RunStatus:
+        run_dir = self.run_dir(key)
+        log = (run_dir / f"worker-{attempt}.log").open("ab")
+        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetune.backends.local_worker", str(run_dir), str(attempt)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+        log.close()
+        self._children[key] = proc
+        state = {
+            "phase": "Pending",
+            "attempt": attempt,
+            "pid": proc.pid,
+            "pidStartedAt": psutil.Process(proc.pid).create_time(),
+            "submittedAt": utc_now(),
+            "message": "",
+        }
+        write_json_atomically(run_dir / STATE_FILE, state)
+        return RunStatus(backend="local", id=key, phase="Pending", url=str(run_dir), attempt=attempt)

@@ -1,0 +1,119 @@
+"""The local object store behind `kubetune up/get/delete`: one JSON file per object.
+
+It keeps what the API server would: uid, generation, creationTimestamp, and status apart from spec.
+Writes are atomic (temp file + rename), so an interrupted `kubetune up` never leaves a torn object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+
+class ApplyError(Exception):
+    """An apply the API server would refuse (e.g. changing an immutable spec)."""
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    obj: dict[str, Any]
+    action: str  # created | configured | unchanged
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class LocalStore:
+    def __init__(self, home: Path) -> None:
+        self.root = home / "store"
+
+    def _path(self, plural: str, namespace: str, name: str) -> Path:
+        return self.root / plural / namespace / f"{name}.json"
+
+    def _write(self, plural: str, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        path = self._path(plural, meta["namespace"], meta["name"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+
+    def get(self, plural: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        try:
+            value = json.loads(self._path(plural, namespace, name).read_text())
+        except FileNotFoundError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def list_objects(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        base = self.root / plural
+        pattern = f"{namespace}/*.json" if namespace else "*/*.json"
+        objects = []
+        for path in sorted(base.glob(pattern)):
+            value = json.loads(path.read_text())
+            if isinstance(value, dict):
+                objects.append(value)
+        objects.sort(key=lambda o: (o["metadata"].get("creationTimestamp", ""), o["metadata"]["name"]))
+        return objects
+
+    def all(self, plurals: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        for plural in plurals:
+            for obj in self.list_objects(plural):
+                yield plural, obj
+
+    def apply(self, plural: str, manifest: dict[str, Any], *, immutable_spec: bool) -> ApplyResult:
+        meta = dict(manifest.get("metadata") or {})
+        namespace = meta.get("namespace") or "default"
+        name = meta["name"]
+        existing = self.get(plural, name, namespace)
+        spec = manifest.get("spec") or {}
+        if existing is None:
+            obj = {
+                "apiVersion": manifest["apiVersion"],
+                "kind": manifest["kind"],
+                "metadata": {
+                    **{k: v for k, v in meta.items() if k in ("labels", "annotations")},
+                    "name": name,
+                    "namespace": namespace,
+                    "uid": str(uuid.uuid4()),
+                    "generation": 1,
+                    "creationTimestamp": _now(),
+                },
+                "spec": spec,
+            }
+            self._write(plural, obj)
+            return ApplyResult(obj, "created")
+        if existing.get("spec") == spec:
+            return ApplyResult(existing, "unchanged")
+        if immutable_spec:
+            raise ApplyError(
+                f"{manifest['kind']}/{name}: spec: spec is immutable; "
+                f"delete it first (kubetune delete {manifest['kind'].lower()} {name})"
+            )
+        existing["spec"] = spec
+        existing["metadata"]["generation"] = int(existing["metadata"].get("generation", 1)) + 1
+        self._write(plural, existing)
+        return ApplyResult(existing, "configured")
+
+    def update_status(self, plural: str, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        current = self.get(plural, meta["name"], meta["namespace"])
+        if current is None:
+            raise KeyError(f"{obj['kind']}/{meta['name']} was deleted")
+        current["status"] = status
+        self._write(plural, current)
+        return current
+
+    def delete(self, plural: str, name: str, namespace: str = "default") -> bool:
+        try:
+            self._path(plural, namespace, name).unlink()
+        except FileNotFoundError:
+            return False
+        return True

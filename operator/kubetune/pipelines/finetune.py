@@ -1,0 +1,68 @@
+"""The FineTuneJob pipeline: curate -> (baseline eval | fine-tune) -> final eval -> gates + publish."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kfp import dsl, kubernetes
+
+from kubetune.pipelines.components import make_component
+
+PVC_MOUNT_ROOT = "/mnt/pvc"
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How the steps run on Kubernetes; ignored by the local runner."""
+
+    image: str
+    pvc_claims: tuple[str, ...] = ()
+    token_secret: tuple[str, str] | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def _on_cluster(task: Any, options: PipelineOptions, display_name: str) -> Any:
+    task.set_display_name(display_name)
+    task.set_caching_options(False)  # steps read and write the run's workspace: never skip one
+    for claim in options.pvc_claims:
+        kubernetes.mount_pvc(task, pvc_name=claim, mount_path=f"{PVC_MOUNT_ROOT}/{claim}")
+    if options.token_secret is not None:
+        secret_name, secret_key = options.token_secret
+        kubernetes.use_secret_as_env(
+            task, secret_name=secret_name, secret_key_to_env={secret_key: "HF_TOKEN"}
+        )
+    for key, value in sorted(options.labels.items()):
+        kubernetes.add_pod_label(task, key, value)
+    return task
+
+
+def build_finetune_pipeline(options: PipelineOptions, name: str = "kubetune-finetune") -> Any:
+    """A kfp pipeline taking the job's resolved config (JSON) and its workspace URI."""
+    curate_op = make_component("curate-dataset", options.image)
+    evaluate_op = make_component("evaluate-model", options.image)
+    finetune_op = make_component("finetune-model", options.image)
+    publish_op = make_component("publish-model", options.image)
+
+    @dsl.pipeline(
+        name=name,
+        description="kubetune FineTuneJob: curate the dataset, evaluate the base model, fine-tune, "
+        "evaluate the tuned model, and publish it only if every evaluation gate passes.",
+    )
+    def finetune_pipeline(config_json: str, workspace: str) -> None:
+        curate = _on_cluster(curate_op(config_json=config_json, workspace=workspace), options, "curate")
+        baseline = _on_cluster(
+            evaluate_op(config_json=config_json, workspace=workspace, which="baseline"),
+            options,
+            "evaluate-baseline",
+        ).after(curate)
+        train = _on_cluster(finetune_op(config_json=config_json, workspace=workspace), options, "finetune")
+        train.after(curate)
+        final = _on_cluster(
+            evaluate_op(config_json=config_json, workspace=workspace, which="final"),
+            options,
+            "evaluate-final",
+        ).after(train)
+        _on_cluster(publish_op(config_json=config_json, workspace=workspace), options, "publish").after(
+            final, baseline
+        )
+
+    return finetune_pipeline

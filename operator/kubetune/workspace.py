@@ -1,0 +1,56 @@
+"""Read what pipeline steps report in a run's workspace (progress, evaluations, gates, output, errors).
+
+The steps write these files atomically (see kubetune_components.steps); the control plane only reads
+them, so a half-written file is never seen. Missing or unreadable files read as None.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def _local(uri: str) -> Path | None:
+    if uri.startswith("file://"):
+        return Path(uri[len("file://") :])
+    if "://" in uri:
+        return None
+    return Path(uri)
+
+
+def read_report(workspace: str, relative: str) -> Any:
+    path = _local(workspace)
+    try:
+        if path is not None:
+            return json.loads((path / relative).read_text())
+        import fsspec
+
+        with fsspec.open(f"{workspace.rstrip('/')}/{relative}", "r") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class WorkspaceReport:
+    progress: dict[str, Any] | None = None
+    curation: dict[str, Any] | None = None
+    baseline: dict[str, Any] | None = None
+    final: dict[str, Any] | None = None
+    gates: list[dict[str, Any]] | None = None
+    output: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+    @classmethod
+    def read(cls, workspace: str) -> WorkspaceReport:
+        return cls(
+            progress=read_report(workspace, "progress.json"),
+            curation=read_report(workspace, "data/curation.json"),
+            baseline=read_report(workspace, "evaluation/baseline.json"),
+            final=read_report(workspace, "evaluation/final.json"),
+            gates=read_report(workspace, "gates.json"),
+            output=read_report(workspace, "output.json"),
+            error=read_report(workspace, "error.json"),
+        )

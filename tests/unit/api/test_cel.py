@@ -1,0 +1,242 @@
+"""The CRD's CEL rules (x-kubernetes-validations), evaluated with cel-python the way the API server does.
+
+The API server first applies schema defaults, then checks the schema, then evaluates each rule with
+``self`` bound to the node it is attached to (and ``oldSelf`` to the stored value on updates; rules that
+use ``oldSelf`` are skipped on create). This file mimics that, and shows that schema + CEL and the
+pydantic models accept and reject the same documents.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from typing import Any
+
+import celpy
+import jsonschema
+import pytest
+from celpy.adapter import json_to_cel
+from celpy.evaluation import CELEvalError
+
+from kubetune.api.crd import build_crd
+from kubetune.api.registry import FINETUNEJOB
+from kubetune.api.validation import ResourceInvalid, parse_resource
+
+_ENV = celpy.Environment()
+
+
+def quickstart() -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "tiny-sql", "namespace": "kubetune-demo"},
+        "spec": {
+            "baseModel": {"uri": "hf://sshleifer/tiny-gpt2@5f91d94bd9cd7190a9f3216ff93cd1dd95f2c7be"},
+            "dataset": {"uri": "file:///data/sql.jsonl", "validationSplit": "0.2"},
+            "method": {"type": "lora", "lora": {"r": 8, "alpha": 16}},
+            "training": {"epochs": 2, "learningRate": "3e-4"},
+            "evaluation": {"gates": [{"metric": "evalLoss", "minImprovement": "0.01"}]},
+        },
+    }
+
+
+def schema() -> dict[str, Any]:
+    result: dict[str, Any] = build_crd(FINETUNEJOB)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return result
+
+
+@cache
+def _program(rule: str) -> Any:
+    return _ENV.program(_ENV.compile(rule))
+
+
+def apply_defaults(node: dict[str, Any], value: Any) -> Any:
+    """Structural defaulting: fill missing properties from `default`, then recurse (top-down)."""
+    if isinstance(value, dict):
+        props = node.get("properties", {})
+        for name, prop in props.items():
+            if name not in value and "default" in prop:
+                value[name] = copy.deepcopy(prop["default"])
+        for name, sub in value.items():
+            if name in props:
+                apply_defaults(props[name], sub)
+    elif isinstance(value, list) and "items" in node:
+        for item in value:
+            apply_defaults(node["items"], item)
+    return value
+
+
+def rule_failures(node: dict[str, Any], value: Any, old: Any = None, path: str = "") -> list[str]:
+    """`path: message` for every rule that evaluates to false (or errors) on `value`."""
+    failures = []
+    for rule in node.get("x-kubernetes-validations", []):
+        if "oldSelf" in rule["rule"] and old is None:
+            continue  # transition rules only run on updates
+        activation = {"self": json_to_cel(value)}
+        if old is not None:
+            activation["oldSelf"] = json_to_cel(old)
+        try:
+            ok = _program(rule["rule"]).evaluate(activation)
+        except CELEvalError as exc:  # the API server reports evaluation errors as invalid too
+            failures.append(f"{path or '<root>'}: error evaluating {rule['rule']!r}: {exc}")
+            continue
+        if not ok:
+            failures.append(f"{path or '<root>'}: {rule['message']}")
+    if isinstance(value, dict):
+        for name, sub in node.get("properties", {}).items():
+            if name in value:
+                old_sub = old.get(name) if isinstance(old, dict) else None
+                failures += rule_failures(sub, value[name], old_sub, f"{path}.{name}".lstrip("."))
+    elif isinstance(value, list) and "items" in node:
+        for i, item in enumerate(value):
+            failures += rule_failures(node["items"], item, None, f"{path}[{i}]")
+    return failures
+
+
+def admit(doc: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    """What the API server would say: defaulting, then the schema, then CEL (empty list: admitted)."""
+    s = schema()
+    doc = apply_defaults(s, copy.deepcopy(doc))
+    old = apply_defaults(s, copy.deepcopy(old)) if old is not None else None
+    plain = _strip_extensions(s)
+    errors = [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in jsonschema.Draft4Validator(plain).iter_errors(doc)
+    ]
+    return errors or rule_failures(s, doc, old)
+
+
+def _strip_extensions(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_extensions(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    if isinstance(node, list):
+        return [_strip_extensions(v) for v in node]
+    return node
+
+
+def edit(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(doc)
+    *parents, leaf = path.split(".")
+    node: Any = doc
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    if value is None:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+    return doc
+
+
+# -- the rules -----------------------------------------------------------------------------------------
+
+
+def all_rules(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [r["rule"] for r in node.get("x-kubernetes-validations", [])]
+        return found + [r for v in node.values() for r in all_rules(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in all_rules(v)]
+    return []
+
+
+def test_every_rule_compiles() -> None:
+    rules = all_rules(schema())
+    assert len(rules) == 9
+    for rule in rules:
+        _program(rule)
+
+
+def test_quickstart_is_admitted() -> None:
+    assert admit(quickstart()) == []
+
+
+def test_spec_is_immutable() -> None:
+    old = quickstart()
+    assert admit(old, old=old) == []  # no-op update
+    relabelled = edit(old, "metadata.labels", {"team": "nlp"})
+    assert admit(relabelled, old=old) == []
+    with_status = edit(old, "status", {"phase": "Running", "progress": {"percent": 40}})
+    assert admit(with_status, old=old) == []
+    changed = edit(old, "spec.training.epochs", 3)
+    assert admit(changed, old=old) == ["spec: spec is immutable; create a new FineTuneJob"]
+
+
+def test_defaults_do_not_count_as_a_change() -> None:
+    """The stored object carries the defaults; re-applying the same manifest without them is no change."""
+    stored = apply_defaults(schema(), quickstart())
+    assert stored["spec"]["training"]["batchSize"] == 8
+    assert admit(quickstart(), old=stored) == []
+
+
+def test_only_the_block_named_by_type() -> None:
+    doc = quickstart()
+    wrong = edit(doc, "spec.method", {"type": "lora", "prefixTuning": {"numVirtualTokens": 8}})
+    assert admit(wrong) == [
+        "spec.method: method.prefixTuning may only be set when method.type is prefix-tuning"
+    ]
+    both = edit(doc, "spec.method", {"type": "ia3", "ia3": {}, "lora": {}})
+    assert admit(both) == ["spec.method: method.lora may only be set when method.type is lora"]
+    assert admit(edit(doc, "spec.method", {"type": "ia3", "ia3": {"targetModules": ["q"]}})) == []
+    assert admit(edit(doc, "spec.method", {"type": "prefix-tuning"})) == []  # own block is optional
+    # type defaults to lora, so a bare lora block is fine and a bare ia3 block is not
+    assert admit(edit(doc, "spec.method", {"lora": {"r": 4}})) == []
+    assert admit(edit(doc, "spec.method", {"ia3": {}})) == [
+        "spec.method: method.ia3 may only be set when method.type is ia3"
+    ]
+
+
+def test_curation_bounds() -> None:
+    doc = quickstart()
+    assert admit(edit(doc, "spec.dataset.curation", {"minTokens": 10, "maxTokens": 5})) == [
+        "spec.dataset.curation: minTokens must not exceed maxTokens"
+    ]
+    # maxTokens defaults to 2048: the rule sees it
+    assert admit(edit(doc, "spec.dataset.curation", {"minTokens": 4096})) == [
+        "spec.dataset.curation: minTokens must not exceed maxTokens"
+    ]
+    assert admit(edit(doc, "spec.dataset.curation", {"minTokens": 5, "maxTokens": 5})) == []
+
+
+def test_gate_needs_a_bound() -> None:
+    gates = [{"metric": "evalLoss", "max": "2.5"}, {"metric": "exactMatch"}]
+    assert admit(edit(quickstart(), "spec.evaluation.gates", gates)) == [
+        "spec.evaluation.gates[1]: a gate needs min, max or minImprovement"
+    ]
+
+
+def test_name_length() -> None:
+    assert admit(edit(quickstart(), "metadata.name", "x" * 64)) == [
+        "<root>: metadata.name must be at most 63 characters"
+    ]
+
+
+# -- schema + CEL agree with pydantic ------------------------------------------------------------------
+
+CASES: dict[str, tuple[str, Any]] = {
+    "quickstart": ("spec.executor", "kfp"),
+    "wrong block": ("spec.method", {"type": "full", "lora": {}}),
+    "own block": ("spec.method", {"type": "full", "full": {"freezeEmbeddings": True}}),
+    "no method": ("spec.method", None),
+    "min > max tokens": ("spec.dataset.curation", {"minTokens": 3000}),
+    "gate without bound": ("spec.evaluation.gates", [{"metric": "perplexity"}]),
+    "gate with min": ("spec.evaluation.gates", [{"metric": "exactMatch", "min": "0.5"}]),
+    "no epochs nor maxSteps": ("spec.training", {"learningRate": "1e-4"}),
+    "long name": ("metadata.name", "n" * 64),
+    "ratio 1.5": ("spec.dataset.validationSplit", "1.5"),
+    "warmup ratio": ("spec.training.scheduler", {"warmupRatio": "0.03"}),
+    "bad learning rate": ("spec.training.learningRate", "fast"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_api_server_and_pydantic_agree(case: str) -> None:
+    doc = edit(quickstart(), *CASES[case])
+    try:
+        parse_resource(doc)
+        pydantic_ok = True
+    except ResourceInvalid:
+        pydantic_ok = False
+    verdict = admit(doc)
+    assert (verdict == []) == pydantic_ok, (
+        f"{case}: API server says {verdict or 'ok'}, pydantic {pydantic_ok}"
+    )
