@@ -1,0 +1,71 @@
+"""The local object store behaves like the API server for what `kubetune up` needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kubetune.local.printer import age, jsonpath
+from kubetune.local.store import ApplyError, LocalStore
+
+MANIFEST = {
+    "apiVersion": "kubetune.dev/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "tune", "labels": {"team": "a"}},
+    "spec": {"baseModel": {"uri": "m"}, "dataset": {"uri": "d.jsonl"}},
+}
+
+
+def test_apply_creates_with_uid_generation_and_default_namespace(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    result = store.apply("finetunejobs", MANIFEST, immutable_spec=True)
+    assert result.action == "created"
+    meta = result.obj["metadata"]
+    assert meta["namespace"] == "default" and meta["generation"] == 1 and meta["uid"]
+    assert meta["labels"] == {"team": "a"}
+    assert store.apply("finetunejobs", MANIFEST, immutable_spec=True).action == "unchanged"
+    assert store.get("finetunejobs", "tune")["metadata"]["uid"] == meta["uid"]  # type: ignore[index]
+
+
+def test_immutable_spec_is_refused_with_the_field_named(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.apply("finetunejobs", MANIFEST, immutable_spec=True)
+    changed = {**MANIFEST, "spec": {**MANIFEST["spec"], "executor": "kfp"}}  # type: ignore[dict-item]
+    with pytest.raises(ApplyError, match=r"FineTuneJob/tune: spec: spec is immutable"):
+        store.apply("finetunejobs", changed, immutable_spec=True)
+    assert store.apply("finetunejobs", changed, immutable_spec=False).obj["metadata"]["generation"] == 2
+
+
+def test_status_is_kept_apart_and_delete_removes(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    obj = store.apply("finetunejobs", MANIFEST, immutable_spec=True).obj
+    store.update_status("finetunejobs", obj, {"phase": "Running"})
+    assert store.list_objects("finetunejobs")[0]["status"] == {"phase": "Running"}
+    assert store.delete("finetunejobs", "tune")
+    assert store.list_objects("finetunejobs") == []
+    with pytest.raises(KeyError):
+        store.update_status("finetunejobs", obj, {})
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_jsonpath_subset_used_by_printer_columns() -> None:
+    obj = {
+        "status": {
+            "conditions": [{"type": "Ready", "reason": "A"}, {"type": "Succeeded", "reason": "B"}],
+            "progress": {"percent": 40},
+        }
+    }
+    assert jsonpath(obj, '.status.conditions[?(@.type=="Succeeded")].reason') == "B"
+    assert jsonpath(obj, ".status.progress.percent") == 40
+    assert jsonpath(obj, ".status.conditions[0].type") == "Ready"
+    assert jsonpath(obj, ".status.missing.deeper") is None
+
+
+def test_age_reads_like_kubectl() -> None:
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 1, 1, 1, 0, 0, tzinfo=UTC)
+    assert age("2026-01-01T00:59:30Z", now) == "30s"
+    assert age("2026-01-01T00:00:00Z", now) == "1h"
+    assert age(None) == "<unknown>"
