@@ -71,7 +71,9 @@ def test_a_run_completes_and_is_never_submitted_twice(tmp_path: Path, request_: 
     # A second control plane (an operator restart) and a repeated submit find the same run.
     again = make_backend(tmp_path / "runs").submit(request_)
     assert (again.id, again.phase) == (final.id, "Succeeded")
-    assert starts(request_) == ["curate", "evaluate", "finetune", "evaluate", "publish"]
+    # evaluate-baseline and finetune may run in either order; each step ran once.
+    assert sorted(starts(request_)) == ["curate", "evaluate", "evaluate", "finetune", "publish"]
+    assert starts(request_)[0] == "curate" and starts(request_)[-1] == "publish"
 
 
 def test_restart_reattaches_to_a_running_worker_then_cancel_stops_it(

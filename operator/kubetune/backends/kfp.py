@@ -29,6 +29,23 @@ _PHASES: dict[str, RunPhase] = {
 }
 
 
+# (connect, read) seconds: kfp_server_api waits forever by default, which would wedge a reconcile.
+REQUEST_TIMEOUT_S = (5.0, 30.0)
+
+
+def _default_request_timeout(client: Any, timeout: tuple[float, float]) -> None:
+    """Give every call of the generated KFP API client a timeout unless the caller set one."""
+    rest_client = client._run_api.api_client.rest_client  # shared by all the generated APIs
+    original = rest_client.request
+
+    def request(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("_request_timeout") is None:
+            kwargs["_request_timeout"] = timeout
+        return original(*args, **kwargs)
+
+    rest_client.request = request
+
+
 def experiment_name(namespace: str) -> str:
     return f"kubetune-{namespace}"
 
@@ -43,23 +60,45 @@ class KfpBackend:
         ui_url: str | None = None,
         namespace: str = "kubeflow",
         client: Any = None,
+        request_timeout: tuple[float, float] = REQUEST_TIMEOUT_S,
     ) -> None:
         if client is None and not host:
             raise BackendError("the kfp executor needs a Kubeflow Pipelines endpoint (KUBETUNE_KFP_HOST)")
         self.host = host
         self.ui_url = (ui_url or host or "").rstrip("/")
         self.namespace = namespace
+        self.request_timeout = request_timeout
         self._client = client
 
     @property
     def client(self) -> Any:
         if self._client is None:
+            self._check_health()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 import kfp
 
-                self._client = kfp.Client(host=self.host, namespace=self.namespace)
+                client = kfp.Client(host=self.host, namespace=self.namespace)
+            _default_request_timeout(client, self.request_timeout)
+            self._client = client
         return self._client
+
+    def _check_health(self) -> None:
+        """Fail fast with the HTTP status: kfp.Client itself retries healthz for 25 s, then says little."""
+        import httpx
+
+        url = f"{str(self.host).rstrip('/')}/apis/v2beta1/healthz"
+        try:
+            response = httpx.get(
+                url, timeout=httpx.Timeout(self.request_timeout[1], connect=self.request_timeout[0])
+            )
+        except httpx.HTTPError as exc:
+            raise BackendError(f"Kubeflow Pipelines at {self.host} is unreachable: {exc}") from exc
+        if response.status_code >= 400:
+            raise BackendError(
+                f"Kubeflow Pipelines at {self.host} is unhealthy: "
+                f"GET {url} answered HTTP {response.status_code}"
+            )
 
     def run_url(self, run_id: str) -> str:
         return f"{self.ui_url}/#/runs/details/{run_id}"
@@ -81,7 +120,7 @@ class KfpBackend:
         name = experiment_name(namespace)
         try:
             experiment = self.client.get_experiment(experiment_name=name, namespace=self.namespace)
-        except Exception:
+        except ValueError:  # kfp.Client's "no experiment with this name"
             if not create:
                 return None
             experiment = self.client.create_experiment(name=name, namespace=self.namespace)
@@ -93,6 +132,8 @@ class KfpBackend:
             response = self.client.list_runs(
                 filter=json.dumps(predicate), namespace=self.namespace, page_size=5
             )
+        except BackendError:
+            raise
         except Exception as exc:
             raise BackendError(f"listing Kubeflow Pipelines runs failed: {exc}") from exc
         runs = [run for run in (response.runs or []) if run.display_name == key]
@@ -123,6 +164,8 @@ class KfpBackend:
                 namespace=self.namespace,
                 enable_caching=False,
             )
+        except BackendError:
+            raise
         except Exception as exc:
             raise BackendError(f"creating the Kubeflow Pipelines run failed: {exc}") from exc
         log.info("submitted kfp run %s for %s", result.run_id, request.key)
@@ -142,5 +185,7 @@ class KfpBackend:
             return
         try:
             self.client.terminate_run(current.id)
+        except BackendError:
+            raise
         except Exception as exc:
             raise BackendError(f"terminating Kubeflow Pipelines run {current.id} failed: {exc}") from exc
