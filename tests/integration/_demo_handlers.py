@@ -34,12 +34,14 @@ def calls(handler: str, name: str) -> int:
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
-async def create_fn(name: str, spec: kopf.Spec, retry: int, body: kopf.Body, patch: kopf.Patch,
-                    **_: Any) -> None:
+async def create_fn(
+    name: str, spec: kopf.Spec, retry: int, body: kopf.Body, patch: kopf.Patch, **_: Any
+) -> None:
     _record("create", name)
     if retry < int(spec.get("failAttempts", 0)):
-        raise kopf.TemporaryError(f"Attempt #{retry + 1} fails on purpose.",
-                                  delay=float(spec.get("retryDelay", 0.1)))
+        raise kopf.TemporaryError(
+            f"Attempt #{retry + 1} fails on purpose.", delay=float(spec.get("retryDelay", 0.1))
+        )
     kopf.info(body, reason="Created", message=f"Created after {retry + 1} attempt(s).")
     patch.status["phase"] = "Created"
     patch.status["attempts"] = retry + 1

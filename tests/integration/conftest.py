@@ -1,23 +1,30 @@
 """Integration-test harness: a real Kopf operator against kmock's in-memory Kubernetes API.
 
-Fixtures (all function-scoped, everything async; ``asyncio_mode=auto`` is on):
+Fixtures (function-scoped; everything async -- ``asyncio_mode=auto``):
 
 ``k8s`` -> :class:`Cluster`
-    A :class:`KubeEmulator` (a ``kmock.KubernetesEmulator`` subclass) served over HTTP on
-    ``127.0.0.1:<free port>``, with the kubetune CRDs (:data:`KUBETUNE_RESOURCES`) and the
-    builtins kopf and the operator need (:data:`BUILTIN_RESOURCES`) registered for discovery.
-    Async helpers go through the real HTTP API: ``create``, ``get``, ``list``, ``patch``,
-    ``replace``, ``delete``. Sync helpers read the in-memory state directly: ``peek``, ``events``.
-    Polling: ``await k8s.wait_for(resource, name, predicate)``, ``wait_gone``, ``wait_events``.
+    A :class:`KubeEmulator` (a ``kmock.KubernetesEmulator`` subclass with apiserver semantics)
+    served over HTTP on ``127.0.0.1:<free port>`` (``k8s.url``), with the kubetune CRDs
+    (:data:`KUBETUNE_RESOURCES`) and builtins (:data:`BUILTIN_RESOURCES`) served for discovery.
+    Async helpers go through the real HTTP API: ``create``, ``get``, ``list``, ``patch``
+    (merge/json/strategic/apply), ``replace``, ``delete``, ``request`` (raw); errors raise
+    ``k8s.ApiError`` (``.status``, ``.reason``). Sync helpers read the in-memory state directly:
+    ``peek`` (None if absent), ``history`` (all versions), ``events`` (core v1 Events).
+    Polling: ``await k8s.wait_for(resource, name, predicate)`` -> the object, ``wait_gone``,
+    ``wait_events``. Resources are named by plural (``"finetunejobs"``), ``"group/version/plural"``,
+    kind, or a :class:`ResourceSpec`; namespaced ones default to ``namespace="default"``.
 
 ``run_operator`` -> :class:`OperatorRunner`
-    ``async with run_operator(handler_module, ...) as op:`` runs ``kopf.operator()`` with only
-    those modules' handlers, in its own thread and event loop, pointed at the emulator; it
-    returns once kopf is ready and watching, and stops it (cleanly, threads joined) on exit.
-    Enter it again for an "operator restarted" scenario: the emulator state (annotations,
-    status, finalizers) survives. ``op.stop()`` / ``op.start()`` work too.
+    ``async with run_operator("kubetune.operator.handlers", ...) as op:`` runs Kopf with only
+    those modules' handlers (plus a login handler pointing at the emulator), in its own thread and
+    event loop; entering returns once kopf is ready and watching every handled resource; exiting
+    stops it gracefully and joins its threads. Enter it again (or ``await op.restart()``, or
+    ``op.stop()`` + ``op.start()``) for "the operator restarted": the emulator keeps the state
+    (annotations with kopf's progress, status, finalizers). A crashed operator fails the next
+    ``wait_for`` at once. Options: ``namespaces=[...]``, ``configure=fn(settings)``, ``memo=``,
+    ``registry=``; settings are tuned for tests in :func:`tune_settings`.
 
-``wait_for`` -> the generic :func:`wait_for` poller: ``await wait_for(probe, predicate, timeout=...)``.
+``wait_for`` -> the generic poller :func:`wait_for`: ``await wait_for(probe, predicate, timeout=...)``.
 
 Example::
 
@@ -26,9 +33,14 @@ Example::
             await k8s.create("finetunejobs", {"metadata": {"name": "x"}, "spec": {...}})
             obj = await k8s.wait_for("finetunejobs", "x", lambda o: o["status"]["phase"] == "Succeeded")
 
-Why a thread for the operator: ``kopf.operator()`` cancels *every* task of its event loop that
-appeared while it ran (it cannot tell its own tasks apart), which would include the emulator's
-server-side connections and the test's own tasks. In its own loop it owns everything there is.
+Test modules must not ``from conftest import ...`` at runtime (pytest imports every conftest.py
+under the same module name); use the fixtures, ``k8s.ApiError``/``k8s.WaitTimeoutError``, and
+``if TYPE_CHECKING: from conftest import Cluster, OperatorRunner`` for annotations.
+
+Why a thread for the operator: on exit, ``kopf.operator()`` cancels *every* task of its event
+loop that appeared while it ran (it cannot tell its own ones apart): in the test's loop, that
+would hit the emulator's server-side connections and the test's own tasks. In its own loop it
+owns everything there. Sync handlers run in kopf's thread pool, which is shut down on stop.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ import datetime
 import importlib
 import inspect
 import itertools
+import json
 import logging
 import pprint
 import re
@@ -96,8 +109,9 @@ class ResourceSpec:
     def key(self) -> kmock.resource:
         return kmock.resource(group=self.group, version=self.version, plural=self.plural)
 
-    def url(self, namespace: str | None = None, name: str | None = None,
-            subresource: str | None = None) -> str:
+    def url(
+        self, namespace: str | None = None, name: str | None = None, subresource: str | None = None
+    ) -> str:
         parts = ["/apis", self.group, self.version] if self.group else ["/api", self.version]
         if self.namespaced and namespace is not None:
             parts += ["namespaces", namespace]
@@ -111,23 +125,27 @@ class ResourceSpec:
 
 KUBETUNE_GROUP = "kubetune.dev"
 KUBETUNE_VERSION = "v1alpha1"
-FINETUNEJOBS = ResourceSpec(KUBETUNE_GROUP, KUBETUNE_VERSION, "finetunejobs", "FineTuneJob",
-                            shortnames=frozenset({"ftj"}))
+FINETUNEJOBS = ResourceSpec(
+    KUBETUNE_GROUP, KUBETUNE_VERSION, "finetunejobs", "FineTuneJob", shortnames=frozenset({"ftj"})
+)
 
 # Adding a CRD to every integration test is one line here, e.g.:
 #   ResourceSpec(KUBETUNE_GROUP, KUBETUNE_VERSION, "quantizejobs", "QuantizeJob"),
 #   ResourceSpec(KUBETUNE_GROUP, KUBETUNE_VERSION, "modeldeployments", "ModelDeployment"),
-KUBETUNE_RESOURCES: tuple[ResourceSpec, ...] = (
-    FINETUNEJOBS,
-)
+KUBETUNE_RESOURCES: tuple[ResourceSpec, ...] = (FINETUNEJOBS,)
 
 BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (
     # Kopf's backbone: it waits for namespaces & CRDs to be discoverable, posts v1 events.
     # NB: kmock 0.8 misparses /api/v1/namespaces[/name] (HTTP 500), so Namespace objects cannot be
     # stored or listed -- discovery only; hence settings.scanning.disabled=True in tune_settings().
     ResourceSpec("", "v1", "namespaces", "Namespace", namespaced=False),
-    ResourceSpec("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
-                 namespaced=False),
+    ResourceSpec(
+        "apiextensions.k8s.io",
+        "v1",
+        "customresourcedefinitions",
+        "CustomResourceDefinition",
+        namespaced=False,
+    ),
     ResourceSpec("", "v1", "events", "Event", subresources=frozenset()),
     # What the operator manages.
     ResourceSpec("", "v1", "configmaps", "ConfigMap", subresources=frozenset()),
@@ -143,6 +161,7 @@ BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (
 # --------------------------------------------------------------------------------------------------
 # The emulator.
 # --------------------------------------------------------------------------------------------------
+
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -178,7 +197,7 @@ _Term = tuple[str, str, frozenset[str]]  # (key or dotted path, operator, values
 def _parse_selector(selector: str | None, *, sets: bool) -> list[_Term]:
     """``a=b,c==d,e!=f`` and, if ``sets``, also ``g``, ``!h``, ``i in (x,y)``, ``j notin (z)``."""
     terms: list[_Term] = []
-    for raw_term in (_SELECTOR_SPLIT.split(selector or "") if sets else (selector or "").split(",")):
+    for raw_term in _SELECTOR_SPLIT.split(selector or "") if sets else (selector or "").split(","):
         term = raw_term.strip()
         if not term:
             continue
@@ -222,8 +241,10 @@ def _selector_matcher(request: kmock.Request) -> Callable[[Body], bool]:
 
     def matches(body: Body) -> bool:
         labels = body.get("metadata", {}).get("labels") or {}
-        return (all(_check_term(k in labels, str(labels.get(k, "")), op, vs) for k, op, vs in label_terms)
-                and all(_check_term(True, lookup(body, p), op, vs) for p, op, vs in field_terms))
+        return all(
+            _check_term(k in labels, str(labels.get(k, "")), op, vs) for k, op, vs in label_terms
+        ) and all(_check_term(True, lookup(body, p), op, vs) for p, op, vs in field_terms)
+
     return matches
 
 
@@ -266,6 +287,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _revision: int = attrs.field(default=1000, init=False)
     _log: list[tuple[int, kmock.resource, Body]] = attrs.field(factory=list, init=False)
     _results: dict[int, Body] = attrs.field(factory=dict, init=False)
+    _activity: int = attrs.field(default=0, init=False)  # requests other than watches
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -277,8 +299,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
         for spec in specs:
             self._specs[spec.key] = spec
             self.resources[spec.key] = kmock.ResourceInfo(
-                kind=spec.kind, singular=spec.kind.lower(), namespaced=spec.namespaced,
-                verbs=_VERBS, shortnames=spec.shortnames, subresources=spec.subresources,
+                kind=spec.kind,
+                singular=spec.kind.lower(),
+                namespaced=spec.namespaced,
+                verbs=_VERBS,
+                shortnames=spec.shortnames,
+                subresources=spec.subresources,
             )
 
     @property
@@ -300,15 +326,28 @@ class KubeEmulator(kmock.KubernetesEmulator):
         obj = self.objects[key]
         return None if obj.deleted else obj.raw
 
+    @property
+    def activity(self) -> int:
+        """How many API requests (except watches) were received so far."""
+        return self._activity
+
+    @property
+    def undelivered_events(self) -> int:
+        """Watch events not yet taken by every open watch-stream (0 when all streams are caught up)."""
+        return sum(bus.buffer_size for bus in self._buses.values())
+
     def live_objects(self, spec: ResourceSpec, namespace: str | None = None) -> list[Body]:
         return [
-            obj.raw for (res, ns, _), obj in self.objects.items()
+            obj.raw
+            for (res, ns, _), obj in self.objects.items()
             if res == spec.key and not obj.deleted and (namespace is None or ns == namespace)
         ]
 
     # ---- writes --------------------------------------------------------------------------------
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if request.action != kmock.action.WATCH:
+            self._activity += 1
         writes = {kmock.method.POST, kmock.method.PATCH, kmock.method.PUT, kmock.method.DELETE}
         if request.resource is not None and request.resource.plural and request.method in writes:
             async with self._lock:
@@ -342,8 +381,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
             options = request.data if isinstance(request.data, Mapping) else {}
             policy = request.params.get("propagationPolicy") or options.get("propagationPolicy")
             return await self._delete(spec, namespace, request.name, orphan=policy == "Orphan")
-        raise kmock.KubernetesError(status=405, reason="MethodNotAllowed",
-                                    message=f"{request.method} is not supported on {request.url.path}")
+        raise kmock.KubernetesError(
+            status=405,
+            reason="MethodNotAllowed",
+            message=f"{request.method} is not supported on {request.url.path}",
+        )
 
     def _next_revision(self) -> str:
         self._revision += 1
@@ -369,13 +411,19 @@ class KubeEmulator(kmock.KubernetesEmulator):
         body: Body = copy.deepcopy(dict(data))
         meta = body.setdefault("metadata", {})
         if spec.namespaced:
-            namespace = url_namespace or meta.get("namespace")
-            if url_namespace is None:
-                raise kmock.KubernetesError(status=405, reason="MethodNotAllowed",
-                                            message="Create namespaced objects via a namespaced URL.")
+            namespace = url_namespace
+            if namespace is None:
+                raise kmock.KubernetesError(
+                    status=405,
+                    reason="MethodNotAllowed",
+                    message="Create namespaced objects via a namespaced URL.",
+                )
             if meta.get("namespace", namespace) != namespace:
-                raise kmock.KubernetesError(status=400, reason="BadRequest",
-                                            message="The namespace of the object does not match the URL.")
+                raise kmock.KubernetesError(
+                    status=400,
+                    reason="BadRequest",
+                    message="The namespace of the object does not match the URL.",
+                )
             meta["namespace"] = namespace
         else:
             namespace = None
@@ -388,15 +436,22 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 if self.live(spec, namespace, name) is None:
                     break
         if not name:
-            raise kmock.KubernetesError(status=422, reason="Invalid",
-                                        message="metadata.name or metadata.generateName is required.")
+            raise kmock.KubernetesError(
+                status=422, reason="Invalid", message="metadata.name or metadata.generateName is required."
+            )
         if self.live(spec, namespace, name) is not None:
-            raise kmock.KubernetesError(status=409, reason="AlreadyExists",
-                                        message=f'{spec.plural} "{name}" already exists')
+            raise kmock.KubernetesError(
+                status=409, reason="AlreadyExists", message=f'{spec.plural} "{name}" already exists'
+            )
         for field in ("deletionTimestamp", "deletionGracePeriodSeconds", "managedFields"):
             meta.pop(field, None)
-        meta.update(name=name, uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1,
-                    resourceVersion=self._next_revision())
+        meta.update(
+            name=name,
+            uid=str(uuid.uuid4()),
+            creationTimestamp=_now(),
+            generation=1,
+            resourceVersion=self._next_revision(),
+        )
         body["apiVersion"], body["kind"] = spec.api_version, spec.kind
         if "status" in spec.subresources:
             body.pop("status", None)  # as the apiserver does: status is set only via /status
@@ -405,7 +460,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return body
 
     async def _patch(
-            self, spec: ResourceSpec, namespace: str | None, name: str, request: kmock.Request,
+        self,
+        spec: ResourceSpec,
+        namespace: str | None,
+        name: str,
+        request: kmock.Request,
     ) -> Body:
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         data = request.data
@@ -434,7 +493,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return await self._update(spec, namespace, name, old, new, request.subresource)
 
     async def _replace(
-            self, spec: ResourceSpec, namespace: str | None, name: str, subresource: str | None, data: Any,
+        self,
+        spec: ResourceSpec,
+        namespace: str | None,
+        name: str,
+        subresource: str | None,
+        data: Any,
     ) -> Body:
         old = self.live(spec, namespace, name)
         if old is None:
@@ -447,8 +511,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return await self._update(spec, namespace, name, old, copy.deepcopy(dict(data)), subresource)
 
     async def _update(
-            self, spec: ResourceSpec, namespace: str | None, name: str,
-            old: Body, new: Body, subresource: str | None,
+        self,
+        spec: ResourceSpec,
+        namespace: str | None,
+        name: str,
+        old: Body,
+        new: Body,
+        subresource: str | None,
     ) -> Body:
         has_status = "status" in spec.subresources
         if subresource == "status" and has_status:
@@ -466,17 +535,29 @@ class KubeEmulator(kmock.KubernetesEmulator):
             raise kmock.KubernetesNotFoundError(message=f"Subresource {subresource!r} is not emulated.")
 
         old_meta, meta = old["metadata"], result.setdefault("metadata", {})
-        for field in ("name", "namespace", "uid", "creationTimestamp", "resourceVersion", "generation",
-                      "deletionTimestamp", "deletionGracePeriodSeconds"):
+        for field in (
+            "name",
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "resourceVersion",
+            "generation",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+        ):
             if field in old_meta:
                 meta[field] = old_meta[field]
             else:
                 meta.pop(field, None)
         result["apiVersion"], result["kind"] = old["apiVersion"], old["kind"]
         if old_meta.get("deletionTimestamp") and set(meta.get("finalizers") or []) - set(
-                old_meta.get("finalizers") or []):
-            raise kmock.KubernetesError(status=422, reason="Forbidden",
-                                        message="No new finalizers can be added to an object being deleted.")
+            old_meta.get("finalizers") or []
+        ):
+            raise kmock.KubernetesError(
+                status=422,
+                reason="Forbidden",
+                message="No new finalizers can be added to an object being deleted.",
+            )
         if result == old:
             return old  # a no-op: no new resourceVersion, no watch event (as in Kubernetes)
 
@@ -502,15 +583,22 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if old["metadata"].get("deletionTimestamp"):
             return old  # already being deleted, waiting for the finalizers
         body = copy.deepcopy(old)
-        body["metadata"].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0,
-                                resourceVersion=self._next_revision())
+        body["metadata"].update(
+            deletionTimestamp=_now(), deletionGracePeriodSeconds=0, resourceVersion=self._next_revision()
+        )
         self._store(spec, namespace, name, body)
         await self._emit(spec, "MODIFIED", body)
         return body
 
     async def _remove(
-            self, spec: ResourceSpec, namespace: str | None, name: str, body: Body,
-            *, orphan: bool, bump: bool,
+        self,
+        spec: ResourceSpec,
+        namespace: str | None,
+        name: str,
+        body: Body,
+        *,
+        orphan: bool,
+        bump: bool,
     ) -> Body:
         if bump:
             body["metadata"]["resourceVersion"] = self._next_revision()
@@ -533,8 +621,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
         async with self._lock:
             items = [copy.deepcopy(o) for o in self.live_objects(spec, request.namespace) if matches(o)]
             revision = str(self._revision)
-        return {"apiVersion": spec.api_version, "kind": f"{spec.kind}List",
-                "metadata": {"resourceVersion": revision}, "items": items}
+        return {
+            "apiVersion": spec.api_version,
+            "kind": f"{spec.kind}List",
+            "metadata": {"resourceVersion": revision},
+            "items": items,
+        }
 
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[kmock.Payload]:
         spec = self.spec_for(request.resource)
@@ -550,8 +642,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if since.isdigit() and since != "0":
                 backlog = [event for rv, res, event in self._log if res == spec.key and rv > int(since)]
             else:
-                backlog = [{"type": "ADDED", "object": copy.deepcopy(body)}
-                           for body in self.live_objects(spec, request.namespace)]
+                backlog = [
+                    {"type": "ADDED", "object": copy.deepcopy(body)}
+                    for body in self.live_objects(spec, request.namespace)
+                ]
         stream = cast(AsyncGenerator[Body, None], bus.stream(since=mark))
         try:
             for event in backlog:
@@ -577,9 +671,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
         def matches(body: Body) -> bool:
             meta = body.get("metadata", {})
-            return ((request.namespace is None or meta.get("namespace") == request.namespace)
-                    and (request.name is None or meta.get("name") == request.name)
-                    and selectors(body))
+            return (
+                (request.namespace is None or meta.get("namespace") == request.namespace)
+                and (request.name is None or meta.get("name") == request.name)
+                and selectors(body)
+            )
+
         return matches
 
     # ---- discovery: a deterministic preferred version ------------------------------------------
@@ -615,6 +712,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 # Polling.
 # --------------------------------------------------------------------------------------------------
 
+
 class WaitTimeoutError(AssertionError):
     """The awaited condition did not happen in time; the message shows the last observed state."""
 
@@ -627,13 +725,13 @@ def _describe(fn: Callable[..., Any]) -> str:
 
 
 async def wait_for(
-        probe: Callable[[], Awaitable[T] | T],
-        predicate: Callable[[T], Any] = bool,
-        *,
-        timeout: float = 10.0,
-        interval: float = 0.02,
-        description: str | None = None,
-        health: Callable[[], None] | None = None,
+    probe: Callable[[], Awaitable[T] | T],
+    predicate: Callable[[T], Any] = bool,
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    description: str | None = None,
+    health: Callable[[], None] | None = None,
 ) -> T:
     """
     Poll ``probe()`` (sync or async) until ``predicate(value)`` is truthy; return that value.
@@ -671,6 +769,7 @@ async def wait_for(
 # --------------------------------------------------------------------------------------------------
 # The cluster facade used by tests.
 # --------------------------------------------------------------------------------------------------
+
 
 class ApiError(Exception):
     def __init__(self, status: int, body: Any) -> None:
@@ -726,18 +825,23 @@ class Cluster:
     # ---- HTTP API ------------------------------------------------------------------------------
 
     async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A raw API call; returns the decoded JSON; raises :class:`ApiError` on HTTP errors."""
         async with self.session.request(method, path, **kwargs) as response:
             text = await response.text()
             try:
-                data = yaml.safe_load(text) if text else None  # JSON is YAML
-            except yaml.YAMLError:
+                data = json.loads(text) if text else None
+            except ValueError:
                 data = text
             if response.status >= 400:
                 raise ApiError(response.status, data)
             return data
 
     async def create(
-            self, resource: ResourceRef, body: Mapping[str, Any], *, namespace: str = "default",
+        self,
+        resource: ResourceRef,
+        body: Mapping[str, Any],
+        *,
+        namespace: str = "default",
     ) -> Body:
         """Create an object; a ``status`` in the body is then written via ``/status`` (as controllers do)."""
         spec = self.resource(resource)
@@ -745,8 +849,13 @@ class Cluster:
         status = body.pop("status", None) if "status" in spec.subresources else None
         created: Body = await self.request("POST", spec.url(namespace), json=body)
         if status is not None:
-            created = await self.patch(spec, created["metadata"]["name"], {"status": status},
-                                       namespace=namespace, subresource="status")
+            created = await self.patch(
+                spec,
+                created["metadata"]["name"],
+                {"status": status},
+                namespace=namespace,
+                subresource="status",
+            )
         return created
 
     async def get(self, resource: ResourceRef, name: str, *, namespace: str = "default") -> Body:
@@ -755,8 +864,12 @@ class Cluster:
         return result
 
     async def list(
-            self, resource: ResourceRef, *, namespace: str | None = None,
-            label_selector: str | None = None, field_selector: str | None = None,
+        self,
+        resource: ResourceRef,
+        *,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
     ) -> Bodies:
         spec = self.resource(resource)
         selectors = {"labelSelector": label_selector, "fieldSelector": field_selector}
@@ -765,26 +878,43 @@ class Cluster:
         return cast(Bodies, result["items"])
 
     async def patch(
-            self, resource: ResourceRef, name: str, patch: Any, *, namespace: str = "default",
-            subresource: str | None = None, patch_type: str = "merge",
+        self,
+        resource: ResourceRef,
+        name: str,
+        patch: Any,
+        *,
+        namespace: str = "default",
+        subresource: str | None = None,
+        patch_type: str = "merge",
     ) -> Body:
         """``patch_type``: merge (default), json (a list of ops), strategic, or apply (server-side apply)."""
         spec = self.resource(resource)
         headers = {"Content-Type": _PATCH_TYPES[patch_type]}
-        result: Body = await self.request("PATCH", spec.url(namespace, name, subresource),
-                                          data=_json_bytes(patch), headers=headers)
+        result: Body = await self.request(
+            "PATCH", spec.url(namespace, name, subresource), data=json.dumps(patch).encode(), headers=headers
+        )
         return result
 
     async def replace(
-            self, resource: ResourceRef, name: str, body: Mapping[str, Any], *, namespace: str = "default",
-            subresource: str | None = None,
+        self,
+        resource: ResourceRef,
+        name: str,
+        body: Mapping[str, Any],
+        *,
+        namespace: str = "default",
+        subresource: str | None = None,
     ) -> Body:
         spec = self.resource(resource)
         result: Body = await self.request("PUT", spec.url(namespace, name, subresource), json=dict(body))
         return result
 
     async def delete(
-            self, resource: ResourceRef, name: str, *, namespace: str = "default", missing_ok: bool = False,
+        self,
+        resource: ResourceRef,
+        name: str,
+        *,
+        namespace: str = "default",
+        missing_ok: bool = False,
     ) -> Body | None:
         """Delete; returns the object as left (marked with ``deletionTimestamp`` if finalizers block it)."""
         spec = self.resource(resource)
@@ -812,16 +942,22 @@ class Cluster:
         return [None if v is None else copy.deepcopy(v.raw) for v in self.emulator.objects[key].history]
 
     def events(
-            self, name: str | None = None, *, namespace: str | None = "default",
-            kind: str | None = None, reason: str | None = None,
+        self,
+        name: str | None = None,
+        *,
+        namespace: str | None = "default",
+        kind: str | None = None,
+        reason: str | None = None,
     ) -> Bodies:
         """Core v1 Events (e.g. posted by kopf), filtered by the involved object and reason."""
         result = []
         for event in self.emulator.live_objects(self.resource("v1/events"), namespace):
             involved = event.get("involvedObject", {})
-            if ((name is None or involved.get("name") == name)
-                    and (kind is None or involved.get("kind") == kind)
-                    and (reason is None or event.get("reason") == reason)):
+            if (
+                (name is None or involved.get("name") == name)
+                and (kind is None or involved.get("kind") == kind)
+                and (reason is None or event.get("reason") == reason)
+            ):
                 result.append(copy.deepcopy(event))
         return result
 
@@ -832,42 +968,55 @@ class Cluster:
             operator.check()
 
     async def wait_for(
-            self, resource: ResourceRef, name: str, predicate: Callable[[Body], Any] = bool, *,
-            namespace: str = "default", timeout: float = 10.0, description: str | None = None,
+        self,
+        resource: ResourceRef,
+        name: str,
+        predicate: Callable[[Body], Any] = bool,
+        *,
+        namespace: str = "default",
+        timeout: float = 10.0,
+        description: str | None = None,
     ) -> Body:
         """Wait until the object exists and ``predicate(obj)`` is truthy; return the object."""
         spec = self.resource(resource)
         result = await wait_for(
             lambda: self.peek(spec, name, namespace=namespace),
             lambda obj: obj is not None and predicate(obj),
-            timeout=timeout, health=self.check_operators,
+            timeout=timeout,
+            health=self.check_operators,
             description=description or f"{spec.kind} {namespace}/{name}: {_describe(predicate)}",
         )
         assert result is not None
         return result
 
-    async def wait_gone(self, resource: ResourceRef, name: str, *, namespace: str = "default",
-                        timeout: float = 10.0) -> None:
+    async def wait_gone(
+        self, resource: ResourceRef, name: str, *, namespace: str = "default", timeout: float = 10.0
+    ) -> None:
         spec = self.resource(resource)
-        await wait_for(lambda: self.peek(spec, name, namespace=namespace), lambda obj: obj is None,
-                       timeout=timeout, health=self.check_operators,
-                       description=f"{spec.kind} {namespace}/{name} to be deleted")
+        await wait_for(
+            lambda: self.peek(spec, name, namespace=namespace),
+            lambda obj: obj is None,
+            timeout=timeout,
+            health=self.check_operators,
+            description=f"{spec.kind} {namespace}/{name} to be deleted",
+        )
 
     async def wait_events(
-            self, name: str, *, namespace: str = "default", reason: str | None = None,
-            count: int = 1, timeout: float = 10.0,
+        self,
+        name: str,
+        *,
+        namespace: str = "default",
+        reason: str | None = None,
+        count: int = 1,
+        timeout: float = 10.0,
     ) -> Bodies:
         return await wait_for(
             lambda: self.events(name, namespace=namespace, reason=reason),
             lambda events: len(events) >= count,
-            timeout=timeout, health=self.check_operators,
+            timeout=timeout,
+            health=self.check_operators,
             description=f"{count}+ event(s) reason={reason!r} for {namespace}/{name}",
         )
-
-
-def _json_bytes(data: Any) -> bytes:
-    import json
-    return json.dumps(data).encode()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -946,10 +1095,18 @@ class Operator:
     _counter = itertools.count(1)
 
     def __init__(
-            self, cluster: Cluster, registry: kopf.OperatorRegistry, *,
-            clusterwide: bool, namespaces: Collection[str], memo: Any,
-            configure: Callable[[kopf.OperatorSettings], None] | None,
-            startup_timeout: float, stop_timeout: float, wait_watching: bool, log_level: int,
+        self,
+        cluster: Cluster,
+        registry: kopf.OperatorRegistry,
+        *,
+        clusterwide: bool,
+        namespaces: Collection[str],
+        memo: Any,
+        configure: Callable[[kopf.OperatorSettings], None] | None,
+        startup_timeout: float,
+        stop_timeout: float,
+        wait_watching: bool,
+        log_level: int,
     ) -> None:
         self.cluster = cluster
         self.handlers_registry = registry
@@ -963,8 +1120,8 @@ class Operator:
         self.log_level = log_level
         self.settings: kopf.OperatorSettings | None = None
         self.thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop_flag: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # kopf's own loop, in its own thread
+        self._stop_flag: asyncio.Event | None = None  # belongs to kopf's loop
         self._ready_flag = threading.Event()
         self._loop_ready = threading.Event()
         self._done: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -991,6 +1148,7 @@ class Operator:
             settings.peering.standalone = True
             if self.configure is not None:
                 self.configure(settings)
+
         return registry
 
     async def start(self) -> Operator:
@@ -999,28 +1157,41 @@ class Operator:
         self._ready_flag = threading.Event()
         self._loop_ready = threading.Event()
         self._done = concurrent.futures.Future()
+        self._loop = self._stop_flag = None
         self._stopping = False
         self.settings = kopf.OperatorSettings()
         tune_settings(self.settings)
         if self.configure is not None:
             self.configure(self.settings)
         registry = self._build_registry()
+        resources = self._watched_resources(registry)
         kopf_logger = logging.getLogger("kopf")
         self._old_log_level = kopf_logger.level
         kopf_logger.setLevel(self.log_level)
         first_request = len(self.cluster.emulator)  # kmock: the handler is a sequence of requests
 
-        self.thread = threading.Thread(target=self._thread_main, args=(registry, self.settings),
-                                       name=f"kopf-operator-{next(self._counter)}", daemon=True)
+        self.thread = threading.Thread(
+            target=self._thread_main,
+            args=(registry, self.settings),
+            name=f"kopf-operator-{next(self._counter)}",
+            daemon=True,
+        )
         self.thread.start()
         self.cluster.operators.append(self)
         try:
-            await wait_for(self._ready_flag.is_set, timeout=self.startup_timeout, health=self.check,
-                           description="the operator to start (kopf's ready flag)")
+            await wait_for(
+                self._ready_flag.is_set,
+                timeout=self.startup_timeout,
+                health=self.check,
+                description="the operator to start (kopf's ready flag)",
+            )
             if self.wait_watching:
-                resources = self._watched_resources(registry)
-                await wait_for(lambda: self._watching(resources, first_request), timeout=self.startup_timeout,
-                               health=self.check, description=f"kopf to watch {sorted(resources)}")
+                await wait_for(
+                    lambda: self._watching(resources, first_request),
+                    timeout=self.startup_timeout,
+                    health=self.check,
+                    description=f"kopf to watch {sorted(resources)}",
+                )
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.stop()
@@ -1036,9 +1207,14 @@ class Operator:
             self._loop_ready.set()
             existing = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
             root_tasks = await kopf.spawn_tasks(
-                registry=registry, settings=settings, memo=self.memo,
-                standalone=True, clusterwide=self.clusterwide, namespaces=self.namespaces,
-                stop_flag=stop_flag, ready_flag=self._ready_flag,
+                registry=registry,
+                settings=settings,
+                memo=self.memo,
+                standalone=True,
+                clusterwide=self.clusterwide,
+                namespaces=self.namespaces,
+                stop_flag=stop_flag,
+                ready_flag=self._ready_flag,
             )
 
             async def watchdog() -> None:
@@ -1048,32 +1224,51 @@ class Operator:
             existing.add(asyncio.create_task(watchdog(), name="integration-watchdog"))
             await kopf.run_tasks(root_tasks, ignored=existing)
 
+        error: BaseException | None = None
         try:
             asyncio.run(main())
         except BaseException as e:
-            self._done.set_exception(e)
-        else:
-            self._done.set_result(None)
+            error = e
         finally:
-            settings.execution.executor.shutdown(wait=True, cancel_futures=True)
+            settings.execution.executor.shutdown(wait=True, cancel_futures=True)  # kopf's sync handlers
+            if error is None:
+                self._done.set_result(None)  # the very last thing the thread does
+            else:
+                self._done.set_exception(error)
 
     def _watched_resources(self, registry: kopf.OperatorRegistry) -> set[str]:
-        resources = [kopf.Resource(group=s.group, version=s.version, plural=s.plural, kind=s.kind,
-                                   namespaced=s.namespaced, preferred=True, verbs=_VERBS,
-                                   subresources=s.subresources)
-                     for s in self.cluster.emulator.specs]
+        resources = [
+            kopf.Resource(
+                group=s.group,
+                version=s.version,
+                plural=s.plural,
+                kind=s.kind,
+                namespaced=s.namespaced,
+                preferred=True,
+                verbs=_VERBS,
+                subresources=s.subresources,
+            )
+            for s in self.cluster.emulator.specs
+        ]
         selected: set[str] = set()
         for attr in ("_indexing", "_watching", "_spawning", "_changing"):
             for handler in getattr(registry, attr).get_all_handlers():
                 if handler.selector is not None:
                     matched = handler.selector.select(resources)
+                    if not matched:  # kopf would only log it, and the test would time out
+                        raise LookupError(
+                            f"Handler {handler.id!r} serves {handler.selector}, which the emulator does not"
+                            f" serve: add a ResourceSpec to KUBETUNE_RESOURCES or call k8s.register(...)."
+                        )
                     selected |= {f"{r.group}/{r.version}/{r.plural}" for r in matched}
         return selected
 
     def _watching(self, resources: set[str], since: int) -> bool:
-        watched = {f"{r.resource.group}/{r.resource.version}/{r.resource.plural}"
-                   for r in list(self.cluster.emulator)[since:]
-                   if r.action == kmock.action.WATCH and r.resource is not None}
+        watched = {
+            f"{r.resource.group}/{r.resource.version}/{r.resource.plural}"
+            for r in list(self.cluster.emulator)[since:]
+            if r.action == kmock.action.WATCH and r.resource is not None
+        }
         return resources <= watched
 
     def check(self) -> None:
@@ -1082,21 +1277,44 @@ class Operator:
             error = self._done.exception()
             raise RuntimeError(f"The operator exited unexpectedly: {error!r}") from error
 
-    async def stop(self) -> None:
+    async def quiesce(self, *, quiet: float = 0.1, timeout: float = 1.0) -> None:
+        """
+        Wait (best effort, at most ``timeout``) until all watch events are delivered and no API
+        requests (except watches) came for ``quiet`` seconds. Otherwise, stopping kopf right after
+        its own patch loses that patch's watch event, and kopf waits for it (consistency timeout).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        emulator = self.cluster.emulator
+        count, since = emulator.activity, loop.time()
+        while loop.time() < deadline and self.running:
+            await asyncio.sleep(0.01)
+            if emulator.activity != count:
+                count, since = emulator.activity, loop.time()
+            elif not emulator.undelivered_events and loop.time() - since >= quiet:
+                return
+
+    async def stop(self, *, graceful: bool = True) -> None:
+        """Stop kopf (after :meth:`quiesce` if ``graceful``) and wait for its thread to exit."""
         if self.thread is None:
             return
+        if graceful:
+            await self.quiesce()
         self._stopping = True
         try:
-            await wait_for(self._loop_ready.is_set, timeout=self.stop_timeout,
-                           description="the operator's event loop to start")
-            with contextlib.suppress(RuntimeError):  # the loop is closed already
-                assert self._loop is not None and self._stop_flag is not None
-                self._loop.call_soon_threadsafe(self._stop_flag.set)
+            await wait_for(
+                lambda: self._loop_ready.is_set() or self._done.done(),
+                timeout=self.stop_timeout,
+                description="the operator's event loop to start",
+            )
+            if self._loop is not None and self._stop_flag is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed already
+                    self._loop.call_soon_threadsafe(self._stop_flag.set)
             try:
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._done)), self.stop_timeout)
             except TimeoutError:
                 raise RuntimeError(f"The operator did not stop in {self.stop_timeout}s.") from None
-            await asyncio.to_thread(self.thread.join, self.stop_timeout)
+            self.thread.join(timeout=1.0)  # it has nothing left to do but to return
             error = self._done.exception()
             if error is not None and not isinstance(error, asyncio.CancelledError):
                 raise RuntimeError(f"The operator failed: {error!r}") from error
@@ -1126,17 +1344,17 @@ class OperatorRunner:
         self.created: list[Operator] = []
 
     def __call__(
-            self,
-            *handlers: str | types.ModuleType,
-            registry: kopf.OperatorRegistry | None = None,
-            clusterwide: bool = True,
-            namespaces: Collection[str] = (),
-            memo: Any = None,
-            configure: Callable[[kopf.OperatorSettings], None] | None = None,
-            startup_timeout: float = 10.0,
-            stop_timeout: float = 15.0,
-            wait_watching: bool = True,
-            log_level: int = logging.DEBUG,
+        self,
+        *handlers: str | types.ModuleType,
+        registry: kopf.OperatorRegistry | None = None,
+        clusterwide: bool = True,
+        namespaces: Collection[str] = (),
+        memo: Any = None,
+        configure: Callable[[kopf.OperatorSettings], None] | None = None,
+        startup_timeout: float = 10.0,
+        stop_timeout: float = 15.0,
+        wait_watching: bool = True,
+        log_level: int = logging.DEBUG,
     ) -> Operator:
         """
         :param handlers: modules (or their names) whose kopf handlers to run, e.g.
@@ -1154,9 +1372,16 @@ class OperatorRunner:
             for attr, handler in _handlers(registry):
                 getattr(combined, attr).append(handler)
         operator = Operator(
-            self.cluster, combined, clusterwide=clusterwide and not namespaces, namespaces=namespaces,
-            memo=memo, configure=configure, startup_timeout=startup_timeout, stop_timeout=stop_timeout,
-            wait_watching=wait_watching, log_level=log_level,
+            self.cluster,
+            combined,
+            clusterwide=clusterwide and not namespaces,
+            namespaces=namespaces,
+            memo=memo,
+            configure=configure,
+            startup_timeout=startup_timeout,
+            stop_timeout=stop_timeout,
+            wait_watching=wait_watching,
+            log_level=log_level,
         )
         self.created.append(operator)
         return operator
@@ -1165,6 +1390,7 @@ class OperatorRunner:
 # --------------------------------------------------------------------------------------------------
 # Fixtures.
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 async def k8s() -> AsyncIterator[Cluster]:

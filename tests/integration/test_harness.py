@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import _demo_handlers as demo
@@ -22,8 +22,12 @@ PROGRESS = "kopf.zalando.org/create_fn"
 
 
 def ftj(name: str, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob",
-            "metadata": {"name": name}, "spec": {"baseModel": "tiny", **spec}}
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {"baseModel": "tiny", **spec},
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +39,7 @@ def _no_leaks() -> Iterator[None]:
 
 
 # ---- the operator ---------------------------------------------------------------------------------
+
 
 async def test_create_runs_the_handler_and_patches_status(k8s: Cluster, run_operator: OperatorRunner) -> None:
     async with run_operator(demo):
@@ -48,7 +53,8 @@ async def test_create_runs_the_handler_and_patches_status(k8s: Cluster, run_oper
 
 
 async def test_delete_runs_the_handler_and_releases_the_finalizer(
-        k8s: Cluster, run_operator: OperatorRunner,
+    k8s: Cluster,
+    run_operator: OperatorRunner,
 ) -> None:
     async with run_operator(demo):
         await k8s.create("finetunejobs", ftj("delete-1"))
@@ -67,7 +73,8 @@ async def test_delete_runs_the_handler_and_releases_the_finalizer(
 
 
 async def test_restart_sees_the_existing_object_without_recreating_it(
-        k8s: Cluster, run_operator: OperatorRunner,
+    k8s: Cluster,
+    run_operator: OperatorRunner,
 ) -> None:
     async with run_operator(demo):
         await k8s.create("finetunejobs", ftj("restart-1"))
@@ -82,14 +89,18 @@ async def test_restart_sees_the_existing_object_without_recreating_it(
 
 
 async def test_restart_mid_retries_continues_from_the_persisted_progress(
-        k8s: Cluster, run_operator: OperatorRunner,
+    k8s: Cluster,
+    run_operator: OperatorRunner,
 ) -> None:
     operator = run_operator(demo)
     await operator.start()
     await k8s.create("finetunejobs", ftj("midrun-1", failAttempts=2, retryDelay=1.0))
     # Kopf persists the handler's progress (retries, delays) in an annotation of the object.
-    await k8s.wait_for("finetunejobs", "midrun-1",
-                       lambda o: json.loads(o["metadata"]["annotations"][PROGRESS])["retries"] >= 1)
+    await k8s.wait_for(
+        "finetunejobs",
+        "midrun-1",
+        lambda o: json.loads(o["metadata"]["annotations"][PROGRESS])["retries"] >= 1,
+    )
     await operator.stop()
     assert demo.calls("create", "midrun-1") == 1  # stopped while waiting for the 1s retry delay
     await operator.start()  # the same Operator object, started again on the same cluster state
@@ -138,8 +149,11 @@ async def test_watch_reconnections_lose_no_events(k8s: Cluster, run_operator: Op
         await k8s.delete("finetunejobs", "rewatch-0")
         await k8s.wait_gone("finetunejobs", "rewatch-0")
 
-    watches = [r for r in k8s.emulator if r.action == kmock.action.WATCH and r.resource is not None
-               and r.resource.plural == "finetunejobs"]
+    watches = [
+        r
+        for r in k8s.emulator
+        if r.action == kmock.action.WATCH and r.resource is not None and r.resource.plural == "finetunejobs"
+    ]
     assert len(watches) >= 3
     assert all(demo.calls("create", f"rewatch-{i}") == 1 for i in range(3))
 
@@ -155,8 +169,24 @@ async def test_operator_failure_is_reported(k8s: Cluster, run_operator: Operator
         await run_operator(demo, registry=registry, startup_timeout=5).start()
 
 
-async def test_wait_for_timeout_shows_the_last_state(k8s: Cluster) -> None:
+async def test_handlers_for_unserved_resources_fail_fast(k8s: Cluster, run_operator: OperatorRunner) -> None:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.create("kubetune.dev", "v1alpha1", "quantizejobs", registry=registry)
+    def create_fn(**_: Any) -> None:
+        pass
+
+    with pytest.raises(LookupError, match="KUBETUNE_RESOURCES"):
+        await run_operator(registry=registry).start()
+
+
+async def test_wait_for_timeout_shows_the_last_state(
+    k8s: Cluster,
+    wait_for: Callable[..., Awaitable[Any]],
+) -> None:
     await k8s.create("finetunejobs", ftj("timeout-1"))
+    fetched = await wait_for(lambda: k8s.get("finetunejobs", "timeout-1"), lambda o: o["spec"])  # async probe
+    assert fetched["metadata"]["name"] == "timeout-1"
     with pytest.raises(k8s.WaitTimeoutError) as err:
         await k8s.wait_for("finetunejobs", "timeout-1", lambda o: o["status"]["phase"] == "X", timeout=0.1)
     assert "'name': 'timeout-1'" in str(err.value)
@@ -164,6 +194,7 @@ async def test_wait_for_timeout_shows_the_last_state(k8s: Cluster) -> None:
 
 
 # ---- the emulator's apiserver semantics (no operator) ---------------------------------------------
+
 
 async def test_status_subresource_is_separate(k8s: Cluster) -> None:
     created = await k8s.create("finetunejobs", {**ftj("status-1"), "status": {"phase": "Pending"}})
@@ -184,8 +215,10 @@ async def test_json_patch_test_failure_is_422_and_merge_patch_deletes_keys(k8s: 
     created = await k8s.create("configmaps", {"metadata": {"name": "cm-1"}, "data": {"a": "1", "b": "2"}})
     rv = created["metadata"]["resourceVersion"]
 
-    ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": "0"},
-           {"op": "add", "path": "/data/c", "value": "3"}]
+    ops = [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": "0"},
+        {"op": "add", "path": "/data/c", "value": "3"},
+    ]
     with pytest.raises(k8s.ApiError) as err:
         await k8s.patch("configmaps", "cm-1", ops, patch_type="json")
     assert err.value.status == 422
@@ -215,8 +248,13 @@ async def test_finalizers_block_deletion_until_removed(k8s: Cluster) -> None:
 
 async def test_owner_references_cascade_deletion(k8s: Cluster) -> None:
     owner = await k8s.create("finetunejobs", ftj("owner-1"))
-    ref = {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": "owner-1",
-           "uid": owner["metadata"]["uid"], "controller": True}
+    ref = {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": "owner-1",
+        "uid": owner["metadata"]["uid"],
+        "controller": True,
+    }
     await k8s.create("configmaps", {"metadata": {"name": "child-1", "ownerReferences": [ref]}})
     await k8s.create("configmaps", {"metadata": {"name": "unrelated-1"}})
 
