@@ -1,0 +1,53 @@
+"""The README's quickstart, end to end in local mode, with the real components and the tiny base."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import KubetuneCli
+
+pytestmark = pytest.mark.slow
+
+
+def succeeded(obj: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in obj["status"]["conditions"] if c["type"] == "Succeeded")
+
+
+def test_quickstart_finetune_beats_the_base_model(project: Path, kubetune: KubetuneCli) -> None:
+    result = kubetune("up", "-f", "examples/quickstart/")
+    assert "finetunejob/support-router created" in result.stdout
+    assert "Succeeded" in result.stdout
+
+    obj = json.loads(kubetune("get", "ftj", "support-router", "-o", "json").stdout)
+    status = obj["status"]
+    assert (succeeded(obj)["status"], succeeded(obj)["reason"]) == ("True", "Completed"), status
+    baseline, final = status["evaluation"]["baseline"], status["evaluation"]["final"]
+    assert final["exactMatch"] - baseline["exactMatch"] >= 0.3, status["evaluation"]
+    assert final["evalLoss"] < baseline["evalLoss"]
+    assert all(gate["passed"] for gate in status["evaluation"]["gates"])
+    assert (
+        status["progress"]["percent"] == 100
+        and status["progress"]["step"] == status["progress"]["totalSteps"]
+    )
+
+    published = Path(status["output"]["uri"])
+    manifest = json.loads((published / "kubetune-manifest.json").read_text())
+    assert manifest["resource"]["uid"] == obj["metadata"]["uid"]
+    data = Path("examples/quickstart/data/support-tickets.jsonl").read_bytes()
+    assert manifest["dataset"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert manifest["metrics"]["final"]["exactMatch"] == pytest.approx(final["exactMatch"])
+    for name, digest in manifest["artifact"]["files"].items():
+        assert hashlib.sha256((published / name).read_bytes()).hexdigest() == digest
+
+    table = kubetune("get", "ftj").stdout.splitlines()
+    assert table[0].split() == ["NAME", "STATUS", "PROGRESS", "%", "BASE", "MODEL", "AGE"]
+    assert table[1].split()[:3] == ["support-router", "Succeeded", "100"]
+
+    again = kubetune("up", "-f", "examples/quickstart/")
+    assert "finetunejob/support-router unchanged" in again.stdout
