@@ -6,13 +6,15 @@ import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from kubetune_components import storage
 from kubetune_components.errors import ConfigError, DatasetError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DatasetFormat = Literal["text", "instruction", "chat"]
 FORMATS: tuple[str, ...] = get_args(DatasetFormat)

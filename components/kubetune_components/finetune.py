@@ -681,7 +681,8 @@ def train(
             position.micro_batch += len(window)
             position.tokens_seen += sum(real_tokens[index] for indices in window for index in indices)
             epoch_progress = position.epoch + position.micro_batch / len(plan)
-            if position.micro_batch >= len(plan):
+            epoch_finished = position.micro_batch >= len(plan)
+            if epoch_finished:
                 position.epoch += 1
                 position.micro_batch = 0
             report()
@@ -699,6 +700,8 @@ def train(
                 if last_saved_step != position.step:
                     checkpoint_path = checkpoint_now()
                 raise TrainingInterrupted(position.step, checkpoint_path, stop.reason)
+            if epoch_finished:
+                break  # the next epoch has its own shuffle
     elapsed = time.perf_counter() - started
     report(force=True)
     return TrainResult(

@@ -93,7 +93,7 @@ def load_tokenizer(uri: str, token: str | None = None) -> PreTrainedTokenizerBas
     except Exception as error:
         raise _failure(uri, "tokenizer", error) from error
     ensure_pad_token(tokenizer)
-    return tokenizer  # type: ignore[no-any-return]
+    return tokenizer
 
 
 def load_causal_lm(uri: str, token: str | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -103,7 +103,7 @@ def load_causal_lm(uri: str, token: str | None = None, dtype: torch.dtype = torc
         model = AutoModelForCausalLM.from_pretrained(location.ref, dtype=dtype, **kwargs)
     except Exception as error:
         raise _failure(uri, "model", error) from error
-    return model  # type: ignore[no-any-return]
+    return model
 
 
 def snapshot_info(uri: str) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -179,6 +181,40 @@ def run_step(name: str, config: dict[str, Any], workspace: str, **kwargs: Any) -
         raise
 
 
+def cpu_quota() -> int | None:
+    """CPUs the container may use per its cgroup (v2 or v1) limit, or None when unlimited."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text().strip()
+            period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def match_threads_to_cpus() -> None:
+    """torch starts one thread per host core; in a pod limited to fewer CPUs that oversubscribes badly.
+
+    An explicit OMP_NUM_THREADS is left alone.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota()
+    threads = min(available, quota) if quota is not None else available
+    if threads < torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
 def _quiet_libraries() -> None:
     with contextlib.suppress(Exception):
         from transformers.utils import logging as transformers_logging
@@ -199,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     _quiet_libraries()
+    match_threads_to_cpus()
     try:
         raw = sys.stdin.read() if args.config == "-" else Path(args.config).read_text(encoding="utf-8")
         config = json.loads(raw)

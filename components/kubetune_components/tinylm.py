@@ -345,6 +345,10 @@ def build_tiny_base(
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             },
         )
+        if not force and is_complete_build(target, expected_hash):
+            # A concurrent builder finished first with the same recipe; keep its (identical) build.
+            log(f"{target} was completed by another builder meanwhile; keeping it")
+            return target
         if target.exists():
             shutil.rmtree(target)
         os.rename(staging, target)
@@ -361,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
     parser.add_argument("--random", action="store_true", help="write an untrained tiny model instead (tests)")
     args = parser.parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
     try:
         if args.random:
             build_random_tiny(args.out, seed=args.seed)

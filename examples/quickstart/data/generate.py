@@ -329,7 +329,7 @@ def generate_dataset() -> list[dict[str, str]]:
 def generate_pretraining_text(dataset: list[dict[str, str]]) -> str:
     rng = random.Random(PRETRAINING_SEED)
     taken = {example["input"] for example in dataset}
-    messages = []
+    messages: list[str] = []
     while len(messages) < PRETRAINING_MESSAGES:
         ticket = compose_ticket(rng, rng.choice(CATEGORIES))
         if ticket not in taken:

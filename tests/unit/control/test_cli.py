@@ -58,7 +58,7 @@ def test_crds_prints_what_manifests_hold(capsys: pytest.CaptureFixture[str]) -> 
 
 def test_compile_writes_an_uploadable_package(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_file = tmp_path / "pipeline.yaml"
-    code, out, err = run(
+    code, _out, err = run(
         capsys,
         "--home",
         str(tmp_path),
