@@ -60,12 +60,11 @@ class EvaluationSettings:
         )
 
 
-def _inference_precision(precision: str, device: torch.device) -> str:
-    return (
-        "fp16"
-        if precision == "fp16" and device.type == "cuda"
-        else ("bf16" if precision == "bf16" else "fp32")
-    )
+def inference_precision(training_precision: str, device: torch.device) -> str:
+    """The training precision, except fp16 off a GPU (the baseline runs before training rejects that)."""
+    if training_precision == "fp16" and device.type != "cuda":
+        return "fp32"
+    return training_precision
 
 
 def mean_token_loss(
@@ -297,7 +296,7 @@ def run_evaluation(
     fmt = str((spec.get("dataset") or {}).get("format", "instruction"))
     base_uri = str(spec["baseModel"]["uri"])
     device = pick_device()
-    precision = _inference_precision(training.precision, device)
+    precision = inference_precision(training.precision, device)
     examples = read_validation_examples(workspace_dir, fmt)
     if not settings.metrics:
         result: dict[str, Any] = {"samples": len(examples)}

@@ -217,7 +217,7 @@ def apply_method(model: torch.nn.Module, method: MethodSettings, tokenizer: Any)
             peft_config = IA3Config(
                 task_type="CAUSAL_LM", target_modules=target_modules, feedforward_modules=feedforward_modules
             )
-        peft_model = get_peft_model(model, peft_config)  # type: ignore[arg-type]
+        peft_model = get_peft_model(model, peft_config)
     except ValueError as error:
         block = METHOD_BLOCKS[method.type]
         raise ConfigError(f"method.{block}: {error}") from error
@@ -306,7 +306,7 @@ def accumulate_gradients(
         with autocast():
             loss_sum, _ = token_loss_sum(model, batch)
         loss = loss_sum / denominator
-        (scale(loss) if scale is not None else loss).backward()
+        torch.autograd.backward(scale(loss) if scale is not None else loss)
         total += loss.detach().float().cpu()
     return total
 
@@ -409,6 +409,14 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Checkpoint]:
     return sorted(found, key=lambda checkpoint: checkpoint.step)
 
 
+def remove_stale_staging(directory: Path) -> None:
+    """Delete the temporary directories of saves that a kill cut short (`.name.XXXX.tmp`)."""
+    if directory.is_dir():
+        for path in directory.glob(".*.tmp"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def save_checkpoint(
     checkpoint_dir: Path,
     position: TrainingPosition,
@@ -505,10 +513,14 @@ class StopRequest:
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped early on request; the position is saved in `checkpoint`."""
+    """Training stopped early on request; the position is saved in `checkpoint` (when there is one).
 
-    def __init__(self, step: int, checkpoint: Path, reason: str) -> None:
-        super().__init__(f"training stopped at step {step} ({reason}); checkpoint {checkpoint}")
+    Not a ComponentError: nothing is wrong, and running the step again resumes from the checkpoint.
+    """
+
+    def __init__(self, step: int, checkpoint: Path | None, reason: str) -> None:
+        saved = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint directory"
+        super().__init__(f"training stopped at step {step} ({reason}); {saved}")
         self.step = step
         self.checkpoint = checkpoint
         self.reason = reason
@@ -600,6 +612,7 @@ def train(
     position = TrainingPosition()
     resumed_from: int | None = None
     if checkpoint_dir is not None:
+        remove_stale_staging(checkpoint_dir)
         for checkpoint in reversed(list_checkpoints(checkpoint_dir)):
             if checkpoint.state.get("fingerprint") != fingerprint:
                 continue
@@ -618,7 +631,6 @@ def train(
     model.train()
     losses: list[float] = []
     last_loss: torch.Tensor | None = None
-    last_saved_step = position.step if resumed_from is not None else -1
     epoch_progress = float(position.epoch)
     started = time.perf_counter()
 
@@ -689,16 +701,12 @@ def train(
 
             if on_step is not None and on_step(position.step):
                 stop.request("step hook")
+            checkpoint_path: Path | None = None
             due = position.step % settings.checkpoint_every_steps == 0
             if checkpoint_dir is not None and (due or stop.requested):
                 checkpoint_path = checkpoint_now()
-                last_saved_step = position.step
             if stop.requested:
                 report(force=True)
-                if checkpoint_dir is None:
-                    raise TrainingInterrupted(position.step, Path(), stop.reason)
-                if last_saved_step != position.step:
-                    checkpoint_path = checkpoint_now()
                 raise TrainingInterrupted(position.step, checkpoint_path, stop.reason)
             if epoch_finished:
                 break  # the next epoch has its own shuffle
@@ -822,8 +830,19 @@ def run_finetune(
     trained_dir = workspace_dir / "trained"
     record = read_training_record(trained_dir)
     if record is not None and record.get("fingerprint") == fingerprint:
+        if progress is not None:
+            progress.training_update(
+                step=int(record.get("steps", 0)),
+                total_steps=int(record.get("totalSteps", 0)),
+                epoch=float(record.get("epochs", 0.0)),
+                train_loss=record.get("trainLoss"),
+                learning_rate=None,
+                tokens_seen=int(record.get("tokensSeen", 0)),
+                force=True,
+            )
         return {**record, "cached": True}
 
+    remove_stale_staging(workspace_dir)
     torch.manual_seed(settings.seed)
     tokenizer = models.load_tokenizer(base_uri)
     examples = data.load_examples(str(train_file), cast(data.DatasetFormat, fmt))
@@ -858,6 +877,6 @@ def run_finetune(
         "trainableParameters": sum(param.numel() for param in trainable_parameters(model).values()),
         "fingerprint": fingerprint,
     }
-    model.eval()
+    model.train(False)
     save_trained(model, tokenizer, trained_dir, summary)
     return summary

@@ -9,6 +9,7 @@ library versions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -306,6 +307,8 @@ def run_publish(
         storage.publish_dir_atomically(export_dir, dest_uri)
     finally:
         shutil.rmtree(export_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            staging_root.rmdir()  # only when no other export is in progress
     output = {"uri": dest_uri, "version": version}
     storage.atomic_write_json(workspace_dir / "output.json", output)
     if progress is not None:

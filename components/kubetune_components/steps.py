@@ -217,8 +217,9 @@ def match_threads_to_cpus() -> None:
 
 def _quiet_libraries() -> None:
     with contextlib.suppress(Exception):
-        from transformers.utils import logging as transformers_logging
+        from transformers.utils import logging
 
+        transformers_logging: Any = logging
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
 

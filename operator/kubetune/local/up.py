@@ -48,6 +48,19 @@ def describe_line(obj: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def progress_signature(obj: dict[str, Any]) -> tuple[Any, ...]:
+    """What must change for `up` to print a new line: the phase, the step's kind, or a tenth of progress."""
+    status = obj.get("status") or {}
+    condition = _succeeded(status)
+    message = str(condition.get("message", ""))
+    return (
+        status.get("phase"),
+        condition.get("reason"),
+        message.split(":")[0] if status.get("phase") == "Running" else message,
+        int((status.get("progress") or {}).get("percent", 0)) // 10,
+    )
+
+
 def evaluation_summary(obj: dict[str, Any]) -> list[str]:
     evaluation = (obj.get("status") or {}).get("evaluation") or {}
     baseline, final = evaluation.get("baseline") or {}, evaluation.get("final") or {}
@@ -92,7 +105,7 @@ def apply_paths(paths: list[Path], store: LocalStore, out: TextIO) -> list[tuple
 def reconcile_until_done(
     store: LocalStore, backends: Backends, base_dir: Path, out: TextIO, poll_s: float = 1.0
 ) -> int:
-    shown: dict[str, str] = {}
+    shown: dict[str, tuple[Any, ...]] = {}
     while True:
         pending = False
         for plural, obj in store.all(list(RECONCILERS)):
@@ -101,11 +114,11 @@ def reconcile_until_done(
                 continue
             decision = RECONCILERS[plural](obj, backends, base_dir)
             obj = store.update_status(plural, obj, decision.status)
-            line = describe_line(obj)
             key = f"{plural}/{obj['metadata']['namespace']}/{obj['metadata']['name']}"
-            if shown.get(key) != line:
-                print(line, file=out, flush=True)
-                shown[key] = line
+            signature = progress_signature(obj)
+            if shown.get(key) != signature:
+                print(describe_line(obj), file=out, flush=True)
+                shown[key] = signature
             if decision.finished:
                 for summary in evaluation_summary(obj):
                     print(summary, file=out)

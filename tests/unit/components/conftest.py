@@ -1,0 +1,55 @@
+"""Shared fixtures for the pipeline-component tests.
+
+``tiny_model_dir`` (session): a random-weight tiny Llama + the tiny tokenizer, written with
+    save_pretrained, so tests go through the real ``from_pretrained`` path. Builds in well under 1 s.
+``tiny_tokenizer`` (function): that tokenizer loaded with ``models.load_tokenizer`` (a fresh
+    object per test, so tests may change it).
+``tiny_base_dir`` (session, slow): the *pretrained* tiny base (``tinylm.build_tiny_base``, about a
+    minute on 2 cores). Set ``KUBETUNE_TINY_BASE_DIR`` to a directory that survives test runs to
+    build it once and reuse it (the build is idempotent); otherwise it goes to a session temp dir.
+``write_jsonl`` (function): ``write_jsonl(rows, name="data.jsonl") -> Path``; dict rows are
+    dumped as JSON, str rows are written verbatim (to produce broken lines).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+from kubetune_components import models, tinylm
+
+WriteJsonl = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tinylm.build_random_tiny(tmp_path_factory.mktemp("tiny-random") / "model", seed=0)
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerBase:
+    return models.load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    configured = os.environ.get("KUBETUNE_TINY_BASE_DIR")
+    target = Path(configured) if configured else tmp_path_factory.mktemp("tiny-base") / "model"
+    return tinylm.build_tiny_base(target, seed=0)
+
+
+@pytest.fixture
+def write_jsonl(tmp_path: Path) -> WriteJsonl:
+    def write(rows: Sequence[dict[str, Any] | str], name: str = "data.jsonl") -> Path:
+        path = tmp_path / name
+        lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        return path
+
+    return write
