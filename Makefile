@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kubetune-installed
 TINY_BASE := .kubetune/models/tiny-base
+# The tests share the quickstart's tiny base (an idempotent build: made once, reused after).
+export KUBETUNE_TINY_BASE_DIR ?= $(CURDIR)/$(TINY_BASE)
 
 .PHONY: setup quickstart test lint typecheck unit integration e2e crds clean
 

@@ -21,7 +21,10 @@ KUBETUNE = [sys.executable, "-m", "kubetune"]
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("models") / "tiny-base"
+    # KUBETUNE_TINY_BASE_DIR (set by `make test`) shares one idempotent build with the unit tests
+    # and the quickstart; otherwise build into this session's temp dir.
+    configured = os.environ.get("KUBETUNE_TINY_BASE_DIR")
+    out = Path(configured) if configured else tmp_path_factory.mktemp("models") / "tiny-base"
     subprocess.run([*KUBETUNE, "dev", "tiny-base", "--out", str(out)], check=True, cwd=REPO, timeout=600)
     return out
 

@@ -1,0 +1,66 @@
+"""Ctrl+C stops `kubetune up` cleanly; running it again resumes from the last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import KubetuneCli
+
+pytestmark = pytest.mark.slow
+
+JOB = """\
+apiVersion: kubetune.dev/v1alpha1
+kind: FineTuneJob
+metadata: {name: resumable}
+spec:
+  baseModel: {uri: ./.kubetune/models/tiny-base}
+  dataset: {uri: examples/quickstart/data/support-tickets.jsonl, format: instruction, validationSplit: "0.05"}
+  method: {type: lora, lora: {r: 4, alpha: 8}}
+  training: {maxSteps: 400, batchSize: 4, learningRate: "1e-3", checkpointEverySteps: 5, maxSeqLength: 96}
+  evaluation: {metrics: [evalLoss], maxSamples: 5}
+  executor: local
+"""
+
+
+def stored(project: Path) -> dict[str, Any]:
+    path = project / ".kubetune" / "store" / "finetunejobs" / "default" / "resumable.json"
+    try:
+        value: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return value
+
+
+def test_ctrl_c_then_up_again_resumes_from_the_checkpoint(project: Path, kubetune: KubetuneCli) -> None:
+    (project / "job.yaml").write_text(JOB)
+    up = kubetune.popen("up", "-f", "job.yaml")
+    deadline = time.monotonic() + 300
+    while (stored(project).get("status") or {}).get("progress", {}).get("step", 0) < 12:
+        assert up.poll() is None, up.stdout.read() if up.stdout else ""
+        assert time.monotonic() < deadline, "training never got going"
+        time.sleep(0.5)
+    up.send_signal(signal.SIGINT)
+    output, _ = up.communicate(timeout=120)
+    assert up.returncode == 130, output
+    assert "run `kubetune up` again to resume" in output
+
+    run_id = stored(project)["status"]["pipelineRun"]["id"]
+    state = json.loads((project / ".kubetune" / "local-runs" / run_id / "state.json").read_text())
+    assert state["phase"] == "Interrupted"
+    workspace = next((project / ".kubetune" / "runs").rglob("checkpoints"))
+    assert any(workspace.iterdir()), "no checkpoint was written"
+
+    result = kubetune("up", timeout=600)  # no files: carry on with what is stored
+    assert "Succeeded" in result.stdout, result.stdout
+    obj = json.loads(kubetune("get", "ftj", "resumable", "-o", "json").stdout)
+    assert obj["status"]["pipelineRun"]["id"] == run_id  # the same run, a second attempt
+    training = json.loads((workspace.parent / "trained" / "kubetune-training.json").read_text())
+    assert training["resumedFromStep"] >= 10
+    assert obj["status"]["progress"]["step"] == 400
