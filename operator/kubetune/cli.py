@@ -77,21 +77,34 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
 
 
-def cmd_get(args: argparse.Namespace) -> int:
+def _definition(kind: str) -> Any:
     from kubetune.api.registry import UnknownResource, get_definition
+
+    try:
+        return get_definition(kind)
+    except UnknownResource as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _stored(store: Any, definition: Any, name: str, namespace: str) -> dict[str, Any] | None:
+    obj: dict[str, Any] | None = store.get(definition.plural, name, namespace)
+    if obj is None:
+        print(f'error: {definition.kind} "{name}" not found', file=sys.stderr)
+    return obj
+
+
+def cmd_get(args: argparse.Namespace) -> int:
     from kubetune.local.printer import printer_row
     from kubetune.local.store import LocalStore
 
-    try:
-        definition = get_definition(args.kind)
-    except UnknownResource as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    definition = _definition(args.kind)
+    if definition is None:
         return 2
     store = LocalStore(_settings(args).home)
     if args.name:
-        obj = store.get(definition.plural, args.name, args.namespace)
+        obj = _stored(store, definition, args.name, args.namespace)
         if obj is None:
-            print(f'error: {definition.kind} "{args.name}" not found', file=sys.stderr)
             return 1
         objects = [obj]
     else:
@@ -112,20 +125,16 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from kubetune.api.registry import UnknownResource, get_definition
     from kubetune.controller import Backends, cancel_finetune
     from kubetune.local.store import LocalStore
 
-    try:
-        definition = get_definition(args.kind)
-    except UnknownResource as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    definition = _definition(args.kind)
+    if definition is None:
         return 2
     settings = _settings(args)
     store = LocalStore(settings.home)
-    obj = store.get(definition.plural, args.name, args.namespace)
+    obj = _stored(store, definition, args.name, args.namespace)
     if obj is None:
-        print(f'error: {definition.kind} "{args.name}" not found', file=sys.stderr)
         return 1
     if definition.plural == "finetunejobs":
         run_id = cancel_finetune(obj, Backends(settings), base_dir=Path.cwd())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,15 +26,6 @@ ROWS = [
     {"instruction": "Route the ticket.", "input": "Where is my parcel", "output": "shipping"},
     {"instruction": "Route the ticket.", "input": "I want my money back for the shoes", "output": "returns"},
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads; on a busy machine spinning threads slow them 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class FixedDistributionLM(torch.nn.Module):

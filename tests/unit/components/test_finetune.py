@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,6 @@ from kubetune_components.errors import ConfigError
 from kubetune_components.progress import ProgressReporter
 
 CATEGORIES = ("billing", "technical", "account", "shipping")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads; on a busy machine spinning threads slow them 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def ticket_rows(count: int) -> list[dict[str, Any]]:

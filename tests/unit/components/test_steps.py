@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from kubetune_components import steps
 from kubetune_components.errors import ConfigError, DatasetError, GateFailedError
@@ -22,15 +20,6 @@ ROWS = [
     }
     for index in range(16)
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads; on a busy machine spinning threads slow them 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
