@@ -7,12 +7,16 @@ them, so a half-written file is never seen. Missing or unreadable files read as 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
 def _local(uri: str) -> Path | None:
+    if uri.startswith("pvc://"):
+        # On a cluster the operator mounts the workspace claim where the steps do: /mnt/pvc/<claim>.
+        return Path(os.environ.get("KUBETUNE_PVC_ROOT", "/mnt/pvc")) / uri[len("pvc://") :]
     if uri.startswith("file://"):
         return Path(uri[len("file://") :])
     if "://" in uri:

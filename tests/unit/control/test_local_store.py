@@ -69,3 +69,21 @@ def test_age_reads_like_kubectl() -> None:
     assert age("2026-01-01T00:59:30Z", now) == "30s"
     assert age("2026-01-01T00:00:00Z", now) == "1h"
     assert age(None) == "<unknown>"
+
+
+def test_workspace_reports_are_read_from_paths_and_mounted_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from kubetune.workspace import WorkspaceReport
+
+    run = tmp_path / "claim" / "runs" / "r1"
+    (run / "evaluation").mkdir(parents=True)
+    (run / "progress.json").write_text(json.dumps({"step": 3}))
+    (run / "evaluation" / "final.json").write_text("{not json")  # torn or foreign: reads as absent
+    monkeypatch.setenv("KUBETUNE_PVC_ROOT", str(tmp_path))
+    for uri in (str(run), f"file://{run}", "pvc://claim/runs/r1"):
+        report = WorkspaceReport.read(uri)
+        assert report.progress == {"step": 3}
+        assert report.final is None and report.output is None
