@@ -125,7 +125,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from kubetune.controller import Backends, cancel_finetune
+    from kubetune.controller import Backends, cancel_job
     from kubetune.local.store import LocalStore
 
     definition = _definition(args.kind)
@@ -136,8 +136,12 @@ def cmd_delete(args: argparse.Namespace) -> int:
     obj = _stored(store, definition, args.name, args.namespace)
     if obj is None:
         return 1
-    if definition.plural == "finetunejobs":
-        run_id = cancel_finetune(obj, Backends(settings), base_dir=Path.cwd())
+    if definition.plural in ("finetunejobs", "quantizejobs"):
+
+        def lookup(namespace: str, name: str) -> dict[str, Any] | None:
+            return store.get("finetunejobs", name, namespace)
+
+        run_id = cancel_job(obj, Backends(settings), lookup=lookup, base_dir=Path.cwd())
         if run_id:
             print(f"cancelled pipeline run {run_id}")
     store.delete(definition.plural, args.name, args.namespace)

@@ -6,18 +6,23 @@ and the run's workspace, and carries the decision out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kubetune.api.finetune import FineTuneJob
+from kubetune.api.quantize import QuantizeJob
 from kubetune.api.validation import ResourceInvalid, parse_resource
-from kubetune.backends.base import Backend
+from kubetune.backends.base import Backend, RunRequest
 from kubetune.backends.kfp import KfpBackend
 from kubetune.backends.local import LocalBackend
 from kubetune.config import OperatorConfig
-from kubetune.plan.finetune import Decision, Observed, build_request, plan_finetune
+from kubetune.plan import quantize as quantize_plan
+from kubetune.plan.finetune import build_request, plan_finetune
+from kubetune.plan.lifecycle import Decision, Observed
+from kubetune.plan.quantize import FineTuneJobLookup, plan_quantize
 from kubetune.workspace import WorkspaceReport
 
 
@@ -51,12 +56,49 @@ class Backends:
         return backend if isinstance(backend, LocalBackend) else None
 
 
-def _valid_job(body: dict[str, Any]) -> FineTuneJob | None:
+def _carry_out(
+    backends: Backends,
+    request: RunRequest | None,
+    plan: Callable[[Observed], Decision],
+) -> Decision:
+    """Observe the run (if the job could have one), plan, and act on the plan's decision."""
+    if request is None:
+        return plan(Observed())
+    backend = backends.get(request.config["spec"]["executor"])
+    run = backend.find(request.key)
+    report = WorkspaceReport.read(request.workspace) if run is not None else WorkspaceReport()
+    decision = plan(Observed(run=run, report=report))
+    if decision.action == "submit" and decision.request is not None:
+        run = backend.submit(decision.request)
+    elif decision.action == "resume":
+        run = backend.resume(request.key)
+    else:
+        return decision
+    acted = plan(Observed(run=run, report=report))
+    return Decision(action=decision.action, status=acted.status, events=decision.events + acted.events)
+
+
+def _finetune_request(
+    body: dict[str, Any], settings: OperatorConfig, base_dir: Path | None
+) -> RunRequest | None:
     try:
-        job = parse_resource(body)
+        job = parse_resource(body, FineTuneJob)
     except ResourceInvalid:
         return None
-    return job if isinstance(job, FineTuneJob) else None
+    return build_request(job, settings, base_dir)
+
+
+def _quantize_request(
+    body: dict[str, Any], settings: OperatorConfig, lookup: FineTuneJobLookup, base_dir: Path | None
+) -> RunRequest | None:
+    try:
+        job = parse_resource(body, QuantizeJob)
+    except ResourceInvalid:
+        return None
+    source, hold = quantize_plan.source_job(job, lookup)
+    if hold is not None:
+        return None
+    return quantize_plan.build_request(job, source, settings, base_dir)
 
 
 def reconcile_finetune(
@@ -68,34 +110,54 @@ def reconcile_finetune(
 ) -> Decision:
     """One reconcile pass for a FineTuneJob; returns the decision whose status the caller writes."""
     settings = backends.settings
-    now = now or utc_now()
-    job = _valid_job(body)
-    if job is None:
-        return plan_finetune(body, Observed(), settings, now, base_dir)
-    request = build_request(job, settings, base_dir)
-    backend = backends.get(request.config["spec"]["executor"])
-    run = backend.find(request.key)
-    report = WorkspaceReport.read(request.workspace) if run is not None else WorkspaceReport()
-    decision = plan_finetune(body, Observed(run=run, report=report), settings, now, base_dir)
-    if decision.action == "submit" and decision.request is not None:
-        run = backend.submit(decision.request)
-    elif decision.action == "resume":
-        run = backend.resume(request.key)
-    else:
-        return decision
-    acted = plan_finetune(body, Observed(run=run, report=report), settings, now, base_dir)
-    return Decision(action=decision.action, status=acted.status, events=decision.events + acted.events)
+    at = now or utc_now()
+    return _carry_out(
+        backends,
+        _finetune_request(body, settings, base_dir),
+        lambda observed: plan_finetune(body, observed, settings, at, base_dir),
+    )
 
 
-def cancel_finetune(body: dict[str, Any], backends: Backends, *, base_dir: Path | None = None) -> str | None:
+def reconcile_quantize(
+    body: dict[str, Any],
+    backends: Backends,
+    lookup: FineTuneJobLookup,
+    *,
+    base_dir: Path | None = None,
+    now: str | None = None,
+) -> Decision:
+    """One reconcile pass for a QuantizeJob; `lookup` finds FineTuneJobs by namespace and name."""
+    settings = backends.settings
+    at = now or utc_now()
+    return _carry_out(
+        backends,
+        _quantize_request(body, settings, lookup, base_dir),
+        lambda observed: plan_quantize(body, observed, settings, at, lookup, base_dir),
+    )
+
+
+def cancel_job(
+    body: dict[str, Any],
+    backends: Backends,
+    *,
+    lookup: FineTuneJobLookup | None = None,
+    base_dir: Path | None = None,
+) -> str | None:
     """Cancel the job's pipeline run if one is going; returns the run's id when there was one."""
-    job = _valid_job(body)
-    if job is None:
+    settings = backends.settings
+    if body.get("kind") == "QuantizeJob":
+        request = _quantize_request(body, settings, lookup or (lambda _ns, _name: None), base_dir)
+    else:
+        request = _finetune_request(body, settings, base_dir)
+    if request is None:
         return None
-    request = build_request(job, backends.settings, base_dir)
     backend = backends.get(request.config["spec"]["executor"])
     run = backend.find(request.key)
     if run is None or run.finished:
         return None
     backend.cancel(request.key)
     return run.id
+
+
+def cancel_finetune(body: dict[str, Any], backends: Backends, *, base_dir: Path | None = None) -> str | None:
+    return cancel_job(body, backends, base_dir=base_dir)

@@ -46,6 +46,9 @@ class WorkspaceReport:
     gates: list[dict[str, Any]] | None = None
     output: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    measured_before: dict[str, Any] | None = None
+    measured_after: dict[str, Any] | None = None
+    quantize_report: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, workspace: str) -> WorkspaceReport:
@@ -57,4 +60,7 @@ class WorkspaceReport:
             gates=read_report(workspace, "gates.json"),
             output=read_report(workspace, "output.json"),
             error=read_report(workspace, "error.json"),
+            measured_before=read_report(workspace, "report/before.json"),
+            measured_after=read_report(workspace, "report/after.json"),
+            quantize_report=read_report(workspace, "report.json"),
         )

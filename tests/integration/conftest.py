@@ -130,9 +130,11 @@ FINETUNEJOBS = ResourceSpec(
 )
 
 # Adding a CRD to every integration test is one line here, e.g.:
-#   ResourceSpec(KUBETUNE_GROUP, KUBETUNE_VERSION, "quantizejobs", "QuantizeJob"),
 #   ResourceSpec(KUBETUNE_GROUP, KUBETUNE_VERSION, "modeldeployments", "ModelDeployment"),
-KUBETUNE_RESOURCES: tuple[ResourceSpec, ...] = (FINETUNEJOBS,)
+QUANTIZEJOBS = ResourceSpec(
+    KUBETUNE_GROUP, KUBETUNE_VERSION, "quantizejobs", "QuantizeJob", shortnames=frozenset({"qj"})
+)
+KUBETUNE_RESOURCES: tuple[ResourceSpec, ...] = (FINETUNEJOBS, QUANTIZEJOBS)
 
 BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (
     # Kopf's backbone: it waits for namespaces & CRDs to be discoverable, posts v1 events.

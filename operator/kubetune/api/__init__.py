@@ -2,5 +2,16 @@
 
 from kubetune.api.common import API_VERSION, GROUP, VERSION
 from kubetune.api.finetune import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
+from kubetune.api.quantize import QuantizeJob, QuantizeJobSpec, QuantizeJobStatus
 
-__all__ = ["API_VERSION", "GROUP", "VERSION", "FineTuneJob", "FineTuneJobSpec", "FineTuneJobStatus"]
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "VERSION",
+    "FineTuneJob",
+    "FineTuneJobSpec",
+    "FineTuneJobStatus",
+    "QuantizeJob",
+    "QuantizeJobSpec",
+    "QuantizeJobStatus",
+]

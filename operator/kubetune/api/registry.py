@@ -6,19 +6,19 @@ cross-field checks of the pydantic validators. ``kubetune.api.crd`` turns each d
 CustomResourceDefinition; ``kubetune.api.validation`` uses it to route documents to their model; the CLI
 resolves ``kubetune get ftj`` through :func:`get_definition`.
 
-Adding a kind (e.g. QuantizeJob): write its models next to ``finetune.py``, add a definition to
+Adding a kind (e.g. ModelDeployment): write its models next to ``finetune.py``, add a definition to
 :func:`_builtin_definitions`, run ``kubetune crds --out-dir manifests/crds`` and commit the new file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel
 
-from kubetune.api import finetune
+from kubetune.api import finetune, quantize
 from kubetune.api.common import GROUP, VERSION
 
 ColumnType = Literal["string", "integer", "number", "boolean", "date"]
@@ -242,8 +242,139 @@ FINETUNEJOB = ResourceDefinition(
 )
 
 
+def _quantize_block_rules() -> tuple[CelRule, ...]:
+    """Mirror ``QuantizeMethod._own_block_only``: only the block named by ``type`` may be set.
+
+    Methods without options (``int8-weight-only``, ``int8-dynamic``) own no block, so every block is refused.
+    """
+    return tuple(
+        CelRule(
+            "spec.method",
+            f'!has(self.{block}) || self.type == "{method_type}"',
+            f"method.{block} may only be set when method.type is {method_type}",
+        )
+        for method_type, block in quantize.METHOD_BLOCKS.items()
+        if block is not None
+    )
+
+
+def _cel_list(values: Set[str]) -> str:
+    return "[" + ", ".join(f'"{v}"' for v in sorted(values)) + "]"
+
+
+def _target_in(allowed: Set[str]) -> str:
+    """CEL: ``self.target`` is one of ``allowed`` (``spec`` is ``self``; ``target`` has a default)."""
+    if len(allowed) == 1:
+        return f'self.target == "{next(iter(allowed))}"'
+    return f"self.target in {_cel_list(allowed)}"
+
+
+def _refused(allowed: Set[str]) -> str:
+    """The targets outside ``allowed``, for messages: ``cpu`` or ``cpu or tpu``."""
+    return " or ".join(sorted(set(get_args(quantize.Target)) - set(allowed)))
+
+
+def _quantize_target_rules(
+    supported: Mapping[str, Set[str]] = quantize.SUPPORTED_TARGETS,
+) -> tuple[CelRule, ...]:
+    """Mirror ``QuantizeJobSpec._target_supported``: unsupported method/target pairs, naming both.
+
+    One rule per method that does not run on every target (none today), plus the finer GPU-only options:
+    2:4 semi-structured pruning and fp16 mixed precision. Messages repeat the pydantic ones.
+    """
+    every_target = set(get_args(quantize.Target))
+    rules = [
+        CelRule(
+            "spec",
+            f'self.method.type != "{method}" || {_target_in(targets)}',
+            f"method {method} does not support target {_refused(targets)}",
+        )
+        for method, targets in supported.items()
+        if set(targets) != every_target
+    ]
+    semi = quantize.SEMI_STRUCTURED_TARGETS
+    fp16 = quantize.FP16_TARGETS
+    rules += [
+        CelRule(
+            "spec",
+            f'!(has(self.method.pruning) && self.method.pruning.pattern == "2:4") || {_target_in(semi)}',
+            f"pruning pattern 2:4 does not support target {_refused(semi)} (GPU only)",
+        ),
+        CelRule(
+            "spec",
+            f'!(has(self.method.mixedPrecision) && self.method.mixedPrecision.dtype == "fp16") || '
+            f"{_target_in(fp16)}",
+            f"mixed-precision fp16 does not support target {_refused(fp16)}; use bf16",
+        ),
+    ]
+    return tuple(rules)
+
+
+QUANTIZEJOB = ResourceDefinition(
+    kind=quantize.KIND,
+    plural=quantize.PLURAL,
+    singular=quantize.KIND.lower(),
+    short_names=tuple(quantize.SHORT_NAMES),
+    model=quantize.QuantizeJob,
+    spec_model=quantize.QuantizeJobSpec,
+    status_model=quantize.QuantizeJobStatus,
+    description=(
+        "QuantizeJob shrinks a model (a FineTuneJob's published output, or any model URI) for a CPU or "
+        "GPU target: int8 or int4 weight-only or int8 dynamic quantization, quantization-aware "
+        "training, pruning or mixed precision. It measures size, latency and quality before and after, "
+        "and publishes the result if every gate passes. The spec is immutable: to change a run, create "
+        "a new QuantizeJob."
+    ),
+    printer_columns=(
+        PrinterColumn(
+            "Status", ".status.phase", description="Pending, Running, Succeeded or Failed (status.phase)."
+        ),
+        PrinterColumn("Method", ".spec.method.type", description="Quantization method."),
+        PrinterColumn("Target", ".spec.target", description="Where the model will be served (cpu or gpu)."),
+        PrinterColumn(
+            "Size Ratio", ".status.report.sizeRatio", "number", "Size of the result / size of the source."
+        ),
+        PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
+        PrinterColumn(
+            "Source",
+            ".status.source.uri",
+            description="The model being shrunk, as resolved (a FineTuneJob's output or spec.model.uri).",
+            priority=1,
+        ),
+        PrinterColumn(
+            "Output", ".status.output.uri", description="Where the shrunk model was published.", priority=1
+        ),
+        PrinterColumn(
+            "Reason",
+            '.status.conditions[?(@.type=="Succeeded")].reason',
+            description="Why the job is in its phase (reason of the Succeeded condition).",
+            priority=1,
+        ),
+    ),
+    rules=(
+        CelRule("", "self.metadata.name.size() <= 63", "metadata.name must be at most 63 characters"),
+        CelRule(
+            "spec.model",
+            "has(self.fineTuneJobRef) != has(self.uri)",
+            "set exactly one of fineTuneJobRef and uri",
+        ),
+        *_quantize_block_rules(),
+        *_quantize_target_rules(),
+        CelRule(
+            "spec",
+            'self.method.type != "qat" || has(self.dataset) || has(self.model.fineTuneJobRef)',
+            "qat trains: set dataset (or take the model from a fineTuneJobRef)",
+        ),
+        CelRule(
+            "spec.dataset.curation", "self.minTokens <= self.maxTokens", "minTokens must not exceed maxTokens"
+        ),
+        CelRule("spec.evaluation.gates[*]", "has(self.min) || has(self.max)", "a gate needs min or max"),
+    ),
+)
+
+
 def _builtin_definitions() -> tuple[ResourceDefinition, ...]:
-    return (FINETUNEJOB,)
+    return (FINETUNEJOB, QUANTIZEJOB)
 
 
 REGISTRY = ResourceRegistry()

@@ -15,14 +15,28 @@ from typing import Any, TextIO
 from kubetune.api.registry import get_definition
 from kubetune.api.validation import read_manifests, validate_paths
 from kubetune.config import OperatorConfig
-from kubetune.controller import Backends, reconcile_finetune
+from kubetune.controller import Backends, reconcile_finetune, reconcile_quantize
 from kubetune.local.store import ApplyError, LocalStore
-from kubetune.plan.finetune import Decision, is_finished
+from kubetune.plan.lifecycle import Decision, is_finished
 
-Reconciler = Callable[[dict[str, Any], Backends, Path], Decision]
+Reconciler = Callable[[dict[str, Any], Backends, Path, LocalStore], Decision]
 
+
+def _reconcile_quantize(
+    body: dict[str, Any], backends: Backends, base_dir: Path, store: LocalStore
+) -> Decision:
+    def lookup(namespace: str, name: str) -> dict[str, Any] | None:
+        return store.get("finetunejobs", name, namespace)
+
+    return reconcile_quantize(body, backends, lookup, base_dir=base_dir)
+
+
+# In dependency order: a QuantizeJob sees the FineTuneJob it waits for updated in the same pass.
 RECONCILERS: dict[str, Reconciler] = {
-    "finetunejobs": lambda body, backends, base_dir: reconcile_finetune(body, backends, base_dir=base_dir),
+    "finetunejobs": lambda body, backends, base_dir, _store: reconcile_finetune(
+        body, backends, base_dir=base_dir
+    ),
+    "quantizejobs": _reconcile_quantize,
 }
 
 
@@ -112,7 +126,7 @@ def reconcile_until_done(
             generation = obj["metadata"].get("generation")
             if is_finished(obj.get("status"), generation):
                 continue
-            decision = RECONCILERS[plural](obj, backends, base_dir)
+            decision = RECONCILERS[plural](obj, backends, base_dir, store)
             obj = store.update_status(plural, obj, decision.status)
             key = f"{plural}/{obj['metadata']['namespace']}/{obj['metadata']['name']}"
             signature = progress_signature(obj)

@@ -9,8 +9,8 @@ import kopf
 
 from kubetune.api.common import GROUP, VERSION
 from kubetune.config import OperatorConfig
-from kubetune.controller import Backends, cancel_finetune, reconcile_finetune
-from kubetune.plan.finetune import is_finished
+from kubetune.controller import Backends, cancel_job, reconcile_finetune, reconcile_quantize
+from kubetune.plan.lifecycle import Decision, is_finished
 
 FINALIZER = "kubetune.dev/finalizer"
 _INTERVAL_S = OperatorConfig.from_env().reconcile_interval_s
@@ -39,19 +39,47 @@ def _backends(memo: kopf.Memo) -> Backends:
     return backends
 
 
-@kopf.timer(GROUP, VERSION, "finetunejobs", interval=_INTERVAL_S, initial_delay=0, when=_unfinished)
-def reconcile_finetunejob(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    decision = reconcile_finetune(dict(body), _backends(memo))
+@kopf.index(GROUP, VERSION, "finetunejobs")
+def finetunejobs_by_name(
+    namespace: str | None, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any
+) -> dict[tuple[str | None, str], dict[str, Any]]:
+    """FineTuneJobs by (namespace, name), for QuantizeJobs that take their output."""
+    return {(namespace, name): {"spec": dict(spec), "status": dict(status)}}
+
+
+def _lookup(index: kopf.Index[tuple[str, str], dict[str, Any]]) -> Any:
+    def lookup(namespace: str, name: str) -> dict[str, Any] | None:
+        for value in index.get((namespace, name), []):
+            return value
+        return None
+
+    return lookup
+
+
+def _write(decision: Decision, body: kopf.Body, patch: kopf.Patch) -> None:
     current = dict(body.get("status") or {})
-    changed = {key: value for key, value in decision.status.items() if current.get(key) != value}
-    for key, value in changed.items():
-        patch.status[key] = value
+    for key, value in decision.status.items():
+        if current.get(key) != value:
+            patch.status[key] = value
     for event in decision.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1000])
 
 
+@kopf.timer(GROUP, VERSION, "finetunejobs", interval=_INTERVAL_S, initial_delay=0, when=_unfinished)
+def reconcile_finetunejob(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    _write(reconcile_finetune(dict(body), _backends(memo)), body, patch)
+
+
+@kopf.timer(GROUP, VERSION, "quantizejobs", interval=_INTERVAL_S, initial_delay=0, when=_unfinished)
+def reconcile_quantizejob(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **kwargs: Any) -> None:
+    # Kopf passes indexes as keyword arguments named after the index function.
+    lookup = _lookup(kwargs["finetunejobs_by_name"])
+    _write(reconcile_quantize(dict(body), _backends(memo), lookup), body, patch)
+
+
 @kopf.on.delete(GROUP, VERSION, "finetunejobs")
-def cancel_finetunejob(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    run_id = cancel_finetune(dict(body), _backends(memo))
+@kopf.on.delete(GROUP, VERSION, "quantizejobs")
+def cancel_pipeline_run(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any) -> None:
+    run_id = cancel_job(dict(body), _backends(memo), lookup=_lookup(kwargs["finetunejobs_by_name"]))
     if run_id is not None:
         logger.info("cancelled pipeline run %s", run_id)

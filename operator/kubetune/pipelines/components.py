@@ -59,11 +59,67 @@ def publish_model(config_json: str, workspace: str) -> str:
     return json.dumps(report, sort_keys=True)
 
 
+def measure_source_model(config_json: str, workspace: str) -> str:
+    """Size, latency per generated token and held-out quality of the model before quantization."""
+    import json
+
+    from kubetune_components.quantize_steps import run_quantize_step
+
+    from kubetune_components.storage import resolve_local_path
+
+    report = run_quantize_step("measure-source", json.loads(config_json), str(resolve_local_path(workspace)))
+    return json.dumps(report, sort_keys=True)
+
+
+def quantize_model(config_json: str, workspace: str) -> str:
+    """Apply the job's method (PTQ, QAT, pruning or mixed precision) and save the result."""
+    import json
+
+    from kubetune_components.quantize_steps import run_quantize_step
+
+    from kubetune_components.storage import resolve_local_path
+
+    report = run_quantize_step("quantize", json.loads(config_json), str(resolve_local_path(workspace)))
+    return json.dumps(report, sort_keys=True)
+
+
+def measure_quantized_model(config_json: str, workspace: str) -> str:
+    """The same measurements on the quantized model, reloaded the way serving loads it."""
+    import json
+
+    from kubetune_components.quantize_steps import run_quantize_step
+
+    from kubetune_components.storage import resolve_local_path
+
+    report = run_quantize_step(
+        "measure-quantized", json.loads(config_json), str(resolve_local_path(workspace))
+    )
+    return json.dumps(report, sort_keys=True)
+
+
+def publish_quantized_model(config_json: str, workspace: str) -> str:
+    """Check the quality gates; publish the quantized model with its lineage only if all pass."""
+    import json
+
+    from kubetune_components.quantize_steps import run_quantize_step
+
+    from kubetune_components.storage import resolve_local_path
+
+    report = run_quantize_step(
+        "publish-quantized", json.loads(config_json), str(resolve_local_path(workspace))
+    )
+    return json.dumps(report, sort_keys=True)
+
+
 STEP_FUNCTIONS = {
     "curate-dataset": curate_dataset,
     "evaluate-model": evaluate_model,
     "finetune-model": finetune_model,
     "publish-model": publish_model,
+    "measure-source-model": measure_source_model,
+    "quantize-model": quantize_model,
+    "measure-quantized-model": measure_quantized_model,
+    "publish-quantized-model": publish_quantized_model,
 }
 
 

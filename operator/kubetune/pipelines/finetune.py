@@ -20,7 +20,7 @@ class PipelineOptions:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-def _on_cluster(task: Any, options: PipelineOptions, display_name: str) -> Any:
+def on_cluster(task: Any, options: PipelineOptions, display_name: str) -> Any:
     task.set_display_name(display_name)
     task.set_caching_options(False)  # steps read and write the run's workspace: never skip one
     for claim in options.pvc_claims:
@@ -48,20 +48,20 @@ def build_finetune_pipeline(options: PipelineOptions, name: str = "kubetune-fine
         "evaluate the tuned model, and publish it only if every evaluation gate passes.",
     )
     def finetune_pipeline(config_json: str, workspace: str) -> None:
-        curate = _on_cluster(curate_op(config_json=config_json, workspace=workspace), options, "curate")
-        baseline = _on_cluster(
+        curate = on_cluster(curate_op(config_json=config_json, workspace=workspace), options, "curate")
+        baseline = on_cluster(
             evaluate_op(config_json=config_json, workspace=workspace, which="baseline"),
             options,
             "evaluate-baseline",
         ).after(curate)
-        train = _on_cluster(finetune_op(config_json=config_json, workspace=workspace), options, "finetune")
+        train = on_cluster(finetune_op(config_json=config_json, workspace=workspace), options, "finetune")
         train.after(curate)
-        final = _on_cluster(
+        final = on_cluster(
             evaluate_op(config_json=config_json, workspace=workspace, which="final"),
             options,
             "evaluate-final",
         ).after(train)
-        _on_cluster(publish_op(config_json=config_json, workspace=workspace), options, "publish").after(
+        on_cluster(publish_op(config_json=config_json, workspace=workspace), options, "publish").after(
             final, baseline
         )
 

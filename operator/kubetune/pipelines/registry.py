@@ -3,6 +3,7 @@
 from typing import Any
 
 from kubetune.pipelines.finetune import PipelineOptions, build_finetune_pipeline
+from kubetune.pipelines.quantize import build_quantize_pipeline
 
 
 def options_from_dict(raw: dict[str, Any]) -> PipelineOptions:
@@ -18,4 +19,6 @@ def options_from_dict(raw: dict[str, Any]) -> PipelineOptions:
 def build_pipeline(kind: str, options: PipelineOptions) -> Any:
     if kind == "FineTuneJob":
         return build_finetune_pipeline(options)
+    if kind == "QuantizeJob":
+        return build_quantize_pipeline(options)
     raise ValueError(f"no pipeline for kind {kind!r}")

@@ -466,8 +466,11 @@ def test_registry_lookup(name: str) -> None:
 def test_registry_unknown_and_clashes() -> None:
     assert find_definition("pods") is None
     assert find_definition("finetunejobs.example.com") is None
-    with pytest.raises(UnknownResource, match="unknown resource 'qj'; kubetune serves: FineTuneJob"):
-        get_definition("qj")
+    serves = ", ".join(f"{d.kind} ({', '.join((*d.short_names, d.plural))})" for d in all_definitions())
+    assert serves.startswith("FineTuneJob (ftj, finetunejobs)")
+    with pytest.raises(UnknownResource) as caught:
+        get_definition("tj")
+    assert str(caught.value) == f"unknown resource 'tj'; kubetune serves: {serves}"
     registry = ResourceRegistry()
     registry.register(FINETUNEJOB)
     clash = copy.copy(FINETUNEJOB)

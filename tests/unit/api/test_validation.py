@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from kubetune.api.finetune import FineTuneJob, LoraOptions
+from kubetune.api.registry import all_definitions
 from kubetune.api.validation import (
     ResourceInvalid,
     ValidationIssue,
@@ -157,12 +158,13 @@ def test_metadata_and_kind() -> None:
         "FineTuneJob/Tiny_SQL: metadata.name: must be lower case letters, digits, '-' or '.', "
         "and start and end with a letter or digit"
     ]
-    assert messages(edit("kind", "QuantiseJob")) == [
-        'QuantiseJob/demo: kind: unknown kind "QuantiseJob" in kubetune.dev; known kinds: FineTuneJob'
+    known = ", ".join(d.kind for d in all_definitions())  # FineTuneJob, QuantizeJob, ...
+    assert messages(edit("kind", "TrainJob")) == [
+        f'TrainJob/demo: kind: unknown kind "TrainJob" in kubetune.dev; known kinds: {known}'
     ]
     assert messages(edit("kind", "finetunejob")) == [
         'finetunejob/demo: kind: unknown kind "finetunejob" in kubetune.dev (did you mean FineTuneJob?); '
-        "known kinds: FineTuneJob"
+        f"known kinds: {known}"
     ]
     assert messages(edit("apiVersion", "kubetune.dev/v1")) == [
         'FineTuneJob/demo: apiVersion: unsupported version "kubetune.dev/v1"; use kubetune.dev/v1alpha1'

@@ -1,0 +1,188 @@
+"""Planning for QuantizeJob: wait for the source FineTuneJob, then run the quantize pipeline.
+
+Pure functions, no I/O: the caller passes in how to look a FineTuneJob up (a Kopf index on a
+cluster, the local store in `kubetune up`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from kubetune.api.quantize import QuantizeJob
+from kubetune.api.validation import parse_resource
+from kubetune.backends.base import RunRequest
+from kubetune.config import OperatorConfig
+from kubetune.plan.conditions import find_condition
+from kubetune.plan.lifecycle import (
+    Decision,
+    Hold,
+    JobKind,
+    Observed,
+    absolute,
+    finite_number,
+    gate_status,
+    job_request,
+    plan_job,
+    resource_config,
+)
+from kubetune.workspace import WorkspaceReport
+
+FineTuneJobLookup = Callable[[str, str], dict[str, Any] | None]
+
+
+def source_job(job: QuantizeJob, lookup: FineTuneJobLookup) -> tuple[dict[str, Any] | None, Hold | None]:
+    ref = job.spec.model.fine_tune_job_ref
+    if ref is None:
+        return None, None
+    source = lookup(job.metadata.namespace, ref.name)
+    if source is None:
+        return None, Hold("Unknown", "WaitingForSource", f"FineTuneJob/{ref.name} does not exist (yet)")
+    status = source.get("status") or {}
+    condition = find_condition(status.get("conditions") or [], "Succeeded") or {}
+    if condition.get("status") == "False":
+        why = f"{condition.get('reason', 'Failed')}: {condition.get('message', '')}".rstrip(": ")
+        return source, Hold("False", "SourceFailed", f"FineTuneJob/{ref.name} failed ({why})")
+    if condition.get("status") != "True":
+        phase = status.get("phase") or "Pending"
+        return source, Hold(
+            "Unknown", "WaitingForSource", f"waiting for FineTuneJob/{ref.name} to succeed ({phase})"
+        )
+    if not (status.get("output") or {}).get("uri"):
+        return source, Hold(
+            "False", "SourceFailed", f"FineTuneJob/{ref.name} succeeded but published no output"
+        )
+    return source, None
+
+
+def resolve_config(
+    job: QuantizeJob, source: dict[str, Any] | None, settings: OperatorConfig, base_dir: Path | None
+) -> dict[str, Any]:
+    spec = job.spec.to_wire()
+    if source is not None:
+        spec["model"]["uri"] = source["status"]["output"]["uri"]
+        if spec.get("dataset") is None and source.get("spec", {}).get("dataset"):
+            # The fine-tune's own held-out split: quality before and after is measured where it was.
+            spec["dataset"] = dict(source["spec"]["dataset"])
+    spec["model"]["uri"] = absolute(spec["model"]["uri"], base_dir)
+    if spec.get("dataset"):
+        spec["dataset"]["uri"] = absolute(spec["dataset"]["uri"], base_dir)
+        if spec["dataset"].get("validationUri"):
+            spec["dataset"]["validationUri"] = absolute(spec["dataset"]["validationUri"], base_dir)
+    spec["output"]["uri"] = absolute(spec["output"].get("uri") or settings.artifact_store, base_dir)
+    spec["executor"] = spec.get("executor") or settings.default_executor
+    return resource_config(job, spec)
+
+
+def build_request(
+    job: QuantizeJob, source: dict[str, Any] | None, settings: OperatorConfig, base_dir: Path | None = None
+) -> RunRequest:
+    config = resolve_config(job, source, settings, base_dir)
+    spec = config["spec"]
+    uris = [spec["model"]["uri"], spec["output"]["uri"]]
+    if spec.get("dataset"):
+        uris.append(spec["dataset"]["uri"])
+    return job_request(job, config, settings, base_dir, uris=uris, token=job.spec.model.token_secret_ref)
+
+
+def _quality(measured: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not measured:
+        return None
+    values = {
+        "perplexity": finite_number(measured.get("perplexity")),
+        "exactMatch": finite_number(measured.get("exactMatch")),
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def fill_status(status: dict[str, Any], report: WorkspaceReport, finished_ok: bool) -> None:
+    final = report.quantize_report or {}
+    before, after = report.measured_before or {}, report.measured_after or {}
+    size_before = final.get("sizeBytes", {}).get("before", before.get("sizeBytes"))
+    size_after = final.get("sizeBytes", {}).get("after", after.get("sizeBytes"))
+    summary: dict[str, Any] = {}
+    if size_before is not None or size_after is not None:
+        summary["sizeBytes"] = {
+            k: v for k, v in (("before", size_before), ("after", size_after)) if v is not None
+        }
+    ratio = finite_number(final.get("sizeRatio"))
+    if ratio is None and size_before and size_after:
+        ratio = size_after / size_before
+    if ratio is not None:
+        summary["sizeRatio"] = round(ratio, 4)
+    latency = {
+        k: v
+        for k, v in (
+            ("before", finite_number(before.get("secondsPerToken"))),
+            ("after", finite_number(after.get("secondsPerToken"))),
+        )
+        if v is not None
+    }
+    if latency:
+        summary["latency"] = latency
+    quality = {k: v for k, v in (("before", _quality(before)), ("after", _quality(after))) if v}
+    if quality:
+        summary["quality"] = quality
+    if report.gates:
+        summary["gates"] = gate_status(report.gates)
+    if summary:
+        status["report"] = summary
+
+
+def success_message(status: dict[str, Any]) -> str:
+    report = status.get("report") or {}
+    parts = []
+    if report.get("sizeRatio") is not None:
+        parts.append(f"size ratio {report['sizeRatio']:.3f}")
+    quality = report.get("quality") or {}
+    before, after = quality.get("before", {}), quality.get("after", {})
+    if before.get("perplexity") and after.get("perplexity"):
+        parts.append(f"perplexity {100 * (after['perplexity'] / before['perplexity'] - 1):+.2f}%")
+    detail = f" ({', '.join(parts)})" if parts else ""
+    return f"published {status.get('output', {}).get('uri', '')}{detail}"
+
+
+def quantize_kind(
+    settings: OperatorConfig, lookup: FineTuneJobLookup, base_dir: Path | None = None
+) -> JobKind:
+    def parse(body: dict[str, Any]) -> BaseModel:
+        return parse_resource(body, QuantizeJob)
+
+    def hold(job: BaseModel) -> Hold | None:
+        assert isinstance(job, QuantizeJob)
+        return source_job(job, lookup)[1]
+
+    def request_for(job: BaseModel) -> RunRequest:
+        assert isinstance(job, QuantizeJob)
+        return build_request(job, source_job(job, lookup)[0], settings, base_dir)
+
+    def extra_status(job: BaseModel) -> dict[str, Any]:
+        assert isinstance(job, QuantizeJob)
+        source = {"uri": request_for(job).config["spec"]["model"]["uri"]}
+        if job.spec.model.fine_tune_job_ref is not None:
+            source["fineTuneJob"] = job.spec.model.fine_tune_job_ref.name
+        return {"source": source}
+
+    return JobKind(
+        parse=parse,
+        request_for=request_for,
+        fill_status=fill_status,
+        success_message=success_message,
+        hold=hold,
+        extra_status=extra_status,
+    )
+
+
+def plan_quantize(
+    body: dict[str, Any],
+    observed: Observed,
+    settings: OperatorConfig,
+    now: str,
+    lookup: FineTuneJobLookup,
+    base_dir: Path | None = None,
+) -> Decision:
+    """Decide the next step for one QuantizeJob."""
+    return plan_job(quantize_kind(settings, lookup, base_dir), body, observed, settings, now)
