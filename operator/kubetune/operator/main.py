@@ -24,7 +24,7 @@ def run_operator(namespaces: list[str], liveness_port: int | None = 8080, verbos
             clusterwide=not namespaces,
             namespaces=namespaces,
             liveness_endpoint=liveness,
-            standalone=False,
+            standalone=True,  # one replica (Recreate); no KopfPeering CRD or its RBAC needed
         )
     )
     return 0
