@@ -116,8 +116,8 @@ def fill_status(status: dict[str, Any], report: WorkspaceReport, finished_ok: bo
     latency = {
         k: v
         for k, v in (
-            ("before", finite_number(before.get("secondsPerToken"))),
-            ("after", finite_number(after.get("secondsPerToken"))),
+            ("before", finite_number(before.get("latencySecondsPerToken"))),
+            ("after", finite_number(after.get("latencySecondsPerToken"))),
         )
         if v is not None
     }

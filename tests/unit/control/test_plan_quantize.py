@@ -87,8 +87,18 @@ def test_submits_with_the_published_model_and_the_finetune_dataset(settings: Ope
 
 def test_report_and_success_message(settings: OperatorConfig) -> None:
     report = WorkspaceReport(
-        measured_before={"sizeBytes": 4000, "secondsPerToken": 0.01, "perplexity": 2.0, "exactMatch": 1.0},
-        measured_after={"sizeBytes": 1100, "secondsPerToken": 0.02, "perplexity": 2.01, "exactMatch": 1.0},
+        measured_before={
+            "sizeBytes": 4000,
+            "latencySecondsPerToken": 0.01,
+            "perplexity": 2.0,
+            "exactMatch": 1.0,
+        },
+        measured_after={
+            "sizeBytes": 1100,
+            "latencySecondsPerToken": 0.02,
+            "perplexity": 2.01,
+            "exactMatch": 1.0,
+        },
         gates=[
             {"metric": "perplexityIncrease", "op": "max", "threshold": 0.05, "value": 0.005, "passed": True}
         ],

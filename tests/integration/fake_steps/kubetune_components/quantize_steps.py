@@ -16,9 +16,15 @@ def run_quantize_step(name: str, config: dict[str, Any], workspace: str) -> dict
     with (ws / "starts.log").open("a") as log:
         log.write(f"{name} {config['spec']['model']['uri']}\n")
     if name == "measure-source":
-        _write(ws / "report" / "before.json", {"sizeBytes": 4000, "secondsPerToken": 0.01, "perplexity": 2.0})
+        _write(
+            ws / "report" / "before.json",
+            {"sizeBytes": 4000, "latencySecondsPerToken": 0.01, "perplexity": 2.0},
+        )
     if name == "measure-quantized":
-        _write(ws / "report" / "after.json", {"sizeBytes": 1000, "secondsPerToken": 0.01, "perplexity": 2.02})
+        _write(
+            ws / "report" / "after.json",
+            {"sizeBytes": 1000, "latencySecondsPerToken": 0.01, "perplexity": 2.02},
+        )
     if name == "publish-quantized":
         _write(ws / "output.json", {"uri": str(ws / "published"), "version": "v1"})
     return {"step": name}
