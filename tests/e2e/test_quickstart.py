@@ -1,4 +1,4 @@
-"""The README's quickstart, end to end in local mode, with the real components and the tiny base."""
+"""The README's quickstart (fine-tune, then quantize), end to end in local mode, real components."""
 
 from __future__ import annotations
 
@@ -45,9 +45,22 @@ def test_quickstart_finetune_beats_the_base_model(project: Path, kubetune: Kubet
     for name, digest in manifest["artifact"]["files"].items():
         assert hashlib.sha256((published / name).read_bytes()).hexdigest() == digest
 
+    quantized = json.loads(kubetune("get", "qj", "support-router-int8", "-o", "json").stdout)
+    report = quantized["status"]["report"]
+    assert succeeded(quantized)["reason"] == "Completed", quantized["status"]
+    assert quantized["status"]["source"]["uri"] == status["output"]["uri"]
+    assert report["sizeRatio"] < 0.5 and all(gate["passed"] for gate in report["gates"])
+    assert report["quality"]["after"]["exactMatch"] >= report["quality"]["before"]["exactMatch"] - 0.05
+    quantized_manifest = json.loads(
+        (Path(quantized["status"]["output"]["uri"]) / "kubetune-manifest.json").read_text()
+    )
+    assert quantized_manifest["kind"] == "QuantizeJob"
+    assert quantized_manifest["parent"]["resource"]["uid"] == obj["metadata"]["uid"]  # lineage chain
+
     table = kubetune("get", "ftj").stdout.splitlines()
     assert table[0].split() == ["NAME", "STATUS", "PROGRESS", "%", "BASE", "MODEL", "AGE"]
     assert table[1].split()[:3] == ["support-router", "Succeeded", "100"]
 
     again = kubetune("up", "-f", "examples/quickstart/")
     assert "finetunejob/support-router unchanged" in again.stdout
+    assert "quantizejob/support-router-int8 unchanged" in again.stdout

@@ -87,12 +87,48 @@ def evaluation_summary(obj: dict[str, Any]) -> list[str]:
             lines.append(
                 f"  {metric:<12} {'' if b is None else f'{b:.4f}':>10} {'' if f is None else f'{f:.4f}':>10}"
             )
-    for gate in evaluation.get("gates", []):
-        verdict = "passed" if gate.get("passed") else "FAILED"
-        lines.append(
-            f"  gate {gate['metric']} {gate['op']} {gate['threshold']}: {gate.get('value')} {verdict}"
-        )
-    return lines
+    return lines + gate_lines(evaluation.get("gates", []))
+
+
+def _number(value: Any, fmt: str = ".4g") -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def gate_lines(gates: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"  gate {gate['metric']} {gate['op']} {_number(gate.get('threshold'))}: "
+        f"{_number(gate.get('value')) or 'n/a'} {'passed' if gate.get('passed') else 'FAILED'}"
+        for gate in gates
+    ]
+
+
+def report_summary(obj: dict[str, Any]) -> list[str]:
+    """A QuantizeJob's before/after report, as `kubetune up` prints it when the job ends."""
+    report = (obj.get("status") or {}).get("report") or {}
+    if not report:
+        return []
+    size, latency = report.get("sizeBytes") or {}, report.get("latency") or {}
+    quality = report.get("quality") or {}
+    before, after = quality.get("before") or {}, quality.get("after") or {}
+    rows = [
+        (
+            "size MB",
+            _number(size.get("before") and size["before"] / 1e6, ".3f"),
+            _number(size.get("after") and size["after"] / 1e6, ".3f"),
+        ),
+        (
+            "ms/token",
+            _number(latency.get("before") and latency["before"] * 1e3, ".3f"),
+            _number(latency.get("after") and latency["after"] * 1e3, ".3f"),
+        ),
+        ("perplexity", _number(before.get("perplexity"), ".4f"), _number(after.get("perplexity"), ".4f")),
+        ("exactMatch", _number(before.get("exactMatch"), ".4f"), _number(after.get("exactMatch"), ".4f")),
+    ]
+    lines = [f"  {'':<12} {'before':>10} {'after':>10}"]
+    lines += [f"  {name:<12} {b:>10} {a:>10}" for name, b, a in rows if b or a]
+    if report.get("sizeRatio") is not None:
+        lines.append(f"  size ratio {report['sizeRatio']:.3f}")
+    return lines + gate_lines(report.get("gates", []))
 
 
 def apply_paths(paths: list[Path], store: LocalStore, out: TextIO) -> list[tuple[str, dict[str, Any]]] | None:
@@ -134,7 +170,7 @@ def reconcile_until_done(
                 print(describe_line(obj), file=out, flush=True)
                 shown[key] = signature
             if decision.finished:
-                for summary in evaluation_summary(obj):
+                for summary in evaluation_summary(obj) + report_summary(obj):
                     print(summary, file=out)
             else:
                 pending = True
