@@ -17,7 +17,7 @@ from kubetune.api.common import (
     RatioString,
     SecretKeyRef,
 )
-from kubetune.api.finetune import Dataset
+from kubetune.api.finetune import Dataset, Progress
 
 KIND = "QuantizeJob"
 PLURAL = "quantizejobs"
@@ -281,6 +281,7 @@ class QuantizeJobStatus(KubeModel):
     phase: str | None = Field(default=None, description="Short summary for printer columns.")
     start_time: str | None = None
     completion_time: str | None = None
+    progress: Progress | None = Field(default=None, description="QAT training steps, when the method trains.")
     source: ResolvedSource | None = Field(default=None, description="The model being shrunk, as resolved.")
     report: QuantizeReport | None = Field(
         default=None, description="Size, latency and quality before and after, and the gate results."

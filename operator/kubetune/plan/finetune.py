@@ -26,6 +26,7 @@ from kubetune.plan.lifecycle import (
     is_finished,
     job_request,
     plan_job,
+    progress_status,
     resource_config,
 )
 from kubetune.workspace import WorkspaceReport
@@ -67,21 +68,8 @@ def _eval_status(report: dict[str, Any] | None) -> dict[str, Any] | None:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def _progress_status(progress: dict[str, Any] | None, finished_ok: bool) -> dict[str, Any]:
-    progress = progress or {}
-    step = int(progress.get("step") or 0)
-    total = int(progress.get("totalSteps") or 0)
-    percent = 100 if finished_ok else (min(99, int(100 * step / total)) if total else 0)
-    return {
-        "step": step,
-        "totalSteps": total,
-        "epoch": round(float(progress.get("epoch") or 0.0), 3),
-        "percent": percent,
-    }
-
-
 def fill_status(status: dict[str, Any], report: WorkspaceReport, finished_ok: bool) -> None:
-    status["progress"] = _progress_status(report.progress, finished_ok)
+    status["progress"] = progress_status(report.progress, finished_ok)
     if report.progress:
         metrics = {
             "trainLoss": finite_number(report.progress.get("trainLoss")),
@@ -128,5 +116,5 @@ def plan_finetune(
     """Decide the next step for one FineTuneJob. Never raises for a bad spec: it reports it."""
     decision = plan_job(finetune_kind(settings, base_dir), body, observed, settings, now)
     if decision.action == "submit":
-        decision.status["progress"] = _progress_status(None, False)
+        decision.status["progress"] = progress_status(None, False)
     return decision

@@ -160,6 +160,19 @@ def finite_number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def progress_status(progress: dict[str, Any] | None, finished_ok: bool) -> dict[str, Any]:
+    progress = progress or {}
+    step = int(progress.get("step") or 0)
+    total = int(progress.get("totalSteps") or 0)
+    percent = 100 if finished_ok else (min(99, int(100 * step / total)) if total else 0)
+    return {
+        "step": step,
+        "totalSteps": total,
+        "epoch": round(float(progress.get("epoch") or 0.0), 3),
+        "percent": percent,
+    }
+
+
 def gate_status(gates: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {

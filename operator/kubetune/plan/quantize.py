@@ -27,6 +27,7 @@ from kubetune.plan.lifecycle import (
     gate_status,
     job_request,
     plan_job,
+    progress_status,
     resource_config,
 )
 from kubetune.workspace import WorkspaceReport
@@ -99,6 +100,7 @@ def _quality(measured: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def fill_status(status: dict[str, Any], report: WorkspaceReport, finished_ok: bool) -> None:
+    status["progress"] = progress_status(report.progress, finished_ok)
     final = report.quantize_report or {}
     before, after = report.measured_before or {}, report.measured_after or {}
     size_before = final.get("sizeBytes", {}).get("before", before.get("sizeBytes"))

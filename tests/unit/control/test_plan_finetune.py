@@ -194,3 +194,18 @@ def test_request_resolves_paths_defaults_and_cluster_options(
     assert request.pipeline_options["token_secret"] == ["hf", "token"]
     assert request.workspace.startswith(str(tmp_path))
     assert request.experiment == "kubetune-team-a"
+
+
+def test_every_status_field_written_is_in_the_crd_status_schema(settings: OperatorConfig) -> None:
+    """The API server prunes status fields its schema lacks: the models must know all we write."""
+    from kubetune.api.finetune import FineTuneJobStatus
+
+    report = WorkspaceReport(
+        progress={"phase": "training", "step": 3, "totalSteps": 10, "trainLoss": 1.5, "learningRate": 0.001},
+        baseline={"evalLoss": 2.0, "perplexity": 7.39, "exactMatch": 0.0},
+        final={"evalLoss": 0.5, "perplexity": 1.65, "exactMatch": 0.9},
+        gates=[{"metric": "exactMatch", "op": "min", "threshold": 0.5, "value": 0.9, "passed": True}],
+        output={"uri": "/o", "version": "v1"},
+    )
+    status = plan_finetune(job_body(), Observed(run=run("Succeeded"), report=report), settings, T1).status
+    FineTuneJobStatus.model_validate(status)  # extra="forbid": an unknown field fails here

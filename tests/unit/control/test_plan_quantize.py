@@ -118,3 +118,21 @@ def test_report_and_success_message(settings: OperatorConfig) -> None:
         succeeded(status)["message"]
         == "published /store/ml/router-int8/v1 (size ratio 0.275, perplexity +0.50%)"
     )
+
+
+def test_every_status_field_written_is_in_the_crd_status_schema(settings: OperatorConfig) -> None:
+    """The API server prunes status fields its schema lacks: the models must know all we write."""
+    from kubetune.api.quantize import QuantizeJobStatus
+
+    report = WorkspaceReport(
+        progress={"phase": "quantizing", "step": 2, "totalSteps": 8},
+        measured_before={"sizeBytes": 4000, "latencySecondsPerToken": 0.01, "perplexity": 2.0},
+        measured_after={"sizeBytes": 1000, "latencySecondsPerToken": 0.01, "perplexity": 2.0},
+        gates=[{"metric": "sizeRatio", "op": "max", "threshold": 0.5, "value": 0.25, "passed": True}],
+        output={"uri": "/o", "version": "v1"},
+    )
+    run = RunStatus(backend="local", id="r", phase="Succeeded")
+    status = plan_quantize(
+        qj(uri="/m"), Observed(run=run, report=report), settings, NOW, lambda *_: None
+    ).status
+    QuantizeJobStatus.model_validate(status)  # extra="forbid": an unknown field fails here
