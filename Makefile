@@ -24,6 +24,7 @@ quickstart: setup
 	$(BIN)/kubetune dev tiny-base --out $(TINY_BASE)
 	$(BIN)/kubetune up -f examples/quickstart/
 	$(BIN)/kubetune get ftj
+	$(BIN)/kubetune get qj
 
 lint: setup
 	$(BIN)/ruff check .
