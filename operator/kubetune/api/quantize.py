@@ -17,7 +17,7 @@ from kubetune.api.common import (
     RatioString,
     SecretKeyRef,
 )
-from kubetune.api.finetune import Dataset, Progress
+from kubetune.api.finetune import Dataset, GateResult, Progress
 
 KIND = "QuantizeJob"
 PLURAL = "quantizejobs"
@@ -254,20 +254,12 @@ class QualityReport(KubeModel):
     after: QualityMetrics | None = None
 
 
-class QuantizeGateResult(KubeModel):
-    metric: str
-    op: str
-    threshold: float
-    value: float | None = None
-    passed: bool
-
-
 class QuantizeReport(KubeModel):
     size_bytes: SizeReport | None = None
     size_ratio: float | None = Field(default=None, description="Size after / size before.")
     latency: LatencyReport | None = None
     quality: QualityReport | None = None
-    gates: list[QuantizeGateResult] = Field(default_factory=list)
+    gates: list[GateResult] = Field(default_factory=list)
 
 
 class ResolvedSource(KubeModel):
