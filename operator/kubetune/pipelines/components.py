@@ -64,7 +64,6 @@ def measure_source_model(config_json: str, workspace: str) -> str:
     import json
 
     from kubetune_components.quantize_steps import run_quantize_step
-
     from kubetune_components.storage import resolve_local_path
 
     report = run_quantize_step("measure-source", json.loads(config_json), str(resolve_local_path(workspace)))
@@ -76,7 +75,6 @@ def quantize_model(config_json: str, workspace: str) -> str:
     import json
 
     from kubetune_components.quantize_steps import run_quantize_step
-
     from kubetune_components.storage import resolve_local_path
 
     report = run_quantize_step("quantize", json.loads(config_json), str(resolve_local_path(workspace)))
@@ -88,7 +86,6 @@ def measure_quantized_model(config_json: str, workspace: str) -> str:
     import json
 
     from kubetune_components.quantize_steps import run_quantize_step
-
     from kubetune_components.storage import resolve_local_path
 
     report = run_quantize_step(
@@ -102,7 +99,6 @@ def publish_quantized_model(config_json: str, workspace: str) -> str:
     import json
 
     from kubetune_components.quantize_steps import run_quantize_step
-
     from kubetune_components.storage import resolve_local_path
 
     report = run_quantize_step(
