@@ -373,14 +373,15 @@ def dump_yaml(doc: Mapping[str, Any]) -> str:
 
 
 def render_crd_yaml(crd: Mapping[str, Any]) -> str:
-    """One CRD as a YAML file, with the generated-by header."""
-    return HEADER + dump_yaml(crd)
+    """One CRD as a YAML document with the generated-by header; files and stdout are these, concatenated."""
+    return HEADER + "---\n" + dump_yaml(crd)
 
 
 def render_crds_yaml(crds: Iterable[Mapping[str, Any]] | None = None) -> str:
     """Every CRD as one multi-document YAML stream (``kubetune crds`` without ``--out-dir``)."""
     docs = all_crds() if crds is None else list(crds)
-    return HEADER + "".join("---\n" + dump_yaml(doc) for doc in docs)
+    # Byte for byte what `cat manifests/crds/*.yaml` prints, so the two can be compared directly.
+    return "".join(render_crd_yaml(doc) for doc in docs)
 
 
 def crd_filename(crd: Mapping[str, Any]) -> str:

@@ -54,6 +54,8 @@ def test_crds_prints_what_manifests_hold(capsys: pytest.CaptureFixture[str]) -> 
     printed = [doc for doc in yaml.safe_load_all(out) if doc]
     committed = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "manifests" / "crds").glob("*.yaml"))]
     assert printed == committed
+    concatenated = "".join(p.read_text() for p in sorted((REPO / "manifests" / "crds").glob("*.yaml")))
+    assert out == concatenated
 
 
 def test_compile_writes_an_uploadable_package(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
