@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -281,6 +281,29 @@ def curate(
     report["train"] = len(train)
     report["validation"] = len(validation)
     return CurationResult(train=train, validation=validation, report=report)
+
+
+def curate_per_spec(
+    examples: Sequence[dict[str, Any]],
+    fmt: DatasetFormat,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Mapping[str, Any],
+    validation_split: float,
+    max_seq_length: int | None = None,
+) -> CurationResult:
+    """`curate` with the options of a job's `spec.dataset` block (curation and seed)."""
+    options = dataset.get("curation") or {}
+    return curate(
+        examples,
+        fmt,
+        tokenizer,
+        dedupe=bool(options.get("dedupe", True)),
+        min_tokens=int(options.get("minTokens", 1)),
+        max_tokens=int(options.get("maxTokens", 2048)),
+        validation_split=validation_split,
+        seed=int(dataset.get("seed", 42)),
+        max_seq_length=max_seq_length,
+    )
 
 
 def pad_batch(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

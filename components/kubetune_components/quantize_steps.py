@@ -45,7 +45,7 @@ from kubetune_components.publish import (
     file_digests,
     library_versions,
 )
-from kubetune_components.steps import ERROR_FILE, workspace_dir
+from kubetune_components.steps import ERROR_FILE, workspace_dir, write_jsonl
 
 SOURCE_DIR = "source"
 SOURCE_MANIFEST = "source-manifest.json"
@@ -82,12 +82,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _write_jsonl(path: Path, examples: Sequence[Mapping[str, Any]]) -> None:
-    storage.atomic_write_text(
-        path, "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples)
-    )
 
 
 def _read_split(root: Path, split: str, fmt: str) -> list[dict[str, Any]]:
@@ -156,19 +150,9 @@ def prepare_splits(spec: Mapping[str, Any], tokenizer: Any, root: Path) -> dict[
     train: list[dict[str, Any]] = []
     validation: list[dict[str, Any]] = []
     if dataset.get("uri"):
-        curation = dataset.get("curation") or {}
 
         def curated(examples: Sequence[dict[str, Any]], split: float) -> data.CurationResult:
-            return data.curate(
-                examples,
-                fmt,
-                tokenizer,
-                dedupe=bool(curation.get("dedupe", True)),
-                min_tokens=int(curation.get("minTokens", 1)),
-                max_tokens=int(curation.get("maxTokens", 2048)),
-                validation_split=split,
-                seed=int(dataset.get("seed", 42)),
-            )
+            return data.curate_per_spec(examples, fmt, tokenizer, dataset, split)
 
         examples = data.load_examples(str(dataset["uri"]), fmt)
         if dataset.get("validationUri"):
@@ -177,8 +161,8 @@ def prepare_splits(spec: Mapping[str, Any], tokenizer: Any, root: Path) -> dict[
         else:
             result = curated(examples, float(Decimal(str(dataset.get("validationSplit", "0.1")))))
             train, validation = result.train, result.validation
-    _write_jsonl(root / "data" / "train.jsonl", train)
-    _write_jsonl(root / "data" / "validation.jsonl", validation)
+    write_jsonl(root / "data" / "train.jsonl", train)
+    write_jsonl(root / "data" / "validation.jsonl", validation)
     return {"train": len(train), "validation": len(validation)}
 
 

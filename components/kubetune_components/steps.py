@@ -59,7 +59,7 @@ def job_spec(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return spec
 
 
-def _write_jsonl(path: Path, examples: Sequence[Mapping[str, Any]]) -> None:
+def write_jsonl(path: Path, examples: Sequence[Mapping[str, Any]]) -> None:
     storage.atomic_write_text(
         path, "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples)
     )
@@ -72,21 +72,12 @@ def curate(config: dict[str, Any], workspace: str) -> dict[str, Any]:
     ProgressReporter(root).set_phase("curating")
     dataset = spec["dataset"]
     fmt = cast(data.DatasetFormat, dataset.get("format", "instruction"))
-    options = dataset.get("curation") or {}
     training = TrainingSettings.from_spec(spec.get("training") or {})
     tokenizer = models.load_tokenizer(str(spec["baseModel"]["uri"]))
 
     def curated(examples: Sequence[dict[str, Any]], validation_split: float) -> data.CurationResult:
-        return data.curate(
-            examples,
-            fmt,
-            tokenizer,
-            dedupe=bool(options.get("dedupe", True)),
-            min_tokens=int(options.get("minTokens", 1)),
-            max_tokens=int(options.get("maxTokens", 2048)),
-            validation_split=validation_split,
-            seed=int(dataset.get("seed", 42)),
-            max_seq_length=training.max_seq_length,
+        return data.curate_per_spec(
+            examples, fmt, tokenizer, dataset, validation_split, max_seq_length=training.max_seq_length
         )
 
     examples = data.load_examples(str(dataset["uri"]), fmt)
@@ -109,8 +100,8 @@ def curate(config: dict[str, Any], workspace: str) -> dict[str, Any]:
         result = curated(examples, float(dataset.get("validationSplit", "0.1")))
         train, validation = result.train, result.validation
         report = dict(result.report)
-    _write_jsonl(root / "data" / "train.jsonl", train)
-    _write_jsonl(root / "data" / "validation.jsonl", validation)
+    write_jsonl(root / "data" / "train.jsonl", train)
+    write_jsonl(root / "data" / "validation.jsonl", validation)
     storage.atomic_write_json(root / "data" / "curation.json", report)
     return report
 
