@@ -24,6 +24,7 @@ from kubetune.plan.lifecycle import (
     finite_number,
     gate_status,
     is_finished,
+    job_key,
     job_request,
     plan_job,
     progress_status,
@@ -35,7 +36,7 @@ __all__ = ["Decision", "Event", "Observed", "build_request", "is_finished", "pla
 
 
 def run_key(job: FineTuneJob) -> str:
-    return build_request(job, OperatorConfig(home=Path("/"))).key
+    return job_key(job)
 
 
 def resolve_config(

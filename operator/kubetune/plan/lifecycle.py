@@ -116,6 +116,13 @@ def resource_config(job: Any, spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def job_key(job: Any) -> str:
+    """The run key of one generation of one job: kind, namespace, name, generation and uid."""
+    meta = job.metadata
+    prefix = "".join(c for c in job.kind if c.isupper()).lower()  # FineTuneJob -> ftj, QuantizeJob -> qj
+    return f"{prefix}-{meta.namespace}-{meta.name}-g{meta.generation or 1}-{short_uid(meta.uid)}"
+
+
 def job_request(
     job: Any,
     config: dict[str, Any],
@@ -128,7 +135,6 @@ def job_request(
     """The run of one generation of one job: its key, workspace, labels and cluster options."""
     meta = job.metadata
     generation = meta.generation or 1
-    prefix = "".join(c for c in job.kind if c.isupper()).lower()  # FineTuneJob -> ftj, QuantizeJob -> qj
     root = settings.workspace_root.rstrip("/")
     workspace = absolute(f"{root}/{meta.namespace}/{meta.name}/g{generation}-{short_uid(meta.uid)}", base_dir)
     labels = {
@@ -138,7 +144,7 @@ def job_request(
         "kubetune.dev/generation": str(generation),
     }
     return RunRequest(
-        key=f"{prefix}-{meta.namespace}-{meta.name}-g{generation}-{short_uid(meta.uid)}",
+        key=job_key(job),
         kind=job.kind,
         display_name=f"{meta.namespace}/{meta.name}",
         config=config,
