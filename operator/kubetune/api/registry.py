@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel
 
-from kubetune.api import finetune, quantize
+from kubetune.api import deployment, finetune, quantize
 from kubetune.api.common import GROUP, VERSION
 
 ColumnType = Literal["string", "integer", "number", "boolean", "date"]
@@ -373,8 +373,92 @@ QUANTIZEJOB = ResourceDefinition(
 )
 
 
+MODELDEPLOYMENT = ResourceDefinition(
+    kind=deployment.KIND,
+    plural=deployment.PLURAL,
+    singular=deployment.KIND.lower(),
+    short_names=tuple(deployment.SHORT_NAMES),
+    model=deployment.ModelDeployment,
+    spec_model=deployment.ModelDeploymentSpec,
+    status_model=deployment.ModelDeploymentStatus,
+    immutable_spec=False,
+    description=(
+        "ModelDeployment serves model versions (FineTuneJob or QuantizeJob outputs, or model URIs) as "
+        "BentoML services behind one OpenAI-compatible gateway: weighted sticky A/B routing, prompt "
+        "templates, generation limits, caching and fallback, and canary rollouts judged by Prometheus "
+        "metrics with automatic rollback. The spec is mutable: weight changes apply in place."
+    ),
+    printer_columns=(
+        PrinterColumn(
+            "Ready", '.status.conditions[?(@.type=="Ready")].status', description="Every version serving."
+        ),
+        PrinterColumn("Versions", ".status.readyVersions", description="Ready versions / all versions."),
+        PrinterColumn("Weights", ".status.weights", description="Traffic split now, in percent."),
+        PrinterColumn("Rollout", ".status.rollout.state", description="Canary rollout state, if any."),
+        PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
+        PrinterColumn("Endpoint", ".status.endpoint", description="OpenAI-compatible base URL.", priority=1),
+        PrinterColumn(
+            "Reason",
+            '.status.conditions[?(@.type=="Ready")].reason',
+            description="Why the deployment is (not) ready.",
+            priority=1,
+        ),
+    ),
+    rules=(
+        CelRule("", "self.metadata.name.size() <= 40", "metadata.name must be at most 40 characters"),
+        CelRule("spec", "self.versions.map(v, v.weight).sum() == 100", "versions weights must sum to 100"),
+        CelRule(
+            "spec",
+            "self.versions.all(v, self.versions.exists_one(w, w.name == v.name))",
+            "versions names must be unique",
+        ),
+        CelRule(
+            "spec.versions[*].model",
+            "(has(self.fineTuneJobRef) ? 1 : 0) + (has(self.quantizeJobRef) ? 1 : 0) + "
+            "(has(self.uri) ? 1 : 0) == 1",
+            "set exactly one of fineTuneJobRef, quantizeJobRef and uri",
+        ),
+        CelRule(
+            "spec",
+            "self.versions.all(v, !has(v.prompt) || self.prompts.exists(p, p.name == v.prompt))",
+            "a version's prompt must name an entry of prompts",
+        ),
+        CelRule(
+            "spec",
+            "!has(self.fallback) || self.versions.exists(v, v.name == self.fallback.version)",
+            "fallback.version must be one of the versions",
+        ),
+        CelRule(
+            "spec",
+            "!has(self.rollout) || self.versions.size() >= 2",
+            "rollout needs at least two versions: the last one is the canary",
+        ),
+        CelRule(
+            "spec.routing",
+            'self.stickyBy != "header" || has(self.header)',
+            "header is required when stickyBy is header",
+        ),
+        CelRule(
+            "spec.rollout.analysis.metrics[*]",
+            "has(self.min) || has(self.max)",
+            "a metric needs min or max",
+        ),
+        CelRule(
+            "spec.rollout.analysis.metrics[*]",
+            'has(self.query) || self.name in ["errorRate", "p95Latency", "timeToFirstToken", "feedback"]',
+            "name is not a built-in metric (errorRate, p95Latency, timeToFirstToken, feedback); set query",
+        ),
+        CelRule(
+            "spec.serving.autoscaling",
+            "self.minReplicas <= self.maxReplicas",
+            "minReplicas must not exceed maxReplicas",
+        ),
+    ),
+)
+
+
 def _builtin_definitions() -> tuple[ResourceDefinition, ...]:
-    return (FINETUNEJOB, QUANTIZEJOB)
+    return (FINETUNEJOB, QUANTIZEJOB, MODELDEPLOYMENT)
 
 
 REGISTRY = ResourceRegistry()

@@ -45,9 +45,21 @@ def schema() -> dict[str, Any]:
     return result
 
 
+def _list_sum(values: Any) -> Any:
+    """Kubernetes' CEL lists library `sum()` (not in cel-python): integers stay integers."""
+    items = list(values)
+    if all(isinstance(item, celpy.celtypes.IntType) for item in items):
+        return celpy.celtypes.IntType(sum(int(item) for item in items))
+    return celpy.celtypes.DoubleType(sum(float(item) for item in items))
+
+
+# The functions of the Kubernetes CEL libraries that kubetune's rules use on top of standard CEL.
+KUBERNETES_CEL_FUNCTIONS = {"sum": _list_sum}
+
+
 @cache
 def _program(rule: str) -> Any:
-    return _ENV.program(_ENV.compile(rule))
+    return _ENV.program(_ENV.compile(rule), functions=KUBERNETES_CEL_FUNCTIONS)
 
 
 def apply_defaults(node: dict[str, Any], value: Any) -> Any:

@@ -125,7 +125,7 @@ def test_registry_lookup(name: str) -> None:
 
 
 def test_registered_next_to_finetunejob() -> None:
-    assert [d.kind for d in all_definitions()] == ["FineTuneJob", "QuantizeJob"]
+    assert [d.kind for d in all_definitions()] == ["FineTuneJob", "ModelDeployment", "QuantizeJob"]
     assert get_definition("ftj") is FINETUNEJOB
     assert QUANTIZEJOB.model is QuantizeJob
     assert (QUANTIZEJOB.spec_model, QUANTIZEJOB.status_model) == (q.QuantizeJobSpec, q.QuantizeJobStatus)

@@ -174,6 +174,7 @@ def test_crds_validate_against_kubernetes_schemas(chart: helm.Chart) -> None:
     crds = chart.crds
     assert sorted(crd["filename"] for crd in crds) == [
         "kubetune/crds/finetunejobs.kubetune.dev.yaml",
+        "kubetune/crds/modeldeployments.kubetune.dev.yaml",
         "kubetune/crds/quantizejobs.kubetune.dev.yaml",
     ]
     for crd in crds:
