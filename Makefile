@@ -8,9 +8,15 @@ TINY_BASE := .kubetune/models/tiny-base
 # The tests share the quickstart's tiny base (an idempotent build: made once, reused after).
 export KUBETUNE_TINY_BASE_DIR ?= $(CURDIR)/$(TINY_BASE)
 
-.PHONY: setup quickstart test lint typecheck unit integration e2e crds clean
+.PHONY: setup system-deps quickstart test lint typecheck unit integration e2e crds clean
 
-setup: $(STAMP)
+setup: $(STAMP) system-deps
+
+# The rollout tests judge canaries with a real Prometheus server (Debian's package, run on loopback).
+system-deps:
+	@command -v prometheus >/dev/null || { \
+		echo "installing Debian's prometheus (needed by the rollout tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 # torch goes first and pinned: a bare torch requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml requirements/constraints.txt
@@ -20,11 +26,19 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[test]'
 	touch $@
 
+# `kubetune up` fine-tunes, quantizes, then serves until interrupted: query.py waits for the
+# ModelDeployment to be Ready and queries it, then SIGINT stops `up` and every process it started.
 quickstart: setup
 	$(BIN)/kubetune dev tiny-base --out $(TINY_BASE)
-	$(BIN)/kubetune up -f examples/quickstart/
+	@$(BIN)/kubetune up -f examples/quickstart/ & up=$$!; \
+	trap 'kill -INT $$up 2>/dev/null; wait $$up' INT TERM; \
+	$(BIN)/python examples/quickstart/query.py --up-pid $$up; query=$$?; \
+	kill -INT $$up 2>/dev/null; wait $$up; up_status=$$?; \
+	echo "query.py exited with $$query, kubetune up with $$up_status"; \
+	test $$query -eq 0 && test $$up_status -eq 0
 	$(BIN)/kubetune get ftj
 	$(BIN)/kubetune get qj
+	$(BIN)/kubetune get mdep -o wide
 
 lint: setup
 	$(BIN)/ruff check .

@@ -56,6 +56,15 @@ Duration = Annotated[
     Field(pattern=DURATION_PATTERN, description='A duration such as "30s", "5m", "1h30m" or "500ms".'),
     AfterValidator(_check_duration),
 ]
+
+
+def _check_positive_duration(value: str) -> str:
+    if duration_seconds(value) <= 0:
+        raise ValueError(f"{value!r} must be longer than 0s")
+    return value
+
+
+PositiveDuration = Annotated[Duration, AfterValidator(_check_positive_duration)]
 Quantity = Annotated[
     str, Field(pattern=QUANTITY_PATTERN, description='A Kubernetes quantity such as "500m", "2" or "4Gi".')
 ]
@@ -138,7 +147,9 @@ class Routing(KubeModel):
 
 class CanaryStep(KubeModel):
     weight: int = Field(ge=1, le=99, description="Percent of traffic the canary gets during this step.")
-    pause: Duration = Field(description="How long the step runs (and is analysed) before the next one.")
+    pause: PositiveDuration = Field(
+        description="How long the step runs (and is analysed) before the next one."
+    )
 
 
 BUILTIN_METRICS = ("errorRate", "p95Latency", "timeToFirstToken", "feedback")
@@ -174,8 +185,12 @@ class AnalysisMetric(KubeModel):
 
 
 class Analysis(KubeModel):
-    interval: Duration = Field(default="30s", description="How often the canary's metrics are queried.")
-    window: Duration = Field(default="1m", description="The range of the rate() windows in the queries.")
+    interval: PositiveDuration = Field(
+        default="30s", description="How often the canary's metrics are queried."
+    )
+    window: PositiveDuration = Field(
+        default="1m", description="The range of the rate() windows in the queries."
+    )
     metrics: list[AnalysisMetric] = Field(
         default_factory=list, max_length=16, description="Every metric must be within its bounds."
     )
@@ -301,6 +316,12 @@ class PromptTemplate(KubeModel):
         "from the request's metadata.",
     )
     examples: list[FewShotExample] = Field(default_factory=list, max_length=32, description="Few-shot turns.")
+
+    @model_validator(mode="after")
+    def _keeps_the_input(self) -> PromptTemplate:
+        if "{{input}}" not in self.template:
+            raise ValueError("template must contain {{input}} (the user's message)")
+        return self
 
 
 class Cache(KubeModel):

@@ -449,6 +449,11 @@ MODELDEPLOYMENT = ResourceDefinition(
             "name is not a built-in metric (errorRate, p95Latency, timeToFirstToken, feedback); set query",
         ),
         CelRule(
+            "spec.prompts[*]",
+            'self.template.contains("{{input}}")',
+            "template must contain {{input}} (the user's message)",
+        ),
+        CelRule(
             "spec.serving.autoscaling",
             "self.minReplicas <= self.maxReplicas",
             "minReplicas must not exceed maxReplicas",

@@ -165,6 +165,11 @@ REJECTED: dict[str, tuple[dict[str, Any], str, str]] = {
         "a metric needs min or max",
         "a metric needs min or max",
     ),
+    "template-without-input": (
+        edit(sample(), "spec.prompts.0.template", "Ticket:"),
+        "template must contain {{input}}",
+        "template must contain {{input}}",
+    ),
     "autoscaling-order": (
         edit(sample(), "spec.serving.autoscaling.minReplicas", 5),
         "minReplicas must not exceed maxReplicas",
@@ -209,6 +214,8 @@ def test_field_level_errors_name_the_field(path: str, value: Any, field: str) ->
 def test_pydantic_only_checks() -> None:
     decreasing = edit(sample(), "spec.rollout.steps.1.weight", 5)
     assert any("steps weights must increase" in e for e in pydantic_errors(decreasing))
+    zero_pause = edit(sample(), "spec.rollout.steps.0.pause", "0s")
+    assert any("steps[0].pause: '0s' must be longer than 0s" in e for e in pydantic_errors(zero_pause))
     above_limit = edit(sample(), "spec.generation.defaults.temperature", "2")
     assert any("defaults.temperature 2 is above its limit 1.5" in e for e in pydantic_errors(above_limit))
 
