@@ -128,13 +128,13 @@ KUBETUNE_VERSION = "v1alpha1"
 FINETUNEJOBS = ResourceSpec(
     KUBETUNE_GROUP, KUBETUNE_VERSION, "finetunejobs", "FineTuneJob", shortnames=frozenset({"ftj"})
 )
-
-# Adding a CRD to every integration test is one line here, e.g.:
-#   ResourceSpec(KUBETUNE_GROUP, KUBETUNE_VERSION, "modeldeployments", "ModelDeployment"),
 QUANTIZEJOBS = ResourceSpec(
     KUBETUNE_GROUP, KUBETUNE_VERSION, "quantizejobs", "QuantizeJob", shortnames=frozenset({"qj"})
 )
-KUBETUNE_RESOURCES: tuple[ResourceSpec, ...] = (FINETUNEJOBS, QUANTIZEJOBS)
+MODELDEPLOYMENTS = ResourceSpec(
+    KUBETUNE_GROUP, KUBETUNE_VERSION, "modeldeployments", "ModelDeployment", shortnames=frozenset({"mdep"})
+)
+KUBETUNE_RESOURCES: tuple[ResourceSpec, ...] = (FINETUNEJOBS, QUANTIZEJOBS, MODELDEPLOYMENTS)
 
 BUILTIN_RESOURCES: tuple[ResourceSpec, ...] = (
     # Kopf's backbone: it waits for namespaces & CRDs to be discoverable, posts v1 events.

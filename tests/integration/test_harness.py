@@ -172,7 +172,7 @@ async def test_operator_failure_is_reported(k8s: Cluster, run_operator: Operator
 async def test_handlers_for_unserved_resources_fail_fast(k8s: Cluster, run_operator: OperatorRunner) -> None:
     registry = kopf.OperatorRegistry()
 
-    @kopf.on.create("kubetune.dev", "v1alpha1", "modeldeployments", registry=registry)
+    @kopf.on.create("kubetune.dev", "v1alpha1", "inferencegateways", registry=registry)
     def create_fn(**_: Any) -> None:
         pass
 

@@ -1,0 +1,1 @@
+"""Kubernetes objects a ModelDeployment owns: pure builders (children) and a server-side apply client."""

@@ -1,0 +1,531 @@
+"""The Kubernetes objects a ModelDeployment owns, as plain dicts (pure builders, dask-kubernetes style).
+
+Per version ``v`` of ModelDeployment ``d``:
+
+* Deployment ``d-v``: the init container ``fetch-model`` runs ``python -m
+  kubetune_components.serving.bento build`` on the version's model URI: a ``pvc://claim/path`` is
+  mounted read-only at ``/mnt/pvc/<claim>`` (as in the pipeline steps), an ``hf://`` model is
+  downloaded (``HF_TOKEN`` from the version's token Secret); the build imports the model (with an
+  adapter's base model) into BentoML's store in a shared emptyDir (``BENTOML_HOME``) and builds the
+  Bento ``<deployment>-<version>``. The container ``serve`` runs ``bentoml serve`` of that Bento on
+  port 3000, offline, configured by the contract's environment variables; it loads the Bento's own
+  copy of the model, so KUBETUNE_MODEL_DIR is not set and the artifact store is not mounted there.
+* Service ``d-v`` (ClusterIP, port 3000).
+* HorizontalPodAutoscaler ``d-v`` when ``spec.serving.autoscaling`` is set. It scales on in-flight
+  requests per pod (``targetConcurrency``): the Pods metric :data:`IN_FLIGHT_METRIC`, BentoML's own
+  gauge of requests in progress. Kubernetes has no such metric by itself: it needs a custom metrics
+  adapter (e.g. prometheus-adapter with a rule exposing that series per pod). Without one the HPA
+  reports ``FailedGetPodsMetric`` and keeps the current replica count, never below minReplicas.
+  CPU utilisation was not used because it does not measure what ``targetConcurrency`` promises.
+
+The gateway of ``d``:
+
+* ConfigMap ``d-gateway`` with the key ``gateway.json`` (the GatewayConfig JSON, serialised with
+  sorted keys so the same config is the same bytes);
+* Deployment ``d`` running ``kubetune gateway`` on port 8080 with the ConfigMap mounted as a
+  directory (not a subPath, so the kubelet updates the file in place and the gateway reloads it).
+  The config's checksum is an annotation of the Deployment itself, not of its pod template, so a
+  weight change updates the ConfigMap and never restarts the gateway;
+* Service ``d`` (ClusterIP, port 8080): the OpenAI-compatible endpoint ``http://d.<ns>.svc:8080/v1``.
+
+Every object carries the ModelDeployment as its controller ownerReference (garbage-collected with
+it), the ``app.kubernetes.io/*`` labels and ``kubetune.dev/deployment`` (``kubetune.dev/version`` on
+a version's objects), by which the operator finds the children it no longer wants.
+
+Names longer than 63 characters, or that are not DNS-1035 labels (Services must be), are shortened
+with a hash of the full name, so two different names never collide after shortening.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune import __version__
+from kubetune.api.deployment import Serving
+from kubetune.plan.deployment import DeploymentRef, VersionServing
+
+SERVING_PORT = 3000
+GATEWAY_PORT = 8080
+GATEWAY_CONFIG_KEY = "gateway.json"
+GATEWAY_CONFIG_DIR = "/etc/kubetune"
+GATEWAY_CONFIG_PATH = f"{GATEWAY_CONFIG_DIR}/{GATEWAY_CONFIG_KEY}"
+PVC_MOUNT_ROOT = "/mnt/pvc"  # where pipeline steps mount claims too (kubetune.pipelines.finetune)
+BENTOML_HOME = "/var/lib/bentoml"
+TMP_DIR = "/tmp"
+IN_FLIGHT_METRIC = "bentoml_service_request_in_progress"
+RUN_AS_USER = 1000
+
+DEPLOYMENT_LABEL = "kubetune.dev/deployment"
+VERSION_LABEL = "kubetune.dev/version"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+SERVING_COMPONENT = "serving"
+GATEWAY_COMPONENT = "gateway"
+CONFIG_CHECKSUM_ANNOTATION = "kubetune.dev/gateway-config-sha256"
+MODEL_URI_ANNOTATION = "kubetune.dev/model-uri"
+RETIRED_AT_ANNOTATION = "kubetune.dev/retired-at"  # when a removed version's Deployment was retired
+MODEL_DIR_ENV = "KUBETUNE_MODEL_DIR"
+DOWNLOAD_CACHE = "/var/cache/kubetune"
+MAX_BENTO_NAME = 63  # kubetune_components.serving.bento.MAX_NAME_LENGTH
+
+DEFAULT_SERVING_IMAGE = f"ghcr.io/kubetune/runtime:{__version__}"
+DEFAULT_GATEWAY_IMAGE = f"ghcr.io/kubetune/operator:{__version__}"
+
+_MAX_NAME = 63
+_DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class ChildImages:
+    """Container images of the children (operator settings, not spec)."""
+
+    serving: str = DEFAULT_SERVING_IMAGE
+    """Runs the init container (fetch model, build Bento) and ``bentoml serve``: the runtime image."""
+    gateway: str = DEFAULT_GATEWAY_IMAGE
+    """Runs ``kubetune gateway``: any image with the kubetune package (the operator's)."""
+    pull_policy: str = "IfNotPresent"
+
+
+# ---- names, labels, ownership -------------------------------------------------------------------
+
+
+def _dns_label(raw: str) -> str:
+    """``raw`` if it is a DNS-1035 label, else a valid one ending in a hash of ``raw``."""
+    if len(raw) <= _MAX_NAME and _DNS_1035_LABEL.match(raw):
+        return raw
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+    clean = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", raw.lower())).strip("-")
+    if not clean[:1].isalpha():
+        clean = f"k-{clean}"
+    head = clean[: _MAX_NAME - len(digest) - 1].rstrip("-")
+    return f"{head}-{digest}"
+
+
+def version_child_name(deployment: str, version: str) -> str:
+    """Name of a version's Deployment, Service and HorizontalPodAutoscaler."""
+    return _dns_label(f"{deployment}-{version}")
+
+
+def gateway_name(deployment: str) -> str:
+    """Name of the gateway's Deployment and Service (the deployment's own name, when it is valid)."""
+    return _dns_label(deployment)
+
+
+def gateway_config_map_name(deployment: str) -> str:
+    return _dns_label(f"{deployment}-gateway")
+
+
+def version_url(ref: DeploymentRef, version: str) -> str:
+    """The base URL of a version's Service (what the gateway sends the version's requests to)."""
+    return f"http://{version_child_name(ref.name, version)}.{ref.namespace}.svc:{SERVING_PORT}"
+
+
+def gateway_endpoint(ref: DeploymentRef) -> str:
+    """The OpenAI-compatible base URL of the deployment."""
+    return f"http://{gateway_name(ref.name)}.{ref.namespace}.svc:{GATEWAY_PORT}/v1"
+
+
+def child_selector(deployment: str) -> str:
+    """Label selector of every child of a ModelDeployment."""
+    return f"{DEPLOYMENT_LABEL}={deployment}"
+
+
+def _common_labels(deployment: str, component: str, instance: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": f"kubetune-{component}",
+        "app.kubernetes.io/instance": instance,
+        COMPONENT_LABEL: component,
+        "app.kubernetes.io/part-of": "kubetune",
+        "app.kubernetes.io/managed-by": "kubetune",
+        DEPLOYMENT_LABEL: deployment,
+    }
+
+
+def version_selector(deployment: str, version: str) -> dict[str, str]:
+    return {DEPLOYMENT_LABEL: deployment, VERSION_LABEL: version, COMPONENT_LABEL: SERVING_COMPONENT}
+
+
+def version_labels(deployment: str, version: str) -> dict[str, str]:
+    labels = _common_labels(deployment, SERVING_COMPONENT, version_child_name(deployment, version))
+    labels[VERSION_LABEL] = version
+    return labels
+
+
+def gateway_selector(deployment: str) -> dict[str, str]:
+    return {DEPLOYMENT_LABEL: deployment, COMPONENT_LABEL: GATEWAY_COMPONENT}
+
+
+def gateway_labels(deployment: str) -> dict[str, str]:
+    return _common_labels(deployment, GATEWAY_COMPONENT, gateway_name(deployment))
+
+
+def _metadata(ref: DeploymentRef, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": ref.namespace,
+        "labels": labels,
+        "ownerReferences": [ref.owner_reference()],
+    }
+
+
+# ---- pod security ----------------------------------------------------------------------------------
+
+
+def _pod_security() -> dict[str, Any]:
+    """The restricted Pod Security Standard, with a fixed non-root user so emptyDirs are writable."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def _scrape_annotations(port: int) -> dict[str, str]:
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+
+
+def _env(values: Mapping[str, str]) -> list[dict[str, Any]]:
+    return [{"name": name, "value": value} for name, value in values.items()]
+
+
+# ---- a version -------------------------------------------------------------------------------------
+
+
+def _model_claim(version: VersionServing) -> str | None:
+    """The PersistentVolumeClaim holding the version's model (pvc://), or None for a download."""
+    uri = version.model_uri
+    if uri.startswith("pvc://"):
+        claim, _, sub_path = uri[len("pvc://") :].partition("/")
+        if not _DNS_LABEL.match(claim) or ".." in sub_path.split("/"):
+            raise ValueError(
+                f"version {version.name}: model URI {uri!r} must be pvc://<claim>/<path> without '..'"
+            )
+        return claim
+    scheme, separator, _ = uri.partition("://")
+    if not separator or scheme == "file":
+        raise ValueError(
+            f"version {version.name}: model URI {uri!r} is a local path, which a pod cannot read; on a "
+            "cluster a version's model must be pvc://<claim>/<path> (an artifact store on a "
+            "PersistentVolumeClaim), hf://<org>/<name>[@revision] or an object store URL"
+        )
+    return None
+
+
+def _check_bento(ref: DeploymentRef, version: VersionServing) -> None:
+    # The init container names the Bento from the deployment and version (bento.bento_name).
+    expected = f"{ref.name}-{version.name}".lower()
+    if version.bento != expected:
+        raise ValueError(f"version {version.name}: Bento tag {version.bento!r} is not {expected!r}")
+    if len(version.bento) > MAX_BENTO_NAME:
+        raise ValueError(
+            f"version {version.name}: the Bento name {version.bento!r} is {len(version.bento)} characters "
+            f"long; BentoML allows {MAX_BENTO_NAME}: shorten the ModelDeployment or version name"
+        )
+
+
+def build_version_deployment(
+    ref: DeploymentRef, version: VersionServing, images: ChildImages
+) -> dict[str, Any]:
+    """The Deployment serving one version; a change of its pod template rolls the version's pods.
+
+    The init container builds the version's Bento from the model (``bento build``), which imports
+    the model, with an adapter's base model, into BentoML's model store in ``BENTOML_HOME``; the
+    server then loads the Bento's model, so KUBETUNE_MODEL_DIR is not set and the artifact store is
+    mounted in the init container only.
+    """
+    _check_bento(ref, version)
+    serving = version.serving
+    name = version_child_name(ref.name, version.name)
+    claim = _model_claim(version)
+
+    volumes: list[dict[str, Any]] = [
+        {"name": "bentoml-home", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    shared_mounts: list[dict[str, Any]] = [
+        {"name": "bentoml-home", "mountPath": BENTOML_HOME},
+        {"name": "tmp", "mountPath": TMP_DIR},
+    ]
+    fetch_mounts = list(shared_mounts)
+    if claim is not None:
+        volumes.append(
+            {"name": "model-store", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        fetch_mounts.append(
+            {"name": "model-store", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True}
+        )
+    else:
+        volumes.append({"name": "download-cache", "emptyDir": {}})
+        fetch_mounts.append({"name": "download-cache", "mountPath": DOWNLOAD_CACHE})
+
+    pod_env = {
+        "HOME": TMP_DIR,
+        "BENTOML_HOME": BENTOML_HOME,
+        "BENTOML_DO_NOT_TRACK": "true",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    fetch_values = {**pod_env, "KUBETUNE_PVC_ROOT": PVC_MOUNT_ROOT, "HF_HOME": DOWNLOAD_CACHE}
+    fetch_env = _env(fetch_values)
+    if version.token_secret is not None:
+        secret = version.token_secret
+        fetch_env.append(
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}
+        )
+    # The contract's settings first; the pod's own paths win over anything of the same name.
+    serve_values = {**version.env, **pod_env, "HF_HUB_OFFLINE": "1"}
+    serve_values.pop(MODEL_DIR_ENV, None)
+    resources = {key: value for key, value in serving.resources.to_wire().items() if value}
+
+    fetch = {
+        "name": "fetch-model",
+        "image": images.serving,
+        "imagePullPolicy": images.pull_policy,
+        "command": ["python", "-m", "kubetune_components.serving.bento"],
+        "args": [
+            "build",
+            "--model-dir",
+            version.model_uri,
+            "--deployment",
+            ref.name,
+            "--version",
+            version.name,
+        ],
+        "env": fetch_env,
+        "resources": resources,
+        "securityContext": _container_security(),
+        "volumeMounts": fetch_mounts,
+    }
+    serve = {
+        "name": "serve",
+        "image": images.serving,
+        "imagePullPolicy": images.pull_policy,
+        "command": [
+            "bentoml",
+            "serve",
+            f"{version.bento}:latest",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(SERVING_PORT),
+        ],
+        "ports": [{"name": "http", "containerPort": SERVING_PORT, "protocol": "TCP"}],
+        "env": _env(serve_values),
+        "resources": resources,
+        "securityContext": _container_security(),
+        "volumeMounts": shared_mounts,
+        # Loading a model can take minutes: the startup probe holds liveness off until /livez answers.
+        "startupProbe": _http_probe("/livez", period=10, failures=90),
+        "livenessProbe": _http_probe("/livez", period=10, failures=3),
+        "readinessProbe": _http_probe("/readyz", period=5, failures=3),
+    }
+    labels = version_labels(ref.name, version.name)
+    metadata = _metadata(ref, name, labels)
+    metadata["annotations"] = {MODEL_URI_ANNOTATION: version.model_uri}
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": version_selector(ref.name, version.name)},
+        "revisionHistoryLimit": 3,
+        # A new pod is ready before an old one goes: the version keeps serving through an update.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+        "template": {
+            "metadata": {"labels": labels, "annotations": _scrape_annotations(SERVING_PORT)},
+            "spec": {
+                "automountServiceAccountToken": False,
+                "enableServiceLinks": False,
+                "securityContext": _pod_security(),
+                "initContainers": [fetch],
+                "containers": [serve],
+                "volumes": volumes,
+            },
+        },
+    }
+    if serving.autoscaling is None:
+        # With autoscaling the HPA owns the replica count: applying one here would fight it.
+        spec["replicas"] = serving.replicas
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata, "spec": spec}
+
+
+def _service(
+    ref: DeploymentRef, name: str, labels: dict[str, str], selector: dict[str, str], port: int
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ref, name, labels),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [
+                {"name": "http", "port": port, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}
+            ],
+        },
+    }
+
+
+def build_version_service(ref: DeploymentRef, version: str) -> dict[str, Any]:
+    return _service(
+        ref,
+        version_child_name(ref.name, version),
+        version_labels(ref.name, version),
+        version_selector(ref.name, version),
+        SERVING_PORT,
+    )
+
+
+def build_version_autoscaler(ref: DeploymentRef, version: str, serving: Serving) -> dict[str, Any] | None:
+    """The version's HorizontalPodAutoscaler, or None when spec.serving.autoscaling is unset."""
+    autoscaling = serving.autoscaling
+    if autoscaling is None:
+        return None
+    name = version_child_name(ref.name, version)
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(ref, name, version_labels(ref.name, version)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": autoscaling.min_replicas,
+            "maxReplicas": autoscaling.max_replicas,
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": IN_FLIGHT_METRIC},
+                        "target": {
+                            "type": "AverageValue",
+                            "averageValue": str(autoscaling.target_concurrency),
+                        },
+                    },
+                }
+            ],
+        },
+    }
+
+
+def build_version_children(
+    ref: DeploymentRef, version: VersionServing, images: ChildImages
+) -> list[dict[str, Any]]:
+    """A version's Deployment, Service and (with autoscaling) HorizontalPodAutoscaler."""
+    children = [build_version_deployment(ref, version, images), build_version_service(ref, version.name)]
+    autoscaler = build_version_autoscaler(ref, version.name, version.serving)
+    if autoscaler is not None:
+        children.append(autoscaler)
+    return children
+
+
+# ---- the gateway -----------------------------------------------------------------------------------
+
+
+def gateway_config_text(config: Mapping[str, Any]) -> str:
+    """The bytes of ``gateway.json``: the same config always serialises the same way."""
+    return json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def config_checksum(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(gateway_config_text(config).encode()).hexdigest()
+
+
+def build_gateway_config_map(ref: DeploymentRef, config: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(ref, gateway_config_map_name(ref.name), gateway_labels(ref.name)),
+        "data": {GATEWAY_CONFIG_KEY: gateway_config_text(config)},
+    }
+
+
+def build_gateway_deployment(
+    ref: DeploymentRef, config: Mapping[str, Any], images: ChildImages, replicas: int = 1
+) -> dict[str, Any]:
+    labels = gateway_labels(ref.name)
+    metadata = _metadata(ref, gateway_name(ref.name), labels)
+    # On the Deployment, not its pod template: the config changes in place, the pods stay.
+    metadata["annotations"] = {CONFIG_CHECKSUM_ANNOTATION: config_checksum(config)}
+    container = {
+        "name": "gateway",
+        "image": images.gateway,
+        "imagePullPolicy": images.pull_policy,
+        "command": ["kubetune", "gateway"],
+        "args": ["--config", GATEWAY_CONFIG_PATH, "--host", "0.0.0.0", "--port", str(GATEWAY_PORT)],
+        "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+        "env": _env({"HOME": TMP_DIR, "PYTHONDONTWRITEBYTECODE": "1"}),
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            {"name": "config", "mountPath": GATEWAY_CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": TMP_DIR},
+        ],
+        "livenessProbe": _http_probe("/healthz", period=10, failures=3),
+        "readinessProbe": _http_probe("/healthz", period=5, failures=3),
+    }
+    config_volume = {
+        "name": gateway_config_map_name(ref.name),
+        "items": [{"key": GATEWAY_CONFIG_KEY, "path": GATEWAY_CONFIG_KEY}],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata,
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": gateway_selector(ref.name)},
+            "revisionHistoryLimit": 3,
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": _scrape_annotations(GATEWAY_PORT)},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": _pod_security(),
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "config", "configMap": config_volume},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def build_gateway_service(ref: DeploymentRef) -> dict[str, Any]:
+    return _service(
+        ref, gateway_name(ref.name), gateway_labels(ref.name), gateway_selector(ref.name), GATEWAY_PORT
+    )
+
+
+def build_gateway_children(
+    ref: DeploymentRef, config: Mapping[str, Any], images: ChildImages
+) -> list[dict[str, Any]]:
+    """The gateway's ConfigMap, Deployment and Service (the ConfigMap first: the pods mount it)."""
+    return [
+        build_gateway_config_map(ref, config),
+        build_gateway_deployment(ref, config, images),
+        build_gateway_service(ref),
+    ]

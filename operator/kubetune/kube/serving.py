@@ -1,0 +1,246 @@
+"""The ServingBackend of a cluster: a ModelDeployment's versions and gateway as owned Kubernetes objects.
+
+``ensure_versions`` applies each version's Deployment, Service and HorizontalPodAutoscaler (server-side
+apply) and deletes the version children this deployment no longer wants: an HPA once autoscaling is
+off at once, a removed version :data:`RETIRE_AFTER_S` after it was removed. A version is ready when
+its Deployment's rollout is complete: the Deployment controller has seen the current spec, every
+pod runs it (no pod of a previous model is left) and enough of them are ready. ``ensure_gateway``
+applies the gateway's ConfigMap, Deployment and Service; a new config only changes the ConfigMap
+(the gateway reloads the mounted file once the kubelet refreshes it, within about a minute or two).
+``remove`` deletes every child; on a real cluster the ownerReferences make the garbage collector do
+that anyway.
+
+A version whose children cannot be built or are refused by the API server (4xx: invalid, forbidden,
+owned by another object) is reported as not ready with the reason, and its existing children are
+left as they are; the other versions go on. Server errors and timeouts raise, so the reconcile is
+retried.
+
+The Protocol is synchronous (it is shared with local mode); the API calls are coroutines run on the
+operator's event loop through :class:`BlockingKube`, so call these methods from a worker thread.
+The ``a``-prefixed coroutines do the same work for async callers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from kubetune.kube import apply as kube
+from kubetune.kube.apply import BlockingKube, ChildConflict, KubeApi, KubeApiError
+from kubetune.kube.children import (
+    COMPONENT_LABEL,
+    RETIRED_AT_ANNOTATION,
+    SERVING_COMPONENT,
+    VERSION_LABEL,
+    ChildImages,
+    build_gateway_children,
+    build_version_children,
+    child_selector,
+    gateway_endpoint,
+    gateway_name,
+    version_child_name,
+    version_url,
+)
+from kubetune.operator.permissions import ChildResource
+from kubetune.plan.deployment import (
+    DeploymentRef,
+    GatewayObservation,
+    VersionObservation,
+    VersionServing,
+)
+
+VERSION_RESOURCES = (kube.DEPLOYMENTS, kube.SERVICES, kube.HORIZONTAL_POD_AUTOSCALERS)
+# The kubelet refreshes a mounted ConfigMap within its sync period plus its cache's TTL (1 minute
+# each by default): a removed version serves that long after the gateway config dropped it.
+RETIRE_AFTER_S = 150.0
+
+
+def _retired_at(deployment: Mapping[str, Any]) -> float | None:
+    stamp = ((deployment.get("metadata") or {}).get("annotations") or {}).get(RETIRED_AT_ANNOTATION)
+    if not stamp:
+        return None
+    try:
+        return datetime.fromisoformat(str(stamp)).timestamp()
+    except ValueError:
+        return 0.0  # unreadable: long retired
+
+
+def rollout_state(deployment: Mapping[str, Any], required: int) -> tuple[bool, str | None]:
+    """Whether a Deployment (as stored, with status) serves its current spec with ``required`` ready pods."""
+    name = deployment.get("metadata", {}).get("name", "?")
+    if required < 1:
+        return False, f"Deployment {name} is scaled to 0 replicas"
+    generation = deployment.get("metadata", {}).get("generation")
+    status = deployment.get("status") or {}
+    observed = status.get("observedGeneration")
+    if observed is None or (generation is not None and observed < generation):
+        return False, f"Deployment {name}: waiting for the Deployment controller to act on the new spec"
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
+            return (
+                False,
+                f"Deployment {name} is stuck: {condition.get('message') or 'progress deadline exceeded'}",
+            )
+    total = int(status.get("replicas") or 0)
+    updated = int(status.get("updatedReplicas") or 0)
+    ready = int(status.get("readyReplicas") or 0)
+    if updated < total:
+        return False, f"Deployment {name}: rolling out, {updated} of {total} pods run the current spec"
+    if updated < required or ready < required:
+        return False, f"Deployment {name}: {min(ready, updated)}/{required} pods ready"
+    return True, None
+
+
+def _required_replicas(version: VersionServing, stored: Mapping[str, Any]) -> int:
+    autoscaling = version.serving.autoscaling
+    if autoscaling is None:
+        return version.serving.replicas
+    # The HPA owns the count: at least minReplicas, or what the Deployment has until the HPA acts.
+    current = int((stored.get("spec") or {}).get("replicas", 1))
+    return max(1, min(autoscaling.min_replicas, current))
+
+
+def _client_error(error: KubeApiError) -> bool:
+    return 400 <= error.status < 500
+
+
+class KubernetesServing:
+    """ServingBackend on Kubernetes (see the module docstring)."""
+
+    def __init__(
+        self,
+        api: KubeApi,
+        images: ChildImages,
+        kube_runner: BlockingKube | None = None,
+        *,
+        retire_after_s: float = RETIRE_AFTER_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.api = api
+        self.images = images
+        self.runner = kube_runner
+        self.retire_after_s = retire_after_s
+        self.clock = clock
+
+    # ---- the synchronous ServingBackend ------------------------------------------------------------
+
+    def _blocking(self) -> BlockingKube:
+        if self.runner is None:
+            raise RuntimeError("KubernetesServing needs a BlockingKube for its synchronous methods")
+        return self.runner
+
+    def ensure_versions(
+        self, deployment: DeploymentRef, versions: Sequence[VersionServing]
+    ) -> Mapping[str, VersionObservation]:
+        return self._blocking().run(self.aensure_versions(deployment, versions))
+
+    def ensure_gateway(self, deployment: DeploymentRef, config: Mapping[str, Any]) -> GatewayObservation:
+        return self._blocking().run(self.aensure_gateway(deployment, config))
+
+    def remove(self, deployment: DeploymentRef) -> None:
+        self._blocking().run(self.aremove(deployment))
+
+    # ---- the work ------------------------------------------------------------------------------------
+
+    async def aensure_versions(
+        self, deployment: DeploymentRef, versions: Sequence[VersionServing]
+    ) -> dict[str, VersionObservation]:
+        observations: dict[str, VersionObservation] = {}
+        keep: set[tuple[str, str]] = set()
+        for version in versions:
+            try:
+                children = build_version_children(deployment, version, self.images)
+            except ValueError as error:
+                # Nothing to apply: leave whatever serves this version now as it is.
+                name = version_child_name(deployment.name, version.name)
+                keep |= {(resource.kind, name) for resource in VERSION_RESOURCES}
+                observations[version.name] = VersionObservation(url=None, ready=False, message=str(error))
+                continue
+            keep |= {(child["kind"], child["metadata"]["name"]) for child in children}
+            observations[version.name] = await self._apply_version(deployment, version, children)
+        await self._retire(deployment, keep, {version.name for version in versions})
+        return observations
+
+    async def _retire(self, deployment: DeploymentRef, keep: set[tuple[str, str]], wanted: set[str]) -> None:
+        """Delete the version objects that are no longer wanted.
+
+        An HPA whose version stays (autoscaling turned off) goes at once. A removed version keeps
+        serving for ``retire_after_s`` after it was first found unwanted (the time is written on
+        its Deployment): the gateway's pods see the ConfigMap without it only once the kubelet has
+        refreshed the mounted file, and until then they may still send it requests.
+        """
+        selector = f"{child_selector(deployment.name)},{COMPONENT_LABEL}={SERVING_COMPONENT}"
+        unwanted: dict[str, list[tuple[ChildResource, dict[str, Any]]]] = {}
+        for resource in VERSION_RESOURCES:
+            for obj in await kube.list_objects(self.api, resource, deployment.namespace, selector):
+                meta = obj["metadata"]
+                if (resource.kind, meta["name"]) in keep:
+                    continue
+                if deployment.uid is not None and kube.controller_uid(obj) != deployment.uid:
+                    continue  # it only carries the label: not ours to delete
+                version = (meta.get("labels") or {}).get(VERSION_LABEL, "")
+                unwanted.setdefault(version, []).append((resource, obj))
+        now = self.clock()
+        for version, objects in unwanted.items():
+            server = next((obj for resource, obj in objects if resource is kube.DEPLOYMENTS), None)
+            if version not in wanted and server is not None and self.retire_after_s > 0:
+                retired_at = _retired_at(server)
+                if retired_at is None:
+                    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                    patch = {"metadata": {"annotations": {RETIRED_AT_ANNOTATION: stamp}}}
+                    await kube.merge_patch(
+                        self.api, kube.DEPLOYMENTS, deployment.namespace, server["metadata"]["name"], patch
+                    )
+                    continue
+                if now - retired_at < self.retire_after_s:
+                    continue
+            for resource, obj in objects:
+                await kube.delete(self.api, resource, deployment.namespace, obj["metadata"]["name"])
+
+    async def _apply_version(
+        self, deployment: DeploymentRef, version: VersionServing, children: list[dict[str, Any]]
+    ) -> VersionObservation:
+        try:
+            stored = [await kube.apply(self.api, child) for child in children]
+        except ChildConflict as error:
+            return VersionObservation(url=None, ready=False, message=str(error))
+        except KubeApiError as error:
+            if not _client_error(error):
+                raise
+            refused = f"the API server refused version {version.name}'s objects: {error}"
+            return VersionObservation(url=None, ready=False, message=refused)
+        server = stored[0]
+        if _retired_at(server) is not None:  # the version came back before it was deleted
+            patch = {"metadata": {"annotations": {RETIRED_AT_ANNOTATION: None}}}
+            name = server["metadata"]["name"]
+            server = await kube.merge_patch(self.api, kube.DEPLOYMENTS, deployment.namespace, name, patch)
+        ready, message = rollout_state(server, _required_replicas(version, server))
+        return VersionObservation(url=version_url(deployment, version.name), ready=ready, message=message)
+
+    async def aensure_gateway(
+        self, deployment: DeploymentRef, config: Mapping[str, Any]
+    ) -> GatewayObservation:
+        try:
+            stored = [
+                await kube.apply(self.api, child)
+                for child in build_gateway_children(deployment, config, self.images)
+            ]
+        except ChildConflict as error:
+            return GatewayObservation(endpoint=None, ready=False, message=str(error))
+        except KubeApiError as error:
+            if not _client_error(error):
+                raise
+            return GatewayObservation(
+                endpoint=None, ready=False, message=f"the API server refused the gateway's objects: {error}"
+            )
+        gateway = next(obj for obj in stored if obj["metadata"]["name"] == gateway_name(deployment.name))
+        ready, message = rollout_state(gateway, int(gateway.get("spec", {}).get("replicas", 1)))
+        return GatewayObservation(endpoint=gateway_endpoint(deployment), ready=ready, message=message)
+
+    async def aremove(self, deployment: DeploymentRef) -> list[tuple[str, str]]:
+        """Delete every child of the deployment; returns the (kind, name) of what was deleted."""
+        return await kube.prune(
+            self.api, deployment.namespace, child_selector(deployment.name), set(), deployment.uid
+        )
