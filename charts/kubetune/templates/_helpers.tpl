@@ -49,25 +49,35 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{- define "kubetune.servingImage" -}}
+{{- default (printf "ghcr.io/kubetune/serving:%s" .Chart.AppVersion) .Values.servingImage }}
+{{- end }}
+
+{{- define "kubetune.gatewayImage" -}}
+{{- default (printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag)) .Values.gatewayImage }}
+{{- end }}
+
 {{- define "kubetune.runtimeImage" -}}
 {{- default (printf "ghcr.io/kubetune/runtime:%s" .Chart.AppVersion) .Values.runtimeImage }}
 {{- end }}
 
-{{/* RBAC rules for kubetune's own resources and the Events the operator posts (namespaced or cluster-wide). */}}
+{{/*
+RBAC rules, generated from the code (kubetune.operator.permissions) into files/rbac-rules.yaml by
+scripts/render_manifests.py: "namespaced" for a Role per watched namespace, "clusterwide" for what a
+cluster-wide operator needs on top of them.
+*/}}
+{{- define "kubetune.generatedRules" -}}
+{{- $rules := .Files.Get "files/rbac-rules.yaml" | fromYaml }}
+{{- if not (and (hasKey $rules "namespaced") (hasKey $rules "clusterwide")) }}
+{{- fail "files/rbac-rules.yaml is missing or malformed: run `python scripts/render_manifests.py`" }}
+{{- end }}
+{{- toYaml $rules }}
+{{- end }}
+
 {{- define "kubetune.rules" -}}
-- apiGroups: ["kubetune.dev"]
-  resources: ["finetunejobs", "quantizejobs"]
-  verbs: ["get", "list", "watch", "patch"]
-- apiGroups: ["kubetune.dev"]
-  resources: ["finetunejobs/status", "quantizejobs/status"]
-  verbs: ["patch"]
-- apiGroups: ["kubetune.dev"]
-  resources: ["finetunejobs/finalizers", "quantizejobs/finalizers"]
-  verbs: ["patch"]
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create"]
+{{- (include "kubetune.generatedRules" . | fromYaml).namespaced | toYaml }}
+{{- end }}
+
+{{- define "kubetune.clusterRules" -}}
+{{- (include "kubetune.generatedRules" . | fromYaml).clusterwide | toYaml }}
 {{- end }}

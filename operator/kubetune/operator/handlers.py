@@ -10,6 +10,7 @@ import kopf
 from kubetune.api.common import GROUP, VERSION
 from kubetune.config import OperatorConfig
 from kubetune.controller import Backends, cancel_job, reconcile_finetune, reconcile_quantize
+from kubetune.operator.metrics import METRICS, MetricsServer, serve
 from kubetune.plan.lifecycle import Decision, is_finished
 
 FINALIZER = "kubetune.dev/finalizer"
@@ -27,6 +28,18 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300
     if "backends" not in memo:
         memo["backends"] = Backends(OperatorConfig.from_env())
+    # `kubetune operator` (main.py) puts the port in the memo; without one, no endpoint is served.
+    port = int(memo.get("metrics_port") or 0)
+    if port and memo.get("metrics_server") is None:
+        memo["metrics_server"] = serve(port, str(memo.get("metrics_address") or "0.0.0.0"))
+
+
+@kopf.on.cleanup()
+def stop_metrics_server(memo: kopf.Memo, **_: Any) -> None:
+    server = memo.get("metrics_server")
+    if isinstance(server, MetricsServer):
+        server.stop()
+        memo["metrics_server"] = None
 
 
 def _unfinished(body: kopf.Body, **_: Any) -> bool:
@@ -67,19 +80,34 @@ def _write(decision: Decision, body: kopf.Body, patch: kopf.Patch) -> None:
 
 @kopf.timer(GROUP, VERSION, "finetunejobs", interval=_INTERVAL_S, initial_delay=0, when=_unfinished)
 def reconcile_finetunejob(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    _write(reconcile_finetune(dict(body), _backends(memo)), body, patch)
+    with METRICS.reconcile("FineTuneJob"):
+        _write(reconcile_finetune(dict(body), _backends(memo)), body, patch)
 
 
 @kopf.timer(GROUP, VERSION, "quantizejobs", interval=_INTERVAL_S, initial_delay=0, when=_unfinished)
 def reconcile_quantizejob(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **kwargs: Any) -> None:
     # Kopf passes indexes as keyword arguments named after the index function.
     lookup = _lookup(kwargs["finetunejobs_by_name"])
-    _write(reconcile_quantize(dict(body), _backends(memo), lookup), body, patch)
+    with METRICS.reconcile("QuantizeJob"):
+        _write(reconcile_quantize(dict(body), _backends(memo), lookup), body, patch)
 
 
 @kopf.on.delete(GROUP, VERSION, "finetunejobs")
 @kopf.on.delete(GROUP, VERSION, "quantizejobs")
 def cancel_pipeline_run(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **kwargs: Any) -> None:
-    run_id = cancel_job(dict(body), _backends(memo), lookup=_lookup(kwargs["finetunejobs_by_name"]))
+    with METRICS.reconcile(str(body.get("kind"))):
+        run_id = cancel_job(dict(body), _backends(memo), lookup=_lookup(kwargs["finetunejobs_by_name"]))
     if run_id is not None:
         logger.info("cancelled pipeline run %s", run_id)
+
+
+@kopf.on.event(GROUP, VERSION, "finetunejobs")
+@kopf.on.event(GROUP, VERSION, "quantizejobs")
+def count_jobs_by_state(type: str | None, body: kopf.Body, resource: kopf.Resource, **_: Any) -> None:
+    """Keep the jobs-by-state gauge current from every watch event, finished jobs and deletions included."""
+    kind = str(body.get("kind") or resource.kind)
+    namespace, name = body.metadata.namespace, str(body.metadata.name)
+    if type == "DELETED":
+        METRICS.forget_job(kind, namespace, name)
+    else:
+        METRICS.observe_job(kind, namespace, name, (body.get("status") or {}).get("phase"))

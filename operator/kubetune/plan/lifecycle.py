@@ -19,10 +19,9 @@ from pydantic import BaseModel
 from kubetune.api.validation import ResourceInvalid
 from kubetune.backends.base import RunRequest, RunStatus
 from kubetune.config import OperatorConfig
-from kubetune.plan.conditions import find_condition, set_condition
+from kubetune.plan.conditions import SUCCEEDED, find_condition, set_job_conditions
 from kubetune.workspace import WorkspaceReport
 
-SUCCEEDED = "Succeeded"
 Action = Literal["none", "submit", "resume", "cancel"]
 
 
@@ -215,9 +214,11 @@ def plan_job(
     status: dict[str, Any] = {k: v for k, v in current.items() if not k.startswith("kopf")}
     status["observedGeneration"] = generation
 
-    def with_condition(state: str, reason: str, message: str, phase: str) -> dict[str, Any]:
-        status["conditions"] = set_condition(
-            conditions, SUCCEEDED, state, reason, message, now=now, generation=generation
+    def with_condition(
+        state: Literal["True", "False", "Unknown"], reason: str, message: str, phase: str
+    ) -> dict[str, Any]:
+        status["conditions"] = set_job_conditions(
+            conditions, state, reason, message, now=now, generation=generation
         )
         status["phase"] = phase
         return status

@@ -1,4 +1,8 @@
-"""The Argo CD health check runs as Lua (lupa) against job status fixtures, as Argo CD would run it."""
+"""The Argo CD health checks run as Lua (lupa) against status fixtures, as Argo CD would run them.
+
+Job fixtures are hand-written here and also produced by the real planning code (status_fixtures.py);
+ModelDeployment fixtures are the contract's (fixtures/modeldeployment-statuses.yaml).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,21 @@ from typing import Any
 import lupa
 import pytest
 import yaml
+from status_fixtures import Case, job_cases, modeldeployment_cases
 
-HEALTH_SCRIPT = Path(__file__).resolve().parents[3] / "manifests" / "argocd" / "health-job.lua"
+from kubetune.api.registry import all_definitions
+
+ARGOCD = Path(__file__).resolve().parents[3] / "manifests" / "argocd"
+HEALTH_SCRIPT = ARGOCD / "health-job.lua"
+MODELDEPLOYMENT_SCRIPT = ARGOCD / "health-modeldeployment.lua"
+SCRIPTS = {
+    "FineTuneJob": HEALTH_SCRIPT,
+    "QuantizeJob": HEALTH_SCRIPT,
+    "ModelDeployment": MODELDEPLOYMENT_SCRIPT,
+}
 
 
-def health(obj: dict[str, Any]) -> dict[str, str]:
+def health(obj: dict[str, Any], script: Path = HEALTH_SCRIPT) -> dict[str, str]:
     runtime = lupa.LuaRuntime(unpack_returned_tuples=True)
 
     def table(value: Any) -> Any:
@@ -23,7 +37,7 @@ def health(obj: dict[str, Any]) -> dict[str, str]:
         return value
 
     runtime.globals()["obj"] = table(obj)
-    result = runtime.execute(HEALTH_SCRIPT.read_text())
+    result = runtime.execute(script.read_text())
     return {"status": str(result["status"]), "message": str(result["message"])}
 
 
@@ -61,9 +75,45 @@ def test_message_carries_reason_and_message() -> None:
     assert result["message"] == "QualityGateFailed: exactMatch 0.1 < 0.5"
 
 
-def test_the_argocd_cm_patch_embeds_the_script_for_every_job_kind() -> None:
-    patch = yaml.safe_load((HEALTH_SCRIPT.parent / "argocd-cm-health.yaml").read_text())
-    for kind in ("FineTuneJob", "QuantizeJob"):
-        assert (
-            patch["data"][f"resource.customizations.health.kubetune.dev_{kind}"] == HEALTH_SCRIPT.read_text()
-        )
+def test_the_argocd_cm_patch_embeds_the_script_for_every_kind() -> None:
+    patch = yaml.safe_load((ARGOCD / "argocd-cm-health.yaml").read_text())
+    kinds = {definition.kind for definition in all_definitions()}
+    assert set(SCRIPTS) == kinds
+    assert patch["data"] == {
+        f"resource.customizations.health.kubetune.dev_{kind}": script.read_text()
+        for kind, script in SCRIPTS.items()
+    }
+
+
+@pytest.mark.parametrize("case", [*job_cases(), *modeldeployment_cases()], ids=lambda case: case.name)
+def test_health_of_planned_jobs_and_contract_deployments(case: Case) -> None:
+    result = health(case.obj, SCRIPTS[case.obj["kind"]])
+    assert result["status"] == case.argocd
+    assert case.message in result["message"]
+
+
+@pytest.mark.parametrize(
+    ("conditions", "expected", "message"),
+    [
+        # Progressing wins over Ready False: versions still starting are not a failure yet.
+        ({"Ready": "False", "Progressing": "True"}, "Progressing", "P: p"),
+        # Ready False with nothing in progress and no Stalled condition (e.g. a version crashed).
+        ({"Ready": "False", "Progressing": "False"}, "Degraded", "R: r"),
+        ({"Ready": "False"}, "Degraded", "R: r"),
+        ({"Ready": "Unknown"}, "Progressing", "Waiting for the Ready condition"),
+        ({"Ready": "True", "Stalled": "True"}, "Degraded", "S: s"),
+        ({"Progressing": "False"}, "Progressing", "Waiting for the Ready condition"),
+    ],
+)
+def test_modeldeployment_condition_combinations(
+    conditions: dict[str, str], expected: str, message: str
+) -> None:
+    status = {
+        "observedGeneration": 1,
+        "conditions": [
+            {"type": type_, "status": state, "reason": type_[0], "message": type_[0].lower()}
+            for type_, state in conditions.items()
+        ],
+    }
+    result = health(job(status), MODELDEPLOYMENT_SCRIPT)
+    assert (result["status"], result["message"]) == (expected, message)

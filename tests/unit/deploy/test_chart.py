@@ -19,8 +19,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kubetune.api.registry import all_definitions
 from kubetune.cli import build_parser
 from kubetune.config import OperatorConfig
+from kubetune.operator import permissions
+from kubetune.operator.metrics import port_from_env
 
 REPO = Path(__file__).resolve().parents[3]
 CHART_DIR = REPO / "charts" / "kubetune"
@@ -38,7 +41,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "defaultExecutor": "kfp",
         "kfp": {"host": "http://ml-pipeline.kubeflow:8888", "uiUrl": "https://kfp.example.com"},
         "workspace": {"claim": "kubetune-workspace"},
-        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "metrics": {
+            "port": 9191,
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+            "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+            "grafanaDashboard": {"enabled": True},
+        },
         "imagePullSecrets": [{"name": "regcred"}],
         "podAnnotations": {"a": "b"},
         "nodeSelector": {"kubernetes.io/os": "linux"},
@@ -138,6 +146,8 @@ def test_values_schema_is_draft7_strict_and_documented(chart: helm.Chart) -> Non
         ({"workspace": {"claim": "Bad Claim"}}, "claim"),
         ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "enabled"),
         ({"replicas": 2}, "replicas"),
+        ({"metrics": {"port": 80}}, "port"),
+        ({"metrics": {"prometheusRule": {"slowReconcileSeconds": 0}}}, "slowReconcileSeconds"),
     ],
 )
 def test_schema_rejects_bad_values_naming_the_field(
@@ -283,6 +293,9 @@ def test_configmap_is_read_by_operator_config(chart: helm.Chart) -> None:
     assert config.artifact_store == "/var/lib/kubetune/artifacts"
     assert config.runtime_image == "ghcr.io/kubetune/runtime:0.1.0"
     assert (config.reconcile_interval_s, config.max_run_attempts) == (2.0, 3)
+    assert port_from_env(default["data"]) == 9090
+    (disabled,) = by_kind(objects(render(chart, {"metrics": {"enabled": False}})), "ConfigMap")
+    assert port_from_env(disabled["data"]) == 0
 
 
 def test_metrics_service_and_optional_servicemonitor(chart: helm.Chart) -> None:
@@ -293,13 +306,71 @@ def test_metrics_service_and_optional_servicemonitor(chart: helm.Chart) -> None:
     ]
     pod_labels = the_deployment(chart)["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
-    assert by_kind(docs, "ServiceMonitor") == []
+    assert by_kind(docs, "ServiceMonitor") == [] and by_kind(docs, "PrometheusRule") == []
     enabled = {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}
     (monitor,) = by_kind(objects(render(chart, enabled)), "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+
+
+def test_metrics_port_is_one_value_for_pod_service_and_operator(chart: helm.Chart) -> None:
+    docs = objects(render(chart, {"metrics": {"port": 9191}}))
+    (configmap,) = by_kind(docs, "ConfigMap")
+    (service,) = by_kind(docs, "Service")
+    (container,) = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"]
+    assert port_from_env(configmap["data"]) == 9191
+    assert {"name": "metrics", "containerPort": 9191, "protocol": "TCP"} in container["ports"]
+    assert service["spec"]["ports"][0]["port"] == 9191
+
+
+def test_metrics_can_be_disabled(chart: helm.Chart) -> None:
+    values = {
+        "metrics": {
+            "enabled": False,
+            "serviceMonitor": {"enabled": True},
+            "prometheusRule": {"enabled": True},
+        }
+    }
+    docs = objects(render(chart, values))
+    assert by_kind(docs, "Service") == []
+    assert by_kind(docs, "ServiceMonitor") == [] and by_kind(docs, "PrometheusRule") == []
+    (container,) = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"]
+    assert all(port["name"] != "metrics" for port in container["ports"])
+
+
+def test_prometheus_rule(chart: helm.Chart) -> None:
+    values = {"metrics": {"prometheusRule": {"enabled": True, "labels": {"release": "prom"}}}}
+    (rule,) = by_kind(objects(render(chart, values)), "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert set(alerts) == {
+        "KubetuneOperatorDown",
+        "KubetuneReconcileErrors",
+        "KubetuneReconcileSlow",
+        "KubetuneJobFailed",
+        "KubetuneRolloutRolledBack",
+    }
+    for alert in alerts.values():
+        # Scoped to this release's operator, as the ServiceMonitor's target labels them.
+        assert 'namespace="kubetune-system", service="kubetune"' in alert["expr"]
+        assert alert["labels"]["severity"] in ("critical", "warning", "info")
+    assert alerts["KubetuneReconcileErrors"]["for"] == "15m"
+    assert alerts["KubetuneReconcileSlow"]["expr"].endswith("> 10")
+    # Prometheus templates survive Helm's templating.
+    assert alerts["KubetuneReconcileErrors"]["annotations"]["summary"].startswith("{{ $labels.kind }}")
+
+
+def test_grafana_dashboard_configmap_is_the_committed_dashboard(chart: helm.Chart) -> None:
+    (configmap,) = [
+        doc
+        for doc in objects(render(chart, {"metrics": {"grafanaDashboard": {"enabled": True}}}))
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "kubetune-dashboard"
+    ]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    committed = json.loads((REPO / "manifests" / "grafana" / "kubetune-dashboard.json").read_text())
+    assert json.loads(configmap["data"]["kubetune-dashboard.json"]) == committed
 
 
 def test_notes_render(chart: helm.Chart) -> None:
@@ -326,25 +397,45 @@ def _grants(rules: Iterator[dict[str, Any]]) -> set[tuple[str, str, str]]:
     }
 
 
-OWN = {
-    *(
-        ("kubetune.dev", r, v)
-        for r in ("finetunejobs", "quantizejobs")
-        for v in ("get", "list", "watch", "patch")
-    ),
-    *(
-        ("kubetune.dev", f"{r}/{s}", "patch")
-        for r in ("finetunejobs", "quantizejobs")
-        for s in ("status", "finalizers")
-    ),
-    ("", "events", "create"),
-    ("events.k8s.io", "events", "create"),
-}
-DISCOVERY = {
-    *(("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")),
-    ("", "namespaces", "list"),
-    ("", "namespaces", "watch"),
-}
+# The rules are generated from the code (kubetune.operator.permissions); these pin what that means.
+NAMESPACED = permissions.grants(clusterwide=False)
+CLUSTERWIDE = permissions.grants(clusterwide=True)
+
+
+def test_generated_grants_cover_the_registry_children_and_kopf() -> None:
+    for definition in all_definitions():
+        for verb in ("get", "list", "watch", "patch"):
+            assert ("kubetune.dev", definition.plural, verb) in NAMESPACED
+        assert ("kubetune.dev", f"{definition.plural}/status", "patch") in NAMESPACED
+    for child in permissions.CHILD_RESOURCES:
+        for verb in ("get", "list", "watch", "create", "patch", "delete"):
+            assert (child.group, child.plural, verb) in NAMESPACED
+    assert ("kubetune.dev", "modeldeployments/finalizers", "update") in NAMESPACED
+    assert ("", "events", "create") in NAMESPACED
+    cluster_only = CLUSTERWIDE - NAMESPACED
+    assert cluster_only == {
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    }
+    # Never: Secrets, Pods, RBAC itself, or anything cluster-scoped beyond CRD discovery.
+    resources = {resource for _, resource, _ in CLUSTERWIDE}
+    assert not resources & {"secrets", "pods", "roles", "rolebindings", "namespaces"}
+
+
+def test_child_resources_must_name_a_known_owner() -> None:
+    stray = permissions.ChildResource("", "v1", "pods", "Pod", owner_kind="Nope")
+    with pytest.raises(ValueError, match="Pod is owned by unknown kind 'Nope'"):
+        permissions.grants(clusterwide=False, children=[stray])
+
+
+def test_rules_refuse_wildcards() -> None:
+    with pytest.raises(ValueError, match="no wildcards"):
+        permissions.rules([("", "*", "get")])
+
+
+def test_chart_rules_file_is_the_generated_one() -> None:
+    generated = yaml.safe_load((CHART_DIR / "files" / "rbac-rules.yaml").read_text())
+    assert generated == permissions.rules_document()
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -358,7 +449,7 @@ def test_rbac_has_no_wildcards(chart: helm.Chart, variant: str) -> None:
 def test_cluster_wide_rbac(chart: helm.Chart) -> None:
     docs = objects(render(chart))
     assert by_kind(docs, "Role") == [] and by_kind(docs, "RoleBinding") == []
-    assert _grants(_rules(docs)) == OWN | DISCOVERY
+    assert _grants(_rules(docs)) == CLUSTERWIDE
     (binding,) = by_kind(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -376,7 +467,7 @@ def test_namespaced_rbac(chart: helm.Chart) -> None:
     assert [b["metadata"]["namespace"] for b in bindings] == ["a", "b"]
     for role in roles:
         # No discovery permissions: with exact namespaces Kopf's namespace/CRD scanning is disabled.
-        assert _grants(iter(role["rules"])) == OWN
+        assert _grants(iter(role["rules"])) == NAMESPACED
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune", "namespace": NAMESPACE}]
@@ -440,6 +531,10 @@ def test_render_script_check_mode_detects_drift(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(script, "MANIFESTS", scratch)
     monkeypatch.setattr(script, "CRD_DIR", scratch / "crds")
     monkeypatch.setattr(script, "OPERATOR_DIR", scratch / "operator")
+    (scratch / "argocd").mkdir()
+    for lua in (REPO / "manifests" / "argocd").glob("*.lua"):
+        (scratch / "argocd" / lua.name).write_text(lua.read_text())
+    monkeypatch.setattr(script, "ARGOCD_DIR", scratch / "argocd")
     assert script.main(["--check"]) == 1
     assert script.main([]) == 0
     assert script.main(["--check"]) == 0

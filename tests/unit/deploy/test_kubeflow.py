@@ -1,0 +1,207 @@
+"""The Kubeflow UI artifacts (manifests/kubeflow): reproducible, complete, and runnable.
+
+`kubetune compile --standard --out-dir manifests/kubeflow` writes them; the first test recompiles into
+a temporary directory and compares byte for byte. The last one runs the fine-tune-then-quantize
+pipeline with kfp's local runner and stand-in steps, to show the chaining works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.api.validation import parse_resource
+from kubetune.cli import main as cli_main
+from kubetune.pipelines.components import STEP_FUNCTIONS
+from kubetune.pipelines.standard import (
+    EXAMPLE_CHAINED_QUANTIZE_JOB,
+    EXAMPLE_FINETUNE_JOB,
+    EXAMPLE_QUANTIZE_JOB,
+    RUNTIME_IMAGE,
+    resolve_finetune_job,
+    resolve_quantize_job,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+COMMITTED = REPO / "manifests" / "kubeflow"
+FAKE_STEPS = REPO / "tests" / "integration" / "fake_steps"
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_committed_artifacts_are_what_the_command_writes(tmp_path: Path) -> None:
+    for path in (COMMITTED / "pipelines").glob("*.yaml"):
+        assert len(list(yaml.safe_load_all(path.read_text()))) == 2, path  # pipeline spec + platform spec
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["compile", "--standard", "--out-dir", str(tmp_path)])
+    assert exit_.value.code == 0
+    fresh, committed = tree(tmp_path), tree(COMMITTED)
+    assert sorted(fresh) == sorted(committed), "run: kubetune compile --standard --out-dir manifests/kubeflow"
+    stale = [name for name in fresh if fresh[name] != committed[name]]
+    assert stale == [], f"{stale} differ: run kubetune compile --standard --out-dir manifests/kubeflow"
+
+
+def test_compile_refuses_mixed_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["compile", "--standard"], ["compile", "--standard", "--out-dir", "x", "-f", "y"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(argv)
+        assert exit_.value.code == 2
+    assert "--standard takes --out-dir only" in capsys.readouterr().err
+
+
+def test_every_component_has_a_spec_on_the_runtime_image() -> None:
+    names = {p.stem for p in (COMMITTED / "components").glob("*.yaml")}
+    assert names == set(STEP_FUNCTIONS) | {"resolve-finetune-job", "resolve-quantize-job"}
+    for path in (COMMITTED / "components").glob("*.yaml"):
+        spec = yaml.safe_load(path.read_text())
+        (executor,) = spec["deploymentSpec"]["executors"].values()
+        assert executor["container"]["image"] == RUNTIME_IMAGE
+
+
+def ui_parameters(pipeline: str) -> dict[str, Any]:
+    spec = next(yaml.safe_load_all((COMMITTED / "pipelines" / f"{pipeline}.yaml").read_text()))
+    parameters: dict[str, Any] = spec["root"]["inputDefinitions"]["parameters"]
+    return parameters
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "parameters"),
+    [
+        ("finetune", {"job", "artifact_store", "workspace_root"}),
+        ("quantize", {"job", "artifact_store", "workspace_root"}),
+        ("finetune-then-quantize", {"finetune_job", "quantize_job", "artifact_store", "workspace_root"}),
+    ],
+)
+def test_pipelines_take_what_a_user_fills_in_with_valid_examples(pipeline: str, parameters: set[str]) -> None:
+    found = ui_parameters(pipeline)
+    assert set(found) == parameters
+    for name, parameter in found.items():
+        assert parameter["parameterType"] == "STRING" and parameter["defaultValue"], name
+        if name.endswith("job"):
+            parse_resource(yaml.safe_load(parameter["defaultValue"]))  # the example itself is valid
+
+
+def test_steps_mount_the_workspace_claim_and_carry_ui_labels() -> None:
+    docs = list(yaml.safe_load_all((COMMITTED / "pipelines" / "finetune-then-quantize.yaml").read_text()))
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert len(executors) == 11  # 2 resolvers, 5 fine-tune tasks (evaluate twice), 4 quantize tasks
+    for name, config in executors.items():
+        assert config["pvcMount"][0]["constant"] == "kubetune-workspace", name
+        assert config["pvcMount"][0]["mountPath"] == "/mnt/pvc/kubetune-workspace", name
+        assert config["podMetadata"]["labels"]["kubetune.dev/started-by"] == "kubeflow-ui", name
+
+
+# --- the resolvers run the operator's own validation and resolution ---------------------------------------
+
+
+def test_resolve_finetune_job() -> None:
+    config_json, workspace = resolve_finetune_job(EXAMPLE_FINETUNE_JOB, "s3://store", "pvc://ws/runs/", "r1")
+    config = json.loads(config_json)
+    assert (config["kind"], config["metadata"]["name"]) == ("FineTuneJob", "support-router")
+    assert config["spec"]["output"]["uri"] == "s3://store"
+    assert config["spec"]["training"]["batchSize"] >= 1  # defaults filled in
+    assert workspace == "pvc://ws/runs/r1/finetune"
+
+
+def test_resolve_reports_invalid_jobs_by_field() -> None:
+    bad = EXAMPLE_FINETUNE_JOB.replace('"learningRate": "3e-3"', '"learningRate": "fast"')
+    assert bad != EXAMPLE_FINETUNE_JOB
+    with pytest.raises(ValueError, match=r"job is invalid: .*spec\.training\.learningRate"):
+        resolve_finetune_job(bad, "s3://store", "pvc://ws", "r1")
+    with pytest.raises(ValueError, match="paste a FineTuneJob"):
+        resolve_finetune_job("just text", "s3://store", "pvc://ws", "r1")
+    with pytest.raises(ValueError, match="expected FineTuneJob"):
+        resolve_finetune_job(EXAMPLE_QUANTIZE_JOB, "s3://store", "pvc://ws", "r1")
+
+
+def test_resolve_quantize_job_alone_and_after_a_finetune(tmp_path: Path) -> None:
+    config_json, workspace = resolve_quantize_job(EXAMPLE_QUANTIZE_JOB, "s3://store", "pvc://ws", "r1")
+    assert json.loads(config_json)["spec"]["model"]["uri"].endswith("/support-router/v1")
+    assert workspace == "pvc://ws/r1/quantize"
+    with pytest.raises(ValueError, match=r"fineTuneJobRef \(support-router\) is resolved by the operator"):
+        resolve_quantize_job(EXAMPLE_CHAINED_QUANTIZE_JOB, "s3://store", "pvc://ws", "r1")
+
+    finetune_config, finetune_ws = resolve_finetune_job(
+        EXAMPLE_FINETUNE_JOB, "s3://store", str(tmp_path), "r1"
+    )
+    with pytest.raises(ValueError, match="published nothing"):
+        resolve_quantize_job(
+            EXAMPLE_CHAINED_QUANTIZE_JOB, "s3://store", "pvc://ws", "r1", finetune_config, finetune_ws
+        )
+    Path(finetune_ws).mkdir(parents=True)
+    (Path(finetune_ws) / "output.json").write_text(json.dumps({"uri": "s3://store/support-router/v3"}))
+    chained, _ = resolve_quantize_job(
+        EXAMPLE_CHAINED_QUANTIZE_JOB, "s3://store", "pvc://ws", "r1", finetune_config, finetune_ws
+    )
+    spec = json.loads(chained)["spec"]
+    assert spec["model"]["uri"] == "s3://store/support-router/v3"
+    assert spec["dataset"] == json.loads(finetune_config)["spec"]["dataset"]  # the fine-tune's held-out data
+    other = EXAMPLE_CHAINED_QUANTIZE_JOB.replace('{"name": "support-router"}', '{"name": "someone-else"}')
+    assert other != EXAMPLE_CHAINED_QUANTIZE_JOB
+    with pytest.raises(ValueError, match=r"spec\.model must be fineTuneJobRef: \{name: support-router\}"):
+        resolve_quantize_job(other, "s3://store", "pvc://ws", "r1", finetune_config, finetune_ws)
+
+
+# --- a local run of the chained pipeline ------------------------------------------------------------------
+
+# The stand-in steps of the integration tests, which (unlike the real steps) expect their workspace to exist.
+WRAPPER = """
+from kubetune_components import {module} as _fake
+from kubetune_components.storage import resolve_local_path
+
+
+def {function}(name, config, workspace, **kwargs):
+    resolve_local_path(workspace).mkdir(parents=True, exist_ok=True)
+    return _fake.{function}(name, config, workspace, **kwargs)
+"""
+
+RUN = """
+import warnings
+warnings.simplefilter("ignore")
+from kfp import local
+from kubetune.pipelines.standard import build_finetune_then_quantize_ui_pipeline as build
+from kubetune.pipelines.standard import EXAMPLE_CHAINED_QUANTIZE_JOB, EXAMPLE_FINETUNE_JOB
+local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root={root!r}, raise_on_error=True)
+build()(finetune_job=EXAMPLE_FINETUNE_JOB, quantize_job=EXAMPLE_CHAINED_QUANTIZE_JOB,
+        artifact_store={store!r}, workspace_root={workspaces!r})
+"""
+
+
+def test_finetune_then_quantize_runs_and_quantizes_what_the_finetune_published(tmp_path: Path) -> None:
+    fakes = tmp_path / "fakes" / "kubetune_components"
+    shutil.copytree(FAKE_STEPS / "kubetune_components", fakes)
+    for module, function in (("steps", "run_step"), ("quantize_steps", "run_quantize_step")):
+        (fakes / f"{module}.py").rename(fakes / f"_fake_{module}.py")
+        (fakes / f"{module}.py").write_text(WRAPPER.format(module=f"_fake_{module}", function=function))
+    workspaces = tmp_path / "runs"
+    script = RUN.format(
+        root=str(tmp_path / "root"), store=str(tmp_path / "store"), workspaces=str(workspaces)
+    )
+    env = {**os.environ, "PYTHONPATH": str(fakes.parent)}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = workspaces.iterdir()  # <workspace_root>/<run id>/{finetune,quantize}
+    finetune_steps = (run / "finetune" / "starts.log").read_text().split()
+    assert finetune_steps[0] == "curate" and finetune_steps[-1] == "publish"
+    published = json.loads((run / "finetune" / "output.json").read_text())["uri"]
+    quantize_steps = (run / "quantize" / "starts.log").read_text().splitlines()
+    assert [line.split()[0] for line in quantize_steps] == [
+        "measure-source",
+        "quantize",
+        "measure-quantized",
+        "publish-quantized",
+    ]
+    assert {line.split()[1] for line in quantize_steps} == {published}
