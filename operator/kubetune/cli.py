@@ -49,6 +49,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from kubetune.api.validation import ResourceInvalid, parse_resource, read_manifests
     from kubetune.pipelines.compile import compile_resource
 
+    if args.standard:
+        if args.filename or args.output or not args.out_dir:
+            print("error: --standard takes --out-dir only (not -f/-o)", file=sys.stderr)
+            return 2
+        from kubetune.pipelines.standard import compile_standard
+
+        for path in compile_standard(Path(args.out_dir)):
+            print(f"wrote {path}")
+        return 0
+    if not args.filename or not args.output or args.out_dir:
+        print("error: compile needs -f FILE -o OUTPUT (or --standard --out-dir DIR)", file=sys.stderr)
+        return 2
     documents = [d for d in read_manifests([Path(args.filename)]) if d.get("kind")]
     if len(documents) != 1:
         print(
@@ -70,6 +82,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     from kubetune.local.up import up
 
     return up([Path(p) for p in args.filename or []], _settings(args))
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from kubetune.gateway.__main__ import serve
+    from kubetune.gateway.config import GatewayConfigError
+
+    try:
+        serve(
+            args.config,
+            args.host,
+            args.port,
+            reload_interval_seconds=args.reload_interval,
+            log_level=args.log_level,
+            access_log=args.access_log,
+        )
+    except GatewayConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -180,14 +211,40 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("-f", "--filename", action="append", required=True, help="file or directory")
     validate.set_defaults(func=cmd_validate)
 
-    compile_ = sub.add_parser("compile", help="compile a job to a Kubeflow Pipelines YAML package")
-    compile_.add_argument("-f", "--filename", required=True)
-    compile_.add_argument("-o", "--output", required=True)
+    compile_ = sub.add_parser(
+        "compile",
+        help="compile a job to a Kubeflow Pipelines YAML package, or (--standard) the Kubeflow UI "
+        "pipelines and component specs",
+    )
+    compile_.add_argument("-f", "--filename")
+    compile_.add_argument("-o", "--output")
+    compile_.add_argument(
+        "--standard",
+        action="store_true",
+        help="write the standard pipelines and every component spec for upload in the Kubeflow UI",
+    )
+    compile_.add_argument("--out-dir", help="with --standard: where to write components/ and pipelines/")
     compile_.set_defaults(func=cmd_compile)
 
-    up = sub.add_parser("up", help="run resources locally until every job is finished")
+    up = sub.add_parser(
+        "up",
+        help="run resources locally: jobs until they finish, ModelDeployments served until Ctrl+C "
+        "(with another `up` running, apply the files for it to pick up)",
+    )
     up.add_argument("-f", "--filename", action="append", help="file or directory (may repeat)")
     up.set_defaults(func=cmd_up)
+
+    gateway = sub.add_parser(
+        "gateway",
+        help="run a ModelDeployment's OpenAI-compatible gateway (reloads its config file on change)",
+    )
+    gateway.add_argument("--config", required=True, help="the gateway config (gateway.json)")
+    gateway.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
+    gateway.add_argument("--port", type=int, default=8080)
+    gateway.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config checks")
+    gateway.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    gateway.add_argument("--access-log", action="store_true", help="log every request")
+    gateway.set_defaults(func=cmd_gateway)
 
     get = sub.add_parser("get", help="list stored resources with their status")
     get.add_argument("kind", help="kind, plural or short name (ftj)")

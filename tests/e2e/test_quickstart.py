@@ -15,12 +15,17 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.slow
 
 
+# Only the jobs: 03-deployment.yaml would keep `kubetune up` serving until interrupted (its e2e test is
+# test_deployment_local.py).
+JOBS = ("-f", "examples/quickstart/01-finetune.yaml", "-f", "examples/quickstart/02-quantize.yaml")
+
+
 def succeeded(obj: dict[str, Any]) -> dict[str, Any]:
     return next(c for c in obj["status"]["conditions"] if c["type"] == "Succeeded")
 
 
 def test_quickstart_finetune_beats_the_base_model(project: Path, kubetune: KubetuneCli) -> None:
-    result = kubetune("up", "-f", "examples/quickstart/")
+    result = kubetune("up", *JOBS)
     assert "finetunejob/support-router created" in result.stdout
     assert "Succeeded" in result.stdout
 
@@ -61,6 +66,6 @@ def test_quickstart_finetune_beats_the_base_model(project: Path, kubetune: Kubet
     assert table[0].split() == ["NAME", "STATUS", "PROGRESS", "%", "BASE", "MODEL", "AGE"]
     assert table[1].split()[:3] == ["support-router", "Succeeded", "100"]
 
-    again = kubetune("up", "-f", "examples/quickstart/")
+    again = kubetune("up", *JOBS)
     assert "finetunejob/support-router unchanged" in again.stdout
     assert "quantizejob/support-router-int8 unchanged" in again.stdout
