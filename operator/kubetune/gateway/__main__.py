@@ -1,0 +1,65 @@
+"""Run the gateway: ``python -m kubetune.gateway --config gateway.json --host 127.0.0.1 --port 8080``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from kubetune.gateway.config import GatewayConfigError, load_gateway_config
+
+DEFAULT_PORT = 8080
+
+
+def serve(
+    config_path: str | os.PathLike[str],
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    reload_interval_seconds: float = 1.0,
+    log_level: str = "info",
+    access_log: bool = False,
+) -> None:
+    """Serve the gateway for ``config_path`` until interrupted (blocks).
+
+    The config is validated first, so a bad file fails here with GatewayConfigError naming the
+    field, before any port is bound. Later changes to the file are picked up while serving.
+    """
+    import uvicorn
+
+    from kubetune.gateway.app import create_app
+
+    load_gateway_config(config_path)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(config_path, reload_interval_seconds=reload_interval_seconds)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubetune.gateway", description=__doc__)
+    parser.add_argument("--config", required=True, help="gateway config file (JSON); reloaded on change")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config checks")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--access-log", action="store_true", help="log every request (costs latency)")
+    args = parser.parse_args(argv)
+    try:
+        serve(
+            args.config,
+            args.host,
+            args.port,
+            reload_interval_seconds=args.reload_interval,
+            log_level=args.log_level,
+            access_log=args.access_log,
+        )
+    except GatewayConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The gateway's configuration file (``gateway.json``) and its live reloader.
+
+The operator renders this file from a ModelDeployment (ConfigMap key ``gateway.json`` on a cluster,
+a plain file locally); the gateway re-reads it when it changes, so weights move during a rollout
+without a restart. Unlike a resource ``spec`` it may hold floats. Field names are camelCase on the
+wire and unknown fields are rejected, so a typo never silently does nothing.
+
+Version weights are relative shares (``weight / sum(weights)``); the operator writes them summing
+to 100, and a version with weight 0 only receives requests pinned to it with the override header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import httpx
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+log = logging.getLogger(__name__)
+
+VERSION_NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+HEADER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+TEMPLATE_VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+INPUT_VARIABLE = "input"
+
+
+class GatewayConfigError(ValueError):
+    """The gateway config file is missing, not JSON, or not a valid GatewayConfig."""
+
+
+def _check_version_name(name: str) -> str:
+    if len(name) > 20 or not VERSION_NAME_PATTERN.match(name):
+        raise ValueError(
+            f"{name!r} is not a valid version name (a DNS label of at most 20 characters: "
+            "lowercase letters, digits and '-', starting and ending with a letter or digit)"
+        )
+    return name
+
+
+def _check_header_name(name: str) -> str:
+    if not HEADER_NAME_PATTERN.match(name):
+        raise ValueError(f"{name!r} is not a valid HTTP header name")
+    return name.lower()
+
+
+def _check_upstream_url(url: str) -> str:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"{url!r} is not a valid URL: {exc}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"{url!r} must be an absolute http:// or https:// URL")
+    if parsed.query or parsed.fragment:
+        raise ValueError(f"{url!r} must not have a query or fragment")
+    return url.rstrip("/")
+
+
+VersionName = Annotated[str, AfterValidator(_check_version_name)]
+HeaderName = Annotated[str, AfterValidator(_check_header_name)]
+UpstreamUrl = Annotated[str, AfterValidator(_check_upstream_url)]
+
+
+class GatewayModel(BaseModel):
+    """camelCase on the wire, snake_case in Python, unknown fields rejected, immutable."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class VersionConfig(GatewayModel):
+    name: VersionName
+    url: UpstreamUrl = Field(description="Base URL of the version's OpenAI-compatible server.")
+    weight: int = Field(ge=0, le=100)
+    prompt: str | None = Field(default=None, description="Name of a prompts[] entry.")
+
+
+class RoutingConfig(GatewayModel):
+    sticky_by: Literal["user", "header"] = "user"
+    header: HeaderName | None = None
+    override_header: HeaderName = "x-kubetune-version"
+
+    @model_validator(mode="after")
+    def _header_when_sticky_by_header(self) -> RoutingConfig:
+        if self.sticky_by == "header" and self.header is None:
+            raise ValueError("header is required when stickyBy is 'header'")
+        return self
+
+
+class GenerationDefaults(GatewayModel):
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
+class GenerationLimits(GatewayModel):
+    max_temperature: float | None = Field(default=None, ge=0)
+    max_top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
+class GenerationConfig(GatewayModel):
+    defaults: GenerationDefaults = GenerationDefaults()
+    limits: GenerationLimits = GenerationLimits()
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> GenerationConfig:
+        checks = [
+            ("temperature", self.defaults.temperature, "maxTemperature", self.limits.max_temperature),
+            ("topP", self.defaults.top_p, "maxTopP", self.limits.max_top_p),
+            ("maxTokens", self.defaults.max_tokens, "maxTokens", self.limits.max_tokens),
+        ]
+        for default_name, default, limit_name, limit in checks:
+            if default is not None and limit is not None and default > limit:
+                raise ValueError(f"defaults.{default_name} {default} is above limits.{limit_name} {limit}")
+        return self
+
+
+class PromptExample(GatewayModel):
+    user: str
+    assistant: str
+
+
+class PromptConfig(GatewayModel):
+    """A version's prompt: system message, few-shot examples and a template for the last user turn."""
+
+    name: str = Field(min_length=1)
+    system: str | None = None
+    template: str | None = Field(
+        default=None,
+        description="Applied to the last user message; {{input}} is that message, other {{vars}} come "
+        "from the request's metadata object.",
+    )
+    examples: list[PromptExample] = []
+
+    @model_validator(mode="after")
+    def _template_uses_input(self) -> PromptConfig:
+        if self.template is not None and INPUT_VARIABLE not in self.template_variables():
+            raise ValueError(
+                "template must contain {{input}} (the user's message), otherwise the message would be dropped"
+            )
+        return self
+
+    def template_variables(self) -> list[str]:
+        """Variable names the template uses, in order of first use."""
+        if self.template is None:
+            return []
+        return list(dict.fromkeys(TEMPLATE_VARIABLE.findall(self.template)))
+
+
+class CacheConfig(GatewayModel):
+    enabled: bool = False
+    ttl_seconds: float = Field(default=300, gt=0)
+    max_entries: int = Field(default=1024, ge=1)
+
+
+class FallbackConfig(GatewayModel):
+    version: VersionName
+    timeout_seconds: float = Field(
+        default=30, gt=0, description="A version that has not answered within this time is given up on."
+    )
+
+
+class GatewayConfig(GatewayModel):
+    deployment: str = Field(min_length=1)
+    namespace: str = "default"
+    versions: list[VersionConfig] = Field(min_length=1)
+    control: VersionName | None = Field(
+        default=None, description="Version the experiments compare against (default: the first)."
+    )
+    routing: RoutingConfig = RoutingConfig()
+    generation: GenerationConfig = GenerationConfig()
+    prompts: list[PromptConfig] = []
+    cache: CacheConfig = CacheConfig()
+    fallback: FallbackConfig | None = None
+    upstream_timeout_seconds: float = Field(default=60, gt=0)
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> GatewayConfig:
+        version_names = [version.name for version in self.versions]
+        duplicates = sorted({name for name in version_names if version_names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"versions: names must be unique, repeated: {', '.join(duplicates)}")
+        if sum(version.weight for version in self.versions) == 0:
+            raise ValueError("versions: at least one version needs a weight above 0")
+        prompt_names = [prompt.name for prompt in self.prompts]
+        repeated_prompts = sorted({name for name in prompt_names if prompt_names.count(name) > 1})
+        if repeated_prompts:
+            raise ValueError(f"prompts: names must be unique, repeated: {', '.join(repeated_prompts)}")
+        known = ", ".join(version_names)
+        if self.control is not None and self.control not in version_names:
+            raise ValueError(f"control: {self.control!r} is not a version (known: {known})")
+        if self.fallback is not None and self.fallback.version not in version_names:
+            raise ValueError(f"fallback.version: {self.fallback.version!r} is not a version (known: {known})")
+        for index, version in enumerate(self.versions):
+            if version.prompt is not None and version.prompt not in prompt_names:
+                raise ValueError(
+                    f"versions[{index}].prompt: {version.prompt!r} is not in prompts "
+                    f"(known: {', '.join(prompt_names) or 'none'})"
+                )
+        return self
+
+    @property
+    def control_version(self) -> str:
+        return self.control if self.control is not None else self.versions[0].name
+
+    def version(self, name: str) -> VersionConfig:
+        for version in self.versions:
+            if version.name == name:
+                return version
+        raise KeyError(name)
+
+    def prompt_for(self, version_name: str) -> PromptConfig | None:
+        prompt_name = self.version(version_name).prompt
+        if prompt_name is None:
+            return None
+        return next(prompt for prompt in self.prompts if prompt.name == prompt_name)
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        lines.append(f"{location}: {item['msg']}" if location else item["msg"])
+    return "; ".join(lines)
+
+
+def parse_gateway_config(text: str | bytes, source: str = "gateway config") -> GatewayConfig:
+    """Parse and validate the JSON text of a gateway config; errors name the source and the field."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GatewayConfigError(f"{source}: not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise GatewayConfigError(f"{source}: must be a JSON object, got {type(document).__name__}")
+    try:
+        return GatewayConfig.model_validate(document)
+    except ValidationError as exc:
+        raise GatewayConfigError(f"{source}: {_format_validation_error(exc)}") from exc
+
+
+def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Read and validate a gateway config file."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as exc:
+        raise GatewayConfigError(f"{path}: cannot read gateway config: {exc.strerror or exc}") from exc
+    return parse_gateway_config(text, str(path))
+
+
+@dataclass(frozen=True)
+class _FileSignature:
+    mtime_ns: int
+    size: int
+    inode: int
+
+
+def _signature(path: Path) -> _FileSignature:
+    # stat follows symlinks, so a ConfigMap update (an atomic swap of the ..data link) shows up here.
+    stat = path.stat()
+    return _FileSignature(stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+ConfigListener = Callable[[GatewayConfig], None]
+
+
+class ConfigReloader:
+    """Holds the current config of a file and re-reads it when the file changes.
+
+    ``poll()`` checks the file once (stat, then a read only when size, mtime or inode changed);
+    ``run()`` polls every ``interval_seconds`` until cancelled. A new file that is not a valid config
+    is logged and the last good config kept, so a bad edit never takes the gateway down.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], interval_seconds: float = 1.0) -> None:
+        self.path = Path(path)
+        self.interval_seconds = interval_seconds
+        self._signature = _signature(self.path)
+        self._current = load_gateway_config(self.path)
+        self._content = self.path.read_bytes()
+        self._listeners: list[ConfigListener] = []
+        self.last_error: str | None = None
+
+    @property
+    def current(self) -> GatewayConfig:
+        return self._current
+
+    def subscribe(self, listener: ConfigListener) -> None:
+        """Call ``listener(config)`` after every successful reload."""
+        self._listeners.append(listener)
+
+    def poll(self) -> bool:
+        """Check the file once; True when a new config was loaded."""
+        try:
+            signature = _signature(self.path)
+        except OSError as exc:
+            self._report(
+                f"{self.path}: cannot stat gateway config ({exc.strerror}); keeping the last good one"
+            )
+            return False
+        if signature == self._signature:
+            return False
+        try:
+            content = self.path.read_bytes()
+        except OSError as exc:
+            self._report(
+                f"{self.path}: cannot read gateway config ({exc.strerror}); keeping the last good one"
+            )
+            return False
+        self._signature = signature
+        if content == self._content:
+            return False
+        self._content = content
+        try:
+            config = parse_gateway_config(content, str(self.path))
+        except GatewayConfigError as exc:
+            self._report(f"{exc}; keeping the last good config")
+            return False
+        self._current = config
+        self.last_error = None
+        log.info("reloaded gateway config %s", self.path)
+        for listener in self._listeners:
+            listener(config)
+        return True
+
+    def _report(self, message: str) -> None:
+        if message != self.last_error:
+            log.error("%s", message)
+        self.last_error = message
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_seconds)
+            try:
+                self.poll()
+            except Exception:
+                log.exception("gateway config reload of %s failed; keeping the last good config", self.path)

@@ -1,0 +1,226 @@
+"""Per-version experiment statistics and the significance tests behind ``GET /v1/experiments``.
+
+Counted per upstream attempt, like ``kubetune_gateway_requests_total`` (a cache hit counts as a
+success of the version that produced the entry). Statistics live in the gateway process since it
+started; Prometheus holds the durable series.
+
+The tests compare each version against the control version: Welch's t-test (unequal variances) on
+feedback scores and a pooled two-proportion z-test on error rates, both two-sided. scipy is not a
+dependency of the control plane, so the distributions are computed here with ``math``: the Student t
+tail through the regularized incomplete beta function (continued fraction, Numerical Recipes 6.4)
+and the normal tail through ``math.erfc``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.gateway.config import GatewayConfig
+
+LATENCY_WINDOW = 10_000  # recent attempts per version kept for the latency percentiles
+
+
+def _continued_fraction_beta(a: float, b: float, x: float) -> float:
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        numerator = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + numerator * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + numerator / c
+        c = c if abs(c) > tiny else tiny
+        result *= d * c
+        numerator = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + numerator * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + numerator / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        result *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return result
+
+
+def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b) for a, b > 0 and x in [0, 1]."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _continued_fraction_beta(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _continued_fraction_beta(b, a, 1.0 - x) / b
+
+
+def student_t_two_sided_p(t: float, degrees_of_freedom: float) -> float:
+    """P(|T| >= |t|) for Student's t with the given (possibly fractional) degrees of freedom."""
+    return regularized_incomplete_beta(
+        degrees_of_freedom / 2.0, 0.5, degrees_of_freedom / (degrees_of_freedom + t * t)
+    )
+
+
+def normal_two_sided_p(z: float) -> float:
+    return math.erfc(abs(z) / math.sqrt(2.0))
+
+
+@dataclass
+class RunningMoments:
+    """Count, mean and sum of squared deviations (Welford), enough for a t-test."""
+
+    count: int = 0
+    mean: float = 0.0
+    squared_deviations: float = 0.0
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        delta = value - self.mean
+        self.mean += delta / self.count
+        self.squared_deviations += delta * (value - self.mean)
+
+    @property
+    def variance(self) -> float:
+        """Sample variance (n - 1 in the denominator)."""
+        return self.squared_deviations / (self.count - 1) if self.count > 1 else 0.0
+
+
+def welch_t_test(treatment: RunningMoments, control: RunningMoments) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "test": "welch-t",
+        "difference": treatment.mean - control.mean if treatment.count and control.count else None,
+        "t": None,
+        "degreesOfFreedom": None,
+        "pValue": None,
+        "note": None,
+    }
+    if treatment.count < 2 or control.count < 2:
+        result["note"] = "needs at least 2 feedback scores for each version"
+        return result
+    treatment_term = treatment.variance / treatment.count
+    control_term = control.variance / control.count
+    squared_error = treatment_term + control_term
+    if squared_error == 0.0:
+        if treatment.mean == control.mean:
+            result.update(t=0.0, pValue=1.0, note="no variance in either version; the means are equal")
+        else:
+            result["note"] = "no variance in either version; the test is undefined"
+        return result
+    t = (treatment.mean - control.mean) / math.sqrt(squared_error)
+    degrees_of_freedom = squared_error**2 / (
+        treatment_term**2 / (treatment.count - 1) + control_term**2 / (control.count - 1)
+    )
+    result.update(
+        t=t, degreesOfFreedom=degrees_of_freedom, pValue=student_t_two_sided_p(t, degrees_of_freedom)
+    )
+    return result
+
+
+def two_proportion_z_test(
+    treatment_errors: int, treatment_total: int, control_errors: int, control_total: int
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "test": "two-proportion-z",
+        "difference": None,
+        "z": None,
+        "pValue": None,
+        "note": None,
+    }
+    if treatment_total == 0 or control_total == 0:
+        result["note"] = "needs at least 1 request for each version"
+        return result
+    treatment_rate = treatment_errors / treatment_total
+    control_rate = control_errors / control_total
+    pooled = (treatment_errors + control_errors) / (treatment_total + control_total)
+    standard_error = math.sqrt(pooled * (1.0 - pooled) * (1.0 / treatment_total + 1.0 / control_total))
+    result["difference"] = treatment_rate - control_rate
+    if standard_error == 0.0:
+        # pooled is 0 or 1: both versions have the same rate (all successes or all errors).
+        result.update(z=0.0, pValue=1.0)
+        return result
+    z = (treatment_rate - control_rate) / standard_error
+    result.update(z=z, pValue=normal_two_sided_p(z))
+    return result
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = fraction * (len(ordered) - 1)
+    lower = math.floor(position)
+    upper = min(lower + 1, len(ordered) - 1)
+    return ordered[lower] + (ordered[upper] - ordered[lower]) * (position - lower)
+
+
+@dataclass
+class VersionStats:
+    requests: int = 0
+    errors: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    feedback: RunningMoments = field(default_factory=RunningMoments)
+
+
+class ExperimentTracker:
+    """Accumulates per-version outcomes and reports them with tests against the control version."""
+
+    def __init__(self) -> None:
+        self._stats: dict[str, VersionStats] = {}
+
+    def _for(self, version: str) -> VersionStats:
+        stats = self._stats.get(version)
+        if stats is None:
+            stats = self._stats[version] = VersionStats()
+        return stats
+
+    def record_request(self, version: str, duration_seconds: float, *, error: bool) -> None:
+        stats = self._for(version)
+        stats.requests += 1
+        stats.errors += int(error)
+        stats.latencies.append(duration_seconds)
+
+    def record_feedback(self, version: str, score: float) -> None:
+        self._for(version).feedback.add(score)
+
+    def report(self, config: GatewayConfig) -> dict[str, Any]:
+        control_name = config.control_version
+        control = self._for(control_name)
+        versions = []
+        for version in config.versions:
+            stats = self._for(version.name)
+            latencies = list(stats.latencies)
+            entry: dict[str, Any] = {
+                "name": version.name,
+                "weight": version.weight,
+                "requests": stats.requests,
+                "errors": stats.errors,
+                "errorRate": stats.errors / stats.requests if stats.requests else None,
+                "latencyP50Seconds": percentile(latencies, 0.50),
+                "latencyP95Seconds": percentile(latencies, 0.95),
+                "meanFeedback": stats.feedback.mean if stats.feedback.count else None,
+                "feedbackCount": stats.feedback.count,
+                "comparison": None,
+            }
+            if version.name != control_name:
+                entry["comparison"] = {
+                    "against": control_name,
+                    "feedback": welch_t_test(stats.feedback, control.feedback),
+                    "errorRate": two_proportion_z_test(
+                        stats.errors, stats.requests, control.errors, control.requests
+                    ),
+                }
+            versions.append(entry)
+        return {
+            "deployment": config.deployment,
+            "namespace": config.namespace,
+            "control": control_name,
+            "versions": versions,
+        }

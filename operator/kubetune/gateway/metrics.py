@@ -1,0 +1,96 @@
+"""The gateway's Prometheus series (names and labels are a contract: dashboards and rollout
+analysis query them).
+
+Each app owns a CollectorRegistry, so several gateways (tests) can live in one process.
+``requests_total`` counts one sample per upstream attempt, labelled with the upstream's status code,
+or 502 / 504 when the attempt failed / timed out; a cache hit counts as a 200 of the version that
+produced the entry (``cache_hits_total`` tells hits apart). ``endpoint`` is the request path
+(``/v1/chat/completions`` or ``/v1/completions``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
+
+MetricT = TypeVar("MetricT", Counter, Histogram, Summary)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "kubetune_gateway_requests_total",
+            "Upstream attempts by version, endpoint and HTTP status (502/504: failed/timed out).",
+            ["deployment", "version", "endpoint", "code"],
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "kubetune_gateway_request_duration_seconds",
+            "Duration of an upstream attempt, to the last byte of the response.",
+            ["deployment", "version", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "kubetune_gateway_time_to_first_token_seconds",
+            "Time to the first generated text (the whole response when not streaming).",
+            ["deployment", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "kubetune_gateway_tokens_total",
+            "Tokens reported in upstream usage, direction in (prompt) or out (completion).",
+            ["deployment", "version", "direction"],
+            registry=self.registry,
+        )
+        self.feedback_score = Summary(
+            "kubetune_gateway_feedback_score",
+            "Feedback scores (0 to 1) posted to /v1/feedback for a version's responses.",
+            ["deployment", "version"],
+            registry=self.registry,
+        )
+        self.cache_hits = Counter(
+            "kubetune_gateway_cache_hits_total",
+            "Deterministic requests answered from the response cache.",
+            ["deployment"],
+            registry=self.registry,
+        )
+        self.cache_misses = Counter(
+            "kubetune_gateway_cache_misses_total",
+            "Deterministic requests the response cache could not answer.",
+            ["deployment"],
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "kubetune_gateway_fallbacks_total",
+            "Requests retried on the fallback version after the chosen version failed.",
+            ["deployment", "from_version", "to_version"],
+            registry=self.registry,
+        )
+
+        # labels() takes a lock and builds a key on every call; the hot path looks children up here.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: MetricT, *labels: str) -> MetricT:
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found  # type: ignore[no-any-return]
+
+    def record_attempt(self, deployment: str, version: str, endpoint: str, code: int, seconds: float) -> None:
+        self.child(self.requests, deployment, version, endpoint, str(code)).inc()
+        self.child(self.request_duration, deployment, version, endpoint).observe(seconds)
+
+    def record_usage(self, deployment: str, version: str, usage: object) -> None:
+        if not isinstance(usage, dict):
+            return
+        for field, direction in (("prompt_tokens", "in"), ("completion_tokens", "out")):
+            count = usage.get(field)
+            if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                self.child(self.tokens, deployment, version, direction).inc(count)
