@@ -72,33 +72,19 @@ spec:
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
     """A LoRA adapter of the tiny base, trained for a few steps and published by the real steps."""
-    from kubetune_components import finetune, publish
+    from tiny_adapter import publish_lora_adapter
 
-    root = tmp_path_factory.mktemp("adapter")
-    workspace = root / "workspace"
-    (workspace / "data").mkdir(parents=True)
     tickets = REPO / "examples" / "quickstart" / "data" / "support-tickets.jsonl"
-    (workspace / "data" / "train.jsonl").write_text("".join(tickets.read_text().splitlines(True)[:64]))
-    config: dict[str, Any] = {
-        "kind": "FineTuneJob",
-        "metadata": {"name": "router", "namespace": "default", "uid": "uid-e2e", "generation": 1},
-        "spec": {
-            "baseModel": {"uri": str(tiny_base)},
-            "dataset": {"uri": str(tickets), "format": "instruction"},
-            "method": {"type": "lora", "lora": {"r": 8, "alpha": 16}},
-            "training": {
-                "maxSteps": 8,
-                "batchSize": 8,
-                "learningRate": "3e-3",
-                "seed": 1,
-                "maxSeqLength": 96,
-            },
-            "evaluation": {"gates": []},
-            "output": {"uri": str(root / "store"), "mergeAdapter": False},
-        },
-    }
-    finetune.run_finetune(config["spec"], workspace)
-    return Path(publish.run_publish(config, workspace)["uri"])
+    # Typed here: plain `mypy FILE` does not search tests/ (pytest's pythonpath), so it reads Any.
+    published: Path = publish_lora_adapter(
+        tmp_path_factory.mktemp("adapter"),
+        tiny_base,
+        [json.loads(line) for line in tickets.read_text().splitlines()[:64]],
+        lora={"r": 8, "alpha": 16},
+        training={"maxSteps": 8, "batchSize": 8, "learningRate": "3e-3", "seed": 1, "maxSeqLength": 96},
+        dataset=tickets,
+    )
+    return published
 
 
 class UpProcess:

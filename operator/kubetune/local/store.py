@@ -2,10 +2,15 @@
 
 It keeps what the API server would: uid, generation, creationTimestamp, and status apart from spec.
 Writes are atomic (temp file + rename), so an interrupted `kubetune up` never leaves a torn object.
+Every write (apply, status update, delete) holds an exclusive lock on ``<store>/.lock`` for the whole
+read-modify-write, so writers in other processes (a second `kubetune up -f`, `kubetune delete`) or
+threads neither lose each other's changes nor bring a deleted object back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import uuid
@@ -33,6 +38,17 @@ def _now() -> str:
 class LocalStore:
     def __init__(self, home: Path) -> None:
         self.root = home / "store"
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the store's write lock. flock locks an open file, so this also excludes other threads here."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _path(self, plural: str, namespace: str, name: str) -> Path:
         return self.root / plural / namespace / f"{name}.json"
@@ -69,51 +85,54 @@ class LocalStore:
                 yield plural, obj
 
     def apply(self, plural: str, manifest: dict[str, Any], *, immutable_spec: bool) -> ApplyResult:
-        meta = dict(manifest.get("metadata") or {})
-        namespace = meta.get("namespace") or "default"
-        name = meta["name"]
-        existing = self.get(plural, name, namespace)
-        spec = manifest.get("spec") or {}
-        if existing is None:
-            obj = {
-                "apiVersion": manifest["apiVersion"],
-                "kind": manifest["kind"],
-                "metadata": {
-                    **{k: v for k, v in meta.items() if k in ("labels", "annotations")},
-                    "name": name,
-                    "namespace": namespace,
-                    "uid": str(uuid.uuid4()),
-                    "generation": 1,
-                    "creationTimestamp": _now(),
-                },
-                "spec": spec,
-            }
-            self._write(plural, obj)
-            return ApplyResult(obj, "created")
-        if existing.get("spec") == spec:
-            return ApplyResult(existing, "unchanged")
-        if immutable_spec:
-            raise ApplyError(
-                f"{manifest['kind']}/{name}: spec: spec is immutable; "
-                f"delete it first (kubetune delete {manifest['kind'].lower()} {name})"
-            )
-        existing["spec"] = spec
-        existing["metadata"]["generation"] = int(existing["metadata"].get("generation", 1)) + 1
-        self._write(plural, existing)
-        return ApplyResult(existing, "configured")
+        with self._writing():
+            meta = dict(manifest.get("metadata") or {})
+            namespace = meta.get("namespace") or "default"
+            name = meta["name"]
+            existing = self.get(plural, name, namespace)
+            spec = manifest.get("spec") or {}
+            if existing is None:
+                obj = {
+                    "apiVersion": manifest["apiVersion"],
+                    "kind": manifest["kind"],
+                    "metadata": {
+                        **{k: v for k, v in meta.items() if k in ("labels", "annotations")},
+                        "name": name,
+                        "namespace": namespace,
+                        "uid": str(uuid.uuid4()),
+                        "generation": 1,
+                        "creationTimestamp": _now(),
+                    },
+                    "spec": spec,
+                }
+                self._write(plural, obj)
+                return ApplyResult(obj, "created")
+            if existing.get("spec") == spec:
+                return ApplyResult(existing, "unchanged")
+            if immutable_spec:
+                raise ApplyError(
+                    f"{manifest['kind']}/{name}: spec: spec is immutable; "
+                    f"delete it first (kubetune delete {manifest['kind'].lower()} {name})"
+                )
+            existing["spec"] = spec
+            existing["metadata"]["generation"] = int(existing["metadata"].get("generation", 1)) + 1
+            self._write(plural, existing)
+            return ApplyResult(existing, "configured")
 
     def update_status(self, plural: str, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]
-        current = self.get(plural, meta["name"], meta["namespace"])
-        if current is None:
-            raise KeyError(f"{obj['kind']}/{meta['name']} was deleted")
-        current["status"] = status
-        self._write(plural, current)
+        with self._writing():
+            current = self.get(plural, meta["name"], meta["namespace"])
+            if current is None:
+                raise KeyError(f"{obj['kind']}/{meta['name']} was deleted")
+            current["status"] = status
+            self._write(plural, current)
         return current
 
     def delete(self, plural: str, name: str, namespace: str = "default") -> bool:
-        try:
-            self._path(plural, namespace, name).unlink()
-        except FileNotFoundError:
-            return False
+        with self._writing():
+            try:
+                self._path(plural, namespace, name).unlink()
+            except FileNotFoundError:
+                return False
         return True

@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -162,19 +162,6 @@ def report_summary(obj: dict[str, Any]) -> list[str]:
 # -- locks and signals -----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def store_writes(store: LocalStore) -> Iterator[None]:
-    """Serialize writes to the store between processes: an apply by a second `kubetune up` must not
-    be lost to a status update of the running one (each reads the object, then writes it whole)."""
-    store.root.mkdir(parents=True, exist_ok=True)
-    with (store.root / ".lock").open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 class UpLock:
     """One `kubetune up` reconciles a home at a time: an exclusive lock on ``<home>/up.lock``, which
     holds the owner's pid. The kernel releases it when the process ends, however it ends."""
@@ -262,8 +249,7 @@ def apply_paths(paths: list[Path], store: LocalStore, out: TextIO) -> list[tuple
             continue
         definition = get_definition(str(document["kind"]))
         try:
-            with store_writes(store):
-                result = store.apply(definition.plural, document, immutable_spec=definition.immutable_spec)
+            result = store.apply(definition.plural, document, immutable_spec=definition.immutable_spec)
         except ApplyError as exc:
             print(str(exc), file=sys.stderr)
             return None
@@ -295,8 +281,7 @@ def reconcile_jobs(
             continue
         decision = RECONCILERS[plural](obj, backends, base_dir, store)
         try:
-            with store_writes(store):
-                obj = store.update_status(plural, obj, decision.status)
+            obj = store.update_status(plural, obj, decision.status)
         except KeyError:
             continue  # deleted meanwhile (kubetune delete)
         key = f"{plural}/{obj['metadata']['namespace']}/{obj['metadata']['name']}"
@@ -428,8 +413,7 @@ def reconcile_deployments(
                 print(f"modeldeployment/{name}  {event.type} {event.reason}: {event.message}", file=out)
         if obj.get("status") != outcome.status:
             try:
-                with store_writes(store):
-                    obj = store.update_status(DEPLOYMENTS, obj, outcome.status)
+                obj = store.update_status(DEPLOYMENTS, obj, outcome.status)
             except KeyError:
                 continue  # deleted meanwhile: the next pass stops serving it
         else:
@@ -474,7 +458,7 @@ def mark_not_served(store: LocalStore, served: list[tuple[str, str]]) -> None:
         if obj is None or not obj.get("status"):
             continue
         status = not_served_status(obj["status"], obj["metadata"].get("generation"), now)
-        with contextlib.suppress(KeyError), store_writes(store):
+        with contextlib.suppress(KeyError):
             store.update_status(DEPLOYMENTS, obj, status)
 
 

@@ -198,80 +198,88 @@ def _options(pipeline: str, image: str) -> PipelineOptions:
     )
 
 
-def _resolver(name: str, image: str, options: PipelineOptions, display: str, **arguments: Any) -> Any:
-    task = make_standard_component(name, image)(**arguments)
-    return on_cluster(task, options, display)
+_JOB_PIPELINES: dict[str, Callable[..., Any]] = {
+    "finetune": build_finetune_pipeline,
+    "quantize": build_quantize_pipeline,
+}
+
+
+def _job_runner(kind: str, options: PipelineOptions, image: str) -> Callable[..., tuple[Any, Any]]:
+    """Build the operator's pipeline for a `kind` job outside the pipeline function; call the result
+    inside it to add the steps for one pasted job: ``resolve-<kind>-job`` (shown as `display`; `source`
+    are its extra arguments; it waits for `after` when given), then that pipeline, nested as `kind`.
+    Returns (resolver task, nested pipeline task)."""
+    inner = _JOB_PIPELINES[kind](options, name=kind)
+
+    def run(
+        display: str,
+        job: Any,
+        artifact_store: Any,
+        workspace_root: Any,
+        *,
+        after: Any = None,
+        **source: Any,
+    ) -> tuple[Any, Any]:
+        resolver = make_standard_component(f"resolve-{kind}-job", image)
+        resolved = on_cluster(
+            resolver(
+                job=job,
+                artifact_store=artifact_store,
+                workspace_root=workspace_root,
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                **source,
+            ),
+            options,
+            display,
+        )
+        if after is not None:
+            resolved.after(after)
+        nested = inner(config_json=resolved.outputs["config_json"], workspace=resolved.outputs["workspace"])
+        return resolved, nested.set_caching_options(False)
+
+    return run
+
+
+def _one_job_ui_pipeline(kind: str, example_job: str, description: str, image: str) -> Any:
+    run_job = _job_runner(kind, _options(kind, image), image)
+
+    @dsl.pipeline(name=f"kubetune-{kind}", description=description)
+    def pipeline(
+        job: str = example_job,
+        artifact_store: str = DEFAULT_ARTIFACT_STORE,
+        workspace_root: str = DEFAULT_WORKSPACE_ROOT,
+    ) -> None:
+        run_job("resolve-job", job, artifact_store, workspace_root)
+
+    return pipeline
 
 
 def build_finetune_ui_pipeline(image: str = RUNTIME_IMAGE) -> Any:
-    options = _options("finetune", image)
-    inner = build_finetune_pipeline(options, name="finetune")
-
-    @dsl.pipeline(
-        name="kubetune-finetune",
-        description="kubetune FineTuneJob from the Kubeflow UI: paste the job (JSON, or YAML); it is "
-        "validated and resolved like the operator does, then curated, evaluated, fine-tuned, evaluated "
-        "again and published if every gate passes. Needs the PVC kubetune-workspace.",
+    return _one_job_ui_pipeline(
+        "finetune",
+        EXAMPLE_FINETUNE_JOB,
+        "kubetune FineTuneJob from the Kubeflow UI: paste the job (JSON, or YAML); it is validated and "
+        "resolved like the operator does, then curated, evaluated, fine-tuned, evaluated again and "
+        "published if every gate passes. Needs the PVC kubetune-workspace.",
+        image,
     )
-    def pipeline(
-        job: str = EXAMPLE_FINETUNE_JOB,
-        artifact_store: str = DEFAULT_ARTIFACT_STORE,
-        workspace_root: str = DEFAULT_WORKSPACE_ROOT,
-    ) -> None:
-        resolved = _resolver(
-            "resolve-finetune-job",
-            image,
-            options,
-            "resolve-job",
-            job=job,
-            artifact_store=artifact_store,
-            workspace_root=workspace_root,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        )
-        inner(
-            config_json=resolved.outputs["config_json"], workspace=resolved.outputs["workspace"]
-        ).set_caching_options(False)
-
-    return pipeline
 
 
 def build_quantize_ui_pipeline(image: str = RUNTIME_IMAGE) -> Any:
-    options = _options("quantize", image)
-    inner = build_quantize_pipeline(options, name="quantize")
-
-    @dsl.pipeline(
-        name="kubetune-quantize",
-        description="kubetune QuantizeJob from the Kubeflow UI: paste the job (JSON, or YAML; with "
-        "spec.model.uri); it is validated and resolved like the operator does, then the source is "
-        "measured, quantized, measured again and published if every gate passes. Needs the PVC "
-        "kubetune-workspace.",
+    return _one_job_ui_pipeline(
+        "quantize",
+        EXAMPLE_QUANTIZE_JOB,
+        "kubetune QuantizeJob from the Kubeflow UI: paste the job (JSON, or YAML; with spec.model.uri); "
+        "it is validated and resolved like the operator does, then the source is measured, quantized, "
+        "measured again and published if every gate passes. Needs the PVC kubetune-workspace.",
+        image,
     )
-    def pipeline(
-        job: str = EXAMPLE_QUANTIZE_JOB,
-        artifact_store: str = DEFAULT_ARTIFACT_STORE,
-        workspace_root: str = DEFAULT_WORKSPACE_ROOT,
-    ) -> None:
-        resolved = _resolver(
-            "resolve-quantize-job",
-            image,
-            options,
-            "resolve-job",
-            job=job,
-            artifact_store=artifact_store,
-            workspace_root=workspace_root,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        )
-        inner(
-            config_json=resolved.outputs["config_json"], workspace=resolved.outputs["workspace"]
-        ).set_caching_options(False)
-
-    return pipeline
 
 
 def build_finetune_then_quantize_ui_pipeline(image: str = RUNTIME_IMAGE) -> Any:
     options = _options("finetune-then-quantize", image)
-    finetune = build_finetune_pipeline(options, name="finetune")
-    quantize = build_quantize_pipeline(options, name="quantize")
+    run_finetune = _job_runner("finetune", options, image)
+    run_quantize = _job_runner("quantize", options, image)
 
     @dsl.pipeline(
         name="kubetune-finetune-then-quantize",
@@ -285,34 +293,16 @@ def build_finetune_then_quantize_ui_pipeline(image: str = RUNTIME_IMAGE) -> Any:
         artifact_store: str = DEFAULT_ARTIFACT_STORE,
         workspace_root: str = DEFAULT_WORKSPACE_ROOT,
     ) -> None:
-        tuned = _resolver(
-            "resolve-finetune-job",
-            image,
-            options,
-            "resolve-finetune-job",
-            job=finetune_job,
-            artifact_store=artifact_store,
-            workspace_root=workspace_root,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        )
-        trained = finetune(
-            config_json=tuned.outputs["config_json"], workspace=tuned.outputs["workspace"]
-        ).set_caching_options(False)
-        shrunk = _resolver(
+        tuned, trained = run_finetune("resolve-finetune-job", finetune_job, artifact_store, workspace_root)
+        run_quantize(
             "resolve-quantize-job",
-            image,
-            options,
-            "resolve-quantize-job",
-            job=quantize_job,
-            artifact_store=artifact_store,
-            workspace_root=workspace_root,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            quantize_job,
+            artifact_store,
+            workspace_root,
+            after=trained,
             source_config_json=tuned.outputs["config_json"],
             source_workspace=tuned.outputs["workspace"],
-        ).after(trained)
-        quantize(
-            config_json=shrunk.outputs["config_json"], workspace=shrunk.outputs["workspace"]
-        ).set_caching_options(False)
+        )
 
     return pipeline
 

@@ -7,6 +7,8 @@
 ``tiny_base_dir`` (session, slow): the *pretrained* tiny base (``tinylm.build_tiny_base``, about a
     minute on 2 cores). Set ``KUBETUNE_TINY_BASE_DIR`` to a directory that survives test runs to
     build it once and reuse it (the build is idempotent); otherwise it goes to a session temp dir.
+``published_adapter`` (module): a LoRA adapter (r=4) on ``tiny_model_dir``, trained two steps on
+    ``tiny_adapter.ROUTING_ROWS`` and published by the real steps (``tiny_adapter.publish_lora_adapter``).
 ``write_jsonl`` (function): ``write_jsonl(rows, name="data.jsonl") -> Path``; dict rows are
     dumped as JSON, str rows are written verbatim (to produce broken lines).
 """
@@ -24,6 +26,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kubetune_components import models, tinylm
+from tiny_adapter import ROUTING_ROWS, publish_lora_adapter
 
 WriteJsonl = Callable[..., Path]
 
@@ -52,6 +55,19 @@ def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     configured = os.environ.get("KUBETUNE_TINY_BASE_DIR")
     target = Path(configured) if configured else tmp_path_factory.mktemp("tiny-base") / "model"
     return tinylm.build_tiny_base(target, seed=0)
+
+
+@pytest.fixture(scope="module")
+def published_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    # Typed here: plain `mypy FILE` does not search tests/ (pytest's pythonpath), so it reads Any.
+    published: Path = publish_lora_adapter(
+        tmp_path_factory.mktemp("published"),
+        tiny_model_dir,
+        ROUTING_ROWS,
+        lora={"r": 4},
+        training={"maxSteps": 2, "batchSize": 4, "learningRate": "5e-2", "seed": 1, "maxSeqLength": 64},
+    )
+    return published
 
 
 @pytest.fixture

@@ -1,14 +1,14 @@
 """The serving runtime and its OpenAI-compatible API, in process, on tiny models.
 
-The adapter is trained and published by the real finetune and publish steps (two optimizer steps
-on the random tiny Llama), so the runtime reads the same manifest a FineTuneJob writes.
+The adapter (conftest's ``published_adapter``) is trained and published by the real finetune and
+publish steps (two optimizer steps on the random tiny Llama), so the runtime reads the same manifest
+a FineTuneJob writes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 from collections.abc import Iterator, MutableMapping, Sequence
 from pathlib import Path
@@ -35,12 +35,9 @@ from kubetune_components.serving.runtime import (
     inspect_model_dir,
     render_instruction_chat,
 )
+from tiny_adapter import ROUTING_INSTRUCTION
 
-INSTRUCTION = "Route the ticket to one team."
-ROWS = [
-    {"instruction": INSTRUCTION, "input": f"ticket {index} about {word}", "output": word}
-    for index, word in enumerate(["billing", "technical", "account", "shipping"] * 3)
-]
+INSTRUCTION = ROUTING_INSTRUCTION  # what conftest's published_adapter is trained on
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 CHAT = "/v1/chat/completions"
 
@@ -51,37 +48,6 @@ def one_thread_for_module() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def published_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """A LoRA adapter on the random tiny Llama, trained and published by the real steps."""
-    root = tmp_path_factory.mktemp("published")
-    workspace = root / "workspace"
-    (workspace / "data").mkdir(parents=True)
-    (workspace / "data" / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    dataset = root / "tickets.jsonl"
-    shutil.copy(workspace / "data" / "train.jsonl", dataset)
-    config: dict[str, Any] = {
-        "kind": "FineTuneJob",
-        "metadata": {"name": "router", "namespace": "team-a", "uid": "uid-1", "generation": 1},
-        "spec": {
-            "baseModel": {"uri": str(tiny_model_dir)},
-            "dataset": {"uri": str(dataset), "format": "instruction"},
-            "method": {"type": "lora", "lora": {"r": 4}},
-            "training": {
-                "maxSteps": 2,
-                "batchSize": 4,
-                "learningRate": "5e-2",
-                "seed": 1,
-                "maxSeqLength": 64,
-            },
-            "evaluation": {"gates": []},
-            "output": {"uri": str(root / "store"), "mergeAdapter": False},
-        },
-    }
-    ft.run_finetune(config["spec"], workspace)
-    return Path(pub.run_publish(config, workspace)["uri"])
 
 
 @pytest.fixture(scope="module")

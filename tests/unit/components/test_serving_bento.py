@@ -25,8 +25,6 @@ import pytest
 from bentoml.exceptions import NotFound
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune_components import finetune as ft
-from kubetune_components import publish as pub
 from kubetune_components.errors import ConfigError
 from kubetune_components.serving import bento as bento_module
 from kubetune_components.serving.bento import (
@@ -40,41 +38,7 @@ from kubetune_components.serving.config import MODEL_ALIAS
 from kubetune_components.serving.runtime import inspect_model_dir
 from kubetune_components.serving.service import resolve_model
 
-ROWS = [
-    {"instruction": "Route the ticket.", "input": f"ticket {index} about {word}", "output": word}
-    for index, word in enumerate(["billing", "technical", "account", "shipping"] * 3)
-]
 SERVER_START_TIMEOUT_S = 60
-
-
-@pytest.fixture(scope="module")
-def published_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """A LoRA adapter on the random tiny Llama, trained (two steps) and published by the real steps."""
-    root = tmp_path_factory.mktemp("published")
-    workspace = root / "workspace"
-    (workspace / "data").mkdir(parents=True)
-    dataset = workspace / "data" / "train.jsonl"
-    dataset.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    config: dict[str, Any] = {
-        "kind": "FineTuneJob",
-        "metadata": {"name": "router", "namespace": "team-a", "uid": "uid-1", "generation": 2},
-        "spec": {
-            "baseModel": {"uri": str(tiny_model_dir)},
-            "dataset": {"uri": str(dataset), "format": "instruction"},
-            "method": {"type": "lora", "lora": {"r": 4}},
-            "training": {
-                "maxSteps": 2,
-                "batchSize": 4,
-                "learningRate": "5e-2",
-                "seed": 1,
-                "maxSeqLength": 64,
-            },
-            "evaluation": {"gates": []},
-            "output": {"uri": str(root / "store"), "mergeAdapter": False},
-        },
-    }
-    ft.run_finetune(config["spec"], workspace)
-    return Path(pub.run_publish(config, workspace)["uri"])
 
 
 @pytest.fixture(scope="module")

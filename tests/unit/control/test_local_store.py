@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +19,8 @@ MANIFEST = {
     "metadata": {"name": "tune", "labels": {"team": "a"}},
     "spec": {"baseModel": {"uri": "m"}, "dataset": {"uri": "d.jsonl"}},
 }
+# Bounds the waits between the racing threads, so that a broken lock fails the test instead of hanging it.
+WAIT_S = 10
 
 
 def test_apply_creates_with_uid_generation_and_default_namespace(tmp_path: Path) -> None:
@@ -47,6 +53,58 @@ def test_status_is_kept_apart_and_delete_removes(tmp_path: Path) -> None:
     with pytest.raises(KeyError):
         store.update_status("finetunejobs", obj, {})
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_delete_landing_mid_status_write_waits_for_it_and_is_not_undone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kubetune delete` between a status update's read and its write: without the store's write lock
+    the delete would go through at once and the status write would then bring the object back."""
+    store = LocalStore(tmp_path)
+    obj = store.apply("finetunejobs", MANIFEST, immutable_spec=True).obj
+    status_read = threading.Event()
+    finish_status_write = threading.Event()
+    delete_blocked_or_done = threading.Event()
+
+    write = store._write
+
+    def write_when_told(plural: str, current: dict[str, Any]) -> None:
+        status_read.set()
+        assert finish_status_write.wait(WAIT_S)
+        write(plural, current)
+
+    monkeypatch.setattr(store, "_write", write_when_told)
+    flock = fcntl.flock
+
+    def flock_noting_contention(handle: Any, operation: int) -> None:
+        if operation == fcntl.LOCK_EX:
+            try:
+                flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                delete_blocked_or_done.set()  # only the delete can contend: it now waits in flock
+        flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_noting_contention)
+
+    def delete() -> bool:
+        try:
+            return store.delete("finetunejobs", "tune")
+        finally:
+            delete_blocked_or_done.set()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        try:
+            status_update = pool.submit(store.update_status, "finetunejobs", obj, {"phase": "Running"})
+            assert status_read.wait(WAIT_S)
+            deletion = pool.submit(delete)
+            assert delete_blocked_or_done.wait(WAIT_S)
+        finally:
+            finish_status_write.set()
+        assert status_update.result(WAIT_S)["status"] == {"phase": "Running"}
+        assert deletion.result(WAIT_S) is True
+    assert store.get("finetunejobs", "tune") is None
+    assert store.list_objects("finetunejobs") == []
 
 
 def test_jsonpath_subset_used_by_printer_columns() -> None:
