@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from kubetune.gateway.__main__ import add_arguments as add_gateway_arguments
+
 
 def _settings(args: argparse.Namespace) -> Any:
     from kubetune.config import OperatorConfig
@@ -85,22 +87,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from kubetune.gateway.__main__ import serve
-    from kubetune.gateway.config import GatewayConfigError
+    from kubetune.gateway.__main__ import run
 
-    try:
-        serve(
-            args.config,
-            args.host,
-            args.port,
-            reload_interval_seconds=args.reload_interval,
-            log_level=args.log_level,
-            access_log=args.access_log,
-        )
-    except GatewayConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run(args)
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -238,12 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gateway",
         help="run a ModelDeployment's OpenAI-compatible gateway (reloads its config file on change)",
     )
-    gateway.add_argument("--config", required=True, help="the gateway config (gateway.json)")
-    gateway.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
-    gateway.add_argument("--port", type=int, default=8080)
-    gateway.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config checks")
-    gateway.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    gateway.add_argument("--access-log", action="store_true", help="log every request")
+    add_gateway_arguments(gateway)
     gateway.set_defaults(func=cmd_gateway)
 
     get = sub.add_parser("get", help="list stored resources with their status")

@@ -7,12 +7,12 @@ feedback and per-version experiment statistics (``experiments``) and exports the
 that rollout analysis reads (``metrics``). Its config is a JSON file it reloads on change
 (``config``), so a rollout moves weights without a restart.
 
-Why a plain ASGI app (Starlette + httpx) and not a BentoML service: the gateway runs no model, and a
-BentoML service is built around a model runner (workers, adaptive batching, a bento to build) that a
-thin proxy would never use. A single process with one event loop and one pooled HTTP client keeps the
-added latency per request lowest (no extra worker hop or serialization between API server and
-runner), starts in well under a second and is easy to run next to local serving processes. The
-versions behind it are the BentoML services.
+Why a plain ASGI app (Starlette on uvicorn, aiohttp upstream) and not a BentoML service: the gateway
+runs no model, and a BentoML service is built around a model runner (workers, adaptive batching, a
+bento to build) that a thin proxy would never use. A single process with one event loop and one
+pooled HTTP client keeps the added latency per request lowest (no extra worker hop or serialization
+between API server and runner), starts in well under a second and is easy to run next to local
+serving processes. The versions behind it are the BentoML services.
 
 Entry points: ``kubetune.gateway.app.create_app(config_source)`` (the ASGI app) and
 ``kubetune.gateway.__main__.serve(config_path, host, port)`` (run it with uvicorn). This module

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -44,8 +45,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -53,6 +54,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from yarl import URL
 
 from kubetune.gateway.cache import ResponseCache, cache_key, is_deterministic
 from kubetune.gateway.config import ConfigReloader, GatewayConfig, PromptConfig
@@ -75,6 +77,11 @@ REQUEST_ID_HEADER = "x-request-id"
 NO_VERSION = "-"
 RECENT_REQUESTS = 100_000  # request ids remembered for feedback
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# Connections to the versions, pooled and kept alive. The limit bounds what one gateway opens to all
+# versions together; keep-alive stays below uvicorn's default 5 s (the BentoML servers run on it) so
+# the gateway never sends on a connection the server is closing as idle.
+UPSTREAM_CONNECTION_LIMIT = 512
+UPSTREAM_KEEPALIVE_SECONDS = 4.0
 ConfigSource = GatewayConfig | ConfigReloader | str | os.PathLike[str]
 
 
@@ -86,7 +93,7 @@ class GatewayState:
     router: Router
     prompts: dict[str, PromptConfig | None]
     urls: dict[str, str]
-    endpoint_urls: dict[tuple[str, str], httpx.URL]  # (version, endpoint) -> parsed once, not per request
+    endpoint_urls: dict[tuple[str, str], URL]  # (version, endpoint) -> parsed once, not per request
 
     @classmethod
     def build(cls, config: GatewayConfig) -> GatewayState:
@@ -96,11 +103,20 @@ class GatewayState:
             prompts={version.name: config.prompt_for(version.name) for version in config.versions},
             urls={version.name: version.url for version in config.versions},
             endpoint_urls={
-                (version.name, endpoint): httpx.URL(version.url + endpoint)
+                (version.name, endpoint): URL(version.url + endpoint)
                 for version in config.versions
                 for endpoint in (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT)
             },
         )
+
+
+@dataclass(frozen=True)
+class UpstreamBody:
+    """The body sent to ``version`` and whether the gateway added the usage chunk to a stream."""
+
+    version: str
+    body: dict[str, Any]
+    added_usage: bool
 
 
 @dataclass
@@ -113,7 +129,7 @@ class Attempt:
     body: Any = None  # parsed JSON of a 2xx answer
     raw: bytes = b""  # the upstream's bytes of a non-2xx answer
     content_type: str = "application/json"
-    stream: httpx.Response | None = None
+    stream: aiohttp.ClientResponse | None = None
     chunks: AsyncIterator[bytes] | None = None
     first_chunk: bytes = b""
     started: float = 0.0
@@ -127,6 +143,15 @@ class Attempt:
 class _StreamOutcome:
     code: int
     first_text_at: float | None = None
+    finished_at: float | None = None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc or 'request failed'}"
+
+
+def _preview(raw: bytes) -> str:
+    return raw[:200].decode(errors="replace")
 
 
 def _json_bytes(document: Any) -> bytes:
@@ -299,7 +324,7 @@ class Gateway:
         self.recent_requests: OrderedDict[str, str] = OrderedDict()
         self.rated_requests: set[str] = set()
         self.started_at = int(time.time())
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     def apply_config(self, config: GatewayConfig) -> None:
         self.state = GatewayState.build(config)
@@ -309,16 +334,25 @@ class Gateway:
             self.cache.clear()
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-                timeout=httpx.Timeout(self.state.config.upstream_timeout_seconds),
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(
+                "the gateway's upstream session is opened by the app's lifespan: serve the app with "
+                "lifespan events on"
             )
-        return self._client
+        return self._session
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=UPSTREAM_CONNECTION_LIMIT, keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS
+            ),
+            # every request sets its own timeouts; none here, so a long stream is never cut at 5 min
+            timeout=aiohttp.ClientTimeout(),
+            # a proxy must not keep one client's cookies and send them with another's requests
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
         reload_task = asyncio.create_task(self.reloader.run()) if self.reloader is not None else None
         try:
             yield
@@ -327,9 +361,8 @@ class Gateway:
                 reload_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reload_task
-            if self._client is not None:
-                await self._client.aclose()
-                self._client = None
+            await self._session.close()
+            self._session = None
 
     # -- completions -------------------------------------------------------------------------
 
@@ -363,8 +396,7 @@ class Gateway:
 
     def _upstream_body(
         self, state: GatewayState, endpoint: str, version: str, body: dict[str, Any]
-    ) -> tuple[dict[str, Any], bool]:
-        """The body sent to ``version`` and whether the gateway added the usage chunk to a stream."""
+    ) -> UpstreamBody:
         upstream = dict(body)
         metadata = upstream.pop("metadata", None)
         prompt = state.prompts[version]
@@ -377,7 +409,7 @@ class Gateway:
         if upstream.get("stream") and upstream.get("stream_options") is None:
             upstream["stream_options"] = {"include_usage": True}
             added_usage = True
-        return upstream, added_usage
+        return UpstreamBody(version, upstream, added_usage)
 
     def _deadline(self, state: GatewayState, version: str) -> float:
         config = state.config
@@ -411,10 +443,10 @@ class Gateway:
         self, state: GatewayState, endpoint: str, request_id: str, version: str, body: dict[str, Any]
     ) -> Response:
         deployment = state.config.deployment
-        upstream, _ = self._upstream_body(state, endpoint, version, body)
+        upstream = self._upstream_body(state, endpoint, version, body)
         key: str | None = None
-        if state.config.cache.enabled and is_deterministic(upstream):
-            key = cache_key(endpoint, version, state.urls[version], upstream)
+        if state.config.cache.enabled and is_deterministic(upstream.body):
+            key = cache_key(endpoint, version, state.urls[version], upstream.body)
             started = time.perf_counter()
             hit = self.cache.get(key)
             if hit is not None:
@@ -423,35 +455,16 @@ class Gateway:
                 return self._answer(request_id, hit.version, dict(hit.body))
             self.metrics.cache_misses.labels(deployment).inc()
 
-        attempt = await self._post(
-            state, endpoint, request_id, version, upstream, self._deadline(state, version)
+        attempt, sent = await self._send_with_fallback(
+            state, endpoint, body, upstream, functools.partial(self._post, state, endpoint, request_id)
         )
-        fallback = self._fallback_for(state, attempt)
-        if fallback is not None:
-            first = attempt
-            try:
-                fallback_upstream, _ = self._upstream_body(state, endpoint, fallback, body)
-            except GatewayError as error:
-                raise _failed(
-                    first, None, extra=f"the fallback {fallback!r} cannot take it: {error}"
-                ) from error
-            attempt = await self._post(
-                state,
-                endpoint,
-                request_id,
-                fallback,
-                fallback_upstream,
-                state.config.upstream_timeout_seconds,
-            )
-            if attempt.failure is not None:
-                raise _failed(first, attempt)
-            if attempt.code == 200 and state.config.cache.enabled and is_deterministic(fallback_upstream):
-                fallback_key = cache_key(endpoint, fallback, state.urls[fallback], fallback_upstream)
-                self.cache.put(fallback_key, fallback, dict(attempt.body))
-        elif attempt.failure is not None:
-            raise _failed(attempt, None)
-        elif key is not None and attempt.code == 200:
-            self.cache.put(key, version, dict(attempt.body))
+        if attempt.code == 200:
+            if attempt.version == version:
+                if key is not None:
+                    self.cache.put(key, version, dict(attempt.body))
+            elif state.config.cache.enabled and is_deterministic(sent.body):
+                fallback_key = cache_key(endpoint, attempt.version, state.urls[attempt.version], sent.body)
+                self.cache.put(fallback_key, attempt.version, dict(attempt.body))
 
         if not 200 <= attempt.code < 300:
             return Response(
@@ -462,6 +475,33 @@ class Gateway:
             )
         self.metrics.record_usage(deployment, attempt.version, attempt.body.get("usage"))
         return self._answer(request_id, attempt.version, attempt.body)
+
+    async def _send_with_fallback(
+        self,
+        state: GatewayState,
+        endpoint: str,
+        body: dict[str, Any],
+        upstream: UpstreamBody,
+        send: Callable[[str, dict[str, Any], float], Awaitable[Attempt]],
+    ) -> tuple[Attempt, UpstreamBody]:
+        """Send ``upstream`` to its version, and when that fails, ``body`` to the fallback version.
+
+        Returns the attempt that answered and what was sent to it; raises the 502/504 GatewayError
+        when no version could answer."""
+        first = await send(upstream.version, upstream.body, self._deadline(state, upstream.version))
+        fallback = self._fallback_for(state, first)
+        if fallback is None:
+            if first.failure is not None:
+                raise _failed(first, None)
+            return first, upstream
+        try:
+            fallback_upstream = self._upstream_body(state, endpoint, fallback, body)
+        except GatewayError as error:
+            raise _failed(first, None, extra=f"the fallback {fallback!r} cannot take it: {error}") from error
+        second = await send(fallback, fallback_upstream.body, state.config.upstream_timeout_seconds)
+        if second.failure is not None:
+            raise _failed(first, second)
+        return second, fallback_upstream
 
     def _answer(self, request_id: str, version: str, body: dict[str, Any]) -> Response:
         body["id"] = request_id
@@ -482,31 +522,31 @@ class Gateway:
         started = time.perf_counter()
         attempt = Attempt(version=version, code=502, failure=None)
         try:
-            async with asyncio.timeout(deadline):
-                response = await self.client.post(
-                    state.endpoint_urls[version, endpoint],
-                    content=_json_bytes(body),
-                    headers={"content-type": "application/json", REQUEST_ID_HEADER: request_id},
-                    timeout=deadline,
-                )
-        except (TimeoutError, httpx.TimeoutException):
+            async with self.session.post(
+                state.endpoint_urls[version, endpoint],
+                data=_json_bytes(body),
+                headers={"content-type": "application/json", REQUEST_ID_HEADER: request_id},
+                timeout=aiohttp.ClientTimeout(total=deadline),  # connecting and reading the whole answer
+            ) as response:
+                raw = await response.read()
+        except TimeoutError:
             attempt.code, attempt.failure = 504, f"no answer within {deadline:g}s"
-        except httpx.HTTPError as exc:
-            attempt.code, attempt.failure = 502, f"{type(exc).__name__}: {exc or 'request failed'}"
+        except aiohttp.ClientError as exc:
+            attempt.code, attempt.failure = 502, _describe(exc)
         else:
-            attempt.code = response.status_code
+            attempt.code = response.status
             attempt.content_type = response.headers.get("content-type", "application/json")
-            if response.status_code >= 500:
-                attempt.failure = f"HTTP {response.status_code}: {response.text[:200]}"
-            elif 200 <= response.status_code < 300:
+            if response.status >= 500:
+                attempt.failure = f"HTTP {response.status}: {_preview(raw)}"
+            elif 200 <= response.status < 300:
                 try:
-                    attempt.body = response.json()
+                    attempt.body = json.loads(raw)
                 except ValueError:
                     attempt.body = None
                 if not isinstance(attempt.body, dict):
                     attempt.code, attempt.failure = 502, "the answer is not a JSON object"
             else:
-                attempt.raw = response.content
+                attempt.raw = raw
         duration = time.perf_counter() - started
         self._record_attempt(state, endpoint, version, attempt.code, duration)
         if attempt.failure is None and 200 <= attempt.code < 300:
@@ -520,33 +560,19 @@ class Gateway:
     async def _stream(
         self, state: GatewayState, endpoint: str, request_id: str, version: str, body: dict[str, Any]
     ) -> Response:
-        upstream, added_usage = self._upstream_body(state, endpoint, version, body)
-        attempt = await self._open_stream(
-            state, endpoint, request_id, version, upstream, self._deadline(state, version)
+        attempt, sent = await self._send_with_fallback(
+            state,
+            endpoint,
+            body,
+            self._upstream_body(state, endpoint, version, body),
+            functools.partial(self._open_stream, state, endpoint, request_id),
         )
-        fallback = self._fallback_for(state, attempt)
-        if fallback is not None:
-            first = attempt
-            try:
-                upstream, added_usage = self._upstream_body(state, endpoint, fallback, body)
-            except GatewayError as error:
-                raise _failed(
-                    first, None, extra=f"the fallback {fallback!r} cannot take it: {error}"
-                ) from error
-            attempt = await self._open_stream(
-                state, endpoint, request_id, fallback, upstream, state.config.upstream_timeout_seconds
-            )
-            if attempt.failure is not None:
-                raise _failed(first, attempt)
-        elif attempt.failure is not None:
-            raise _failed(attempt, None)
-
         headers = _headers(request_id, attempt.version)
         if attempt.stream is None:  # the upstream refused (4xx): pass its answer on
             return Response(
                 attempt.raw, status_code=attempt.code, media_type=attempt.content_type, headers=headers
             )
-        return self._relay(state, endpoint, request_id, attempt, added_usage, headers)
+        return self._relay(state, endpoint, request_id, attempt, sent.added_usage, headers)
 
     async def _open_stream(
         self,
@@ -557,46 +583,46 @@ class Gateway:
         body: dict[str, Any],
         deadline: float,
     ) -> Attempt:
-        """Send the request and wait for the first chunk; until then a failure can still fall back."""
+        """Send the request and wait for the first chunk; until then a failure can still fall back.
+
+        ``deadline`` bounds the time to the first chunk; after it, each read may wait up to the
+        upstream timeout (a stream may run long, but not stall)."""
         started = time.perf_counter()
         attempt = Attempt(version=version, code=502, failure=None, started=started)
-        response: httpx.Response | None = None
+        response: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(deadline):
-                request = self.client.build_request(
-                    "POST",
+                response = await self.session.post(
                     state.endpoint_urls[version, endpoint],
-                    content=_json_bytes(body),
+                    data=_json_bytes(body),
                     headers={
                         "content-type": "application/json",
                         "accept": "text/event-stream",
                         REQUEST_ID_HEADER: request_id,
                     },
-                    timeout=httpx.Timeout(state.config.upstream_timeout_seconds, connect=deadline),
+                    timeout=aiohttp.ClientTimeout(
+                        sock_connect=deadline, sock_read=state.config.upstream_timeout_seconds
+                    ),
                 )
-                response = await self.client.send(request, stream=True)
-                attempt.code = response.status_code
+                attempt.code = response.status
                 attempt.content_type = response.headers.get("content-type", "text/event-stream")
-                if response.status_code >= 500:
-                    detail = (await response.aread())[:200].decode(errors="replace")
-                    attempt.failure = f"HTTP {response.status_code}: {detail}"
-                elif not 200 <= response.status_code < 300:
-                    attempt.raw = await response.aread()
+                if response.status >= 500:
+                    attempt.failure = f"HTTP {response.status}: {_preview(await response.read())}"
+                elif not 200 <= response.status < 300:
+                    attempt.raw = await response.read()
                 else:
-                    chunks = response.aiter_bytes()
-                    attempt.first_chunk = b""
-                    while not attempt.first_chunk:
-                        attempt.first_chunk = await anext(chunks)
+                    chunks = response.content.iter_any()
+                    attempt.first_chunk = await anext(chunks)  # iter_any yields no empty chunks
                     attempt.stream, attempt.chunks = response, chunks
         except StopAsyncIteration:
             attempt.code, attempt.failure = 502, "the stream ended before its first chunk"
-        except (TimeoutError, httpx.TimeoutException):
+        except TimeoutError:
             attempt.code, attempt.failure = 504, f"no first chunk within {deadline:g}s"
-        except httpx.HTTPError as exc:
-            attempt.code, attempt.failure = 502, f"{type(exc).__name__}: {exc or 'request failed'}"
+        except aiohttp.ClientError as exc:
+            attempt.code, attempt.failure = 502, _describe(exc)
         if attempt.stream is None:
             if response is not None:
-                await response.aclose()
+                response.release()
             self._record_attempt(state, endpoint, version, attempt.code, time.perf_counter() - started)
         return attempt
 
@@ -626,6 +652,20 @@ class Gateway:
         )
         is_sse = attempt.content_type.startswith("text/event-stream")
 
+        def finish() -> None:
+            """Release the upstream and record the attempt, once: when the upstream is done (before
+            the client sees the end of the response, so its metrics are there when it asks), or when
+            the client goes away first."""
+            if outcome.finished_at is not None:
+                return
+            outcome.finished_at = finished = time.perf_counter()
+            response.release()  # back to the pool when read to the end, closed when cut short
+            self._record_attempt(state, endpoint, version, outcome.code, finished - attempt.started)
+            ttft_end = outcome.first_text_at if outcome.first_text_at is not None else finished
+            self.metrics.child(self.metrics.time_to_first_token, deployment, version).observe(
+                ttft_end - attempt.started
+            )
+
         async def body() -> AsyncIterator[bytes]:
             try:
                 out = relay.feed(attempt.first_chunk) if is_sse else attempt.first_chunk
@@ -635,15 +675,15 @@ class Gateway:
                     out = relay.feed(chunk) if is_sse else chunk
                     if out:
                         yield out
-                if is_sse:
-                    tail = relay.flush()
-                    if tail:
-                        yield tail
+                tail = relay.flush() if is_sse else b""
+                finish()
+                if tail:
+                    yield tail
             except Exception as exc:  # whatever broke, the client gets an error event, not a cut stream
-                timed_out = isinstance(exc, TimeoutError | httpx.TimeoutException)
+                timed_out = isinstance(exc, TimeoutError)
                 outcome.code = 504 if timed_out else 502
-                if isinstance(exc, httpx.HTTPError | TimeoutError):
-                    log.warning("stream %s from version %s broke: %s", request_id, version, exc)
+                if isinstance(exc, aiohttp.ClientError | TimeoutError):
+                    log.warning("stream %s from version %s broke: %s", request_id, version, _describe(exc))
                 else:
                     log.exception("relaying stream %s from version %s failed", request_id, version)
                 error = openai_error(
@@ -651,21 +691,16 @@ class Gateway:
                     error_type="server_error",
                     code="upstream_timeout" if timed_out else "upstream_error",
                 )
+                finish()
                 yield b"data: " + _json_bytes(error) + b"\n\n"
 
         async def on_close() -> None:
-            await response.aclose()
-            finished = time.perf_counter()
-            self._record_attempt(state, endpoint, version, outcome.code, finished - attempt.started)
-            ttft_end = outcome.first_text_at if outcome.first_text_at is not None else finished
-            self.metrics.child(self.metrics.time_to_first_token, deployment, version).observe(
-                ttft_end - attempt.started
-            )
+            finish()
 
         self._remember(request_id, version)
         return RelayedStream(body(), on_close, headers=headers, media_type=attempt.content_type)
 
-    # -- other endpoints ---------------------------------------------------------------------
+        # -- other endpoints ---------------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
         deployment = self.state.config.deployment

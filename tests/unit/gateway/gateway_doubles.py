@@ -4,8 +4,9 @@
 serving runtime): it answers ``<name>: <last user text>``, streams that answer word by word, and
 records every request body it received. Its ``behavior`` can be switched while it runs:
 ``echo``, ``reject`` (HTTP 400), ``error`` (HTTP 500), ``garbage`` (200 with HTML), ``slow``
-(answers after ``delay_seconds``), ``drip`` (streams a word every 0.2 s) and ``break-stream`` (a
-stream that dies after its first word).
+(answers after ``delay_seconds``, or as soon as the behavior changes), ``drip`` (streams a word
+every 0.2 s), ``stall-stream`` (a stream that stalls like ``slow`` after its first word) and
+``break-stream`` (a stream that dies after its first word).
 
 ``serve_app(app)`` runs any ASGI app with uvicorn in a background thread on a free 127.0.0.1 port
 and stops it on exit.
@@ -129,7 +130,7 @@ class StubModelServer:
                 {"error": {"message": "model crashed", "type": "server_error"}}, status_code=500
             )
         if self.behavior == "slow":
-            await asyncio.sleep(self.delay_seconds)
+            await self._stall("slow")
         usage = {
             "prompt_tokens": prompt_words,
             "completion_tokens": len(text.split()),
@@ -164,6 +165,13 @@ class StubModelServer:
             }
         )
 
+    async def _stall(self, behavior: str) -> None:
+        """Wait delay_seconds, or less when the test moves on (behavior changed, reset): a long
+        stall never keeps the server busy after its test."""
+        deadline = time.monotonic() + self.delay_seconds
+        while self.behavior == behavior and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     async def _chunks(self, kind: str, text: str, usage: dict[str, int] | None) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -185,6 +193,8 @@ class StubModelServer:
                 yield event([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
             else:
                 yield event([{"index": 0, "text": piece, "finish_reason": None}])
+            if self.behavior == "stall-stream":
+                await self._stall("stall-stream")
             if self.behavior == "drip":
                 await asyncio.sleep(0.2)
             if self.behavior == "break-stream":
@@ -229,6 +239,13 @@ def metric_value(metrics_text: str, sample_name: str, **labels: str) -> float:
             if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return 0.0
+
+
+def attempts(metrics_text: str, version: str, code: str, endpoint: str) -> float:
+    """The ``kubetune_gateway_requests_total`` sample of one version, status code and endpoint."""
+    return metric_value(
+        metrics_text, "kubetune_gateway_requests_total", version=version, endpoint=endpoint, code=code
+    )
 
 
 def sse_events(text: str) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,14 @@ def test_feedback_is_recorded_per_version_and_tested_against_the_control(
     assert metric_value(metrics, "kubetune_gateway_feedback_score_sum", **labels) == pytest.approx(11.4)
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Swap in new content at once, as a ConfigMap update does: the gateway polling the file never
+    reads a half-written one (write_text truncates first, and an empty file is a config error)."""
+    staged = path.with_suffix(".staged")
+    staged.write_text(text)
+    os.replace(staged, path)
+
+
 def test_weights_change_on_config_reload_without_a_restart(
     stubs: Stubs, gateway_server: GatewayServer, tmp_path: Path
 ) -> None:
@@ -122,12 +131,12 @@ def test_weights_change_on_config_reload_without_a_restart(
     ):
         assert versions_for_users(client) == {"alpha"}
         config["versions"][0]["weight"], config["versions"][1]["weight"] = 0, 100
-        path.write_text(json.dumps(config))
+        replace_file(path, json.dumps(config))
         health = wait_for(client, lambda h: h["versions"]["beta"] == 100)
         assert health["versions"] == {"alpha": 0, "beta": 100}
         assert versions_for_users(client) == {"beta"}
 
-        path.write_text(json.dumps({**config, "control": "nobody"}))  # a bad edit
+        replace_file(path, json.dumps({**config, "control": "nobody"}))  # a bad edit
         health = wait_for(client, lambda h: h["configError"] is not None)
         assert "control: 'nobody' is not a version" in health["configError"]
         assert health["status"] == "ok"
