@@ -106,8 +106,12 @@ def rule_failures(node: dict[str, Any], value: Any, old: Any = None, path: str =
 
 
 def admit(doc: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
-    """What the API server would say: defaulting, then the schema, then CEL (empty list: admitted)."""
-    s = schema()
+    """What the API server would say to a FineTuneJob (empty list: admitted)."""
+    return admit_to(schema(), doc, old)
+
+
+def admit_to(s: dict[str, Any], doc: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    """What the API server would say: defaulting, then the schema ``s``, then CEL (empty list: admitted)."""
     doc = apply_defaults(s, copy.deepcopy(doc))
     old = apply_defaults(s, copy.deepcopy(old)) if old is not None else None
     plain = _strip_extensions(s)

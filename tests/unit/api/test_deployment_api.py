@@ -6,15 +6,13 @@ rules), with Kubernetes' list `sum()`; the helpers come from ``test_cel`` and ``
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 import yaml
-from test_cel import all_rules, apply_defaults, rule_failures
-from test_crd import for_jsonschema, structural_problems
+from test_cel import admit_to, all_rules
+from test_crd import structural_problems
 from test_quantize_api import edit
 
 from kubetune.api.crd import build_crd, render_crd_yaml
@@ -75,14 +73,7 @@ def schema() -> dict[str, Any]:
 
 def admit(doc: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
     """What the API server would say: defaulting, then the schema, then CEL (empty list: admitted)."""
-    s = schema()
-    doc = apply_defaults(s, copy.deepcopy(doc))
-    old = apply_defaults(s, copy.deepcopy(old)) if old is not None else None
-    errors = [
-        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
-        for e in jsonschema.Draft4Validator(for_jsonschema(s)).iter_errors(doc)
-    ]
-    return errors or rule_failures(s, doc, old)
+    return admit_to(schema(), doc, old)
 
 
 def pydantic_errors(doc: dict[str, Any]) -> list[str]:

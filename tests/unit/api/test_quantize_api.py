@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import yaml
 from celpy.adapter import json_to_cel
-from test_cel import _program, all_rules, apply_defaults, rule_failures
+from test_cel import _program, admit_to, all_rules, apply_defaults
 from test_crd import for_jsonschema, structural_problems
 
 from kubetune.api import QuantizeJob
@@ -91,14 +91,7 @@ def schema_errors(doc: dict[str, Any]) -> list[str]:
 
 def admit(doc: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
     """What the API server would say: defaulting, then the schema, then CEL (empty list: admitted)."""
-    s = schema()
-    doc = apply_defaults(s, copy.deepcopy(doc))
-    old = apply_defaults(s, copy.deepcopy(old)) if old is not None else None
-    errors = [
-        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
-        for e in jsonschema.Draft4Validator(for_jsonschema(s)).iter_errors(doc)
-    ]
-    return errors or rule_failures(s, doc, old)
+    return admit_to(schema(), doc, old)
 
 
 def messages(doc: dict[str, Any]) -> list[str]:
