@@ -230,3 +230,10 @@ def test_quickstart_deployment_is_valid() -> None:
     except ResourceInvalid as exc:  # pragma: no cover - the message is the point
         pytest.fail(str(exc))
     assert [v.weight for v in resource.spec.versions] == [80, 20]
+
+
+def test_canary_example_is_admitted() -> None:
+    doc = yaml.safe_load((REPO / "examples" / "canary" / "modeldeployment.yaml").read_text())
+    assert admit(doc) == []
+    resource = parse_resource(doc, ModelDeployment)
+    assert resource.spec.canary is not None and resource.spec.canary.name == "v2"
