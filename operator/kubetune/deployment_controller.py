@@ -203,10 +203,11 @@ def reconcile_deployment(
             run = analyse(metrics, prometheus, meta.name, canary, window, moment)
         decision = decide(run)
 
-    effective = effective_weights(decision.weights, answering, set(served))
     urls = {
         name: observation.url for name, observation in observed.items() if observation.url and name in served
     }
+    # Only a version with a URL can be in the gateway config, so only those may keep a share.
+    effective = effective_weights(decision.weights, answering, set(urls))
     spec_error: str | None = None
     gateway = GatewayObservation(endpoint=None, ready=False, message="no version is served yet")
     try:

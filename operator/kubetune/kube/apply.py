@@ -222,8 +222,8 @@ async def get(api: KubeApi, resource: ChildResource, namespace: str, name: str) 
     return found
 
 
-async def apply(api: KubeApi, obj: Mapping[str, Any]) -> dict[str, Any]:
-    """Server-side apply ``obj``; returns the object as stored (with its status).
+async def apply(api: KubeApi, obj: Mapping[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
+    """Server-side apply ``obj`` as ``field_manager``; returns the object as stored (with its status).
 
     An object of that name that exists and is not controlled by the owner ``obj`` names (another
     ModelDeployment's, or one a user created) is never taken over: :class:`ChildConflict`. Applying
@@ -244,7 +244,7 @@ async def apply(api: KubeApi, obj: Mapping[str, Any]) -> dict[str, Any]:
     stored: dict[str, Any] = await api.request(
         "PATCH",
         resource_path(resource, namespace, name),
-        params={"fieldManager": FIELD_MANAGER, "force": "true"},
+        params={"fieldManager": field_manager, "force": "true"},
         body=obj,
         content_type=APPLY_PATCH,
     )

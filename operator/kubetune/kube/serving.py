@@ -55,6 +55,9 @@ VERSION_RESOURCES = (kube.DEPLOYMENTS, kube.SERVICES, kube.HORIZONTAL_POD_AUTOSC
 # The kubelet refreshes a mounted ConfigMap within its sync period plus its cache's TTL (1 minute
 # each by default): a removed version serves that long after the gateway config dropped it.
 RETIRE_AFTER_S = 150.0
+# Holds a version's replica count between kubetune's last apply that set it and the HPA's first scale
+# (see :meth:`KubernetesServing._hand_replicas_over`).
+HANDOVER_FIELD_MANAGER = "kubetune-handover-to-hpa"
 
 
 def _retired_at(deployment: Mapping[str, Any]) -> float | None:
@@ -100,6 +103,16 @@ def _required_replicas(version: VersionServing, stored: Mapping[str, Any]) -> in
     # The HPA owns the count: at least minReplicas, or what the Deployment has until the HPA acts.
     current = int((stored.get("spec") or {}).get("replicas", 1))
     return max(1, min(autoscaling.min_replicas, current))
+
+
+def _applies_replicas(stored: Mapping[str, Any], manager: str) -> bool:
+    """Whether ``manager``'s server-side apply owns the object's ``spec.replicas``."""
+    for entry in (stored.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") != manager or entry.get("operation") != "Apply":
+            continue
+        if "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {}):
+            return True
+    return False
 
 
 def _client_error(error: KubeApiError) -> bool:
@@ -203,6 +216,8 @@ class KubernetesServing:
         self, deployment: DeploymentRef, version: VersionServing, children: list[dict[str, Any]]
     ) -> VersionObservation:
         try:
+            if version.serving.autoscaling is not None:
+                await self._hand_replicas_over(deployment, children[0])
             stored = [await kube.apply(self.api, child) for child in children]
         except ChildConflict as error:
             return VersionObservation(url=None, ready=False, message=str(error))
@@ -218,6 +233,31 @@ class KubernetesServing:
             server = await kube.merge_patch(self.api, kube.DEPLOYMENTS, deployment.namespace, name, patch)
         ready, message = rollout_state(server, _required_replicas(version, server))
         return VersionObservation(url=version_url(deployment, version.name), ready=ready, message=message)
+
+    async def _hand_replicas_over(self, deployment: DeploymentRef, server: Mapping[str, Any]) -> None:
+        """Keep the replica count when autoscaling is turned on.
+
+        kubetune's apply leaves ``spec.replicas`` to the HPA then; were kubetune still its only owner,
+        the API server would reset it to 1 (scaling a loaded version down) until the HPA next scales.
+        Applying the current count as another field manager first keeps it, until the HPA takes it
+        over (the hand-over in the Kubernetes server-side apply docs).
+        """
+        meta = server["metadata"]
+        stored = await kube.get(self.api, kube.DEPLOYMENTS, meta["namespace"], meta["name"])
+        if stored is None or kube.controller_uid(stored) != deployment.uid:
+            return  # nothing to keep, or not ours (the apply reports that)
+        if not _applies_replicas(stored, kube.FIELD_MANAGER):
+            return
+        replicas = (stored.get("spec") or {}).get("replicas")
+        if replicas is None:
+            return
+        handover = {
+            "apiVersion": server["apiVersion"],
+            "kind": server["kind"],
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+            "spec": {"replicas": replicas},
+        }
+        await kube.apply(self.api, handover, field_manager=HANDOVER_FIELD_MANAGER)
 
     async def aensure_gateway(
         self, deployment: DeploymentRef, config: Mapping[str, Any]

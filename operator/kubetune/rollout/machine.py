@@ -10,10 +10,11 @@ once::
     RolledBack --spec changed--> Progressing from step 0      Paused --spec changed--> same step again
 
 During step i the canary gets ``steps[i].weight`` percent and the other versions share the rest in
-proportion to their stable weights. A step's clock starts once the canary is ready. The canary's
-metrics are analysed every interval and once more when the step's pause is over, so a step only
-advances on an analysis that covers its end. An inconclusive analysis (no data, Prometheus not
-reachable) never fails a step: it is recorded as such.
+proportion to their stable weights. A step's clock starts once the canary is ready, and starts again
+if the canary stops answering during the step. The canary's metrics are analysed every interval and
+once more when the step's pause is over, so a step only advances on an analysis that covers its end.
+An inconclusive analysis (no data, Prometheus not reachable) never fails a step: it is recorded as
+such.
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ def plan_rollout(
     def step_weights(stable: Mapping[str, int], canary_weight: int) -> dict[str, int]:
         others = {name: stable.get(name, 0) for name in names if name != canary}
         if sum(others.values()) == 0:
+            # The stable versions were renamed or removed under the rollout: the spec's others hold.
+            others = {name: weights[name] for name in names if name != canary}
+        if sum(others.values()) == 0:
             return dict(weights)
         split = proportional(100 - canary_weight, others)
         return {name: canary_weight if name == canary else split[name] for name in names}
@@ -183,10 +187,14 @@ def plan_rollout(
         pause = duration_seconds(steps[step].pause)
         current = step_weights(status.stable_weights, steps[step].weight)
         where = f"step {step + 1}/{total_steps}, {canary} at {steps[step].weight}%"
+        if not canary_ready:
+            # Also mid-step: a canary that stopped answering gets no traffic and its analysis no data,
+            # so the step's pause starts again once it answers rather than passing unobserved.
+            waiting = status.model_copy(
+                update={"step_started_at": None, "message": f"{where}: waiting for {canary} to be ready"}
+            )
+            return RolloutDecision(weights=current, rollout=waiting, events=events)
         if status.step_started_at is None:
-            if not canary_ready:
-                waiting = status.model_copy(update={"message": f"{where}: waiting for {canary} to be ready"})
-                return RolloutDecision(weights=current, rollout=waiting, events=events)
             status = status.model_copy(update={"step_started_at": format_time(now)})
         started_at = parse_time(str(status.step_started_at))
         if analysis is not None:
@@ -274,8 +282,11 @@ def plan_rollout(
         return RolloutDecision(weights=step_weights(previous.stable_weights, 0), rollout=previous)
     if previous.state == "Paused":
         if spec_changed:
-            resumed = previous.model_copy(update={"state": "Progressing", "step_started_at": None})
-            message = f"the spec changed: resuming {canary} at step {previous.step + 1}/{total_steps}"
+            step = min(previous.step, total_steps - 1)  # the change may have shortened the steps
+            resumed = previous.model_copy(
+                update={"state": "Progressing", "step": step, "step_started_at": None}
+            )
+            message = f"the spec changed: resuming {canary} at step {step + 1}/{total_steps}"
             return progress(resumed, [Event("Normal", "RolloutResumed", message)])
         held = step_weights(previous.stable_weights, steps[min(previous.step, total_steps - 1)].weight)
         return RolloutDecision(weights=held, rollout=previous)

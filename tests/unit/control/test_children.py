@@ -7,6 +7,7 @@ and against the Kubernetes OpenAPI schemas (kubernetes_validate, offline).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import re
@@ -17,7 +18,7 @@ import pytest
 
 from kubetune.api.common import SecretKeyRef
 from kubetune.api.deployment import Autoscaling, Batching, Resources, Serving
-from kubetune.kube.apply import resource_of
+from kubetune.kube.apply import KubeApiError, resource_of
 from kubetune.kube.children import (
     CONFIG_CHECKSUM_ANNOTATION,
     DEFAULT_GATEWAY_IMAGE,
@@ -33,7 +34,7 @@ from kubetune.kube.children import (
     version_child_name,
     version_url,
 )
-from kubetune.kube.serving import RETIRE_AFTER_S, rollout_state
+from kubetune.kube.serving import HANDOVER_FIELD_MANAGER, RETIRE_AFTER_S, KubernetesServing, rollout_state
 from kubetune.operator.deployment_handlers import (
     ERROR_BACKOFF_S,
     RESYNC_S,
@@ -526,3 +527,89 @@ def test_status_patch_sets_changes_and_removes_what_is_gone() -> None:
     current = {"phase": "Ready", "weights": "a=100", "rollout": {"state": "Promoted"}}
     planned = {"phase": "Ready", "weights": "a=50,b=50", "versions": []}
     assert _status_patch(current, planned) == {"weights": "a=50,b=50", "versions": [], "rollout": None}
+
+
+# ---- server-side apply of a version (kubetune.kube.serving) ------------------------------------------
+
+
+class RecordingApi:
+    """A KubeApi holding one stored Deployment: GETs answer it, PATCHes are recorded and merged."""
+
+    def __init__(self, deployment: dict[str, Any]) -> None:
+        self.deployment = deployment
+        self.patches: list[tuple[str, dict[str, str], Any]] = []
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Any = None,
+        body: Any = None,
+        content_type: str | None = None,
+    ) -> Any:
+        name = path.rsplit("/", 1)[-1]
+        if method == "GET" and "/deployments/" in path:
+            return copy.deepcopy(self.deployment)
+        if method == "GET":
+            if path.endswith("s"):  # a list
+                return {"items": []}
+            raise KubeApiError(404, f"{name} not found")
+        if method == "PATCH":
+            self.patches.append((path, dict(params or {}), copy.deepcopy(body)))
+            if "/deployments/" in path:
+                return copy.deepcopy(self.deployment)
+            return copy.deepcopy(body)
+        raise AssertionError(f"unexpected {method} {path}")
+
+
+def stored_deployment(replicas: int, managers: list[dict[str, Any]]) -> dict[str, Any]:
+    applied = build_version_children(REF, version(), IMAGES)[0]
+    applied["metadata"]["managedFields"] = managers
+    applied["metadata"]["generation"] = 1
+    applied["spec"]["replicas"] = replicas
+    applied["status"] = {"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas}
+    return applied
+
+
+def test_turning_autoscaling_on_hands_the_replica_count_over_instead_of_resetting_it() -> None:
+    # kubetune applied replicas: 3 before; if its next apply just left the field out, the API server
+    # would reset it to 1 until the HPA acts (the race in the server-side apply docs).
+    owned = {
+        "manager": "kubetune",
+        "operation": "Apply",
+        "apiVersion": "apps/v1",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:spec": {"f:replicas": {}, "f:template": {}}},
+    }
+    api = RecordingApi(stored_deployment(3, [owned]))
+    serving = KubernetesServing(api, IMAGES)
+    asyncio.run(serving.aensure_versions(REF, [version(serving=AUTOSCALED)]))
+    deployment_patches = [(params, body) for path, params, body in api.patches if "/deployments/" in path]
+    (handover_params, handover), (main_params, main) = deployment_patches[:2]
+    assert handover_params["fieldManager"] == HANDOVER_FIELD_MANAGER
+    assert handover["spec"] == {"replicas": 3}
+    assert "ownerReferences" not in handover["metadata"]
+    assert main_params["fieldManager"] == "kubetune" and "replicas" not in main["spec"]
+
+
+def test_no_handover_once_kubetune_no_longer_owns_the_replica_count() -> None:
+    hpa_owned = {
+        "manager": "kube-controller-manager",
+        "operation": "Update",
+        "apiVersion": "apps/v1",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:spec": {"f:replicas": {}}},
+        "subresource": "scale",
+    }
+    kubetune_owned = {
+        "manager": "kubetune",
+        "operation": "Apply",
+        "apiVersion": "apps/v1",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:spec": {"f:template": {}}},
+    }
+    api = RecordingApi(stored_deployment(4, [hpa_owned, kubetune_owned]))
+    asyncio.run(KubernetesServing(api, IMAGES).aensure_versions(REF, [version(serving=AUTOSCALED)]))
+    managers = [params["fieldManager"] for path, params, _ in api.patches if "/deployments/" in path]
+    assert managers == ["kubetune"]

@@ -88,6 +88,7 @@ class FakeServing:
     def __init__(self, ready: bool = True) -> None:
         self.ready = ready
         self.not_ready: set[str] = set()
+        self.refused: set[str] = set()  # the API server refused their objects: no URL, not ready
         self.versions: list[VersionServing] = []
         self.config: dict[str, Any] | None = None
         self.removed: list[DeploymentRef] = []
@@ -97,7 +98,9 @@ class FakeServing:
     ) -> Mapping[str, VersionObservation]:
         self.versions = list(versions)
         return {
-            v.name: VersionObservation(
+            v.name: VersionObservation(url=None, ready=False, message="refused")
+            if v.name in self.refused
+            else VersionObservation(
                 url=f"http://{deployment.name}-{v.name}.{deployment.namespace}:3000",
                 ready=self.ready and v.name not in self.not_ready,
                 message=None if self.ready and v.name not in self.not_ready else "0/1 replicas ready",
@@ -383,6 +386,17 @@ def test_servers_that_are_starting_get_no_traffic_yet() -> None:
     ready = condition(outcome.status, "Ready")
     assert (ready["reason"], ready["message"]) == ("VersionNotReady", "version int8: 0/1 replicas ready")
     assert condition(outcome.status, "Progressing")["reason"] == "WaitingForVersions"
+
+
+def test_a_version_without_a_server_gets_no_share_even_before_any_answers() -> None:
+    # Nothing answers yet, and int8's objects were refused: the gateway can only send to tuned, and
+    # the status must say so rather than show int8's planned share.
+    serving = FakeServing(ready=False)
+    serving.refused = {"int8"}
+    outcome = reconcile_deployment(mdep(), lookup=DONE, serving=serving, prometheus=None, now=T0)
+    assert outcome.status["weights"] == "tuned=100,int8=0"
+    assert serving.config is not None
+    assert [(v["name"], v["weight"]) for v in serving.config["versions"]] == [("tuned", 100)]
 
 
 def test_an_invalid_spec_changes_nothing_and_says_why() -> None:

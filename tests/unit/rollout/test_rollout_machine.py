@@ -340,3 +340,55 @@ def test_canary_steps_split_the_rest_in_proportion_to_the_stable_weights() -> No
     spec = make_spec({"a": 50, "b": 30, "canary": 20})
     decision = decide(spec, None, T0, previous_weights={"a": 60, "b": 40})
     assert decision.weights == {"a": 54, "b": 36, "canary": 10}
+
+
+def test_resuming_a_paused_rollout_after_its_steps_were_shortened_resumes_at_the_last_step() -> None:
+    spec = make_spec(
+        steps=[{"weight": 10, "pause": "3s"}, {"weight": 30, "pause": "3s"}, {"weight": 60, "pause": "3s"}],
+        auto_rollback=False,
+    )
+    at_third = started(spec).model_copy(update={"step": 2, "step_started_at": format_time(T0)})
+    at = T0 + timedelta(seconds=1)
+    paused = decide(spec, at_third, at, analysis=run(at, error_rate=0.5)).rollout
+    assert paused is not None and (paused.state, paused.step) == ("Paused", 2)
+    shorter = make_spec(steps=[{"weight": 10, "pause": "3s"}, {"weight": 30, "pause": "3s"}])
+    resumed = decide(shorter, paused, at + timedelta(minutes=1), spec_changed=True)
+    assert resumed.rollout is not None and (resumed.rollout.state, resumed.rollout.step) == ("Progressing", 1)
+    assert resumed.weights == {"stable": 70, "canary": 30}
+    assert "step 2/2" in resumed.events[0].message
+
+
+def test_a_canary_that_stops_answering_mid_step_holds_the_step_and_restarts_its_clock() -> None:
+    spec = make_spec()
+    rollout = started(spec)
+    # The pause is over, but the canary's server went away: no advance on an analysis of no traffic.
+    end = T0 + timedelta(seconds=3)
+    gone = decide(spec, rollout, end, ready=False)
+    assert not gone.analysis_due
+    assert gone.rollout is not None and (gone.rollout.state, gone.rollout.step) == ("Progressing", 0)
+    assert gone.rollout.step_started_at is None
+    assert "waiting for canary to be ready" in gone.rollout.message
+    assert gone.weights == {"stable": 90, "canary": 10} and gone.events == []
+    # Back: the step's pause is served again in full by a canary that answers.
+    back_at = end + timedelta(seconds=10)
+    back = decide(spec, gone.rollout, back_at, ready=True)
+    assert back.rollout is not None and back.rollout.step == 0
+    assert back.rollout.step_started_at == format_time(back_at)
+    # Not on the last step either: an unready canary is never promoted.
+    last = rollout.model_copy(update={"step": 1})
+    held = decide(spec, last, end + timedelta(minutes=5), ready=False)
+    assert held.rollout is not None and held.rollout.state == "Progressing"
+    assert held.weights == {"stable": 50, "canary": 50}
+
+
+def test_a_stable_version_renamed_mid_rollout_takes_the_stable_share() -> None:
+    spec = make_spec()
+    rollout = started(spec)
+    renamed = make_spec({"stable-v2": 80, "canary": 20})
+    during = decide(renamed, rollout, T0 + timedelta(seconds=0.5), spec_changed=True)
+    assert during.weights == {"stable-v2": 90, "canary": 10}
+    at = T0 + timedelta(seconds=1)
+    assert during.rollout is not None
+    rolled = decide(renamed, during.rollout, at, analysis=run(at, error_rate=0.5))
+    assert rolled.rollout is not None and rolled.rollout.state == "RolledBack"
+    assert rolled.weights == {"stable-v2": 100, "canary": 0}
