@@ -11,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+RECENT_BATCHES = 1000
+"""Batch sizes kept in `MicroBatcher.batch_sizes`; a server runs for months."""
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -48,8 +52,8 @@ class MicroBatcher(Generic[Item, Result]):
         self.executor = executor
         self.max_batch_size = max_batch_size
         self.max_latency_s = max(0.0, max_latency_s)
-        self.batch_sizes: list[int] = []
-        """Size of every batch run so far (for tests and debugging)."""
+        self.batch_sizes: deque[int] = deque(maxlen=RECENT_BATCHES)
+        """Sizes of the most recent batches, oldest first (for tests and debugging)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Pending[Item, Result]] | None = None
         self._worker: asyncio.Task[None] | None = None

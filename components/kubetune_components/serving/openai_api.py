@@ -18,6 +18,7 @@ was truncated to fit the context window is answered with the header
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -56,7 +57,8 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 """OpenAI's default for /v1/completions; chat completions default to what the context leaves."""
 MAX_STOP_SEQUENCES = 4
 CLIENT_CLOSED_REQUEST = 499
-"""The code counted for a stream whose client went away before it ended (nginx's convention)."""
+"""The code counted for a request or stream whose client went away before it ended (nginx's
+convention); its generation is cancelled."""
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
 COMMON_FIELDS = frozenset(
@@ -81,6 +83,11 @@ COMMON_FIELDS = frozenset(
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
 MESSAGE_FIELDS = frozenset({"role", "content", "name"})
+EMPTY_MESSAGE_FIELDS = frozenset(
+    {"refusal", "annotations", "audio", "function_call", "tool_calls", "tool_call_id", "reasoning_content"}
+)
+"""OpenAI message fields taken when empty (null or []): the official client's `model_dump()` of a
+reply writes them all, and an assistant turn sent back that way must not be refused."""
 
 
 class ApiError(Exception):
@@ -329,7 +336,11 @@ def parse_messages(body: Mapping[str, Any]) -> list[ChatMessage]:
         where = f"messages[{index}]"
         if not isinstance(message, dict):
             raise _bad(f"{where} must be an object, got {_json_type(message)}", where)
-        unknown = sorted(set(message) - MESSAGE_FIELDS)
+        unknown = sorted(
+            name
+            for name, value in message.items()
+            if name not in MESSAGE_FIELDS and not (name in EMPTY_MESSAGE_FIELDS and value in (None, []))
+        )
         if unknown:
             raise _bad(f"{where}.{unknown[0]} is not supported by this model server", f"{where}.{unknown[0]}")
         role = message.get("role")
@@ -429,7 +440,10 @@ class OpenAIApp:
                 prompt = runtime.prepare_completion(parse_prompt(body))
             if stream:
                 return self._stream(runtime, prompt, params, endpoint, started, chat, include_usage)
-            completion = await runtime.agenerate(prompt, params)
+            completion = await _generate_while_connected(request, runtime, prompt, params)
+            if completion is None:
+                self._observe(endpoint, CLIENT_CLOSED_REQUEST, started)
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
         except (ApiError, RequestError) as error:
             api_error = (
                 error
@@ -543,6 +557,34 @@ class OpenAIApp:
 
         headers = {**self._headers(prompt), "cache-control": "no-cache"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+async def _client_disconnected(request: Request) -> bool:
+    """Waits for the next ASGI message once the body is read: the server sends http.disconnect
+    when the client goes away (or after the response is sent)."""
+    message = await request.receive()
+    return message.get("type") == "http.disconnect"
+
+
+async def _generate_while_connected(
+    request: Request, runtime: ModelRuntime, prompt: PreparedPrompt, params: SamplingParams
+) -> Completion | None:
+    """The completion, or None when the client went away first; then the generation is cancelled
+    rather than left running to max_tokens for nobody (a gateway that timed out retries elsewhere)."""
+    generation = asyncio.ensure_future(runtime.agenerate(prompt, params))
+    watcher = asyncio.ensure_future(_client_disconnected(request))
+    try:
+        done, _ = await asyncio.wait((generation, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if generation in done:
+            return generation.result()
+        if watcher.result():
+            generation.cancel()
+            return None
+        return await generation  # a message other than a disconnect: nothing more to watch for
+    finally:
+        watcher.cancel()
+        if not generation.done():
+            generation.cancel()
 
 
 async def _json_body(request: Request) -> dict[str, Any]:

@@ -539,6 +539,7 @@ class _Job:
     prompt: PreparedPrompt
     params: SamplingParams
     result: Completion | None = field(default=None)
+    cancelled: threading.Event | None = None
 
 
 class ModelRuntime:
@@ -749,7 +750,7 @@ class ModelRuntime:
             )
 
     def _run_jobs(self, jobs: Sequence[_Job]) -> list[Completion]:
-        rows = [self._row(job.prompt, job.params) for job in jobs]
+        rows = [self._row(job.prompt, job.params, cancelled=job.cancelled) for job in jobs]
         self.run_rows(rows)
         return [row.completion() for row in rows]
 
@@ -777,12 +778,21 @@ class ModelRuntime:
             stream.close(None, error)
 
     async def agenerate(self, prompt: PreparedPrompt, params: SamplingParams) -> Completion:
-        """Generation off the event loop; with batching on, requests share `generate` calls."""
+        """Generation off the event loop; with batching on, requests share `generate` calls.
+
+        Cancelling the awaiting task stops the generation at its next token: the worker thread
+        would otherwise run on to max_tokens for a caller that is gone."""
         self._room(prompt, params)  # refuse what cannot run before it waits for a batch
-        if self.batcher is not None:
-            return await self.batcher.submit(_Job(prompt, params))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.generate, prompt, params)
+        job = _Job(prompt, params, cancelled=threading.Event())
+        try:
+            if self.batcher is not None:
+                return await self.batcher.submit(job)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, lambda: self._run_jobs([job])[0])
+        except asyncio.CancelledError:
+            assert job.cancelled is not None
+            job.cancelled.set()
+            raise
 
     def astream(self, prompt: PreparedPrompt, params: SamplingParams) -> AsyncTextStream:
         """Like `stream`, for an event loop: `async for delta in runtime.astream(...)`."""

@@ -1,8 +1,9 @@
 """The gateway's HTTP surface: OpenAI-compatible endpoints in front of a deployment's versions.
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming passes SSE through),
-``GET /v1/models`` (the deployment is the one model), ``POST /v1/feedback``, ``GET /v1/experiments``,
-``GET /healthz`` and ``GET /metrics``.
+``GET /v1/models`` and ``GET /v1/models/{model}`` (the deployment is the one model),
+``POST /v1/feedback``, ``GET /v1/experiments``, ``GET /healthz`` and ``GET /metrics``. Other paths and
+methods get 404 / 405 errors in the OpenAI format.
 
 Every response carries ``x-request-id`` and ``x-kubetune-version``. On a completion ``x-request-id``
 is the response's ``id`` (the gateway assigns ids, rewriting the upstream's in the body and in every
@@ -49,6 +50,7 @@ import aiohttp
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -421,10 +423,6 @@ class Gateway:
         fallback = state.config.fallback
         if attempt.failure is None or fallback is None or fallback.version == attempt.version:
             return None
-        self.metrics.fallbacks.labels(state.config.deployment, attempt.version, fallback.version).inc()
-        log.warning(
-            "version %s failed (%s); retrying on %s", attempt.version, attempt.failure, fallback.version
-        )
         return fallback.version
 
     def _record_attempt(
@@ -498,6 +496,9 @@ class Gateway:
             fallback_upstream = self._upstream_body(state, endpoint, fallback, body)
         except GatewayError as error:
             raise _failed(first, None, extra=f"the fallback {fallback!r} cannot take it: {error}") from error
+        # counted once the fallback is really asked, so the series is the number of retries
+        self.metrics.fallbacks.labels(state.config.deployment, first.version, fallback).inc()
+        log.warning("version %s failed (%s); retrying on %s", first.version, first.failure, fallback)
         second = await send(fallback, fallback_upstream.body, state.config.upstream_timeout_seconds)
         if second.failure is not None:
             raise _failed(first, second)
@@ -702,15 +703,21 @@ class Gateway:
 
         # -- other endpoints ---------------------------------------------------------------------
 
+    def _model_document(self, deployment: str) -> dict[str, Any]:
+        return {"id": deployment, "object": "model", "created": self.started_at, "owned_by": "kubetune"}
+
     async def models(self, request: Request) -> Response:
-        deployment = self.state.config.deployment
-        document = {
-            "object": "list",
-            "data": [
-                {"id": deployment, "object": "model", "created": self.started_at, "owned_by": "kubetune"}
-            ],
-        }
+        document = {"object": "list", "data": [self._model_document(self.state.config.deployment)]}
         return Response(_json_bytes(document), media_type="application/json")
+
+    async def model(self, request: Request) -> Response:
+        """``GET /v1/models/{model}`` (the OpenAI client's ``models.retrieve``)."""
+        deployment = self.state.config.deployment
+        try:
+            _check_model({"model": request.path_params["model"]}, deployment)
+        except GatewayError as error:
+            return error_response(error, f"req-{uuid.uuid4().hex}", NO_VERSION)
+        return Response(_json_bytes(self._model_document(deployment)), media_type="application/json")
 
     async def feedback(self, request: Request) -> Response:
         request_id = f"req-{uuid.uuid4().hex}"
@@ -850,6 +857,29 @@ def _parse_feedback(body: dict[str, Any]) -> tuple[str, float]:
     return rated_id, float(score)
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and wrong methods in the OpenAI error format (Starlette answers plain text)."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else {}
+    if status == 404:
+        error = GatewayError(404, f"Invalid URL ({request.method} {request.url.path})", code="not_found")
+    elif status == 405:
+        allowed = headers.get("Allow") or headers.get("allow") or ""
+        error = GatewayError(
+            405,
+            f"{request.method} is not allowed on {request.url.path}; use {allowed}",
+            code="method_not_allowed",
+        )
+    else:
+        detail = exc.detail if isinstance(exc, HTTPException) else "the gateway failed on this request"
+        error = GatewayError(
+            status, str(detail), error_type="invalid_request_error" if status < 500 else "server_error"
+        )
+    return Response(
+        _json_bytes(error.to_openai()), status_code=status, media_type="application/json", headers=headers
+    )
+
+
 def create_app(config_source: ConfigSource, reload_interval_seconds: float = 1.0) -> Starlette:
     """The gateway app. A path (or a ConfigReloader) is watched for changes while the app runs;
     a GatewayConfig is used as it is. ``app.state.gateway`` is the Gateway behind it."""
@@ -859,12 +889,14 @@ def create_app(config_source: ConfigSource, reload_interval_seconds: float = 1.0
             Route(CHAT_ENDPOINT, gateway.chat_completions, methods=["POST"]),
             Route(COMPLETIONS_ENDPOINT, gateway.completions, methods=["POST"]),
             Route("/v1/models", gateway.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
             Route("/v1/feedback", gateway.feedback, methods=["POST"]),
             Route("/v1/experiments", gateway.experiments_report, methods=["GET"]),
             Route("/healthz", gateway.healthz, methods=["GET"]),
             Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
         ],
         middleware=[Middleware(DefaultHeadersMiddleware)],
+        exception_handlers={HTTPException: _http_error},
         lifespan=gateway.lifespan,
     )
     app.state.gateway = gateway

@@ -282,9 +282,15 @@ class ConfigReloader:
     def __init__(self, path: str | os.PathLike[str], interval_seconds: float = 1.0) -> None:
         self.path = Path(path)
         self.interval_seconds = interval_seconds
+        # one read: the config in use and the content compared on later polls are the same bytes
         self._signature = _signature(self.path)
-        self._current = load_gateway_config(self.path)
-        self._content = self.path.read_bytes()
+        try:
+            self._content = self.path.read_bytes()
+        except OSError as exc:
+            raise GatewayConfigError(
+                f"{self.path}: cannot read gateway config: {exc.strerror or exc}"
+            ) from exc
+        self._current = parse_gateway_config(self._content, str(self.path))
         self._listeners: list[ConfigListener] = []
         self.last_error: str | None = None
 

@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from kubetune_components import data, models, quantize, storage
 from kubetune_components import finetune as ft
 from kubetune_components import publish as pub
 from kubetune_components.errors import ConfigError, ModelLoadError
+from kubetune_components.serving.batching import RECENT_BATCHES, MicroBatcher
 from kubetune_components.serving.config import RuntimeLimits, ServingSettings
 from kubetune_components.serving.openai_api import RuntimeSlot, ServingIdentity, create_app
 from kubetune_components.serving.runtime import (
@@ -382,7 +384,7 @@ async def test_concurrent_requests_share_a_batch(chat_runtime: ModelRuntime) -> 
             batching.prepare_completion(text) for text in ("Hello", "Thank you for", "Once upon a time")
         ]
         results = await asyncio.gather(*(batching.agenerate(prompt, GREEDY) for prompt in prompts))
-        assert batching.batcher is not None and batching.batcher.batch_sizes == [3]
+        assert batching.batcher is not None and list(batching.batcher.batch_sizes) == [3]
         assert [r.text for r in results] == [chat_runtime.generate(p, GREEDY).text for p in prompts]
     finally:
         batching.close()
@@ -668,3 +670,97 @@ async def test_a_client_that_goes_away_stops_its_stream(chat_runtime: ModelRunti
         assert runtime.rows[0].generated < 100  # stopped long before max_tokens
     finally:
         runtime.close()
+
+
+async def test_a_client_that_goes_away_stops_its_plain_generation(chat_runtime: ModelRuntime) -> None:
+    """A non-streamed request whose client disconnects (a gateway timeout, say) stops generating
+    instead of holding a worker thread until max_tokens."""
+    runtime = RecordingRuntime(chat_runtime.model, chat_runtime.tokenizer)
+    runtime.rows = []
+    slot = RuntimeSlot(ServingIdentity("support-bot", "gone-plain-v1", "support-bot"))
+    slot.set_runtime(runtime)
+    request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "temperature": 0}
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    inbox.put_nowait({"type": "http.request", "body": json.dumps(request).encode(), "more_body": False})
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return await inbox.get()
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    async def disconnect_once_generating() -> None:
+        while not runtime.rows or runtime.rows[0].generated < 3:
+            await asyncio.sleep(0.005)
+        inbox.put_nowait({"type": "http.disconnect"})
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": CHAT,
+        "raw_path": CHAT.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("serving", 80),
+    }
+    watcher = asyncio.create_task(disconnect_once_generating())
+    try:
+        await asyncio.wait_for(create_app(slot)(scope, receive, send), 30)
+        deadline = time.monotonic() + 30
+        while not runtime.rows[0].done:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert runtime.rows[0].generated < 100  # stopped long before max_tokens
+        labels = {"version": "gone-plain-v1", "endpoint": CHAT}
+        assert counter("kubetune_serving_requests_total", **labels, code="499") == 1
+        assert counter("kubetune_serving_requests_total", **labels, code="200") == 0
+    finally:
+        watcher.cancel()
+        runtime.close()
+
+
+async def test_the_batcher_keeps_only_recent_batch_sizes() -> None:
+    """A long-running server records batch sizes for debugging without growing without bound."""
+    executor = ThreadPoolExecutor(max_workers=1)
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        lambda items: [item * 2 for item in items], executor, max_batch_size=4, max_latency_s=0
+    )
+    try:
+        for item in range(RECENT_BATCHES + 5):
+            assert await batcher.submit(item) == item * 2
+        assert len(batcher.batch_sizes) == RECENT_BATCHES
+        assert list(batcher.batch_sizes)[-1] == 1
+    finally:
+        executor.shutdown()
+
+
+async def test_a_reply_sent_back_as_the_openai_client_dumps_it_is_accepted(
+    chat_runtime: ModelRuntime,
+) -> None:
+    """`messages.append(reply.choices[0].message.model_dump())` adds null refusal, audio,
+    tool_calls, ... to the assistant turn; they carry nothing, so the turn is taken as it is."""
+    from openai.types.chat import ChatCompletionMessage
+
+    async with api_client(chat_runtime, "multi-turn-v1") as client:
+        first = await client.post(
+            CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+        )
+        reply = ChatCompletionMessage.model_validate(first.json()["choices"][0]["message"]).model_dump()
+        conversation = [{"role": "user", "content": "hi"}, reply, {"role": "user", "content": "more"}]
+        second = await client.post(CHAT, json={"messages": conversation, "max_tokens": 3, "temperature": 0})
+        with_tools = await client.post(
+            CHAT,
+            json={
+                "messages": [*conversation[:1], {**reply, "tool_calls": [{"id": "c1"}]}, conversation[2]],
+                "max_tokens": 3,
+            },
+        )
+    assert second.status_code == 200, second.text
+    assert with_tools.status_code == 400
+    assert with_tools.json()["error"]["param"] == "messages[1].tool_calls"

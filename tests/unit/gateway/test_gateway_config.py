@@ -213,3 +213,34 @@ def test_reloader_refuses_a_bad_initial_file(tmp_path: Path) -> None:
     path.write_text(json.dumps(with_changes(versions=[])))
     with pytest.raises(GatewayConfigError, match="versions"):
         ConfigReloader(path)
+
+
+def test_reloader_applies_an_update_that_lands_while_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rollout's weight change written just as the gateway reads its first config is applied by
+    the next poll, not lost because the reloader thinks it already has that content."""
+    path = tmp_path / "gateway.json"
+    _write(path, CONTRACT_EXAMPLE, 1_000_000_000_000_000_000)
+    reweighted = with_changes(
+        versions=[
+            {"name": "tuned", "url": "http://127.0.0.1:3001", "weight": 10, "prompt": "v1"},
+            {"name": "int8", "url": "http://127.0.0.1:3002", "weight": 90},
+        ]
+    )
+    real_read_bytes = Path.read_bytes
+    reads = 0
+
+    def read_then_update(self: Path) -> bytes:
+        nonlocal reads
+        content = real_read_bytes(self)
+        reads += 1
+        if self == path and reads == 1:
+            _write(path, reweighted, 1_000_000_001_000_000_000)
+        return content
+
+    monkeypatch.setattr(Path, "read_bytes", read_then_update)
+    reloader = ConfigReloader(path)
+    assert [v.weight for v in reloader.current.versions] == [80, 20]
+    assert reloader.poll() is True
+    assert [v.weight for v in reloader.current.versions] == [10, 90]

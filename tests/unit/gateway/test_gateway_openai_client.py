@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 from gateway_doubles import GatewayServer, StubModelServer, base_config
@@ -71,3 +72,28 @@ def test_openai_client_talks_to_the_gateway(stubs: Stubs, gateway_server: Gatewa
                 list(broken)
         finally:
             client.close()
+
+
+def test_models_retrieve_and_unknown_routes_answer_openai_errors(
+    stubs: Stubs, gateway_server: GatewayServer
+) -> None:
+    with gateway_server(base_config(stubs)) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=10)
+        try:
+            assert client.models.retrieve("support-bot").id == "support-bot"
+            with pytest.raises(openai.NotFoundError) as missing_model:
+                client.models.retrieve("gpt-4o")
+            assert missing_model.value.code == "model_not_found"
+            with pytest.raises(openai.NotFoundError) as missing_path:
+                client.embeddings.create(model="support-bot", input="x")
+            assert missing_path.value.code == "not_found"
+        finally:
+            client.close()
+        with httpx.Client(base_url=url) as http:
+            wrong_method = http.get("/v1/chat/completions")
+            unknown = http.post("/v2/anything", json={})
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+    assert wrong_method.headers["allow"] == "POST"
+    assert unknown.status_code == 404
+    assert set(unknown.json()["error"]) == {"message", "type", "param", "code"}

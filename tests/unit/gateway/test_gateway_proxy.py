@@ -541,3 +541,24 @@ def test_a_refusal_from_the_fallback_is_passed_on_and_not_cached(
             assert response.status_code == 400
             assert response.headers["x-kubetune-version"] == "beta"
     assert len(stubs["beta"].received) == 2
+
+
+def test_a_fallback_that_cannot_take_the_request_is_not_counted(
+    stubs: Stubs, gateway_server: GatewayServer
+) -> None:
+    config = base_config(
+        stubs,
+        fallback={"version": "beta", "timeoutSeconds": 5},
+        prompts=[{"name": "ticket", "template": "{{input}} (customer {{customer}})"}],
+    )
+    config["versions"][1]["prompt"] = "ticket"
+    with gateway_server(config) as (url, _), httpx.Client(base_url=url, timeout=10) as client:
+        stubs["alpha"].behavior = "error"
+        failed = client.post(
+            "/v1/chat/completions", json=chat_body(), headers={"x-kubetune-version": "alpha"}
+        )
+        metrics = client.get("/metrics").text
+    assert failed.status_code == 502
+    assert "the fallback 'beta' cannot take it" in failed.json()["error"]["message"]
+    assert stubs["beta"].received == []
+    assert metric_value(metrics, "kubetune_gateway_fallbacks_total", from_version="alpha") == 0
