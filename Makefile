@@ -27,13 +27,15 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $@
 
 # `kubetune up` fine-tunes, quantizes, then serves until interrupted: query.py waits for the
-# ModelDeployment to be Ready and queries it, then SIGINT stops `up` and every process it started.
+# ModelDeployment to be Ready and queries it, then SIGTERM stops `up` and every process it started.
+# SIGTERM, not SIGINT: the shell starts a background job with SIGINT ignored, so a SIGINT sent before
+# `up` has installed its handlers would be lost and `wait` would never return.
 quickstart: setup
 	$(BIN)/kubetune dev tiny-base --out $(TINY_BASE)
 	@$(BIN)/kubetune up -f examples/quickstart/ & up=$$!; \
-	trap 'kill -INT $$up 2>/dev/null; wait $$up' INT TERM; \
+	trap 'kill -TERM $$up 2>/dev/null; wait $$up; exit 130' INT TERM; \
 	$(BIN)/python examples/quickstart/query.py --up-pid $$up; query=$$?; \
-	kill -INT $$up 2>/dev/null; wait $$up; up_status=$$?; \
+	kill -TERM $$up 2>/dev/null; wait $$up; up_status=$$?; \
 	echo "query.py exited with $$query, kubetune up with $$up_status"; \
 	test $$query -eq 0 && test $$up_status -eq 0
 	$(BIN)/kubetune get ftj

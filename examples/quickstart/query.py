@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from collections import Counter
 from typing import Any
 
+import httpx
+import psutil
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -50,35 +51,52 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
 
 
 def process_running(pid: int) -> bool:
+    """Whether the process runs (an exited one its parent has not reaped yet does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.Error:
         return True
-    return True
+
+
+def endpoint_problem(endpoint: str) -> str | None:
+    """None when the gateway answers GET {endpoint}/models, else what went wrong."""
+    try:
+        response = httpx.get(f"{endpoint}/models", timeout=10, trust_env=False)
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+    return None if response.status_code == 200 else f"HTTP {response.status_code}"
 
 
 def wait_until_ready(name: str, namespace: str, timeout_s: float, up_pid: int | None) -> dict[str, Any]:
-    """The ModelDeployment once its Ready condition is True; exits when it stalls or `up` is gone."""
+    """The ModelDeployment once its Ready condition is True and its endpoint answers; exits when it
+    stalls or `up` is gone. (A `kubetune up` killed outright leaves Ready and an endpoint that no
+    longer answers in the store until the next `up` corrects it.)"""
     deadline = time.monotonic() + timeout_s
     said = ""
     while True:
         result = kubetune("get", "mdep", name, "-n", namespace, "-o", "json")
         obj: dict[str, Any] = json.loads(result.stdout) if result.returncode == 0 else {}
         ready, stalled = condition(obj, "Ready"), condition(obj, "Stalled")
-        if ready.get("status") == "True" and (obj.get("status") or {}).get("endpoint"):
-            return obj
-        if stalled.get("status") == "True":
+        endpoint = (obj.get("status") or {}).get("endpoint")
+        if ready.get("status") == "True" and endpoint:
+            problem = endpoint_problem(endpoint)
+            if problem is None:
+                return obj
+            news = detail = f"Ready, but its endpoint {endpoint} does not answer ({problem})"
+        elif stalled.get("status") == "True":
             sys.exit(f"modeldeployment/{name} cannot become ready: {stalled.get('message')}")
-        news = str(ready.get("reason") or (result.stderr.strip() or "not applied yet"))
+        else:
+            news = str(ready.get("reason") or (result.stderr.strip() or "not applied yet"))
+            detail = str(ready.get("message") or news)
         if news != said:
             print(f"waiting for modeldeployment/{name} to be Ready: {news}", flush=True)
             said = news
         if up_pid is not None and not process_running(up_pid):
             sys.exit(f"kubetune up (pid {up_pid}) stopped before modeldeployment/{name} was Ready")
         if time.monotonic() > deadline:
-            sys.exit(f"modeldeployment/{name} was not Ready within {timeout_s:.0f}s: {ready.get('message')}")
+            sys.exit(f"modeldeployment/{name} was not Ready within {timeout_s:.0f}s: {detail}")
         time.sleep(3)
 
 

@@ -13,8 +13,9 @@ Every process runs in its own session with its output in a log file; a process t
 own is reported (in the observation's message, so in the ModelDeployment's status, and through
 ``notify``) and started again with a growing backoff. Stopping sends SIGTERM to the process group,
 then SIGKILL to whatever is left, including descendants that left the group (BentoML's workers run
-in sessions of their own). ``serving/processes.json`` lists every live process with its start
-time, so a `kubetune up` that was killed outright leaves nothing behind: the next one stops them.
+in sessions of their own). On Linux the kernel sends each process SIGTERM when `kubetune up` dies,
+however it dies; and ``serving/processes.json`` lists every live process with its start time, so
+whatever a `kubetune up` killed outright left behind is stopped by the next one.
 
 Layout under the kubetune home::
 
@@ -27,6 +28,7 @@ Layout under the kubetune home::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -64,6 +66,8 @@ RETIRE_GRACE_S = 5.0  # a version taken out of the spec serves on until the gate
 BENTO_MODULE = "kubetune_components.serving.bento"
 GATEWAY_MODULE = "kubetune.gateway"
 MODEL_DIR_ENV = "KUBETUNE_MODEL_DIR"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 Notify = Callable[[str], None]
 # "ValueError: ...", "[ERROR]", "error: ...", "... failed": not a warning that mentions a future error.
@@ -122,6 +126,24 @@ def last_problem_line(log: Path, offset: int = 0) -> str:
     return lines[-1][:300] if lines else "(the log is empty)"
 
 
+def _stop_with_parent() -> Callable[[], None] | None:
+    """What a child runs before exec so the kernel sends it SIGTERM when `kubetune up` dies, however it
+    dies (SIGKILL, the OOM killer): without it a server outlives a killed `up`, holding its port and
+    the model's memory until the next `up` reaps it. SIGTERM, not SIGKILL, so that `bentoml serve`
+    stops its workers (they run in sessions of their own). Linux only; the signal follows the thread
+    that started the child, and `up` starts every child from its main thread."""
+    if _LIBC is None:
+        return None
+    libc, parent = _LIBC, os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # `up` died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
@@ -153,6 +175,7 @@ class ManagedProcess:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_stop_with_parent(),
             )
         self.role = role
         self.log = log

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import signal
 import sys
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from kubetune.api.registry import get_definition
 from kubetune.api.validation import read_manifests, validate_paths
@@ -232,6 +233,23 @@ class StopSignals:
         deadline = time.monotonic() + seconds
         while self.received is None and (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, 0.1))
+
+
+class GoneTerminalSafe(io.TextIOBase):
+    """``out`` whose writes never raise: once the terminal is closed (SIGHUP: writes fail with EIO) or
+    the reader of a pipe is gone (EPIPE), `up` must still stop what it started and mark it not served."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+
+    def write(self, text: str) -> int:
+        with contextlib.suppress(OSError, ValueError):
+            return self._out.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._out.flush()
 
 
 # -- applying --------------------------------------------------------------------------------------
@@ -462,6 +480,15 @@ def mark_not_served(store: LocalStore, served: list[tuple[str, str]]) -> None:
             store.update_status(DEPLOYMENTS, obj, status)
 
 
+def served_before(store: LocalStore) -> list[tuple[str, str]]:
+    """The stored ModelDeployments whose status says a `kubetune up` serves them (not yet Stopped)."""
+    return [
+        (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        for obj in store.list_objects(DEPLOYMENTS)
+        if (obj.get("status") or {}).get("phase") not in (None, "Stopped")
+    ]
+
+
 def stalled_deployments(store: LocalStore) -> list[dict[str, Any]]:
     return [
         obj
@@ -528,6 +555,7 @@ def run_until_stopped(
 
 
 def up(paths: list[Path], settings: OperatorConfig, out: TextIO = sys.stdout, poll_s: float = 1.0) -> int:
+    out = cast(TextIO, GoneTerminalSafe(out))
     store = LocalStore(settings.home)
     try:
         prometheus = prometheus_from_env()
@@ -564,6 +592,9 @@ def _run(
     serving = LocalServing(settings.home, notify=lambda line: print(line, file=out, flush=True))
     with StopSignals() as stop:
         try:
+            # This `up` holds the lock, so no other serves them: what a killed `up` left in the store
+            # (Ready, an endpoint nobody answers on) must not be read as true while this one starts.
+            mark_not_served(store, served_before(store))
             leftovers = serving.reap_leftovers()
             if leftovers:
                 print(
@@ -571,6 +602,7 @@ def _run(
                 )
             return run_until_stopped(store, backends, serving, prometheus, Path.cwd(), out, stop, poll_s)
         except KeyboardInterrupt:  # Ctrl+C twice: stop now
+            stop.shielded = True  # a third one must not cut the stopping short
             local = backends.local()
             stopped = local.interrupt_all() if local is not None else []
             print(
