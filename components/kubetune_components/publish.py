@@ -77,17 +77,28 @@ def evaluate_gates(
                     value = base_value - final_value
                 else:
                     value = final_value - base_value
-                passed = value is not None and value >= threshold - GATE_TOLERANCE
-            elif op == "min":
-                value = final_value
-                passed = value is not None and value >= threshold - GATE_TOLERANCE
             else:
                 value = final_value
-                passed = value is not None and value <= threshold + GATE_TOLERANCE
             results.append(
-                {"metric": metric, "op": op, "threshold": threshold, "value": value, "passed": passed}
+                {
+                    "metric": metric,
+                    "op": op,
+                    "threshold": threshold,
+                    "value": value,
+                    "passed": within_bound(value, op, threshold),
+                }
             )
     return results
+
+
+def within_bound(value: float | None, op: str, threshold: float) -> bool:
+    """Whether a gate's value meets its bound: `max` is an upper bound, `min` and `minImprovement`
+    lower bounds (the improvement is already a value). A value that could not be measured fails."""
+    if value is None:
+        return False
+    if op == "max":
+        return value <= threshold + GATE_TOLERANCE
+    return value >= threshold - GATE_TOLERANCE
 
 
 def describe_failure(result: Mapping[str, Any]) -> str:

@@ -44,8 +44,9 @@ from kubetune_components.publish import (
     destination_uri,
     file_digests,
     library_versions,
+    within_bound,
 )
-from kubetune_components.steps import ERROR_FILE, workspace_dir, write_jsonl
+from kubetune_components.steps import ERROR_FILE, start_step_process, workspace_dir, write_jsonl
 
 SOURCE_DIR = "source"
 SOURCE_MANIFEST = "source-manifest.json"
@@ -54,7 +55,6 @@ REPORT_DIR = "report"
 MERGEABLE_PEFT_TYPES = frozenset({"LORA", "IA3"})
 EVAL_MAX_SEQ_LENGTH = 2048
 ROUND_TRIP_NEW_TOKENS = 8
-GATE_TOLERANCE = 1e-9
 GATE_OPS = ("min", "max")
 
 
@@ -392,14 +392,14 @@ def evaluate_quantize_gates(
                 continue
             threshold = float(Decimal(str(gate[op])))
             value = values[metric]
-            if value is None:
-                passed = False
-            elif op == "min":
-                passed = value >= threshold - GATE_TOLERANCE
-            else:
-                passed = value <= threshold + GATE_TOLERANCE
             results.append(
-                {"metric": metric, "op": op, "threshold": threshold, "value": value, "passed": passed}
+                {
+                    "metric": metric,
+                    "op": op,
+                    "threshold": threshold,
+                    "value": value,
+                    "passed": within_bound(value, op, threshold),
+                }
             )
     return results
 
@@ -524,8 +524,6 @@ def run_quantize_step(name: str, config: dict[str, Any], workspace: str) -> dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kubetune_components.steps import _quiet_libraries, match_threads_to_cpus
-
     parser = argparse.ArgumentParser(
         prog="python -m kubetune_components.quantize_steps", description=__doc__.split("\n")[0]
     )
@@ -533,13 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the QuantizeJob as JSON (a file, or - for stdin)")
     parser.add_argument("--workspace", required=True, help="the run's workspace directory (path or file://)")
     args = parser.parse_args(argv)
-    _quiet_libraries()
-    match_threads_to_cpus()
-    try:
-        raw = sys.stdin.read() if args.config == "-" else Path(args.config).read_text(encoding="utf-8")
-        config = json.loads(raw)
-    except (OSError, ValueError) as error:
-        print(f"cannot read the config {args.config}: {error}", file=sys.stderr)
+    config = start_step_process(args.config)
+    if config is None:
         return 2
     try:
         result = run_quantize_step(args.step, config, args.workspace)

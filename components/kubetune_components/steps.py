@@ -215,6 +215,20 @@ def _quiet_libraries() -> None:
         transformers_logging.disable_progress_bar()
 
 
+def start_step_process(config_arg: str) -> dict[str, Any] | None:
+    """What every step's command line does first: quiet the ML libraries, size torch's thread pool,
+    and read the job's config (a file, or - for stdin). None, after saying why, if it can't be read."""
+    _quiet_libraries()
+    match_threads_to_cpus()
+    try:
+        raw = sys.stdin.read() if config_arg == "-" else Path(config_arg).read_text(encoding="utf-8")
+        config: dict[str, Any] = json.loads(raw)
+    except (OSError, ValueError) as error:
+        print(f"cannot read the config {config_arg}: {error}", file=sys.stderr)
+        return None
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kubetune_components.steps", description=__doc__.split("\n")[0]
@@ -226,13 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--which", choices=["baseline", "final"], help="evaluate: which model (default final)"
     )
     args = parser.parse_args(argv)
-    _quiet_libraries()
-    match_threads_to_cpus()
-    try:
-        raw = sys.stdin.read() if args.config == "-" else Path(args.config).read_text(encoding="utf-8")
-        config = json.loads(raw)
-    except (OSError, ValueError) as error:
-        print(f"cannot read the config {args.config}: {error}", file=sys.stderr)
+    config = start_step_process(args.config)
+    if config is None:
         return 2
     kwargs: dict[str, Any] = {}
     if args.which:
