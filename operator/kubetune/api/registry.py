@@ -178,6 +178,22 @@ class ResourceRegistry:
         return len(self._by_kind)
 
 
+# Shared by the kinds: the columns and rules every job has, and the age column of every kind.
+JOB_STATUS_COLUMN = PrinterColumn(
+    "Status", ".status.phase", description="Pending, Running, Succeeded or Failed (status.phase)."
+)
+JOB_REASON_COLUMN = PrinterColumn(
+    "Reason",
+    '.status.conditions[?(@.type=="Succeeded")].reason',
+    description="Why the job is in its phase (reason of the Succeeded condition).",
+    priority=1,
+)
+AGE_COLUMN = PrinterColumn("Age", ".metadata.creationTimestamp", "date")
+JOB_NAME_LENGTH_RULE = CelRule(
+    "", "self.metadata.name.size() <= 63", "metadata.name must be at most 63 characters"
+)
+
+
 def _method_block_rules() -> tuple[CelRule, ...]:
     """Mirror ``Method._own_block_only``: only the block named by ``type`` may be set (it is optional)."""
     return tuple(
@@ -205,14 +221,12 @@ FINETUNEJOB = ResourceDefinition(
         "run, create a new FineTuneJob."
     ),
     printer_columns=(
-        PrinterColumn(
-            "Status", ".status.phase", description="Pending, Running, Succeeded or Failed (status.phase)."
-        ),
+        JOB_STATUS_COLUMN,
         PrinterColumn(
             "Progress %", ".status.progress.percent", "integer", "Training steps done, in percent."
         ),
         PrinterColumn("Base Model", ".spec.baseModel.uri", description="The model being adapted."),
-        PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
+        AGE_COLUMN,
         PrinterColumn("Method", ".spec.method.type", description="Adaptation method.", priority=1),
         PrinterColumn(
             "Eval Loss", ".status.evaluation.final.evalLoss", "number", "Held-out loss of the tuned model.", 1
@@ -220,15 +234,10 @@ FINETUNEJOB = ResourceDefinition(
         PrinterColumn(
             "Output", ".status.output.uri", description="Where the tuned model was published.", priority=1
         ),
-        PrinterColumn(
-            "Reason",
-            '.status.conditions[?(@.type=="Succeeded")].reason',
-            description="Why the job is in its phase (reason of the Succeeded condition).",
-            priority=1,
-        ),
+        JOB_REASON_COLUMN,
     ),
     rules=(
-        CelRule("", "self.metadata.name.size() <= 63", "metadata.name must be at most 63 characters"),
+        JOB_NAME_LENGTH_RULE,
         *_method_block_rules(),
         CelRule(
             "spec.dataset.curation", "self.minTokens <= self.maxTokens", "minTokens must not exceed maxTokens"
@@ -326,15 +335,13 @@ QUANTIZEJOB = ResourceDefinition(
         "a new QuantizeJob."
     ),
     printer_columns=(
-        PrinterColumn(
-            "Status", ".status.phase", description="Pending, Running, Succeeded or Failed (status.phase)."
-        ),
+        JOB_STATUS_COLUMN,
         PrinterColumn("Method", ".spec.method.type", description="Quantization method."),
         PrinterColumn("Target", ".spec.target", description="Where the model will be served (cpu or gpu)."),
         PrinterColumn(
             "Size Ratio", ".status.report.sizeRatio", "number", "Size of the result / size of the source."
         ),
-        PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
+        AGE_COLUMN,
         PrinterColumn(
             "Source",
             ".status.source.uri",
@@ -344,15 +351,10 @@ QUANTIZEJOB = ResourceDefinition(
         PrinterColumn(
             "Output", ".status.output.uri", description="Where the shrunk model was published.", priority=1
         ),
-        PrinterColumn(
-            "Reason",
-            '.status.conditions[?(@.type=="Succeeded")].reason',
-            description="Why the job is in its phase (reason of the Succeeded condition).",
-            priority=1,
-        ),
+        JOB_REASON_COLUMN,
     ),
     rules=(
-        CelRule("", "self.metadata.name.size() <= 63", "metadata.name must be at most 63 characters"),
+        JOB_NAME_LENGTH_RULE,
         CelRule(
             "spec.model",
             "has(self.fineTuneJobRef) != has(self.uri)",
@@ -395,7 +397,7 @@ MODELDEPLOYMENT = ResourceDefinition(
         PrinterColumn("Versions", ".status.readyVersions", description="Ready versions / all versions."),
         PrinterColumn("Weights", ".status.weights", description="Traffic split now, in percent."),
         PrinterColumn("Rollout", ".status.rollout.state", description="Canary rollout state, if any."),
-        PrinterColumn("Age", ".metadata.creationTimestamp", "date"),
+        AGE_COLUMN,
         PrinterColumn("Endpoint", ".status.endpoint", description="OpenAI-compatible base URL.", priority=1),
         PrinterColumn(
             "Reason",
