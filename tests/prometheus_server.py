@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from asgi_server import free_port
 
 DEFAULT_BINARY = "/usr/bin/prometheus"
 
@@ -33,13 +34,6 @@ def prometheus_binary() -> str:
     if found is None:
         raise PrometheusUnavailable(f"no Prometheus binary at {binary} (set KUBETUNE_TEST_PROMETHEUS)")
     return found
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)

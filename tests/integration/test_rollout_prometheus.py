@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,13 +22,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
+from asgi_server import bound_socket, serve_app
 from kubetune.deployment_controller import (
     DeploymentOutcome,
     DeploymentRef,
@@ -45,37 +43,7 @@ from prometheus_server import PrometheusServer, PrometheusUnavailable, running_p
 DEPLOYMENT = "support-bot"
 
 
-# -- loopback servers -------------------------------------------------------------------------------
-
-
-def bound_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-@contextmanager
-def serve(app: ASGIApp, sock: socket.socket | None = None) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn in a thread on 127.0.0.1 (on ``sock`` when given)."""
-    sock = sock or bound_socket()
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="auto", timeout_graceful_shutdown=1)
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("loopback server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+# -- upstream doubles ------------------------------------------------------------------------------
 
 
 def upstream(name: str, status: int) -> Starlette:
@@ -140,7 +108,7 @@ class LoopbackServing:
             os.replace(temporary, self.config_path)  # atomic, as a ConfigMap update is
             self.configs.append(dict(config))
         if self.gateway is None:
-            self.gateway = serve(
+            self.gateway = serve_app(
                 create_app(self.config_path, reload_interval_seconds=0.2), self.gateway_socket
             )
             self.gateway_url = self.gateway.__enter__()
@@ -245,9 +213,9 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     try:
         prometheus_context = running_prometheus([f"127.0.0.1:{gateway_port}"], tmp_path / "prometheus")
         with (
-            serve(upstream("healthy", 200)) as healthy,
-            serve(upstream("healthy-too", 200)) as healthy_too,
-            serve(upstream("failing", 500)) as failing,
+            serve_app(upstream("healthy", 200)) as healthy,
+            serve_app(upstream("healthy-too", 200)) as healthy_too,
+            serve_app(upstream("failing", 500)) as failing,
             prometheus_context as prometheus,
             PrometheusClient(prometheus.url, timeout_s=5) as client,
         ):

@@ -448,10 +448,10 @@ class Gateway:
             started = time.perf_counter()
             hit = self.cache.get(key)
             if hit is not None:
-                self.metrics.cache_hits.labels(deployment).inc()
+                self.metrics.child(self.metrics.cache_hits, deployment).inc()
                 self._record_attempt(state, endpoint, hit.version, 200, time.perf_counter() - started)
                 return self._answer(request_id, hit.version, dict(hit.body))
-            self.metrics.cache_misses.labels(deployment).inc()
+            self.metrics.child(self.metrics.cache_misses, deployment).inc()
 
         attempt, sent = await self._send_with_fallback(
             state, endpoint, body, upstream, functools.partial(self._post, state, endpoint, request_id)
@@ -701,7 +701,7 @@ class Gateway:
         self._remember(request_id, version)
         return RelayedStream(body(), on_close, headers=headers, media_type=attempt.content_type)
 
-        # -- other endpoints ---------------------------------------------------------------------
+    # -- other endpoints ---------------------------------------------------------------------
 
     def _model_document(self, deployment: str) -> dict[str, Any]:
         return {"id": deployment, "object": "model", "created": self.started_at, "owned_by": "kubetune"}

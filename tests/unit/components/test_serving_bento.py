@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 from bentoml.exceptions import NotFound
 from prometheus_client.parser import text_string_to_metric_families
 
+from asgi_server import free_port
 from kubetune_components.errors import ConfigError
 from kubetune_components.serving import bento as bento_module
 from kubetune_components.serving.bento import (
@@ -150,12 +150,6 @@ def test_the_service_takes_its_model_from_the_environment_or_refuses(
 
 # --------------------------------------------------------------------------------------------------
 # Real servers.
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _log_tail(log: Path) -> str:

@@ -12,8 +12,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from gateway_doubles import GatewayServer, StubModelServer, serve_app
+from gateway_doubles import GatewayServer, StubModelServer
 
+from asgi_server import serve_app
 from kubetune.gateway.app import Gateway, create_app
 from kubetune.gateway.config import GatewayConfig
 

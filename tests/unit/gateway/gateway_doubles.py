@@ -8,64 +8,25 @@ records every request body it received. Its ``behavior`` can be switched while i
 every 0.2 s), ``stall-stream`` (a stream that stalls like ``slow`` after its first word) and
 ``break-stream`` (a stream that dies after its first word).
 
-``serve_app(app)`` runs any ASGI app with uvicorn in a background thread on a free 127.0.0.1 port
-and stops it on exit.
+Loopback servers come from ``asgi_server.serve_app``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
 from kubetune.gateway.app import Gateway
-
-
-@contextmanager
-def serve_app(app: ASGIApp) -> Iterator[str]:
-    # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on connections whose socket says so, and
-    # without it every keep-alive response waits ~40 ms for a delayed ACK (Nagle).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="auto", timeout_graceful_shutdown=1)
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("test server did not start")
-        time.sleep(0.005)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-def unused_port() -> int:
-    """A loopback port nothing listens on (connections are refused)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _text_of(content: Any) -> str:

@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 import httpx
-from gateway_doubles import StubModelServer, base_config, chat_body, unused_port
+from gateway_doubles import StubModelServer, base_config, chat_body
+
+from asgi_server import free_port
 
 
 def test_bad_config_exits_with_the_field_named(tmp_path: Path) -> None:
@@ -18,7 +20,7 @@ def test_bad_config_exits_with_the_field_named(tmp_path: Path) -> None:
         json.dumps({"deployment": "d", "versions": [{"name": "a", "url": "http://x:1", "weight": 0}]})
     )
     result = subprocess.run(
-        [sys.executable, "-m", "kubetune.gateway", "--config", str(path), "--port", str(unused_port())],
+        [sys.executable, "-m", "kubetune.gateway", "--config", str(path), "--port", str(free_port())],
         capture_output=True,
         text=True,
         timeout=60,
@@ -31,7 +33,7 @@ def test_bad_config_exits_with_the_field_named(tmp_path: Path) -> None:
 def test_serves_on_the_given_port(tmp_path: Path, stubs: dict[str, StubModelServer]) -> None:
     path = tmp_path / "gateway.json"
     path.write_text(json.dumps(base_config(stubs)))
-    port = unused_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,

@@ -17,9 +17,9 @@ from gateway_doubles import (
     chat_body,
     metric_value,
     sse_events,
-    unused_port,
 )
 
+from asgi_server import free_port
 from kubetune.gateway.routing import Router
 
 Stubs = dict[str, StubModelServer]
@@ -280,7 +280,7 @@ def test_fallback_on_server_error_timeout_and_connect_error(
     stubs: Stubs, gateway_server: GatewayServer
 ) -> None:
     config = base_config(stubs, fallback={"version": "beta", "timeoutSeconds": 0.3})
-    config["versions"].append({"name": "dead", "url": f"http://127.0.0.1:{unused_port()}", "weight": 0})
+    config["versions"].append({"name": "dead", "url": f"http://127.0.0.1:{free_port()}", "weight": 0})
     with gateway_server(config) as (url, gateway), httpx.Client(base_url=url, timeout=10) as client:
         stubs["alpha"].behavior = "error"
         rescued = client.post(
