@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +16,13 @@ from kubetune.api.quantize import QuantizeJob
 from kubetune.api.validation import ResourceInvalid, parse_resource
 from kubetune.backends.base import Backend, RunRequest
 from kubetune.backends.kfp import KfpBackend
-from kubetune.backends.local import LocalBackend
+from kubetune.backends.local import LocalBackend, utc_now
 from kubetune.config import OperatorConfig
 from kubetune.plan import quantize as quantize_plan
 from kubetune.plan.finetune import build_request, plan_finetune
 from kubetune.plan.lifecycle import Decision, Observed
 from kubetune.plan.quantize import FineTuneJobLookup, plan_quantize
 from kubetune.workspace import WorkspaceReport
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -157,7 +152,3 @@ def cancel_job(
         return None
     backend.cancel(request.key)
     return run.id
-
-
-def cancel_finetune(body: dict[str, Any], backends: Backends, *, base_dir: Path | None = None) -> str | None:
-    return cancel_job(body, backends, base_dir=base_dir)

@@ -8,7 +8,6 @@ with the fast stand-in steps of tests/integration/fake_steps.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ import kopf
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from asgi_server import free_port
 from kubetune.config import OperatorConfig
 from kubetune.controller import Backends
 
@@ -35,12 +35,6 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> OperatorConfig:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(FAKE_STEPS), os.environ.get("PYTHONPATH", "")]))
     return OperatorConfig(home=tmp_path, default_executor="local", reconcile_interval_s=0.5)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def scrape(port: int) -> Samples:

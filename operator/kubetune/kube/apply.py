@@ -188,7 +188,6 @@ def _child_resource(plural: str) -> ChildResource:
 
 DEPLOYMENTS = _child_resource("deployments")
 SERVICES = _child_resource("services")
-CONFIG_MAPS = _child_resource("configmaps")
 HORIZONTAL_POD_AUTOSCALERS = _child_resource("horizontalpodautoscalers")
 
 

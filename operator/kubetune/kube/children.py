@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune import __version__
-from kubetune.api.deployment import Serving
+from kubetune.api.deployment import DNS_LABEL_PATTERN, Serving
 from kubetune.plan.deployment import DeploymentRef, VersionServing
 
 SERVING_PORT = 3000
@@ -77,7 +77,7 @@ DEFAULT_GATEWAY_IMAGE = f"ghcr.io/kubetune/operator:{__version__}"
 
 _MAX_NAME = 63
 _DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_LABEL = re.compile(DNS_LABEL_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -348,26 +348,43 @@ def build_version_deployment(
     labels = version_labels(ref.name, version.name)
     metadata = _metadata(ref, name, labels)
     metadata["annotations"] = {MODEL_URI_ANNOTATION: version.model_uri}
+    return _deployment(
+        metadata,
+        version_selector(ref.name, version.name),
+        labels,
+        SERVING_PORT,
+        {"initContainers": [fetch], "containers": [serve], "volumes": volumes},
+        # With autoscaling the HPA owns the replica count: applying one here would fight it.
+        replicas=serving.replicas if serving.autoscaling is None else None,
+    )
+
+
+def _deployment(
+    metadata: dict[str, Any],
+    selector: dict[str, str],
+    pod_labels: dict[str, str],
+    port: int,
+    pod: dict[str, Any],
+    replicas: int | None,
+) -> dict[str, Any]:
+    """A Deployment of pods with ``pod`` (containers, volumes) and kubetune's pod hardening."""
     spec: dict[str, Any] = {
-        "selector": {"matchLabels": version_selector(ref.name, version.name)},
+        "selector": {"matchLabels": selector},
         "revisionHistoryLimit": 3,
-        # A new pod is ready before an old one goes: the version keeps serving through an update.
+        # A new pod is ready before an old one goes: the pods keep serving through an update.
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
         "template": {
-            "metadata": {"labels": labels, "annotations": _scrape_annotations(SERVING_PORT)},
+            "metadata": {"labels": pod_labels, "annotations": _scrape_annotations(port)},
             "spec": {
                 "automountServiceAccountToken": False,
                 "enableServiceLinks": False,
                 "securityContext": _pod_security(),
-                "initContainers": [fetch],
-                "containers": [serve],
-                "volumes": volumes,
+                **pod,
             },
         },
     }
-    if serving.autoscaling is None:
-        # With autoscaling the HPA owns the replica count: applying one here would fight it.
-        spec["replicas"] = serving.replicas
+    if replicas is not None:
+        spec["replicas"] = replicas
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata, "spec": spec}
 
 
@@ -488,30 +505,15 @@ def build_gateway_deployment(
         "name": gateway_config_map_name(ref.name),
         "items": [{"key": GATEWAY_CONFIG_KEY, "path": GATEWAY_CONFIG_KEY}],
     }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata,
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": gateway_selector(ref.name)},
-            "revisionHistoryLimit": 3,
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {
-                "metadata": {"labels": labels, "annotations": _scrape_annotations(GATEWAY_PORT)},
-                "spec": {
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "securityContext": _pod_security(),
-                    "containers": [container],
-                    "volumes": [
-                        {"name": "config", "configMap": config_volume},
-                        {"name": "tmp", "emptyDir": {}},
-                    ],
-                },
-            },
-        },
-    }
+    volumes = [{"name": "config", "configMap": config_volume}, {"name": "tmp", "emptyDir": {}}]
+    return _deployment(
+        metadata,
+        gateway_selector(ref.name),
+        labels,
+        GATEWAY_PORT,
+        {"containers": [container], "volumes": volumes},
+        replicas=replicas,
+    )
 
 
 def build_gateway_service(ref: DeploymentRef) -> dict[str, Any]:

@@ -40,7 +40,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from typing import Any
 import httpx
 import psutil
 
-from kubetune.backends.local import process_alive, read_json, write_json_atomically
+from kubetune.backends.local import process_alive, read_json, utc_now, write_json_atomically
 from kubetune.deployment_controller import (
     DeploymentRef,
     GatewayObservation,
@@ -76,10 +75,6 @@ ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b:|\bERROR\b|^error:|\bfailed\b
 
 def _ignore(_: str) -> None:
     pass
-
-
-def _now_text() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _create_time(pid: int) -> float | None:
@@ -165,7 +160,7 @@ class ManagedProcess:
         cwd.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as output:
             self.log_offset = output.tell()
-            output.write(f"\n=== {_now_text()} {shlex.join(command)}\n".encode())
+            output.write(f"\n=== {utc_now()} {shlex.join(command)}\n".encode())
             output.flush()
             self.popen = subprocess.Popen(
                 list(command),

@@ -16,9 +16,10 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from kubetune.backends.local import utc_now
 
 
 class ApplyError(Exception):
@@ -29,10 +30,6 @@ class ApplyError(Exception):
 class ApplyResult:
     obj: dict[str, Any]
     action: str  # created | configured | unchanged
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class LocalStore:
@@ -101,7 +98,7 @@ class LocalStore:
                         "namespace": namespace,
                         "uid": str(uuid.uuid4()),
                         "generation": 1,
-                        "creationTimestamp": _now(),
+                        "creationTimestamp": utc_now(),
                     },
                     "spec": spec,
                 }

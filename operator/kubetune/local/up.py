@@ -29,13 +29,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO, cast
 
 from kubetune.api.registry import get_definition
 from kubetune.api.validation import read_manifests, validate_paths
+from kubetune.backends.local import utc_now
 from kubetune.config import OperatorConfig
 from kubetune.controller import Backends, reconcile_finetune, reconcile_quantize
 from kubetune.deployment_controller import reconcile_deployment, remove_deployment
@@ -70,7 +70,7 @@ RECONCILERS: dict[str, Reconciler] = {
 
 
 def _succeeded(status: dict[str, Any]) -> dict[str, Any]:
-    return next((c for c in status.get("conditions", []) if c.get("type") == "Succeeded"), {})
+    return find_condition(list(status.get("conditions") or []), "Succeeded") or {}
 
 
 def describe_line(obj: dict[str, Any]) -> str:
@@ -470,7 +470,7 @@ def not_served_status(status: dict[str, Any], generation: int | None, now: str) 
 
 
 def mark_not_served(store: LocalStore, served: list[tuple[str, str]]) -> None:
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = utc_now()
     for namespace, name in served:
         obj = store.get(DEPLOYMENTS, name, namespace)
         if obj is None or not obj.get("status"):
