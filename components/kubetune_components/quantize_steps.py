@@ -36,7 +36,7 @@ import torch
 
 from kubetune_components import data, models, quantize, storage
 from kubetune_components.errors import ComponentError, ConfigError, GateFailedError, ModelLoadError
-from kubetune_components.finetune import tokenize_examples
+from kubetune_components.finetune import MERGEABLE_METHODS, tokenize_examples
 from kubetune_components.progress import ProgressReporter, utc_now_iso
 from kubetune_components.publish import (
     MANIFEST_FILE,
@@ -52,7 +52,6 @@ SOURCE_DIR = "source"
 SOURCE_MANIFEST = "source-manifest.json"
 QUANTIZED_DIR = "quantized"
 REPORT_DIR = "report"
-MERGEABLE_PEFT_TYPES = frozenset({"LORA", "IA3"})
 EVAL_MAX_SEQ_LENGTH = 2048
 ROUND_TRIP_NEW_TOKENS = 8
 GATE_OPS = ("min", "max")
@@ -127,7 +126,7 @@ def load_source(uri: str, root: Path) -> tuple[torch.nn.Module, Any, dict[str, A
     if not base_uri:
         raise ModelLoadError(f"{uri} is an adapter, but neither its manifest nor adapter_config names a base")
     peft_type = str(adapter_config.get("peft_type", "")).upper()
-    if peft_type not in MERGEABLE_PEFT_TYPES:
+    if peft_type.lower() not in MERGEABLE_METHODS:
         raise ConfigError(
             f"{uri} is a {peft_type or 'PEFT'} adapter, which cannot be merged into its base weights; "
             "only LoRA and IA3 adapters (or full models) can be quantized"

@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from kubetune_components.serving.config import UNKNOWN
 from kubetune_components.serving.metrics import serving_metrics
 from kubetune_components.serving.runtime import (
     ROLES,
@@ -140,7 +141,7 @@ class RuntimeSlot:
     """The runtime of the app, set once the model has loaded (requests get 503 until then)."""
 
     def __init__(self, identity: ServingIdentity | None = None) -> None:
-        self.identity = identity or ServingIdentity("unknown", "unknown", "unknown")
+        self.identity = identity or ServingIdentity(UNKNOWN, UNKNOWN, UNKNOWN)
         self.runtime: ModelRuntime | None = None
         self.error: str | None = None
         self.created = int(time.time())

@@ -46,17 +46,16 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from kubetune_components import data, models, quantize
+from kubetune_components import data, finetune, models, quantize
 from kubetune_components.errors import ModelLoadError
+from kubetune_components.publish import MANIFEST_FILE
 from kubetune_components.serving.batching import MicroBatcher
 from kubetune_components.serving.config import RuntimeLimits
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = "kubetune-manifest.json"
 BUNDLED_BASE_DIR = "base"
 """Where a Bento's copy of an adapter's model keeps the base model the adapter applies to."""
-MERGEABLE_PEFT_TYPES = frozenset({"LORA", "IA3"})
 ArtifactKind = Literal["peft-adapter", "merged", "full", "quantized"]
 ARTIFACT_FORMATS: tuple[str, ...] = ("peft-adapter", "merged", "full")
 QUANTIZED_FORMATS: tuple[str, ...] = ("hf-safetensors", "torchao-state-dict")
@@ -114,7 +113,6 @@ class ModelArtifact:
     base_uri: str | None
     """The base model of an adapter."""
     dataset_format: str | None
-    manifest: dict[str, Any] | None
 
 
 def inspect_model_dir(path: str | Path) -> ModelArtifact:
@@ -165,7 +163,6 @@ def inspect_model_dir(path: str | Path) -> ModelArtifact:
         kind=kind,
         base_uri=base_uri,
         dataset_format=_dataset_format(manifest),
-        manifest=manifest,
     )
 
 
@@ -187,8 +184,8 @@ def load_model(artifact: ModelArtifact, device: torch.device) -> torch.nn.Module
             raise ModelLoadError(
                 f"cannot apply the adapter in {artifact.path} to {artifact.base_uri}: {error}"
             ) from error
-        peft_type = str(getattr(model.peft_config[model.active_adapter], "peft_type", "")).upper()
-        if peft_type.rsplit(".", 1)[-1] in MERGEABLE_PEFT_TYPES:
+        peft_type = str(getattr(model.peft_config[model.active_adapter], "peft_type", "")).lower()
+        if peft_type.rsplit(".", 1)[-1] in finetune.MERGEABLE_METHODS:
             model = model.merge_and_unload()
     model.to(device)
     model.eval()
@@ -590,7 +587,7 @@ class ModelRuntime:
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     ) -> ModelRuntime:
         artifact = inspect_model_dir(model_dir)
-        target = torch.device(device) if device is not None else _default_device()
+        target = torch.device(device) if device is not None else finetune.pick_device()
         tokenizer = load_serving_tokenizer(artifact)
         model = load_model(artifact, target)
         return cls(model, tokenizer, artifact=artifact, limits=limits, max_concurrency=max_concurrency)
@@ -800,10 +797,6 @@ class ModelRuntime:
         row = self._row(prompt, params, stream.put, stream.cancelled)
         self.executor.submit(self._stream_worker, row, stream)
         return stream
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _template_role(role: str) -> str:
