@@ -375,3 +375,18 @@ def test_gate_values_follow_the_api_definitions() -> None:
         ("exactMatch", "min", False),
         ("exactMatch", "max", True),
     ]
+
+
+@pytest.mark.parametrize("peft_type", ["PREFIX_TUNING", "PROMPT_TUNING"])
+def test_adapters_that_cannot_be_merged_are_refused_as_sources(
+    tiny_model_dir: Path, tmp_path: Path, peft_type: str
+) -> None:
+    source = tmp_path / "adapter"
+    source.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (tiny_model_dir / name).exists():
+            (source / name).write_bytes((tiny_model_dir / name).read_bytes())
+    config = {"peft_type": peft_type, "base_model_name_or_path": str(tiny_model_dir)}
+    (source / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=f"{peft_type} adapter, which cannot be merged"):
+        quantize_steps.load_source(str(source), tmp_path)
