@@ -76,6 +76,26 @@ def _config(targets: Sequence[str], scrape_interval: str) -> str:
     )
 
 
+def _wait_ready(server: PrometheusServer, timeout_s: float) -> bool:
+    """True once /-/ready answers; False if it exited because its port was taken; raises otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server.process.poll() is not None:
+            if "address already in use" in server.log_tail():
+                return False
+            raise RuntimeError(f"Prometheus exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/-/ready", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.process.kill()
+            server.process.wait(timeout=10)
+            raise TimeoutError(f"Prometheus not ready within {timeout_s}s:\n{server.log_tail()}")
+        time.sleep(0.1)
+
+
 @contextmanager
 def running_prometheus(
     targets: Sequence[str],
@@ -91,34 +111,28 @@ def running_prometheus(
     config.write_text(_config(targets, scrape_interval))
     storage = workdir / "data"
     log = workdir / "prometheus.log"
-    port = free_port()
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={storage}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-        )
-    server = PrometheusServer(f"http://127.0.0.1:{port}", process, log)
+    # A port picked free can be taken before Prometheus binds it: only that start is retried.
+    for _ in range(3):
+        port = free_port()
+        with log.open("wb") as log_file:
+            process = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={storage}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--log.level=warn",
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+            )
+        server = PrometheusServer(f"http://127.0.0.1:{port}", process, log)
+        if _wait_ready(server, startup_timeout_s):
+            break
+    else:
+        raise RuntimeError(f"Prometheus could not bind a free port in 3 tries:\n{server.log_tail()}")
     try:
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"Prometheus exited with {process.returncode}:\n{server.log_tail()}")
-            try:
-                if httpx.get(f"{server.url}/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Prometheus not ready within {startup_timeout_s}s:\n{server.log_tail()}")
-            time.sleep(0.1)
         yield server
     finally:
         process.terminate()

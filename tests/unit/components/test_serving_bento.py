@@ -168,39 +168,65 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=10)
 
 
+BIND_ATTEMPTS = 3
+
+
+def _start_bentoml(
+    target: str, environment: dict[str, str], workdir: Path, log: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `bentoml serve` and wait for /readyz. A port picked free can be taken before bentoml binds
+    it (by any process on the machine): that start is retried on another port, nothing else is."""
+    for _ in range(BIND_ATTEMPTS):
+        port = free_port()
+        command = [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            target,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                command,
+                cwd=workdir,
+                env=environment,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                if f"Could not bind 127.0.0.1:{port}" in log.read_text(errors="replace"):
+                    break
+                pytest.fail(f"bentoml serve exited with {process.returncode}:\n{_log_tail(log)}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    return process, url
+            if time.monotonic() > deadline:
+                _stop(process)
+                pytest.fail(
+                    f"bentoml serve was not ready within {SERVER_START_TIMEOUT_S}s:\n{_log_tail(log)}"
+                )
+            time.sleep(0.25)
+    pytest.fail(f"bentoml serve could not bind a free port in {BIND_ATTEMPTS} tries:\n{_log_tail(log)}")
+
+
 @contextlib.contextmanager
 def bentoml_server(target: str, env: dict[str, str], workdir: Path) -> Iterator[str]:
     """`bentoml serve target` on a free loopback port; yields its base URL once /readyz says so."""
-    port = free_port()
     log = workdir / "server.log"
     environment = {
         key: value for key, value in os.environ.items() if not key.startswith(("KUBETUNE_", "BENTOML_"))
     }
     environment.update({"BENTOML_DO_NOT_TRACK": "True", "OMP_NUM_THREADS": "1", **env})
-    command = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command,
-            cwd=workdir,
-            env=environment,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
+    process, url = _start_bentoml(target, environment, workdir, log)
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {process.returncode}:\n{_log_tail(log)}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"bentoml serve was not ready within {SERVER_START_TIMEOUT_S}s:\n{_log_tail(log)}"
-                )
-            time.sleep(0.25)
         yield url
     finally:
         _stop(process)
