@@ -29,8 +29,11 @@ from typing import Any
 
 import torch
 
-from kubetune_components import data, finetune, models, tinylm
-from kubetune_components.progress import ProgressReporter
+from kubetune_components import data
+from kubetune_components.common import models
+from kubetune_components.common.progress import ProgressReporter
+from kubetune_components.dev import tinylm
+from kubetune_components.finetune import train as finetune
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET = REPO / "examples" / "quickstart" / "data" / "support-tickets.jsonl"

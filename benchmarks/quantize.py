@@ -3,7 +3,7 @@
 Builds one Llama of ~20M parameters from a LlamaConfig (hidden 512, 6 layers, the tiny BPE tokenizer),
 pretrains it for a few dozen steps on the committed corpus (so perplexity measures something; it is
 still a barely trained model, so absolute perplexities are high), then for every method: quantize a
-fresh copy with `kubetune_components.quantize`, save it, reload it with `load_quantized`, and measure
+fresh copy with `kubetune_components.quantize.methods`, save it, reload it with `load_quantized`, and measure
 the reloaded model: weight-file size, median seconds per greedy token (batch 1) and perplexity on
 held-out corpus paragraphs. Not part of the test suite:
 
@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from transformers import LlamaForCausalLM
 
-from kubetune_components import models, quantize, tinylm
+from kubetune_components.common import models
+from kubetune_components.dev import tinylm
+from kubetune_components.quantize import methods as quantize
 
 SHAPE = tinylm.TinyShape(
     hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, intermediate_size=1536

@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kubetune_components import finetune, publish
+from kubetune_components.finetune import publish
+from kubetune_components.finetune import train as finetune
 
 ROUTING_INSTRUCTION = "Route the ticket to one team."
 ROUTING_ROWS = [

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
-from kubetune_components import storage
-from kubetune_components.errors import ConfigError, DatasetError
+from kubetune_components.common import storage
+from kubetune_components.common.errors import ConfigError, DatasetError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -19,9 +19,11 @@ from typing import Any, Literal, cast
 
 import torch
 
-from kubetune_components import data, models, storage
-from kubetune_components.errors import ConfigError, DatasetError
-from kubetune_components.finetune import (
+from kubetune_components import data
+from kubetune_components.common import models, storage
+from kubetune_components.common.errors import ConfigError, DatasetError
+from kubetune_components.common.progress import ProgressReporter
+from kubetune_components.finetune.train import (
     Feature,
     TrainingSettings,
     autocast_context,
@@ -31,7 +33,6 @@ from kubetune_components.finetune import (
     token_loss_sum,
     tokenize_examples,
 )
-from kubetune_components.progress import ProgressReporter
 
 Which = Literal["baseline", "final"]
 METRICS = ("evalLoss", "perplexity", "exactMatch")

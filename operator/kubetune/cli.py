@@ -145,8 +145,8 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from kubetune.controller import Backends, cancel_job
     from kubetune.local.store import LocalStore
+    from kubetune.reconcile.jobs import Backends, cancel_job
 
     definition = _definition(args.kind)
     if definition is None:
@@ -170,7 +170,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
-    from kubetune.operator.main import run_operator
+    from kubetune.handlers.main import run_operator
 
     return run_operator(
         namespaces=args.namespace or [],
@@ -180,7 +180,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_base(args: argparse.Namespace) -> int:
-    from kubetune_components.tinylm import build_tiny_base
+    from kubetune_components.dev.tinylm import build_tiny_base
 
     path = build_tiny_base(Path(args.out), force=args.force)
     print(f"tiny base model ready at {path}")

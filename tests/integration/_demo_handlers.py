@@ -1,6 +1,6 @@
 """Throwaway Kopf handlers on FineTuneJobs, only to prove the integration harness works.
 
-Not product behaviour: the real handlers live in ``kubetune.operator.handlers``.
+Not product behaviour: the real handlers live in ``kubetune.handlers.jobs``.
 
 * create: optionally fails ``spec.failAttempts`` times (``kopf.TemporaryError``, delay
   ``spec.retryDelay``), then posts a ``Created`` event and patches ``status.phase``/``status.attempts``;

@@ -15,7 +15,7 @@ Fixtures (function-scoped; everything async -- ``asyncio_mode=auto``):
     kind, or a :class:`ResourceSpec`; namespaced ones default to ``namespace="default"``.
 
 ``run_operator`` -> :class:`OperatorRunner`
-    ``async with run_operator("kubetune.operator.handlers", ...) as op:`` runs Kopf with only
+    ``async with run_operator("kubetune.handlers.jobs", ...) as op:`` runs Kopf with only
     those modules' handlers (plus a login handler pointing at the emulator), in its own thread and
     event loop; entering returns once kopf is ready and watching every handled resource; exiting
     stops it gracefully and joins its threads. Enter it again (or ``await op.restart()``, or
@@ -29,7 +29,7 @@ Fixtures (function-scoped; everything async -- ``asyncio_mode=auto``):
 Example::
 
     async def test_it(k8s: Cluster, run_operator: OperatorRunner) -> None:
-        async with run_operator("kubetune.operator.handlers"):
+        async with run_operator("kubetune.handlers.jobs"):
             await k8s.create("finetunejobs", {"metadata": {"name": "x"}, "spec": {...}})
             obj = await k8s.wait_for("finetunejobs", "x", lambda o: o["status"]["phase"] == "Succeeded")
 
@@ -1360,7 +1360,7 @@ class OperatorRunner:
     ) -> Operator:
         """
         :param handlers: modules (or their names) whose kopf handlers to run, e.g.
-            ``"kubetune.operator.handlers"``. Only these handlers run, not the whole default registry.
+            ``"kubetune.handlers.jobs"``. Only these handlers run, not the whole default registry.
         :param registry: an explicit registry instead of (or in addition to) the modules.
         :param clusterwide: serve all namespaces (default); or pass ``namespaces=["ns1", ...]``
             (exact names; patterns need ``settings.scanning.disabled = False`` + Namespace objects).

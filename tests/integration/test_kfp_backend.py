@@ -16,13 +16,13 @@ import pytest
 import urllib3
 from kfp_emulator import KfpEmulator
 
-from kubetune.api.finetune import FineTuneJob
 from kubetune.api.validation import parse_resource
 from kubetune.backends.base import BackendError, RunRequest
 from kubetune.backends.kfp import KfpBackend
 from kubetune.config import OperatorConfig
-from kubetune.controller import Backends
 from kubetune.plan.finetune import build_request
+from kubetune.reconcile.jobs import Backends
+from kubetune_contract.finetune import FineTuneJob
 
 TASKS = {"curate", "evaluate-baseline", "finetune", "evaluate-final", "publish"}
 TERMINATE = r"^/apis/v2beta1/runs/[^/]+:terminate$"

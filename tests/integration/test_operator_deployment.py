@@ -1,4 +1,4 @@
-"""ModelDeployments on a cluster: the real operator (kubetune.operator.deployment_handlers) against kmock.
+"""ModelDeployments on a cluster: the real operator (kubetune.handlers.deployment) against kmock.
 
 The emulator runs no Deployment controller: a test plays it by writing a Deployment's status. It
 approximates server-side apply as create-or-merge-patch (see kubetune.kube.apply), and deleting an
@@ -22,13 +22,13 @@ import aiohttp
 import kmock
 import pytest
 
-from kubetune.api.deployment import Autoscaling, Serving
 from kubetune.kube import apply as kube
+from kubetune.kube import permissions
 from kubetune.kube.apply import BlockingKube, ChildConflict, SessionApi
 from kubetune.kube.children import ChildImages, build_gateway_config_map
 from kubetune.kube.serving import KubernetesServing
-from kubetune.operator import permissions
 from kubetune.plan.deployment import DeploymentRef, VersionServing
+from kubetune_contract.deployment import Autoscaling, Serving
 
 if TYPE_CHECKING:
     from conftest import Cluster, OperatorRunner
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # Read when the handlers module is first imported (by run_operator): a tick every half second.
 os.environ.setdefault("KUBETUNE_RECONCILE_INTERVAL", "0.5")
 
-HANDLERS = "kubetune.operator.deployment_handlers"
+HANDLERS = "kubetune.handlers.deployment"
 IMAGES = ChildImages(serving="registry.example/runtime:1", gateway="registry.example/operator:1")
 
 

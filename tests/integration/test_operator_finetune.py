@@ -15,14 +15,14 @@ import kopf
 import pytest
 
 from kubetune.config import OperatorConfig
-from kubetune.controller import Backends
+from kubetune.reconcile.jobs import Backends
 
 if TYPE_CHECKING:
     from conftest import Cluster, OperatorRunner
 
 os.environ.setdefault("KUBETUNE_RECONCILE_INTERVAL", "0.5")
 
-HANDLERS = "kubetune.operator.handlers"
+HANDLERS = "kubetune.handlers.jobs"
 FAKE_STEPS = Path(__file__).parent / "fake_steps"
 
 

@@ -1,6 +1,6 @@
 """The running operator serves Prometheus metrics: reconciles counted and jobs by state, scraped over HTTP.
 
-The operator is the real one (kubetune.operator.handlers) with the memo `kubetune operator` gives it
+The operator is the real one (kubetune.handlers.jobs) with the memo `kubetune operator` gives it
 (metrics_port/metrics_address), against kmock's emulator, running a FineTuneJob on the local executor
 with the fast stand-in steps of tests/integration/fake_steps.
 """
@@ -19,14 +19,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from asgi_server import free_port
 from kubetune.config import OperatorConfig
-from kubetune.controller import Backends
+from kubetune.reconcile.jobs import Backends
 
 if TYPE_CHECKING:
     from conftest import Cluster, OperatorRunner
 
 os.environ.setdefault("KUBETUNE_RECONCILE_INTERVAL", "0.5")
 
-HANDLERS = "kubetune.operator.handlers"
+HANDLERS = "kubetune.handlers.jobs"
 FAKE_STEPS = Path(__file__).parent / "fake_steps"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

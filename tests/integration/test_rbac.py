@@ -1,10 +1,10 @@
 """The rendered RBAC allows every API call the real operator makes, and grants nothing undeclared.
 
-The operator (every module of kubetune.operator.main.HANDLER_MODULES, with the settings `kubetune
+The operator (every module of kubetune.handlers.main.HANDLER_MODULES, with the settings `kubetune
 operator` uses) runs jobs through their whole life against kmock's emulator, which logs every request.
 Each request the operator made is turned into the (apiGroup, resource, verb) RBAC would check and
 looked up in the chart's rendered ClusterRole (cluster-wide) or Role (one watched namespace). The other
-direction: the rendered rules are exactly kubetune.operator.permissions' declaration.
+direction: the rendered rules are exactly kubetune.kube.permissions' declaration.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from kubetune.config import OperatorConfig
-from kubetune.controller import Backends
-from kubetune.operator import permissions
-from kubetune.operator.main import HANDLER_MODULES, exact_namespaces
+from kubetune.handlers.main import HANDLER_MODULES, exact_namespaces
+from kubetune.kube import permissions
+from kubetune.reconcile.jobs import Backends
 
 if TYPE_CHECKING:
     from conftest import Cluster, OperatorRunner
@@ -161,7 +161,7 @@ async def test_every_operator_call_is_allowed_and_every_rule_is_declared(
     namespaces = [] if scope == "clusterwide" else ["default"]
 
     def like_kubetune_operator(kopf_settings: kopf.OperatorSettings) -> None:
-        # As kubetune.operator.main: cluster-wide, Kopf scans for CRDs; with exact namespaces, not.
+        # As kubetune.handlers.main: cluster-wide, Kopf scans for CRDs; with exact namespaces, not.
         kopf_settings.scanning.disabled = exact_namespaces(namespaces)
 
     k8s.session.headers["User-Agent"] = TEST_AGENT

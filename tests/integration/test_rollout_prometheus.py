@@ -28,7 +28,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from asgi_server import bound_socket, serve_app
-from kubetune.deployment_controller import (
+from kubetune.gateway.app import create_app
+from kubetune.reconcile.deployment import (
     DeploymentOutcome,
     DeploymentRef,
     GatewayObservation,
@@ -36,7 +37,6 @@ from kubetune.deployment_controller import (
     VersionServing,
     reconcile_deployment,
 )
-from kubetune.gateway.app import create_app
 from kubetune.rollout.prometheus import PrometheusClient
 from prometheus_server import PrometheusServer, PrometheusUnavailable, running_prometheus
 

@@ -51,8 +51,8 @@ from bentoml._internal.models import ModelStore
 from bentoml.exceptions import BentoMLException, NotFound
 
 import kubetune_components
-from kubetune_components import storage
-from kubetune_components.errors import ComponentError, ConfigError, ModelLoadError
+from kubetune_components.common import storage
+from kubetune_components.common.errors import ComponentError, ConfigError, ModelLoadError
 from kubetune_components.serving.config import DEPLOYMENT_LABEL, MODEL_ALIAS, VERSION_LABEL
 from kubetune_components.serving.runtime import BUNDLED_BASE_DIR, inspect_model_dir
 
@@ -175,7 +175,7 @@ def _local_dir(uri: str, scratch: Path, what: str) -> Path:
     if uri.startswith("hf://"):
         from huggingface_hub import snapshot_download
 
-        from kubetune_components.models import hub_offline, parse_model_uri
+        from kubetune_components.common.models import hub_offline, parse_model_uri
 
         location = parse_model_uri(uri)
         try:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, cast
 
-from kubetune_components.errors import ConfigError
+from kubetune_components.common.errors import ConfigError
 
 MODEL_DIR_ENV = "KUBETUNE_MODEL_DIR"
 DEPLOYMENT_ENV = "KUBETUNE_DEPLOYMENT"

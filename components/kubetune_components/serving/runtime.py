@@ -46,9 +46,12 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from kubetune_components import data, finetune, models, quantize
-from kubetune_components.errors import ModelLoadError
-from kubetune_components.publish import MANIFEST_FILE
+from kubetune_components import data
+from kubetune_components.common import models
+from kubetune_components.common.errors import ModelLoadError
+from kubetune_components.finetune import train as finetune
+from kubetune_components.finetune.publish import MANIFEST_FILE
+from kubetune_components.quantize import methods as quantize
 from kubetune_components.serving.batching import MicroBatcher
 from kubetune_components.serving.config import RuntimeLimits
 

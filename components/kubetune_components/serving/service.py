@@ -26,8 +26,8 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 import bentoml
 from bentoml.exceptions import NotFound
 
-from kubetune_components import storage
-from kubetune_components.errors import ComponentError, ConfigError
+from kubetune_components.common import storage
+from kubetune_components.common.errors import ComponentError, ConfigError
 from kubetune_components.serving.config import (
     DEPLOYMENT_LABEL,
     MODEL_ALIAS,

@@ -8,7 +8,7 @@ Deterministic (fixed seed, no other randomness): running it again reproduces the
 
 `--pretraining-text FILE` also writes unlabeled ticket-like messages (a different seed, no
 instruction format, no categories, none identical to a dataset ticket); the tiny base model's
-committed corpus (components/kubetune_components/data/corpus-support.txt) was made with it, as
+committed corpus (components/kubetune_components/dev/corpus/corpus-support.txt) was made with it, as
 domain pretraining text.
 """
 

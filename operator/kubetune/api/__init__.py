@@ -1,17 +1,5 @@
-"""The kubetune API (kubetune.dev/v1alpha1): pydantic models, the single source of truth."""
+"""The kubetune API machinery: the kinds the operator serves, their CRDs and document validation.
 
-from kubetune.api.common import API_VERSION, GROUP, VERSION
-from kubetune.api.finetune import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
-from kubetune.api.quantize import QuantizeJob, QuantizeJobSpec, QuantizeJobStatus
-
-__all__ = [
-    "API_VERSION",
-    "GROUP",
-    "VERSION",
-    "FineTuneJob",
-    "FineTuneJobSpec",
-    "FineTuneJobStatus",
-    "QuantizeJob",
-    "QuantizeJobSpec",
-    "QuantizeJobStatus",
-]
+The models themselves (spec and status of every kind) live in :mod:`kubetune_contract`, which the
+pipeline steps and serving pods import too.
+"""

@@ -34,8 +34,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
 from pydantic_core import core_schema
 
-from kubetune.api.common import RATIO_PATTERN
 from kubetune.api.registry import CelRule, ResourceDefinition, all_definitions
+from kubetune_contract.common import RATIO_PATTERN
 
 GENERATE_COMMAND = "kubetune crds --out-dir manifests/crds"
 CRD_DIR = "manifests/crds"

@@ -18,8 +18,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel
 
-from kubetune.api import deployment, finetune, quantize
-from kubetune.api.common import GROUP, VERSION
+from kubetune_contract import deployment, finetune, quantize
+from kubetune_contract.common import GROUP, VERSION
 
 ColumnType = Literal["string", "integer", "number", "boolean", "date"]
 

@@ -30,9 +30,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from kubetune.api.common import DECIMAL_PATTERN, GROUP, MODEL_URI_PATTERN, RATIO_PATTERN
 from kubetune.api.crd import openapi_schema
 from kubetune.api.registry import REGISTRY, ResourceDefinition
+from kubetune_contract.common import DECIMAL_PATTERN, GROUP, MODEL_URI_PATTERN, RATIO_PATTERN
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -10,41 +10,23 @@ attempt of the same run, whose steps pick up from their checkpoints in the works
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import psutil
 
 from kubetune.backends.base import RunRequest, RunStatus
+from kubetune.common.clock import utc_now
+from kubetune.common.files import read_json, write_json_atomically
 
 STATE_FILE = "state.json"
 REQUEST_FILE = "request.json"
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def process_alive(pid: int | None, started_at: float | None) -> bool:

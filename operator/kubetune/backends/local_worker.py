@@ -16,7 +16,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from kubetune.backends.local import REQUEST_FILE, STATE_FILE, read_json, utc_now, write_json_atomically
+from kubetune.backends.local import REQUEST_FILE, STATE_FILE
+from kubetune.common.clock import utc_now
+from kubetune.common.files import read_json, write_json_atomically
 
 
 class _Terminated(Exception):

@@ -32,7 +32,7 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 import kopf
 
-from kubetune.operator.permissions import CHILD_RESOURCES, ChildResource
+from kubetune.kube.permissions import CHILD_RESOURCES, ChildResource
 
 FIELD_MANAGER = "kubetune"
 APPLY_PATCH = "application/apply-patch+yaml"
@@ -197,7 +197,7 @@ def resource_of(obj: Mapping[str, Any]) -> ChildResource:
         if obj.get("apiVersion") == resource.api_version and obj.get("kind") == resource.kind:
             return resource
     raise ValueError(
-        f"{obj.get('apiVersion')}/{obj.get('kind')} is not in kubetune.operator.permissions.CHILD_RESOURCES"
+        f"{obj.get('apiVersion')}/{obj.get('kind')} is not in kubetune.kube.permissions.CHILD_RESOURCES"
     )
 
 

@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune import __version__
-from kubetune.api.deployment import DNS_LABEL_PATTERN, Serving
 from kubetune.plan.deployment import DeploymentRef, VersionServing
+from kubetune_contract.deployment import DNS_LABEL_PATTERN, Serving
 
 SERVING_PORT = 3000
 GATEWAY_PORT = 8080

@@ -43,7 +43,7 @@ from kubetune.kube.children import (
     version_child_name,
     version_url,
 )
-from kubetune.operator.permissions import ChildResource
+from kubetune.kube.permissions import ChildResource
 from kubetune.plan.deployment import (
     DeploymentRef,
     GatewayObservation,

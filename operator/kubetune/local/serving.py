@@ -47,8 +47,10 @@ from typing import Any
 import httpx
 import psutil
 
-from kubetune.backends.local import process_alive, read_json, utc_now, write_json_atomically
-from kubetune.deployment_controller import (
+from kubetune.backends.local import process_alive
+from kubetune.common.clock import utc_now
+from kubetune.common.files import read_json, write_json_atomically
+from kubetune.reconcile.deployment import (
     DeploymentRef,
     GatewayObservation,
     VersionObservation,
@@ -358,7 +360,7 @@ def _key(ref: DeploymentRef) -> tuple[str, str]:
 
 
 class LocalServing:
-    """The :class:`~kubetune.deployment_controller.ServingBackend` of `kubetune up`.
+    """The :class:`~kubetune.reconcile.deployment.ServingBackend` of `kubetune up`.
 
     ``notify`` receives a line for everything worth telling the person at the terminal: processes
     started, ready, crashed (with the log to read), restarted, stopped. Call :meth:`close` to stop

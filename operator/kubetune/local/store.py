@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetune.backends.local import utc_now
+from kubetune.common.clock import utc_now
 
 
 class ApplyError(Exception):

@@ -35,16 +35,16 @@ from typing import Any, TextIO, cast
 
 from kubetune.api.registry import get_definition
 from kubetune.api.validation import read_manifests, validate_paths
-from kubetune.backends.local import utc_now
+from kubetune.common.clock import utc_now
 from kubetune.config import OperatorConfig
-from kubetune.controller import Backends, reconcile_finetune, reconcile_quantize
-from kubetune.deployment_controller import reconcile_deployment, remove_deployment
 from kubetune.local.serving import LocalServing
 from kubetune.local.store import ApplyError, LocalStore
-from kubetune.plan.conditions import find_condition, set_condition
 from kubetune.plan.lifecycle import Decision, is_finished
+from kubetune.reconcile.deployment import reconcile_deployment, remove_deployment
+from kubetune.reconcile.jobs import Backends, reconcile_finetune, reconcile_quantize
 from kubetune.rollout.analysis import QueryClient
 from kubetune.rollout.prometheus import PrometheusClient
+from kubetune_contract.conditions import find_condition, set_condition
 
 Reconciler = Callable[[dict[str, Any], Backends, Path, LocalStore], Decision]
 DEPLOYMENTS = "modeldeployments"

@@ -7,8 +7,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.finetune import FineTuneJob
 from kubetune.config import OperatorConfig
+from kubetune_contract.finetune import FineTuneJob
 
 
 def compile_resource(resource: Any, settings: OperatorConfig, output: Path) -> None:

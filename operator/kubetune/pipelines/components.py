@@ -1,4 +1,4 @@
-"""kfp v2 lightweight components: the Kubeflow face of ``kubetune_components.steps``.
+"""kfp v2 lightweight components: the Kubeflow face of ``kubetune_components.finetune.steps``.
 
 Each function body runs inside the pipeline step's container (the kubetune runtime image, which has
 ``kubetune_components`` installed), so it imports what it needs itself; kfp embeds the source.
@@ -16,8 +16,8 @@ def curate_dataset(config_json: str, workspace: str) -> str:
     """Parse, validate, dedupe, length-filter and split the dataset."""
     import json
 
-    from kubetune_components.steps import run_step
-    from kubetune_components.storage import resolve_local_path
+    from kubetune_components.common.storage import resolve_local_path
+    from kubetune_components.finetune.steps import run_step
 
     report = run_step("curate", json.loads(config_json), str(resolve_local_path(workspace)))
     return json.dumps(report, sort_keys=True)
@@ -27,8 +27,8 @@ def evaluate_model(config_json: str, workspace: str, which: str, metrics: Output
     """Held-out evalLoss, perplexity and exactMatch of the base (`baseline`) or tuned (`final`) model."""
     import json
 
-    from kubetune_components.steps import run_step
-    from kubetune_components.storage import resolve_local_path
+    from kubetune_components.common.storage import resolve_local_path
+    from kubetune_components.finetune.steps import run_step
 
     report = run_step("evaluate", json.loads(config_json), str(resolve_local_path(workspace)), which=which)
     for key, value in report.items():
@@ -41,8 +41,8 @@ def finetune_model(config_json: str, workspace: str) -> str:
     """Train with the job's method; resumes from the newest checkpoint in the workspace."""
     import json
 
-    from kubetune_components.steps import run_step
-    from kubetune_components.storage import resolve_local_path
+    from kubetune_components.common.storage import resolve_local_path
+    from kubetune_components.finetune.steps import run_step
 
     report = run_step("finetune", json.loads(config_json), str(resolve_local_path(workspace)))
     return json.dumps(report, sort_keys=True)
@@ -52,8 +52,8 @@ def publish_model(config_json: str, workspace: str) -> str:
     """Check the evaluation gates; publish the model and its lineage manifest only if all pass."""
     import json
 
-    from kubetune_components.steps import run_step
-    from kubetune_components.storage import resolve_local_path
+    from kubetune_components.common.storage import resolve_local_path
+    from kubetune_components.finetune.steps import run_step
 
     report = run_step("publish", json.loads(config_json), str(resolve_local_path(workspace)))
     return json.dumps(report, sort_keys=True)
@@ -63,8 +63,8 @@ def measure_source_model(config_json: str, workspace: str) -> str:
     """Size, latency per generated token and held-out quality of the model before quantization."""
     import json
 
-    from kubetune_components.quantize_steps import run_quantize_step
-    from kubetune_components.storage import resolve_local_path
+    from kubetune_components.common.storage import resolve_local_path
+    from kubetune_components.quantize.steps import run_quantize_step
 
     report = run_quantize_step("measure-source", json.loads(config_json), str(resolve_local_path(workspace)))
     return json.dumps(report, sort_keys=True)
@@ -74,8 +74,8 @@ def quantize_model(config_json: str, workspace: str) -> str:
     """Apply the job's method (PTQ, QAT, pruning or mixed precision) and save the result."""
     import json
 
-    from kubetune_components.quantize_steps import run_quantize_step
-    from kubetune_components.storage import resolve_local_path
+    from kubetune_components.common.storage import resolve_local_path
+    from kubetune_components.quantize.steps import run_quantize_step
 
     report = run_quantize_step("quantize", json.loads(config_json), str(resolve_local_path(workspace)))
     return json.dumps(report, sort_keys=True)
@@ -85,8 +85,8 @@ def measure_quantized_model(config_json: str, workspace: str) -> str:
     """The same measurements on the quantized model, reloaded the way serving loads it."""
     import json
 
-    from kubetune_components.quantize_steps import run_quantize_step
-    from kubetune_components.storage import resolve_local_path
+    from kubetune_components.common.storage import resolve_local_path
+    from kubetune_components.quantize.steps import run_quantize_step
 
     report = run_quantize_step(
         "measure-quantized", json.loads(config_json), str(resolve_local_path(workspace))
@@ -98,8 +98,8 @@ def publish_quantized_model(config_json: str, workspace: str) -> str:
     """Check the quality gates; publish the quantized model with its lineage only if all pass."""
     import json
 
-    from kubetune_components.quantize_steps import run_quantize_step
-    from kubetune_components.storage import resolve_local_path
+    from kubetune_components.common.storage import resolve_local_path
+    from kubetune_components.quantize.steps import run_quantize_step
 
     report = run_quantize_step(
         "publish-quantized", json.loads(config_json), str(resolve_local_path(workspace))

@@ -101,10 +101,10 @@ def resolve_finetune_job(
 
     import yaml
 
-    from kubetune.api.finetune import FineTuneJob
     from kubetune.api.validation import ResourceInvalid, parse_resource
     from kubetune.config import OperatorConfig
     from kubetune.plan.finetune import resolve_config
+    from kubetune_contract.finetune import FineTuneJob
 
     document = yaml.safe_load(job)
     if not isinstance(document, dict):
@@ -137,11 +137,11 @@ def resolve_quantize_job(
 
     import yaml
 
-    from kubetune.api.quantize import QuantizeJob
     from kubetune.api.validation import ResourceInvalid, parse_resource
     from kubetune.config import OperatorConfig
     from kubetune.plan.quantize import resolve_config
-    from kubetune_components.storage import resolve_local_path
+    from kubetune_components.common.storage import resolve_local_path
+    from kubetune_contract.quantize import QuantizeJob
 
     document = yaml.safe_load(job)
     if not isinstance(document, dict):

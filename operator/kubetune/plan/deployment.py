@@ -34,8 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kubetune.api.common import API_VERSION, SecretKeyRef, as_float
-from kubetune.api.deployment import (
+from kubetune.common.events import Event
+from kubetune.common.uris import absolute
+from kubetune.gateway.config import GatewayConfigError, parse_gateway_config
+from kubetune.rollout.weights import format_weights, proportional
+from kubetune_contract.common import API_VERSION, SecretKeyRef, as_float
+from kubetune_contract.conditions import find_condition, set_condition
+from kubetune_contract.deployment import (
     KIND,
     ModelDeployment,
     ModelDeploymentSpec,
@@ -44,10 +49,6 @@ from kubetune.api.deployment import (
     VersionStatus,
     duration_seconds,
 )
-from kubetune.gateway.config import GatewayConfigError, parse_gateway_config
-from kubetune.plan.conditions import find_condition, set_condition
-from kubetune.plan.lifecycle import Event, absolute
-from kubetune.rollout.machine import format_weights, proportional
 
 # (kind, namespace, name) -> the job ({"spec": ..., "status": ...}) or None; kind is FineTuneJob or
 # QuantizeJob.

@@ -11,16 +11,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from kubetune.api.finetune import FineTuneJob
 from kubetune.api.validation import parse_resource
 from kubetune.backends.base import RunRequest
+from kubetune.common.events import Event
+from kubetune.common.uris import absolute
 from kubetune.config import OperatorConfig
 from kubetune.plan.lifecycle import (
     Decision,
-    Event,
     JobKind,
     Observed,
-    absolute,
     finite_number,
     gate_status,
     is_finished,
@@ -30,7 +29,8 @@ from kubetune.plan.lifecycle import (
     progress_status,
     resource_config,
 )
-from kubetune.workspace import WorkspaceReport
+from kubetune_contract.finetune import FineTuneJob
+from kubetune_contract.workspace import WorkspaceReport
 
 __all__ = ["Decision", "Event", "Observed", "build_request", "is_finished", "plan_finetune", "run_key"]
 

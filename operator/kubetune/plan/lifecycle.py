@@ -18,18 +18,13 @@ from pydantic import BaseModel
 
 from kubetune.api.validation import ResourceInvalid
 from kubetune.backends.base import RunRequest, RunStatus
+from kubetune.common.events import Event
+from kubetune.common.uris import absolute, pvc_claims, short_uid
 from kubetune.config import OperatorConfig
-from kubetune.plan.conditions import SUCCEEDED, find_condition, set_job_conditions
-from kubetune.workspace import WorkspaceReport
+from kubetune_contract.conditions import SUCCEEDED, find_condition, set_job_conditions
+from kubetune_contract.workspace import WorkspaceReport
 
 Action = Literal["none", "submit", "resume", "cancel"]
-
-
-@dataclass(frozen=True)
-class Event:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
 
 
 @dataclass(frozen=True)
@@ -81,23 +76,6 @@ def is_finished(status: dict[str, Any] | None, generation: int | None = None) ->
     if condition is None or condition.get("status") == "Unknown":
         return False
     return generation is None or status.get("observedGeneration") == generation
-
-
-def absolute(uri: str, base_dir: Path | None) -> str:
-    """Local relative paths resolved against `base_dir` (local mode); URIs and absolute paths as they are."""
-    if base_dir is None or "://" in uri:
-        return uri
-    path = Path(uri)
-    return str(path if path.is_absolute() else (base_dir / path).resolve())
-
-
-def pvc_claims(uris: list[str]) -> list[str]:
-    claims = {uri[len("pvc://") :].split("/", 1)[0] for uri in uris if uri.startswith("pvc://")}
-    return sorted(claims)
-
-
-def short_uid(uid: str | None) -> str:
-    return (uid or "nouid").replace("-", "")[:8]
 
 
 def resource_config(job: Any, spec: dict[str, Any]) -> dict[str, Any]:

@@ -12,17 +12,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from kubetune.api.quantize import QuantizeJob
 from kubetune.api.validation import parse_resource
 from kubetune.backends.base import RunRequest
+from kubetune.common.uris import absolute
 from kubetune.config import OperatorConfig
-from kubetune.plan.conditions import find_condition
 from kubetune.plan.lifecycle import (
     Decision,
     Hold,
     JobKind,
     Observed,
-    absolute,
     finite_number,
     gate_status,
     job_request,
@@ -30,7 +28,9 @@ from kubetune.plan.lifecycle import (
     progress_status,
     resource_config,
 )
-from kubetune.workspace import WorkspaceReport
+from kubetune_contract.conditions import find_condition
+from kubetune_contract.quantize import QuantizeJob
+from kubetune_contract.workspace import WorkspaceReport
 
 FineTuneJobLookup = Callable[[str, str], dict[str, Any] | None]
 

@@ -14,9 +14,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Literal, Protocol
 
-from kubetune.api.deployment import AnalysisMetric, AnalysisRun, MetricResult
-from kubetune.rollout.machine import format_time
+from kubetune.common.clock import format_time
 from kubetune.rollout.prometheus import PrometheusError, Sample
+from kubetune_contract.deployment import AnalysisMetric, AnalysisRun, MetricResult
 
 _SELECTOR = 'deployment="$deployment",version="$version"'
 

@@ -21,45 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-from kubetune.api.deployment import AnalysisRun, ModelDeploymentSpec, RolloutStatus, duration_seconds
-from kubetune.plan.lifecycle import Event
-
-
-def proportional(total: int, shares: Mapping[str, int]) -> dict[str, int]:
-    """``total`` split in proportion to ``shares`` into integers that sum to ``total``.
-
-    Largest remainder method; equal remainders go to the earlier key. A key with share 0 gets 0.
-    """
-    share_sum = sum(shares.values())
-    if any(share < 0 for share in shares.values()):
-        raise ValueError(f"shares must not be negative, got {dict(shares)}")
-    if total == 0:
-        return dict.fromkeys(shares, 0)
-    if share_sum == 0:
-        raise ValueError(f"cannot split {total} among {', '.join(shares) or 'nothing'}: every share is 0")
-    split = {name: total * share // share_sum for name, share in shares.items()}
-    remainders = {name: total * share % share_sum for name, share in shares.items()}
-    order = sorted(shares, key=lambda name: -remainders[name])  # sorted() is stable: earlier keys first
-    for name in order[: total - sum(split.values())]:
-        split[name] += 1
-    return split
-
-
-def format_time(moment: datetime) -> str:
-    """RFC 3339 in UTC with milliseconds (steps may be shorter than a second)."""
-    utc = moment.astimezone(UTC)
-    return f"{utc:%Y-%m-%dT%H:%M:%S}.{utc.microsecond // 1000:03d}Z"
-
-
-def parse_time(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def format_weights(weights: Mapping[str, int]) -> str:
-    return ",".join(f"{name}={weight}" for name, weight in weights.items())
+from kubetune.common.clock import format_time, parse_time
+from kubetune.common.events import Event
+from kubetune.rollout.weights import format_weights, proportional
+from kubetune_contract.deployment import AnalysisRun, ModelDeploymentSpec, RolloutStatus, duration_seconds
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,6 @@ import pytest
 import yaml
 
 from kubetune.api import crd as crdgen
-from kubetune.api.common import DECIMAL_PATTERN, RATIO_PATTERN
-from kubetune.api.finetune import FineTuneJob
 from kubetune.api.registry import (
     FINETUNEJOB,
     CelRule,
@@ -27,6 +25,8 @@ from kubetune.api.registry import (
     get_definition,
 )
 from kubetune.api.validation import ResourceInvalid, load_documents, parse_resource, validate_paths
+from kubetune_contract.common import DECIMAL_PATTERN, RATIO_PATTERN
+from kubetune_contract.finetune import FineTuneJob
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_DIR = REPO / "manifests" / "crds"

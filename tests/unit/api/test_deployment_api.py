@@ -16,9 +16,9 @@ from test_crd import structural_problems
 from test_quantize_api import edit
 
 from kubetune.api.crd import build_crd, render_crd_yaml
-from kubetune.api.deployment import ModelDeployment, duration_seconds
 from kubetune.api.registry import MODELDEPLOYMENT, get_definition
 from kubetune.api.validation import ResourceInvalid, parse_resource, validate_documents
+from kubetune_contract.deployment import ModelDeployment, duration_seconds
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_FILE = REPO / "manifests" / "crds" / "modeldeployments.kubetune.dev.yaml"

@@ -18,8 +18,6 @@ from celpy.adapter import json_to_cel
 from test_cel import _program, admit_to, all_rules, apply_defaults
 from test_crd import for_jsonschema, structural_problems
 
-from kubetune.api import QuantizeJob
-from kubetune.api import quantize as q
 from kubetune.api.crd import _node_at, build_crd, check_crds, render_crd_yaml
 from kubetune.api.registry import (
     FINETUNEJOB,
@@ -30,6 +28,8 @@ from kubetune.api.registry import (
     get_definition,
 )
 from kubetune.api.validation import ResourceInvalid, load_documents, parse_resource, validate_documents
+from kubetune_contract import quantize as q
+from kubetune_contract.quantize import QuantizeJob
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_FILE = REPO / "manifests" / "crds" / "quantizejobs.kubetune.dev.yaml"

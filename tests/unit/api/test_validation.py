@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from kubetune.api.finetune import FineTuneJob, LoraOptions
 from kubetune.api.registry import all_definitions
 from kubetune.api.validation import (
     ResourceInvalid,
@@ -21,6 +20,7 @@ from kubetune.api.validation import (
     validate_documents,
     validate_paths,
 )
+from kubetune_contract.finetune import FineTuneJob, LoraOptions
 
 
 def quickstart() -> dict[str, Any]:

@@ -25,7 +25,8 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from kubetune_components import models, tinylm
+from kubetune_components.common import models
+from kubetune_components.dev import tinylm
 from tiny_adapter import ROUTING_ROWS, publish_lora_adapter
 
 WriteJsonl = Callable[..., Path]

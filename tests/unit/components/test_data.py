@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kubetune_components import data
-from kubetune_components.errors import ConfigError, DatasetError
+from kubetune_components.common.errors import ConfigError, DatasetError
 
 WriteJsonl = Callable[..., Path]
 

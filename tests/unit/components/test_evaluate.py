@@ -13,10 +13,11 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from kubetune_components import data, models
+from kubetune_components import data
 from kubetune_components import evaluate as ev
-from kubetune_components import finetune as ft
-from kubetune_components.errors import DatasetError
+from kubetune_components.common import models
+from kubetune_components.common.errors import DatasetError
+from kubetune_components.finetune import train as ft
 
 CPU = torch.device("cpu")
 ROWS = [

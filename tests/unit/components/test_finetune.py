@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
-from kubetune_components import data, models
-from kubetune_components import finetune as ft
-from kubetune_components.errors import ConfigError
-from kubetune_components.progress import ProgressReporter
+from kubetune_components import data
+from kubetune_components.common import models
+from kubetune_components.common.errors import ConfigError
+from kubetune_components.common.progress import ProgressReporter
+from kubetune_components.finetune import train as ft
 
 CATEGORIES = ("billing", "technical", "account", "shipping")
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from kubetune_components import models, storage
-from kubetune_components.errors import ModelLoadError
-from kubetune_components.models import ModelLocation
+from kubetune_components.common import models, storage
+from kubetune_components.common.errors import ModelLoadError
+from kubetune_components.common.models import ModelLocation
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,9 @@ def test_hub_loading_passes_revision_token_and_offline(
         calls.append((ref, kwargs))
         return real_from_pretrained(str(tiny_model_dir))
 
-    monkeypatch.setattr("kubetune_components.models.AutoTokenizer.from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(
+        "kubetune_components.common.models.AutoTokenizer.from_pretrained", fake_from_pretrained
+    )
     monkeypatch.setenv("HF_TOKEN", "from-env")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     models.load_tokenizer("hf://org/name@v2")

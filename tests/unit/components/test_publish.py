@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kubetune_components import finetune as ft
-from kubetune_components import models, storage
-from kubetune_components import publish as pub
-from kubetune_components.errors import ComponentError, ConfigError, GateFailedError
+from kubetune_components.common import models, storage
+from kubetune_components.common.errors import ComponentError, ConfigError, GateFailedError
+from kubetune_components.finetune import publish as pub
+from kubetune_components.finetune import train as ft
 
 ROWS = [
     {"instruction": "Route the ticket.", "input": f"ticket {index} about {word}", "output": word}

@@ -11,9 +11,11 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from kubetune_components import models, quantize, quantize_steps
-from kubetune_components.errors import ConfigError, GateFailedError
-from kubetune_components.finetune import tokenize_examples
+from kubetune_components.common import models
+from kubetune_components.common.errors import ConfigError, GateFailedError
+from kubetune_components.finetune.train import tokenize_examples
+from kubetune_components.quantize import methods as quantize
+from kubetune_components.quantize import steps as quantize_steps
 
 CPU = torch.device("cpu")
 EXAMPLES = [
@@ -184,7 +186,7 @@ def adapter_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A published LoRA fine-tune of a random tiny Llama: adapter + tokenizer + kubetune manifest."""
     from peft import LoraConfig, get_peft_model
 
-    from kubetune_components import tinylm
+    from kubetune_components.dev import tinylm
 
     base_dir = tinylm.build_random_tiny(tmp_path_factory.mktemp("base") / "model", seed=1)
     model = models.load_causal_lm(str(base_dir))

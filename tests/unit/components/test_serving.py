@@ -20,10 +20,12 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from kubetune_components import data, models, quantize, storage
-from kubetune_components import finetune as ft
-from kubetune_components import publish as pub
-from kubetune_components.errors import ConfigError, ModelLoadError
+from kubetune_components import data
+from kubetune_components.common import models, storage
+from kubetune_components.common.errors import ConfigError, ModelLoadError
+from kubetune_components.finetune import publish as pub
+from kubetune_components.finetune import train as ft
+from kubetune_components.quantize import methods as quantize
 from kubetune_components.serving.batching import RECENT_BATCHES, MicroBatcher
 from kubetune_components.serving.config import RuntimeLimits, ServingSettings
 from kubetune_components.serving.openai_api import RuntimeSlot, ServingIdentity, create_app

@@ -25,7 +25,7 @@ from bentoml.exceptions import NotFound
 from prometheus_client.parser import text_string_to_metric_families
 
 from asgi_server import free_port
-from kubetune_components.errors import ConfigError
+from kubetune_components.common.errors import ConfigError
 from kubetune_components.serving import bento as bento_module
 from kubetune_components.serving.bento import (
     bento_name,

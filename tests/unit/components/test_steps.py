@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from kubetune_components import steps
-from kubetune_components.errors import ConfigError, DatasetError, GateFailedError
+from kubetune_components.common.errors import ConfigError, DatasetError, GateFailedError
+from kubetune_components.finetune import steps
 
 CATEGORIES = ("billing", "technical", "account", "shipping")
 ROWS = [

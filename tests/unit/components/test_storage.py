@@ -9,8 +9,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from kubetune_components import storage
-from kubetune_components.errors import ComponentError, ConfigError
+from kubetune_components.common import storage
+from kubetune_components.common.errors import ComponentError, ConfigError
 
 
 @pytest.fixture

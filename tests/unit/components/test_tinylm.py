@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from kubetune_components import models, tinylm
-from kubetune_components.errors import ConfigError
+from kubetune_components.common import models
+from kubetune_components.common.errors import ConfigError
+from kubetune_components.dev import tinylm
 
 
 def test_corpus_is_small_text() -> None:

@@ -1,5 +1,5 @@
 """The children of a ModelDeployment (kubetune.kube.children), the readiness rule of kubetune.kube.serving
-and the schedule of kubetune.operator.deployment_handlers.
+and the schedule of kubetune.handlers.deployment.
 
 Pure: plain dicts in, plain dicts out, checked for structure, ownership, labels, restricted pod security
 and against the Kubernetes OpenAPI schemas (kubernetes_validate, offline).
@@ -16,8 +16,13 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from kubetune.api.common import SecretKeyRef
-from kubetune.api.deployment import Autoscaling, Batching, Resources, Serving
+from kubetune.handlers.deployment import (
+    ERROR_BACKOFF_S,
+    RESYNC_S,
+    DeploymentRuntime,
+    DeploymentSettings,
+    _status_patch,
+)
 from kubetune.kube.apply import KubeApiError, resource_of
 from kubetune.kube.children import (
     CONFIG_CHECKSUM_ANNOTATION,
@@ -35,14 +40,9 @@ from kubetune.kube.children import (
     version_url,
 )
 from kubetune.kube.serving import HANDOVER_FIELD_MANAGER, RETIRE_AFTER_S, KubernetesServing, rollout_state
-from kubetune.operator.deployment_handlers import (
-    ERROR_BACKOFF_S,
-    RESYNC_S,
-    DeploymentRuntime,
-    DeploymentSettings,
-    _status_patch,
-)
 from kubetune.plan.deployment import DeploymentRef, VersionServing
+from kubetune_contract.common import SecretKeyRef
+from kubetune_contract.deployment import Autoscaling, Batching, Resources, Serving
 
 KUBE_VERSION = "1.30.0"
 REF = DeploymentRef(name="support-bot", namespace="team-a", uid="0b4c7a52-9d7e-4d5c-8c36-4c1f0d9a1e01")
@@ -473,7 +473,7 @@ def test_rollout_state(obj: dict[str, Any], required: int, ready: bool, message:
         assert got_message is not None and message in got_message
 
 
-# ---- the handlers' settings and schedule (kubetune.operator.deployment_handlers) -------------------
+# ---- the handlers' settings and schedule (kubetune.handlers.deployment) -------------------
 
 
 def test_settings_come_from_the_environment() -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from kubetune.api.finetune import FineTuneJob
 from kubetune.api.validation import parse_resource
 from kubetune.config import OperatorConfig
 from kubetune.pipelines.compile import compile_resource
+from kubetune_contract.finetune import FineTuneJob
 
 GOLDEN = Path(__file__).parents[2] / "golden" / "finetune-pipeline.yaml"
 

@@ -134,7 +134,7 @@ def test_workspace_reports_are_read_from_paths_and_mounted_claims(
 ) -> None:
     import json
 
-    from kubetune.workspace import WorkspaceReport
+    from kubetune_contract.workspace import WorkspaceReport
 
     run = tmp_path / "claim" / "runs" / "r1"
     (run / "evaluation").mkdir(parents=True)

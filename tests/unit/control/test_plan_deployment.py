@@ -11,14 +11,6 @@ from typing import Any
 
 import pytest
 
-from kubetune.api.deployment import ModelDeployment
-from kubetune.deployment_controller import (
-    DeploymentRef,
-    GatewayObservation,
-    VersionObservation,
-    VersionServing,
-    reconcile_deployment,
-)
 from kubetune.gateway.config import parse_gateway_config
 from kubetune.plan.deployment import (
     effective_weights,
@@ -26,7 +18,15 @@ from kubetune.plan.deployment import (
     resolve_versions,
     served_models,
 )
+from kubetune.reconcile.deployment import (
+    DeploymentRef,
+    GatewayObservation,
+    VersionObservation,
+    VersionServing,
+    reconcile_deployment,
+)
 from kubetune.rollout.prometheus import Sample
+from kubetune_contract.deployment import ModelDeployment
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from kubetune.api.finetune import FineTuneJob
 from kubetune.api.validation import parse_resource
 from kubetune.backends.base import RunStatus
 from kubetune.config import OperatorConfig
 from kubetune.plan.finetune import Observed, build_request, is_finished, plan_finetune, run_key
-from kubetune.workspace import WorkspaceReport
+from kubetune_contract.finetune import FineTuneJob
+from kubetune_contract.workspace import WorkspaceReport
 
 T0 = "2026-01-01T00:00:00Z"
 T1 = "2026-01-01T00:05:00Z"
@@ -198,7 +198,7 @@ def test_request_resolves_paths_defaults_and_cluster_options(
 
 def test_every_status_field_written_is_in_the_crd_status_schema(settings: OperatorConfig) -> None:
     """The API server prunes status fields its schema lacks: the models must know all we write."""
-    from kubetune.api.finetune import FineTuneJobStatus
+    from kubetune_contract.finetune import FineTuneJobStatus
 
     report = WorkspaceReport(
         progress={"phase": "training", "step": 3, "totalSteps": 10, "trainLoss": 1.5, "learningRate": 0.001},

@@ -11,7 +11,7 @@ from kubetune.backends.base import RunStatus
 from kubetune.config import OperatorConfig
 from kubetune.plan.lifecycle import Observed
 from kubetune.plan.quantize import plan_quantize
-from kubetune.workspace import WorkspaceReport
+from kubetune_contract.workspace import WorkspaceReport
 
 NOW = "2026-01-01T00:00:00Z"
 
@@ -122,7 +122,7 @@ def test_report_and_success_message(settings: OperatorConfig) -> None:
 
 def test_every_status_field_written_is_in_the_crd_status_schema(settings: OperatorConfig) -> None:
     """The API server prunes status fields its schema lacks: the models must know all we write."""
-    from kubetune.api.quantize import QuantizeJobStatus
+    from kubetune_contract.quantize import QuantizeJobStatus
 
     report = WorkspaceReport(
         progress={"phase": "quantizing", "step": 2, "totalSteps": 8},

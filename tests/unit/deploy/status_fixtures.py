@@ -23,7 +23,7 @@ from kubetune.config import OperatorConfig
 from kubetune.plan.finetune import plan_finetune
 from kubetune.plan.lifecycle import Decision, Observed
 from kubetune.plan.quantize import plan_quantize
-from kubetune.workspace import WorkspaceReport
+from kubetune_contract.workspace import WorkspaceReport
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SETTINGS = OperatorConfig(home=Path("/var/lib/kubetune"), default_executor="local", artifact_store="/store")

@@ -22,8 +22,8 @@ import yaml
 from kubetune.api.registry import all_definitions
 from kubetune.cli import build_parser
 from kubetune.config import OperatorConfig
-from kubetune.operator import permissions
-from kubetune.operator.metrics import port_from_env
+from kubetune.handlers.metrics import port_from_env
+from kubetune.kube import permissions
 
 REPO = Path(__file__).resolve().parents[3]
 CHART_DIR = REPO / "charts" / "kubetune"
@@ -397,7 +397,7 @@ def _grants(rules: Iterator[dict[str, Any]]) -> set[tuple[str, str, str]]:
     }
 
 
-# The rules are generated from the code (kubetune.operator.permissions); these pin what that means.
+# The rules are generated from the code (kubetune.kube.permissions); these pin what that means.
 NAMESPACED = permissions.grants(clusterwide=False)
 CLUSTERWIDE = permissions.grants(clusterwide=True)
 

@@ -1,6 +1,6 @@
 """The Grafana dashboard (and the chart's alerts) only query metrics the code actually exports.
 
-Exported names come from the collectors the code defines: kubetune.operator.metrics, the gateway's
+Exported names come from the collectors the code defines: kubetune.handlers.metrics, the gateway's
 kubetune.gateway.metrics and the serving runtime's kubetune_components.serving.metrics, expanded the
 way prometheus_client exposes them (counters as _total, histograms as _bucket/_sum/_count, ...).
 """
@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
 from kubetune.gateway.metrics import GatewayMetrics
-from kubetune.operator.metrics import OperatorMetrics
+from kubetune.handlers.metrics import OperatorMetrics
 from kubetune_components.serving.metrics import serving_metrics
 
 REPO = Path(__file__).resolve().parents[3]

@@ -157,13 +157,13 @@ def test_resolve_quantize_job_alone_and_after_a_finetune(tmp_path: Path) -> None
 
 # The stand-in steps of the integration tests, which (unlike the real steps) expect their workspace to exist.
 WRAPPER = """
-from kubetune_components import {module} as _fake
-from kubetune_components.storage import resolve_local_path
+from kubetune_components.{module} import {function} as _fake_{function}
+from kubetune_components.common.storage import resolve_local_path
 
 
 def {function}(name, config, workspace, **kwargs):
     resolve_local_path(workspace).mkdir(parents=True, exist_ok=True)
-    return _fake.{function}(name, config, workspace, **kwargs)
+    return _fake_{function}(name, config, workspace, **kwargs)
 """
 
 RUN = """
@@ -181,9 +181,11 @@ build()(finetune_job=EXAMPLE_FINETUNE_JOB, quantize_job=EXAMPLE_CHAINED_QUANTIZE
 def test_finetune_then_quantize_runs_and_quantizes_what_the_finetune_published(tmp_path: Path) -> None:
     fakes = tmp_path / "fakes" / "kubetune_components"
     shutil.copytree(FAKE_STEPS / "kubetune_components", fakes)
-    for module, function in (("steps", "run_step"), ("quantize_steps", "run_quantize_step")):
-        (fakes / f"{module}.py").rename(fakes / f"_fake_{module}.py")
-        (fakes / f"{module}.py").write_text(WRAPPER.format(module=f"_fake_{module}", function=function))
+    for package, function in (("finetune", "run_step"), ("quantize", "run_quantize_step")):
+        (fakes / package / "steps.py").rename(fakes / package / "_fake_steps.py")
+        (fakes / package / "steps.py").write_text(
+            WRAPPER.format(module=f"{package}._fake_steps", function=function)
+        )
     workspaces = tmp_path / "runs"
     script = RUN.format(
         root=str(tmp_path / "root"), store=str(tmp_path / "store"), workspaces=str(workspaces)

@@ -1,4 +1,4 @@
-"""kubetune.operator.metrics: the collectors the handlers feed, on a fresh registry per test."""
+"""kubetune.handlers.metrics: the collectors the handlers feed, on a fresh registry per test."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from kubetune.operator.metrics import (
+from kubetune.handlers.metrics import (
     JOB_STATES,
     METRICS_PORT_ENV,
     ROLLOUT_STATES,
@@ -117,7 +117,7 @@ def test_serve_exposes_the_registry_until_stopped(metrics: OperatorMetrics) -> N
 def test_kubetune_operator_passes_the_metrics_port_to_the_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
     import kopf
 
-    from kubetune.operator import main
+    from kubetune.handlers import main
 
     calls: list[dict[str, Any]] = []
 

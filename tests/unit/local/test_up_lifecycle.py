@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from kubetune.config import OperatorConfig
-from kubetune.deployment_controller import DeploymentRef
 from kubetune.local import up as up_module
 from kubetune.local.serving import LocalServing
 from kubetune.local.store import LocalStore
+from kubetune.reconcile.deployment import DeploymentRef
 
 DEPLOYMENT = {
     "apiVersion": "kubetune.dev/v1alpha1",

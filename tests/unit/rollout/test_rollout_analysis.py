@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from kubetune.api.deployment import AnalysisMetric
 from kubetune.rollout.analysis import analyse, prometheus_duration, render_query, unavailable
 from kubetune.rollout.prometheus import PrometheusClient, PrometheusError, Sample
+from kubetune_contract.deployment import AnalysisMetric
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 

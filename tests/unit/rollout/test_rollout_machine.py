@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 
-from kubetune.api.deployment import AnalysisRun, MetricResult, ModelDeploymentSpec, RolloutStatus
-from kubetune.rollout.machine import RolloutDecision, format_time, plan_rollout, proportional
+from kubetune.common.clock import format_time
+from kubetune.rollout.machine import RolloutDecision, plan_rollout
+from kubetune.rollout.weights import proportional
+from kubetune_contract.deployment import AnalysisRun, MetricResult, ModelDeploymentSpec, RolloutStatus
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -1,0 +1,96 @@
+"""`progress.json` in the run's workspace: what the step is doing right now, for the operator to show.
+
+The file is replaced atomically, so a reader never sees half of it. During training it is written
+at most once per `min_interval_s` (plus at phase changes and at the end), so reporting never slows
+the training loop down.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from kubetune_components.common import storage
+
+Phase = Literal["curating", "evaluating-baseline", "training", "evaluating", "publishing", "done"]
+PROGRESS_FILE = "progress.json"
+
+
+def utc_now_iso() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ProgressReporter:
+    """Writes `{workspace}/progress.json`; throttled while training, immediate on phase changes."""
+
+    def __init__(self, workspace_dir: Path, min_interval_s: float = 1.0) -> None:
+        self.path = Path(workspace_dir) / PROGRESS_FILE
+        self.min_interval_s = min_interval_s
+        self._last_write = float("-inf")
+        self._state: dict[str, Any] = self._read_existing()
+
+    def _read_existing(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "phase": "curating",
+            "step": 0,
+            "totalSteps": 0,
+            "epoch": 0.0,
+            "trainLoss": None,
+            "learningRate": None,
+            "tokensSeen": 0,
+            "updatedAt": None,
+        }
+        if self.path.is_file():
+            try:
+                previous = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                previous = None
+            if isinstance(previous, dict):
+                state.update({key: previous[key] for key in state if key in previous})
+        return state
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return dict(self._state)
+
+    def set_phase(self, phase: Phase) -> None:
+        self._state["phase"] = phase
+        self._write()
+
+    def training_update(
+        self,
+        *,
+        step: int,
+        total_steps: int,
+        epoch: float,
+        train_loss: float | None,
+        learning_rate: float | None,
+        tokens_seen: int,
+        force: bool = False,
+    ) -> bool:
+        """Record a training step; returns True when the file was actually written."""
+        if not force and time.monotonic() - self._last_write < self.min_interval_s:
+            return False
+        self._state.update(
+            phase="training",
+            step=step,
+            totalSteps=total_steps,
+            epoch=round(epoch, 4),
+            trainLoss=train_loss,
+            learningRate=learning_rate,
+            tokensSeen=tokens_seen,
+        )
+        self._write()
+        return True
+
+    def due(self) -> bool:
+        """Whether a non-forced update would be written now (lets callers skip computing its values)."""
+        return time.monotonic() - self._last_write >= self.min_interval_s
+
+    def _write(self) -> None:
+        self._state["updatedAt"] = utc_now_iso()
+        storage.atomic_write_json(self.path, self._state)
+        self._last_write = time.monotonic()

@@ -1,0 +1,266 @@
+"""The pipeline steps of a FineTuneJob, one function each, and the command line that runs them.
+
+Every step takes the FineTuneJob as a wire dict with every default filled in (`config`) and the
+run's workspace directory (`workspace`, a path or file:// URI); steps hand their results to each
+other through files in the workspace:
+
+    progress.json                       what is happening now (phase, step, loss, ...)
+    data/train.jsonl, validation.jsonl  curated splits          (curate)
+    data/curation.json                  what curation dropped   (curate)
+    evaluation/baseline.json, final.json                        (evaluate)
+    checkpoints/step-N/, trained/                               (finetune)
+    gates.json, output.json                                     (publish)
+    error.json                          {step, reason, message} when a step fails
+
+    python -m kubetune_components.finetune.steps curate   --config job.json --workspace /work/run
+    python -m kubetune_components.finetune.steps evaluate --which baseline \
+        --config job.json --workspace /work/run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from kubetune_components import data
+from kubetune_components.common import models, storage
+from kubetune_components.common.errors import ComponentError, ConfigError
+from kubetune_components.common.progress import ProgressReporter
+from kubetune_components.evaluate import run_evaluation
+from kubetune_components.finetune.publish import run_publish
+from kubetune_components.finetune.train import StepHook, TrainingInterrupted, TrainingSettings, run_finetune
+
+ERROR_FILE = "error.json"
+EXIT_INTERRUPTED = 143
+"""128 + SIGTERM: the step stopped on request after saving a checkpoint; running it again resumes."""
+
+
+def workspace_dir(workspace: str) -> Path:
+    path = storage.resolve_local_path(workspace)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def job_spec(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    if config.get("kind", "FineTuneJob") != "FineTuneJob":
+        raise ConfigError(f"expected a FineTuneJob, got kind {config.get('kind')!r}")
+    spec = config.get("spec")
+    if not isinstance(spec, Mapping):
+        raise ConfigError("the config has no spec")
+    if not isinstance(spec.get("baseModel"), Mapping) or not spec["baseModel"].get("uri"):
+        raise ConfigError("spec.baseModel.uri is required")
+    if not isinstance(spec.get("dataset"), Mapping) or not spec["dataset"].get("uri"):
+        raise ConfigError("spec.dataset.uri is required")
+    return spec
+
+
+def write_jsonl(path: Path, examples: Sequence[Mapping[str, Any]]) -> None:
+    storage.atomic_write_text(
+        path, "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples)
+    )
+
+
+def curate(config: dict[str, Any], workspace: str) -> dict[str, Any]:
+    """Load the dataset, dedupe and filter it, split off validation; writes data/*."""
+    spec = job_spec(config)
+    root = workspace_dir(workspace)
+    ProgressReporter(root).set_phase("curating")
+    dataset = spec["dataset"]
+    fmt = cast(data.DatasetFormat, dataset.get("format", "instruction"))
+    training = TrainingSettings.from_spec(spec.get("training") or {})
+    tokenizer = models.load_tokenizer(str(spec["baseModel"]["uri"]))
+
+    def curated(examples: Sequence[dict[str, Any]], validation_split: float) -> data.CurationResult:
+        return data.curate_per_spec(
+            examples, fmt, tokenizer, dataset, validation_split, max_seq_length=training.max_seq_length
+        )
+
+    examples = data.load_examples(str(dataset["uri"]), fmt)
+    report: dict[str, Any]
+    if dataset.get("validationUri"):
+        result = curated(examples, 0.0)
+        held_out = curated(data.load_examples(str(dataset["validationUri"]), fmt), 0.0)
+        validation = held_out.train
+        # An example in both files would be graded on what it was trained on: keep it out of training.
+        held_out_keys = {data.dedupe_key(example) for example in validation}
+        train = [example for example in result.train if data.dedupe_key(example) not in held_out_keys]
+        report = {
+            **result.report,
+            "train": len(train),
+            "validation": len(validation),
+            "alsoInValidation": len(result.train) - len(train),
+            "validationFile": held_out.report,
+        }
+    else:
+        result = curated(examples, float(dataset.get("validationSplit", "0.1")))
+        train, validation = result.train, result.validation
+        report = dict(result.report)
+    write_jsonl(root / "data" / "train.jsonl", train)
+    write_jsonl(root / "data" / "validation.jsonl", validation)
+    storage.atomic_write_json(root / "data" / "curation.json", report)
+    return report
+
+
+def evaluate(config: dict[str, Any], workspace: str, which: str = "final") -> dict[str, Any]:
+    """Metrics of the base model (`baseline`) or the tuned one (`final`); writes evaluation/{which}.json."""
+    spec = job_spec(config)
+    root = workspace_dir(workspace)
+    if which not in ("baseline", "final"):
+        raise ConfigError(f"evaluate: which must be baseline or final, got {which!r}")
+    return run_evaluation(
+        spec, root, cast(Literal["baseline", "final"], which), progress=ProgressReporter(root)
+    )
+
+
+def finetune(config: dict[str, Any], workspace: str, on_step: StepHook | None = None) -> dict[str, Any]:
+    """Train (resuming from the newest checkpoint of the same configuration); writes trained/."""
+    spec = job_spec(config)
+    root = workspace_dir(workspace)
+    progress = ProgressReporter(root)
+    progress.set_phase("training")
+    return run_finetune(spec, root, progress=progress, on_step=on_step)
+
+
+def publish(config: dict[str, Any], workspace: str) -> dict[str, Any]:
+    """Check the gates, then export and publish the model and its manifest; writes gates.json, output.json."""
+    job_spec(config)
+    root = workspace_dir(workspace)
+    return run_publish(config, root, progress=ProgressReporter(root))
+
+
+STEPS: dict[str, Callable[..., dict[str, Any]]] = {
+    "curate": curate,
+    "evaluate": evaluate,
+    "finetune": finetune,
+    "publish": publish,
+}
+
+
+def run_step(name: str, config: dict[str, Any], workspace: str, **kwargs: Any) -> dict[str, Any]:
+    """Run step `name`; when it fails, error.json says why (the exception is re-raised).
+
+    `evaluate-baseline` and `evaluate-final` are accepted as names of the evaluate step.
+    """
+    if name.startswith("evaluate-"):
+        kwargs.setdefault("which", name.removeprefix("evaluate-"))
+        name = "evaluate"
+    root = workspace_dir(workspace)
+    error_path = root / ERROR_FILE
+    with contextlib.suppress(FileNotFoundError):
+        error_path.unlink()  # a stale error of an earlier attempt
+    try:
+        step = STEPS.get(name)
+        if step is None:
+            raise ConfigError(f"unknown step {name!r}; steps are {', '.join(STEPS)}")
+        return step(config, workspace, **kwargs)
+    except ComponentError as error:
+        storage.atomic_write_json(
+            error_path, {"step": name, "reason": error.reason, "message": error.message}
+        )
+        raise
+    except TrainingInterrupted:
+        raise
+    except Exception as error:
+        # Not a failure a user can act on, but the operator still deserves to know what happened.
+        message = f"{type(error).__name__}: {error}"
+        storage.atomic_write_json(error_path, {"step": name, "reason": "InternalError", "message": message})
+        raise
+
+
+def cpu_quota() -> int | None:
+    """CPUs the container may use per its cgroup (v2 or v1) limit, or None when unlimited."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text().strip()
+            period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def match_threads_to_cpus() -> None:
+    """torch starts one thread per host core; in a pod limited to fewer CPUs that oversubscribes badly.
+
+    An explicit OMP_NUM_THREADS is left alone.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota()
+    threads = min(available, quota) if quota is not None else available
+    if threads < torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
+def _quiet_libraries() -> None:
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging
+
+        transformers_logging: Any = logging
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+
+
+def start_step_process(config_arg: str) -> dict[str, Any] | None:
+    """What every step's command line does first: quiet the ML libraries, size torch's thread pool,
+    and read the job's config (a file, or - for stdin). None, after saying why, if it can't be read."""
+    _quiet_libraries()
+    match_threads_to_cpus()
+    try:
+        raw = sys.stdin.read() if config_arg == "-" else Path(config_arg).read_text(encoding="utf-8")
+        config: dict[str, Any] = json.loads(raw)
+    except (OSError, ValueError) as error:
+        print(f"cannot read the config {config_arg}: {error}", file=sys.stderr)
+        return None
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kubetune_components.finetune.steps", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("step", choices=[*STEPS, "evaluate-baseline", "evaluate-final"])
+    parser.add_argument("--config", required=True, help="the FineTuneJob as JSON (a file, or - for stdin)")
+    parser.add_argument("--workspace", required=True, help="the run's workspace directory (path or file://)")
+    parser.add_argument(
+        "--which", choices=["baseline", "final"], help="evaluate: which model (default final)"
+    )
+    args = parser.parse_args(argv)
+    config = start_step_process(args.config)
+    if config is None:
+        return 2
+    kwargs: dict[str, Any] = {}
+    if args.which:
+        if args.step != "evaluate":
+            parser.error("--which only applies to the evaluate step")
+        kwargs["which"] = args.which
+    try:
+        result = run_step(args.step, config, args.workspace, **kwargs)
+    except ComponentError as error:
+        print(f"{args.step} failed ({error.reason}): {error.message}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as interrupted:
+        print(str(interrupted), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""ModelDeployment (kubetune.dev/v1alpha1): serve model versions behind one OpenAI-compatible gateway.
+
+Every version, its traffic weight, the canary steps and the metrics that judge them are in the spec:
+nothing about what is served is implicit. Unlike the jobs, the spec is mutable: changing weights,
+adding a version or editing a prompt updates the running deployment in place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, model_validator
+
+from kubetune_contract.common import (
+    MODEL_URI_PATTERN,
+    Condition,
+    DecimalString,
+    KubeModel,
+    ObjectMeta,
+    SecretKeyRef,
+)
+
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+SHORT_NAMES = ["mdep"]
+
+MAX_VERSIONS = 8
+MAX_PROMPTS = 16
+MAX_VERSION_NAME = 20
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+HEADER_PATTERN = r"^[A-Za-z0-9][-A-Za-z0-9]*$"
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
+
+
+def duration_seconds(value: str) -> float:
+    """``"1m30s"`` -> 90.0. Durations use Go's units (ms, s, m, h), as kubectl and Argo do."""
+    if not re.fullmatch(DURATION_PATTERN, value):
+        raise ValueError(f"{value!r} is not a duration such as 30s, 5m or 1h30m")
+    return float(sum(Decimal(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(value)))
+
+
+def _check_duration(value: str) -> str:
+    duration_seconds(value)
+    return value
+
+
+Duration = Annotated[
+    str,
+    Field(pattern=DURATION_PATTERN, description='A duration such as "30s", "5m", "1h30m" or "500ms".'),
+    AfterValidator(_check_duration),
+]
+
+
+def _check_positive_duration(value: str) -> str:
+    if duration_seconds(value) <= 0:
+        raise ValueError(f"{value!r} must be longer than 0s")
+    return value
+
+
+PositiveDuration = Annotated[Duration, AfterValidator(_check_positive_duration)]
+Quantity = Annotated[
+    str, Field(pattern=QUANTITY_PATTERN, description='A Kubernetes quantity such as "500m", "2" or "4Gi".')
+]
+
+
+class JobRef(KubeModel):
+    name: str = Field(min_length=1, max_length=63, description="A job in the same namespace.")
+
+
+class VersionModel(KubeModel):
+    """The model a version serves: a job's published output, or any model URI."""
+
+    fine_tune_job_ref: JobRef | None = Field(
+        default=None, description="Serve this FineTuneJob's published model (waits until it succeeds)."
+    )
+    quantize_job_ref: JobRef | None = Field(
+        default=None, description="Serve this QuantizeJob's published model (waits until it succeeds)."
+    )
+    uri: str | None = Field(
+        default=None,
+        pattern=MODEL_URI_PATTERN,
+        description="A published model URI (file://, pvc:// or hf://).",
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret holding a hub access token, for gated or private models."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VersionModel:
+        sources = [self.fine_tune_job_ref, self.quantize_job_ref, self.uri]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError("set exactly one of fineTuneJobRef, quantizeJobRef and uri")
+        return self
+
+
+class ModelVersion(KubeModel):
+    """One served version and the share of traffic it gets."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_VERSION_NAME,
+        pattern=DNS_LABEL_PATTERN,
+        description="Version name (a DNS label): the value of x-kubetune-version and of the override header.",
+    )
+    model: VersionModel
+    weight: int = Field(
+        ge=0, le=100, description="Percent of traffic; the weights of all versions sum to 100."
+    )
+    prompt: str | None = Field(
+        default=None, max_length=63, description="Name of a spec.prompts entry this version applies."
+    )
+
+
+class Routing(KubeModel):
+    """How requests are assigned to versions."""
+
+    sticky_by: Literal["user", "header"] = Field(
+        default="user",
+        description="What keeps a user on one version: the OpenAI request's `user` field, or a header.",
+    )
+    header: str | None = Field(
+        default=None,
+        max_length=128,
+        pattern=HEADER_PATTERN,
+        description="The header, when stickyBy is header.",
+    )
+    override_header: str = Field(
+        default="x-kubetune-version",
+        max_length=128,
+        pattern=HEADER_PATTERN,
+        description="A request carrying this header is served by the version it names (for testing).",
+    )
+
+    @model_validator(mode="after")
+    def _header_when_needed(self) -> Routing:
+        if self.sticky_by == "header" and not self.header:
+            raise ValueError("header is required when stickyBy is header")
+        return self
+
+
+class CanaryStep(KubeModel):
+    weight: int = Field(ge=1, le=99, description="Percent of traffic the canary gets during this step.")
+    pause: PositiveDuration = Field(
+        description="How long the step runs (and is analysed) before the next one."
+    )
+
+
+BUILTIN_METRICS = ("errorRate", "p95Latency", "timeToFirstToken", "feedback")
+
+
+class AnalysisMetric(KubeModel):
+    """A metric the canary must keep within bounds: a built-in, or a custom PromQL query."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        description="errorRate, p95Latency (seconds), timeToFirstToken (p95, seconds), feedback (mean "
+        "score), or any name for a custom query.",
+    )
+    query: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="PromQL for a custom metric; $deployment, $version and $window are substituted.",
+    )
+    min: DecimalString | None = Field(default=None, description="The canary fails below this value.")
+    max: DecimalString | None = Field(default=None, description="The canary fails above this value.")
+
+    @model_validator(mode="after")
+    def _known_and_bounded(self) -> AnalysisMetric:
+        if self.query is None and self.name not in BUILTIN_METRICS:
+            raise ValueError(
+                f"{self.name!r} is not a built-in metric ({', '.join(BUILTIN_METRICS)}); "
+                "set query for a custom one"
+            )
+        if self.min is None and self.max is None:
+            raise ValueError("a metric needs min or max")
+        return self
+
+
+class Analysis(KubeModel):
+    interval: PositiveDuration = Field(
+        default="30s", description="How often the canary's metrics are queried."
+    )
+    window: PositiveDuration = Field(
+        default="1m", description="The range of the rate() windows in the queries."
+    )
+    metrics: list[AnalysisMetric] = Field(
+        default_factory=list, max_length=16, description="Every metric must be within its bounds."
+    )
+
+
+class Rollout(KubeModel):
+    """A canary rollout of the newest version (the last entry of versions), judged by metrics."""
+
+    steps: list[CanaryStep] = Field(
+        min_length=1,
+        max_length=16,
+        description="Canary weights in increasing order; after the last step the spec weights apply.",
+    )
+    analysis: Analysis = Field(default_factory=Analysis)
+    auto_rollback: bool = Field(
+        default=True,
+        description="On a failing analysis set the canary's weight to 0 (else pause the rollout).",
+    )
+
+    @model_validator(mode="after")
+    def _increasing(self) -> Rollout:
+        weights = [step.weight for step in self.steps]
+        if any(later <= earlier for earlier, later in itertools.pairwise(weights)):
+            raise ValueError(f"steps weights must increase, got {weights}")
+        return self
+
+
+class Autoscaling(KubeModel):
+    min_replicas: int = Field(default=1, ge=1, le=1000)
+    max_replicas: int = Field(default=4, ge=1, le=1000)
+    target_concurrency: int = Field(
+        default=8, ge=1, le=10_000, description="In-flight requests per replica the autoscaler aims for."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must not exceed maxReplicas")
+        return self
+
+
+class Resources(KubeModel):
+    requests: dict[str, Quantity] = Field(default_factory=dict, description='e.g. {cpu: "1", memory: 2Gi}')
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="e.g. {memory: 4Gi}")
+
+
+class Batching(KubeModel):
+    """Adaptive batching in each version's server."""
+
+    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    max_latency_ms: int = Field(
+        default=50, ge=1, le=60_000, description="Longest a request waits for a batch."
+    )
+
+
+class Serving(KubeModel):
+    replicas: int = Field(default=1, ge=0, le=1000, description="Replicas per version, without autoscaling.")
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="A HorizontalPodAutoscaler per version."
+    )
+    resources: Resources = Field(default_factory=Resources)
+    batching: Batching = Field(default_factory=Batching)
+
+
+class GenerationDefaults(KubeModel):
+    temperature: DecimalString | None = Field(default=None, description="Used when a request sets none.")
+    top_p: DecimalString | None = Field(default=None, description="Used when a request sets none.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=1_048_576, description="Used when a request sets none."
+    )
+
+
+class GenerationLimits(KubeModel):
+    max_temperature: DecimalString | None = Field(default=None, description="Requests above it are refused.")
+    max_top_p: DecimalString | None = Field(default=None, description="Requests above it are refused.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=1_048_576, description="Requests above it are refused."
+    )
+
+
+class ContextWindow(KubeModel):
+    max_prompt_tokens: int = Field(default=2048, ge=1, le=1_048_576)
+    overflow: Literal["truncate", "refuse"] = Field(
+        default="truncate",
+        description="truncate drops the oldest messages (chat) or tokens (completions); refuse answers 400.",
+    )
+
+
+class Generation(KubeModel):
+    defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    limits: GenerationLimits = Field(default_factory=GenerationLimits)
+    context_window: ContextWindow = Field(default_factory=ContextWindow)
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> Generation:
+        pairs = [
+            ("temperature", self.defaults.temperature, self.limits.max_temperature),
+            ("topP", self.defaults.top_p, self.limits.max_top_p),
+        ]
+        for name, default, limit in pairs:
+            if default is not None and limit is not None and Decimal(default) > Decimal(limit):
+                raise ValueError(f"defaults.{name} {default} is above its limit {limit}")
+        tokens, token_limit = self.defaults.max_tokens, self.limits.max_tokens
+        if tokens is not None and token_limit is not None and tokens > token_limit:
+            raise ValueError(f"defaults.maxTokens {tokens} is above its limit {token_limit}")
+        return self
+
+
+class FewShotExample(KubeModel):
+    user: str = Field(max_length=16_384)
+    assistant: str = Field(max_length=16_384)
+
+
+class PromptTemplate(KubeModel):
+    """A versioned prompt: rolled out and A/B-tested with the model version that names it."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)
+    system: str | None = Field(default=None, max_length=16_384, description="System message prepended.")
+    template: str = Field(
+        default="{{input}}",
+        max_length=16_384,
+        description="Applied to the last user message: {{input}} is that message; other {{variables}} come "
+        "from the request's metadata.",
+    )
+    examples: list[FewShotExample] = Field(default_factory=list, max_length=32, description="Few-shot turns.")
+
+    @model_validator(mode="after")
+    def _keeps_the_input(self) -> PromptTemplate:
+        if "{{input}}" not in self.template:
+            raise ValueError("template must contain {{input}} (the user's message)")
+        return self
+
+
+class Cache(KubeModel):
+    """Exact-match response cache; only deterministic requests (temperature 0, not streamed) are cached."""
+
+    enabled: bool = True
+    ttl: Duration = Field(default="5m")
+    max_entries: int = Field(default=1024, ge=1, le=1_000_000)
+
+
+class Fallback(KubeModel):
+    version: str = Field(description="The version that answers when the chosen one errors or times out.")
+    timeout: Duration = Field(default="30s", description="How long the chosen version may take.")
+
+
+class ModelDeploymentSpec(KubeModel):
+    versions: list[ModelVersion] = Field(min_length=1, max_length=MAX_VERSIONS)
+    routing: Routing = Field(default_factory=Routing)
+    rollout: Rollout | None = Field(default=None, description="Roll the last version out as a canary.")
+    serving: Serving = Field(default_factory=Serving)
+    generation: Generation = Field(default_factory=Generation)
+    prompts: list[PromptTemplate] = Field(default_factory=list, max_length=MAX_PROMPTS)
+    cache: Cache | None = Field(default=None, description="Response cache; off when unset.")
+    fallback: Fallback | None = Field(default=None, description="Where failed requests are retried.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelDeploymentSpec:
+        names = [version.name for version in self.versions]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"versions names must be unique; repeated: {', '.join(duplicates)}")
+        total = sum(version.weight for version in self.versions)
+        if total != 100:
+            raise ValueError(f"versions weights must sum to 100, got {total}")
+        prompt_names = [prompt.name for prompt in self.prompts]
+        repeated_prompts = sorted({name for name in prompt_names if prompt_names.count(name) > 1})
+        if repeated_prompts:
+            raise ValueError(f"prompts names must be unique; repeated: {', '.join(repeated_prompts)}")
+        for version in self.versions:
+            if version.prompt is not None and version.prompt not in prompt_names:
+                raise ValueError(
+                    f"version {version.name} names prompt {version.prompt!r}, which is not in prompts"
+                )
+        if self.fallback is not None and self.fallback.version not in names:
+            raise ValueError(f"fallback.version {self.fallback.version!r} is not one of the versions")
+        if self.rollout is not None and len(self.versions) < 2:
+            raise ValueError("rollout needs at least two versions: the last one is the canary")
+        return self
+
+    @property
+    def canary(self) -> ModelVersion | None:
+        """The version a rollout brings in (the last one), when the spec has a rollout."""
+        return self.versions[-1] if self.rollout is not None else None
+
+
+class VersionStatus(KubeModel):
+    name: str
+    weight: int = Field(
+        description="Percent of traffic the version gets now (differs from spec mid-rollout)."
+    )
+    ready: bool = False
+    model_uri: str | None = Field(default=None, description="The model being served, as resolved.")
+    url: str | None = Field(default=None, description="The version's own service endpoint.")
+    bento: str | None = Field(default=None, description="The Bento tag serving it.")
+    message: str | None = Field(default=None, description="Why it is not ready, when it is not.")
+
+
+class MetricResult(KubeModel):
+    name: str
+    value: float | None = Field(default=None, description="None when the query returned no data.")
+    min: str | None = None
+    max: str | None = None
+    passed: bool | None = Field(default=None, description="None when inconclusive (no data).")
+
+
+class AnalysisRun(KubeModel):
+    time: str
+    passed: bool
+    metric: str | None = Field(default=None, description="The first failing metric, when one failed.")
+    value: float | None = None
+    threshold: str | None = None
+    message: str = ""
+    results: list[MetricResult] = Field(default_factory=list)
+
+
+class RolloutStatus(KubeModel):
+    canary: str = Field(description="The version being rolled out.")
+    step: int = Field(description="Index of the current step (0-based); len(steps) once promoted.")
+    state: Literal["Progressing", "Paused", "Promoted", "RolledBack"]
+    step_started_at: str | None = None
+    stable_weights: dict[str, int] = Field(
+        default_factory=dict, description="The weights before the rollout began, restored on rollback."
+    )
+    last_analysis: AnalysisRun | None = None
+    message: str = ""
+
+
+class ModelDeploymentStatus(KubeModel):
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    phase: str | None = Field(default=None, description="Short summary for printer columns.")
+    endpoint: str | None = Field(default=None, description="The gateway's OpenAI-compatible base URL.")
+    versions: list[VersionStatus] = Field(default_factory=list)
+    weights: str | None = Field(default=None, description='Effective weights, e.g. "tuned=80,int8=20".')
+    ready_versions: str | None = Field(default=None, description='Ready versions out of all, e.g. "2/2".')
+    rollout: RolloutStatus | None = None
+
+
+class ModelDeployment(KubeModel):
+    model_config = KubeModel.model_config | {"extra": "ignore"}
+
+    api_version: Literal["kubetune.dev/v1alpha1"] = "kubetune.dev/v1alpha1"
+    kind: Literal["ModelDeployment"] = "ModelDeployment"
+    metadata: ObjectMeta
+    spec: ModelDeploymentSpec
+    status: dict[str, Any] | None = None

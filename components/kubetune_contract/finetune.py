@@ -1,0 +1,309 @@
+"""FineTuneJob (kubetune.dev/v1alpha1): adapt a base model to a domain."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from kubetune_contract.common import (
+    Condition,
+    DecimalString,
+    KubeModel,
+    ModelSource,
+    ObjectMeta,
+    OutputRef,
+    PipelineRunRef,
+    RatioString,
+)
+
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SHORT_NAMES = ["ftj"]
+
+DatasetFormat = Literal["text", "instruction", "chat"]
+MethodType = Literal["lora", "prefix-tuning", "prompt-tuning", "ia3", "full"]
+METHOD_BLOCKS: dict[str, str] = {
+    "lora": "lora",
+    "prefix-tuning": "prefixTuning",
+    "prompt-tuning": "promptTuning",
+    "ia3": "ia3",
+    "full": "full",
+}
+Executor = Literal["kfp", "local"]
+
+
+class Curation(KubeModel):
+    """Dataset curation applied before the split."""
+
+    dedupe: bool = Field(
+        default=True, description="Drop exact duplicate examples (after whitespace normalisation)."
+    )
+    min_tokens: int = Field(default=1, ge=0, description="Drop examples shorter than this many tokens.")
+    max_tokens: int = Field(
+        default=2048, ge=1, le=1_048_576, description="Drop examples longer than this many tokens."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Curation:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError("minTokens must not exceed maxTokens")
+        return self
+
+
+class Dataset(KubeModel):
+    """Training data: JSON Lines, one example per line."""
+
+    uri: str = Field(
+        min_length=1,
+        description="JSONL file: a plain path, `file://`, `pvc://claim/path`, or any fsspec URL (`s3://`, `gs://`).",
+    )
+    format: DatasetFormat = Field(
+        default="instruction",
+        description=(
+            "`text`: {text}; `instruction`: {instruction, input?, output}; "
+            "`chat`: {messages: [{role, content}]}. Loss is masked to the response for instruction and chat."
+        ),
+    )
+    validation_split: RatioString = Field(
+        default="0.1", description="Share of curated examples held out for evaluation."
+    )
+    validation_uri: str | None = Field(
+        default=None, description="A separate held-out JSONL file; when set, validationSplit is ignored."
+    )
+    seed: int = Field(default=42, ge=0, description="Seed of the deterministic split.")
+    curation: Curation = Field(default_factory=Curation)
+
+
+class LoraOptions(KubeModel):
+    r: int = Field(default=8, ge=1, le=1024, description="Rank of the update matrices.")
+    alpha: int = Field(default=16, ge=1, le=4096, description="Scaling numerator (alpha / r).")
+    dropout: RatioString = Field(default="0.05", description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(
+        default_factory=list,
+        description="Module names to adapt; empty means the PEFT defaults for the architecture.",
+    )
+    use_rslora: bool = Field(default=False, description="Rank-stabilised scaling (alpha / sqrt(r)).")
+
+
+class VirtualTokenOptions(KubeModel):
+    num_virtual_tokens: int = Field(
+        default=16, ge=1, le=1024, description="Number of virtual tokens learned."
+    )
+
+
+class PromptTuningOptions(VirtualTokenOptions):
+    init_text: str | None = Field(
+        default=None, description="Initialise the prompt from this text instead of randomly."
+    )
+
+
+class Ia3Options(KubeModel):
+    target_modules: list[str] = Field(
+        default_factory=list, description="Modules whose activations are scaled."
+    )
+    feedforward_modules: list[str] = Field(
+        default_factory=list, description="Subset of targetModules that are feed-forward layers."
+    )
+
+
+class FullOptions(KubeModel):
+    freeze_embeddings: bool = Field(default=False, description="Keep the embedding matrices frozen.")
+
+
+class Method(KubeModel):
+    """The adaptation method. `type` names it; the block of the same name holds its options.
+
+    Only the block named by `type` may be set, and it is optional: left out, the method runs with its
+    defaults. Setting another method's block is an error.
+    """
+
+    type: MethodType = Field(default="lora")
+    lora: LoraOptions | None = None
+    prefix_tuning: VirtualTokenOptions | None = None
+    prompt_tuning: PromptTuningOptions | None = None
+    ia3: Ia3Options | None = None
+    full: FullOptions | None = None
+
+    @model_validator(mode="after")
+    def _own_block_only(self) -> Method:
+        wanted = METHOD_BLOCKS[self.type]
+        for method_type, block in METHOD_BLOCKS.items():
+            attr = _snake(block)
+            present = getattr(self, attr) is not None
+            if method_type == self.type and not present:
+                # A missing block means "the defaults": fill it so downstream code sees the options.
+                setattr(self, attr, _BLOCK_TYPES[block]())
+            elif method_type != self.type and present:
+                raise ValueError(f"{block} is set but type is {self.type!r}; only {wanted} may be set")
+        return self
+
+    def options(self) -> KubeModel:
+        value = getattr(self, _snake(METHOD_BLOCKS[self.type]))
+        assert isinstance(value, KubeModel)
+        return value
+
+
+def _snake(camel: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in camel)
+
+
+_BLOCK_TYPES: dict[str, type[KubeModel]] = {
+    "lora": LoraOptions,
+    "prefixTuning": VirtualTokenOptions,
+    "promptTuning": PromptTuningOptions,
+    "ia3": Ia3Options,
+    "full": FullOptions,
+}
+
+
+class Scheduler(KubeModel):
+    type: Literal["linear", "cosine", "constant"] = Field(default="cosine")
+    warmup_ratio: RatioString | None = Field(default=None, description="Share of steps spent warming up.")
+    warmup_steps: int | None = Field(default=None, ge=0, description="Warm-up steps; overrides warmupRatio.")
+
+
+class Training(KubeModel):
+    epochs: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="Passes over the training set; when neither epochs nor maxSteps is set, one epoch runs.",
+    )
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Optimizer steps to run; overrides epochs when both are set."
+    )
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per micro-batch.")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, le=1024, description="Micro-batches per optimizer step."
+    )
+    learning_rate: DecimalString = Field(default="2e-4", description="Peak learning rate.")
+    weight_decay: DecimalString = Field(default="0", description="AdamW weight decay.")
+    max_grad_norm: DecimalString = Field(default="1.0", description="Gradient clipping norm; 0 disables.")
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="Training precision; fp16 needs a GPU."
+    )
+    seed: int = Field(default=42, ge=0)
+    max_seq_length: int = Field(default=512, ge=8, le=1_048_576, description="Longer examples are truncated.")
+    checkpoint_every_steps: int = Field(
+        default=100, ge=1, description="Save a resumable checkpoint every N optimizer steps."
+    )
+    keep_checkpoints: int = Field(default=2, ge=1, le=100, description="Checkpoints kept on disk.")
+
+    @model_validator(mode="after")
+    def _length(self) -> Training:
+        if self.epochs is None and self.max_steps is None:
+            self.epochs = 1
+        return self
+
+
+GateMetric = Literal["evalLoss", "perplexity", "exactMatch"]
+_DEFAULT_METRICS: tuple[GateMetric, ...] = ("evalLoss", "perplexity", "exactMatch")
+
+
+class Gate(KubeModel):
+    """A threshold the tuned model must meet before it is published."""
+
+    metric: GateMetric
+    min: DecimalString | None = Field(default=None, description="The metric must be at least this.")
+    max: DecimalString | None = Field(default=None, description="The metric must be at most this.")
+    min_improvement: DecimalString | None = Field(
+        default=None,
+        description=(
+            "The metric must beat the base model by at least this (lower for losses, higher for exactMatch)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> Gate:
+        if self.min is None and self.max is None and self.min_improvement is None:
+            raise ValueError("a gate needs min, max or minImprovement")
+        return self
+
+
+class Evaluation(KubeModel):
+    metrics: list[GateMetric] = Field(
+        default_factory=lambda: list(_DEFAULT_METRICS),
+        description="Metrics computed on the held-out split for the base and the tuned model.",
+    )
+    max_new_tokens: int = Field(default=32, ge=1, le=4096, description="Generation budget for exactMatch.")
+    max_samples: int = Field(default=200, ge=1, description="Held-out examples used for generation metrics.")
+    gates: list[Gate] = Field(default_factory=list)
+
+
+class Output(KubeModel):
+    uri: str | None = Field(
+        default=None,
+        description="Artifact store prefix the model is published under; defaults to the operator's store.",
+    )
+    merge_adapter: bool = Field(
+        default=False, description="Merge LoRA/IA3 weights into the base and publish full weights."
+    )
+
+
+class FineTuneJobSpec(KubeModel):
+    base_model: ModelSource
+    dataset: Dataset
+    method: Method = Field(default_factory=Method)
+    training: Training = Field(default_factory=Training)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    output: Output = Field(default_factory=Output)
+    executor: Executor | None = Field(
+        default=None, description="Where the pipeline runs; defaults to the operator's setting."
+    )
+
+
+class Progress(KubeModel):
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    percent: int = 0
+
+
+class TrainMetrics(KubeModel):
+    train_loss: float | None = None
+    learning_rate: float | None = None
+
+
+class EvalMetrics(KubeModel):
+    eval_loss: float | None = None
+    perplexity: float | None = None
+    exact_match: float | None = None
+
+
+class GateResult(KubeModel):
+    metric: str
+    op: str
+    threshold: float
+    value: float | None = None
+    passed: bool
+
+
+class EvaluationStatus(KubeModel):
+    baseline: EvalMetrics | None = None
+    final: EvalMetrics | None = None
+    gates: list[GateResult] = Field(default_factory=list)
+
+
+class FineTuneJobStatus(KubeModel):
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    phase: str | None = Field(default=None, description="Short summary for printer columns.")
+    start_time: str | None = None
+    completion_time: str | None = None
+    progress: Progress | None = None
+    metrics: TrainMetrics | None = None
+    evaluation: EvaluationStatus | None = None
+    output: OutputRef | None = None
+    pipeline_run: PipelineRunRef | None = None
+
+
+class FineTuneJob(KubeModel):
+    model_config = KubeModel.model_config | {"extra": "ignore"}
+
+    api_version: Literal["kubetune.dev/v1alpha1"] = "kubetune.dev/v1alpha1"
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: dict[str, Any] | None = None
