@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
+PVC_MOUNT_ROOT = "/mnt/pvc"
+"""Where every pod kubetune renders (steps, model servers, the operator) mounts a claim: <root>/<claim>."""
+
 
 def _local(uri: str) -> Path | None:
     if uri.startswith("pvc://"):
         # On a cluster the operator mounts the workspace claim where the steps do: /mnt/pvc/<claim>.
-        return Path(os.environ.get("KUBETUNE_PVC_ROOT", "/mnt/pvc")) / uri[len("pvc://") :]
+        return Path(os.environ.get(PVC_ROOT_ENV) or PVC_MOUNT_ROOT) / uri[len("pvc://") :]
     if uri.startswith("file://"):
         return Path(uri[len("file://") :])
     if "://" in uri:

@@ -21,9 +21,8 @@ from typing import IO, Any
 import fsspec
 
 from kubetune_components.common.errors import ComponentError, ConfigError
+from kubetune_contract.workspace import PVC_MOUNT_ROOT, PVC_ROOT_ENV
 
-PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
-DEFAULT_PVC_ROOT = "/mnt/pvc"
 REMOTE_COMPLETE_MARKER = ".kubetune-complete"
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -42,7 +41,7 @@ def is_local(uri: str) -> bool:
 
 
 def pvc_root() -> Path:
-    return Path(os.environ.get(PVC_ROOT_ENV) or DEFAULT_PVC_ROOT)
+    return Path(os.environ.get(PVC_ROOT_ENV) or PVC_MOUNT_ROOT)
 
 
 def resolve_local_path(uri: str) -> Path:

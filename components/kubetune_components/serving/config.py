@@ -8,20 +8,17 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 from kubetune_components.common.errors import ConfigError
+from kubetune_contract.serving import (
+    CONTEXT_OVERFLOW_ENV,
+    DEPLOYMENT_ENV,
+    MAX_BATCH_SIZE_ENV,
+    MAX_LATENCY_MS_ENV,
+    MAX_PROMPT_TOKENS_ENV,
+    MODEL_DIR_ENV,
+    MODEL_ID_ENV,
+    VERSION_ENV,
+)
 
-MODEL_DIR_ENV = "KUBETUNE_MODEL_DIR"
-DEPLOYMENT_ENV = "KUBETUNE_DEPLOYMENT"
-VERSION_ENV = "KUBETUNE_VERSION"
-MODEL_ID_ENV = "KUBETUNE_MODEL_ID"
-MAX_PROMPT_TOKENS_ENV = "KUBETUNE_MAX_PROMPT_TOKENS"
-CONTEXT_OVERFLOW_ENV = "KUBETUNE_CONTEXT_OVERFLOW"
-MAX_BATCH_SIZE_ENV = "KUBETUNE_MAX_BATCH_SIZE"
-MAX_LATENCY_MS_ENV = "KUBETUNE_MAX_LATENCY_MS"
-
-MODEL_ALIAS = "kubetune-model"
-"""Alias under which a kubetune Bento references its model (`bentoml.models.get(MODEL_ALIAS)`)."""
-DEPLOYMENT_LABEL = "kubetune-deployment"
-VERSION_LABEL = "kubetune-version"
 UNKNOWN = "unknown"
 
 ContextOverflow = Literal["truncate", "refuse"]

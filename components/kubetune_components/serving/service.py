@@ -28,16 +28,10 @@ from bentoml.exceptions import NotFound
 
 from kubetune_components.common import storage
 from kubetune_components.common.errors import ComponentError, ConfigError
-from kubetune_components.serving.config import (
-    DEPLOYMENT_LABEL,
-    MODEL_ALIAS,
-    MODEL_DIR_ENV,
-    UNKNOWN,
-    VERSION_LABEL,
-    ServingSettings,
-)
+from kubetune_components.serving.config import UNKNOWN, ServingSettings
 from kubetune_components.serving.openai_api import RuntimeSlot, ServingIdentity, create_app
 from kubetune_components.serving.runtime import ModelRuntime
+from kubetune_contract.serving import DEPLOYMENT_LABEL, MODEL_ALIAS, MODEL_DIR_ENV, VERSION_LABEL
 
 logger = logging.getLogger(__name__)
 

@@ -48,13 +48,14 @@ from typing import Any
 from kubetune import __version__
 from kubetune.plan.deployment import DeploymentRef, VersionServing
 from kubetune_contract.deployment import DNS_LABEL_PATTERN, Serving
+from kubetune_contract.serving import MODEL_DIR_ENV
+from kubetune_contract.workspace import PVC_MOUNT_ROOT, PVC_ROOT_ENV
 
 SERVING_PORT = 3000
 GATEWAY_PORT = 8080
 GATEWAY_CONFIG_KEY = "gateway.json"
 GATEWAY_CONFIG_DIR = "/etc/kubetune"
 GATEWAY_CONFIG_PATH = f"{GATEWAY_CONFIG_DIR}/{GATEWAY_CONFIG_KEY}"
-PVC_MOUNT_ROOT = "/mnt/pvc"  # where pipeline steps mount claims too (kubetune.pipelines.finetune)
 BENTOML_HOME = "/var/lib/bentoml"
 TMP_DIR = "/tmp"
 IN_FLIGHT_METRIC = "bentoml_service_request_in_progress"
@@ -68,7 +69,6 @@ GATEWAY_COMPONENT = "gateway"
 CONFIG_CHECKSUM_ANNOTATION = "kubetune.dev/gateway-config-sha256"
 MODEL_URI_ANNOTATION = "kubetune.dev/model-uri"
 RETIRED_AT_ANNOTATION = "kubetune.dev/retired-at"  # when a removed version's Deployment was retired
-MODEL_DIR_ENV = "KUBETUNE_MODEL_DIR"
 DOWNLOAD_CACHE = "/var/cache/kubetune"
 MAX_BENTO_NAME = 63  # kubetune_components.serving.bento.MAX_NAME_LENGTH
 
@@ -291,7 +291,7 @@ def build_version_deployment(
         "BENTOML_DO_NOT_TRACK": "true",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    fetch_values = {**pod_env, "KUBETUNE_PVC_ROOT": PVC_MOUNT_ROOT, "HF_HOME": DOWNLOAD_CACHE}
+    fetch_values = {**pod_env, PVC_ROOT_ENV: PVC_MOUNT_ROOT, "HF_HOME": DOWNLOAD_CACHE}
     fetch_env = _env(fetch_values)
     if version.token_secret is not None:
         secret = version.token_secret

@@ -56,6 +56,7 @@ from kubetune.reconcile.deployment import (
     VersionObservation,
     VersionServing,
 )
+from kubetune_contract.serving import MODEL_DIR_ENV
 
 LOOPBACK = "127.0.0.1"
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
@@ -66,7 +67,6 @@ RELOAD_WAIT_S = 3.0  # the gateway checks its config file every second
 RETIRE_GRACE_S = 5.0  # a version taken out of the spec serves on until the gateway has reloaded (1 s)
 BENTO_MODULE = "kubetune_components.serving.bento"
 GATEWAY_MODULE = "kubetune.gateway"
-MODEL_DIR_ENV = "KUBETUNE_MODEL_DIR"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 

@@ -6,8 +6,7 @@ from typing import Any
 from kfp import dsl, kubernetes
 
 from kubetune.pipelines.components import make_component
-
-PVC_MOUNT_ROOT = "/mnt/pvc"
+from kubetune_contract.workspace import PVC_MOUNT_ROOT
 
 
 @dataclass(frozen=True)

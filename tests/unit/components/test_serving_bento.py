@@ -34,9 +34,9 @@ from kubetune_components.serving.bento import (
     export_bento,
     import_bento,
 )
-from kubetune_components.serving.config import MODEL_ALIAS
 from kubetune_components.serving.runtime import inspect_model_dir
 from kubetune_components.serving.service import resolve_model
+from kubetune_contract.serving import MODEL_ALIAS
 
 SERVER_START_TIMEOUT_S = 60
 

@@ -3,4 +3,5 @@
 It shadows the real package through PYTHONPATH in those tests: steps that take seconds instead of
 minutes, and whose failures and timing the test controls through environment variables.
 """
+
 __version__ = "0.0.0-fake"

@@ -1,0 +1,18 @@
+"""What a model server is told and how its Bento is labelled: read by the serving runtime, set by the
+operator's Deployments and by local mode's bentoml processes."""
+
+from __future__ import annotations
+
+MODEL_DIR_ENV = "KUBETUNE_MODEL_DIR"
+DEPLOYMENT_ENV = "KUBETUNE_DEPLOYMENT"
+VERSION_ENV = "KUBETUNE_VERSION"
+MODEL_ID_ENV = "KUBETUNE_MODEL_ID"
+MAX_PROMPT_TOKENS_ENV = "KUBETUNE_MAX_PROMPT_TOKENS"
+CONTEXT_OVERFLOW_ENV = "KUBETUNE_CONTEXT_OVERFLOW"
+MAX_BATCH_SIZE_ENV = "KUBETUNE_MAX_BATCH_SIZE"
+MAX_LATENCY_MS_ENV = "KUBETUNE_MAX_LATENCY_MS"
+
+MODEL_ALIAS = "kubetune-model"
+"""Alias under which a kubetune Bento references its model (`bentoml.models.get(MODEL_ALIAS)`)."""
+DEPLOYMENT_LABEL = "kubetune-deployment"
+VERSION_LABEL = "kubetune-version"
