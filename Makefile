@@ -8,7 +8,7 @@ TINY_BASE := .kubetune/models/tiny-base
 # The tests share the quickstart's tiny base (an idempotent build: made once, reused after).
 export KUBETUNE_TINY_BASE_DIR ?= $(CURDIR)/$(TINY_BASE)
 
-.PHONY: setup system-deps quickstart test lint typecheck unit integration e2e crds clean
+.PHONY: setup system-deps quickstart test lint typecheck layers unit integration e2e crds clean
 
 setup: $(STAMP) system-deps
 
@@ -49,12 +49,17 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# The layering contract ([tool.importlinter] in pyproject.toml): imports go one way.
+layers: setup
+	$(BIN)/lint-imports
+
 unit: setup
 	$(BIN)/pytest -q tests/unit
 
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 crds: setup
