@@ -17,10 +17,10 @@ import urllib3
 from kfp_emulator import KfpEmulator
 
 from kubetune.api.validation import parse_resource
-from kubetune.backends.base import BackendError, RunRequest
 from kubetune.backends.kfp import KfpBackend
 from kubetune.config import OperatorConfig
 from kubetune.plan.finetune import build_request
+from kubetune.plan.runs import BackendError, RunRequest
 from kubetune.reconcile.jobs import Backends
 from kubetune_contract.finetune import FineTuneJob
 

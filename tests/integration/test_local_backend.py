@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from kubetune.api.validation import parse_resource
-from kubetune.backends.base import RunRequest, RunStatus
 from kubetune.backends.local import LocalBackend, process_alive
 from kubetune.common.files import read_json
 from kubetune.config import OperatorConfig
 from kubetune.plan.finetune import build_request
+from kubetune.plan.runs import RunRequest, RunStatus
 from kubetune_contract.finetune import FineTuneJob
 
 FAKE_STEPS = Path(__file__).parent / "fake_steps"

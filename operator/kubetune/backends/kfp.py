@@ -12,7 +12,7 @@ import logging
 import warnings
 from typing import Any, Literal
 
-from kubetune.backends.base import BackendError, RunPhase, RunRequest, RunStatus
+from kubetune.plan.runs import BackendError, RunPhase, RunRequest, RunStatus
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import psutil
 
-from kubetune.backends.base import RunRequest, RunStatus
 from kubetune.common.clock import utc_now
 from kubetune.common.files import read_json, write_json_atomically
+from kubetune.plan.runs import RunRequest, RunStatus
 
 STATE_FILE = "state.json"
 REQUEST_FILE = "request.json"

@@ -12,7 +12,6 @@ from typing import Any
 from pydantic import BaseModel
 
 from kubetune.api.validation import parse_resource
-from kubetune.backends.base import RunRequest
 from kubetune.common.events import Event
 from kubetune.common.uris import absolute
 from kubetune.config import OperatorConfig
@@ -29,6 +28,7 @@ from kubetune.plan.lifecycle import (
     progress_status,
     resource_config,
 )
+from kubetune.plan.runs import RunRequest
 from kubetune_contract.finetune import FineTuneJob
 from kubetune_contract.workspace import WorkspaceReport
 

@@ -17,10 +17,10 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from kubetune.api.validation import ResourceInvalid
-from kubetune.backends.base import RunRequest, RunStatus
 from kubetune.common.events import Event
 from kubetune.common.uris import absolute, pvc_claims, short_uid
 from kubetune.config import OperatorConfig
+from kubetune.plan.runs import RunRequest, RunStatus
 from kubetune_contract.conditions import SUCCEEDED, find_condition, set_job_conditions
 from kubetune_contract.workspace import WorkspaceReport
 

@@ -13,7 +13,6 @@ from typing import Any
 from pydantic import BaseModel
 
 from kubetune.api.validation import parse_resource
-from kubetune.backends.base import RunRequest
 from kubetune.common.uris import absolute
 from kubetune.config import OperatorConfig
 from kubetune.plan.lifecycle import (
@@ -28,6 +27,7 @@ from kubetune.plan.lifecycle import (
     progress_status,
     resource_config,
 )
+from kubetune.plan.runs import RunRequest
 from kubetune_contract.conditions import find_condition
 from kubetune_contract.quantize import QuantizeJob
 from kubetune_contract.workspace import WorkspaceReport

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.validation import ResourceInvalid, parse_resource
-from kubetune.backends.base import Backend, RunRequest
 from kubetune.backends.kfp import KfpBackend
 from kubetune.backends.local import LocalBackend
 from kubetune.common.clock import utc_now
@@ -21,6 +20,7 @@ from kubetune.plan import quantize as quantize_plan
 from kubetune.plan.finetune import build_request, plan_finetune
 from kubetune.plan.lifecycle import Decision, Observed
 from kubetune.plan.quantize import FineTuneJobLookup, plan_quantize
+from kubetune.plan.runs import Backend, RunRequest
 from kubetune_contract.finetune import FineTuneJob
 from kubetune_contract.quantize import QuantizeJob
 from kubetune_contract.workspace import WorkspaceReport

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from kubetune.api.validation import parse_resource
-from kubetune.backends.base import RunStatus
 from kubetune.config import OperatorConfig
 from kubetune.plan.finetune import Observed, build_request, is_finished, plan_finetune, run_key
+from kubetune.plan.runs import RunStatus
 from kubetune_contract.finetune import FineTuneJob
 from kubetune_contract.workspace import WorkspaceReport
 

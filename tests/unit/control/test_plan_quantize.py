@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from kubetune.backends.base import RunStatus
 from kubetune.config import OperatorConfig
 from kubetune.plan.lifecycle import Observed
 from kubetune.plan.quantize import plan_quantize
+from kubetune.plan.runs import RunStatus
 from kubetune_contract.workspace import WorkspaceReport
 
 NOW = "2026-01-01T00:00:00Z"

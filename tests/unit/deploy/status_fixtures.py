@@ -18,11 +18,11 @@ from typing import Any
 
 import yaml
 
-from kubetune.backends.base import RunPhase, RunStatus
 from kubetune.config import OperatorConfig
 from kubetune.plan.finetune import plan_finetune
 from kubetune.plan.lifecycle import Decision, Observed
 from kubetune.plan.quantize import plan_quantize
+from kubetune.plan.runs import RunPhase, RunStatus
 from kubetune_contract.workspace import WorkspaceReport
 
 FIXTURES = Path(__file__).parent / "fixtures"

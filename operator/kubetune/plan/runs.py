@@ -1,4 +1,5 @@
-"""What a pipeline backend offers the control plane: idempotent submit, find, resume, cancel."""
+"""The runs planning decides on, and what a pipeline backend offers to carry them out: idempotent submit,
+find, resume, cancel. Backends (kubetune.backends) implement :class:`Backend`."""
 
 from __future__ import annotations
 
