@@ -133,7 +133,7 @@ def test_every_response_carries_the_request_id_and_version(
         assert wrong_model.json()["error"]["param"] == "model"
         no_messages = client.post("/v1/chat/completions", json={"model": "support-bot"})
         assert no_messages.status_code == 400 and no_messages.json()["error"]["param"] == "messages"
-    assert gateway.recent_requests[body["id"]] == response.headers["x-kubetune-version"]
+    assert gateway.answered.version_of(body["id"]) == response.headers["x-kubetune-version"]
 
 
 def test_generation_defaults_and_limits(stubs: Stubs, gateway_server: GatewayServer) -> None:
@@ -289,7 +289,7 @@ def test_fallback_on_server_error_timeout_and_connect_error(
         assert rescued.status_code == 200
         assert rescued.headers["x-kubetune-version"] == "beta"
         assert rescued.json()["choices"][0]["message"]["content"] == "beta: hello there"
-        assert gateway.recent_requests[rescued.headers["x-request-id"]] == "beta"
+        assert gateway.answered.version_of(rescued.headers["x-request-id"]) == "beta"
 
         # alpha stalls far beyond the 0.3 s fallback timeout and the client's 10 s: the client gets
         # an answer only because the gateway gave up on alpha, and the 504 counted for alpha below
@@ -517,9 +517,9 @@ def test_a_non_json_answer_counts_as_a_failure(stubs: Stubs, gateway_server: Gat
 def test_oversized_bodies_are_refused(
     stubs: Stubs, gateway_server: GatewayServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kubetune.gateway import app as gateway_app
+    from kubetune.gateway import responses as gateway_responses
 
-    monkeypatch.setattr(gateway_app, "MAX_BODY_BYTES", 1000)
+    monkeypatch.setattr(gateway_responses, "MAX_BODY_BYTES", 1000)
     with gateway_server(base_config(stubs)) as (url, _), httpx.Client(base_url=url, timeout=10) as client:
         response = client.post("/v1/chat/completions", json=chat_body("x" * 2000))
         assert response.status_code == 413

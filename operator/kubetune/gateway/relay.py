@@ -1,0 +1,205 @@
+"""Passing a version's stream on to the client: SSE events re-framed one by one, and a response that
+always lets go of the upstream.
+
+A stream that breaks after it started ends with an SSE ``error`` event, which OpenAI clients raise
+as an error (a cut connection would look like a complete answer to some of them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from kubetune.gateway.errors import openai_error
+from kubetune.gateway.responses import json_bytes
+from kubetune.gateway.upstream import Attempt, describe
+
+log = logging.getLogger(__name__)
+
+StreamFinished = Callable[[int, float, "float | None"], None]
+"""(status code to record, when the stream finished, when its first text arrived) — called once."""
+
+
+def _has_generated_text(chunk: dict[str, Any]) -> bool:
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls")):
+            return True
+        if choice.get("text"):
+            return True
+    return False
+
+
+class SseRelay:
+    """Re-frames an upstream SSE stream event by event: sets the gateway's response id on each JSON
+    chunk, reports usage and the first generated text, and drops usage-only chunks the client did not
+    ask for. Anything that is not a JSON ``data:`` event passes through unchanged."""
+
+    def __init__(
+        self,
+        request_id: str,
+        drop_usage_chunks: bool,
+        on_usage: Callable[[Any], None],
+        on_first_text: Callable[[], None],
+    ) -> None:
+        self._request_id = request_id
+        self._drop_usage_chunks = drop_usage_chunks
+        self._on_usage = on_usage
+        self._on_first_text = on_first_text
+        self._seen_text = False
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._buffer = (self._buffer + chunk).replace(b"\r\n", b"\n")
+        out: list[bytes] = []
+        while True:
+            end = self._buffer.find(b"\n\n")
+            if end < 0:
+                break
+            event, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+            rewritten = self._event(event)
+            if rewritten is not None:
+                out.append(rewritten + b"\n\n")
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self._buffer = self._buffer, b""
+        if not rest.strip():
+            return b""
+        rewritten = self._event(rest.rstrip(b"\n"))
+        return b"" if rewritten is None else rewritten + b"\n\n"
+
+    def _event(self, event: bytes) -> bytes | None:
+        lines = event.split(b"\n")
+        data_lines = [line for line in lines if line.startswith(b"data:")]
+        if not data_lines:
+            return event
+        data = b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in data_lines)
+        if data.strip() == b"[DONE]":
+            return event
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return event
+        if not isinstance(chunk, dict):
+            return event
+        if "usage" in chunk and chunk["usage"] is not None:
+            self._on_usage(chunk["usage"])
+            if self._drop_usage_chunks and not chunk.get("choices"):
+                return None
+        if not self._seen_text and _has_generated_text(chunk):
+            self._seen_text = True
+            self._on_first_text()
+        if "id" in chunk:
+            chunk["id"] = self._request_id
+        other_lines = [line for line in lines if not line.startswith(b"data:")]
+        return b"\n".join([*other_lines, b"data: " + json_bytes(chunk)])
+
+
+class RelayedStream(StreamingResponse):
+    """A streaming response that always closes its source, even when the client goes away."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        on_close: Callable[[], Awaitable[None]],
+        headers: dict[str, str],
+        media_type: str,
+    ) -> None:
+        super().__init__(content, headers=headers, media_type=media_type)
+        self._content = content
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self._content, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                await self._on_close()
+
+
+def relay_stream(
+    attempt: Attempt,
+    request_id: str,
+    drop_usage_chunks: bool,
+    headers: dict[str, str],
+    on_usage: Callable[[Any], None],
+    on_finished: StreamFinished,
+) -> RelayedStream:
+    """The client's response for a stream ``attempt`` opened (its first chunk already read).
+
+    The upstream is released and ``on_finished`` called once: when the upstream is done (before the
+    client sees the end of the response, so the metrics are there when it asks), or when the client
+    goes away first."""
+    response, chunks = attempt.stream, attempt.chunks
+    if response is None or chunks is None:
+        raise ValueError(f"the attempt on version {attempt.version!r} holds no open stream")
+    version = attempt.version
+    code = attempt.code
+    first_text_at: float | None = None
+    finished = False
+
+    def on_first_text() -> None:
+        nonlocal first_text_at
+        first_text_at = time.perf_counter()
+
+    relay = SseRelay(request_id, drop_usage_chunks, on_usage=on_usage, on_first_text=on_first_text)
+    is_sse = attempt.content_type.startswith("text/event-stream")
+
+    def finish() -> None:
+        nonlocal finished
+        if finished:
+            return
+        finished = True
+        response.release()  # back to the pool when read to the end, closed when cut short
+        on_finished(code, time.perf_counter(), first_text_at)
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal code
+        try:
+            out = relay.feed(attempt.first_chunk) if is_sse else attempt.first_chunk
+            if out:
+                yield out
+            async for chunk in chunks:
+                out = relay.feed(chunk) if is_sse else chunk
+                if out:
+                    yield out
+            tail = relay.flush() if is_sse else b""
+            finish()
+            if tail:
+                yield tail
+        except Exception as exc:  # whatever broke, the client gets an error event, not a cut stream
+            timed_out = isinstance(exc, TimeoutError)
+            code = 504 if timed_out else 502
+            if isinstance(exc, aiohttp.ClientError | TimeoutError):
+                log.warning("stream %s from version %s broke: %s", request_id, version, describe(exc))
+            else:
+                log.exception("relaying stream %s from version %s failed", request_id, version)
+            error = openai_error(
+                f"version {version!r} stopped answering mid-stream ({type(exc).__name__})",
+                error_type="server_error",
+                code="upstream_timeout" if timed_out else "upstream_error",
+            )
+            finish()
+            yield b"data: " + json_bytes(error) + b"\n\n"
+
+    async def on_close() -> None:
+        finish()
+
+    return RelayedStream(body(), on_close, headers=headers, media_type=attempt.content_type)
