@@ -4,11 +4,9 @@ Counted per upstream attempt, like ``kubetune_gateway_requests_total`` (a cache 
 success of the version that produced the entry). Statistics live in the gateway process since it
 started; Prometheus holds the durable series.
 
-The tests compare each version against the control version: Welch's t-test (unequal variances) on
-feedback scores and a pooled two-proportion z-test on error rates, both two-sided. scipy is not a
-dependency of the control plane, so the distributions are computed here with ``math``: the Student t
-tail through the regularized incomplete beta function (continued fraction, Numerical Recipes 6.4)
-and the normal tail through ``math.erfc``.
+The tests compare each version against the control version, both two-sided and both from
+``scipy.stats``: Welch's t-test (unequal variances) on feedback scores, from the running summary
+statistics (``ttest_ind_from_stats``), and a pooled two-proportion z-test on error rates (``norm``).
 """
 
 from __future__ import annotations
@@ -18,58 +16,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from scipy import stats
+
 from kubetune.gateway.config import GatewayConfig
 
 LATENCY_WINDOW = 10_000  # recent attempts per version kept for the latency percentiles
 
 
-def _continued_fraction_beta(a: float, b: float, x: float) -> float:
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    result = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        numerator = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + numerator * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + numerator / c
-        c = c if abs(c) > tiny else tiny
-        result *= d * c
-        numerator = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + numerator * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + numerator / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        result *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return result
-
-
-def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b) for a, b > 0 and x in [0, 1]."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _continued_fraction_beta(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _continued_fraction_beta(b, a, 1.0 - x) / b
-
-
-def student_t_two_sided_p(t: float, degrees_of_freedom: float) -> float:
-    """P(|T| >= |t|) for Student's t with the given (possibly fractional) degrees of freedom."""
-    return regularized_incomplete_beta(
-        degrees_of_freedom / 2.0, 0.5, degrees_of_freedom / (degrees_of_freedom + t * t)
-    )
-
-
 def normal_two_sided_p(z: float) -> float:
-    return math.erfc(abs(z) / math.sqrt(2.0))
+    return float(2.0 * stats.norm.sf(abs(z)))
 
 
 @dataclass
@@ -113,13 +68,20 @@ def welch_t_test(treatment: RunningMoments, control: RunningMoments) -> dict[str
         else:
             result["note"] = "no variance in either version; the test is undefined"
         return result
-    t = (treatment.mean - control.mean) / math.sqrt(squared_error)
+    tested = stats.ttest_ind_from_stats(
+        treatment.mean,
+        math.sqrt(treatment.variance),
+        treatment.count,
+        control.mean,
+        math.sqrt(control.variance),
+        control.count,
+        equal_var=False,
+    )
+    # Welch-Satterthwaite: scipy uses the same degrees of freedom but does not return them
     degrees_of_freedom = squared_error**2 / (
         treatment_term**2 / (treatment.count - 1) + control_term**2 / (control.count - 1)
     )
-    result.update(
-        t=t, degreesOfFreedom=degrees_of_freedom, pValue=student_t_two_sided_p(t, degrees_of_freedom)
-    )
+    result.update(t=float(tested.statistic), degreesOfFreedom=degrees_of_freedom, pValue=float(tested.pvalue))
     return result
 
 
