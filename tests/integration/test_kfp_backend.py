@@ -154,6 +154,11 @@ def test_submit_sends_the_compiled_finetune_pipeline(emulator: KfpEmulator, sett
         assert inputs["workspace"]["componentInputParameter"] == "workspace"
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {settings.runtime_image}
+    # Each step runs its own command line from the runtime image; nothing is embedded in the spec.
+    assert {" ".join(e["container"]["args"][:4]) for e in executors.values()} == {
+        f"python -m kubetune_components.finetune.steps {step}"
+        for step in ("curate", "evaluate", "finetune", "publish")
+    }
     pods = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(pods) == set(executors)
     assert all(e["podMetadata"]["labels"] == request.labels for e in pods.values())

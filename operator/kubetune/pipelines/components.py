@@ -1,124 +1,209 @@
-"""kfp v2 lightweight components: the Kubeflow face of ``kubetune_components.finetune.steps``.
+"""The pipeline steps as kfp components, each running its step's own command line.
 
-Each function body runs inside the pipeline step's container (the kubetune runtime image, which has
-``kubetune_components`` installed), so it imports what it needs itself; kfp embeds the source.
-Every step reads and writes the run's workspace; the returned JSON string is the step's report,
-visible in the Kubeflow UI.
+The runtime image has ``kubetune_components``, whose step modules have a command line::
+
+    python -m kubetune_components.finetune.steps curate --config - --workspace DIR
+    python -m kubetune_components.quantize.steps quantize --config - --workspace DIR
+
+so on Kubeflow each step is a container component running that command line on the runtime image:
+nothing is embedded in the pipeline but the command. Its inputs are the job's resolved config
+(``config_json``), the run's workspace and, for ``evaluate-model``, ``which`` model; its output
+``report`` is what the step prints when it succeeds (shown in the Kubeflow UI and in the pod log).
+
+Local mode (``kubetune up``) runs the same pipelines with kfp's ``SubprocessRunner``, since there is no
+Docker; that runner refuses container components ("only supports running Lightweight Python
+Components", kfp 2.17). So a pipeline built after ``kfp.local.init(runner=SubprocessRunner(...))`` gets,
+for each step, a stand-in with the same inputs and output: one generic lightweight component that runs
+the same command line (from the same :class:`StepCommand`) in a child process. Each step's command line
+and each pipeline are thus written once, and the choice is read from kfp's own local configuration, the
+one thing that decides how the tasks will run, rather than from a flag every caller must remember.
+Rejected: a local worker that reads the commands out of the compiled spec and orders the tasks itself
+(a pipeline engine of our own), and lightweight components on the cluster too (source the image has).
+
+No ``from __future__ import annotations`` here: kfp reads the stand-in's annotations at run time.
 """
 
+import inspect
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from kfp import dsl
-from kfp.dsl import Metrics, Output
+from kfp import dsl, local
+from kfp.dsl.placeholders import CommandLineElement
+from kfp.local.config import LocalExecutionConfig
+
+FINETUNE_STEPS_MODULE = "kubetune_components.finetune.steps"
+QUANTIZE_STEPS_MODULE = "kubetune_components.quantize.steps"
+
+# The steps read their config from a file or stdin and print their report on stdout, while a container
+# component gets the config as an argument and hands its outputs back as files. This shell line feeds
+# its first argument to the command line that follows the second on stdin, keeps what the command
+# prints in the file named by the second (and in the pod log), and exits with the command's status.
+FEED_CONFIG_KEEP_REPORT = (
+    'config="$1" report="$2"; shift 2; '
+    'printf "%s" "$config" | "$@" > "$report"; status=$?; cat "$report"; exit "$status"'
+)
 
 
-def curate_dataset(config_json: str, workspace: str) -> str:
-    """Parse, validate, dedupe, length-filter and split the dataset."""
-    import json
+@dataclass(frozen=True)
+class StepCommand:
+    """One pipeline step: its component name and the command line that carries it out."""
 
-    from kubetune_components.common.storage import resolve_local_path
-    from kubetune_components.finetune.steps import run_step
+    component: str
+    module: str
+    step: str
+    description: str
+    takes_which: bool = False
 
-    report = run_step("curate", json.loads(config_json), str(resolve_local_path(workspace)))
-    return json.dumps(report, sort_keys=True)
-
-
-def evaluate_model(config_json: str, workspace: str, which: str, metrics: Output[Metrics]) -> str:
-    """Held-out evalLoss, perplexity and exactMatch of the base (`baseline`) or tuned (`final`) model."""
-    import json
-
-    from kubetune_components.common.storage import resolve_local_path
-    from kubetune_components.finetune.steps import run_step
-
-    report = run_step("evaluate", json.loads(config_json), str(resolve_local_path(workspace)), which=which)
-    for key, value in report.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(f"{which}.{key}", float(value))
-    return json.dumps(report, sort_keys=True)
-
-
-def finetune_model(config_json: str, workspace: str) -> str:
-    """Train with the job's method; resumes from the newest checkpoint in the workspace."""
-    import json
-
-    from kubetune_components.common.storage import resolve_local_path
-    from kubetune_components.finetune.steps import run_step
-
-    report = run_step("finetune", json.loads(config_json), str(resolve_local_path(workspace)))
-    return json.dumps(report, sort_keys=True)
+    def command_line(
+        self, workspace: CommandLineElement, which: CommandLineElement | None = None
+    ) -> list[CommandLineElement]:
+        """The step's command line, reading the config on stdin. `workspace` and `which` are values, or
+        kfp placeholders when the command line is a container component's."""
+        which_flag: list[CommandLineElement] = ["--which", which] if which is not None else []
+        return [
+            "python",
+            "-m",
+            self.module,
+            self.step,
+            "--config",
+            "-",
+            "--workspace",
+            workspace,
+            *which_flag,
+        ]
 
 
-def publish_model(config_json: str, workspace: str) -> str:
-    """Check the evaluation gates; publish the model and its lineage manifest only if all pass."""
-    import json
-
-    from kubetune_components.common.storage import resolve_local_path
-    from kubetune_components.finetune.steps import run_step
-
-    report = run_step("publish", json.loads(config_json), str(resolve_local_path(workspace)))
-    return json.dumps(report, sort_keys=True)
-
-
-def measure_source_model(config_json: str, workspace: str) -> str:
-    """Size, latency per generated token and held-out quality of the model before quantization."""
-    import json
-
-    from kubetune_components.common.storage import resolve_local_path
-    from kubetune_components.quantize.steps import run_quantize_step
-
-    report = run_quantize_step("measure-source", json.loads(config_json), str(resolve_local_path(workspace)))
-    return json.dumps(report, sort_keys=True)
-
-
-def quantize_model(config_json: str, workspace: str) -> str:
-    """Apply the job's method (PTQ, QAT, pruning or mixed precision) and save the result."""
-    import json
-
-    from kubetune_components.common.storage import resolve_local_path
-    from kubetune_components.quantize.steps import run_quantize_step
-
-    report = run_quantize_step("quantize", json.loads(config_json), str(resolve_local_path(workspace)))
-    return json.dumps(report, sort_keys=True)
-
-
-def measure_quantized_model(config_json: str, workspace: str) -> str:
-    """The same measurements on the quantized model, reloaded the way serving loads it."""
-    import json
-
-    from kubetune_components.common.storage import resolve_local_path
-    from kubetune_components.quantize.steps import run_quantize_step
-
-    report = run_quantize_step(
-        "measure-quantized", json.loads(config_json), str(resolve_local_path(workspace))
+STEPS: dict[str, StepCommand] = {
+    step.component: step
+    for step in (
+        StepCommand(
+            "curate-dataset",
+            FINETUNE_STEPS_MODULE,
+            "curate",
+            "Parse, validate, dedupe, length-filter and split the dataset.",
+        ),
+        StepCommand(
+            "evaluate-model",
+            FINETUNE_STEPS_MODULE,
+            "evaluate",
+            "Held-out evalLoss, perplexity and exactMatch of the base (`baseline`) or tuned (`final`) model.",
+            takes_which=True,
+        ),
+        StepCommand(
+            "finetune-model",
+            FINETUNE_STEPS_MODULE,
+            "finetune",
+            "Train with the job's method; resumes from the newest checkpoint in the workspace.",
+        ),
+        StepCommand(
+            "publish-model",
+            FINETUNE_STEPS_MODULE,
+            "publish",
+            "Check the evaluation gates; publish the model and its lineage manifest only if all pass.",
+        ),
+        StepCommand(
+            "measure-source-model",
+            QUANTIZE_STEPS_MODULE,
+            "measure-source",
+            "Size, latency per generated token and held-out quality of the model before quantization.",
+        ),
+        StepCommand(
+            "quantize-model",
+            QUANTIZE_STEPS_MODULE,
+            "quantize",
+            "Apply the job's method (PTQ, QAT, pruning or mixed precision) and save the result.",
+        ),
+        StepCommand(
+            "measure-quantized-model",
+            QUANTIZE_STEPS_MODULE,
+            "measure-quantized",
+            "The same measurements on the quantized model, reloaded the way serving loads it.",
+        ),
+        StepCommand(
+            "publish-quantized-model",
+            QUANTIZE_STEPS_MODULE,
+            "publish-quantized",
+            "Check the quality gates; publish the quantized model with its lineage only if all pass.",
+        ),
     )
-    return json.dumps(report, sort_keys=True)
-
-
-def publish_quantized_model(config_json: str, workspace: str) -> str:
-    """Check the quality gates; publish the quantized model with its lineage only if all pass."""
-    import json
-
-    from kubetune_components.common.storage import resolve_local_path
-    from kubetune_components.quantize.steps import run_quantize_step
-
-    report = run_quantize_step(
-        "publish-quantized", json.loads(config_json), str(resolve_local_path(workspace))
-    )
-    return json.dumps(report, sort_keys=True)
-
-
-STEP_FUNCTIONS = {
-    "curate-dataset": curate_dataset,
-    "evaluate-model": evaluate_model,
-    "finetune-model": finetune_model,
-    "publish-model": publish_model,
-    "measure-source-model": measure_source_model,
-    "quantize-model": quantize_model,
-    "measure-quantized-model": measure_quantized_model,
-    "publish-quantized-model": publish_quantized_model,
 }
 
 
-def make_component(step: str, image: str) -> Any:
-    """The kfp component for a step, bound to the runtime image that has kubetune_components."""
-    return dsl.component(STEP_FUNCTIONS[step], base_image=image, install_kfp_package=False)
+def container_component(step: StepCommand, image: str) -> Any:
+    """The step as a kfp container component running its command line on `image`."""
+
+    def container(*arguments: Any) -> Any:
+        # kfp passes one placeholder per parameter of the signature below, in its order.
+        config_json, workspace, *which, report = arguments
+        return dsl.ContainerSpec(
+            image=image,
+            command=["sh", "-c", FEED_CONFIG_KEEP_REPORT, "sh", config_json, report],
+            args=step.command_line(workspace, *which),
+        )
+
+    inputs = ["config_json", "workspace", *(["which"] if step.takes_which else [])]
+    parameters = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str) for name in inputs
+    ]
+    report = inspect.Parameter(
+        "report", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=dsl.OutputPath(str)
+    )
+    container.__signature__ = inspect.Signature([*parameters, report])  # type: ignore[attr-defined]
+    container.__name__ = step.component.replace("-", "_")
+    container.__doc__ = step.description
+    return dsl.container_component(container)
+
+
+def run_step_command(
+    step: str,
+    config_json: str,
+    workspace: str,
+    which: str,
+    report: dsl.OutputPath(str),  # type: ignore[valid-type]
+) -> None:
+    """A step's command line in a child process: its container component's stand-in locally."""
+    import signal
+    import subprocess
+    import sys
+
+    from kubetune.pipelines.components import STEPS
+
+    command = STEPS[step].command_line(workspace, which or None)
+    print("running", " ".join(str(part) for part in command), flush=True)
+    # `kubetune up` stops a run with SIGTERM to the worker's process group, which the step gets too: wait
+    # for it to save a checkpoint and exit rather than die first. (A Python handler, unlike SIG_IGN, is
+    # not inherited by the child.)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # The image's `python` is this interpreter here, as kfp's own SubprocessRunner does it.
+    with subprocess.Popen(
+        [sys.executable, *command[1:]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as process:
+        printed, _ = process.communicate(config_json)
+    print(printed, end="", flush=True)
+    if process.returncode != 0:
+        sys.exit(process.returncode)
+    with open(report, "w", encoding="utf-8") as file:
+        file.write(printed)
+
+
+def local_stand_in(step: StepCommand) -> Any:
+    """The step as kfp's SubprocessRunner can run it: :func:`run_step_command` bound to the step."""
+    component = dsl.component(run_step_command, install_kfp_package=False)
+    if step.takes_which:
+        return partial(component, step=step.component)
+    return partial(component, step=step.component, which="")
+
+
+def runs_on_subprocess_runner() -> bool:
+    """Whether kfp.local was initialised in this process with the SubprocessRunner."""
+    config = LocalExecutionConfig.instance
+    return config is not None and isinstance(config.runner, local.SubprocessRunner)
+
+
+def make_component(name: str, image: str) -> Any:
+    """The kfp component of step `name`: a container component on `image`, or its local stand-in."""
+    step = STEPS[name]
+    if runs_on_subprocess_runner():
+        return local_stand_in(step)
+    return container_component(step, image)

@@ -17,12 +17,12 @@ import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 from kfp import dsl
 
 from kubetune import __version__
-from kubetune.pipelines.components import STEP_FUNCTIONS
+from kubetune.pipelines.components import STEPS, make_component
 from kubetune.pipelines.finetune import PipelineOptions, build_finetune_pipeline, on_cluster
 from kubetune.pipelines.quantize import build_quantize_pipeline
 
@@ -180,14 +180,17 @@ RESOLVE_FUNCTIONS: dict[str, Callable[..., Any]] = {
 }
 
 
-def component_functions() -> dict[str, Callable[..., Any]]:
-    """Every kubetune kfp component by name: the pipeline steps and the job resolvers."""
-    steps = {name: cast(Callable[..., Any], function) for name, function in STEP_FUNCTIONS.items()}
-    return {**steps, **RESOLVE_FUNCTIONS}
+def component_names() -> list[str]:
+    """Every kubetune kfp component: the pipeline steps and the job resolvers."""
+    return sorted([*STEPS, *RESOLVE_FUNCTIONS])
 
 
 def make_standard_component(name: str, image: str = RUNTIME_IMAGE) -> Any:
-    return dsl.component(component_functions()[name], base_image=image, install_kfp_package=False)
+    """A step's component, or a job resolver: a lightweight component, since it calls the operator's own
+    validation and resolution, which have no command line of their own."""
+    if name in STEPS:
+        return make_component(name, image)
+    return dsl.component(RESOLVE_FUNCTIONS[name], base_image=image, install_kfp_package=False)
 
 
 def _options(pipeline: str, image: str) -> PipelineOptions:
@@ -321,7 +324,7 @@ def compile_standard(out_dir: Path, image: str = RUNTIME_IMAGE) -> list[Path]:
     written = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name in sorted(component_functions()):
+        for name in component_names():
             path = out_dir / "components" / f"{name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             compiler.Compiler().compile(make_standard_component(name, image), str(path))

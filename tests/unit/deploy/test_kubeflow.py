@@ -1,15 +1,16 @@
 """The Kubeflow UI artifacts (manifests/kubeflow): reproducible, complete, and runnable.
 
 `kubetune compile --standard --out-dir manifests/kubeflow` writes them; the first test recompiles into
-a temporary directory and compares byte for byte. The last one runs the fine-tune-then-quantize
-pipeline with kfp's local runner and stand-in steps, to show the chaining works.
+a temporary directory and compares byte for byte. The step components' container commands are run here
+as a pod would run them, against the stand-in steps of the integration tests; the last test runs the
+fine-tune-then-quantize pipeline with kfp's local runner (which runs each step's command line through a
+lightweight stand-in) to show the chaining works.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ import yaml
 
 from kubetune.api.validation import parse_resource
 from kubetune.cli import main as cli_main
-from kubetune.pipelines.components import STEP_FUNCTIONS
+from kubetune.pipelines.components import STEPS
 from kubetune.pipelines.standard import (
     EXAMPLE_CHAINED_QUANTIZE_JOB,
     EXAMPLE_FINETUNE_JOB,
@@ -62,7 +63,7 @@ def test_compile_refuses_mixed_arguments(capsys: pytest.CaptureFixture[str]) -> 
 
 def test_every_component_has_a_spec_on_the_runtime_image() -> None:
     names = {p.stem for p in (COMMITTED / "components").glob("*.yaml")}
-    assert names == set(STEP_FUNCTIONS) | {"resolve-finetune-job", "resolve-quantize-job"}
+    assert names == set(STEPS) | {"resolve-finetune-job", "resolve-quantize-job"}
     for path in (COMMITTED / "components").glob("*.yaml"):
         spec = yaml.safe_load(path.read_text())
         (executor,) = spec["deploymentSpec"]["executors"].values()
@@ -100,6 +101,67 @@ def test_steps_mount_the_workspace_claim_and_carry_ui_labels() -> None:
         assert config["pvcMount"][0]["constant"] == "kubetune-workspace", name
         assert config["pvcMount"][0]["mountPath"] == "/mnt/pvc/kubetune-workspace", name
         assert config["podMetadata"]["labels"]["kubetune.dev/started-by"] == "kubeflow-ui", name
+
+
+# --- the step components run the steps' own command lines ------------------------------------------------
+
+
+def pod_command(component: str, inputs: dict[str, str], report: Path) -> list[str]:
+    """What a pod of this step component runs, with kfp's placeholders filled in as the launcher does
+    (and the image's `python` being this interpreter)."""
+    spec = yaml.safe_load((COMMITTED / "components" / f"{component}.yaml").read_text())
+    (executor,) = spec["deploymentSpec"]["executors"].values()
+    container = executor["container"]
+    values = {f"{{{{$.inputs.parameters['{name}']}}}}": value for name, value in inputs.items()}
+    values["{{$.outputs.parameters['report'].output_file}}"] = str(report)
+    command = [values.get(part, part) for part in [*container["command"], *container["args"]]]
+    return [sys.executable if part == "python" else part for part in command]
+
+
+def run_pod(
+    component: str, inputs: dict[str, str], report: Path, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        pod_command(component, inputs, report),
+        env={**os.environ, "PYTHONPATH": str(FAKE_STEPS), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_step_components_run_the_step_command_line_on_the_runtime_image() -> None:
+    for path in (COMMITTED / "components").glob("*.yaml"):
+        if path.stem in STEPS:
+            (executor,) = yaml.safe_load(path.read_text())["deploymentSpec"]["executors"].values()
+            step = STEPS[path.stem]
+            assert executor["container"]["args"][:4] == ["python", "-m", step.module, step.step], path
+            assert "kfp" not in json.dumps(executor["container"]), path  # no embedded source, no kfp install
+
+
+def test_a_step_pod_gets_the_config_on_stdin_and_keeps_the_report(tmp_path: Path) -> None:
+    workspace, report = tmp_path / "run", tmp_path / "outputs" / "report"
+    report.parent.mkdir()
+    config = {"kind": "QuantizeJob", "spec": {"model": {"uri": "s3://models/router/v1"}}}
+    inputs = {"config_json": json.dumps(config), "workspace": str(workspace)}
+    done = run_pod("measure-source-model", inputs, report)
+    assert done.returncode == 0, done.stderr
+    assert (workspace / "starts.log").read_text() == "measure-source s3://models/router/v1\n"
+    assert json.loads(report.read_text()) == {"step": "measure-source"}
+    assert json.loads(done.stdout) == {"step": "measure-source"}  # the report shows in the pod log too
+
+    done = run_pod("evaluate-model", {**inputs, "which": "baseline"}, report)
+    assert done.returncode == 0, done.stderr
+    assert (workspace / "evaluation" / "baseline.json").is_file()
+
+
+def test_a_failing_step_fails_its_pod(tmp_path: Path) -> None:
+    workspace, report = tmp_path / "run", tmp_path / "report"
+    inputs = {"config_json": "{}", "workspace": str(workspace)}
+    done = run_pod("publish-model", inputs, report, FAKE_FAIL_STEP="publish")
+    assert done.returncode == 1
+    assert json.loads((workspace / "error.json").read_text())["reason"] == "QualityGateFailed"
+    assert "publish failed" in done.stderr
 
 
 # --- the resolvers run the operator's own validation and resolution ---------------------------------------
@@ -155,17 +217,6 @@ def test_resolve_quantize_job_alone_and_after_a_finetune(tmp_path: Path) -> None
 
 # --- a local run of the chained pipeline ------------------------------------------------------------------
 
-# The stand-in steps of the integration tests, which (unlike the real steps) expect their workspace to exist.
-WRAPPER = """
-from kubetune_components.{module} import {function} as _fake_{function}
-from kubetune_components.common.storage import resolve_local_path
-
-
-def {function}(name, config, workspace, **kwargs):
-    resolve_local_path(workspace).mkdir(parents=True, exist_ok=True)
-    return _fake_{function}(name, config, workspace, **kwargs)
-"""
-
 RUN = """
 import warnings
 warnings.simplefilter("ignore")
@@ -179,18 +230,11 @@ build()(finetune_job=EXAMPLE_FINETUNE_JOB, quantize_job=EXAMPLE_CHAINED_QUANTIZE
 
 
 def test_finetune_then_quantize_runs_and_quantizes_what_the_finetune_published(tmp_path: Path) -> None:
-    fakes = tmp_path / "fakes" / "kubetune_components"
-    shutil.copytree(FAKE_STEPS / "kubetune_components", fakes)
-    for package, function in (("finetune", "run_step"), ("quantize", "run_quantize_step")):
-        (fakes / package / "steps.py").rename(fakes / package / "_fake_steps.py")
-        (fakes / package / "steps.py").write_text(
-            WRAPPER.format(module=f"{package}._fake_steps", function=function)
-        )
     workspaces = tmp_path / "runs"
     script = RUN.format(
         root=str(tmp_path / "root"), store=str(tmp_path / "store"), workspaces=str(workspaces)
     )
-    env = {**os.environ, "PYTHONPATH": str(fakes.parent)}
+    env = {**os.environ, "PYTHONPATH": str(FAKE_STEPS)}
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=120
     )

@@ -1,8 +1,12 @@
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from kubetune_components.common.cli import run_command_line
+from kubetune_components.common.storage import resolve_local_path
 
 
 def _write(path: Path, payload: Any) -> None:
@@ -13,7 +17,8 @@ def _write(path: Path, payload: Any) -> None:
 
 
 def run_step(name: str, config: dict[str, Any], workspace: str, **kwargs: Any) -> dict[str, Any]:
-    ws = Path(workspace)
+    ws = resolve_local_path(workspace)
+    ws.mkdir(parents=True, exist_ok=True)
     with (ws / "starts.log").open("a") as log:
         log.write(f"{name}\n")
     if os.environ.get("FAKE_FAIL_STEP") == name:
@@ -40,3 +45,7 @@ def run_step(name: str, config: dict[str, Any], workspace: str, **kwargs: Any) -
     if name == "publish":
         _write(ws / "output.json", {"uri": str(ws / "published"), "version": "v1"})
     return {"step": name}
+
+
+if __name__ == "__main__":
+    sys.exit(run_command_line(run_step, takes_which=True))

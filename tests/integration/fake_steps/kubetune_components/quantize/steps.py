@@ -1,7 +1,11 @@
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+from kubetune_components.common.cli import run_command_line
+from kubetune_components.common.storage import resolve_local_path
 
 
 def _write(path: Path, payload: Any) -> None:
@@ -12,7 +16,8 @@ def _write(path: Path, payload: Any) -> None:
 
 
 def run_quantize_step(name: str, config: dict[str, Any], workspace: str) -> dict[str, Any]:
-    ws = Path(workspace)
+    ws = resolve_local_path(workspace)
+    ws.mkdir(parents=True, exist_ok=True)
     with (ws / "starts.log").open("a") as log:
         log.write(f"{name} {config['spec']['model']['uri']}\n")
     if name == "measure-source":
@@ -28,3 +33,7 @@ def run_quantize_step(name: str, config: dict[str, Any], workspace: str) -> dict
     if name == "publish-quantized":
         _write(ws / "output.json", {"uri": str(ws / "published"), "version": "v1"})
     return {"step": name}
+
+
+if __name__ == "__main__":
+    sys.exit(run_command_line(run_quantize_step))
