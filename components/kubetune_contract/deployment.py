@@ -184,7 +184,19 @@ class AnalysisMetric(KubeModel):
         return self
 
 
+ANALYSIS_INCONCLUSIVE_LIMIT_MAX = 100
+METRICS_OR_SKIP = "analysis needs metrics, or skip: true to promote on the steps' timing alone"
+SKIP_WITHOUT_METRICS = "analysis.skip is true, so analysis.metrics must be empty"
+
+
 class Analysis(KubeModel):
+    """How the canary is judged at each step. A rollout checked by nothing says so: ``skip: true``."""
+
+    skip: bool = Field(
+        default=False,
+        description="Check no metrics: each step lasts its pause and the canary is promoted on timing "
+        "alone. Required when metrics is empty, so an unchecked rollout is written in the spec.",
+    )
     interval: PositiveDuration = Field(
         default="30s", description="How often the canary's metrics are queried."
     )
@@ -194,6 +206,22 @@ class Analysis(KubeModel):
     metrics: list[AnalysisMetric] = Field(
         default_factory=list, max_length=16, description="Every metric must be within its bounds."
     )
+    inconclusive_limit: int = Field(
+        default=0,
+        ge=0,
+        le=ANALYSIS_INCONCLUSIVE_LIMIT_MAX,
+        description="How many inconclusive analyses in a row (no data, Prometheus unreachable) the "
+        "canary may have; one more pauses the rollout (as Argo Rollouts' inconclusiveLimit). 0: the "
+        "first inconclusive analysis pauses it.",
+    )
+
+    @model_validator(mode="after")
+    def _metrics_or_skip(self) -> Analysis:
+        if self.skip and self.metrics:
+            raise ValueError(SKIP_WITHOUT_METRICS)
+        if not self.skip and not self.metrics:
+            raise ValueError(METRICS_OR_SKIP)
+        return self
 
 
 class Rollout(KubeModel):
@@ -204,7 +232,9 @@ class Rollout(KubeModel):
         max_length=16,
         description="Canary weights in increasing order; after the last step the spec weights apply.",
     )
-    analysis: Analysis = Field(default_factory=Analysis)
+    analysis: Analysis = Field(
+        description="The metrics that judge the canary, or skip: true for a rollout on timing alone."
+    )
     auto_rollback: bool = Field(
         default=True,
         description="On a failing analysis set the canary's weight to 0 (else pause the rollout).",
@@ -406,16 +436,27 @@ class AnalysisRun(KubeModel):
     message: str = ""
     results: list[MetricResult] = Field(default_factory=list)
 
+    @property
+    def inconclusive(self) -> bool:
+        """Nothing failed, but some metric could not be judged (no data, Prometheus unreachable)."""
+        return self.passed and any(result.passed is None for result in self.results)
+
 
 class RolloutStatus(KubeModel):
     canary: str = Field(description="The version being rolled out.")
     step: int = Field(description="Index of the current step (0-based); len(steps) once promoted.")
     state: Literal["Progressing", "Paused", "Promoted", "RolledBack"]
+    reason: Literal["AnalysisFailed", "AnalysisInconclusive"] | None = Field(
+        default=None, description="Why the rollout is Paused or RolledBack."
+    )
     step_started_at: str | None = None
     stable_weights: dict[str, int] = Field(
         default_factory=dict, description="The weights before the rollout began, restored on rollback."
     )
     last_analysis: AnalysisRun | None = None
+    inconclusive_analyses: int = Field(
+        default=0, description="Inconclusive analyses in a row; a conclusive one resets the count."
+    )
     message: str = ""
 
 

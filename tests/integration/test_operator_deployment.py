@@ -27,7 +27,7 @@ from kubetune.kube import permissions
 from kubetune.kube.apply import BlockingKube, ChildConflict, SessionApi
 from kubetune.kube.children import ChildImages, build_gateway_config_map
 from kubetune.kube.serving import KubernetesServing
-from kubetune.plan.deployment import DeploymentRef, VersionServing
+from kubetune.plan.versions import DeploymentRef, VersionServing
 from kubetune_contract.deployment import Autoscaling, Serving
 
 if TYPE_CHECKING:

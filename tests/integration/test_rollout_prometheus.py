@@ -200,7 +200,9 @@ def rollout_spec(canary_model: str, metrics: list[dict[str, Any]]) -> dict[str, 
         ],
         "rollout": {
             "steps": [{"weight": 10, "pause": "3s"}, {"weight": 50, "pause": "3s"}],
-            "analysis": {"interval": "1s", "window": "5s", "metrics": metrics},
+            # Prometheus needs a couple of scrapes of the canary's series before rate() has data: the
+            # analyses of the first seconds are inconclusive, which the limit tolerates.
+            "analysis": {"interval": "1s", "window": "5s", "metrics": metrics, "inconclusiveLimit": 10},
             "autoRollback": True,
         },
     }

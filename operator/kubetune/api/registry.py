@@ -450,6 +450,10 @@ MODELDEPLOYMENT = ResourceDefinition(
             'has(self.query) || self.name in ["errorRate", "p95Latency", "timeToFirstToken", "feedback"]',
             "name is not a built-in metric (errorRate, p95Latency, timeToFirstToken, feedback); set query",
         ),
+        CelRule("spec.rollout.analysis", "self.skip || size(self.metrics) > 0", deployment.METRICS_OR_SKIP),
+        CelRule(
+            "spec.rollout.analysis", "!self.skip || size(self.metrics) == 0", deployment.SKIP_WITHOUT_METRICS
+        ),
         CelRule(
             "spec.prompts[*]",
             'self.template.contains("{{input}}")',

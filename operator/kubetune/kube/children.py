@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetune import __version__
-from kubetune.plan.deployment import DeploymentRef, VersionServing
+from kubetune.plan.versions import DeploymentRef, VersionServing
 from kubetune_contract.deployment import DNS_LABEL_PATTERN, Serving
 from kubetune_contract.serving import MODEL_DIR_ENV
 from kubetune_contract.workspace import PVC_MOUNT_ROOT, PVC_ROOT_ENV

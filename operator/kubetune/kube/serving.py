@@ -44,7 +44,7 @@ from kubetune.kube.children import (
     version_url,
 )
 from kubetune.kube.permissions import ChildResource
-from kubetune.plan.deployment import (
+from kubetune.plan.versions import (
     DeploymentRef,
     GatewayObservation,
     VersionObservation,

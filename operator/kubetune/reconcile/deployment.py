@@ -1,17 +1,18 @@
 """Observe -> plan -> act for a ModelDeployment, shared by the Kopf handlers and by `kubetune up`.
 
-The decisions are in kubetune.plan.deployment (which model each version serves, the gateway config,
-the status) and kubetune.rollout (the canary state machine and its metric analysis). What differs
-between a cluster and a laptop is behind :class:`ServingBackend`: Deployments, Services and a
-ConfigMap on a cluster; processes and a config file locally.
+The decisions are pure and live in kubetune.plan (deployment, versions, gateway, deployment_status;
+the canary state machine in kubetune.rollout is asked by planning only). This module does the I/O,
+in one straight line. What differs between a cluster and a laptop is behind :class:`ServingBackend`:
+Deployments, Services and a ConfigMap on a cluster; processes and a config file locally.
 
 One reconcile pass:
 
 1. resolve each version's model (a job's published output, or a URI);
 2. ``serving.ensure_versions`` with every version that has a model to serve -> URLs and readiness;
-3. the rollout machine decides the weights (querying Prometheus when an analysis is due);
-4. ``serving.ensure_gateway`` with the gateway config built from those URLs and weights;
-5. the status, the events to post and when to come back.
+3. when planning asks for a canary analysis, query Prometheus for it;
+4. plan: the weights (the rollout machine, with that analysis) and the gateway config;
+5. ``serving.ensure_gateway`` with that config;
+6. the status, the events to post and when to come back.
 """
 
 from __future__ import annotations
@@ -22,30 +23,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import ValidationError
-
 from kubetune.api.validation import ResourceInvalid, parse_resource
 from kubetune.common.events import Event
-from kubetune.plan.deployment import (
+from kubetune.plan.deployment import AnalysisRequest, analysis_request, canary_facts, plan_deployment
+from kubetune.plan.deployment_status import condition_events, deployment_status, invalid_status
+from kubetune.plan.versions import (
     DeploymentRef,
-    GatewayConfigInvalid,
     GatewayObservation,
     JobLookup,
     VersionObservation,
     VersionServing,
-    condition_events,
-    deployment_status,
-    effective_weights,
-    gateway_config,
-    invalid_status,
     resolve_versions,
     served_models,
     version_servings,
 )
 from kubetune.rollout.analysis import QueryClient, analyse, unavailable
-from kubetune.rollout.machine import RolloutDecision, plan_rollout
-from kubetune_contract.conditions import find_condition
-from kubetune_contract.deployment import AnalysisRun, ModelDeployment, RolloutStatus, duration_seconds
+from kubetune_contract.conditions import RECONCILING, find_condition
+from kubetune_contract.deployment import AnalysisRun, ModelDeployment
 
 __all__ = [
     "DeploymentOutcome",
@@ -64,7 +58,7 @@ POLL_S = 5.0  # how soon to look again while a model, a server or the gateway is
 
 # -- the serving backend: implemented for a cluster (Kubernetes children) and for local mode ---------
 # DeploymentRef, VersionServing, VersionObservation and GatewayObservation live in
-# kubetune.plan.deployment (pure data) and are re-exported here.
+# kubetune.plan.versions (pure data) and are re-exported here.
 
 
 class ServingBackend(Protocol):
@@ -122,14 +116,13 @@ def remove_deployment(body: Mapping[str, Any], serving: ServingBackend) -> None:
     serving.remove(deployment_ref(body))
 
 
-def _previous_rollout(status: Mapping[str, Any]) -> RolloutStatus | None:
-    raw = status.get("rollout")
-    if not raw:
-        return None
-    try:
-        return RolloutStatus.model_validate(raw)
-    except ValidationError:
-        return None  # not written by this version of the operator: start the machine afresh
+def _analyse(
+    request: AnalysisRequest, prometheus: QueryClient | None, deployment: str, now: datetime
+) -> AnalysisRun:
+    if prometheus is None:
+        why = "no Prometheus is configured (KUBETUNE_PROMETHEUS_URL), so the metrics were not checked"
+        return unavailable(request.metrics, why, now)
+    return analyse(request.metrics, prometheus, deployment, request.version, request.window_s, now)
 
 
 def reconcile_deployment(
@@ -144,11 +137,12 @@ def reconcile_deployment(
     """One reconcile pass for a ModelDeployment (``obj``: the resource as a dict, with its status).
 
     ``lookup`` finds FineTuneJobs and QuantizeJobs; ``prometheus`` answers the canary analysis (None:
-    the analysis is recorded as inconclusive, "no Prometheus configured"); ``base_dir`` resolves
-    relative model paths in local mode. Backend errors propagate (the caller retries).
+    the analysis is inconclusive, "no Prometheus is configured", which pauses the rollout once past
+    ``analysis.inconclusiveLimit``); ``base_dir`` resolves relative model paths in local mode. Backend
+    errors propagate (the caller retries).
     """
     moment = now or datetime.now(UTC)
-    stamp = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")  # conditions: whole seconds
     body = dict(obj)
     previous_status: dict[str, Any] = dict(body.get("status") or {})
     try:
@@ -157,9 +151,9 @@ def reconcile_deployment(
         status = invalid_status(body, invalid.condition_message, stamp)
         return DeploymentOutcome(status, None, condition_events(previous_status, status))
 
-    meta, spec = deployment.metadata, deployment.spec
+    meta = deployment.metadata
     ref = DeploymentRef(meta.name, meta.namespace, meta.uid)
-    resolved = resolve_versions(spec, meta.namespace, lookup, base_dir)
+    resolved = resolve_versions(deployment.spec, meta.namespace, lookup, base_dir)
     served = served_models(resolved, previous_status)
     observed = serving.ensure_versions(ref, version_servings(deployment, served))
     answering = {name: name in observed and observed[name].ready for name in served}
@@ -167,55 +161,18 @@ def reconcile_deployment(
         name: answering.get(name, False) and served.get(name) == version.model_uri
         for name, version in resolved.items()
     }
-
-    before = {
-        str(item.get("name")): item
-        for item in previous_status.get("versions") or []
-        if isinstance(item, Mapping)
-    }
-    observed_generation = previous_status.get("observedGeneration")
-    canary = spec.canary.name if spec.canary is not None else None
-    canary_model_changed = False
-    if canary is not None:
-        served_before = before.get(canary, {}).get("modelUri")
-        canary_model_changed = bool(served_before) and canary in served and served[canary] != served_before
-
-    def decide(analysis_run: AnalysisRun | None = None) -> RolloutDecision:
-        return plan_rollout(
-            spec,
-            _previous_rollout(previous_status),
-            first_sight=observed_generation is None,
-            spec_changed=observed_generation is not None and observed_generation != meta.generation,
-            previous_weights={name: int(item.get("weight") or 0) for name, item in before.items()},
-            canary_model_changed=canary_model_changed,
-            canary_ready=canary is not None and current.get(canary, False),
-            analysis=analysis_run,
-            now=moment,
-        )
-
-    decision = decide()
-    if decision.analysis_due and spec.rollout is not None and canary is not None:
-        metrics = spec.rollout.analysis.metrics
-        if prometheus is None:
-            run = unavailable(metrics, "no Prometheus is configured, so the metrics were not checked", moment)
-        else:
-            window = duration_seconds(spec.rollout.analysis.window)
-            run = analyse(metrics, prometheus, meta.name, canary, window, moment)
-        decision = decide(run)
-
     urls = {
         name: observation.url for name, observation in observed.items() if observation.url and name in served
     }
-    # Only a version with a URL can be in the gateway config, so only those may keep a share.
-    effective = effective_weights(decision.weights, answering, set(urls))
-    spec_error: str | None = None
+
+    facts = canary_facts(deployment, previous_status, served, current)
+    request = analysis_request(deployment, facts, moment)
+    analysis = _analyse(request, prometheus, meta.name, moment) if request is not None else None
+    plan = plan_deployment(deployment, facts, answering=answering, urls=urls, analysis=analysis, now=moment)
+
     gateway = GatewayObservation(endpoint=None, ready=False, message="no version is served yet")
-    try:
-        config = gateway_config(deployment, urls, effective)
-    except GatewayConfigInvalid as invalid_config:
-        config, spec_error = None, str(invalid_config)
-    if config is not None:
-        gateway = serving.ensure_gateway(ref, config)
+    if plan.gateway_config is not None:
+        gateway = serving.ensure_gateway(ref, plan.gateway_config)
 
     status = deployment_status(
         deployment,
@@ -224,18 +181,18 @@ def reconcile_deployment(
         served=served,
         versions=observed,
         gateway=gateway,
-        planned=decision.weights,
-        effective=effective,
-        rollout=decision.rollout,
+        planned=plan.planned,
+        effective=plan.effective,
+        rollout=plan.rollout,
         now=stamp,
-        spec_error=spec_error,
+        spec_error=plan.spec_error,
     )
-    waits = [decision.requeue_after] if decision.requeue_after is not None else []
-    reconciling = find_condition(status["conditions"], "Reconciling") or {}
+    waits = [plan.requeue_after] if plan.requeue_after is not None else []
+    reconciling = find_condition(status["conditions"], RECONCILING) or {}
     if reconciling.get("status") == "True":
         waits.append(POLL_S)
     return DeploymentOutcome(
         status=status,
         requeue_after=min(waits) if waits else None,
-        events=[*decision.events, *condition_events(previous_status, status)],
+        events=[*plan.events, *condition_events(previous_status, status)],
     )

@@ -156,6 +156,26 @@ REJECTED: dict[str, tuple[dict[str, Any], str, str]] = {
         "a metric needs min or max",
         "a metric needs min or max",
     ),
+    "analysis-checks-nothing": (
+        edit(sample(), "spec.rollout.analysis.metrics", []),
+        "analysis needs metrics, or skip: true",
+        "analysis needs metrics, or skip: true",
+    ),
+    "analysis-skip-with-metrics": (
+        edit(sample(), "spec.rollout.analysis.skip", True),
+        "analysis.skip is true, so analysis.metrics must be empty",
+        "analysis.skip is true, so analysis.metrics must be empty",
+    ),
+    "analysis-missing": (
+        edit(sample(), "spec.rollout.analysis", None),
+        "spec.rollout: 'analysis' is a required property",
+        "spec.rollout.analysis",
+    ),
+    "negative-inconclusive-limit": (
+        edit(sample(), "spec.rollout.analysis.inconclusiveLimit", -1),
+        "inconclusiveLimit",
+        "inconclusiveLimit",
+    ),
     "template-without-input": (
         edit(sample(), "spec.prompts.0.template", "Ticket:"),
         "template must contain {{input}}",

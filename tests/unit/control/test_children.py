@@ -40,7 +40,7 @@ from kubetune.kube.children import (
     version_url,
 )
 from kubetune.kube.serving import HANDOVER_FIELD_MANAGER, RETIRE_AFTER_S, KubernetesServing, rollout_state
-from kubetune.plan.deployment import DeploymentRef, VersionServing
+from kubetune.plan.versions import DeploymentRef, VersionServing
 from kubetune_contract.common import SecretKeyRef
 from kubetune_contract.deployment import Autoscaling, Batching, Resources, Serving
 

@@ -12,12 +12,8 @@ from typing import Any
 import pytest
 
 from kubetune.gateway.config import parse_gateway_config
-from kubetune.plan.deployment import (
-    effective_weights,
-    gateway_config,
-    resolve_versions,
-    served_models,
-)
+from kubetune.plan.gateway import effective_weights, gateway_config
+from kubetune.plan.versions import resolve_versions, served_models
 from kubetune.reconcile.deployment import (
     DeploymentRef,
     GatewayObservation,
@@ -483,15 +479,39 @@ def test_a_rollout_through_the_controller_rolls_back_on_a_failing_error_rate() -
     assert [(e.type, e.reason) for e in rolled.events] == [("Warning", "RolledBack")]
 
 
-def test_without_prometheus_the_analysis_is_inconclusive_and_the_canary_proceeds() -> None:
+def with_inconclusive_limit(limit: int) -> dict[str, Any]:
+    spec = copy.deepcopy(ROLLOUT_SPEC)
+    spec["rollout"]["analysis"]["inconclusiveLimit"] = limit
+    return spec
+
+
+def test_without_prometheus_the_analysis_is_inconclusive_and_the_canary_proceeds_within_the_limit() -> None:
+    spec = with_inconclusive_limit(1)
     first = tick(STABLE_SPEC, None, T0, None)
-    started = tick(ROLLOUT_SPEC, first.status, T0, None, generation=2)
+    started = tick(spec, first.status, T0, None, generation=2)
     at = T0 + timedelta(seconds=2)
-    moved = tick(ROLLOUT_SPEC, started.status, at, None, generation=2)
+    moved = tick(spec, started.status, at, None, generation=2)
     rollout = moved.status["rollout"]
     assert rollout["step"] == 1 and moved.status["weights"] == "tuned=50,int8=50"
     assert rollout["lastAnalysis"]["message"].startswith("no Prometheus is configured")
     assert rollout["lastAnalysis"]["results"][0] == {"name": "errorRate", "max": "0.05"}
+
+
+def test_without_prometheus_a_canary_is_paused_not_promoted_unchecked() -> None:
+    first = tick(STABLE_SPEC, None, T0, None)
+    started = tick(ROLLOUT_SPEC, first.status, T0, None, generation=2)
+    paused = tick(ROLLOUT_SPEC, started.status, T0 + timedelta(seconds=1), None, generation=2)
+    rollout = paused.status["rollout"]
+    assert (rollout["state"], rollout["reason"], rollout["step"]) == ("Paused", "AnalysisInconclusive", 0)
+    assert paused.status["weights"] == "tuned=90,int8=10"
+    ready = condition(paused.status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "AnalysisInconclusive")
+    assert "no Prometheus is configured" in ready["message"] and "inconclusiveLimit" in ready["message"]
+    assert condition(paused.status, "Stalled")["status"] == "True"
+    assert kstatus({**mdep(ROLLOUT_SPEC, generation=2), "status": paused.status}) == "Failed"
+    assert [(e.type, e.reason) for e in paused.events] == [("Warning", "AnalysisInconclusive")]
+    later = tick(ROLLOUT_SPEC, paused.status, T0 + timedelta(minutes=10), None, generation=2)
+    assert later.status["rollout"]["state"] == "Paused" and later.status["weights"] == "tuned=90,int8=10"
 
 
 def test_a_healthy_canary_is_promoted_through_the_controller() -> None:

@@ -22,8 +22,10 @@ def make_spec(
     metrics: list[dict[str, Any]] | None = None,
     auto_rollback: bool = True,
     interval: str = "1s",
+    inconclusive_limit: int = 0,
 ) -> ModelDeploymentSpec:
     weights = weights or {"stable": 80, "canary": 20}
+    metrics = [{"name": "errorRate", "max": "0.05"}] if metrics is None else metrics
     return ModelDeploymentSpec.model_validate(
         {
             "versions": [
@@ -33,9 +35,11 @@ def make_spec(
             "rollout": {
                 "steps": steps or [{"weight": 10, "pause": "3s"}, {"weight": 50, "pause": "3s"}],
                 "analysis": {
+                    "skip": not metrics,
                     "interval": interval,
                     "window": "5s",
-                    "metrics": [{"name": "errorRate", "max": "0.05"}] if metrics is None else metrics,
+                    "metrics": metrics,
+                    "inconclusiveLimit": inconclusive_limit,
                 },
                 "autoRollback": auto_rollback,
             },
@@ -249,14 +253,98 @@ def test_without_auto_rollback_a_failing_analysis_pauses_and_holds_the_weights()
     assert [event.reason for event in resumed.events] == ["RolloutResumed"]
 
 
-def test_an_inconclusive_analysis_never_fails_a_step() -> None:
-    spec = make_spec()
+def test_an_inconclusive_analysis_within_the_limit_never_fails_a_step() -> None:
+    spec = make_spec(inconclusive_limit=1)
     rollout = started(spec)
     end = T0 + timedelta(seconds=3)
     decision = decide(spec, rollout, end, analysis=run(end, error_rate=None))
     assert decision.rollout is not None and decision.rollout.step == 1
     assert decision.rollout.last_analysis is not None
     assert decision.rollout.last_analysis.results[0].passed is None
+
+
+def test_with_a_zero_limit_the_first_inconclusive_analysis_pauses_and_says_why() -> None:
+    spec = make_spec()
+    rollout = started(spec)
+    at = T0 + timedelta(seconds=1)
+    paused = decide(spec, rollout, at, analysis=run(at, error_rate=None))
+    assert paused.rollout is not None
+    assert (paused.rollout.state, paused.rollout.reason, paused.rollout.step) == (
+        "Paused",
+        "AnalysisInconclusive",
+        0,
+    )
+    assert paused.weights == {"stable": 90, "canary": 10}  # the step's weights are held
+    assert "more than analysis.inconclusiveLimit (0)" in paused.rollout.message
+    assert "errorRate: no data" in paused.rollout.message
+    assert [(event.type, event.reason) for event in paused.events] == [("Warning", "AnalysisInconclusive")]
+    held = decide(spec, paused.rollout, at + timedelta(minutes=5))
+    assert held.rollout == paused.rollout and held.weights == {"stable": 90, "canary": 10}
+    assert not held.analysis_due
+
+
+def analyse_every_second(spec: ModelDeploymentSpec, error_rates: list[float | None]) -> list[RolloutStatus]:
+    """Feed one analysis a second from T0 + 1s; the rollout status after each."""
+    rollout = started(spec)
+    seen = []
+    for second, error_rate in enumerate(error_rates, start=1):
+        at = T0 + timedelta(seconds=second)
+        decision = decide(spec, rollout, at, analysis=run(at, error_rate=error_rate))
+        assert decision.rollout is not None
+        rollout = decision.rollout
+        seen.append(rollout)
+    return seen
+
+
+def test_a_limit_of_two_tolerates_two_inconclusive_analyses_in_a_row_and_pauses_on_the_third() -> None:
+    spec = make_spec(steps=[{"weight": 10, "pause": "1m"}], inconclusive_limit=2)
+    seen = analyse_every_second(spec, [None, None, None])
+    assert [(s.state, s.inconclusive_analyses) for s in seen] == [
+        ("Progressing", 1),
+        ("Progressing", 2),
+        ("Paused", 3),
+    ]
+    assert seen[-1].reason == "AnalysisInconclusive"
+    assert "3 inconclusive analyses in a row, more than analysis.inconclusiveLimit (2)" in seen[-1].message
+
+
+def test_a_conclusive_pass_resets_the_inconclusive_count() -> None:
+    spec = make_spec(steps=[{"weight": 10, "pause": "1m"}], inconclusive_limit=2)
+    seen = analyse_every_second(spec, [None, None, 0.01, None, None])
+    assert [s.inconclusive_analyses for s in seen] == [1, 2, 0, 1, 2]
+    assert {s.state for s in seen} == {"Progressing"}
+
+
+def test_editing_the_spec_resumes_an_inconclusive_pause_with_a_fresh_count() -> None:
+    spec = make_spec()
+    rollout = started(spec)
+    at = T0 + timedelta(seconds=1)
+    paused = decide(spec, rollout, at, analysis=run(at, error_rate=None)).rollout
+    assert paused is not None and paused.state == "Paused"
+    resumed = decide(spec, paused, at + timedelta(seconds=1), spec_changed=True)
+    assert resumed.rollout is not None
+    assert (resumed.rollout.state, resumed.rollout.reason, resumed.rollout.inconclusive_analyses) == (
+        "Progressing",
+        None,
+        0,
+    )
+    assert [event.reason for event in resumed.events] == ["RolloutResumed"]
+
+
+def test_a_rollout_that_skips_analysis_is_promoted_on_timing_alone() -> None:
+    spec = make_spec(metrics=[])
+    assert spec.rollout is not None and spec.rollout.analysis.skip
+    rollout = started(spec)
+    states = []
+    for second in range(1, 8):
+        decision = decide(spec, rollout, T0 + timedelta(seconds=second))
+        assert not decision.analysis_due
+        assert decision.rollout is not None
+        rollout = decision.rollout
+        states.append((rollout.state, rollout.step))
+    assert states[-1] == ("Promoted", 2)
+    assert ("Progressing", 1) in states
+    assert rollout.last_analysis is None
 
 
 def test_a_new_model_for_the_promoted_canary_rolls_it_out_again() -> None:
@@ -295,7 +383,7 @@ def test_removing_the_canary_stops_its_rollout() -> None:
                 {"name": "old", "model": {"uri": "/m/old"}, "weight": 50},
                 {"name": "stable", "model": {"uri": "/m/stable"}, "weight": 50},
             ],
-            "rollout": {"steps": [{"weight": 10, "pause": "3s"}]},
+            "rollout": {"steps": [{"weight": 10, "pause": "3s"}], "analysis": {"skip": True}},
         }
     )
     decision = decide(shrunk, rollout, T0 + timedelta(seconds=1), spec_changed=True)

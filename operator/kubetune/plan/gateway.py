@@ -1,0 +1,118 @@
+"""The gateway of a ModelDeployment: the weights it is told (effective weights) and its config."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kubetune.gateway.config import GatewayConfigError, parse_gateway_config
+from kubetune.rollout.weights import proportional
+from kubetune_contract.common import as_float
+from kubetune_contract.deployment import ModelDeployment, duration_seconds
+
+
+def effective_weights(
+    planned: Mapping[str, int], answering: Mapping[str, bool], served: Sequence[str] | set[str]
+) -> dict[str, int]:
+    """The planned weights with the share of versions that do not answer moved to those that do.
+
+    When no version with planned traffic answers, the versions being served keep their planned
+    share (the gateway must point somewhere); when none is served, every weight is 0.
+    """
+    carrying = {name: weight for name, weight in planned.items() if weight > 0 and answering.get(name)}
+    if not carrying:
+        carrying = {name: weight for name, weight in planned.items() if weight > 0 and name in served}
+    if not carrying:
+        return dict.fromkeys(planned, 0)
+    split = proportional(100, carrying)
+    return {name: split.get(name, 0) for name in planned}
+
+
+class GatewayConfigInvalid(ValueError):
+    """The spec makes a gateway config the gateway would refuse (the message names the field)."""
+
+
+def gateway_config(
+    deployment: ModelDeployment, urls: Mapping[str, str], weights: Mapping[str, int]
+) -> dict[str, Any] | None:
+    """The gateway's config (GatewayConfig JSON, camelCase) for the versions that have a URL.
+
+    None when no such version has traffic (nothing for a gateway to do yet). Decimal strings become
+    floats and durations seconds. Raises :class:`GatewayConfigInvalid` for a config the gateway would
+    reject, e.g. a prompt template without ``{{input}}``.
+    """
+    spec = deployment.spec
+    versions = [
+        {
+            "name": version.name,
+            "url": urls[version.name],
+            "weight": weights.get(version.name, 0),
+            "prompt": version.prompt,
+        }
+        for version in spec.versions
+        if version.name in urls
+    ]
+    if not any(version["weight"] for version in versions):
+        return None
+    names = [version["name"] for version in versions]
+    generation = spec.generation
+
+    def present(values: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in values.items() if value is not None}
+
+    config: dict[str, Any] = {
+        "deployment": deployment.metadata.name,
+        "namespace": deployment.metadata.namespace,
+        "versions": versions,
+        "control": spec.versions[0].name if spec.versions[0].name in names else names[0],
+        "routing": {
+            "stickyBy": spec.routing.sticky_by,
+            "header": spec.routing.header,
+            "overrideHeader": spec.routing.override_header,
+        },
+        "generation": {
+            "defaults": present(
+                {
+                    "temperature": as_float(generation.defaults.temperature),
+                    "topP": as_float(generation.defaults.top_p),
+                    "maxTokens": generation.defaults.max_tokens,
+                }
+            ),
+            "limits": present(
+                {
+                    "maxTemperature": as_float(generation.limits.max_temperature),
+                    "maxTopP": as_float(generation.limits.max_top_p),
+                    "maxTokens": generation.limits.max_tokens,
+                }
+            ),
+        },
+        "prompts": [
+            {
+                "name": prompt.name,
+                "system": prompt.system,
+                "template": prompt.template,
+                "examples": [{"user": e.user, "assistant": e.assistant} for e in prompt.examples],
+            }
+            for prompt in spec.prompts
+        ],
+        "cache": (
+            {
+                "enabled": spec.cache.enabled,
+                "ttlSeconds": duration_seconds(spec.cache.ttl),
+                "maxEntries": spec.cache.max_entries,
+            }
+            if spec.cache is not None
+            else {"enabled": False}
+        ),
+        "fallback": (
+            {"version": spec.fallback.version, "timeoutSeconds": duration_seconds(spec.fallback.timeout)}
+            if spec.fallback is not None and spec.fallback.version in names
+            else None
+        ),
+    }
+    try:
+        parse_gateway_config(json.dumps(config), "gateway config")
+    except GatewayConfigError as exc:
+        raise GatewayConfigInvalid(str(exc)) from exc
+    return config

@@ -1,0 +1,218 @@
+"""Which model each version of a ModelDeployment serves, and what its server is given and seen to do.
+
+Pure: the caller passes in how to look jobs up (a Kopf index on a cluster, the local store in
+`kubetune up`); the serving backend reports back with :class:`VersionObservation` and
+:class:`GatewayObservation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from kubetune.common.uris import absolute
+from kubetune_contract.common import API_VERSION, SecretKeyRef
+from kubetune_contract.conditions import find_condition
+from kubetune_contract.deployment import KIND, ModelDeployment, ModelDeploymentSpec, Serving
+from kubetune_contract.serving import (
+    CONTEXT_OVERFLOW_ENV,
+    DEPLOYMENT_ENV,
+    MAX_BATCH_SIZE_ENV,
+    MAX_LATENCY_MS_ENV,
+    MAX_PROMPT_TOKENS_ENV,
+    VERSION_ENV,
+)
+
+# (kind, namespace, name) -> the job ({"spec": ..., "status": ...}) or None; kind is FineTuneJob or
+# QuantizeJob.
+JobLookup = Callable[[str, str, str], dict[str, Any] | None]
+
+# -- what the serving backend is given and what it sees ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeploymentRef:
+    """The ModelDeployment that owns the serving objects."""
+
+    name: str
+    namespace: str
+    uid: str | None = None
+
+    def owner_reference(self) -> dict[str, Any]:
+        """An entry for the ``metadata.ownerReferences`` of a child object (needs the uid)."""
+        if not self.uid:
+            raise ValueError(f"{KIND}/{self.name} has no metadata.uid, so it cannot own objects")
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+@dataclass(frozen=True)
+class VersionServing:
+    """Everything one version's model server needs.
+
+    ``env`` holds the serving runtime's settings per the contract (KUBETUNE_DEPLOYMENT,
+    KUBETUNE_VERSION, KUBETUNE_MAX_PROMPT_TOKENS, KUBETUNE_CONTEXT_OVERFLOW, KUBETUNE_MAX_BATCH_SIZE,
+    KUBETUNE_MAX_LATENCY_MS). It does not hold KUBETUNE_MODEL_DIR: the backend sets that to wherever it
+    makes ``model_uri`` available (a mounted volume on a cluster, the path itself locally).
+    """
+
+    name: str
+    model_uri: str
+    bento: str  # the Bento tag, "<deployment>-<version>" in lower case
+    env: Mapping[str, str]
+    serving: Serving  # replicas, autoscaling, resources, batching (spec.serving)
+    token_secret: SecretKeyRef | None = None  # hub token for hf:// models, when the spec names one
+
+
+@dataclass(frozen=True)
+class VersionObservation:
+    """What a backend sees of one version's server.
+
+    ``url`` is the base URL the gateway sends the version's requests to (known as soon as the server
+    is set up, before it is ready). ``ready`` means it answers, serving the ``model_uri`` it was last
+    given (not a previous model still being replaced). ``message`` says why it is not ready.
+    """
+
+    url: str | None
+    ready: bool
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class GatewayObservation:
+    """What a backend sees of the deployment's gateway. ``endpoint``: its OpenAI base URL (…/v1)."""
+
+    endpoint: str | None
+    ready: bool
+    message: str | None = None
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedVersion:
+    """Where a version's model stands: ready (with its URI), waiting for a job, or failed."""
+
+    name: str
+    state: Literal["ready", "waiting", "failed"]
+    model_uri: str | None = None
+    reason: str | None = None  # WaitingForModel | ModelFailed
+    message: str | None = None
+
+
+def _resolve_job(name: str, kind: str, job_name: str, namespace: str, lookup: JobLookup) -> ResolvedVersion:
+    job = lookup(kind, namespace, job_name)
+    if job is None:
+        return ResolvedVersion(
+            name, "waiting", reason="WaitingForModel", message=f"{kind}/{job_name} does not exist (yet)"
+        )
+    status = job.get("status") or {}
+    condition = find_condition(status.get("conditions") or [], "Succeeded") or {}
+    if condition.get("status") == "False":
+        why = f"{condition.get('reason') or 'Failed'}: {condition.get('message') or ''}".rstrip(": ")
+        return ResolvedVersion(
+            name, "failed", reason="ModelFailed", message=f"{kind}/{job_name} failed ({why})"
+        )
+    if condition.get("status") != "True":
+        phase = status.get("phase") or "Pending"
+        return ResolvedVersion(
+            name,
+            "waiting",
+            reason="WaitingForModel",
+            message=f"waiting for {kind}/{job_name} to succeed ({phase})",
+        )
+    uri = (status.get("output") or {}).get("uri")
+    if not uri:
+        return ResolvedVersion(
+            name,
+            "failed",
+            reason="ModelFailed",
+            message=f"{kind}/{job_name} succeeded but published no output",
+        )
+    return ResolvedVersion(name, "ready", model_uri=str(uri))
+
+
+def resolve_versions(
+    spec: ModelDeploymentSpec, namespace: str, lookup: JobLookup, base_dir: Path | None = None
+) -> dict[str, ResolvedVersion]:
+    """Each version's model, by version name (in spec order). ``base_dir`` resolves relative local
+    paths of ``uri`` versions (local mode)."""
+    resolved: dict[str, ResolvedVersion] = {}
+    for version in spec.versions:
+        model = version.model
+        if model.fine_tune_job_ref is not None:
+            resolved[version.name] = _resolve_job(
+                version.name, "FineTuneJob", model.fine_tune_job_ref.name, namespace, lookup
+            )
+        elif model.quantize_job_ref is not None:
+            resolved[version.name] = _resolve_job(
+                version.name, "QuantizeJob", model.quantize_job_ref.name, namespace, lookup
+            )
+        else:
+            assert model.uri is not None  # the API guarantees exactly one source
+            resolved[version.name] = ResolvedVersion(
+                version.name, "ready", model_uri=absolute(model.uri, base_dir)
+            )
+    return resolved
+
+
+def bento_tag(deployment: str, version: str) -> str:
+    return f"{deployment}-{version}".lower()
+
+
+def serving_env(deployment: ModelDeployment, version: str) -> dict[str, str]:
+    """The serving runtime's settings for one version (the contract's KUBETUNE_* variables)."""
+    window = deployment.spec.generation.context_window
+    batching = deployment.spec.serving.batching
+    return {
+        DEPLOYMENT_ENV: deployment.metadata.name,
+        VERSION_ENV: version,
+        MAX_PROMPT_TOKENS_ENV: str(window.max_prompt_tokens),
+        CONTEXT_OVERFLOW_ENV: window.overflow,
+        MAX_BATCH_SIZE_ENV: str(batching.max_batch_size),
+        MAX_LATENCY_MS_ENV: str(batching.max_latency_ms),
+    }
+
+
+def version_servings(deployment: ModelDeployment, served: Mapping[str, str]) -> list[VersionServing]:
+    """What to serve: each version that has a model (``served``: version -> model URI), in spec order."""
+    return [
+        VersionServing(
+            name=version.name,
+            model_uri=served[version.name],
+            bento=bento_tag(deployment.metadata.name, version.name),
+            env=serving_env(deployment, version.name),
+            serving=deployment.spec.serving,
+            token_secret=version.model.token_secret_ref,
+        )
+        for version in deployment.spec.versions
+        if version.name in served
+    ]
+
+
+def served_models(
+    resolved: Mapping[str, ResolvedVersion], previous_status: Mapping[str, Any] | None
+) -> dict[str, str]:
+    """The model URI each version is served with: its resolved model, or — while a new one is awaited
+    or failed — the model it served before, so that changing a version's model never takes it away."""
+    before = {
+        str(item.get("name")): item.get("modelUri")
+        for item in (previous_status or {}).get("versions") or []
+        if isinstance(item, Mapping)
+    }
+    served: dict[str, str] = {}
+    for name, version in resolved.items():
+        if version.model_uri is not None:
+            served[name] = version.model_uri
+        elif before.get(name):
+            served[name] = str(before[name])
+    return served
