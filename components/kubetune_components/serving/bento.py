@@ -53,7 +53,7 @@ from bentoml.exceptions import BentoMLException, NotFound
 import kubetune_components
 from kubetune_components.common import storage
 from kubetune_components.common.errors import ComponentError, ConfigError, ModelLoadError
-from kubetune_components.serving.runtime import BUNDLED_BASE_DIR, inspect_model_dir
+from kubetune_components.serving.artifacts import BUNDLED_BASE_DIR, inspect_model_dir
 from kubetune_contract.serving import DEPLOYMENT_LABEL, MODEL_ALIAS, VERSION_LABEL
 
 SERVICE = "kubetune_components.serving.service:LLMService"

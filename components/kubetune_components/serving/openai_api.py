@@ -36,15 +36,15 @@ from starlette.routing import Route
 
 from kubetune_components.serving.config import UNKNOWN
 from kubetune_components.serving.metrics import serving_metrics
-from kubetune_components.serving.runtime import (
+from kubetune_components.serving.requests import (
     ROLES,
     ChatMessage,
     Completion,
-    ModelRuntime,
     PreparedPrompt,
     RequestError,
     SamplingParams,
 )
+from kubetune_components.serving.runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
 

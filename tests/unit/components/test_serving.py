@@ -22,23 +22,18 @@ from prometheus_client import REGISTRY
 
 from kubetune_components import data
 from kubetune_components.common import models, storage
+from kubetune_components.common.artifacts import MANIFEST_FILE
 from kubetune_components.common.errors import ConfigError, ModelLoadError
-from kubetune_components.finetune import publish as pub
 from kubetune_components.finetune import train as ft
 from kubetune_components.quantize import methods as quantize
+from kubetune_components.serving.artifacts import inspect_model_dir
 from kubetune_components.serving.batching import RECENT_BATCHES, MicroBatcher
+from kubetune_components.serving.chat import render_instruction_chat
 from kubetune_components.serving.config import RuntimeLimits, ServingSettings
+from kubetune_components.serving.generation import GenerationRow
 from kubetune_components.serving.openai_api import RuntimeSlot, ServingIdentity, create_app
-from kubetune_components.serving.runtime import (
-    ChatMessage,
-    GenerationRow,
-    ModelRuntime,
-    PreparedPrompt,
-    RequestError,
-    SamplingParams,
-    inspect_model_dir,
-    render_instruction_chat,
-)
+from kubetune_components.serving.requests import ChatMessage, PreparedPrompt, RequestError, SamplingParams
+from kubetune_components.serving.runtime import ModelRuntime
 from tiny_adapter import ROUTING_INSTRUCTION
 
 INSTRUCTION = ROUTING_INSTRUCTION  # what conftest's published_adapter is trained on
@@ -127,9 +122,9 @@ def test_quantized_model_follows_its_manifest_chain(
     fmt = quantize.save_quantized(
         model, models.load_tokenizer(str(tiny_model_dir)), out, {"method": "int8-weight-only"}
     )
-    parent = json.loads((published_adapter / pub.MANIFEST_FILE).read_text())
+    parent = json.loads((published_adapter / MANIFEST_FILE).read_text())
     storage.atomic_write_json(
-        out / pub.MANIFEST_FILE, {"kind": "QuantizeJob", "artifact": {"format": fmt}, "parent": parent}
+        out / MANIFEST_FILE, {"kind": "QuantizeJob", "artifact": {"format": fmt}, "parent": parent}
     )
     runtime = ModelRuntime.load(out, device="cpu")
     try:
@@ -146,7 +141,7 @@ def test_quantized_model_follows_its_manifest_chain(
 def test_model_dirs_that_are_not_models_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="holds no model"):
         inspect_model_dir(tmp_path)
-    storage.atomic_write_json(tmp_path / pub.MANIFEST_FILE, {"artifact": {"format": "onnx"}})
+    storage.atomic_write_json(tmp_path / MANIFEST_FILE, {"artifact": {"format": "onnx"}})
     with pytest.raises(ModelLoadError, match=r"artifact\.format 'onnx' is not one of"):
         inspect_model_dir(tmp_path)
     with pytest.raises(ModelLoadError, match="is not a directory"):

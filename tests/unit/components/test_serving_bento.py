@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from asgi_server import free_port
 from kubetune_components.common.errors import ConfigError
 from kubetune_components.serving import bento as bento_module
+from kubetune_components.serving.artifacts import inspect_model_dir
 from kubetune_components.serving.bento import (
     bento_name,
     bentoml_home_context,
@@ -34,7 +35,6 @@ from kubetune_components.serving.bento import (
     export_bento,
     import_bento,
 )
-from kubetune_components.serving.runtime import inspect_model_dir
 from kubetune_components.serving.service import resolve_model
 from kubetune_contract.serving import MODEL_ALIAS
 

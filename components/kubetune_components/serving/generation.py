@@ -1,0 +1,246 @@
+"""Generation token by token: the rows of one (possibly batched) Hugging Face `generate` call.
+
+`generate` runs greedily and swaps in its own sampling through a logits processor with a
+per-request `torch.Generator` (so a seed gives the same text whatever else runs concurrently); a
+stopping criterion sees every new token of every row, which is what streams text, applies stop
+sequences and per-row token limits, and notices cancelled requests.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from kubetune_components.serving.requests import Completion, FinishReason, PreparedPrompt, SamplingParams
+
+
+class IncrementalDecoder:
+    """Text of a growing token sequence, as deltas that never split a multi-byte character.
+
+    Decodes a short window around the newest tokens (like text-generation-inference) so the
+    deltas concatenate to the decoding of the whole sequence for byte-level and sentencepiece
+    tokenizers alike.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, tokens: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        prefix_text = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.tokens[self.prefix_offset :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.tokens)
+            return new_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        """What is still held back (an incomplete character decodes to U+FFFD)."""
+        prefix_text = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.tokens[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.tokens)
+        return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that could be the start of a stop sequence."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+class GenerationRow:
+    """One request inside a (possibly batched) generate call: its limits, its text and its end."""
+
+    def __init__(
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        max_tokens: int,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: frozenset[int],
+        on_delta: Callable[[str], None] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> None:
+        self.prompt = prompt
+        self.params = params
+        self.max_tokens = max_tokens
+        self.eos_ids = eos_ids
+        self.on_delta = on_delta
+        self.cancelled = cancelled or threading.Event()
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.raw_text = ""
+        self.sent = ""
+        self.generated = 0
+        self.finish_reason: FinishReason | None = None
+        self.first_token_at: float | None = None
+        self.generator: torch.Generator | None = None
+        if params.temperature > 0:
+            self.generator = torch.Generator()
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.cancelled.is_set()
+
+    def _emit(self, visible: str) -> None:
+        delta = visible[len(self.sent) :]
+        if delta:
+            self.sent = visible
+            if self.on_delta is not None:
+                self.on_delta(delta)
+
+    def _finish(self, reason: FinishReason) -> None:
+        self.raw_text += self.decoder.flush()
+        visible = self.raw_text
+        stop_at = self._stop_position()
+        if stop_at is not None:
+            visible, reason = self.raw_text[:stop_at], "stop"
+        self._emit(visible)
+        self.finish_reason = reason
+
+    def _stop_position(self) -> int | None:
+        positions = [index for stop in self.params.stop if (index := self.raw_text.find(stop)) >= 0]
+        return min(positions) if positions else None
+
+    def accept(self, token: int) -> bool:
+        """Take the next generated token; True once the row is finished."""
+        if self.done:
+            return True
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if token in self.eos_ids:
+            self._finish("stop")
+            return True
+        self.generated += 1
+        self.raw_text += self.decoder.add(token)
+        stop_at = self._stop_position()
+        if stop_at is not None:
+            self._emit(self.raw_text[:stop_at])
+            self.finish_reason = "stop"
+            return True
+        if self.generated >= self.max_tokens:
+            self._finish("length")
+            return True
+        held = _held_back(self.raw_text, self.params.stop)
+        self._emit(self.raw_text[: len(self.raw_text) - held])
+        return False
+
+    def completion(self) -> Completion:
+        if self.finish_reason is None:
+            self._finish("length")
+        assert self.finish_reason is not None
+        return Completion(
+            text=self.sent,
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.prompt.token_ids),
+            completion_tokens=self.generated,
+            first_token_at=self.first_token_at,
+        )
+
+
+class _RowsCriteria(StoppingCriteria):
+    """Feeds each step's new tokens to the rows; a row that is done stops generating."""
+
+    def __init__(self, rows: Sequence[GenerationRow]) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        newest = input_ids[:, -1].tolist()
+        finished = [row.accept(int(token)) for row, token in zip(self.rows, newest, strict=True)]
+        return cast(torch.BoolTensor, torch.tensor(finished, dtype=torch.bool, device=input_ids.device))
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """Nucleus sampling from one row of logits."""
+    probabilities = torch.softmax(logits.detach().float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probabilities, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs[before >= top_p] = 0.0
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice].item())
+    return int(torch.multinomial(probabilities, 1, generator=generator).item())
+
+
+class _SamplingProcessor(LogitsProcessor):
+    """Rows with a temperature get a sampled token as the only finite score, so greedy picks it."""
+
+    def __init__(self, rows: Sequence[GenerationRow]) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for index, row in enumerate(self.rows):
+            if row.generator is None or row.done:
+                continue
+            token = sample_token(scores[index], row.params.temperature, row.params.top_p, row.generator)
+            scores[index].fill_(-math.inf)
+            scores[index, token] = 0.0
+        return scores
+
+
+def generate_rows(
+    model: torch.nn.Module,
+    rows: Sequence[GenerationRow],
+    *,
+    pad_id: int,
+    eos_ids: frozenset[int],
+    device: torch.device,
+) -> None:
+    """One `generate` call over left-padded rows (blocking; call it off the event loop)."""
+    active = [row for row in rows if not row.done]
+    if not active:
+        return
+    width = max(len(row.prompt.token_ids) for row in active)
+    input_ids = torch.full((len(active), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(active), width), dtype=torch.long)
+    for index, row in enumerate(active):
+        length = len(row.prompt.token_ids)
+        input_ids[index, width - length :] = torch.tensor(row.prompt.token_ids, dtype=torch.long)
+        attention_mask[index, width - length :] = 1
+    config = GenerationConfig(
+        max_new_tokens=max(row.max_tokens for row in active),
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=sorted(eos_ids) or None,
+        pad_token_id=pad_id,
+    )
+    processors = LogitsProcessorList()
+    if any(row.generator is not None for row in active):
+        processors.append(_SamplingProcessor(active))
+    generate: Any = model.generate  # type: ignore[operator]
+    with torch.inference_mode():
+        generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+            logits_processor=processors,
+            stopping_criteria=StoppingCriteriaList([_RowsCriteria(active)]),
+        )
