@@ -13,8 +13,9 @@ import kmock
 import kopf
 import pytest
 
-if TYPE_CHECKING:  # never import conftest at runtime: pytest reuses the module name for all of them
-    from conftest import Cluster, OperatorRunner
+if TYPE_CHECKING:
+    from fixtures.cluster import Cluster
+    from fixtures.operator import OperatorRunner
 
 FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"
 LAST_HANDLED = "kopf.zalando.org/last-handled-configuration"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 if TYPE_CHECKING:
-    from conftest import Cluster
+    from fixtures.cluster import Cluster
 
 FAKE_STEPS = Path(__file__).parent / "fake_steps"
 

@@ -4,7 +4,8 @@ The emulator runs no Deployment controller: a test plays it by writing a Deploym
 approximates server-side apply as create-or-merge-patch (see kubetune.kube.apply), and deleting an
 owner deletes its dependents, as the garbage collector does.
 
-The first tests drive kubetune.kube.apply / serving directly over HTTP; the last ones run the operator.
+The first tests drive kubetune.kube.apply / serving directly with the operator's lightkube client
+(configured from the k8s fixture's kubeconfig, as the operator's is); the last ones run the operator.
 """
 
 from __future__ import annotations
@@ -18,20 +19,24 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import kmock
 import pytest
+from fixtures.resources import ResourceSpec
+from lightkube import AsyncClient
 
+from kubetune.handlers.deployment import ServingFromWorkerThread
 from kubetune.kube import apply as kube
 from kubetune.kube import permissions
-from kubetune.kube.apply import BlockingKube, ChildConflict, SessionApi
+from kubetune.kube.apply import ChildConflict
 from kubetune.kube.children import ChildImages, build_gateway_config_map
+from kubetune.kube.client import async_client, cluster_config
 from kubetune.kube.serving import KubernetesServing
 from kubetune.plan.versions import DeploymentRef, VersionServing
 from kubetune_contract.deployment import Autoscaling, Serving
 
 if TYPE_CHECKING:
-    from conftest import Cluster, OperatorRunner
+    from fixtures.cluster import Cluster
+    from fixtures.operator import OperatorRunner
 
 # Read when the handlers module is first imported (by run_operator): a tick every half second.
 os.environ.setdefault("KUBETUNE_RECONCILE_INTERVAL", "0.5")
@@ -46,15 +51,18 @@ async def cluster(k8s: Cluster) -> Cluster:
     try:
         k8s.resource("modeldeployments")
     except LookupError:
-        spec_type = type(k8s.resource("finetunejobs"))  # conftest's ResourceSpec, without importing it
-        k8s.register(spec_type("kubetune.dev", "v1alpha1", "modeldeployments", "ModelDeployment"))
+        k8s.register(ResourceSpec("kubetune.dev", "v1alpha1", "modeldeployments", "ModelDeployment"))
     return k8s
 
 
 @pytest.fixture
-async def api(cluster: Cluster) -> AsyncIterator[SessionApi]:
-    async with aiohttp.ClientSession() as session:
-        yield SessionApi(session, cluster.url)
+async def api(cluster: Cluster) -> AsyncIterator[AsyncClient]:
+    """The client the operator makes, from the same kubeconfig (the k8s fixture's, for the emulator)."""
+    client = async_client(cluster_config())
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 async def an_owner(cluster: Cluster, name: str = "support-bot") -> DeploymentRef:
@@ -104,21 +112,20 @@ async def play_deployment_controller(cluster: Cluster, name: str, ready: int = 1
 # ---- the apply client and the serving backend, without the operator -------------------------------
 
 
-async def test_blocking_kube_runs_coroutines_on_its_loop_for_worker_threads() -> None:
+async def test_a_reconcile_thread_waits_for_serving_calls_run_on_the_clients_loop(
+    cluster: Cluster, api: AsyncClient
+) -> None:
+    ref = await an_owner(cluster)
     loop = asyncio.get_running_loop()
-    runner = BlockingKube(loop)
-
-    async def which_loop() -> asyncio.AbstractEventLoop:
-        return asyncio.get_running_loop()
-
-    assert await asyncio.to_thread(runner.run, which_loop()) is loop
-    on_the_loop = which_loop()
-    with pytest.raises(RuntimeError, match="would deadlock"):
-        runner.run(on_the_loop)
-    on_the_loop.close()
+    serving = ServingFromWorkerThread(KubernetesServing(api, IMAGES), loop)
+    seen = await asyncio.to_thread(serving.ensure_versions, ref, [serving_of(ref, "tuned", "hf://acme/x")])
+    assert seen["tuned"].url == "http://support-bot-tuned.default.svc:3000"
+    assert cluster.peek("deployments", "support-bot-tuned") is not None
+    await asyncio.to_thread(serving.remove, ref)
+    assert cluster.peek("deployments", "support-bot-tuned") is None
 
 
-async def test_apply_creates_then_updates_in_place(cluster: Cluster, api: SessionApi) -> None:
+async def test_apply_creates_then_updates_in_place(cluster: Cluster, api: AsyncClient) -> None:
     ref = await an_owner(cluster)
     first = await kube.apply(api, build_gateway_config_map(ref, {"weights": [80, 20]}))
     again = await kube.apply(api, build_gateway_config_map(ref, {"weights": [80, 20]}))
@@ -137,7 +144,9 @@ async def test_apply_creates_then_updates_in_place(cluster: Cluster, api: Sessio
     assert all(r.params == {"fieldManager": "kubetune", "force": "true"} for r in applies)
 
 
-async def test_apply_refuses_an_object_controlled_by_another_owner(cluster: Cluster, api: SessionApi) -> None:
+async def test_apply_refuses_an_object_controlled_by_another_owner(
+    cluster: Cluster, api: AsyncClient
+) -> None:
     ref = await an_owner(cluster)
     other = await an_owner(cluster, "other")
     stranger = build_gateway_config_map(other, {})
@@ -160,7 +169,7 @@ async def test_apply_refuses_an_object_controlled_by_another_owner(cluster: Clus
 
 
 async def test_ensure_versions_applies_reports_readiness_and_prunes(
-    cluster: Cluster, api: SessionApi
+    cluster: Cluster, api: AsyncClient
 ) -> None:
     ref = await an_owner(cluster)
     clock = FakeClock(datetime(2026, 1, 1, tzinfo=UTC).timestamp())
@@ -170,7 +179,7 @@ async def test_ensure_versions_applies_reports_readiness_and_prunes(
         serving_of(ref, "tuned", "pvc://artifacts/tuned", autoscaled),
         serving_of(ref, "int8", "hf://acme/int8", autoscaled),
     ]
-    seen = await backend.aensure_versions(ref, versions)
+    seen = await backend.ensure_versions(ref, versions)
     assert {name: (o.url, o.ready) for name, o in seen.items()} == {
         "tuned": ("http://support-bot-tuned.default.svc:3000", False),
         "int8": ("http://support-bot-int8.default.svc:3000", False),
@@ -181,58 +190,58 @@ async def test_ensure_versions_applies_reports_readiness_and_prunes(
         assert cluster.peek(kind, "support-bot-int8") is not None
 
     await play_deployment_controller(cluster, "support-bot-tuned")
-    seen = await backend.aensure_versions(ref, versions)
+    seen = await backend.ensure_versions(ref, versions)
     assert (seen["tuned"].ready, seen["int8"].ready) == (True, False)
 
     # int8 leaves and tuned loses its autoscaler. The HPA goes at once; int8 keeps serving for the
     # grace period (the gateway's pods may not have the new config yet), then its objects go.
     clock.now += 1
     plain_tuned = serving_of(ref, "tuned", "pvc://artifacts/tuned", Serving(replicas=1))
-    seen = await backend.aensure_versions(ref, [plain_tuned])
+    seen = await backend.ensure_versions(ref, [plain_tuned])
     assert list(seen) == ["tuned"]
     assert cluster.peek("horizontalpodautoscalers", "support-bot-tuned") is None
     retired = cluster.peek("deployments", "support-bot-int8")
     assert retired is not None
     assert retired["metadata"]["annotations"]["kubetune.dev/retired-at"] == "2026-01-01T00:00:01Z"
     clock.now += 59
-    await backend.aensure_versions(ref, [plain_tuned])
+    await backend.ensure_versions(ref, [plain_tuned])
     assert cluster.peek("services", "support-bot-int8") is not None
     clock.now += 1
-    await backend.aensure_versions(ref, [plain_tuned])
+    await backend.ensure_versions(ref, [plain_tuned])
     for kind in ("deployments", "services", "horizontalpodautoscalers"):
         assert cluster.peek(kind, "support-bot-int8") is None
     assert cluster.peek("deployments", "support-bot-tuned") is not None
 
     # A version that comes back within its grace period is not deleted later.
-    await backend.aensure_versions(ref, [])
+    await backend.ensure_versions(ref, [])
     assert (
         "kubetune.dev/retired-at"
         in cluster.peek("deployments", "support-bot-tuned")["metadata"]["annotations"]
     )  # type: ignore[index]
-    await backend.aensure_versions(ref, [plain_tuned])
+    await backend.ensure_versions(ref, [plain_tuned])
     clock.now += 3600
-    await backend.aensure_versions(ref, [plain_tuned])
+    await backend.ensure_versions(ref, [plain_tuned])
     back = cluster.peek("deployments", "support-bot-tuned")
     assert back is not None and "kubetune.dev/retired-at" not in back["metadata"]["annotations"]
 
     # A version that cannot be served on a cluster is reported; its objects stay as they are.
-    seen = await backend.aensure_versions(ref, [serving_of(ref, "tuned", "/local/path")])
+    seen = await backend.ensure_versions(ref, [serving_of(ref, "tuned", "/local/path")])
     assert not seen["tuned"].ready and "local path" in (seen["tuned"].message or "")
     assert cluster.peek("deployments", "support-bot-tuned") is not None
 
-    deleted = await backend.aremove(ref)
+    deleted = await backend.remove(ref)
     assert sorted(deleted) == [("Deployment", "support-bot-tuned"), ("Service", "support-bot-tuned")]
 
 
-async def test_prune_never_deletes_what_another_owner_controls(cluster: Cluster, api: SessionApi) -> None:
+async def test_prune_never_deletes_what_another_owner_controls(cluster: Cluster, api: AsyncClient) -> None:
     ref = await an_owner(cluster)
     other = await an_owner(cluster, "other")
     backend = KubernetesServing(api, IMAGES, retire_after_s=0)
-    await backend.aensure_versions(other, [serving_of(other, "v1", "hf://acme/x")])
+    await backend.ensure_versions(other, [serving_of(other, "v1", "hf://acme/x")])
     labelled = copy.deepcopy(await cluster.get("services", "other-v1"))
     labelled["metadata"]["labels"]["kubetune.dev/deployment"] = "support-bot"  # carries our label
     await cluster.replace("services", "other-v1", labelled)
-    await backend.aensure_versions(ref, [])
+    await backend.ensure_versions(ref, [])
     assert cluster.peek("services", "other-v1") is not None
 
 
@@ -277,16 +286,13 @@ def owned_by(obj: dict[str, Any], owner: dict[str, Any]) -> bool:
 
 
 def rbac_grants(cluster: Cluster) -> set[tuple[str, str, str]]:
-    """The (apiGroup, resource, verb) RBAC checks for each request the operator (Kopf's client) made."""
+    """The (apiGroup, resource, verb) RBAC checks for each request the operator (Kopf and kubetune's
+    client) made."""
     grants = set()
-    for request in list(cluster.emulator):
+    for request in cluster.operator_requests():
         resource = request.resource
-        if (
-            not request.headers.get("User-Agent", "").startswith("kopf/")
-            or resource is None
-            or not resource.plural
-        ):
-            continue  # the test's own requests, or discovery
+        if resource is None or not resource.plural:
+            continue  # discovery
         plural = f"{resource.plural}/{request.subresource}" if request.subresource else resource.plural
         verb = {
             "GET": {kmock.action.WATCH: "watch", kmock.action.LIST: "list"}.get(request.action, "get"),

@@ -16,7 +16,8 @@ from kubetune.config import OperatorConfig
 from kubetune.reconcile.jobs import Backends
 
 if TYPE_CHECKING:
-    from conftest import Cluster, OperatorRunner
+    from fixtures.cluster import Cluster
+    from fixtures.operator import OperatorRunner
 
 os.environ.setdefault("KUBETUNE_RECONCILE_INTERVAL", "0.5")
 

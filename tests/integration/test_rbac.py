@@ -26,7 +26,8 @@ from kubetune.kube import permissions
 from kubetune.reconcile.jobs import Backends
 
 if TYPE_CHECKING:
-    from conftest import Cluster, OperatorRunner
+    from fixtures.cluster import Cluster
+    from fixtures.operator import OperatorRunner
 
 os.environ.setdefault("KUBETUNE_RECONCILE_INTERVAL", "0.5")
 

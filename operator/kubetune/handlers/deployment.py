@@ -18,7 +18,9 @@ collector delete them, so there is no delete handler (Kopf's finalizer is there 
 timer).
 
 The pass runs in a worker thread (the brain and the ServingBackend protocol are synchronous, and it
-queries Prometheus); its Kubernetes API calls run on Kopf's event loop with Kopf's credentials.
+queries Prometheus); its Kubernetes API calls are coroutines of lightkube's AsyncClient, awaited on
+Kopf's event loop where the client lives (:class:`ServingFromWorkerThread`). The client is made at
+startup from the credentials the operator logs Kopf in with (:mod:`kubetune.handlers.login`).
 
 Settings (environment; see :class:`DeploymentSettings`): KUBETUNE_SERVING_IMAGE (default: the
 runtime image, KUBETUNE_RUNTIME_IMAGE), KUBETUNE_GATEWAY_IMAGE (default: the operator's image),
@@ -34,18 +36,27 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
+from lightkube import AsyncClient
 
 from kubetune.config import OperatorConfig
 from kubetune.handlers.metrics import METRICS
-from kubetune.kube.apply import BlockingKube, KopfApi
 from kubetune.kube.children import DEFAULT_GATEWAY_IMAGE, DEPLOYMENT_LABEL, ChildImages
+from kubetune.kube.client import async_client, cluster_config
 from kubetune.kube.serving import RETIRE_AFTER_S, KubernetesServing
-from kubetune.reconcile.deployment import DeploymentOutcome, JobLookup, reconcile_deployment
+from kubetune.reconcile.deployment import (
+    DeploymentOutcome,
+    DeploymentRef,
+    GatewayObservation,
+    JobLookup,
+    VersionObservation,
+    VersionServing,
+    reconcile_deployment,
+)
 from kubetune.rollout.analysis import QueryClient
 from kubetune.rollout.prometheus import PrometheusClient
 from kubetune_contract.common import GROUP, VERSION
@@ -56,6 +67,9 @@ RESYNC_S = 30.0
 ERROR_BACKOFF_S = (1.0, 5.0, 15.0, 60.0)
 _INTERVAL_S = OperatorConfig.from_env().reconcile_interval_s
 _MEMO_KEY = "modeldeployments"
+API_TIMEOUT_S = 60.0  # one serving call (a few API requests) from the reconcile's worker thread
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +108,40 @@ class DeploymentSettings:
 
 @dataclass
 class _Schedule:
-    """When each ModelDeployment (by uid) is next due, and the generation last reconciled."""
+    """When one ModelDeployment is next due, and the generation last reconciled."""
 
     generation: int | None = None
     due: float = 0.0
     failures: int = 0
+
+
+@dataclass
+class Schedules:
+    """When each ModelDeployment (by uid) is next due for a reconcile pass."""
+
+    by_uid: dict[str, _Schedule] = field(default_factory=dict)
+
+    def due(self, uid: str, generation: int | None, now: float) -> bool:
+        schedule = self.by_uid.get(uid)
+        return schedule is None or schedule.generation != generation or now >= schedule.due
+
+    def done(self, uid: str, generation: int | None, now: float, requeue_after: float | None) -> None:
+        wait = RESYNC_S if requeue_after is None else min(max(requeue_after, 0.0), RESYNC_S)
+        self.by_uid[uid] = _Schedule(generation=generation, due=now + wait)
+
+    def poke(self, uid: str) -> None:
+        """Make a reconciled deployment due at the next tick (something it owns changed)."""
+        schedule = self.by_uid.get(uid)
+        if schedule is not None and schedule.failures == 0:
+            schedule.due = 0.0
+
+    def failed(self, uid: str, generation: int | None, now: float) -> None:
+        failures = self.by_uid[uid].failures + 1 if uid in self.by_uid else 1
+        backoff = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S)) - 1]
+        self.by_uid[uid] = _Schedule(generation=generation, due=now + backoff, failures=failures)
+
+    def forget(self, uid: str) -> None:
+        self.by_uid.pop(uid, None)
 
 
 @dataclass
@@ -107,27 +150,8 @@ class DeploymentRuntime:
 
     settings: DeploymentSettings
     prometheus: QueryClient | None
-    kopf_settings: kopf.OperatorSettings  # resource handlers are not given them; API calls need them
-    schedules: dict[str, _Schedule] = field(default_factory=dict)
-
-    def due(self, uid: str, generation: int | None, now: float) -> bool:
-        schedule = self.schedules.get(uid)
-        return schedule is None or schedule.generation != generation or now >= schedule.due
-
-    def done(self, uid: str, generation: int | None, now: float, requeue_after: float | None) -> None:
-        wait = RESYNC_S if requeue_after is None else min(max(requeue_after, 0.0), RESYNC_S)
-        self.schedules[uid] = _Schedule(generation=generation, due=now + wait)
-
-    def poke(self, uid: str) -> None:
-        """Make a reconciled deployment due at the next tick (something it owns changed)."""
-        schedule = self.schedules.get(uid)
-        if schedule is not None and schedule.failures == 0:
-            schedule.due = 0.0
-
-    def failed(self, uid: str, generation: int | None, now: float) -> None:
-        failures = self.schedules[uid].failures + 1 if uid in self.schedules else 1
-        backoff = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S)) - 1]
-        self.schedules[uid] = _Schedule(generation=generation, due=now + backoff, failures=failures)
+    client: AsyncClient
+    schedules: Schedules = field(default_factory=Schedules)
 
 
 def _runtime(memo: kopf.Memo) -> DeploymentRuntime:
@@ -138,15 +162,48 @@ def _runtime(memo: kopf.Memo) -> DeploymentRuntime:
 
 
 @kopf.on.startup()
-def configure_modeldeployments(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+def configure_modeldeployments(memo: kopf.Memo, **_: Any) -> None:
     """Read the settings at startup, so a bad value stops the operator with a clear message."""
     deployment_settings = DeploymentSettings.from_env()
     url = deployment_settings.prometheus_url
     memo[_MEMO_KEY] = DeploymentRuntime(
         settings=deployment_settings,
         prometheus=PrometheusClient(url) if url else None,
-        kopf_settings=settings,
+        client=async_client(cluster_config()),
     )
+
+
+@kopf.on.cleanup()
+async def close_kubernetes_client(memo: kopf.Memo, **_: Any) -> None:
+    runtime = memo.get(_MEMO_KEY)
+    if isinstance(runtime, DeploymentRuntime):
+        await runtime.client.close()
+
+
+class ServingFromWorkerThread:
+    """The synchronous ServingBackend the reconcile calls from its worker thread.
+
+    Each call awaits the :class:`KubernetesServing` coroutine on the operator's event loop, which
+    owns the client's connections, and waits for it at most :data:`API_TIMEOUT_S`.
+    """
+
+    def __init__(self, serving: KubernetesServing, loop: asyncio.AbstractEventLoop) -> None:
+        self.serving = serving
+        self.loop = loop
+
+    def _wait(self, call: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(call, self.loop).result(API_TIMEOUT_S)
+
+    def ensure_versions(
+        self, deployment: DeploymentRef, versions: Sequence[VersionServing]
+    ) -> Mapping[str, VersionObservation]:
+        return self._wait(self.serving.ensure_versions(deployment, versions))
+
+    def ensure_gateway(self, deployment: DeploymentRef, config: Mapping[str, Any]) -> GatewayObservation:
+        return self._wait(self.serving.ensure_gateway(deployment, config))
+
+    def remove(self, deployment: DeploymentRef) -> None:
+        self._wait(self.serving.remove(deployment))
 
 
 # ---- the jobs a version's model comes from ----------------------------------------------------------
@@ -207,20 +264,15 @@ async def reconcile_modeldeployment(
     body: kopf.Body,
     patch: kopf.Patch,
     memo: kopf.Memo,
-    logger: kopf.Logger,
     **kwargs: Any,
 ) -> None:
     runtime = _runtime(memo)
     uid = str(body.metadata.uid)
     generation = body.metadata.get("generation")
-    if not runtime.due(uid, generation, time.monotonic()):
+    if not runtime.schedules.due(uid, generation, time.monotonic()):
         return
-    api = KopfApi(runtime.kopf_settings, logger)
     serving = KubernetesServing(
-        api,
-        runtime.settings.images,
-        BlockingKube(asyncio.get_running_loop()),
-        retire_after_s=runtime.settings.retire_after_s,
+        runtime.client, runtime.settings.images, retire_after_s=runtime.settings.retire_after_s
     )
     lookup = job_lookup(kwargs["mdep_finetunejobs"], kwargs["mdep_quantizejobs"])
     try:
@@ -229,13 +281,13 @@ async def reconcile_modeldeployment(
                 reconcile_deployment,
                 copy.deepcopy(dict(body)),
                 lookup=lookup,
-                serving=serving,
+                serving=ServingFromWorkerThread(serving, asyncio.get_running_loop()),
                 prometheus=runtime.prometheus,
             )
     except Exception:
-        runtime.failed(uid, generation, time.monotonic())
+        runtime.schedules.failed(uid, generation, time.monotonic())
         raise
-    runtime.done(uid, generation, time.monotonic(), outcome.requeue_after)
+    runtime.schedules.done(uid, generation, time.monotonic(), outcome.requeue_after)
     _write(outcome, body, patch)
 
 
@@ -245,7 +297,7 @@ def observe_modeldeployment(type: str | None, body: kopf.Body, memo: kopf.Memo, 
     namespace, name = body.metadata.namespace, str(body.metadata.name)
     if type == "DELETED":
         METRICS.observe_rollout(namespace, name, None)
-        _runtime(memo).schedules.pop(str(body.metadata.uid), None)
+        _runtime(memo).schedules.forget(str(body.metadata.uid))
         return
     rollout = (body.get("status") or {}).get("rollout") or {}
     METRICS.observe_rollout(namespace, name, rollout.get("state"))
@@ -256,4 +308,4 @@ def notice_child_deployment(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A Deployment of a ModelDeployment changed (pods became ready, or went away): look again soon."""
     for owner in body.metadata.get("ownerReferences") or []:
         if owner.get("kind") == KIND and owner.get("controller"):
-            _runtime(memo).poke(str(owner.get("uid")))
+            _runtime(memo).schedules.poke(str(owner.get("uid")))

@@ -13,7 +13,11 @@ from kubetune.handlers.metrics import port_from_env
 
 # The modules whose Kopf handlers make up the operator (importing one registers its handlers). The
 # RBAC integration test runs exactly these, so every API call they make is checked against the rules.
-HANDLER_MODULES: tuple[str, ...] = ("kubetune.handlers.jobs", "kubetune.handlers.deployment")
+HANDLER_MODULES: tuple[str, ...] = (
+    "kubetune.handlers.login",
+    "kubetune.handlers.jobs",
+    "kubetune.handlers.deployment",
+)
 
 
 def run_operator(

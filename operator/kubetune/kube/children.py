@@ -130,9 +130,14 @@ def gateway_endpoint(ref: DeploymentRef) -> str:
     return f"http://{gateway_name(ref.name)}.{ref.namespace}.svc:{GATEWAY_PORT}/v1"
 
 
-def child_selector(deployment: str) -> str:
-    """Label selector of every child of a ModelDeployment."""
-    return f"{DEPLOYMENT_LABEL}={deployment}"
+def child_selector(deployment: str) -> dict[str, str]:
+    """The labels every child of a ModelDeployment carries (a label selector of all of them)."""
+    return {DEPLOYMENT_LABEL: deployment}
+
+
+def version_children_selector(deployment: str) -> dict[str, str]:
+    """The labels every version child of a ModelDeployment carries (not the gateway's)."""
+    return {DEPLOYMENT_LABEL: deployment, COMPONENT_LABEL: SERVING_COMPONENT}
 
 
 def _common_labels(deployment: str, component: str, instance: str) -> dict[str, str]:

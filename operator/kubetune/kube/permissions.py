@@ -25,7 +25,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from kubetune.api.registry import ResourceDefinition, all_definitions
+from kubetune.api.definition import ResourceDefinition
+from kubetune.api.registry import all_definitions
 
 Grant = tuple[str, str, str]  # (apiGroup, resource or resource/subresource, verb)
 

@@ -15,9 +15,7 @@ owned by another object) is reported as not ready with the reason, and its exist
 left as they are; the other versions go on. Server errors and timeouts raise, so the reconcile is
 retried.
 
-The Protocol is synchronous (it is shared with local mode); the API calls are coroutines run on the
-operator's event loop through :class:`BlockingKube`, so call these methods from a worker thread.
-The ``a``-prefixed coroutines do the same work for async callers.
+Every method is a coroutine over lightkube's AsyncClient, awaited on the operator's event loop.
 """
 
 from __future__ import annotations
@@ -27,12 +25,12 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from lightkube import ApiError, AsyncClient
+
 from kubetune.kube import apply as kube
-from kubetune.kube.apply import BlockingKube, ChildConflict, KubeApi, KubeApiError
+from kubetune.kube.apply import ChildConflict
 from kubetune.kube.children import (
-    COMPONENT_LABEL,
     RETIRED_AT_ANNOTATION,
-    SERVING_COMPONENT,
     VERSION_LABEL,
     ChildImages,
     build_gateway_children,
@@ -41,6 +39,7 @@ from kubetune.kube.children import (
     gateway_endpoint,
     gateway_name,
     version_child_name,
+    version_children_selector,
     version_url,
 )
 from kubetune.kube.permissions import ChildResource
@@ -115,8 +114,8 @@ def _applies_replicas(stored: Mapping[str, Any], manager: str) -> bool:
     return False
 
 
-def _client_error(error: KubeApiError) -> bool:
-    return 400 <= error.status < 500
+def _client_error(error: ApiError) -> bool:
+    return 400 <= kube.status_code(error) < 500
 
 
 class KubernetesServing:
@@ -124,40 +123,18 @@ class KubernetesServing:
 
     def __init__(
         self,
-        api: KubeApi,
+        client: AsyncClient,
         images: ChildImages,
-        kube_runner: BlockingKube | None = None,
         *,
         retire_after_s: float = RETIRE_AFTER_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.api = api
+        self.client = client
         self.images = images
-        self.runner = kube_runner
         self.retire_after_s = retire_after_s
         self.clock = clock
 
-    # ---- the synchronous ServingBackend ------------------------------------------------------------
-
-    def _blocking(self) -> BlockingKube:
-        if self.runner is None:
-            raise RuntimeError("KubernetesServing needs a BlockingKube for its synchronous methods")
-        return self.runner
-
-    def ensure_versions(
-        self, deployment: DeploymentRef, versions: Sequence[VersionServing]
-    ) -> Mapping[str, VersionObservation]:
-        return self._blocking().run(self.aensure_versions(deployment, versions))
-
-    def ensure_gateway(self, deployment: DeploymentRef, config: Mapping[str, Any]) -> GatewayObservation:
-        return self._blocking().run(self.aensure_gateway(deployment, config))
-
-    def remove(self, deployment: DeploymentRef) -> None:
-        self._blocking().run(self.aremove(deployment))
-
-    # ---- the work ------------------------------------------------------------------------------------
-
-    async def aensure_versions(
+    async def ensure_versions(
         self, deployment: DeploymentRef, versions: Sequence[VersionServing]
     ) -> dict[str, VersionObservation]:
         observations: dict[str, VersionObservation] = {}
@@ -184,10 +161,10 @@ class KubernetesServing:
         its Deployment): the gateway's pods see the ConfigMap without it only once the kubelet has
         refreshed the mounted file, and until then they may still send it requests.
         """
-        selector = f"{child_selector(deployment.name)},{COMPONENT_LABEL}={SERVING_COMPONENT}"
+        selector = version_children_selector(deployment.name)
         unwanted: dict[str, list[tuple[ChildResource, dict[str, Any]]]] = {}
         for resource in VERSION_RESOURCES:
-            for obj in await kube.list_objects(self.api, resource, deployment.namespace, selector):
+            for obj in await kube.list_objects(self.client, resource, deployment.namespace, selector):
                 meta = obj["metadata"]
                 if (resource.kind, meta["name"]) in keep:
                     continue
@@ -204,13 +181,13 @@ class KubernetesServing:
                     stamp = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
                     patch = {"metadata": {"annotations": {RETIRED_AT_ANNOTATION: stamp}}}
                     await kube.merge_patch(
-                        self.api, kube.DEPLOYMENTS, deployment.namespace, server["metadata"]["name"], patch
+                        self.client, kube.DEPLOYMENTS, deployment.namespace, server["metadata"]["name"], patch
                     )
                     continue
                 if now - retired_at < self.retire_after_s:
                     continue
             for resource, obj in objects:
-                await kube.delete(self.api, resource, deployment.namespace, obj["metadata"]["name"])
+                await kube.delete(self.client, resource, deployment.namespace, obj["metadata"]["name"])
 
     async def _apply_version(
         self, deployment: DeploymentRef, version: VersionServing, children: list[dict[str, Any]]
@@ -218,10 +195,10 @@ class KubernetesServing:
         try:
             if version.serving.autoscaling is not None:
                 await self._hand_replicas_over(deployment, children[0])
-            stored = [await kube.apply(self.api, child) for child in children]
+            stored = [await kube.apply(self.client, child) for child in children]
         except ChildConflict as error:
             return VersionObservation(url=None, ready=False, message=str(error))
-        except KubeApiError as error:
+        except ApiError as error:
             if not _client_error(error):
                 raise
             refused = f"the API server refused version {version.name}'s objects: {error}"
@@ -230,7 +207,7 @@ class KubernetesServing:
         if _retired_at(server) is not None:  # the version came back before it was deleted
             patch = {"metadata": {"annotations": {RETIRED_AT_ANNOTATION: None}}}
             name = server["metadata"]["name"]
-            server = await kube.merge_patch(self.api, kube.DEPLOYMENTS, deployment.namespace, name, patch)
+            server = await kube.merge_patch(self.client, kube.DEPLOYMENTS, deployment.namespace, name, patch)
         ready, message = rollout_state(server, _required_replicas(version, server))
         return VersionObservation(url=version_url(deployment, version.name), ready=ready, message=message)
 
@@ -243,7 +220,7 @@ class KubernetesServing:
         over (the hand-over in the Kubernetes server-side apply docs).
         """
         meta = server["metadata"]
-        stored = await kube.get(self.api, kube.DEPLOYMENTS, meta["namespace"], meta["name"])
+        stored = await kube.get(self.client, kube.DEPLOYMENTS, meta["namespace"], meta["name"])
         if stored is None or kube.controller_uid(stored) != deployment.uid:
             return  # nothing to keep, or not ours (the apply reports that)
         if not _applies_replicas(stored, kube.FIELD_MANAGER):
@@ -257,19 +234,19 @@ class KubernetesServing:
             "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
             "spec": {"replicas": replicas},
         }
-        await kube.apply(self.api, handover, field_manager=HANDOVER_FIELD_MANAGER)
+        await kube.apply(self.client, handover, field_manager=HANDOVER_FIELD_MANAGER)
 
-    async def aensure_gateway(
+    async def ensure_gateway(
         self, deployment: DeploymentRef, config: Mapping[str, Any]
     ) -> GatewayObservation:
         try:
             stored = [
-                await kube.apply(self.api, child)
+                await kube.apply(self.client, child)
                 for child in build_gateway_children(deployment, config, self.images)
             ]
         except ChildConflict as error:
             return GatewayObservation(endpoint=None, ready=False, message=str(error))
-        except KubeApiError as error:
+        except ApiError as error:
             if not _client_error(error):
                 raise
             return GatewayObservation(
@@ -279,8 +256,8 @@ class KubernetesServing:
         ready, message = rollout_state(gateway, int(gateway.get("spec", {}).get("replicas", 1)))
         return GatewayObservation(endpoint=gateway_endpoint(deployment), ready=ready, message=message)
 
-    async def aremove(self, deployment: DeploymentRef) -> list[tuple[str, str]]:
+    async def remove(self, deployment: DeploymentRef) -> list[tuple[str, str]]:
         """Delete every child of the deployment; returns the (kind, name) of what was deleted."""
         return await kube.prune(
-            self.api, deployment.namespace, child_selector(deployment.name), set(), deployment.uid
+            self.client, deployment.namespace, child_selector(deployment.name), set(), deployment.uid
         )

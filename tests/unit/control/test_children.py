@@ -13,17 +13,20 @@ import json
 import re
 from typing import Any
 
+import httpx2
 import kubernetes_validate
 import pytest
+from lightkube import AsyncClient, KubeConfig
+from lightkube.config.models import Cluster, User
 
 from kubetune.handlers.deployment import (
     ERROR_BACKOFF_S,
     RESYNC_S,
-    DeploymentRuntime,
     DeploymentSettings,
+    Schedules,
     _status_patch,
 )
-from kubetune.kube.apply import KubeApiError, resource_of
+from kubetune.kube.apply import resource_of
 from kubetune.kube.children import (
     CONFIG_CHECKSUM_ANNOTATION,
     DEFAULT_GATEWAY_IMAGE,
@@ -503,24 +506,24 @@ def test_settings_come_from_the_environment() -> None:
 
 
 def test_schedule_runs_new_generations_at_once_and_backs_off_on_errors() -> None:
-    runtime = DeploymentRuntime(DeploymentSettings.from_env({}), prometheus=None, kopf_settings=None)  # type: ignore[arg-type]
-    assert runtime.due("u", 1, now=0.0)  # never reconciled
-    runtime.done("u", 1, now=0.0, requeue_after=5.0)
-    assert not runtime.due("u", 1, now=4.9) and runtime.due("u", 1, now=5.0)
-    assert runtime.due("u", 2, now=0.1)  # a spec change does not wait
-    runtime.done("u", 1, now=0.0, requeue_after=None)
-    assert not runtime.due("u", 1, now=RESYNC_S - 0.1) and runtime.due("u", 1, now=RESYNC_S)
-    runtime.poke("u")  # one of its Deployments changed
-    assert runtime.due("u", 1, now=0.1)
-    runtime.failed("u", 1, now=0.0)
-    runtime.poke("u")  # a failing deployment keeps its backoff
-    assert not runtime.due("u", 1, now=ERROR_BACKOFF_S[0] - 0.1) and runtime.due(
+    schedules = Schedules()
+    assert schedules.due("u", 1, now=0.0)  # never reconciled
+    schedules.done("u", 1, now=0.0, requeue_after=5.0)
+    assert not schedules.due("u", 1, now=4.9) and schedules.due("u", 1, now=5.0)
+    assert schedules.due("u", 2, now=0.1)  # a spec change does not wait
+    schedules.done("u", 1, now=0.0, requeue_after=None)
+    assert not schedules.due("u", 1, now=RESYNC_S - 0.1) and schedules.due("u", 1, now=RESYNC_S)
+    schedules.poke("u")  # one of its Deployments changed
+    assert schedules.due("u", 1, now=0.1)
+    schedules.failed("u", 1, now=0.0)
+    schedules.poke("u")  # a failing deployment keeps its backoff
+    assert not schedules.due("u", 1, now=ERROR_BACKOFF_S[0] - 0.1) and schedules.due(
         "u", 1, now=ERROR_BACKOFF_S[0]
     )
-    runtime.failed("u", 1, now=0.0)
-    assert not runtime.due("u", 1, now=ERROR_BACKOFF_S[1] - 0.1)
-    runtime.poke("unknown")  # never reconciled: nothing to do
-    assert "unknown" not in runtime.schedules
+    schedules.failed("u", 1, now=0.0)
+    assert not schedules.due("u", 1, now=ERROR_BACKOFF_S[1] - 0.1)
+    schedules.poke("unknown")  # never reconciled: nothing to do
+    assert "unknown" not in schedules.by_uid
 
 
 def test_status_patch_sets_changes_and_removes_what_is_gone() -> None:
@@ -532,35 +535,52 @@ def test_status_patch_sets_changes_and_removes_what_is_gone() -> None:
 # ---- server-side apply of a version (kubetune.kube.serving) ------------------------------------------
 
 
-class RecordingApi:
-    """A KubeApi holding one stored Deployment: GETs answer it, PATCHes are recorded and merged."""
+class RecordingApiServer:
+    """An API server holding one stored Deployment: GETs answer it, PATCHes are recorded and answered.
+
+    It answers lightkube's HTTP requests (an ``httpx2.MockTransport``), so what it records is what
+    kubetune sends over the wire: the path, the query parameters and the body of every PATCH.
+    """
 
     def __init__(self, deployment: dict[str, Any]) -> None:
         self.deployment = deployment
         self.patches: list[tuple[str, dict[str, str], Any]] = []
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Any = None,
-        body: Any = None,
-        content_type: str | None = None,
-    ) -> Any:
+    def client(self) -> AsyncClient:
+        transport = httpx2.MockTransport(self.answer)
+        config = KubeConfig.from_one(cluster=Cluster(server="http://api.test"), user=User(token="test"))
+        return AsyncClient(config, transport=transport)
+
+    def answer(self, request: httpx2.Request) -> httpx2.Response:
+        path = request.url.path
         name = path.rsplit("/", 1)[-1]
-        if method == "GET" and "/deployments/" in path:
-            return copy.deepcopy(self.deployment)
-        if method == "GET":
+        if request.method == "GET" and "/deployments/" in path:
+            return httpx2.Response(200, json=copy.deepcopy(self.deployment))
+        if request.method == "GET":
             if path.endswith("s"):  # a list
-                return {"items": []}
-            raise KubeApiError(404, f"{name} not found")
-        if method == "PATCH":
-            self.patches.append((path, dict(params or {}), copy.deepcopy(body)))
+                return httpx2.Response(
+                    200, json={"apiVersion": "v1", "kind": "List", "metadata": {}, "items": []}
+                )
+            status = {"kind": "Status", "apiVersion": "v1", "code": 404, "message": f"{name} not found"}
+            return httpx2.Response(404, json=status, headers={"Content-Type": "application/json"})
+        if request.method == "PATCH":
+            body = json.loads(request.content)
+            self.patches.append((path, dict(request.url.params), copy.deepcopy(body)))
             if "/deployments/" in path:
-                return copy.deepcopy(self.deployment)
-            return copy.deepcopy(body)
-        raise AssertionError(f"unexpected {method} {path}")
+                return httpx2.Response(200, json=copy.deepcopy(self.deployment))
+            return httpx2.Response(200, json=body)
+        raise AssertionError(f"unexpected {request.method} {path}")
+
+
+def ensure_autoscaled_version(server: RecordingApiServer) -> None:
+    async def ensure() -> None:
+        client = server.client()
+        try:
+            await KubernetesServing(client, IMAGES).ensure_versions(REF, [version(serving=AUTOSCALED)])
+        finally:
+            await client.close()
+
+    asyncio.run(ensure())
 
 
 def stored_deployment(replicas: int, managers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -582,9 +602,8 @@ def test_turning_autoscaling_on_hands_the_replica_count_over_instead_of_resettin
         "fieldsType": "FieldsV1",
         "fieldsV1": {"f:spec": {"f:replicas": {}, "f:template": {}}},
     }
-    api = RecordingApi(stored_deployment(3, [owned]))
-    serving = KubernetesServing(api, IMAGES)
-    asyncio.run(serving.aensure_versions(REF, [version(serving=AUTOSCALED)]))
+    api = RecordingApiServer(stored_deployment(3, [owned]))
+    ensure_autoscaled_version(api)
     deployment_patches = [(params, body) for path, params, body in api.patches if "/deployments/" in path]
     (handover_params, handover), (main_params, main) = deployment_patches[:2]
     assert handover_params["fieldManager"] == HANDOVER_FIELD_MANAGER
@@ -609,7 +628,7 @@ def test_no_handover_once_kubetune_no_longer_owns_the_replica_count() -> None:
         "fieldsType": "FieldsV1",
         "fieldsV1": {"f:spec": {"f:template": {}}},
     }
-    api = RecordingApi(stored_deployment(4, [hpa_owned, kubetune_owned]))
-    asyncio.run(KubernetesServing(api, IMAGES).aensure_versions(REF, [version(serving=AUTOSCALED)]))
+    api = RecordingApiServer(stored_deployment(4, [hpa_owned, kubetune_owned]))
+    ensure_autoscaled_version(api)
     managers = [params["fieldManager"] for path, params, _ in api.patches if "/deployments/" in path]
     assert managers == ["kubetune"]
