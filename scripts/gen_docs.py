@@ -27,7 +27,8 @@ from typing import Any
 import yaml
 
 from kubetune.api.crd import openapi_schema
-from kubetune.api.registry import ResourceDefinition, all_definitions
+from kubetune.api.definition import ResourceDefinition
+from kubetune.api.registry import all_definitions
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"

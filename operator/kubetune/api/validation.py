@@ -31,7 +31,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from kubetune.api.crd import openapi_schema
-from kubetune.api.registry import REGISTRY, ResourceDefinition
+from kubetune.api.definition import ResourceDefinition
+from kubetune.api.registry import REGISTRY
 from kubetune_contract.common import DECIMAL_PATTERN, GROUP, MODEL_URI_PATTERN, RATIO_PATTERN
 
 M = TypeVar("M", bound=BaseModel)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kubetune.api.registry import PrinterColumn
+    from kubetune.api.definition import PrinterColumn
 
 _FILTER = re.compile(r'^\[\?\(@\.(\w+)\s*==\s*["\'](.*)["\']\)\]$')
 

@@ -19,7 +19,7 @@ from celpy.adapter import json_to_cel
 from celpy.evaluation import CELEvalError
 
 from kubetune.api.crd import build_crd
-from kubetune.api.registry import FINETUNEJOB
+from kubetune.api.kinds import FINETUNEJOB
 from kubetune.api.validation import ResourceInvalid, parse_resource
 
 _ENV = celpy.Environment()

@@ -13,11 +13,9 @@ import pytest
 import yaml
 
 from kubetune.api import crd as crdgen
+from kubetune.api.definition import CelRule, PrinterColumn, ResourceDefinition
+from kubetune.api.kinds import FINETUNEJOB
 from kubetune.api.registry import (
-    FINETUNEJOB,
-    CelRule,
-    PrinterColumn,
-    ResourceDefinition,
     ResourceRegistry,
     UnknownResource,
     all_definitions,

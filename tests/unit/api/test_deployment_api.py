@@ -16,7 +16,8 @@ from test_crd import structural_problems
 from test_quantize_api import edit
 
 from kubetune.api.crd import build_crd, render_crd_yaml
-from kubetune.api.registry import MODELDEPLOYMENT, get_definition
+from kubetune.api.kinds import MODELDEPLOYMENT
+from kubetune.api.registry import get_definition
 from kubetune.api.validation import ResourceInvalid, parse_resource, validate_documents
 from kubetune_contract.deployment import ModelDeployment, duration_seconds
 

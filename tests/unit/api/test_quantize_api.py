@@ -19,14 +19,8 @@ from test_cel import _program, admit_to, all_rules, apply_defaults
 from test_crd import for_jsonschema, structural_problems
 
 from kubetune.api.crd import _node_at, build_crd, check_crds, render_crd_yaml
-from kubetune.api.registry import (
-    FINETUNEJOB,
-    QUANTIZEJOB,
-    _quantize_target_rules,
-    all_definitions,
-    find_definition,
-    get_definition,
-)
+from kubetune.api.kinds import FINETUNEJOB, QUANTIZEJOB, _quantize_target_rules
+from kubetune.api.registry import all_definitions, find_definition, get_definition
 from kubetune.api.validation import ResourceInvalid, load_documents, parse_resource, validate_documents
 from kubetune_contract import quantize as q
 from kubetune_contract.quantize import QuantizeJob

@@ -10,7 +10,8 @@ from types import ModuleType
 import pytest
 
 from kubetune.api.crd import openapi_schema
-from kubetune.api.registry import ResourceDefinition, all_definitions
+from kubetune.api.definition import ResourceDefinition
+from kubetune.api.registry import all_definitions
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -1,0 +1,307 @@
+"""The three kinds kubetune serves: FineTuneJob, QuantizeJob and ModelDeployment.
+
+Each definition names the kind's models (kubetune_contract), its ``kubectl get`` columns and the CEL
+rules that mirror its pydantic cross-field checks, with the same messages. Adding a kind: write its
+models in kubetune_contract, add a definition here and to :data:`BUILTIN_KINDS`, run
+``kubetune crds --out-dir manifests/crds`` and commit the new file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Set
+from typing import get_args
+
+from kubetune.api.definition import CelRule, PrinterColumn, ResourceDefinition
+from kubetune_contract import deployment, finetune, quantize
+
+# Shared by the kinds: the columns and rules every job has, and the age column of every kind.
+JOB_STATUS_COLUMN = PrinterColumn(
+    "Status", ".status.phase", description="Pending, Running, Succeeded or Failed (status.phase)."
+)
+JOB_REASON_COLUMN = PrinterColumn(
+    "Reason",
+    '.status.conditions[?(@.type=="Succeeded")].reason',
+    description="Why the job is in its phase (reason of the Succeeded condition).",
+    priority=1,
+)
+AGE_COLUMN = PrinterColumn("Age", ".metadata.creationTimestamp", "date")
+JOB_NAME_LENGTH_RULE = CelRule(
+    "", "self.metadata.name.size() <= 63", "metadata.name must be at most 63 characters"
+)
+
+
+def _method_block_rules() -> tuple[CelRule, ...]:
+    """Mirror ``Method._own_block_only``: only the block named by ``type`` may be set (it is optional)."""
+    return tuple(
+        CelRule(
+            "spec.method",
+            f'!has(self.{block}) || self.type == "{method_type}"',
+            f"method.{block} may only be set when method.type is {method_type}",
+        )
+        for method_type, block in finetune.METHOD_BLOCKS.items()
+    )
+
+
+FINETUNEJOB = ResourceDefinition(
+    kind=finetune.KIND,
+    plural=finetune.PLURAL,
+    singular=finetune.KIND.lower(),
+    short_names=tuple(finetune.SHORT_NAMES),
+    model=finetune.FineTuneJob,
+    spec_model=finetune.FineTuneJobSpec,
+    status_model=finetune.FineTuneJobStatus,
+    description=(
+        "FineTuneJob adapts a base model to a domain: it curates and splits a JSONL dataset, trains "
+        "with LoRA, prefix/prompt tuning, IA3 or full fine-tuning, evaluates the tuned model against "
+        "the base model, and publishes it if every gate passes. The spec is immutable: to change a "
+        "run, create a new FineTuneJob."
+    ),
+    printer_columns=(
+        JOB_STATUS_COLUMN,
+        PrinterColumn(
+            "Progress %", ".status.progress.percent", "integer", "Training steps done, in percent."
+        ),
+        PrinterColumn("Base Model", ".spec.baseModel.uri", description="The model being adapted."),
+        AGE_COLUMN,
+        PrinterColumn("Method", ".spec.method.type", description="Adaptation method.", priority=1),
+        PrinterColumn(
+            "Eval Loss", ".status.evaluation.final.evalLoss", "number", "Held-out loss of the tuned model.", 1
+        ),
+        PrinterColumn(
+            "Output", ".status.output.uri", description="Where the tuned model was published.", priority=1
+        ),
+        JOB_REASON_COLUMN,
+    ),
+    rules=(
+        JOB_NAME_LENGTH_RULE,
+        *_method_block_rules(),
+        CelRule(
+            "spec.dataset.curation", "self.minTokens <= self.maxTokens", "minTokens must not exceed maxTokens"
+        ),
+        CelRule(
+            "spec.evaluation.gates[*]",
+            "has(self.min) || has(self.max) || has(self.minImprovement)",
+            "a gate needs min, max or minImprovement",
+        ),
+    ),
+)
+
+
+def _quantize_block_rules() -> tuple[CelRule, ...]:
+    """Mirror ``QuantizeMethod._own_block_only``: only the block named by ``type`` may be set.
+
+    Methods without options (``int8-weight-only``, ``int8-dynamic``) own no block, so every block is refused.
+    """
+    return tuple(
+        CelRule(
+            "spec.method",
+            f'!has(self.{block}) || self.type == "{method_type}"',
+            f"method.{block} may only be set when method.type is {method_type}",
+        )
+        for method_type, block in quantize.METHOD_BLOCKS.items()
+        if block is not None
+    )
+
+
+def _cel_list(values: Set[str]) -> str:
+    return "[" + ", ".join(f'"{v}"' for v in sorted(values)) + "]"
+
+
+def _target_in(allowed: Set[str]) -> str:
+    """CEL: ``self.target`` is one of ``allowed`` (``spec`` is ``self``; ``target`` has a default)."""
+    if len(allowed) == 1:
+        return f'self.target == "{next(iter(allowed))}"'
+    return f"self.target in {_cel_list(allowed)}"
+
+
+def _refused(allowed: Set[str]) -> str:
+    """The targets outside ``allowed``, for messages: ``cpu`` or ``cpu or tpu``."""
+    return " or ".join(sorted(set(get_args(quantize.Target)) - set(allowed)))
+
+
+def _quantize_target_rules(
+    supported: Mapping[str, Set[str]] = quantize.SUPPORTED_TARGETS,
+) -> tuple[CelRule, ...]:
+    """Mirror ``QuantizeJobSpec._target_supported``: unsupported method/target pairs, naming both.
+
+    One rule per method that does not run on every target (none today), plus the finer GPU-only options:
+    2:4 semi-structured pruning and fp16 mixed precision. Messages repeat the pydantic ones.
+    """
+    every_target = set(get_args(quantize.Target))
+    rules = [
+        CelRule(
+            "spec",
+            f'self.method.type != "{method}" || {_target_in(targets)}',
+            f"method {method} does not support target {_refused(targets)}",
+        )
+        for method, targets in supported.items()
+        if set(targets) != every_target
+    ]
+    semi = quantize.SEMI_STRUCTURED_TARGETS
+    fp16 = quantize.FP16_TARGETS
+    rules += [
+        CelRule(
+            "spec",
+            f'!(has(self.method.pruning) && self.method.pruning.pattern == "2:4") || {_target_in(semi)}',
+            f"pruning pattern 2:4 does not support target {_refused(semi)} (GPU only)",
+        ),
+        CelRule(
+            "spec",
+            f'!(has(self.method.mixedPrecision) && self.method.mixedPrecision.dtype == "fp16") || '
+            f"{_target_in(fp16)}",
+            f"mixed-precision fp16 does not support target {_refused(fp16)}; use bf16",
+        ),
+    ]
+    return tuple(rules)
+
+
+QUANTIZEJOB = ResourceDefinition(
+    kind=quantize.KIND,
+    plural=quantize.PLURAL,
+    singular=quantize.KIND.lower(),
+    short_names=tuple(quantize.SHORT_NAMES),
+    model=quantize.QuantizeJob,
+    spec_model=quantize.QuantizeJobSpec,
+    status_model=quantize.QuantizeJobStatus,
+    description=(
+        "QuantizeJob shrinks a model (a FineTuneJob's published output, or any model URI) for a CPU or "
+        "GPU target: int8 or int4 weight-only or int8 dynamic quantization, quantization-aware "
+        "training, pruning or mixed precision. It measures size, latency and quality before and after, "
+        "and publishes the result if every gate passes. The spec is immutable: to change a run, create "
+        "a new QuantizeJob."
+    ),
+    printer_columns=(
+        JOB_STATUS_COLUMN,
+        PrinterColumn("Method", ".spec.method.type", description="Quantization method."),
+        PrinterColumn("Target", ".spec.target", description="Where the model will be served (cpu or gpu)."),
+        PrinterColumn(
+            "Size Ratio", ".status.report.sizeRatio", "number", "Size of the result / size of the source."
+        ),
+        AGE_COLUMN,
+        PrinterColumn(
+            "Source",
+            ".status.source.uri",
+            description="The model being shrunk, as resolved (a FineTuneJob's output or spec.model.uri).",
+            priority=1,
+        ),
+        PrinterColumn(
+            "Output", ".status.output.uri", description="Where the shrunk model was published.", priority=1
+        ),
+        JOB_REASON_COLUMN,
+    ),
+    rules=(
+        JOB_NAME_LENGTH_RULE,
+        CelRule(
+            "spec.model",
+            "has(self.fineTuneJobRef) != has(self.uri)",
+            "set exactly one of fineTuneJobRef and uri",
+        ),
+        *_quantize_block_rules(),
+        *_quantize_target_rules(),
+        CelRule(
+            "spec",
+            'self.method.type != "qat" || has(self.dataset) || has(self.model.fineTuneJobRef)',
+            "qat trains: set dataset (or take the model from a fineTuneJobRef)",
+        ),
+        CelRule(
+            "spec.dataset.curation", "self.minTokens <= self.maxTokens", "minTokens must not exceed maxTokens"
+        ),
+        CelRule("spec.evaluation.gates[*]", "has(self.min) || has(self.max)", "a gate needs min or max"),
+    ),
+)
+
+
+MODELDEPLOYMENT = ResourceDefinition(
+    kind=deployment.KIND,
+    plural=deployment.PLURAL,
+    singular=deployment.KIND.lower(),
+    short_names=tuple(deployment.SHORT_NAMES),
+    model=deployment.ModelDeployment,
+    spec_model=deployment.ModelDeploymentSpec,
+    status_model=deployment.ModelDeploymentStatus,
+    immutable_spec=False,
+    description=(
+        "ModelDeployment serves model versions (FineTuneJob or QuantizeJob outputs, or model URIs) as "
+        "BentoML services behind one OpenAI-compatible gateway: weighted sticky A/B routing, prompt "
+        "templates, generation limits, caching and fallback, and canary rollouts judged by Prometheus "
+        "metrics with automatic rollback. The spec is mutable: weight changes apply in place."
+    ),
+    printer_columns=(
+        PrinterColumn(
+            "Ready", '.status.conditions[?(@.type=="Ready")].status', description="Every version serving."
+        ),
+        PrinterColumn("Versions", ".status.readyVersions", description="Ready versions / all versions."),
+        PrinterColumn("Weights", ".status.weights", description="Traffic split now, in percent."),
+        PrinterColumn("Rollout", ".status.rollout.state", description="Canary rollout state, if any."),
+        AGE_COLUMN,
+        PrinterColumn("Endpoint", ".status.endpoint", description="OpenAI-compatible base URL.", priority=1),
+        PrinterColumn(
+            "Reason",
+            '.status.conditions[?(@.type=="Ready")].reason',
+            description="Why the deployment is (not) ready.",
+            priority=1,
+        ),
+    ),
+    rules=(
+        CelRule("", "self.metadata.name.size() <= 40", "metadata.name must be at most 40 characters"),
+        CelRule("spec", "self.versions.map(v, v.weight).sum() == 100", "versions weights must sum to 100"),
+        CelRule(
+            "spec",
+            "self.versions.all(v, self.versions.exists_one(w, w.name == v.name))",
+            "versions names must be unique",
+        ),
+        CelRule(
+            "spec.versions[*].model",
+            "(has(self.fineTuneJobRef) ? 1 : 0) + (has(self.quantizeJobRef) ? 1 : 0) + "
+            "(has(self.uri) ? 1 : 0) == 1",
+            "set exactly one of fineTuneJobRef, quantizeJobRef and uri",
+        ),
+        CelRule(
+            "spec",
+            "self.versions.all(v, !has(v.prompt) || self.prompts.exists(p, p.name == v.prompt))",
+            "a version's prompt must name an entry of prompts",
+        ),
+        CelRule(
+            "spec",
+            "!has(self.fallback) || self.versions.exists(v, v.name == self.fallback.version)",
+            "fallback.version must be one of the versions",
+        ),
+        CelRule(
+            "spec",
+            "!has(self.rollout) || self.versions.size() >= 2",
+            "rollout needs at least two versions: the last one is the canary",
+        ),
+        CelRule(
+            "spec.routing",
+            'self.stickyBy != "header" || has(self.header)',
+            "header is required when stickyBy is header",
+        ),
+        CelRule(
+            "spec.rollout.analysis.metrics[*]",
+            "has(self.min) || has(self.max)",
+            "a metric needs min or max",
+        ),
+        CelRule(
+            "spec.rollout.analysis.metrics[*]",
+            'has(self.query) || self.name in ["errorRate", "p95Latency", "timeToFirstToken", "feedback"]',
+            "name is not a built-in metric (errorRate, p95Latency, timeToFirstToken, feedback); set query",
+        ),
+        CelRule("spec.rollout.analysis", "self.skip || size(self.metrics) > 0", deployment.METRICS_OR_SKIP),
+        CelRule(
+            "spec.rollout.analysis", "!self.skip || size(self.metrics) == 0", deployment.SKIP_WITHOUT_METRICS
+        ),
+        CelRule(
+            "spec.prompts[*]",
+            'self.template.contains("{{input}}")',
+            "template must contain {{input}} (the user's message)",
+        ),
+        CelRule(
+            "spec.serving.autoscaling",
+            "self.minReplicas <= self.maxReplicas",
+            "minReplicas must not exceed maxReplicas",
+        ),
+    ),
+)
+
+
+BUILTIN_KINDS: tuple[ResourceDefinition, ...] = (FINETUNEJOB, QUANTIZEJOB, MODELDEPLOYMENT)
