@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 
 from kubetune_components.common import storage
 from kubetune_components.common.errors import ConfigError, DatasetError
+from kubetune_contract.finetune import Dataset, DatasetFormat
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-DatasetFormat = Literal["text", "instruction", "chat"]
 FORMATS: tuple[str, ...] = get_args(DatasetFormat)
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
@@ -285,23 +285,21 @@ def curate(
 
 def curate_per_spec(
     examples: Sequence[dict[str, Any]],
-    fmt: DatasetFormat,
     tokenizer: PreTrainedTokenizerBase,
-    dataset: Mapping[str, Any],
+    dataset: Dataset,
     validation_split: float,
     max_seq_length: int | None = None,
 ) -> CurationResult:
-    """`curate` with the options of a job's `spec.dataset` block (curation and seed)."""
-    options = dataset.get("curation") or {}
+    """`curate` with the options of a job's `spec.dataset` block (format, curation and seed)."""
     return curate(
         examples,
-        fmt,
+        dataset.format,
         tokenizer,
-        dedupe=bool(options.get("dedupe", True)),
-        min_tokens=int(options.get("minTokens", 1)),
-        max_tokens=int(options.get("maxTokens", 2048)),
+        dedupe=dataset.curation.dedupe,
+        min_tokens=dataset.curation.min_tokens,
+        max_tokens=dataset.curation.max_tokens,
         validation_split=validation_split,
-        seed=int(dataset.get("seed", 42)),
+        seed=dataset.seed,
         max_seq_length=max_seq_length,
     )
 

@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -22,43 +21,19 @@ import torch
 from kubetune_components import data
 from kubetune_components.common import models, storage
 from kubetune_components.common.errors import ConfigError, DatasetError
+from kubetune_components.common.jobs import parse_finetune_spec
+from kubetune_components.common.models import pick_device
 from kubetune_components.common.progress import ProgressReporter
-from kubetune_components.finetune.train import (
-    Feature,
-    TrainingSettings,
-    autocast_context,
-    collate,
-    load_trained_model,
-    pick_device,
-    token_loss_sum,
-    tokenize_examples,
-)
+from kubetune_components.finetune.loop import Feature, autocast_context, collate, token_loss_sum
+from kubetune_components.finetune.train import load_trained_model, tokenize_examples
+from kubetune_contract.finetune import DatasetFormat, Evaluation, FineTuneJobSpec
+from kubetune_contract.workspace import WorkspaceLayout
 
 Which = Literal["baseline", "final"]
-METRICS = ("evalLoss", "perplexity", "exactMatch")
 PREDICTIONS_KEPT = 50
 """Predictions written next to the metrics, for people to look at."""
 MAX_PERPLEXITY_EXPONENT = 700.0
 """exp() overflows a float just above 709; a loss this high means the model is useless anyway."""
-
-
-@dataclass(frozen=True)
-class EvaluationSettings:
-    metrics: tuple[str, ...] = METRICS
-    max_new_tokens: int = 32
-    max_samples: int = 200
-
-    @classmethod
-    def from_spec(cls, evaluation: Mapping[str, Any]) -> EvaluationSettings:
-        metrics = tuple(evaluation.get("metrics", METRICS))
-        unknown = sorted(set(metrics) - set(METRICS))
-        if unknown:
-            raise ConfigError(f"evaluation.metrics: unknown metric(s) {unknown}; known: {list(METRICS)}")
-        return cls(
-            metrics=metrics,
-            max_new_tokens=int(evaluation.get("maxNewTokens", 32)),
-            max_samples=int(evaluation.get("maxSamples", 200)),
-        )
 
 
 def inference_precision(training_precision: str, device: torch.device) -> str:
@@ -192,7 +167,7 @@ def exact_match(
     precision: str = "fp32",
 ) -> tuple[float, list[dict[str, Any]]]:
     """Share of the first `max_samples` examples whose stripped greedy response equals the reference."""
-    dataset_format = cast(data.DatasetFormat, fmt)
+    dataset_format = cast(DatasetFormat, fmt)
     chosen = list(examples)[:max_samples]
     if not chosen:
         raise DatasetError("the validation set is empty; exactMatch needs held-out examples")
@@ -226,7 +201,7 @@ def evaluate_model(
     tokenizer: Any,
     examples: Sequence[Mapping[str, Any]],
     fmt: str,
-    settings: EvaluationSettings,
+    settings: Evaluation,
     *,
     max_seq_length: int,
     batch_size: int,
@@ -272,16 +247,16 @@ def evaluate_model(
 
 
 def read_validation_examples(workspace_dir: Path, fmt: str) -> list[dict[str, Any]]:
-    path = workspace_dir / "data" / "validation.jsonl"
+    path = workspace_dir / WorkspaceLayout.VALIDATION_SPLIT
     if not path.is_file():
         raise DatasetError(f"{path} is missing; the curate step must run before evaluate")
     if not path.read_bytes().strip():
         return []
-    return data.load_examples(str(path), cast(data.DatasetFormat, fmt))
+    return data.load_examples(str(path), cast(DatasetFormat, fmt))
 
 
 def run_evaluation(
-    spec: Mapping[str, Any],
+    spec: FineTuneJobSpec | Mapping[str, Any],
     workspace_dir: Path,
     which: Which,
     *,
@@ -292,10 +267,12 @@ def run_evaluation(
         raise ConfigError(f"evaluate: which must be baseline or final, got {which!r}")
     if progress is not None:
         progress.set_phase("evaluating-baseline" if which == "baseline" else "evaluating")
-    settings = EvaluationSettings.from_spec(spec.get("evaluation") or {})
-    training = TrainingSettings.from_spec(spec.get("training") or {})
-    fmt = str((spec.get("dataset") or {}).get("format", "instruction"))
-    base_uri = str(spec["baseModel"]["uri"])
+    if not isinstance(spec, FineTuneJobSpec):
+        spec = parse_finetune_spec(spec)
+    settings = spec.evaluation
+    training = spec.training
+    fmt = spec.dataset.format
+    base_uri = spec.base_model.uri
     device = pick_device()
     precision = inference_precision(training.precision, device)
     examples = read_validation_examples(workspace_dir, fmt)
@@ -308,7 +285,7 @@ def run_evaluation(
             tokenizer = models.load_tokenizer(base_uri)
             model: torch.nn.Module = models.load_causal_lm(base_uri)
         else:
-            trained_dir = workspace_dir / "trained"
+            trained_dir = workspace_dir / WorkspaceLayout.TRAINED
             model = load_trained_model(trained_dir, base_uri)
             tokenizer = models.load_tokenizer(str(trained_dir))
         model.to(device)
@@ -323,11 +300,10 @@ def run_evaluation(
             device=device,
             precision=precision,
         )
-    out_dir = workspace_dir / "evaluation"
-    storage.atomic_write_json(out_dir / f"{which}.json", result)
+    storage.atomic_write_json(workspace_dir / WorkspaceLayout.evaluation(which), result)
     lines = "".join(
         json.dumps(record, ensure_ascii=False) + "\n" for record in predictions[:PREDICTIONS_KEPT]
     )
     with contextlib.suppress(OSError):
-        storage.atomic_write_text(out_dir / f"{which}-predictions.jsonl", lines)
+        storage.atomic_write_text(workspace_dir / WorkspaceLayout.predictions(which), lines)
     return result

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubetune.dev"
@@ -79,11 +79,40 @@ RatioString = Annotated[
 ]
 
 
+@overload
+def as_float(value: str) -> float: ...
+@overload
+def as_float(value: str | None, default: float | None = None) -> float | None: ...
 def as_float(value: str | None, default: float | None = None) -> float | None:
     """Decimal strings from ``spec`` as floats, for the code that computes with them."""
     if value is None:
         return default
     return float(Decimal(value))
+
+
+GateOp = Literal["min", "max", "minImprovement"]
+GATE_TOLERANCE = 1e-9
+"""Slack for float noise: exactMatch going from 0.3 to 0.6 improves by 0.3, not by 0.29999999999999993."""
+
+
+def within_bound(value: float | None, op: GateOp, threshold: float) -> bool:
+    """Whether a gate's value meets its bound: `max` is an upper bound, `min` and `minImprovement`
+    lower bounds (the improvement is already a value). A value that could not be measured fails."""
+    if value is None:
+        return False
+    if op == "max":
+        return value <= threshold + GATE_TOLERANCE
+    return value >= threshold - GATE_TOLERANCE
+
+
+class GateResult(KubeModel):
+    """The verdict of one bound of one gate, as gates.json and the resource's status hold it."""
+
+    metric: str
+    op: str
+    threshold: float
+    value: float | None = None
+    passed: bool
 
 
 MODEL_URI_PATTERN = r"^(hf://[^@\s]+(@[^@\s]+)?|file://\S+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/\S*|[^:\s]+)$"
@@ -167,3 +196,13 @@ class ObjectMeta(BaseModel):
 
     def is_dns_label(self) -> bool:
         return bool(_DNS_LABEL.match(self.name))
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """`field.path: what is wrong` for every problem pydantic found, joined by "; "; paths use wire names."""
+    problems = []
+    for detail in error.errors():
+        path = ".".join(str(part) for part in detail["loc"])
+        message = str(detail["msg"]).removeprefix("Value error, ")
+        problems.append(f"{path}: {message}" if path else message)
+    return "; ".join(problems)

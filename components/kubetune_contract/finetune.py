@@ -9,12 +9,15 @@ from pydantic import Field, model_validator
 from kubetune_contract.common import (
     Condition,
     DecimalString,
+    GateOp,
+    GateResult,
     KubeModel,
     ModelSource,
     ObjectMeta,
     OutputRef,
     PipelineRunRef,
     RatioString,
+    as_float,
 )
 
 KIND = "FineTuneJob"
@@ -30,6 +33,10 @@ METHOD_BLOCKS: dict[str, str] = {
     "ia3": "ia3",
     "full": "full",
 }
+PEFT_METHODS = frozenset({"lora", "prefix-tuning", "prompt-tuning", "ia3"})
+"""Methods that train a PEFT adapter on a frozen base (the others train the weights themselves)."""
+MERGEABLE_METHODS = frozenset({"lora", "ia3"})
+"""Adapters whose weights can be folded into the base (prefix and prompt tuning add inputs instead)."""
 Executor = Literal["kfp", "local"]
 
 
@@ -143,6 +150,15 @@ class Method(KubeModel):
         assert isinstance(value, KubeModel)
         return value
 
+    @property
+    def block(self) -> str:
+        """The wire name of the options block, for messages that point at it (e.g. `prefixTuning`)."""
+        return METHOD_BLOCKS[self.type]
+
+    @property
+    def is_peft(self) -> bool:
+        return self.type in PEFT_METHODS
+
 
 def _snake(camel: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in camel)
@@ -221,6 +237,15 @@ class Gate(KubeModel):
             raise ValueError("a gate needs min, max or minImprovement")
         return self
 
+    def bounds(self) -> list[tuple[GateOp, float]]:
+        """The bounds that are set, in the order gates.json lists them."""
+        set_bounds: list[tuple[GateOp, str | None]] = [
+            ("min", self.min),
+            ("max", self.max),
+            ("minImprovement", self.min_improvement),
+        ]
+        return [(op, as_float(threshold)) for op, threshold in set_bounds if threshold is not None]
+
 
 class Evaluation(KubeModel):
     metrics: list[GateMetric] = Field(
@@ -253,6 +278,15 @@ class FineTuneJobSpec(KubeModel):
         default=None, description="Where the pipeline runs; defaults to the operator's setting."
     )
 
+    @model_validator(mode="after")
+    def _mergeable(self) -> FineTuneJobSpec:
+        if self.output.merge_adapter and self.method.is_peft and self.method.type not in MERGEABLE_METHODS:
+            raise ValueError(
+                f"output.mergeAdapter: a {self.method.type} adapter cannot be merged into the base weights; "
+                "only lora and ia3 can"
+            )
+        return self
+
 
 class Progress(KubeModel):
     step: int = 0
@@ -270,14 +304,6 @@ class EvalMetrics(KubeModel):
     eval_loss: float | None = None
     perplexity: float | None = None
     exact_match: float | None = None
-
-
-class GateResult(KubeModel):
-    metric: str
-    op: str
-    threshold: float
-    value: float | None = None
-    passed: bool
 
 
 class EvaluationStatus(KubeModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -10,14 +10,17 @@ from kubetune_contract.common import (
     MODEL_URI_PATTERN,
     Condition,
     DecimalString,
+    GateOp,
+    GateResult,
     KubeModel,
     ObjectMeta,
     OutputRef,
     PipelineRunRef,
     RatioString,
     SecretKeyRef,
+    as_float,
 )
-from kubetune_contract.finetune import Dataset, GateResult, Progress
+from kubetune_contract.finetune import Dataset, Progress
 
 KIND = "QuantizeJob"
 PLURAL = "quantizejobs"
@@ -28,6 +31,7 @@ QuantizeMethodType = Literal[
 ]
 Target = Literal["cpu", "gpu"]
 QuantScheme = Literal["int8-weight-only", "int8-dynamic", "int4-weight-only"]
+QUANT_SCHEMES: tuple[QuantScheme, ...] = get_args(QuantScheme)
 
 METHOD_BLOCKS: dict[str, str | None] = {
     "int8-weight-only": None,
@@ -146,6 +150,25 @@ class QuantizeMethod(KubeModel):
                 raise ValueError(f"{block} is set but type is {self.type!r}; {allowed}")
         return self
 
+    @property
+    def scheme(self) -> QuantScheme | None:
+        """The real quantization applied in the end (None: the weights stay plain tensors)."""
+        if self.type in QUANT_SCHEMES:
+            return self.type
+        if self.qat is not None:
+            return self.qat.scheme
+        if self.pruning is not None and self.pruning.then != "none":
+            return self.pruning.then
+        return None
+
+    @property
+    def int4_group_size(self) -> int:
+        """Weights sharing one scale when the scheme is int4-weight-only."""
+        if self.qat is not None:
+            return self.qat.group_size
+        # pruning.then int4-weight-only has no block of its own: it uses int4WeightOnly's default.
+        return (self.int4_weight_only or Int4Options()).group_size
+
 
 def _snake(camel: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in camel)
@@ -175,6 +198,11 @@ class QuantizeGate(KubeModel):
         if self.min is None and self.max is None:
             raise ValueError("a gate needs min or max")
         return self
+
+    def bounds(self) -> list[tuple[GateOp, float]]:
+        """The bounds that are set, in the order gates.json lists them."""
+        set_bounds: list[tuple[GateOp, str | None]] = [("min", self.min), ("max", self.max)]
+        return [(op, as_float(threshold)) for op, threshold in set_bounds if threshold is not None]
 
 
 class QuantizeEvaluation(KubeModel):
@@ -220,18 +248,25 @@ class QuantizeJobSpec(KubeModel):
 
     @model_validator(mode="after")
     def _target_supported(self) -> QuantizeJobSpec:
-        method = self.method.type
-        if self.target not in SUPPORTED_TARGETS[method]:
-            raise ValueError(f"method {method} does not support target {self.target}")
-        pruning = self.method.pruning
-        if pruning is not None and pruning.pattern == "2:4" and self.target not in SEMI_STRUCTURED_TARGETS:
-            raise ValueError(f"pruning pattern 2:4 does not support target {self.target} (GPU only)")
-        mixed = self.method.mixed_precision
-        if mixed is not None and mixed.dtype == "fp16" and self.target not in FP16_TARGETS:
-            raise ValueError(f"mixed-precision fp16 does not support target {self.target}; use bf16")
-        if method == "qat" and self.dataset is None and self.model.fine_tune_job_ref is None:
+        unsupported = target_problem(self.method, self.target)
+        if unsupported is not None:
+            raise ValueError(unsupported)
+        if self.method.type == "qat" and self.dataset is None and self.model.fine_tune_job_ref is None:
             raise ValueError("qat trains: set dataset (or take the model from a fineTuneJobRef)")
         return self
+
+
+def target_problem(method: QuantizeMethod, target: Target) -> str | None:
+    """Why `method` cannot run on `target`, or None when it can."""
+    if target not in SUPPORTED_TARGETS[method.type]:
+        return f"method {method.type} does not support target {target}"
+    pruning = method.pruning
+    if pruning is not None and pruning.pattern == "2:4" and target not in SEMI_STRUCTURED_TARGETS:
+        return f"pruning pattern 2:4 does not support target {target} (GPU only)"
+    mixed = method.mixed_precision
+    if mixed is not None and mixed.dtype == "fp16" and target not in FP16_TARGETS:
+        return f"mixed-precision fp16 does not support target {target}; use bf16"
+    return None
 
 
 class SizeReport(KubeModel):

@@ -1,7 +1,8 @@
-"""Read what pipeline steps report in a run's workspace (progress, evaluations, gates, output, errors).
+"""The files of a run's workspace, and reading what the pipeline steps report there.
 
-The steps write these files atomically (see kubetune_components.finetune.steps); the control plane only reads
-them, so a half-written file is never seen. Missing or unreadable files read as None.
+The steps write these files atomically (see kubetune_components.finetune.steps and .quantize.steps), at the
+paths named here; the control plane only reads them, so a half-written file is never seen. Missing or
+unreadable files read as None.
 """
 
 from __future__ import annotations
@@ -10,11 +11,46 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
 PVC_MOUNT_ROOT = "/mnt/pvc"
 """Where every pod kubetune renders (steps, model servers, the operator) mounts a claim: <root>/<claim>."""
+
+
+class WorkspaceLayout:
+    """Paths of the workspace files, relative to the workspace root; both writers and readers use these."""
+
+    PROGRESS = "progress.json"
+    ERROR = "error.json"
+    DATA = "data"
+    TRAIN_SPLIT = "data/train.jsonl"
+    VALIDATION_SPLIT = "data/validation.jsonl"
+    CURATION = "data/curation.json"
+    BASELINE_EVALUATION = "evaluation/baseline.json"
+    FINAL_EVALUATION = "evaluation/final.json"
+    CHECKPOINTS = "checkpoints"
+    TRAINED = "trained"
+    EXPORT_STAGING = "export"
+    GATES = "gates.json"
+    OUTPUT = "output.json"
+    # QuantizeJob runs
+    SOURCE = "source"
+    SOURCE_DOWNLOAD = "source-download"
+    SOURCE_MANIFEST = "source-manifest.json"
+    MEASURED_BEFORE = "report/before.json"
+    MEASURED_AFTER = "report/after.json"
+    QUANTIZED = "quantized"
+    QUANTIZE_REPORT = "report.json"
+
+    @classmethod
+    def evaluation(cls, which: Literal["baseline", "final"]) -> str:
+        return cls.BASELINE_EVALUATION if which == "baseline" else cls.FINAL_EVALUATION
+
+    @classmethod
+    def predictions(cls, which: Literal["baseline", "final"]) -> str:
+        """Some generations behind exactMatch, kept for people to look at."""
+        return f"evaluation/{which}-predictions.jsonl"
 
 
 def _local(uri: str) -> Path | None:
@@ -57,14 +93,14 @@ class WorkspaceReport:
     @classmethod
     def read(cls, workspace: str) -> WorkspaceReport:
         return cls(
-            progress=read_report(workspace, "progress.json"),
-            curation=read_report(workspace, "data/curation.json"),
-            baseline=read_report(workspace, "evaluation/baseline.json"),
-            final=read_report(workspace, "evaluation/final.json"),
-            gates=read_report(workspace, "gates.json"),
-            output=read_report(workspace, "output.json"),
-            error=read_report(workspace, "error.json"),
-            measured_before=read_report(workspace, "report/before.json"),
-            measured_after=read_report(workspace, "report/after.json"),
-            quantize_report=read_report(workspace, "report.json"),
+            progress=read_report(workspace, WorkspaceLayout.PROGRESS),
+            curation=read_report(workspace, WorkspaceLayout.CURATION),
+            baseline=read_report(workspace, WorkspaceLayout.BASELINE_EVALUATION),
+            final=read_report(workspace, WorkspaceLayout.FINAL_EVALUATION),
+            gates=read_report(workspace, WorkspaceLayout.GATES),
+            output=read_report(workspace, WorkspaceLayout.OUTPUT),
+            error=read_report(workspace, WorkspaceLayout.ERROR),
+            measured_before=read_report(workspace, WorkspaceLayout.MEASURED_BEFORE),
+            measured_after=read_report(workspace, WorkspaceLayout.MEASURED_AFTER),
+            quantize_report=read_report(workspace, WorkspaceLayout.QUANTIZE_REPORT),
         )

@@ -119,3 +119,8 @@ def snapshot_info(uri: str) -> dict[str, Any]:
         config = Path(location.ref) / "config.json"
         info["configSha256"] = storage.sha256_of(str(config)) if config.is_file() else None
     return info
+
+
+def pick_device() -> torch.device:
+    """Where steps and model servers run a model: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

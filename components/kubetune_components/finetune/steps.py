@@ -1,8 +1,9 @@
 """The pipeline steps of a FineTuneJob, one function each, and the command line that runs them.
 
-Every step takes the FineTuneJob as a wire dict with every default filled in (`config`) and the
-run's workspace directory (`workspace`, a path or file:// URI); steps hand their results to each
-other through files in the workspace:
+Every step takes the FineTuneJob as a wire dict (`config`), parses it with the API's models
+(kubetune_contract.finetune), and the run's workspace directory (`workspace`, a path or file:// URI);
+steps hand their results to each other through files in the workspace (named in
+kubetune_contract.workspace.WorkspaceLayout):
 
     progress.json                       what is happening now (phase, step, loss, ...)
     data/train.jsonl, validation.jsonl  curated splits          (curate)
@@ -32,12 +33,16 @@ from typing import Any, Literal, cast
 from kubetune_components import data
 from kubetune_components.common import models, storage
 from kubetune_components.common.errors import ComponentError, ConfigError
+from kubetune_components.common.jobs import parse_finetune_job
 from kubetune_components.common.progress import ProgressReporter
 from kubetune_components.evaluate import run_evaluation
+from kubetune_components.finetune.loop import StepHook
 from kubetune_components.finetune.publish import run_publish
-from kubetune_components.finetune.train import StepHook, TrainingInterrupted, TrainingSettings, run_finetune
+from kubetune_components.finetune.signals import TrainingInterrupted
+from kubetune_components.finetune.train import run_finetune
+from kubetune_contract.common import as_float
+from kubetune_contract.workspace import WorkspaceLayout
 
-ERROR_FILE = "error.json"
 EXIT_INTERRUPTED = 143
 """128 + SIGTERM: the step stopped on request after saving a checkpoint; running it again resumes."""
 
@@ -48,19 +53,6 @@ def workspace_dir(workspace: str) -> Path:
     return path
 
 
-def job_spec(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    if config.get("kind", "FineTuneJob") != "FineTuneJob":
-        raise ConfigError(f"expected a FineTuneJob, got kind {config.get('kind')!r}")
-    spec = config.get("spec")
-    if not isinstance(spec, Mapping):
-        raise ConfigError("the config has no spec")
-    if not isinstance(spec.get("baseModel"), Mapping) or not spec["baseModel"].get("uri"):
-        raise ConfigError("spec.baseModel.uri is required")
-    if not isinstance(spec.get("dataset"), Mapping) or not spec["dataset"].get("uri"):
-        raise ConfigError("spec.dataset.uri is required")
-    return spec
-
-
 def write_jsonl(path: Path, examples: Sequence[Mapping[str, Any]]) -> None:
     storage.atomic_write_text(
         path, "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in examples)
@@ -69,24 +61,22 @@ def write_jsonl(path: Path, examples: Sequence[Mapping[str, Any]]) -> None:
 
 def curate(config: dict[str, Any], workspace: str) -> dict[str, Any]:
     """Load the dataset, dedupe and filter it, split off validation; writes data/*."""
-    spec = job_spec(config)
+    spec = parse_finetune_job(config).spec
     root = workspace_dir(workspace)
     ProgressReporter(root).set_phase("curating")
-    dataset = spec["dataset"]
-    fmt = cast(data.DatasetFormat, dataset.get("format", "instruction"))
-    training = TrainingSettings.from_spec(spec.get("training") or {})
-    tokenizer = models.load_tokenizer(str(spec["baseModel"]["uri"]))
+    dataset = spec.dataset
+    tokenizer = models.load_tokenizer(spec.base_model.uri)
 
     def curated(examples: Sequence[dict[str, Any]], validation_split: float) -> data.CurationResult:
         return data.curate_per_spec(
-            examples, fmt, tokenizer, dataset, validation_split, max_seq_length=training.max_seq_length
+            examples, tokenizer, dataset, validation_split, max_seq_length=spec.training.max_seq_length
         )
 
-    examples = data.load_examples(str(dataset["uri"]), fmt)
+    examples = data.load_examples(dataset.uri, dataset.format)
     report: dict[str, Any]
-    if dataset.get("validationUri"):
+    if dataset.validation_uri:
         result = curated(examples, 0.0)
-        held_out = curated(data.load_examples(str(dataset["validationUri"]), fmt), 0.0)
+        held_out = curated(data.load_examples(dataset.validation_uri, dataset.format), 0.0)
         validation = held_out.train
         # An example in both files would be graded on what it was trained on: keep it out of training.
         held_out_keys = {data.dedupe_key(example) for example in validation}
@@ -99,18 +89,18 @@ def curate(config: dict[str, Any], workspace: str) -> dict[str, Any]:
             "validationFile": held_out.report,
         }
     else:
-        result = curated(examples, float(dataset.get("validationSplit", "0.1")))
+        result = curated(examples, as_float(dataset.validation_split))
         train, validation = result.train, result.validation
         report = dict(result.report)
-    write_jsonl(root / "data" / "train.jsonl", train)
-    write_jsonl(root / "data" / "validation.jsonl", validation)
-    storage.atomic_write_json(root / "data" / "curation.json", report)
+    write_jsonl(root / WorkspaceLayout.TRAIN_SPLIT, train)
+    write_jsonl(root / WorkspaceLayout.VALIDATION_SPLIT, validation)
+    storage.atomic_write_json(root / WorkspaceLayout.CURATION, report)
     return report
 
 
 def evaluate(config: dict[str, Any], workspace: str, which: str = "final") -> dict[str, Any]:
     """Metrics of the base model (`baseline`) or the tuned one (`final`); writes evaluation/{which}.json."""
-    spec = job_spec(config)
+    spec = parse_finetune_job(config).spec
     root = workspace_dir(workspace)
     if which not in ("baseline", "final"):
         raise ConfigError(f"evaluate: which must be baseline or final, got {which!r}")
@@ -121,7 +111,7 @@ def evaluate(config: dict[str, Any], workspace: str, which: str = "final") -> di
 
 def finetune(config: dict[str, Any], workspace: str, on_step: StepHook | None = None) -> dict[str, Any]:
     """Train (resuming from the newest checkpoint of the same configuration); writes trained/."""
-    spec = job_spec(config)
+    spec = parse_finetune_job(config).spec
     root = workspace_dir(workspace)
     progress = ProgressReporter(root)
     progress.set_phase("training")
@@ -130,9 +120,9 @@ def finetune(config: dict[str, Any], workspace: str, on_step: StepHook | None = 
 
 def publish(config: dict[str, Any], workspace: str) -> dict[str, Any]:
     """Check the gates, then export and publish the model and its manifest; writes gates.json, output.json."""
-    job_spec(config)
+    job = parse_finetune_job(config)
     root = workspace_dir(workspace)
-    return run_publish(config, root, progress=ProgressReporter(root))
+    return run_publish(job, root, progress=ProgressReporter(root))
 
 
 STEPS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -152,7 +142,7 @@ def run_step(name: str, config: dict[str, Any], workspace: str, **kwargs: Any) -
         kwargs.setdefault("which", name.removeprefix("evaluate-"))
         name = "evaluate"
     root = workspace_dir(workspace)
-    error_path = root / ERROR_FILE
+    error_path = root / WorkspaceLayout.ERROR
     with contextlib.suppress(FileNotFoundError):
         error_path.unlink()  # a stale error of an earlier attempt
     try:

@@ -41,34 +41,31 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 import torch
+from pydantic import ValidationError
 
 from kubetune_components import data
 from kubetune_components.common import models, storage
 from kubetune_components.common.errors import ConfigError, DatasetError, ModelLoadError
 from kubetune_components.evaluate import MAX_PERPLEXITY_EXPONENT, exact_match, mean_token_loss
-from kubetune_components.finetune.train import collate, token_loss_sum, tokenize_examples
+from kubetune_components.finetune.loop import collate, token_loss_sum
+from kubetune_components.finetune.train import tokenize_examples
+from kubetune_contract.common import as_float, describe_validation_error
+from kubetune_contract.finetune import DatasetFormat
+from kubetune_contract.quantize import (
+    QatOptions,
+    QuantizeJobSpec,
+    QuantizeMethod,
+    QuantScheme,
+    Target,
+    target_problem,
+)
 
-MethodType = Literal[
-    "int8-weight-only", "int8-dynamic", "int4-weight-only", "qat", "pruning", "mixed-precision"
-]
-Scheme = Literal["int8-weight-only", "int8-dynamic", "int4-weight-only"]
-Target = Literal["cpu", "gpu"]
 ArtifactFormat = Literal["hf-safetensors", "torchao-state-dict"]
 
-METHODS: tuple[str, ...] = (
-    "int8-weight-only",
-    "int8-dynamic",
-    "int4-weight-only",
-    "qat",
-    "pruning",
-    "mixed-precision",
-)
-SCHEMES: tuple[str, ...] = ("int8-weight-only", "int8-dynamic", "int4-weight-only")
 QUANTIZATION_RECORD = "kubetune-quantization.json"
 TORCHAO_WEIGHTS_FILE = "quantized_model.pt"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -94,121 +91,62 @@ BUILT_IN_LATENCY_PROMPTS = (
 
 
 @dataclass(frozen=True)
-class QatSettings:
-    scheme: Scheme = "int8-dynamic"
-    steps: int = 100
-    batch_size: int = 8
-    learning_rate: float = 1e-5
-    max_seq_length: int = 512
-    group_size: int = 128
-    seed: int = 42
-
-
-@dataclass(frozen=True)
 class QuantizationPlan:
-    method: MethodType
+    """The method of a QuantizeJob (as the API parsed it) and the target it quantizes for."""
+
+    method: QuantizeMethod
     target: Target = "cpu"
-    group_size: int = 128
-    """int4-weight-only (also of pruning.then)."""
-    qat: QatSettings | None = None
-    sparsity: float = 0.5
-    pattern: Literal["unstructured", "2:4"] = "unstructured"
-    then: Literal["none", "int8-weight-only", "int8-dynamic", "int4-weight-only"] = "none"
-    dtype: Literal["bf16", "fp16"] = "bf16"
+
+    @classmethod
+    def for_job(cls, spec: QuantizeJobSpec) -> QuantizationPlan:
+        return cls(method=spec.method, target=spec.target)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> QuantizationPlan:
-        method = spec.get("method") or {}
-        method_type = str(method.get("type", ""))
-        if method_type not in METHODS:
-            raise ConfigError(f"method.type: unknown method {method_type!r}; known: {', '.join(METHODS)}")
-        target = str(spec.get("target", "cpu"))
-        if target not in ("cpu", "gpu"):
-            raise ConfigError(f"target must be cpu or gpu, got {target!r}")
-        int4 = method.get("int4WeightOnly") or {}
-        qat_block = method.get("qat") or {}
-        pruning = method.get("pruning") or {}
-        mixed = method.get("mixedPrecision") or {}
-        qat: QatSettings | None = None
-        if method_type == "qat":
-            scheme = str(qat_block.get("scheme", "int8-dynamic"))
-            if scheme not in SCHEMES:
-                raise ConfigError(
-                    f"method.qat.scheme: unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}"
-                )
-            qat = QatSettings(
-                scheme=cast(Scheme, scheme),
-                steps=int(qat_block.get("steps", 100)),
-                batch_size=int(qat_block.get("batchSize", 8)),
-                learning_rate=float(Decimal(str(qat_block.get("learningRate", "1e-5")))),
-                max_seq_length=int(qat_block.get("maxSeqLength", 512)),
-                group_size=int(qat_block.get("groupSize", 128)),
-                seed=int(qat_block.get("seed", 42)),
-            )
-        sparsity = float(Decimal(str(pruning.get("sparsity", "0.5"))))
-        if not 0.0 <= sparsity < 1.0:
-            raise ConfigError(f"method.pruning.sparsity must be in [0, 1), got {sparsity}")
-        plan = cls(
-            method=cast(MethodType, method_type),
-            target=cast(Target, target),
-            group_size=int(int4.get("groupSize", 128)),
-            qat=qat,
-            sparsity=sparsity,
-            pattern=cast(Any, str(pruning.get("pattern", "unstructured"))),
-            then=cast(Any, str(pruning.get("then", "none"))),
-            dtype=cast(Any, str(mixed.get("dtype", "bf16"))),
-        )
-        plan.check_target()
-        return plan
+        """From the `method` and `target` of a QuantizeJob's wire spec, checked by the API's own rules."""
+        try:
+            method = QuantizeMethod.model_validate(spec.get("method") or {})
+        except ValidationError as error:
+            raise ConfigError(f"method: {describe_validation_error(error)}") from error
+        target = spec.get("target", QuantizeJobSpec.model_fields["target"].default)
+        if target not in get_args(Target):
+            raise ConfigError(f"target must be one of {', '.join(get_args(Target))}, got {target!r}")
+        unsupported = target_problem(method, cast(Target, target))
+        if unsupported is not None:
+            raise ConfigError(unsupported)
+        return cls(method=method, target=cast(Target, target))
 
     @property
-    def scheme(self) -> Scheme | None:
-        """The real quantization applied in the end (None: the weights stay plain tensors)."""
-        if self.method in SCHEMES:
-            return cast(Scheme, self.method)
-        if self.method == "qat" and self.qat is not None:
-            return self.qat.scheme
-        if self.method == "pruning" and self.then != "none":
-            return self.then
-        return None
+    def type(self) -> str:
+        return self.method.type
 
     @property
-    def int4_group_size(self) -> int:
-        if self.method == "qat" and self.qat is not None:
-            return self.qat.group_size
-        return self.group_size
-
-    def check_target(self) -> None:
-        """Refuse combinations that do not run (or run no better) on the target, naming both."""
-        if self.method == "pruning" and self.pattern == "2:4" and self.target != "gpu":
-            raise ConfigError(
-                f"pruning pattern 2:4 does not support target {self.target}: semi-structured sparsity is "
-                "only accelerated by CUDA kernels; use pattern unstructured or target gpu"
-            )
-        if self.method == "mixed-precision" and self.dtype == "fp16" and self.target != "gpu":
-            raise ConfigError(
-                f"mixed-precision fp16 does not support target {self.target}: CPUs have no fast fp16 "
-                "matmul; use dtype bf16"
-            )
+    def scheme(self) -> QuantScheme | None:
+        return self.method.scheme
 
     def options(self) -> dict[str, Any]:
         """The settings that shaped the result, for the record and the manifest."""
+        method = self.method
         options: dict[str, Any] = {"target": self.target}
-        if self.scheme == "int4-weight-only":
-            options["groupSize"] = self.int4_group_size
-        if self.method == "qat" and self.qat is not None:
+        if method.scheme == "int4-weight-only":
+            options["groupSize"] = method.int4_group_size
+        if method.qat is not None:
             options["qat"] = {
-                "scheme": self.qat.scheme,
-                "steps": self.qat.steps,
-                "batchSize": self.qat.batch_size,
-                "learningRate": self.qat.learning_rate,
-                "maxSeqLength": self.qat.max_seq_length,
-                "seed": self.qat.seed,
+                "scheme": method.qat.scheme,
+                "steps": method.qat.steps,
+                "batchSize": method.qat.batch_size,
+                "learningRate": as_float(method.qat.learning_rate),
+                "maxSeqLength": method.qat.max_seq_length,
+                "seed": method.qat.seed,
             }
-        if self.method == "pruning":
-            options.update(sparsity=self.sparsity, pattern=self.pattern, then=self.then)
-        if self.method == "mixed-precision":
-            options["dtype"] = self.dtype
+        if method.pruning is not None:
+            options.update(
+                sparsity=as_float(method.pruning.sparsity),
+                pattern=method.pruning.pattern,
+                then=method.pruning.then,
+            )
+        if method.mixed_precision is not None:
+            options["dtype"] = method.mixed_precision.dtype
         return options
 
 
@@ -254,7 +192,7 @@ def _torchao_imported() -> None:
     import torchao  # noqa: F401
 
 
-def quantization_config(scheme: Scheme, group_size: int, target: Target) -> Any:
+def quantization_config(scheme: QuantScheme, group_size: int, target: Target) -> Any:
     """The torchao post-training quantization config of `scheme` for `target`."""
     _torchao_imported()
     from torchao.quantization import (
@@ -280,7 +218,7 @@ def quantization_config(scheme: Scheme, group_size: int, target: Target) -> Any:
     )
 
 
-def apply_quantization(model: torch.nn.Module, scheme: Scheme, group_size: int, target: Target) -> None:
+def apply_quantization(model: torch.nn.Module, scheme: QuantScheme, group_size: int, target: Target) -> None:
     """Replace the weights of the linear layers by torchao quantized tensors, in place."""
     from torchao.quantization import quantize_
 
@@ -337,7 +275,7 @@ def measured_sparsity(model: torch.nn.Module) -> float:
     return zeros / total if total else 0.0
 
 
-def fake_quantize_configs(scheme: Scheme, group_size: int) -> tuple[Any, Any]:
+def fake_quantize_configs(scheme: QuantScheme, group_size: int) -> tuple[Any, Any]:
     """(activation, weight) fake-quantize configs that simulate the real quantization of `scheme`.
 
     torchao 0.18 infers them from the PTQ config only for Int4WeightOnlyConfig's mslk packings, so
@@ -356,7 +294,7 @@ def fake_quantize_configs(scheme: Scheme, group_size: int) -> tuple[Any, Any]:
     return None, Int4WeightFakeQuantizeConfig(group_size=group_size, activation_dtype=torch.bfloat16)
 
 
-def prepare_qat(model: torch.nn.Module, scheme: Scheme, group_size: int) -> None:
+def prepare_qat(model: torch.nn.Module, scheme: QuantScheme, group_size: int) -> None:
     """Swap the linear layers for fake-quantized ones (training still updates float weights)."""
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
@@ -369,7 +307,7 @@ def prepare_qat(model: torch.nn.Module, scheme: Scheme, group_size: int) -> None
     )
 
 
-def convert_qat(model: torch.nn.Module, scheme: Scheme, group_size: int, target: Target) -> None:
+def convert_qat(model: torch.nn.Module, scheme: QuantScheme, group_size: int, target: Target) -> None:
     """Back to plain linear layers with the trained weights, then the real quantization."""
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
@@ -390,7 +328,7 @@ class QatResult:
 def train_fake_quantized(
     model: torch.nn.Module,
     features: Sequence[Mapping[str, list[int]]],
-    settings: QatSettings,
+    settings: QatOptions,
     *,
     pad_token_id: int,
     device: torch.device,
@@ -402,7 +340,7 @@ def train_fake_quantized(
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameters, lr=as_float(settings.learning_rate), weight_decay=0.0)
     model.train()
     order: list[int] = []
     first_loss = math.nan
@@ -442,29 +380,30 @@ def quantize_model(
     model.eval()
     device = device or torch.device("cpu")
     details: dict[str, Any] = {}
-    if plan.method == "mixed-precision":
-        model.to(torch.bfloat16 if plan.dtype == "bf16" else torch.float16)
+    method = plan.method
+    if method.mixed_precision is not None:
+        model.to(torch.bfloat16 if method.mixed_precision.dtype == "bf16" else torch.float16)
         return details
-    if plan.method == "pruning":
-        details.update(prune(model, plan.sparsity, plan.pattern))
-    if plan.method == "qat":
-        assert plan.qat is not None
+    if method.pruning is not None:
+        details.update(prune(model, as_float(method.pruning.sparsity), method.pruning.pattern))
+    if method.qat is not None:
+        qat = method.qat
         if train_features is None:
             raise DatasetError("qat trains: the QuantizeJob needs a dataset (spec.dataset)")
-        prepare_qat(model, plan.qat.scheme, plan.qat.group_size)
+        prepare_qat(model, qat.scheme, qat.group_size)
         result = train_fake_quantized(
-            model, train_features, plan.qat, pad_token_id=pad_token_id, device=device, on_step=on_step
+            model, train_features, qat, pad_token_id=pad_token_id, device=device, on_step=on_step
         )
         details["training"] = {
             "steps": result.steps,
             "firstLoss": result.first_loss,
             "lastLoss": result.last_loss,
         }
-        convert_qat(model, plan.qat.scheme, plan.qat.group_size, plan.target)
+        convert_qat(model, qat.scheme, qat.group_size, plan.target)
         return details
-    scheme = plan.scheme
+    scheme = method.scheme
     if scheme is not None:
-        apply_quantization(model, scheme, plan.int4_group_size, plan.target)
+        apply_quantization(model, scheme, method.int4_group_size, plan.target)
     return details
 
 
@@ -603,7 +542,7 @@ def latency_prompt_ids(
     tokenizer: Any, examples: Sequence[Mapping[str, Any]], fmt: str, count: int
 ) -> list[list[int]]:
     """`count` prompts: those of the first validation examples, topped up with the built-in prompts."""
-    dataset_format = cast(data.DatasetFormat, fmt)
+    dataset_format = cast(DatasetFormat, fmt)
     prompts: list[list[int]] = []
     for example in list(examples)[:count]:
         prompt, _ = data.render_prompt_and_response(dict(example), dataset_format, tokenizer)

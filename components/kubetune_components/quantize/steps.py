@@ -1,8 +1,9 @@
 """The pipeline steps of a QuantizeJob, one function each, and the command line that runs them.
 
-Every step takes the QuantizeJob as a wire dict with every default filled in (`config`; the operator
-has resolved spec.model.uri and spec.output.uri, and copied a FineTuneJob's dataset into spec.dataset)
-and the run's workspace directory. Steps hand their results to each other through the workspace:
+Every step takes the QuantizeJob as a wire dict (`config`; the operator has resolved spec.model.uri and
+spec.output.uri, and copied a FineTuneJob's dataset into spec.dataset), parses it with the API's models
+(kubetune_contract.quantize), and the run's workspace directory. Steps hand their results to each other
+through the workspace (named in kubetune_contract.workspace.WorkspaceLayout):
 
     progress.json                       what is happening now
     data/train.jsonl, validation.jsonl  the dataset split: QAT trains on train, quality is measured on
@@ -28,68 +29,53 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from decimal import Decimal
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from kubetune_components import data
 from kubetune_components.common import models, storage
-from kubetune_components.common.errors import ComponentError, ConfigError, GateFailedError, ModelLoadError
-from kubetune_components.common.progress import ProgressReporter, utc_now_iso
-from kubetune_components.finetune.publish import (
+from kubetune_components.common.artifacts import (
     MANIFEST_FILE,
     MANIFEST_SCHEMA,
     destination_uri,
+    export_staging,
     file_digests,
     library_versions,
-    within_bound,
+    publish_with_manifest,
+    read_json,
+    resource_record,
 )
-from kubetune_components.finetune.steps import ERROR_FILE, start_step_process, workspace_dir, write_jsonl
-from kubetune_components.finetune.train import MERGEABLE_METHODS, tokenize_examples
+from kubetune_components.common.errors import ComponentError, ConfigError, ModelLoadError
+from kubetune_components.common.gates import check_gates, evaluate_gates
+from kubetune_components.common.jobs import parse_quantize_job
+from kubetune_components.common.progress import ProgressReporter, utc_now_iso
+from kubetune_components.finetune.steps import start_step_process, workspace_dir, write_jsonl
+from kubetune_components.finetune.train import tokenize_examples
 from kubetune_components.quantize import methods as quantize
+from kubetune_contract.common import GateOp, as_float
+from kubetune_contract.finetune import MERGEABLE_METHODS, Dataset, DatasetFormat
+from kubetune_contract.quantize import QuantizeGate, QuantizeJobSpec
+from kubetune_contract.workspace import WorkspaceLayout
 
-SOURCE_DIR = "source"
-SOURCE_MANIFEST = "source-manifest.json"
-QUANTIZED_DIR = "quantized"
-REPORT_DIR = "report"
 EVAL_MAX_SEQ_LENGTH = 2048
 ROUND_TRIP_NEW_TOKENS = 8
-GATE_OPS = ("min", "max")
 
 
-def quantize_spec(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    if config.get("kind") != "QuantizeJob":
-        raise ConfigError(f"expected a QuantizeJob, got kind {config.get('kind')!r}")
-    spec = config.get("spec")
-    if not isinstance(spec, Mapping):
-        raise ConfigError("the config has no spec")
-    if not isinstance(spec.get("model"), Mapping) or not spec["model"].get("uri"):
-        raise ConfigError("spec.model.uri is required (the operator resolves fineTuneJobRef to it)")
-    return spec
+def dataset_format(spec: QuantizeJobSpec) -> DatasetFormat:
+    """The format of spec.dataset; without a dataset, the API's default format (for the built-in prompts)."""
+    if spec.dataset is not None:
+        return spec.dataset.format
+    default: DatasetFormat = Dataset.model_fields["format"].default
+    return default
 
 
-def _evaluation(spec: Mapping[str, Any]) -> Mapping[str, Any]:
-    return cast(Mapping[str, Any], spec.get("evaluation") or {})
-
-
-def _dataset_format(spec: Mapping[str, Any]) -> str:
-    return str((spec.get("dataset") or {}).get("format", "instruction"))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _read_split(root: Path, split: str, fmt: str) -> list[dict[str, Any]]:
-    path = root / "data" / f"{split}.jsonl"
+def _read_split(root: Path, split: str, fmt: DatasetFormat) -> list[dict[str, Any]]:
+    path = root / split
     if not path.is_file() or not path.read_bytes().strip():
         return []
-    return data.load_examples(str(path), cast(data.DatasetFormat, fmt))
+    return data.load_examples(str(path), fmt)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,7 +91,7 @@ def local_model_dir(uri: str, root: Path) -> Path | None:
         if not path.is_dir():
             raise ModelLoadError(f"spec.model.uri: {uri} is not a directory")
         return path
-    download = root / "source-download"
+    download = root / WorkspaceLayout.SOURCE_DOWNLOAD
     if download.exists():
         shutil.rmtree(download)
     return storage.download_dir(uri, download)
@@ -116,10 +102,10 @@ def load_source(uri: str, root: Path) -> tuple[torch.nn.Module, Any, dict[str, A
     directory = local_model_dir(uri, root)
     if directory is None:
         return models.load_causal_lm(uri), models.load_tokenizer(uri), None
-    manifest = _read_json(directory / MANIFEST_FILE)
+    manifest = read_json(directory / MANIFEST_FILE)
     manifest = manifest if isinstance(manifest, dict) else None
     tokenizer = models.load_tokenizer(str(directory))
-    adapter_config = _read_json(directory / "adapter_config.json")
+    adapter_config = read_json(directory / "adapter_config.json")
     if not isinstance(adapter_config, dict):
         return models.load_causal_lm(str(directory)), tokenizer, manifest
     base_uri = ((manifest or {}).get("baseModel") or {}).get("uri") or adapter_config.get(
@@ -144,26 +130,25 @@ def load_source(uri: str, root: Path) -> tuple[torch.nn.Module, Any, dict[str, A
     return merged, tokenizer, manifest
 
 
-def prepare_splits(spec: Mapping[str, Any], tokenizer: Any, root: Path) -> dict[str, int]:
+def prepare_splits(spec: QuantizeJobSpec, tokenizer: Any, root: Path) -> dict[str, int]:
     """data/train.jsonl and data/validation.jsonl from spec.dataset (empty files without one)."""
-    dataset = spec.get("dataset") or {}
-    fmt = cast(data.DatasetFormat, _dataset_format(spec))
+    dataset = spec.dataset
     train: list[dict[str, Any]] = []
     validation: list[dict[str, Any]] = []
-    if dataset.get("uri"):
+    if dataset is not None:
 
         def curated(examples: Sequence[dict[str, Any]], split: float) -> data.CurationResult:
-            return data.curate_per_spec(examples, fmt, tokenizer, dataset, split)
+            return data.curate_per_spec(examples, tokenizer, dataset, split)
 
-        examples = data.load_examples(str(dataset["uri"]), fmt)
-        if dataset.get("validationUri"):
+        examples = data.load_examples(dataset.uri, dataset.format)
+        if dataset.validation_uri:
             train = curated(examples, 0.0).train
-            validation = curated(data.load_examples(str(dataset["validationUri"]), fmt), 0.0).train
+            validation = curated(data.load_examples(dataset.validation_uri, dataset.format), 0.0).train
         else:
-            result = curated(examples, float(Decimal(str(dataset.get("validationSplit", "0.1")))))
+            result = curated(examples, as_float(dataset.validation_split))
             train, validation = result.train, result.validation
-    write_jsonl(root / "data" / "train.jsonl", train)
-    write_jsonl(root / "data" / "validation.jsonl", validation)
+    write_jsonl(root / WorkspaceLayout.TRAIN_SPLIT, train)
+    write_jsonl(root / WorkspaceLayout.VALIDATION_SPLIT, validation)
     return {"train": len(train), "validation": len(validation)}
 
 
@@ -176,27 +161,25 @@ def _eval_max_seq_length(model: torch.nn.Module) -> int:
 def measure_model(
     model: torch.nn.Module,
     tokenizer: Any,
-    spec: Mapping[str, Any],
+    spec: QuantizeJobSpec,
     root: Path,
     size_bytes: int,
     device: torch.device,
 ) -> dict[str, Any]:
     """Size, latency per generated token and quality of `model`, as report/{before,after}.json hold them."""
-    evaluation = _evaluation(spec)
-    fmt = _dataset_format(spec)
-    validation = _read_split(root, "validation", fmt)
-    prompts = quantize.latency_prompt_ids(
-        tokenizer, validation, fmt, int(evaluation.get("latencyPrompts", 8))
-    )
-    new_tokens = int(evaluation.get("latencyNewTokens", 16))
+    evaluation = spec.evaluation
+    fmt = dataset_format(spec)
+    validation = _read_split(root, WorkspaceLayout.VALIDATION_SPLIT, fmt)
+    prompts = quantize.latency_prompt_ids(tokenizer, validation, fmt, evaluation.latency_prompts)
+    new_tokens = evaluation.latency_new_tokens
     latency = quantize.seconds_per_token(model, prompts, new_tokens, device)
     quality = quantize.measure_quality(
         model,
         tokenizer,
         validation,
         fmt,
-        max_samples=int(evaluation.get("maxSamples", 100)),
-        max_new_tokens=int(evaluation.get("maxNewTokens", 32)),
+        max_samples=evaluation.max_samples,
+        max_new_tokens=evaluation.max_new_tokens,
         max_seq_length=_eval_max_seq_length(model),
         device=device,
     )
@@ -205,7 +188,7 @@ def measure_model(
         "latencySecondsPerToken": latency,
         "perplexity": quality["perplexity"],
         "exactMatch": quality["exactMatch"],
-        "samples": min(len(validation), int(evaluation.get("maxSamples", 100))),
+        "samples": min(len(validation), evaluation.max_samples),
         "latencyPrompts": len(prompts),
         "latencyNewTokens": new_tokens,
         "device": device.type,
@@ -225,40 +208,40 @@ def _replace_dir(staging: Path, destination: Path) -> None:
 
 def measure_source(config: dict[str, Any], workspace: str) -> dict[str, Any]:
     """Load (and merge) the source, split the data, measure; writes source/, data/*, report/before.json."""
-    spec = quantize_spec(config)
-    plan = quantize.QuantizationPlan.from_spec(spec)  # refuse an impossible job before any work
+    spec = parse_quantize_job(config).spec  # refuse an impossible job before any work
+    plan = quantize.QuantizationPlan.for_job(spec)
     root = workspace_dir(workspace)
     ProgressReporter(root).set_phase("evaluating-baseline")
     device = quantize.device_for(plan.target)
-    model, tokenizer, manifest = load_source(str(spec["model"]["uri"]), root)
+    model, tokenizer, manifest = load_source(source_uri(spec), root)
     prepare_splits(spec, tokenizer, root)
-    staging = Path(tempfile.mkdtemp(prefix=f".{SOURCE_DIR}.", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=f".{WorkspaceLayout.SOURCE}.", dir=root))
     try:
         pretrained: Any = model
         pretrained.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
-        _replace_dir(staging, root / SOURCE_DIR)
+        _replace_dir(staging, root / WorkspaceLayout.SOURCE)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    storage.atomic_write_json(root / SOURCE_MANIFEST, manifest)
+    storage.atomic_write_json(root / WorkspaceLayout.SOURCE_MANIFEST, manifest)
     model.to(device)
     before = measure_model(
-        model, tokenizer, spec, root, quantize.weights_size_bytes(root / SOURCE_DIR), device
+        model, tokenizer, spec, root, quantize.weights_size_bytes(root / WorkspaceLayout.SOURCE), device
     )
-    storage.atomic_write_json(root / REPORT_DIR / "before.json", before)
+    storage.atomic_write_json(root / WorkspaceLayout.MEASURED_BEFORE, before)
     return before
 
 
 def quantize_step(config: dict[str, Any], workspace: str) -> dict[str, Any]:
     """Apply the method to source/ (QAT trains on data/train.jsonl first); writes quantized/."""
-    spec = quantize_spec(config)
-    plan = quantize.QuantizationPlan.from_spec(spec)
+    spec = parse_quantize_job(config).spec
+    plan = quantize.QuantizationPlan.for_job(spec)
     root = workspace_dir(workspace)
     progress = ProgressReporter(root)
     progress.set_phase("training")
     device = quantize.device_for(plan.target)
-    source = root / SOURCE_DIR
+    source = root / WorkspaceLayout.SOURCE
     if not (source / "config.json").is_file():
         raise ConfigError(f"{source} is missing; the measure-source step must run before quantize")
     model: torch.nn.Module = models.load_causal_lm(str(source))
@@ -266,13 +249,11 @@ def quantize_step(config: dict[str, Any], workspace: str) -> dict[str, Any]:
     tokenizer = models.load_tokenizer(str(source))
     train_features = None
     on_step: Callable[[int, float], None] | None = None
-    if plan.qat is not None:
-        qat = plan.qat
+    fmt = dataset_format(spec)
+    qat = spec.method.qat
+    if qat is not None:
         train_features = tokenize_examples(
-            _read_split(root, "train", _dataset_format(spec)),
-            _dataset_format(spec),
-            tokenizer,
-            qat.max_seq_length,
+            _read_split(root, WorkspaceLayout.TRAIN_SPLIT, fmt), fmt, tokenizer, qat.max_seq_length
         )
 
         def on_step(step: int, loss: float) -> None:
@@ -281,7 +262,7 @@ def quantize_step(config: dict[str, Any], workspace: str) -> dict[str, Any]:
                 total_steps=qat.steps,
                 epoch=step * qat.batch_size / max(1, len(train_features or [])),
                 train_loss=loss,
-                learning_rate=qat.learning_rate,
+                learning_rate=as_float(qat.learning_rate),
                 tokens_seen=0,
                 force=step == qat.steps,
             )
@@ -294,16 +275,16 @@ def quantize_step(config: dict[str, Any], workspace: str) -> dict[str, Any]:
         device=device,
         on_step=on_step,
     )
-    probe = quantize.latency_prompt_ids(tokenizer, [], _dataset_format(spec), 1)[0]
+    probe = quantize.latency_prompt_ids(tokenizer, [], fmt, 1)[0]
     expected = quantize.greedy_tokens(model, probe, ROUND_TRIP_NEW_TOKENS, device)
     record = {
-        "method": plan.method,
+        "method": plan.type,
         "options": plan.options(),
         "details": details,
-        "source": {"uri": spec["model"]["uri"]},
+        "source": {"uri": source_uri(spec)},
         "createdAt": utc_now_iso(),
     }
-    staging = Path(tempfile.mkdtemp(prefix=f".{QUANTIZED_DIR}.", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=f".{WorkspaceLayout.QUANTIZED}.", dir=root))
     try:
         artifact_format = quantize.save_quantized(model, tokenizer, staging, record)
         reloaded = quantize.load_quantized(staging, device)
@@ -312,30 +293,30 @@ def quantize_step(config: dict[str, Any], workspace: str) -> dict[str, Any]:
                 "the saved quantized model generates differently from the one in memory; not keeping it",
                 reason="QuantizationRoundTripFailed",
             )
-        _replace_dir(staging, root / QUANTIZED_DIR)
+        _replace_dir(staging, root / WorkspaceLayout.QUANTIZED)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return {
-        "method": plan.method,
+        "method": plan.type,
         "format": artifact_format,
         "details": details,
-        "sizeBytes": quantize.weights_size_bytes(root / QUANTIZED_DIR),
+        "sizeBytes": quantize.weights_size_bytes(root / WorkspaceLayout.QUANTIZED),
     }
 
 
 def measure_quantized(config: dict[str, Any], workspace: str) -> dict[str, Any]:
     """The measurements of measure-source on the reloaded quantized/ model; writes report/after.json."""
-    spec = quantize_spec(config)
-    plan = quantize.QuantizationPlan.from_spec(spec)
+    spec = parse_quantize_job(config).spec
+    plan = quantize.QuantizationPlan.for_job(spec)
     root = workspace_dir(workspace)
     ProgressReporter(root).set_phase("evaluating")
     device = quantize.device_for(plan.target)
-    quantized_dir = root / QUANTIZED_DIR
+    quantized_dir = root / WorkspaceLayout.QUANTIZED
     model = quantize.load_quantized(quantized_dir, device)
     tokenizer = models.load_tokenizer(str(quantized_dir))
     after = measure_model(model, tokenizer, spec, root, quantize.weights_size_bytes(quantized_dir), device)
-    storage.atomic_write_json(root / REPORT_DIR / "after.json", after)
+    storage.atomic_write_json(root / WorkspaceLayout.MEASURED_AFTER, after)
     return after
 
 
@@ -378,31 +359,14 @@ def gate_values(report: Mapping[str, Any]) -> dict[str, float | None]:
     }
 
 
-def evaluate_quantize_gates(
-    gates: Sequence[Mapping[str, Any]], report: Mapping[str, Any]
-) -> list[dict[str, Any]]:
+def evaluate_quantize_gates(gates: list[QuantizeGate], report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One result per bound of every gate: {metric, op, threshold, value, passed}."""
     values = gate_values(report)
-    results: list[dict[str, Any]] = []
-    for gate in gates:
-        metric = str(gate["metric"])
-        if metric not in values:
-            raise ConfigError(f"evaluation.gates: unknown metric {metric!r}; known: {', '.join(values)}")
-        for op in GATE_OPS:
-            if gate.get(op) is None:
-                continue
-            threshold = float(Decimal(str(gate[op])))
-            value = values[metric]
-            results.append(
-                {
-                    "metric": metric,
-                    "op": op,
-                    "threshold": threshold,
-                    "value": value,
-                    "passed": within_bound(value, op, threshold),
-                }
-            )
-    return results
+
+    def value_of(metric: str, op: GateOp) -> float | None:
+        return values[metric]
+
+    return evaluate_gates(gates, value_of)
 
 
 def describe_gate_failure(result: Mapping[str, Any]) -> str:
@@ -412,63 +376,42 @@ def describe_gate_failure(result: Mapping[str, Any]) -> str:
     return f"{metric} is {value:.6g}, {'below min' if op == 'min' else 'above max'} {threshold:g}"
 
 
-def _existing_manifest(dest_uri: str) -> dict[str, Any] | None:
-    manifest_uri = f"{dest_uri}/{MANIFEST_FILE}"
-    try:
-        if not storage.exists(manifest_uri):
-            return None
-        existing = json.loads(storage.read_bytes(manifest_uri))
-    except (OSError, ValueError, ComponentError):
-        return None
-    return existing if isinstance(existing, dict) else None
-
-
-def _without_time(manifest: Mapping[str, Any]) -> Any:
-    return json.loads(json.dumps({key: value for key, value in manifest.items() if key != "createdAt"}))
+def source_uri(spec: QuantizeJobSpec) -> str:
+    uri = spec.model.uri
+    assert uri is not None, "parse_quantize_job requires the resolved spec.model.uri"
+    return uri
 
 
 def publish_quantized(config: dict[str, Any], workspace: str) -> dict[str, Any]:
     """Report, check the gates, then publish quantized/ with a manifest chaining to the source's."""
-    spec = quantize_spec(config)
-    plan = quantize.QuantizationPlan.from_spec(spec)
+    job = parse_quantize_job(config)
+    spec = job.spec
     root = workspace_dir(workspace)
     progress = ProgressReporter(root)
     progress.set_phase("publishing")
-    before = _read_json(root / REPORT_DIR / "before.json")
-    after = _read_json(root / REPORT_DIR / "after.json")
+    before = read_json(root / WorkspaceLayout.MEASURED_BEFORE)
+    after = read_json(root / WorkspaceLayout.MEASURED_AFTER)
     if not isinstance(before, dict) or not isinstance(after, dict):
         raise ConfigError("report/before.json or report/after.json is missing; run both measure steps first")
     report = build_report(before, after)
-    gates = evaluate_quantize_gates(_evaluation(spec).get("gates") or [], report)
+    gates = evaluate_quantize_gates(spec.evaluation.gates, report)
     report["gates"] = gates
-    storage.atomic_write_json(root / "report.json", report)
-    storage.atomic_write_json(root / "gates.json", gates)
-    failed = [result for result in gates if not result["passed"]]
-    if failed:
-        reasons = "; ".join(describe_gate_failure(result) for result in failed)
-        raise GateFailedError(f"{len(failed)} quality gate(s) failed, nothing was published: {reasons}")
+    storage.atomic_write_json(root / WorkspaceLayout.QUANTIZE_REPORT, report)
+    storage.atomic_write_json(root / WorkspaceLayout.GATES, gates)
+    check_gates(gates, describe_gate_failure)
 
-    dest_uri, version = destination_uri(config)
-    quantized_dir = root / QUANTIZED_DIR
+    dest_uri, version = destination_uri(job.metadata, spec.output.uri)
+    quantized_dir = root / WorkspaceLayout.QUANTIZED
     record = quantize.read_quantization_record(quantized_dir)
-    metadata = config.get("metadata") or {}
-    staging_root = root / "export"
-    staging_root.mkdir(parents=True, exist_ok=True)
-    export_dir = Path(tempfile.mkdtemp(prefix="artifact-", dir=staging_root))
-    try:
+    with export_staging(root) as export_dir:
         shutil.copytree(quantized_dir, export_dir, dirs_exist_ok=True)
         manifest: dict[str, Any] = {
             "schema": MANIFEST_SCHEMA,
-            "kind": "QuantizeJob",
-            "resource": {
-                "namespace": metadata.get("namespace"),
-                "name": metadata.get("name"),
-                "uid": metadata.get("uid"),
-                "generation": metadata.get("generation"),
-            },
-            "source": {"uri": spec["model"]["uri"]},
-            "method": spec.get("method"),
-            "target": plan.target,
+            "kind": job.kind,
+            "resource": resource_record(job.metadata),
+            "source": {"uri": source_uri(spec)},
+            "method": spec.method.to_wire(),
+            "target": spec.target,
             "report": report,
             "artifact": {
                 "format": record.get("format"),
@@ -477,19 +420,11 @@ def publish_quantized(config: dict[str, Any], workspace: str) -> dict[str, Any]:
             },
             "libraries": {**library_versions(), "torchao": quantize.torchao_version()},
             "createdAt": utc_now_iso(),
-            "parent": _read_json(root / SOURCE_MANIFEST),
+            "parent": read_json(root / WorkspaceLayout.SOURCE_MANIFEST),
         }
-        existing = _existing_manifest(dest_uri)
-        if existing is not None and _without_time(existing) == _without_time(manifest):
-            manifest["createdAt"] = existing.get("createdAt")
-        storage.atomic_write_json(export_dir / MANIFEST_FILE, manifest)
-        storage.publish_dir_atomically(export_dir, dest_uri)
-    finally:
-        shutil.rmtree(export_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            staging_root.rmdir()
+        publish_with_manifest(export_dir, dest_uri, manifest)
     output = {"uri": dest_uri, "version": version}
-    storage.atomic_write_json(root / "output.json", output)
+    storage.atomic_write_json(root / WorkspaceLayout.OUTPUT, output)
     progress.set_phase("done")
     return output
 
@@ -505,7 +440,7 @@ QUANTIZE_STEPS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
 def run_quantize_step(name: str, config: dict[str, Any], workspace: str) -> dict[str, Any]:
     """Run step `name`; when it fails, error.json says why (the exception is re-raised)."""
     root = workspace_dir(workspace)
-    error_path = root / ERROR_FILE
+    error_path = root / WorkspaceLayout.ERROR
     with contextlib.suppress(FileNotFoundError):
         error_path.unlink()
     try:

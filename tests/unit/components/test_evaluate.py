@@ -17,7 +17,9 @@ from kubetune_components import data
 from kubetune_components import evaluate as ev
 from kubetune_components.common import models
 from kubetune_components.common.errors import DatasetError
+from kubetune_components.finetune import loop, methods
 from kubetune_components.finetune import train as ft
+from kubetune_contract.finetune import Evaluation, Method, Scheduler, Training
 
 CPU = torch.device("cpu")
 ROWS = [
@@ -54,7 +56,7 @@ def test_eval_loss_and_perplexity_by_hand(tiny_tokenizer: PreTrainedTokenizerBas
             expected_losses.append(-torch.log_softmax(logits, dim=-1)[token].item())
     expected = sum(expected_losses) / len(expected_losses)
 
-    settings = ev.EvaluationSettings(metrics=("evalLoss", "perplexity"))
+    settings = Evaluation(metrics=["evalLoss", "perplexity"])
     result, predictions = ev.evaluate_model(
         model, tiny_tokenizer, ROWS, "instruction", settings, max_seq_length=128, batch_size=2, device=CPU
     )
@@ -137,8 +139,8 @@ def test_prefix_tuning_generation_uses_the_prefix(
         base, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=1, device=CPU
     )
     torch.manual_seed(0)
-    method = ft.MethodSettings.from_spec({"type": "prefix-tuning", "prefixTuning": {"numVirtualTokens": 4}})
-    tuned: Any = ft.apply_method(models.load_causal_lm(str(tiny_model_dir)), method, tiny_tokenizer)
+    method = Method.model_validate({"type": "prefix-tuning", "prefixTuning": {"numVirtualTokens": 4}})
+    tuned: Any = methods.apply_method(models.load_causal_lm(str(tiny_model_dir)), method, tiny_tokenizer)
     with torch.no_grad():
         for parameter in tuned.prompt_encoder.parameters():
             parameter.normal_(0, 5)
@@ -157,14 +159,16 @@ def test_a_model_that_memorised_the_answers_scores_full_exact_match(
     model = models.load_causal_lm(str(tiny_model_dir))
     rows = ROWS[:3]
     features = ft.tokenize_examples(rows, "instruction", tiny_tokenizer, 128)
-    settings = ft.TrainingSettings(max_steps=40, batch_size=3, learning_rate=3e-3, scheduler="constant")
-    ft.train(model, features, settings, pad_token_id=tiny_tokenizer.pad_token_id)
+    settings = Training(
+        max_steps=40, batch_size=3, learning_rate="3e-3", scheduler=Scheduler(type="constant")
+    )
+    loop.train(model, features, settings, pad_token_id=tiny_tokenizer.pad_token_id)
     result, predictions = ev.evaluate_model(
         model,
         tiny_tokenizer,
         rows,
         "instruction",
-        ev.EvaluationSettings(max_new_tokens=8),
+        Evaluation(max_new_tokens=8),
         max_seq_length=128,
         batch_size=2,
         device=CPU,

@@ -19,7 +19,10 @@ from kubetune_components import data
 from kubetune_components.common import models
 from kubetune_components.common.errors import ConfigError
 from kubetune_components.common.progress import ProgressReporter
+from kubetune_components.finetune import loop, methods, signals
 from kubetune_components.finetune import train as ft
+from kubetune_components.finetune.checkpoints import list_checkpoints
+from kubetune_contract.finetune import FineTuneJobSpec, Method, Training
 
 CATEGORIES = ("billing", "technical", "account", "shipping")
 
@@ -113,21 +116,21 @@ def test_every_method_lowers_the_loss_on_a_repeated_batch(
     tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase, method: dict[str, Any], learning_rate: str
 ) -> None:
     torch.manual_seed(0)
-    model = ft.apply_method(
-        models.load_causal_lm(str(tiny_model_dir)), ft.MethodSettings.from_spec(method), tiny_tokenizer
+    model = methods.apply_method(
+        models.load_causal_lm(str(tiny_model_dir)), Method.model_validate(method), tiny_tokenizer
     )
     features = features_for(tiny_tokenizer, 4)
-    settings = ft.TrainingSettings.from_spec(
-        training_spec(maxSteps=6, batchSize=4, learningRate=learning_rate)
+    settings = Training.model_validate(training_spec(maxSteps=6, batchSize=4, learningRate=learning_rate))
+    result = loop.train(
+        model, features, settings, pad_token_id=tiny_tokenizer.pad_token_id, record_losses=True
     )
-    result = ft.train(model, features, settings, pad_token_id=tiny_tokenizer.pad_token_id, record_losses=True)
     assert result.steps == 6
     assert len(result.losses) == 6
     assert all(math.isfinite(loss) for loss in result.losses)
     assert result.losses[-1] < result.losses[0] - 0.01
     if method["type"] != "full":
         total = sum(param.numel() for param in model.parameters())
-        assert 0 < sum(param.numel() for param in ft.trainable_parameters(model).values()) < total / 2
+        assert 0 < sum(param.numel() for param in methods.trainable_parameters(model).values()) < total / 2
 
 
 def test_full_fine_tuning_can_freeze_the_embeddings(
@@ -137,10 +140,10 @@ def test_full_fine_tuning_can_freeze_the_embeddings(
     embeddings_before = model.get_input_embeddings().weight.detach().clone()
     layer = model.model.layers[0].mlp.up_proj
     layer_before = layer.weight.detach().clone()
-    method = ft.MethodSettings.from_spec({"type": "full", "full": {"freezeEmbeddings": True}})
-    model = ft.apply_method(model, method, tiny_tokenizer)
-    settings = ft.TrainingSettings.from_spec(training_spec(maxSteps=2, learningRate="1e-2"))
-    ft.train(model, features_for(tiny_tokenizer, 4), settings, pad_token_id=tiny_tokenizer.pad_token_id)
+    method = Method.model_validate({"type": "full", "full": {"freezeEmbeddings": True}})
+    model = methods.apply_method(model, method, tiny_tokenizer)
+    settings = Training.model_validate(training_spec(maxSteps=2, learningRate="1e-2"))
+    loop.train(model, features_for(tiny_tokenizer, 4), settings, pad_token_id=tiny_tokenizer.pad_token_id)
     assert torch.equal(model.get_input_embeddings().weight, embeddings_before)
     assert not torch.equal(layer.weight, layer_before)
 
@@ -148,10 +151,10 @@ def test_full_fine_tuning_can_freeze_the_embeddings(
 def test_prompt_tuning_starts_from_the_init_text(
     tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    method = ft.MethodSettings.from_spec(
+    method = Method.model_validate(
         {"type": "prompt-tuning", "promptTuning": {"numVirtualTokens": 5, "initText": "route ticket"}}
     )
-    model: Any = ft.apply_method(models.load_causal_lm(str(tiny_model_dir)), method, tiny_tokenizer)
+    model: Any = methods.apply_method(models.load_causal_lm(str(tiny_model_dir)), method, tiny_tokenizer)
     token_ids = tiny_tokenizer("route ticket", add_special_tokens=False)["input_ids"]
     expected_ids = (token_ids * 5)[:5]
     prompt = model.prompt_encoder["default"].embedding.weight
@@ -165,8 +168,8 @@ def test_the_loss_covers_only_response_tokens(
     model = models.load_causal_lm(str(tiny_model_dir))
     rows = ticket_rows(2)
     features = ft.tokenize_examples(rows, "instruction", tiny_tokenizer, 128)
-    batch = ft.collate(features, tiny_tokenizer.pad_token_id, torch.device("cpu"))
-    loss_sum, tokens = ft.token_loss_sum(model, batch)
+    batch = loop.collate(features, tiny_tokenizer.pad_token_id, torch.device("cpu"))
+    loss_sum, tokens = loop.token_loss_sum(model, batch)
 
     expected_sum = torch.zeros(())
     expected_tokens = 0
@@ -183,7 +186,7 @@ def test_the_loss_covers_only_response_tokens(
         for offset, token in enumerate(response_ids):
             expected_sum -= log_probs[len(prompt_ids) + offset - 1, token]
         expected_tokens += len(response_ids)
-        assert ft.target_token_count(feature) == len(response_ids)
+        assert loop.target_token_count(feature) == len(response_ids)
     assert int(tokens) == expected_tokens
     torch.testing.assert_close(loss_sum, expected_sum, rtol=1e-5, atol=1e-4)
 
@@ -192,14 +195,14 @@ def test_accumulating_two_micro_batches_of_four_equals_one_batch_of_eight(
     tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
     features = features_for(tiny_tokenizer, 8)
-    targets = sum(ft.target_token_count(feature) for feature in features)
+    targets = sum(loop.target_token_count(feature) for feature in features)
     device = torch.device("cpu")
     pad = tiny_tokenizer.pad_token_id
 
     def gradients(groups: list[list[ft.Feature]]) -> dict[str, torch.Tensor]:
         model = models.load_causal_lm(str(tiny_model_dir))
-        batches = [ft.collate(group, pad, device) for group in groups]
-        ft.accumulate_gradients(model, batches, targets)
+        batches = [loop.collate(group, pad, device) for group in groups]
+        loop.accumulate_gradients(model, batches, targets)
         return {
             name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None
         }
@@ -213,10 +216,10 @@ def test_accumulating_two_micro_batches_of_four_equals_one_batch_of_eight(
     # The same holds through the training loop: batch 8 vs 4 x 2 accumulation give the same weights.
     def trained_weights(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
         model = models.load_causal_lm(str(tiny_model_dir))
-        settings = ft.TrainingSettings.from_spec(
+        settings = Training.model_validate(
             training_spec(maxSteps=2, batchSize=batch_size, gradientAccumulationSteps=accumulation)
         )
-        ft.train(model, features, settings, pad_token_id=pad)
+        loop.train(model, features, settings, pad_token_id=pad)
         return {name: param.detach().clone() for name, param in model.named_parameters()}
 
     one_batch = trained_weights(8, 1)
@@ -225,10 +228,10 @@ def test_accumulating_two_micro_batches_of_four_equals_one_batch_of_eight(
 
 
 def _learning_rates(scheduler: dict[str, Any], total_steps: int) -> list[float]:
-    settings = ft.TrainingSettings.from_spec(training_spec(learningRate="1.0", scheduler=scheduler))
+    settings = Training.model_validate(training_spec(learningRate="1.0", scheduler=scheduler))
     parameter = torch.nn.Parameter(torch.zeros(1))
-    optimizer = ft.build_optimizer({"p": parameter}, settings)
-    schedule = ft.build_scheduler(optimizer, settings, total_steps)
+    optimizer = loop.build_optimizer({"p": parameter}, settings)
+    schedule = loop.build_scheduler(optimizer, settings, total_steps)
     rates = []
     for _ in range(total_steps):
         rates.append(float(schedule.get_last_lr()[0]))
@@ -250,25 +253,25 @@ def test_scheduler_shapes() -> None:
     assert _learning_rates({"type": "constant"}, 5) == pytest.approx([1.0] * 5)
     assert _learning_rates({"type": "constant", "warmupSteps": 2}, 5) == pytest.approx([0.0, 0.5, 1, 1, 1])
     # warmupSteps wins over warmupRatio.
-    both = ft.TrainingSettings.from_spec(training_spec(scheduler={"warmupRatio": "0.5", "warmupSteps": 1}))
-    assert ft.warmup_step_count(both, 10) == 1
+    both = Training.model_validate(training_spec(scheduler={"warmupRatio": "0.5", "warmupSteps": 1}))
+    assert loop.warmup_step_count(both.scheduler, 10) == 1
 
 
 def test_step_counts_follow_epochs_or_max_steps() -> None:
-    by_epochs = ft.TrainingSettings.from_spec(
+    by_epochs = Training.model_validate(
         training_spec(maxSteps=None, epochs=3, batchSize=4, gradientAccumulationSteps=2)
     )
-    assert ft.steps_per_epoch(17, by_epochs) == 3  # 5 micro-batches -> 3 optimizer steps
-    assert ft.total_step_count(17, by_epochs) == 9
-    by_steps = ft.TrainingSettings.from_spec(training_spec(maxSteps=50, epochs=3))
-    assert ft.total_step_count(17, by_steps) == 50
+    assert loop.steps_per_epoch(17, by_epochs) == 3  # 5 micro-batches -> 3 optimizer steps
+    assert loop.total_step_count(17, by_epochs) == 9
+    by_steps = Training.model_validate(training_spec(maxSteps=50, epochs=3))
+    assert loop.total_step_count(17, by_steps) == 50
 
 
 def test_micro_batches_are_deterministic_complete_and_length_grouped() -> None:
     lengths = [5, 50, 6, 49, 7, 48, 8, 47] * 4
-    plan = ft.plan_micro_batches(lengths, 4, seed=3, epoch=0)
-    assert plan == ft.plan_micro_batches(lengths, 4, seed=3, epoch=0)
-    assert plan != ft.plan_micro_batches(lengths, 4, seed=3, epoch=1)
+    plan = loop.plan_micro_batches(lengths, 4, seed=3, epoch=0)
+    assert plan == loop.plan_micro_batches(lengths, 4, seed=3, epoch=0)
+    assert plan != loop.plan_micro_batches(lengths, 4, seed=3, epoch=1)
     assert sorted(index for batch in plan for index in batch) == list(range(len(lengths)))
     padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in plan)
     assert padded < 1.2 * sum(lengths)
@@ -277,23 +280,23 @@ def test_micro_batches_are_deterministic_complete_and_length_grouped() -> None:
 def test_fp16_without_a_gpu_is_a_config_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    settings = ft.TrainingSettings.from_spec(training_spec(precision="fp16"))
+    settings = Training.model_validate(training_spec(precision="fp16"))
     with pytest.raises(ConfigError, match=r"training\.precision"):
-        settings.validate_for_device(torch.device("cpu"))
+        loop.check_precision_supported(settings.precision, torch.device("cpu"))
 
 
 def test_bf16_trains_with_autocast(tiny_model_dir: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
-    model = ft.apply_method(
+    model = methods.apply_method(
         models.load_causal_lm(str(tiny_model_dir)),
-        ft.MethodSettings.from_spec({"type": "lora"}),
+        Method.model_validate({"type": "lora"}),
         tiny_tokenizer,
     )
-    settings = ft.TrainingSettings.from_spec(training_spec(maxSteps=2, precision="bf16"))
-    result = ft.train(
+    settings = Training.model_validate(training_spec(maxSteps=2, precision="bf16"))
+    result = loop.train(
         model, features_for(tiny_tokenizer, 4), settings, pad_token_id=tiny_tokenizer.pad_token_id
     )
     assert result.train_loss is not None and math.isfinite(result.train_loss)
-    assert all(param.dtype == torch.float32 for param in ft.trainable_parameters(model).values())
+    assert all(param.dtype == torch.float32 for param in methods.trainable_parameters(model).values())
 
 
 def test_a_job_killed_mid_run_resumes_to_the_same_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -316,7 +319,7 @@ def test_a_job_killed_mid_run_resumes_to_the_same_weights(tiny_model_dir: Path, 
     assert expected["steps"] == 4  # 12 examples / 3 per batch / 2 accumulated, twice
 
     killed = write_train_split(tmp_path / "killed")
-    with pytest.raises(ft.TrainingInterrupted) as interrupted:
+    with pytest.raises(signals.TrainingInterrupted) as interrupted:
         ft.run_finetune(spec, killed, on_step=lambda step: step == 3)
     assert interrupted.value.step == 3
     checkpoints = killed / "checkpoints"
@@ -349,7 +352,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_model_dir: Path, tmp_path: Pa
         return False
 
     progress = ProgressReporter(workspace)
-    with pytest.raises(ft.TrainingInterrupted) as interrupted:
+    with pytest.raises(signals.TrainingInterrupted) as interrupted:
         ft.run_finetune(spec, workspace, on_step=send_sigterm, progress=progress)
     assert interrupted.value.reason == "SIGTERM"
     assert interrupted.value.step in (2, 3)
@@ -368,12 +371,12 @@ def test_incomplete_and_foreign_checkpoints_are_not_resumed(tiny_model_dir: Path
     (checkpoints / "step-8").mkdir()  # no state.json: incomplete
     (checkpoints / "step-7").mkdir()
     (checkpoints / "step-7" / "state.json").write_text(json.dumps({"step": 7, "fingerprint": "another-job"}))
-    assert [checkpoint.step for checkpoint in ft.list_checkpoints(checkpoints)] == [7]
+    assert [checkpoint.step for checkpoint in list_checkpoints(checkpoints)] == [7]
 
     result = ft.run_finetune(spec, workspace)
     assert result["resumedFromStep"] is None
     assert result["steps"] == 3
-    assert [checkpoint.step for checkpoint in ft.list_checkpoints(checkpoints)] == [1, 2, 3, 7]
+    assert [checkpoint.step for checkpoint in list_checkpoints(checkpoints)] == [1, 2, 3, 7]
     assert not (checkpoints / ".step-9.abc.tmp").exists()  # leftovers of a killed save are cleaned up
 
 
@@ -397,3 +400,27 @@ def test_merging_a_prompt_learning_adapter_is_rejected_up_front(tiny_model_dir: 
     spec["output"]["mergeAdapter"] = True
     with pytest.raises(ConfigError, match="mergeAdapter"):
         ft.run_finetune(spec, write_train_split(tmp_path))
+
+
+def test_the_step_takes_its_defaults_from_the_api_model(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step has no defaults of its own: changing the API's default batch size changes what it runs."""
+    spec = job_spec(tiny_model_dir, {"type": "lora"}, epochs=1)
+    del spec["training"]["maxSteps"], spec["training"]["batchSize"]  # one epoch at the default batch size
+    workspace = write_train_split(tmp_path / "default", count=12)
+    default_batch_size = Training.model_fields["batch_size"].default
+    assert ft.run_finetune(spec, workspace)["totalSteps"] == math.ceil(12 / default_batch_size)
+
+    def rebuild() -> None:
+        Training.model_rebuild(force=True)
+        FineTuneJobSpec.model_rebuild(force=True)  # it embeds Training's schema
+
+    monkeypatch.setattr(Training.model_fields["batch_size"], "default", 4)
+    rebuild()
+    try:
+        workspace = write_train_split(tmp_path / "patched", count=12)
+        assert ft.run_finetune(spec, workspace)["totalSteps"] == 3  # 12 examples in micro-batches of 4
+    finally:
+        monkeypatch.undo()
+        rebuild()

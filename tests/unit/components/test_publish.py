@@ -14,9 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from kubetune_components.common import models, storage
+from kubetune_components.common.artifacts import MANIFEST_FILE, destination_uri
 from kubetune_components.common.errors import ComponentError, ConfigError, GateFailedError
+from kubetune_components.common.jobs import parse_finetune_job
 from kubetune_components.finetune import publish as pub
 from kubetune_components.finetune import train as ft
+from kubetune_contract.common import ObjectMeta
+from kubetune_contract.finetune import FineTuneJob, FineTuneJobSpec, Gate
 
 ROWS = [
     {"instruction": "Route the ticket.", "input": f"ticket {index} about {word}", "output": word}
@@ -98,12 +102,15 @@ def published_dir(config: dict[str, Any]) -> Path:
 
 def test_gate_semantics() -> None:
     gates = [
-        {"metric": "exactMatch", "minImprovement": "0.3"},  # 0.3 -> 0.6 is exactly 0.3 better
-        {"metric": "evalLoss", "minImprovement": "2", "max": "1.5"},  # lower is better
-        {"metric": "perplexity", "min": "3"},
-        {"metric": "exactMatch", "min": "0.7"},
+        Gate.model_validate(gate)
+        for gate in (
+            {"metric": "exactMatch", "minImprovement": "0.3"},  # 0.3 -> 0.6 is exactly 0.3 better
+            {"metric": "evalLoss", "minImprovement": "2", "max": "1.5"},  # lower is better
+            {"metric": "perplexity", "min": "3"},
+            {"metric": "exactMatch", "min": "0.7"},
+        )
     ]
-    results = pub.evaluate_gates(gates, BASELINE, FINAL)
+    results = pub.evaluate_finetune_gates(gates, BASELINE, FINAL)
     table = [(r["metric"], r["op"], r["threshold"], r["passed"]) for r in results]
     assert table == [
         ("exactMatch", "minImprovement", 0.3, True),
@@ -115,12 +122,12 @@ def test_gate_semantics() -> None:
     assert results[0]["value"] == pytest.approx(0.3)
     assert results[2]["value"] == pytest.approx(2.0)
     assert (
-        pub.evaluate_gates(
-            [{"metric": "evalLoss", "minImprovement": "0.1"}], BASELINE, FINAL | {"evalLoss": 3.5}
+        pub.evaluate_finetune_gates(
+            [Gate(metric="evalLoss", min_improvement="0.1")], BASELINE, FINAL | {"evalLoss": 3.5}
         )[0]["passed"]
         is False
     )
-    missing = pub.evaluate_gates([{"metric": "exactMatch", "min": "0.1"}], {}, {"evalLoss": 1.0})
+    missing = pub.evaluate_finetune_gates([Gate(metric="exactMatch", min="0.1")], {}, {"evalLoss": 1.0})
     assert missing == [
         {"metric": "exactMatch", "op": "min", "threshold": 0.1, "value": None, "passed": False}
     ]
@@ -155,10 +162,10 @@ def test_publishing_an_adapter_with_its_manifest(lora_job: tuple[Path, dict[str,
     assert json.loads((workspace / "output.json").read_text()) == output
 
     names = {path.name for path in destination.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", pub.MANIFEST_FILE} <= names
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", MANIFEST_FILE} <= names
     assert not names & {"model.safetensors", "README.md", ft.TRAINING_RECORD}
 
-    manifest = json.loads((destination / pub.MANIFEST_FILE).read_text())
+    manifest = json.loads((destination / MANIFEST_FILE).read_text())
     spec = config["spec"]
     assert manifest["schema"] == "kubetune.dev/manifest/v1"
     assert manifest["kind"] == "FineTuneJob"
@@ -173,14 +180,14 @@ def test_publishing_an_adapter_with_its_manifest(lora_job: tuple[Path, dict[str,
     assert manifest["dataset"]["sha256"] == storage.sha256_of(spec["dataset"]["uri"])
     assert manifest["dataset"]["format"] == "instruction"
     assert manifest["dataset"]["curation"] == {"total": len(ROWS), "kept": len(ROWS)}
-    assert manifest["method"] == spec["method"]
-    assert manifest["hyperparameters"] == spec["training"]
+    assert manifest["method"] == FineTuneJobSpec.model_validate(spec).method.to_wire()  # defaults filled in
+    assert manifest["hyperparameters"] == FineTuneJobSpec.model_validate(spec).training.to_wire()
     assert manifest["metrics"] == {"baseline": BASELINE, "final": FINAL}
     assert manifest["gates"] == json.loads((workspace / "gates.json").read_text())
     assert manifest["gates"][0]["passed"] is True
     assert manifest["artifact"]["format"] == "peft-adapter"
     files = manifest["artifact"]["files"]
-    assert set(files) == names - {pub.MANIFEST_FILE}
+    assert set(files) == names - {MANIFEST_FILE}
     assert all(files[name] == storage.sha256_of(str(destination / name)) for name in files)
     assert set(manifest["libraries"]) == {"torch", "transformers", "peft", "kubetune_components"}
     assert manifest["createdAt"].endswith("Z")
@@ -192,7 +199,7 @@ def test_publishing_twice_is_a_no_op_and_different_content_is_refused(
 ) -> None:
     workspace, config = lora_job
     first = pub.run_publish(config, workspace)
-    manifest_path = published_dir(config) / pub.MANIFEST_FILE
+    manifest_path = published_dir(config) / MANIFEST_FILE
     manifest_before = manifest_path.read_text()
     assert pub.run_publish(config, workspace) == first
     assert manifest_path.read_text() == manifest_before
@@ -235,7 +242,7 @@ def test_merged_export_holds_full_weights_equal_to_the_adapter_model(
     names = {path.name for path in destination.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= names
     assert not names & {"adapter_model.safetensors", "adapter_config.json"}
-    manifest = json.loads((destination / pub.MANIFEST_FILE).read_text())
+    manifest = json.loads((destination / MANIFEST_FILE).read_text())
     assert manifest["artifact"]["format"] == "merged"
 
     merged = models.load_causal_lm(str(destination))
@@ -251,15 +258,30 @@ def test_full_fine_tuning_publishes_the_full_model(tiny_model_dir: Path, tmp_pat
     pub.run_publish(config, workspace)
     destination = published_dir(config)
     assert {"model.safetensors", "config.json"} <= {path.name for path in destination.iterdir()}
-    assert json.loads((destination / pub.MANIFEST_FILE).read_text())["artifact"]["format"] == "full"
+    assert json.loads((destination / MANIFEST_FILE).read_text())["artifact"]["format"] == "full"
+
+
+def job_with(method_type: str, merge_adapter: bool) -> FineTuneJob:
+    return parse_finetune_job(
+        {
+            "kind": "FineTuneJob",
+            "metadata": {"name": "a"},
+            "spec": {
+                "baseModel": {"uri": "base"},
+                "dataset": {"uri": "data.jsonl"},
+                "method": {"type": method_type},
+                "output": {"mergeAdapter": merge_adapter},
+            },
+        }
+    )
 
 
 def test_prompt_learning_adapters_cannot_be_merged() -> None:
-    assert pub.artifact_format("ia3", merge_adapter=True) == "merged"
-    assert pub.artifact_format("full", merge_adapter=True) == "full"
-    assert pub.artifact_format("prefix-tuning", merge_adapter=False) == "peft-adapter"
+    assert pub.artifact_format(job_with("ia3", merge_adapter=True)) == "merged"
+    assert pub.artifact_format(job_with("full", merge_adapter=True)) == "full"
+    assert pub.artifact_format(job_with("prefix-tuning", merge_adapter=False)) == "peft-adapter"
     with pytest.raises(ConfigError, match="mergeAdapter"):
-        pub.artifact_format("prompt-tuning", merge_adapter=True)
+        job_with("prompt-tuning", merge_adapter=True)
 
 
 def test_the_destination_needs_an_output_uri_and_a_generation() -> None:
@@ -267,10 +289,11 @@ def test_the_destination_needs_an_output_uri_and_a_generation() -> None:
         "metadata": {"name": "a", "namespace": "n", "generation": 7},
         "spec": {"output": {}},
     }
+    metadata = ObjectMeta.model_validate(config["metadata"])
     with pytest.raises(ConfigError, match=r"output\.uri"):
-        pub.destination_uri(config)
+        destination_uri(metadata, config["spec"]["output"].get("uri"))
     config["spec"]["output"]["uri"] = "file:///store/"
-    assert pub.destination_uri(config) == ("file:///store/n/a/v7", "v7")
+    assert destination_uri(metadata, config["spec"]["output"]["uri"]) == ("file:///store/n/a/v7", "v7")
     del config["metadata"]["generation"]
     with pytest.raises(ConfigError, match="generation"):
-        pub.destination_uri(config)
+        destination_uri(ObjectMeta.model_validate(config["metadata"]), config["spec"]["output"]["uri"])

@@ -16,6 +16,7 @@ from kubetune_components.common.errors import ConfigError, GateFailedError
 from kubetune_components.finetune.train import tokenize_examples
 from kubetune_components.quantize import methods as quantize
 from kubetune_components.quantize import steps as quantize_steps
+from kubetune_contract.quantize import QuantizeGate
 
 CPU = torch.device("cpu")
 EXAMPLES = [
@@ -88,14 +89,14 @@ def test_method_shrinks_and_reloads_to_identical_generations(
     plan = quantize.QuantizationPlan.from_spec(method_spec(method_type, **options))
     model = models.load_causal_lm(str(tiny_model_dir))
     linear_share = linear_weight_share(model)
-    features = tokenize_examples(EXAMPLES, "instruction", tiny_tokenizer, 64) if plan.qat else None
+    features = tokenize_examples(EXAMPLES, "instruction", tiny_tokenizer, 64) if plan.method.qat else None
     details = quantize.quantize_model(
         model, plan, train_features=features, pad_token_id=int(tiny_tokenizer.pad_token_id)
     )
     prompt = list(tiny_tokenizer("The quick brown fox")["input_ids"])
     in_memory = quantize.greedy_tokens(model, prompt, 8, CPU)
 
-    fmt = quantize.save_quantized(model, tiny_tokenizer, tmp_path / "q", {"method": plan.method})
+    fmt = quantize.save_quantized(model, tiny_tokenizer, tmp_path / "q", {"method": plan.type})
     reloaded = quantize.load_quantized(tmp_path / "q")
     assert quantize.greedy_tokens(reloaded, prompt, 8, CPU) == in_memory
 
@@ -116,7 +117,7 @@ def test_method_shrinks_and_reloads_to_identical_generations(
         assert 0.99 < ratio < 1.01
     if method_type == "pruning":
         assert details["sparsity"] == pytest.approx(0.5, abs=0.01)
-    if plan.method == "pruning" and plan.then == "none":
+    if plan.method.pruning is not None and plan.method.pruning.then == "none":
         assert quantize.measured_sparsity(reloaded) == pytest.approx(0.5, abs=0.01)
     if method_type == "qat":
         assert details["training"]["steps"] == 2
@@ -369,7 +370,10 @@ def test_gate_values_follow_the_api_definitions() -> None:
     assert values["exactMatchDrop"] == pytest.approx(0.25)
     assert values["exactMatch"] == pytest.approx(0.25)
     results = quantize_steps.evaluate_quantize_gates(
-        [{"metric": "perplexityIncrease", "max": "0.05"}, {"metric": "exactMatch", "min": "0.3", "max": "1"}],
+        [
+            QuantizeGate(metric="perplexityIncrease", max="0.05"),
+            QuantizeGate(metric="exactMatch", min="0.3", max="1"),
+        ],
         report,
     )
     assert [(r["metric"], r["op"], r["passed"]) for r in results] == [

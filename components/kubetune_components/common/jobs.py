@@ -1,0 +1,64 @@
+"""The job a step is handed, parsed with the API's own models.
+
+The operator hands every step the resource as a wire dict (camelCase, defaults filled in). Parsing it with
+kubetune_contract's models means the steps have no defaults or rules of their own: a config the API
+rejects is rejected here with the same field path and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from kubetune_components.common.errors import ConfigError
+from kubetune_contract.common import KubeModel, describe_validation_error
+from kubetune_contract.finetune import FineTuneJob, FineTuneJobSpec
+from kubetune_contract.quantize import QuantizeJob
+
+Job = TypeVar("Job", bound=KubeModel)
+
+
+def _parse(model: type[Job], kind: str, config: Mapping[str, Any]) -> Job:
+    if config.get("kind", kind) != kind:
+        raise ConfigError(f"expected a {kind}, got kind {config.get('kind')!r}")
+    if not isinstance(config.get("spec"), Mapping):
+        raise ConfigError("the config has no spec")
+    try:
+        return model.model_validate(config)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from error
+
+
+def parse_finetune_job(config: Mapping[str, Any]) -> FineTuneJob:
+    return _parse(FineTuneJob, "FineTuneJob", config)
+
+
+def parse_finetune_spec(spec: Mapping[str, Any]) -> FineTuneJobSpec:
+    """A FineTuneJob's spec on its own (for callers that train without a resource around it)."""
+    try:
+        return FineTuneJobSpec.model_validate(spec)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from error
+
+
+def parse_quantize_job(config: Mapping[str, Any]) -> QuantizeJob:
+    """The QuantizeJob; the operator has already resolved spec.model.fineTuneJobRef into spec.model.uri."""
+    if config.get("kind") != "QuantizeJob":
+        raise ConfigError(f"expected a QuantizeJob, got kind {config.get('kind')!r}")
+    spec = config.get("spec")
+    model = spec.get("model") if isinstance(spec, Mapping) else None
+    if (
+        isinstance(spec, Mapping)
+        and isinstance(model, Mapping)
+        and model.get("fineTuneJobRef")
+        and model.get("uri")
+    ):
+        # The resolved form names both; the API admits one, so keep what the steps work from: the uri.
+        resolved_model = {key: value for key, value in model.items() if key != "fineTuneJobRef"}
+        config = {**config, "spec": {**spec, "model": resolved_model}}
+    job = _parse(QuantizeJob, "QuantizeJob", config)
+    if job.spec.model.uri is None:
+        raise ConfigError("spec.model.uri is required (the operator resolves fineTuneJobRef to it)")
+    return job
