@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import urllib.request
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -114,24 +113,13 @@ def test_serve_exposes_the_registry_until_stopped(metrics: OperatorMetrics) -> N
         urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=1)
 
 
-def test_kubetune_operator_passes_the_metrics_port_to_the_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
-    import kopf
+# What `kubetune operator` watches and the metrics port it serves are observed on the running
+# process in tests/integration/test_operator_cli.py.
 
-    from kubetune.handlers import main
 
-    calls: list[dict[str, Any]] = []
+def test_only_exact_namespace_names_disable_scanning() -> None:
+    from kubetune.handlers.main import exact_namespaces
 
-    async def fake_operator(**kwargs: Any) -> None:
-        calls.append(kwargs)
-
-    monkeypatch.setattr(kopf, "operator", fake_operator)
-    monkeypatch.setattr(kopf, "configure", lambda **_: None)
-    monkeypatch.setenv(METRICS_PORT_ENV, "9191")
-    assert main.run_operator([], liveness_port=None) == 0
-    assert main.run_operator(["team-a"], liveness_port=None, metrics_port=0) == 0
-    clusterwide, namespaced = calls
-    assert (clusterwide["memo"]["metrics_port"], clusterwide["memo"]["metrics_address"]) == (9191, "0.0.0.0")
-    assert clusterwide["clusterwide"] is True and clusterwide["settings"].scanning.disabled is False
-    assert namespaced["memo"]["metrics_port"] == 0
-    assert namespaced["namespaces"] == ["team-a"] and namespaced["settings"].scanning.disabled is True
-    assert main.exact_namespaces(["team-*"]) is False
+    assert exact_namespaces(["team-a", "team-b"]) is True
+    assert exact_namespaces(["team-*"]) is False
+    assert exact_namespaces([]) is False
