@@ -57,7 +57,7 @@ from kubetune.gateway.generation import (
     CHAT_ENDPOINT,
     COMPLETIONS_ENDPOINT,
     apply_generation,
-    check_request_shape,
+    parse_openai_request,
 )
 from kubetune.gateway.metrics import GatewayMetrics
 from kubetune.gateway.prompts import render_chat_messages, render_completion_prompt
@@ -162,11 +162,11 @@ class Gateway:
         version = NO_VERSION
         try:
             body = await read_json_object(request)
-            check_request_shape(endpoint, body)
-            _check_model(body, state.config.deployment)
-            version = _route(state, request, body)
+            parsed = parse_openai_request(endpoint, body)
+            _check_model(parsed.model, state.config.deployment)
+            version = _route(state, request, parsed.user)
             apply_generation(endpoint, body, state.config.generation)
-            if body.get("stream"):
+            if parsed.stream:
                 return await self._stream(state, endpoint, request_id, version, body)
             return await self._complete(state, endpoint, request_id, version, body)
         except GatewayError as error:
@@ -333,7 +333,7 @@ class Gateway:
         """``GET /v1/models/{model}`` (the OpenAI client's ``models.retrieve``)."""
         deployment = self.state.config.deployment
         try:
-            _check_model({"model": request.path_params["model"]}, deployment)
+            _check_model(request.path_params["model"], deployment)
         except GatewayError as error:
             return error_response(error, new_request_id(), NO_VERSION)
         return json_response(self._model_document(deployment))
@@ -368,9 +368,8 @@ class Gateway:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _check_model(body: dict[str, Any], deployment: str) -> None:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
+def _check_model(model: str | None, deployment: str) -> None:
+    if not model:
         raise invalid_request(f"model is required (this gateway serves the model {deployment!r})", "model")
     if model != deployment:
         raise GatewayError(
@@ -382,11 +381,11 @@ def _check_model(body: dict[str, Any], deployment: str) -> None:
         )
 
 
-def _route(state: GatewayState, request: Request, body: dict[str, Any]) -> str:
+def _route(state: GatewayState, request: Request, user: str | None) -> str:
     routing = state.config.routing
     override = request.headers.get(routing.override_header)
     if routing.sticky_by == "user":
-        key = body.get("user")
+        key = user
     else:
         assert routing.header is not None
         key = request.headers.get(routing.header)

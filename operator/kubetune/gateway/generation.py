@@ -1,4 +1,4 @@
-"""Request checks and generation parameters: the deployment's defaults and limits.
+"""Request validation and generation parameters: the deployment's defaults and limits.
 
 A request that omits temperature, top_p or max_tokens gets the deployment's default; a value above
 a limit is refused (400 naming the parameter) rather than clamped, so a client never receives
@@ -11,6 +11,12 @@ from typing import Any
 
 from kubetune.gateway.config import GenerationConfig
 from kubetune.gateway.errors import invalid_request
+from kubetune_contract.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RequestFieldError,
+    parse_request,
+)
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETIONS_ENDPOINT = "/v1/completions"
@@ -24,33 +30,17 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_request_shape(endpoint: str, body: dict[str, Any]) -> None:
-    """The fields the gateway itself relies on; everything else is the model server's to judge."""
-    if endpoint == CHAT_ENDPOINT:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise invalid_request("messages must be a non-empty array of messages", "messages")
-        for index, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise invalid_request(
-                    f"messages[{index}] must be an object with a string role", f"messages[{index}]"
-                )
-    else:
-        prompt = body.get("prompt")
-        if prompt is None:
-            raise invalid_request("prompt is required", "prompt")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise invalid_request("stream must be a boolean", "stream")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise invalid_request("user must be a string", "user")
-    n = body.get("n")
-    if n is not None and (not _is_integer(n) or n < 1):
-        raise invalid_request("n must be an integer of at least 1", "n")
-    metadata = body.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise invalid_request("metadata must be an object of string values", "metadata")
+def parse_openai_request(endpoint: str, body: dict[str, Any]) -> ChatCompletionRequest | CompletionRequest:
+    """``body`` validated with the OpenAI request model of ``endpoint`` (the model server validates
+    with the same one); 400 naming the field. Fields the model does not name are kept for the
+    version to judge."""
+    model: type[ChatCompletionRequest | CompletionRequest] = (
+        ChatCompletionRequest if endpoint == CHAT_ENDPOINT else CompletionRequest
+    )
+    try:
+        return parse_request(model, body)
+    except RequestFieldError as error:
+        raise invalid_request(error.message, error.param) from error
 
 
 def apply_generation(endpoint: str, body: dict[str, Any], generation: GenerationConfig) -> None:

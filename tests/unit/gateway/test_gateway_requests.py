@@ -13,7 +13,7 @@ from kubetune.gateway.generation import (
     CHAT_ENDPOINT,
     COMPLETIONS_ENDPOINT,
     apply_generation,
-    check_request_shape,
+    parse_openai_request,
 )
 from kubetune.gateway.prompts import render_chat_messages, render_completion_prompt
 
@@ -76,7 +76,8 @@ def test_values_out_of_bounds_are_refused_naming_the_param(
     [
         (CHAT_ENDPOINT, {}, "messages"),
         (CHAT_ENDPOINT, {"messages": []}, "messages"),
-        (CHAT_ENDPOINT, {"messages": [{"content": "hi"}]}, "messages[0]"),
+        (CHAT_ENDPOINT, {"messages": [{"content": "hi"}]}, "messages[0].role"),
+        (CHAT_ENDPOINT, {"messages": ["hi"]}, "messages[0]"),
         (COMPLETIONS_ENDPOINT, {}, "prompt"),
         (COMPLETIONS_ENDPOINT, {"prompt": "x", "stream": "yes"}, "stream"),
         (COMPLETIONS_ENDPOINT, {"prompt": "x", "user": 7}, "user"),
@@ -86,7 +87,7 @@ def test_values_out_of_bounds_are_refused_naming_the_param(
 )
 def test_malformed_requests_name_the_field(endpoint: str, body: dict[str, Any], param: str) -> None:
     with pytest.raises(GatewayError) as raised:
-        check_request_shape(endpoint, body)
+        parse_openai_request(endpoint, body)
     assert raised.value.param == param
 
 
