@@ -27,9 +27,16 @@ from kubetune.plan.lifecycle import (
     plan_job,
     progress_status,
     resource_config,
+    status_patch,
 )
 from kubetune.plan.runs import RunRequest
-from kubetune_contract.finetune import FineTuneJob
+from kubetune_contract.finetune import (
+    EvalMetrics,
+    EvaluationStatus,
+    FineTuneJob,
+    FineTuneJobStatus,
+    TrainMetrics,
+)
 from kubetune_contract.workspace import WorkspaceReport
 
 __all__ = ["Decision", "Event", "Observed", "build_request", "is_finished", "plan_finetune", "run_key"]
@@ -62,39 +69,44 @@ def build_request(job: FineTuneJob, settings: OperatorConfig, base_dir: Path | N
     return job_request(job, config, settings, base_dir, uris=uris, token=job.spec.base_model.token_secret_ref)
 
 
-def _eval_status(report: dict[str, Any] | None) -> dict[str, Any] | None:
+def _eval_metrics(report: dict[str, Any] | None) -> EvalMetrics | None:
     if not report:
         return None
-    values = {key: finite_number(report.get(key)) for key in ("evalLoss", "perplexity", "exactMatch")}
-    return {key: value for key, value in values.items() if value is not None}
+    return EvalMetrics(
+        eval_loss=finite_number(report.get("evalLoss")),
+        perplexity=finite_number(report.get("perplexity")),
+        exact_match=finite_number(report.get("exactMatch")),
+    )
 
 
-def fill_status(status: dict[str, Any], report: WorkspaceReport, finished_ok: bool) -> None:
-    status["progress"] = progress_status(report.progress, finished_ok)
+def fill_status(status: FineTuneJobStatus, report: WorkspaceReport, finished_ok: bool) -> FineTuneJobStatus:
+    update: dict[str, Any] = {"progress": progress_status(report.progress, finished_ok)}
     if report.progress:
-        metrics = {
-            "trainLoss": finite_number(report.progress.get("trainLoss")),
-            "learningRate": finite_number(report.progress.get("learningRate")),
-        }
-        status["metrics"] = {k: v for k, v in metrics.items() if v is not None}
+        update["metrics"] = TrainMetrics(
+            train_loss=finite_number(report.progress.get("trainLoss")),
+            learning_rate=finite_number(report.progress.get("learningRate")),
+        )
     evaluation: dict[str, Any] = {}
-    if (baseline := _eval_status(report.baseline)) is not None:
+    if (baseline := _eval_metrics(report.baseline)) is not None:
         evaluation["baseline"] = baseline
-    if (final := _eval_status(report.final)) is not None:
+    if (final := _eval_metrics(report.final)) is not None:
         evaluation["final"] = final
     if report.gates:
         evaluation["gates"] = gate_status(report.gates)
     if evaluation:
-        status["evaluation"] = evaluation
+        update["evaluation"] = EvaluationStatus(**evaluation)
+    return status.model_copy(update=update)
 
 
-def success_message(status: dict[str, Any]) -> str:
-    final = status.get("evaluation", {}).get("final", {})
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items())
-    return f"published {status.get('output', {}).get('uri', '')}" + (f" ({summary})" if summary else "")
+def success_message(status: FineTuneJobStatus) -> str:
+    final = status.evaluation.final if status.evaluation is not None else None
+    measured = final.to_wire() if final is not None else {}
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in measured.items())
+    uri = status.output.uri if status.output is not None else ""
+    return f"published {uri}" + (f" ({summary})" if summary else "")
 
 
-def finetune_kind(settings: OperatorConfig, base_dir: Path | None = None) -> JobKind:
+def finetune_kind(settings: OperatorConfig, base_dir: Path | None = None) -> JobKind[FineTuneJobStatus]:
     def parse(body: dict[str, Any]) -> BaseModel:
         return parse_resource(body, FineTuneJob)
 
@@ -103,7 +115,11 @@ def finetune_kind(settings: OperatorConfig, base_dir: Path | None = None) -> Job
         return build_request(job, settings, base_dir)
 
     return JobKind(
-        parse=parse, request_for=request_for, fill_status=fill_status, success_message=success_message
+        parse=parse,
+        request_for=request_for,
+        status_model=FineTuneJobStatus,
+        fill_status=fill_status,
+        success_message=success_message,
     )
 
 
@@ -117,5 +133,5 @@ def plan_finetune(
     """Decide the next step for one FineTuneJob. Never raises for a bad spec: it reports it."""
     decision = plan_job(finetune_kind(settings, base_dir), body, observed, settings, now)
     if decision.action == "submit":
-        decision.status["progress"] = progress_status(None, False)
+        decision.status["progress"] = status_patch(progress_status(None, False))
     return decision

@@ -12,16 +12,19 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from kubetune.api.validation import ResourceInvalid
 from kubetune.common.events import Event
 from kubetune.common.uris import absolute, pvc_claims, short_uid
 from kubetune.config import OperatorConfig
 from kubetune.plan.runs import RunRequest, RunStatus
+from kubetune_contract.common import Condition, GateResult, KubeModel, OutputRef, PipelineRunRef
 from kubetune_contract.conditions import SUCCEEDED, find_condition, set_job_conditions
+from kubetune_contract.finetune import FineTuneJobStatus, Progress
+from kubetune_contract.quantize import QuantizeJobStatus
 from kubetune_contract.workspace import WorkspaceReport
 
 Action = Literal["none", "submit", "resume", "cancel"]
@@ -56,16 +59,44 @@ class Hold:
     message: str
 
 
+# The status model of the kind being planned; statuses are built as these, then written by alias.
+JobStatus = TypeVar("JobStatus", FineTuneJobStatus, QuantizeJobStatus)
+
+
+def _unchanged(job: BaseModel, status: JobStatus) -> JobStatus:
+    return status
+
+
 @dataclass(frozen=True)
-class JobKind:
-    """What differs between kinds of job."""
+class JobKind(Generic[JobStatus]):
+    """What differs between kinds of job.
+
+    ``fill_status``: the status with what the steps reported (``True``: the run succeeded);
+    ``extra_status``: the status with what the kind knows from the spec alone (e.g. the source).
+    """
 
     parse: Callable[[dict[str, Any]], BaseModel]
     request_for: Callable[[BaseModel], RunRequest]
-    fill_status: Callable[[dict[str, Any], WorkspaceReport, bool], None]
-    success_message: Callable[[dict[str, Any]], str]
+    status_model: type[JobStatus]
+    fill_status: Callable[[JobStatus, WorkspaceReport, bool], JobStatus]
+    success_message: Callable[[JobStatus], str]
     hold: Callable[[BaseModel], Hold | None] = lambda _: None
-    extra_status: Callable[[BaseModel], dict[str, Any]] = lambda _: {}
+    extra_status: Callable[[BaseModel, JobStatus], JobStatus] = _unchanged
+
+
+def status_patch(status: KubeModel) -> dict[str, Any]:
+    """The status as written to the resource: camelCase, only the fields set, no nulls."""
+    return status.model_dump(by_alias=True, exclude_none=True, exclude_unset=True, mode="json")
+
+
+def _previous_status(model: type[JobStatus], current: dict[str, Any]) -> JobStatus:
+    """The status as it was (Kopf's bookkeeping left out); afresh if an older operator wrote fields
+    this one does not know."""
+    kept = {key: value for key, value in current.items() if not key.startswith("kopf")}
+    try:
+        return model.model_validate(kept)
+    except ValidationError:
+        return model()
 
 
 def is_finished(status: dict[str, Any] | None, generation: int | None = None) -> bool:
@@ -143,28 +174,29 @@ def finite_number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def progress_status(progress: dict[str, Any] | None, finished_ok: bool) -> dict[str, Any]:
+def progress_status(progress: dict[str, Any] | None, finished_ok: bool) -> Progress:
     progress = progress or {}
     step = int(progress.get("step") or 0)
     total = int(progress.get("totalSteps") or 0)
     percent = 100 if finished_ok else (min(99, int(100 * step / total)) if total else 0)
-    return {
-        "step": step,
-        "totalSteps": total,
-        "epoch": round(float(progress.get("epoch") or 0.0), 3),
-        "percent": percent,
-    }
+    return Progress(
+        step=step,
+        total_steps=total,
+        epoch=round(float(progress.get("epoch") or 0.0), 3),
+        percent=percent,
+    )
 
 
-def gate_status(gates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def gate_status(gates: list[dict[str, Any]]) -> list[GateResult]:
+    """The gates as the steps wrote them (gates.json), with a value that is not finite left out."""
     return [
-        {
-            "metric": str(gate.get("metric")),
-            "op": str(gate.get("op")),
-            "threshold": finite_number(gate.get("threshold")),
-            "value": finite_number(gate.get("value")),
-            "passed": bool(gate.get("passed")),
-        }
+        GateResult(
+            metric=str(gate.get("metric")),
+            op=str(gate.get("op")),
+            threshold=float(gate["threshold"]),
+            value=finite_number(gate.get("value")),
+            passed=bool(gate.get("passed")),
+        )
         for gate in gates
     ]
 
@@ -178,7 +210,7 @@ def phase_message(report: WorkspaceReport) -> str:
 
 
 def plan_job(
-    kind: JobKind,
+    kind: JobKind[JobStatus],
     body: dict[str, Any],
     observed: Observed,
     settings: OperatorConfig,
@@ -189,17 +221,16 @@ def plan_job(
     generation = metadata.get("generation")
     current = copy.deepcopy(body.get("status") or {})
     conditions: list[dict[str, Any]] = list(current.get("conditions") or [])
-    status: dict[str, Any] = {k: v for k, v in current.items() if not k.startswith("kopf")}
-    status["observedGeneration"] = generation
+    status = _previous_status(kind.status_model, current).model_copy(
+        update={"observed_generation": generation}
+    )
 
-    def with_condition(
-        state: Literal["True", "False", "Unknown"], reason: str, message: str, phase: str
+    def ended(
+        status: JobStatus, state: Literal["True", "False", "Unknown"], reason: str, message: str, phase: str
     ) -> dict[str, Any]:
-        status["conditions"] = set_job_conditions(
-            conditions, state, reason, message, now=now, generation=generation
-        )
-        status["phase"] = phase
-        return status
+        updated = set_job_conditions(conditions, state, reason, message, now=now, generation=generation)
+        typed = [Condition.model_validate(condition) for condition in updated]
+        return status_patch(status.model_copy(update={"conditions": typed, "phase": phase}))
 
     previous = find_condition(conditions, SUCCEEDED)
     previous_reason = previous.get("reason") if previous else None
@@ -211,10 +242,10 @@ def plan_job(
         job = kind.parse(body)
     except ResourceInvalid as invalid:
         message = "; ".join(str(issue) for issue in invalid.issues)
-        status.setdefault("completionTime", now)
+        status = status.model_copy(update={"completion_time": status.completion_time or now})
         return Decision(
             action="none",
-            status=with_condition("False", "InvalidSpec", message, "Failed"),
+            status=ended(status, "False", "InvalidSpec", message, "Failed"),
             events=[Event("Warning", "InvalidSpec", message)],
         )
     run = observed.run
@@ -224,7 +255,7 @@ def plan_job(
         if hold is not None:
             failed = hold.status == "False"
             if failed:
-                status["completionTime"] = now
+                status = status.model_copy(update={"completion_time": now})
             events = (
                 []
                 if previous_reason == hold.reason
@@ -232,33 +263,29 @@ def plan_job(
             )
             return Decision(
                 action="none",
-                status=with_condition(
-                    hold.status, hold.reason, hold.message, "Failed" if failed else "Pending"
+                status=ended(
+                    status, hold.status, hold.reason, hold.message, "Failed" if failed else "Pending"
                 ),
                 events=events,
             )
         request = kind.request_for(job)
-        status.update(kind.extra_status(job))
-        status["startTime"] = status.get("startTime") or now
+        status = kind.extra_status(job, status)
+        status = status.model_copy(update={"start_time": status.start_time or now})
         return Decision(
             action="submit",
-            status=with_condition("Unknown", "Pending", "submitting the pipeline run", "Pending"),
+            status=ended(status, "Unknown", "Pending", "submitting the pipeline run", "Pending"),
             events=[Event("Normal", "Submitted", f"submitting pipeline run {request.key}")],
             request=request,
         )
 
     request = kind.request_for(job)
-    status.update(kind.extra_status(job))
-    status["pipelineRun"] = {
-        "backend": run.backend,
-        "id": run.id,
-        "url": run.url,
-        "name": request.key,
-        "generation": generation,
-    }
-    status["startTime"] = status.get("startTime") or now
+    status = kind.extra_status(job, status)
+    pipeline_run = PipelineRunRef(
+        backend=run.backend, id=run.id, url=run.url, name=request.key, generation=generation
+    )
+    status = status.model_copy(update={"pipeline_run": pipeline_run, "start_time": status.start_time or now})
     report = observed.report
-    kind.fill_status(status, report, run.phase == "Succeeded")
+    status = kind.fill_status(status, report, run.phase == "Succeeded")
 
     if run.phase in ("Pending", "Running"):
         reason = "Running" if run.phase == "Running" else "Pending"
@@ -267,7 +294,7 @@ def plan_job(
             events.append(Event("Normal", "Running", f"pipeline run {run.id} is running"))
         return Decision(
             action="none",
-            status=with_condition("Unknown", reason, phase_message(report), run.phase),
+            status=ended(status, "Unknown", reason, phase_message(report), run.phase),
             events=events,
         )
 
@@ -276,33 +303,34 @@ def plan_job(
             message = f"{run.message}; resuming from the last checkpoint (attempt {run.attempt + 1})"
             return Decision(
                 action="resume",
-                status=with_condition("Unknown", "Resuming", message, "Running"),
+                status=ended(status, "Unknown", "Resuming", message, "Running"),
                 events=[Event("Normal", "Resuming", message)],
                 request=request,
             )
         message = f"{run.message}; gave up after {run.attempt} attempts"
-        status["completionTime"] = now
+        status = status.model_copy(update={"completion_time": now})
         return Decision(
             action="none",
-            status=with_condition("False", "BackoffLimitExceeded", message, "Failed"),
+            status=ended(status, "False", "BackoffLimitExceeded", message, "Failed"),
             events=[Event("Warning", "BackoffLimitExceeded", message)],
         )
 
-    status["completionTime"] = status.get("completionTime") or now
+    status = status.model_copy(update={"completion_time": status.completion_time or now})
     if run.phase == "Succeeded":
         output = report.output or {}
         if output.get("uri"):
-            status["output"] = {"uri": str(output["uri"]), "version": str(output.get("version", ""))}
+            published = OutputRef(uri=str(output["uri"]), version=str(output.get("version", "")))
+            status = status.model_copy(update={"output": published})
         message = kind.success_message(status)
         return Decision(
             action="none",
-            status=with_condition("True", "Completed", message, "Succeeded"),
+            status=ended(status, "True", "Completed", message, "Succeeded"),
             events=[Event("Normal", "Succeeded", message)],
         )
     if run.phase == "Cancelled":
         return Decision(
             action="none",
-            status=with_condition("False", "Cancelled", "the pipeline run was cancelled", "Failed"),
+            status=ended(status, "False", "Cancelled", "the pipeline run was cancelled", "Failed"),
             events=[Event("Warning", "Cancelled", "the pipeline run was cancelled")],
         )
     error = report.error or {}
@@ -312,6 +340,6 @@ def plan_job(
         message = f"step {error['step']}: {message}"
     return Decision(
         action="none",
-        status=with_condition("False", reason, message, "Failed"),
+        status=ended(status, "False", reason, message, "Failed"),
         events=[Event("Warning", reason, message)],
     )

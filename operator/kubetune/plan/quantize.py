@@ -29,7 +29,16 @@ from kubetune.plan.lifecycle import (
 )
 from kubetune.plan.runs import RunRequest
 from kubetune_contract.conditions import find_condition
-from kubetune_contract.quantize import QuantizeJob
+from kubetune_contract.quantize import (
+    LatencyReport,
+    QualityMetrics,
+    QualityReport,
+    QuantizeJob,
+    QuantizeJobStatus,
+    QuantizeReport,
+    ResolvedSource,
+    SizeReport,
+)
 from kubetune_contract.workspace import WorkspaceReport
 
 FineTuneJobLookup = Callable[[str, str], dict[str, Any] | None]
@@ -89,67 +98,64 @@ def build_request(
     return job_request(job, config, settings, base_dir, uris=uris, token=job.spec.model.token_secret_ref)
 
 
-def _quality(measured: dict[str, Any] | None) -> dict[str, Any] | None:
+def _quality(measured: dict[str, Any] | None) -> QualityMetrics | None:
     if not measured:
         return None
-    values = {
-        "perplexity": finite_number(measured.get("perplexity")),
-        "exactMatch": finite_number(measured.get("exactMatch")),
-    }
-    return {k: v for k, v in values.items() if v is not None}
+    quality = QualityMetrics(
+        perplexity=finite_number(measured.get("perplexity")),
+        exact_match=finite_number(measured.get("exactMatch")),
+    )
+    return quality if quality.perplexity is not None or quality.exact_match is not None else None
 
 
-def fill_status(status: dict[str, Any], report: WorkspaceReport, finished_ok: bool) -> None:
-    status["progress"] = progress_status(report.progress, finished_ok)
+def fill_status(status: QuantizeJobStatus, report: WorkspaceReport, finished_ok: bool) -> QuantizeJobStatus:
     final = report.quantize_report or {}
     before, after = report.measured_before or {}, report.measured_after or {}
     size_before = final.get("sizeBytes", {}).get("before", before.get("sizeBytes"))
     size_after = final.get("sizeBytes", {}).get("after", after.get("sizeBytes"))
     summary: dict[str, Any] = {}
     if size_before is not None or size_after is not None:
-        summary["sizeBytes"] = {
-            k: v for k, v in (("before", size_before), ("after", size_after)) if v is not None
-        }
+        summary["size_bytes"] = SizeReport(before=size_before, after=size_after)
     ratio = finite_number(final.get("sizeRatio"))
     if ratio is None and size_before and size_after:
         ratio = size_after / size_before
     if ratio is not None:
-        summary["sizeRatio"] = round(ratio, 4)
-    latency = {
-        k: v
-        for k, v in (
-            ("before", finite_number(before.get("latencySecondsPerToken"))),
-            ("after", finite_number(after.get("latencySecondsPerToken"))),
-        )
-        if v is not None
-    }
-    if latency:
+        summary["size_ratio"] = round(ratio, 4)
+    latency = LatencyReport(
+        before=finite_number(before.get("latencySecondsPerToken")),
+        after=finite_number(after.get("latencySecondsPerToken")),
+    )
+    if latency.before is not None or latency.after is not None:
         summary["latency"] = latency
-    quality = {k: v for k, v in (("before", _quality(before)), ("after", _quality(after))) if v}
-    if quality:
-        summary["quality"] = quality
+    quality_before, quality_after = _quality(before), _quality(after)
+    if quality_before is not None or quality_after is not None:
+        summary["quality"] = QualityReport(before=quality_before, after=quality_after)
     if report.gates:
         summary["gates"] = gate_status(report.gates)
+    update: dict[str, Any] = {"progress": progress_status(report.progress, finished_ok)}
     if summary:
-        status["report"] = summary
+        update["report"] = QuantizeReport(**summary)
+    return status.model_copy(update=update)
 
 
-def success_message(status: dict[str, Any]) -> str:
-    report = status.get("report") or {}
+def success_message(status: QuantizeJobStatus) -> str:
+    report = status.report or QuantizeReport()
     parts = []
-    if report.get("sizeRatio") is not None:
-        parts.append(f"size ratio {report['sizeRatio']:.3f}")
-    quality = report.get("quality") or {}
-    before, after = quality.get("before", {}), quality.get("after", {})
-    if before.get("perplexity") and after.get("perplexity"):
-        parts.append(f"perplexity {100 * (after['perplexity'] / before['perplexity'] - 1):+.2f}%")
+    if report.size_ratio is not None:
+        parts.append(f"size ratio {report.size_ratio:.3f}")
+    quality = report.quality or QualityReport()
+    before = quality.before.perplexity if quality.before is not None else None
+    after = quality.after.perplexity if quality.after is not None else None
+    if before and after:
+        parts.append(f"perplexity {100 * (after / before - 1):+.2f}%")
     detail = f" ({', '.join(parts)})" if parts else ""
-    return f"published {status.get('output', {}).get('uri', '')}{detail}"
+    uri = status.output.uri if status.output is not None else ""
+    return f"published {uri}{detail}"
 
 
 def quantize_kind(
     settings: OperatorConfig, lookup: FineTuneJobLookup, base_dir: Path | None = None
-) -> JobKind:
+) -> JobKind[QuantizeJobStatus]:
     def parse(body: dict[str, Any]) -> BaseModel:
         return parse_resource(body, QuantizeJob)
 
@@ -161,16 +167,19 @@ def quantize_kind(
         assert isinstance(job, QuantizeJob)
         return build_request(job, source_job(job, lookup)[0], settings, base_dir)
 
-    def extra_status(job: BaseModel) -> dict[str, Any]:
+    def extra_status(job: BaseModel, status: QuantizeJobStatus) -> QuantizeJobStatus:
         assert isinstance(job, QuantizeJob)
-        source = {"uri": request_for(job).config["spec"]["model"]["uri"]}
-        if job.spec.model.fine_tune_job_ref is not None:
-            source["fineTuneJob"] = job.spec.model.fine_tune_job_ref.name
-        return {"source": source}
+        ref = job.spec.model.fine_tune_job_ref
+        source = ResolvedSource(
+            uri=request_for(job).config["spec"]["model"]["uri"],
+            fine_tune_job=ref.name if ref is not None else None,
+        )
+        return status.model_copy(update={"source": source})
 
     return JobKind(
         parse=parse,
         request_for=request_for,
+        status_model=QuantizeJobStatus,
         fill_status=fill_status,
         success_message=success_message,
         hold=hold,
