@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from kubetune.api.validation import parse_resource
-from kubetune.backends.local import LocalBackend, process_alive
+from kubetune.backends.local import LocalBackend
 from kubetune.common.files import read_json
+from kubetune.common.supervision import process_alive
 from kubetune.config import OperatorConfig
 from kubetune.plan.finetune import build_request
 from kubetune.plan.runs import RunRequest, RunStatus

@@ -9,37 +9,20 @@ attempt of the same run, whose steps pick up from their checkpoints in the works
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-import psutil
-
 from kubetune.common.clock import utc_now
 from kubetune.common.files import read_json, write_json_atomically
+from kubetune.common.supervision import create_time, process_alive, stop_process_group
 from kubetune.plan.runs import RunRequest, RunStatus
 
 STATE_FILE = "state.json"
 REQUEST_FILE = "request.json"
-
-
-def process_alive(pid: int | None, started_at: float | None) -> bool:
-    """Whether the worker with this pid (and start time, guarding against pid reuse) still runs."""
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return started_at is None or abs(proc.create_time() - started_at) < 1.0
-    except psutil.Error:
-        return False
 
 
 class LocalBackend:
@@ -117,24 +100,8 @@ class LocalBackend:
         return stopped
 
     def _stop_worker(self, key: str, state: dict[str, Any], grace_s: float = 20.0) -> None:
-        pid = state.get("pid")
-        if not process_alive(pid, state.get("pidStartedAt")):
-            return
-        assert isinstance(pid, int)
-        try:
-            # SIGTERM lets the training step write a checkpoint before it exits.
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and process_alive(pid, state.get("pidStartedAt")):
-            child = self._children.get(key)
-            if child is not None:
-                child.poll()
-            time.sleep(0.1)
-        if process_alive(pid, state.get("pidStartedAt")):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+        # SIGTERM lets the training step write a checkpoint before it exits.
+        stop_process_group(state.get("pid"), state.get("pidStartedAt"), grace_s)
         child = self._children.pop(key, None)
         if child is not None:
             child.wait(timeout=5)
@@ -157,7 +124,7 @@ class LocalBackend:
             "phase": "Pending",
             "attempt": attempt,
             "pid": proc.pid,
-            "pidStartedAt": psutil.Process(proc.pid).create_time(),
+            "pidStartedAt": create_time(proc.pid),
             "submittedAt": utc_now(),
             "message": "",
         }
