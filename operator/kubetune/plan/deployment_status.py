@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from kubetune.common.events import Event
 from kubetune.plan.versions import GatewayObservation, ResolvedVersion, VersionObservation, bento_tag
 from kubetune.rollout.weights import format_weights
@@ -209,15 +211,26 @@ def invalid_status(body: Mapping[str, Any], message: str, now: str) -> dict[str,
     """The status of a ModelDeployment whose spec is invalid: whatever was served is left as it was
     (versions, weights, endpoint kept), the conditions say why nothing changes."""
     previous = dict(body.get("status") or {})
-    status = {key: value for key, value in previous.items() if not key.startswith("kopf")}
+    kept = {key: value for key, value in previous.items() if not key.startswith("kopf")}
+    try:
+        status = ModelDeploymentStatus.model_validate(kept)
+    except ValidationError:  # written by an operator that knew other fields: only the verdict is kept
+        status = ModelDeploymentStatus()
     generation = (body.get("metadata") or {}).get("generation")
     conditions: list[dict[str, Any]] = list(previous.get("conditions") or [])
     for type_, state in ((READY, "False"), (PROGRESSING, "False"), (RECONCILING, "False"), (STALLED, "True")):
         conditions = set_condition(
             conditions, type_, state, "InvalidSpec", message, now=now, generation=generation
         )
-    status.update({"observedGeneration": generation, "conditions": conditions, "phase": "Failed"})
-    return status
+    status = status.model_copy(
+        update={
+            "observed_generation": generation,
+            "conditions": [Condition.model_validate(condition) for condition in conditions],
+            "phase": "Failed",
+        }
+    )
+    # Only the fields the previous status had, and those just set: nothing is invented for it.
+    return status.model_dump(by_alias=True, exclude_none=True, exclude_unset=True, mode="json")
 
 
 _QUIET_REASONS = {
