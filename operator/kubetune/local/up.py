@@ -20,24 +20,30 @@ input; 130 interrupted while jobs were still running (`kubetune up` resumes them
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import io
 import os
-import signal
 import sys
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO, cast
 
 from kubetune.api.registry import get_definition
 from kubetune.api.validation import read_manifests, validate_paths
 from kubetune.common.clock import utc_now
 from kubetune.config import OperatorConfig
+from kubetune.local.report import (
+    deployment_signature,
+    describe_deployment,
+    describe_line,
+    evaluation_summary,
+    progress_signature,
+    ready_banner,
+    ready_condition,
+    report_summary,
+    succeeded_condition,
+)
 from kubetune.local.serving import LocalServing
+from kubetune.local.session import GoneTerminalSafe, StopSignals, UpLock
 from kubetune.local.store import ApplyError, LocalStore
 from kubetune.plan.lifecycle import Decision, is_finished
 from kubetune.reconcile.deployment import reconcile_deployment, remove_deployment
@@ -67,189 +73,6 @@ RECONCILERS: dict[str, Reconciler] = {
     ),
     "quantizejobs": _reconcile_quantize,
 }
-
-
-def _succeeded(status: dict[str, Any]) -> dict[str, Any]:
-    return find_condition(list(status.get("conditions") or []), "Succeeded") or {}
-
-
-def describe_line(obj: dict[str, Any]) -> str:
-    status = obj.get("status") or {}
-    condition = _succeeded(status)
-    progress = status.get("progress") or {}
-    metrics = status.get("metrics") or {}
-    parts = [
-        f"{obj['kind'].lower()}/{obj['metadata']['name']}",
-        f"{status.get('phase', 'Pending'):<9}",
-    ]
-    if progress.get("totalSteps"):
-        parts.append(f"{progress.get('percent', 0):>3}%")
-    if condition.get("message"):
-        parts.append(str(condition["message"]))
-    if metrics.get("trainLoss") is not None and status.get("phase") == "Running":
-        parts.append(f"loss {metrics['trainLoss']:.4f}")
-    return "  ".join(parts)
-
-
-def progress_signature(obj: dict[str, Any]) -> tuple[Any, ...]:
-    """What must change for `up` to print a new line: the phase, the step's kind, or a tenth of progress."""
-    status = obj.get("status") or {}
-    condition = _succeeded(status)
-    message = str(condition.get("message", ""))
-    return (
-        status.get("phase"),
-        condition.get("reason"),
-        message.split(":")[0] if status.get("phase") == "Running" else message,
-        int((status.get("progress") or {}).get("percent", 0)) // 10,
-    )
-
-
-def evaluation_summary(obj: dict[str, Any]) -> list[str]:
-    evaluation = (obj.get("status") or {}).get("evaluation") or {}
-    baseline, final = evaluation.get("baseline") or {}, evaluation.get("final") or {}
-    if not baseline and not final:
-        return []
-    lines = [f"  {'metric':<12} {'baseline':>10} {'final':>10}"]
-    for metric in ("evalLoss", "perplexity", "exactMatch"):
-        if metric in baseline or metric in final:
-            b, f = baseline.get(metric), final.get(metric)
-            lines.append(
-                f"  {metric:<12} {'' if b is None else f'{b:.4f}':>10} {'' if f is None else f'{f:.4f}':>10}"
-            )
-    return lines + gate_lines(evaluation.get("gates", []))
-
-
-def _number(value: Any, fmt: str = ".4g") -> str:
-    return "" if value is None else format(value, fmt)
-
-
-def gate_lines(gates: list[dict[str, Any]]) -> list[str]:
-    return [
-        f"  gate {gate['metric']} {gate['op']} {_number(gate.get('threshold'))}: "
-        f"{_number(gate.get('value')) or 'n/a'} {'passed' if gate.get('passed') else 'FAILED'}"
-        for gate in gates
-    ]
-
-
-def report_summary(obj: dict[str, Any]) -> list[str]:
-    """A QuantizeJob's before/after report, as `kubetune up` prints it when the job ends."""
-    report = (obj.get("status") or {}).get("report") or {}
-    if not report:
-        return []
-    size, latency = report.get("sizeBytes") or {}, report.get("latency") or {}
-    quality = report.get("quality") or {}
-    before, after = quality.get("before") or {}, quality.get("after") or {}
-    rows = [
-        (
-            "size MB",
-            _number(size.get("before") and size["before"] / 1e6, ".3f"),
-            _number(size.get("after") and size["after"] / 1e6, ".3f"),
-        ),
-        (
-            "ms/token",
-            _number(latency.get("before") and latency["before"] * 1e3, ".3f"),
-            _number(latency.get("after") and latency["after"] * 1e3, ".3f"),
-        ),
-        ("perplexity", _number(before.get("perplexity"), ".4f"), _number(after.get("perplexity"), ".4f")),
-        ("exactMatch", _number(before.get("exactMatch"), ".4f"), _number(after.get("exactMatch"), ".4f")),
-    ]
-    lines = [f"  {'':<12} {'before':>10} {'after':>10}"]
-    lines += [f"  {name:<12} {b:>10} {a:>10}" for name, b, a in rows if b or a]
-    if report.get("sizeRatio") is not None:
-        lines.append(f"  size ratio {report['sizeRatio']:.3f}")
-    return lines + gate_lines(report.get("gates", []))
-
-
-# -- locks and signals -----------------------------------------------------------------------------
-
-
-class UpLock:
-    """One `kubetune up` reconciles a home at a time: an exclusive lock on ``<home>/up.lock``, which
-    holds the owner's pid. The kernel releases it when the process ends, however it ends."""
-
-    def __init__(self, home: Path) -> None:
-        self.path = home / "up.lock"
-        self._handle: TextIO | None = None
-
-    def acquire(self) -> int | None:
-        """None when this process holds the lock now; else the holder's pid (0 if unknown)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.open("a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()
-            handle.close()
-            return int(holder) if holder.isdigit() else 0
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._handle = handle
-        return None
-
-    def release(self) -> None:
-        if self._handle is not None:
-            self._handle.truncate(0)
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
-
-
-class StopSignals:
-    """SIGINT (Ctrl+C), SIGTERM and SIGHUP ask `up` to stop after the current pass; a second SIGINT
-    stops at once (KeyboardInterrupt), except while shielded (stopping the processes started)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.shielded = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        # Installed even where the shell made background jobs ignore SIGINT (`up &` in a script).
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        first = self.received is None
-        if first:
-            self.received = signum
-        if not first and signum == signal.SIGINT and not self.shielded:
-            raise KeyboardInterrupt
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else ""
-
-    def sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while self.received is None and (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(left, 0.1))
-
-
-class GoneTerminalSafe(io.TextIOBase):
-    """``out`` whose writes never raise: once the terminal is closed (SIGHUP: writes fail with EIO) or
-    the reader of a pipe is gone (EPIPE), `up` must still stop what it started and mark it not served."""
-
-    def __init__(self, out: TextIO) -> None:
-        self._out = out
-
-    def write(self, text: str) -> int:
-        with contextlib.suppress(OSError, ValueError):
-            return self._out.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._out.flush()
 
 
 # -- applying --------------------------------------------------------------------------------------
@@ -319,72 +142,11 @@ def failed_jobs(store: LocalStore) -> list[dict[str, Any]]:
     return [
         obj
         for _, obj in store.all(list(RECONCILERS))
-        if _succeeded(obj.get("status") or {}).get("status") == "False"
+        if succeeded_condition(obj.get("status") or {}).get("status") == "False"
     ]
 
 
 # -- ModelDeployments ------------------------------------------------------------------------------
-
-
-def _ready(status: dict[str, Any]) -> dict[str, Any]:
-    return find_condition(list(status.get("conditions") or []), "Ready") or {}
-
-
-def deployment_signature(obj: dict[str, Any]) -> tuple[Any, ...]:
-    """What must change for `up` to print a new line about a ModelDeployment (not the seconds a server
-    has been loading, which its message counts)."""
-    status = obj.get("status") or {}
-    ready = _ready(status)
-    rollout = status.get("rollout") or {}
-    return (
-        status.get("phase"),
-        ready.get("status"),
-        ready.get("reason"),
-        status.get("readyVersions"),
-        status.get("weights"),
-        status.get("endpoint"),
-        rollout.get("state"),
-        rollout.get("step"),
-    )
-
-
-def describe_deployment(obj: dict[str, Any]) -> str:
-    status = obj.get("status") or {}
-    ready = _ready(status)
-    parts = [f"modeldeployment/{obj['metadata']['name']}", f"{status.get('phase') or 'Pending':<9}"]
-    if status.get("readyVersions"):
-        parts.append(f"{status['readyVersions']} ready")
-    if status.get("weights"):
-        parts.append(str(status["weights"]))
-    if ready.get("message"):
-        parts.append(str(ready["message"]))
-    return "  ".join(parts)
-
-
-def ready_banner(obj: dict[str, Any]) -> list[str]:
-    """How to use a deployment that just became ready: its versions, and requests to copy and paste."""
-    status = obj.get("status") or {}
-    name, endpoint = obj["metadata"]["name"], status["endpoint"]
-    lines = [f"modeldeployment/{name} is ready: OpenAI-compatible endpoint {endpoint}"]
-    for version in status.get("versions") or []:
-        lines.append(
-            f"  {version.get('name')!s:<12} {version.get('weight', 0):>3}%  {version.get('url') or ''}  "
-            f"{version.get('modelUri') or ''}"
-        )
-    ticket = "I was charged twice for order 1234, please refund one payment."
-    lines += [
-        "  Try it (the x-kubetune-version response header says which version answered):",
-        f"    curl -si {endpoint}/chat/completions -H 'content-type: application/json' \\",
-        f'      -d \'{{"model": "{name}", "user": "alice", '
-        f'"messages": [{{"role": "user", "content": "{ticket}"}}]}}\'',
-        "    python -c 'from openai import OpenAI; "
-        f'client = OpenAI(base_url="{endpoint}", api_key="unused"); '
-        f'reply = client.chat.completions.create(model="{name}", user="alice", '
-        f'messages=[{{"role": "user", "content": "{ticket}"}}]); '
-        "print(reply.choices[0].message.content)'",
-        f"  `kubetune get mdep {name} -o wide` shows its status; Ctrl+C stops serving.",
-    ]
-    return lines
 
 
 def _job_lookup(store: LocalStore) -> Callable[[str, str, str], dict[str, Any] | None]:
@@ -425,7 +187,7 @@ def reconcile_deployments(
             progress.errors[key] = message
             continue
         progress.errors.pop(key, None)
-        ready = _ready(outcome.status)
+        ready = ready_condition(outcome.status)
         for event in outcome.events:
             if event.reason != ready.get("reason"):  # the Ready condition is printed below
                 print(f"modeldeployment/{name}  {event.type} {event.reason}: {event.message}", file=out)
@@ -518,6 +280,7 @@ def run_until_stopped(
     store: LocalStore,
     backends: Backends,
     serving: LocalServing,
+    *,
     prometheus: QueryClient | None,
     base_dir: Path,
     out: TextIO,
@@ -600,7 +363,16 @@ def _run(
                 print(
                     f"stopped {leftovers} process(es) that a killed `kubetune up` had left running", file=out
                 )
-            return run_until_stopped(store, backends, serving, prometheus, Path.cwd(), out, stop, poll_s)
+            return run_until_stopped(
+                store,
+                backends,
+                serving,
+                prometheus=prometheus,
+                base_dir=Path.cwd(),
+                out=out,
+                stop=stop,
+                poll_s=poll_s,
+            )
         except KeyboardInterrupt:  # Ctrl+C twice: stop now
             stop.shielded = True  # a third one must not cut the stopping short
             local = backends.local()

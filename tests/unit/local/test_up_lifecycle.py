@@ -6,13 +6,14 @@ import io
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 
 from kubetune.config import OperatorConfig
 from kubetune.local import up as up_module
 from kubetune.local.serving import LocalServing
+from kubetune.local.session import StopSignals
 from kubetune.local.store import LocalStore
 from kubetune.reconcile.deployment import DeploymentRef
 
@@ -78,8 +79,7 @@ class _Backends:
 def test_ctrl_c_while_up_stops_at_once_still_stops_everything_and_exits_130(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def second_ctrl_c(*args: Any, **_: Any) -> int:
-        stop: up_module.StopSignals = args[6]
+    def second_ctrl_c(*_: Any, stop: StopSignals, **__: Any) -> int:
         stop.received = signal.SIGINT
         raise KeyboardInterrupt
 
@@ -111,11 +111,10 @@ def test_up_stops_and_says_not_served_when_its_terminal_is_gone(
     store = LocalStore(tmp_path)
     obj = store.apply("modeldeployments", DEPLOYMENT, immutable_spec=False).obj
 
-    def hangup_while_serving(store: LocalStore, *args: Any, **_: Any) -> int:
+    def hangup_while_serving(store: LocalStore, *_: Any, out: TextIO, stop: StopSignals, **__: Any) -> int:
         store.update_status("modeldeployments", obj, SERVED_STATUS)
-        stop: up_module.StopSignals = args[5]
         stop.received = signal.SIGHUP
-        print("SIGHUP: stopping", file=args[4], flush=True)
+        print("SIGHUP: stopping", file=out, flush=True)
         return 0
 
     closed: list[bool] = []
