@@ -9,9 +9,9 @@ Errors are OpenAI error objects, `{"error": {"message", "type", "param", "code"}
 bad request (naming the field), 404 for unknown paths, 405 for a wrong method, 503 while the
 model is loading, 500 when generation fails.
 
-Arguments that this server cannot honour (n > 1, logprobs, penalties, tools, ...) are refused with
-a 400 rather than ignored; unknown arguments are refused like OpenAI does. `model` is not checked
-against the served model's id: the gateway in front of the versions routes by model. A prompt that
+Requests are validated with the OpenAI protocol models shared with the gateway, and what this
+server cannot honour is refused (`openai_requests`). `model` is not checked against the served
+model's id: the gateway in front of the versions routes by model. A prompt that
 was truncated to fit the context window is answered with the header
 `x-kubetune-prompt-tokens-dropped: N`.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -36,15 +35,15 @@ from starlette.routing import Route
 
 from kubetune_components.serving.config import UNKNOWN
 from kubetune_components.serving.metrics import serving_metrics
-from kubetune_components.serving.requests import (
-    ROLES,
-    ChatMessage,
-    Completion,
-    PreparedPrompt,
-    RequestError,
-    SamplingParams,
+from kubetune_components.serving.openai_requests import (
+    ApiError,
+    chat_messages,
+    completion_prompt,
+    parse_generation_request,
 )
+from kubetune_components.serving.requests import Completion, PreparedPrompt, RequestError, SamplingParams
 from kubetune_components.serving.runtime import ModelRuntime
+from kubetune_contract.openai import ChatCompletionRequest, json_type
 
 logger = logging.getLogger(__name__)
 
@@ -54,76 +53,9 @@ MODELS = "/v1/models"
 ROUTES = {COMPLETIONS: "POST", CHAT_COMPLETIONS: "POST", MODELS: "GET"}
 DROPPED_TOKENS_HEADER = "x-kubetune-prompt-tokens-dropped"
 VERSION_HEADER = "x-kubetune-version"
-DEFAULT_COMPLETION_MAX_TOKENS = 16
-"""OpenAI's default for /v1/completions; chat completions default to what the context leaves."""
-MAX_STOP_SEQUENCES = 4
 CLIENT_CLOSED_REQUEST = 499
 """The code counted for a request or stream whose client went away before it ended (nginx's
 convention); its generation is cancelled."""
-SEED_RANGE = (-(2**63), 2**64 - 1)
-
-COMMON_FIELDS = frozenset(
-    {
-        "model",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "stop",
-        "seed",
-        "stream",
-        "stream_options",
-        "user",
-        "n",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        "logprobs",
-        "metadata",
-    }
-)
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
-MESSAGE_FIELDS = frozenset({"role", "content", "name"})
-EMPTY_MESSAGE_FIELDS = frozenset(
-    {"refusal", "annotations", "audio", "function_call", "tool_calls", "tool_call_id", "reasoning_content"}
-)
-"""OpenAI message fields taken when empty (null or []): the official client's `model_dump()` of a
-reply writes them all, and an assistant turn sent back that way must not be refused."""
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        error_type: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.error_type = error_type or ("invalid_request_error" if status < 500 else "server_error")
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-def _bad(message: str, param: str, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,196 +95,6 @@ class RuntimeSlot:
         if self.error is not None:
             raise ApiError(503, f"this model server cannot serve: {self.error}", code="model_unavailable")
         raise ApiError(503, "the model is still loading; retry shortly", code="model_not_ready")
-
-
-# --------------------------------------------------------------------------------------------------
-# Request parsing: every wrong field is named.
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number"}
-    if value is None:
-        return "null"
-    return names.get(type(value), "a number" if isinstance(value, float) else type(value).__name__)
-
-
-def _number(body: Mapping[str, Any], name: str) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _bad(f"{name} must be a number, got {_json_type(value)}", name)
-    return float(value)
-
-
-def _integer(body: Mapping[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(f"{name} must be an integer, got {_json_type(value)}", name)
-    return value
-
-
-def _boolean(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise _bad(f"{name} must be a boolean, got {_json_type(value)}", name)
-    return value
-
-
-def _refuse_unsupported(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
-    for name in body:
-        if name not in allowed:
-            raise _bad(f"Unrecognized request argument supplied: {name}", name, "unrecognized_argument")
-    unsupported: list[tuple[str, bool]] = [
-        ("n", (_integer(body, "n") or 1) != 1),
-        ("presence_penalty", (_number(body, "presence_penalty") or 0.0) != 0.0),
-        ("frequency_penalty", (_number(body, "frequency_penalty") or 0.0) != 0.0),
-        ("logit_bias", body.get("logit_bias") not in (None, {})),
-        ("logprobs", body.get("logprobs") not in (None, False)),
-        ("top_logprobs", body.get("top_logprobs") not in (None, 0)),
-        ("echo", body.get("echo") not in (None, False)),
-        ("best_of", body.get("best_of") not in (None, 1)),
-        ("suffix", body.get("suffix") not in (None, "")),
-        ("response_format", body.get("response_format") not in (None, {"type": "text"})),
-    ]
-    for name, refused in unsupported:
-        if refused:
-            raise _bad(f"{name} is not supported by this model server", name, "unsupported_argument")
-    if body.get("model") is not None and not isinstance(body["model"], str):
-        raise _bad(f"model must be a string, got {_json_type(body['model'])}", "model")
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise _bad(f"user must be a string, got {_json_type(body['user'])}", "user")
-    if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
-        raise _bad(f"metadata must be an object, got {_json_type(body['metadata'])}", "metadata")
-
-
-def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
-    value = body.get("stop")
-    if value is None:
-        return ()
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(stop, str) for stop in stops):
-        raise _bad(f"stop must be a string or an array of strings, got {_json_type(value)}", "stop")
-    if len(stops) > MAX_STOP_SEQUENCES:
-        raise _bad(f"stop takes at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}", "stop")
-    if any(not stop for stop in stops):
-        raise _bad("stop sequences must not be empty strings", "stop")
-    return tuple(stops)
-
-
-def sampling_params(body: Mapping[str, Any], default_max_tokens: int | None) -> SamplingParams:
-    max_tokens = _integer(body, "max_tokens")
-    max_completion_tokens = _integer(body, "max_completion_tokens")
-    if max_tokens is not None and max_completion_tokens is not None and max_tokens != max_completion_tokens:
-        raise _bad("max_tokens and max_completion_tokens differ; send one of them", "max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = max_completion_tokens
-    if max_tokens is not None and max_tokens < 1:
-        name = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
-        raise _bad(f"{name} must be at least 1, got {max_tokens}", name)
-    temperature = _number(body, "temperature")
-    if temperature is not None and not 0 <= temperature <= 2:
-        raise _bad(f"temperature must be between 0 and 2, got {body['temperature']}", "temperature")
-    top_p = _number(body, "top_p")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise _bad(f"top_p must be greater than 0 and at most 1, got {body['top_p']}", "top_p")
-    seed = _integer(body, "seed")
-    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise _bad(f"seed must fit in 64 bits, got {seed}", "seed")
-    return SamplingParams(
-        max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
-        temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p,
-        stop=_stop(body),
-        seed=seed,
-    )
-
-
-def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
-    """(stream, include_usage)."""
-    stream = _boolean(body, "stream")
-    options = body.get("stream_options")
-    if options is None:
-        return stream, False
-    if not stream:
-        raise _bad("stream_options is only allowed when stream is true", "stream_options")
-    if not isinstance(options, dict):
-        raise _bad(f"stream_options must be an object, got {_json_type(options)}", "stream_options")
-    unknown = sorted(set(options) - {"include_usage"})
-    if unknown:
-        raise _bad(f"stream_options.{unknown[0]} is not supported", f"stream_options.{unknown[0]}")
-    return stream, _boolean(options, "include_usage")
-
-
-def parse_prompt(body: Mapping[str, Any]) -> str:
-    if "prompt" not in body or body["prompt"] is None:
-        raise _bad("prompt is required", "prompt")
-    prompt = body["prompt"]
-    if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
-            raise _bad("prompt must be a string (or an array holding exactly one string)", "prompt")
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise _bad(f"prompt must be a string, got {_json_type(prompt)}", "prompt")
-    return prompt
-
-
-def _message_content(message: Mapping[str, Any], where: str) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts: list[str] = []
-        for index, part in enumerate(content):
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise _bad(
-                    f'{where}.content[{index}] must be a text part ({{"type": "text", "text": ...}})',
-                    f"{where}.content[{index}]",
-                )
-            texts.append(part["text"])
-        return "".join(texts)
-    if content is None:
-        raise _bad(f"{where}.content is required", f"{where}.content")
-    raise _bad(f"{where}.content must be a string or an array of text parts", f"{where}.content")
-
-
-def parse_messages(body: Mapping[str, Any]) -> list[ChatMessage]:
-    if "messages" not in body or body["messages"] is None:
-        raise _bad("messages is required", "messages")
-    raw = body["messages"]
-    if not isinstance(raw, list):
-        raise _bad(f"messages must be an array, got {_json_type(raw)}", "messages")
-    if not raw:
-        raise _bad("messages must not be empty", "messages")
-    messages: list[ChatMessage] = []
-    for index, message in enumerate(raw):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise _bad(f"{where} must be an object, got {_json_type(message)}", where)
-        unknown = sorted(
-            name
-            for name, value in message.items()
-            if name not in MESSAGE_FIELDS and not (name in EMPTY_MESSAGE_FIELDS and value in (None, []))
-        )
-        if unknown:
-            raise _bad(f"{where}.{unknown[0]} is not supported by this model server", f"{where}.{unknown[0]}")
-        role = message.get("role")
-        if not isinstance(role, str):
-            raise _bad(f"{where}.role is required and must be a string", f"{where}.role")
-        if role not in ROLES:
-            raise _bad(f"{where}.role {role!r} is not one of {', '.join(ROLES)}", f"{where}.role")
-        if message.get("name") is not None and not isinstance(message["name"], str):
-            raise _bad(f"{where}.name must be a string", f"{where}.name")
-        messages.append(ChatMessage(role=role, content=_message_content(message, where)))
-    return messages
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,17 +172,15 @@ class OpenAIApp:
     async def _generation(self, request: Request, endpoint: str, *, chat: bool) -> Response:
         started = time.perf_counter()
         try:
-            body = await _json_body(request)
-            _refuse_unsupported(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
-            stream, include_usage = _stream_flags(body)
-            params = sampling_params(body, None if chat else DEFAULT_COMPLETION_MAX_TOKENS)
+            asked = parse_generation_request(await _json_body(request), chat=chat)
+            params = asked.params
             runtime = self.slot.require()
-            if chat:
-                prompt = runtime.prepare_chat(parse_messages(body))
+            if isinstance(asked.request, ChatCompletionRequest):
+                prompt = runtime.prepare_chat(chat_messages(asked.request))
             else:
-                prompt = runtime.prepare_completion(parse_prompt(body))
-            if stream:
-                return self._stream(runtime, prompt, params, endpoint, started, chat, include_usage)
+                prompt = runtime.prepare_completion(completion_prompt(asked.request))
+            if asked.stream:
+                return self._stream(runtime, prompt, params, endpoint, started, chat, asked.include_usage)
             completion = await _generate_while_connected(request, runtime, prompt, params)
             if completion is None:
                 self._observe(endpoint, CLIENT_CLOSED_REQUEST, started)
@@ -596,7 +336,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
         raise ApiError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from error
     if not isinstance(body, dict):
         raise ApiError(
-            400, f"the request body must be a JSON object, got {_json_type(body)}", code="invalid_json"
+            400, f"the request body must be a JSON object, got {json_type(body)}", code="invalid_json"
         )
     return body
 

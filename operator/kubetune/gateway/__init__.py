@@ -5,7 +5,13 @@ deployment's generation defaults, limits and per-version prompts (``generation``
 caches deterministic answers (``cache``), falls back to a safe version when one fails, records
 feedback and per-version experiment statistics (``experiments``) and exports the Prometheus series
 that rollout analysis reads (``metrics``). Its config is a JSON file it reloads on change
-(``config``), so a rollout moves weights without a restart.
+(``config``), so a rollout moves weights without a restart. Requests are validated with the OpenAI
+models of ``kubetune_contract.openai``, the ones the model server uses.
+
+The app (``app``: routes and per-process state) is built from ``upstream`` (the pooled client to
+the versions and the retry on the fallback), ``relay`` (streams passed on event by event),
+``feedback`` (which version answered each recent completion) and ``responses`` (headers, JSON and
+OpenAI-format errors).
 
 Why a plain ASGI app (Starlette on uvicorn, aiohttp upstream) and not a BentoML service: the gateway
 runs no model, and a BentoML service is built around a model runner (workers, adaptive batching, a
