@@ -16,7 +16,7 @@ from typing import Any
 
 from kubetune.common.supervision import Backoff, ManagedProcess, describe_exit, stop_processes
 from kubetune.local.serving_host import LOOPBACK, ServingHost
-from kubetune.reconcile.deployment import DeploymentRef, GatewayObservation
+from kubetune.plan.versions import DeploymentRef, GatewayObservation
 
 GATEWAY_MODULE = "kubetune.gateway"
 RELOAD_WAIT_S = 3.0  # the gateway checks its config file every second

@@ -33,7 +33,7 @@ from kubetune.local.gateway_process import GatewayProcess
 from kubetune.local.process_record import ProcessRecord
 from kubetune.local.serving_host import Notify, ServingHost, ignore
 from kubetune.local.version_server import BuildSlot, VersionServer
-from kubetune.reconcile.deployment import (
+from kubetune.plan.versions import (
     DeploymentRef,
     GatewayObservation,
     VersionObservation,

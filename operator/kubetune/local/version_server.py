@@ -18,7 +18,7 @@ from decimal import Decimal, InvalidOperation
 
 from kubetune.common.supervision import Backoff, ManagedProcess, describe_exit, stop_processes
 from kubetune.local.serving_host import LOOPBACK, ServingHost
-from kubetune.reconcile.deployment import DeploymentRef, VersionObservation, VersionServing
+from kubetune.plan.versions import DeploymentRef, VersionObservation, VersionServing
 from kubetune_contract.serving import MODEL_DIR_ENV
 
 BENTO_MODULE = "kubetune_components.serving.bento"
