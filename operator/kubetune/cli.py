@@ -8,14 +8,19 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from kubetune.gateway.__main__ import add_arguments as add_gateway_arguments
 
+if TYPE_CHECKING:
+    from kubetune.api.definition import ResourceDefinition
+    from kubetune.config import OperatorConfig
+    from kubetune.local.store import LocalStore
 
-def _settings(args: argparse.Namespace) -> Any:
+
+def _settings(args: argparse.Namespace) -> OperatorConfig:
     from kubetune.config import OperatorConfig
 
     if getattr(args, "home", None):
@@ -92,12 +97,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
-
-
-def _definition(kind: str) -> Any:
+def _definition(kind: str) -> ResourceDefinition | None:
     from kubetune.api.registry import UnknownResource, get_definition
 
     try:
@@ -107,15 +107,17 @@ def _definition(kind: str) -> Any:
         return None
 
 
-def _stored(store: Any, definition: Any, name: str, namespace: str) -> dict[str, Any] | None:
-    obj: dict[str, Any] | None = store.get(definition.plural, name, namespace)
+def _stored(
+    store: LocalStore, definition: ResourceDefinition, name: str, namespace: str
+) -> dict[str, Any] | None:
+    obj = store.get(definition.plural, name, namespace)
     if obj is None:
         print(f'error: {definition.kind} "{name}" not found', file=sys.stderr)
     return obj
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from kubetune.local.printer import printer_row
+    from kubetune.local.printer import printer_table
     from kubetune.local.store import LocalStore
 
     definition = _definition(args.kind)
@@ -139,8 +141,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         print(f"No resources found in {args.namespace} namespace.", file=sys.stderr)
     else:
         columns = [c for c in definition.printer_columns if c.priority == 0 or args.output == "wide"]
-        header = ["NAME", *(column.name.upper() for column in columns)]
-        print(_table([header, *(printer_row(obj, columns) for obj in objects)]))
+        print(printer_table(objects, columns))
     return 0
 
 
@@ -157,11 +158,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if obj is None:
         return 1
     if definition.plural in ("finetunejobs", "quantizejobs"):
-
-        def lookup(namespace: str, name: str) -> dict[str, Any] | None:
-            return store.get("finetunejobs", name, namespace)
-
-        run_id = cancel_job(obj, Backends(settings), lookup=lookup, base_dir=Path.cwd())
+        run_id = cancel_job(obj, Backends(settings), lookup=store.finetune_job, base_dir=Path.cwd())
         if run_id:
             print(f"cancelled pipeline run {run_id}")
     store.delete(definition.plural, args.name, args.namespace)

@@ -57,3 +57,11 @@ def printer_row(obj: dict[str, Any], columns: list[PrinterColumn]) -> list[str]:
         else:
             row.append(str(value))
     return row
+
+
+def printer_table(objects: list[dict[str, Any]], columns: list[PrinterColumn]) -> str:
+    """``objects`` as `kubectl get` lists them: NAME and the columns, aligned, three spaces apart."""
+    rows = [["NAME", *(column.name.upper() for column in columns)]]
+    rows += [printer_row(obj, columns) for obj in objects]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)

@@ -65,6 +65,10 @@ class LocalStore:
             return None
         return value if isinstance(value, dict) else None
 
+    def finetune_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The stored FineTuneJob a QuantizeJob names (the job reconcilers' lookup)."""
+        return self.get("finetunejobs", name, namespace)
+
     def list_objects(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
         base = self.root / plural
         pattern = f"{namespace}/*.json" if namespace else "*/*.json"

@@ -57,21 +57,14 @@ DEPLOYMENTS = "modeldeployments"
 PROMETHEUS_URL_ENV = "KUBETUNE_PROMETHEUS_URL"
 
 
-def _reconcile_quantize(
-    body: dict[str, Any], backends: Backends, base_dir: Path, store: LocalStore
-) -> Decision:
-    def lookup(namespace: str, name: str) -> dict[str, Any] | None:
-        return store.get("finetunejobs", name, namespace)
-
-    return reconcile_quantize(body, backends, lookup, base_dir=base_dir)
-
-
 # In dependency order: a QuantizeJob sees the FineTuneJob it waits for updated in the same pass.
 RECONCILERS: dict[str, Reconciler] = {
     "finetunejobs": lambda body, backends, base_dir, _store: reconcile_finetune(
         body, backends, base_dir=base_dir
     ),
-    "quantizejobs": _reconcile_quantize,
+    "quantizejobs": lambda body, backends, base_dir, store: reconcile_quantize(
+        body, backends, store.finetune_job, base_dir=base_dir
+    ),
 }
 
 
