@@ -10,6 +10,7 @@ import kopf
 from kubetune.config import OperatorConfig
 from kubetune.handlers.metrics import METRICS, MetricsServer, serve
 from kubetune.plan.lifecycle import Decision, is_finished
+from kubetune.plan.quantize import FineTuneJobLookup
 from kubetune.reconcile.jobs import Backends, cancel_job, reconcile_finetune, reconcile_quantize
 from kubetune_contract.common import GROUP, VERSION
 
@@ -60,7 +61,7 @@ def finetunejobs_by_name(
     return {(namespace, name): {"spec": dict(spec), "status": dict(status)}}
 
 
-def _lookup(index: kopf.Index[tuple[str, str], dict[str, Any]]) -> Any:
+def _lookup(index: kopf.Index[tuple[str | None, str], dict[str, Any]]) -> FineTuneJobLookup:
     def lookup(namespace: str, name: str) -> dict[str, Any] | None:
         for value in index.get((namespace, name), []):
             return value

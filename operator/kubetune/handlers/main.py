@@ -24,12 +24,11 @@ def run_operator(
     namespaces: list[str],
     liveness_port: int | None = 8080,
     verbose: bool = False,
-    metrics_port: int | None = None,
 ) -> int:
-    """Run until stopped; `metrics_port` defaults to $KUBETUNE_METRICS_PORT or 9090 (0: no metrics)."""
+    """Run until stopped, serving metrics on $KUBETUNE_METRICS_PORT (default 9090; 0: no metrics)."""
     for module in HANDLER_MODULES:
         importlib.import_module(module)
-    port = port_from_env(os.environ) if metrics_port is None else metrics_port
+    port = port_from_env(os.environ)
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("kubetune").setLevel(logging.DEBUG if verbose else logging.INFO)
     liveness = f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None

@@ -7,8 +7,9 @@ there is one, else ``$KUBECONFIG`` or ``~/.kube/config`` (lightkube's ``KubeConf
 Kopf gets it through the operator's login handler (:func:`connection_info`), so the two clients
 always talk to the same API server as the same user.
 
-A kubeconfig whose user authenticates through an exec plugin or an auth provider has no credentials
-Kopf can use: the login says so instead of connecting anonymously.
+A kubeconfig user that authenticates through an exec plugin or an auth provider (cloud clusters)
+has no static credentials to hand over: lightkube runs the plugin itself, and the login handler
+lets Kopf's ``login_via_client`` (the official client, which runs them too) log Kopf in.
 """
 
 from __future__ import annotations
@@ -32,13 +33,19 @@ def cluster_config() -> SingleConfig:
     return config
 
 
+def uses_credential_plugin(config: SingleConfig) -> bool:
+    """Whether the user's credentials come from an exec plugin or an auth provider."""
+    user = config.user or User()
+    return user.exec is not None or user.auth_provider is not None
+
+
 def connection_info(config: SingleConfig) -> kopf.ConnectionInfo:
-    """The same server and credentials as Kopf's ConnectionInfo (Kopf's session reads no kubeconfig)."""
+    """The same server and static credentials as Kopf's ConnectionInfo."""
     cluster, user = config.cluster, config.user or User()
-    if user.exec is not None or user.auth_provider is not None:
+    if uses_credential_plugin(config):
         raise kopf.LoginError(
-            f"the kubeconfig context {config.context_name!r} authenticates through an exec plugin or an "
-            "auth provider, which the operator cannot use: give it a token or a client certificate"
+            f"the kubeconfig context {config.context_name!r} gets its credentials from a plugin, "
+            "not from the kubeconfig"
         )
     token = user.token
     if token is None and user.token_file is not None:
