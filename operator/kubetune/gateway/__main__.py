@@ -7,6 +7,7 @@ with ``run``.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import logging
 import os
@@ -44,6 +45,10 @@ def serve(
     load_gateway_config(config_path)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config_path, reload_interval_seconds=reload_interval_seconds)
+    # Everything loaded so far (the web stack, pydantic, scipy) lives as long as the process: keep it
+    # out of the collector's full passes, which the request path's garbage triggers and which would
+    # otherwise walk all those objects each time.
+    gc.freeze()
     uvicorn.run(
         app,
         host=host,
