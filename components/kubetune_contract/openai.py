@@ -58,6 +58,11 @@ def _refuse(message: str) -> PydanticCustomError:
     return PydanticCustomError(CUSTOM_ERROR, message)
 
 
+def _field_error(param: str, message: str) -> PydanticCustomError:
+    """A rule that spans fields, raised by a model validator: the message names its field."""
+    return PydanticCustomError(CUSTOM_ERROR, "{param} {message}", {"param": param, "message": message})
+
+
 def _in_range(low: float, high: float, *, low_inclusive: bool, wording: str) -> WrapValidator:
     """A number in [low, high] (or (low, high]); the message quotes the value as the client sent it."""
 
@@ -231,11 +236,6 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: TokenCount = None
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
-
-
-def _field_error(param: str, message: str) -> PydanticCustomError:
-    """A rule that spans fields, raised by a model validator: the message names its field."""
-    return PydanticCustomError(CUSTOM_ERROR, "{param} {message}", {"param": param, "message": message})
 
 
 _EXPECTED_TYPES = {

@@ -32,6 +32,8 @@ reply writes them all, and an assistant turn sent back that way must not be refu
 
 
 class ApiError(Exception):
+    """A request this server answers with an OpenAI error body instead of a completion."""
+
     def __init__(
         self,
         status: int,
