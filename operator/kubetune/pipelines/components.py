@@ -190,6 +190,8 @@ def run_step_command(
 def local_stand_in(step: StepCommand) -> Any:
     """The step as kfp's SubprocessRunner can run it: :func:`run_step_command` bound to the step."""
     component = dsl.component(run_step_command, install_kfp_package=False)
+    # Named for its step, so that kfp's local logs and output folders say which step a task is.
+    component.component_spec.name = component.name = step.component
     if step.takes_which:
         return partial(component, step=step.component)
     return partial(component, step=step.component, which="")
