@@ -3,7 +3,7 @@
 Builds one Llama of ~20M parameters from a LlamaConfig (hidden 512, 6 layers, the tiny BPE tokenizer),
 pretrains it for a few dozen steps on the committed corpus (so perplexity measures something; it is
 still a barely trained model, so absolute perplexities are high), then for every method: quantize a
-fresh copy with `kubetune_components.quantize.methods`, save it, reload it with `load_quantized`, and measure
+fresh copy with `kubetune_components.quantize`, save it, reload it with `load_quantized`, and measure
 the reloaded model: weight-file size, median seconds per greedy token (batch 1) and perplexity on
 held-out corpus paragraphs. Not part of the test suite:
 
@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from transformers import LlamaForCausalLM
 
+from kubetune_components import quantize
 from kubetune_components.common import models
 from kubetune_components.dev import tinylm
-from kubetune_components.quantize import methods as quantize
+from kubetune_contract.quantize import QuantizeMethod
 
 SHAPE = tinylm.TinyShape(
     hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, intermediate_size=1536
@@ -37,23 +38,21 @@ LATENCY_PROMPTS = 4
 LATENCY_NEW_TOKENS = 16
 LATENCY_ROUNDS = 3
 METHODS: list[tuple[str, dict[str, Any]]] = [
-    ("int8-weight-only", {"method": {"type": "int8-weight-only"}}),
-    ("int8-dynamic", {"method": {"type": "int8-dynamic"}}),
-    ("int4-weight-only g128", {"method": {"type": "int4-weight-only", "int4WeightOnly": {"groupSize": 128}}}),
-    ("int4-weight-only g32", {"method": {"type": "int4-weight-only", "int4WeightOnly": {"groupSize": 32}}}),
-    ("pruning 50%", {"method": {"type": "pruning", "pruning": {"sparsity": "0.5"}}}),
+    ("int8-weight-only", {"type": "int8-weight-only"}),
+    ("int8-dynamic", {"type": "int8-dynamic"}),
+    ("int4-weight-only g128", {"type": "int4-weight-only", "int4WeightOnly": {"groupSize": 128}}),
+    ("int4-weight-only g32", {"type": "int4-weight-only", "int4WeightOnly": {"groupSize": 32}}),
+    ("pruning 50%", {"type": "pruning", "pruning": {"sparsity": "0.5"}}),
     (
         "pruning 50% + int8-wo",
-        {"method": {"type": "pruning", "pruning": {"sparsity": "0.5", "then": "int8-weight-only"}}},
+        {"type": "pruning", "pruning": {"sparsity": "0.5", "then": "int8-weight-only"}},
     ),
-    ("mixed-precision bf16", {"method": {"type": "mixed-precision", "mixedPrecision": {"dtype": "bf16"}}}),
+    ("mixed-precision bf16", {"type": "mixed-precision", "mixedPrecision": {"dtype": "bf16"}}),
     (
         "qat int4 g128 (8 steps)",
         {
-            "method": {
-                "type": "qat",
-                "qat": {"scheme": "int4-weight-only", "steps": 8, "batchSize": 4, "learningRate": "1e-4"},
-            }
+            "type": "qat",
+            "qat": {"scheme": "int4-weight-only", "steps": 8, "batchSize": 4, "learningRate": "1e-4"},
         },
     ),
 ]
@@ -120,14 +119,16 @@ def main() -> None:
         # The reloaded fp32 model, like every other row (same loading path, same attention implementation).
         reference = models.load_causal_lm(str(reference_dir))
         measured.append(("fp32", fp32_size, reference, held_out_perplexity(reference, blocks)))
-        for name, spec in METHODS:
-            plan = quantize.QuantizationPlan.from_spec({**spec, "target": "cpu"})
+        for name, method in METHODS:
+            plan = quantize.QuantizationPlan(QuantizeMethod.model_validate(method), target="cpu")
             candidate = copy.deepcopy(model)
             quantize.quantize_model(
                 candidate, plan, train_features=train_features, pad_token_id=int(tokenizer.pad_token_id)
             )
             out_dir = Path(scratch) / name.replace(" ", "_")
-            quantize.save_quantized(candidate, tokenizer, out_dir, {"method": plan.method})
+            quantize.save_quantized(
+                candidate, tokenizer, out_dir, {"method": plan.type, "options": plan.options()}
+            )
             del candidate
             reloaded = quantize.load_quantized(out_dir)
             size = quantize.weights_size_bytes(out_dir)

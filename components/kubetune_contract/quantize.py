@@ -32,6 +32,7 @@ QuantizeMethodType = Literal[
 Target = Literal["cpu", "gpu"]
 QuantScheme = Literal["int8-weight-only", "int8-dynamic", "int4-weight-only"]
 QUANT_SCHEMES: tuple[QuantScheme, ...] = get_args(QuantScheme)
+PruningPattern = Literal["unstructured", "2:4"]
 
 METHOD_BLOCKS: dict[str, str | None] = {
     "int8-weight-only": None,
@@ -109,7 +110,7 @@ class PruningOptions(KubeModel):
     """Options of pruning."""
 
     sparsity: RatioString = Field(default="0.5", description="Share of weights set to zero (unstructured).")
-    pattern: Literal["unstructured", "2:4"] = Field(
+    pattern: PruningPattern = Field(
         default="unstructured", description="2:4 semi-structured sparsity is accelerated on GPUs only."
     )
     then: Literal["none", "int8-weight-only", "int8-dynamic", "int4-weight-only"] = Field(

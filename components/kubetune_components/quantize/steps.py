@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from kubetune_components import data
+from kubetune_components import data, quantize
 from kubetune_components.common import models, storage
 from kubetune_components.common.artifacts import (
     MANIFEST_FILE,
@@ -53,7 +53,6 @@ from kubetune_components.common.jobs import parse_quantize_job
 from kubetune_components.common.progress import ProgressReporter, utc_now_iso
 from kubetune_components.finetune.steps import start_step_process, workspace_dir, write_jsonl
 from kubetune_components.finetune.train import tokenize_examples
-from kubetune_components.quantize import methods as quantize
 from kubetune_contract.common import GateOp, as_float
 from kubetune_contract.finetune import MERGEABLE_METHODS, Dataset, DatasetFormat
 from kubetune_contract.quantize import QuantizeGate, QuantizeJobSpec
@@ -415,7 +414,7 @@ def publish_quantized(config: dict[str, Any], workspace: str) -> dict[str, Any]:
             "report": report,
             "artifact": {
                 "format": record.get("format"),
-                "loader": "kubetune_components.quantize.methods.load_quantized",
+                "loader": "kubetune_components.quantize.load_quantized",
                 "files": file_digests(export_dir),
             },
             "libraries": {**library_versions(), "torchao": quantize.torchao_version()},

@@ -22,10 +22,10 @@ from typing import Any, Literal, cast
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from kubetune_components import quantize
 from kubetune_components.common import models
 from kubetune_components.common.artifacts import MANIFEST_FILE
 from kubetune_components.common.errors import ModelLoadError
-from kubetune_components.quantize import methods as quantize
 from kubetune_contract.finetune import MERGEABLE_METHODS
 
 BUNDLED_BASE_DIR = "base"

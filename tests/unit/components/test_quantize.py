@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from kubetune_components import quantize
 from kubetune_components.common import models
 from kubetune_components.common.errors import ConfigError, GateFailedError
 from kubetune_components.finetune.train import tokenize_examples
-from kubetune_components.quantize import methods as quantize
 from kubetune_components.quantize import steps as quantize_steps
-from kubetune_contract.quantize import QuantizeGate
+from kubetune_components.quantize.layers import linear_layer_filter
+from kubetune_components.quantize.pruning import measured_sparsity
+from kubetune_components.quantize.serialization import model_dtype
+from kubetune_contract.quantize import QuantizeGate, QuantizeMethod, QuantizeMethodType
 
 CPU = torch.device("cpu")
 EXAMPLES = [
@@ -28,12 +31,12 @@ EXAMPLES = [
 ]
 
 
-def method_spec(method_type: str, **block: Any) -> dict[str, Any]:
+def cpu_plan(method_type: str, **block: Any) -> quantize.QuantizationPlan:
     method: dict[str, Any] = {"type": method_type}
     block_name = quantize_steps_block_name(method_type)
     if block_name is not None:
         method[block_name] = block
-    return {"method": method, "target": "cpu"}
+    return quantize.QuantizationPlan(QuantizeMethod.model_validate(method), target="cpu")
 
 
 def quantize_steps_block_name(method_type: str) -> str | None:
@@ -47,7 +50,7 @@ def quantize_steps_block_name(method_type: str) -> str | None:
 
 def linear_weight_share(model: torch.nn.Module) -> float:
     """Share of the saved fp32 bytes that sit in quantizable linear layers."""
-    keep = quantize.linear_layer_filter(model)
+    keep = linear_layer_filter(model)
     linear = sum(
         module.weight.numel()
         for name, module in model.named_modules()
@@ -78,6 +81,11 @@ CASES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+def test_every_method_the_api_admits_has_an_applier_and_a_case_here() -> None:
+    assert set(quantize.METHODS) == set(get_args(QuantizeMethodType))
+    assert {method_type for method_type, _ in CASES} == set(get_args(QuantizeMethodType))
+
+
 @pytest.mark.parametrize(("method_type", "options"), CASES, ids=[f"{m}-{json.dumps(o)}" for m, o in CASES])
 def test_method_shrinks_and_reloads_to_identical_generations(
     method_type: str,
@@ -86,7 +94,7 @@ def test_method_shrinks_and_reloads_to_identical_generations(
     tiny_tokenizer: PreTrainedTokenizerBase,
     tmp_path: Path,
 ) -> None:
-    plan = quantize.QuantizationPlan.from_spec(method_spec(method_type, **options))
+    plan = cpu_plan(method_type, **options)
     model = models.load_causal_lm(str(tiny_model_dir))
     linear_share = linear_weight_share(model)
     features = tokenize_examples(EXAMPLES, "instruction", tiny_tokenizer, 64) if plan.method.qat else None
@@ -111,14 +119,14 @@ def test_method_shrinks_and_reloads_to_identical_generations(
     elif method_type == "mixed-precision":
         assert fmt == "hf-safetensors"
         assert 0.49 < ratio < 0.52
-        assert quantize.model_dtype(reloaded) == torch.bfloat16
+        assert model_dtype(reloaded) == torch.bfloat16
     else:  # pruning alone: dense storage, same size
         assert fmt == "hf-safetensors"
         assert 0.99 < ratio < 1.01
     if method_type == "pruning":
         assert details["sparsity"] == pytest.approx(0.5, abs=0.01)
     if plan.method.pruning is not None and plan.method.pruning.then == "none":
-        assert quantize.measured_sparsity(reloaded) == pytest.approx(0.5, abs=0.01)
+        assert measured_sparsity(reloaded) == pytest.approx(0.5, abs=0.01)
     if method_type == "qat":
         assert details["training"]["steps"] == 2
 

@@ -20,12 +20,11 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from kubetune_components import data
+from kubetune_components import data, quantize
 from kubetune_components.common import models, storage
 from kubetune_components.common.artifacts import MANIFEST_FILE
 from kubetune_components.common.errors import ConfigError, ModelLoadError
 from kubetune_components.finetune import train as ft
-from kubetune_components.quantize import methods as quantize
 from kubetune_components.serving.artifacts import inspect_model_dir
 from kubetune_components.serving.batching import RECENT_BATCHES, MicroBatcher
 from kubetune_components.serving.chat import render_instruction_chat
