@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +218,45 @@ def test_resolve_quantize_job_alone_and_after_a_finetune(tmp_path: Path) -> None
 
 
 # --- a local run of the chained pipeline ------------------------------------------------------------------
+
+# --- local runs: each step's command line through a lightweight stand-in ---------------------------------
+
+STAND_IN = """
+from kubetune.pipelines.components import run_step_command
+run_step_command("finetune-model", "{{}}", {workspace!r}, "", {report!r})
+"""
+
+
+def training_step(workspace: Path) -> int:
+    try:
+        return int(json.loads((workspace / "progress.json").read_text())["step"])
+    except (OSError, ValueError):
+        return 0
+
+
+def test_a_stopped_local_step_saves_its_progress_before_its_stand_in_exits(tmp_path: Path) -> None:
+    # `kubetune up` stops a run with SIGTERM to the worker's process group: the stand-in must outlive it
+    # until the step has saved its progress, and fail with the step's status.
+    workspace, report = tmp_path / "run", tmp_path / "report"
+    env = {**os.environ, "PYTHONPATH": str(FAKE_STEPS), "FAKE_STEPS": "200", "FAKE_STEP_S": "0.2"}
+    script = STAND_IN.format(workspace=str(workspace), report=str(report))
+    stand_in = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while training_step(workspace) < 2 and stand_in.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(stand_in.pid, signal.SIGTERM)
+    _, stderr = stand_in.communicate(timeout=30)
+    assert stand_in.returncode == 143, stderr
+    assert f"interrupted after step {training_step(workspace)}" in stderr
+    assert not report.exists()
+
 
 RUN = """
 import warnings

@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -7,6 +8,8 @@ from typing import Any
 
 from kubetune_components.common.cli import run_command_line
 from kubetune_components.common.storage import resolve_local_path
+
+EXIT_INTERRUPTED = 143  # as the real finetune step: stopped by SIGTERM after saving its progress
 
 
 def _write(path: Path, payload: Any) -> None:
@@ -34,12 +37,18 @@ def run_step(name: str, config: dict[str, Any], workspace: str, **kwargs: Any) -
             if (ws / "progress.json").exists()
             else 0
         )
+        # Like the real training loop, SIGTERM stops after the current step, once its progress is saved.
+        stop_requested: list[int] = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.append(signum))
         for step in range(done + 1, steps + 1):
             time.sleep(float(os.environ.get("FAKE_STEP_S", "0.05")))
             _write(
                 ws / "progress.json",
                 {"phase": "training", "step": step, "totalSteps": steps, "trainLoss": 1 / step},
             )
+            if stop_requested:
+                print(f"interrupted after step {step}", file=sys.stderr)
+                sys.exit(EXIT_INTERRUPTED)
     if name == "evaluate":
         _write(ws / "evaluation" / f"{kwargs['which']}.json", {"evalLoss": 1.0, "exactMatch": 0.5})
     if name == "publish":
