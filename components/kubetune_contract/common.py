@@ -15,7 +15,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal, overload
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubetune.dev"
@@ -196,13 +196,3 @@ class ObjectMeta(BaseModel):
 
     def is_dns_label(self) -> bool:
         return bool(_DNS_LABEL.match(self.name))
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    """`field.path: what is wrong` for every problem pydantic found, joined by "; "; paths use wire names."""
-    problems = []
-    for detail in error.errors():
-        path = ".".join(str(part) for part in detail["loc"])
-        message = str(detail["msg"]).removeprefix("Value error, ")
-        problems.append(f"{path}: {message}" if path else message)
-    return "; ".join(problems)

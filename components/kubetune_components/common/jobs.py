@@ -1,8 +1,9 @@
 """The job a step is handed, parsed with the API's own models.
 
 The operator hands every step the resource as a wire dict (camelCase, defaults filled in). Parsing it with
-kubetune_contract's models means the steps have no defaults or rules of their own: a config the API
-rejects is rejected here with the same field path and message.
+kubetune_contract's models, as strictly as the API does, means the steps have no defaults or rules of their
+own: a config the API rejects is rejected here with the same words (kubetune_contract.validation), e.g.
+`FineTuneJob/demo: spec.training.batchSize: must be at least 1 (got the number 0)`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from kubetune_components.common.errors import ConfigError
-from kubetune_contract.common import KubeModel, describe_validation_error
+from kubetune_contract.common import KubeModel
 from kubetune_contract.finetune import FineTuneJob, FineTuneJobSpec
 from kubetune_contract.quantize import QuantizeJob
+from kubetune_contract.validation import describe_validation_error, resource_identity, validation_issues
 
 Job = TypeVar("Job", bound=KubeModel)
 
@@ -26,9 +28,11 @@ def _parse(model: type[Job], kind: str, config: Mapping[str, Any]) -> Job:
     if not isinstance(config.get("spec"), Mapping):
         raise ConfigError("the config has no spec")
     try:
-        return model.model_validate(config)
+        return model.model_validate(config, strict=True)
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error)) from error
+        _, name = resource_identity(config)
+        issues = validation_issues(error, model, kind=kind, name=name)
+        raise ConfigError("; ".join(str(issue) for issue in issues)) from error
 
 
 def parse_finetune_job(config: Mapping[str, Any]) -> FineTuneJob:
@@ -38,9 +42,9 @@ def parse_finetune_job(config: Mapping[str, Any]) -> FineTuneJob:
 def parse_finetune_spec(spec: Mapping[str, Any]) -> FineTuneJobSpec:
     """A FineTuneJob's spec on its own (for callers that train without a resource around it)."""
     try:
-        return FineTuneJobSpec.model_validate(spec)
+        return FineTuneJobSpec.model_validate(spec, strict=True)
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error)) from error
+        raise ConfigError(describe_validation_error(error, FineTuneJobSpec)) from error
 
 
 def parse_quantize_job(config: Mapping[str, Any]) -> QuantizeJob:

@@ -1,7 +1,8 @@
 """Offline validation of kubetune manifests, with Kubernetes-style field paths.
 
 ``kubetune validate`` and the operator share this module, so a user sees the same message before
-``kubectl apply`` as the operator later writes into a condition::
+``kubectl apply`` as the operator later writes into a condition (the words come from
+:mod:`kubetune_contract.validation`, which the pipeline steps use too)::
 
     FineTuneJob/demo: spec.training.weightDecay: must be a decimal number as a string, e.g. "3e-4" (got "x")
 
@@ -17,65 +18,32 @@ number (Go's YAML parser), not the string PyYAML would make of it.
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import yaml
 from pydantic import BaseModel, ValidationError
-from pydantic_core import ErrorDetails
 
-from kubetune.api.crd import openapi_schema
-from kubetune.api.definition import ResourceDefinition
 from kubetune.api.registry import REGISTRY
-from kubetune_contract.common import DECIMAL_PATTERN, GROUP, MODEL_URI_PATTERN, RATIO_PATTERN
+from kubetune_contract.common import GROUP
+from kubetune_contract.validation import (
+    ValidationIssue,
+    resource_identity,
+    show_value,
+    validation_issues,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
-UNNAMED = "<unnamed>"
 # What the API server requires of every custom resource name (a DNS-1123 subdomain).
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_SUBDOMAIN_MESSAGE = (
     "must be lower case letters, digits, '-' or '.', and start and end with a letter or digit"
 )
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-
-_PATTERN_MESSAGES = {
-    DECIMAL_PATTERN: 'must be a decimal number as a string, e.g. "3e-4"',
-    RATIO_PATTERN: 'must be a ratio between 0 and 1 as a string, e.g. "0.1"',
-    MODEL_URI_PATTERN: (
-        "must be a model URI: hf://org/name@revision, file:///path, pvc://claim/path or a plain path"
-    ),
-}
-
-
-@dataclass(frozen=True)
-class ValidationIssue:
-    """One problem with one resource. ``str()`` is ``Kind/name: field.path: what is wrong``."""
-
-    kind: str
-    name: str
-    path: str
-    message: str
-    source: str | None = None  # "file.yaml:12" (where the document starts), when read from a file
-
-    @property
-    def subject(self) -> str:
-        return f"{self.kind}/{self.name}" if self.kind else self.name
-
-    @property
-    def detail(self) -> str:
-        """``field.path: what is wrong``: the issue without the resource it is about."""
-        return f"{self.path}: {self.message}" if self.path else self.message
-
-    def __str__(self) -> str:
-        return f"{self.subject}: {self.detail}"
 
 
 class ValidationResult(list[ValidationIssue]):
@@ -134,15 +102,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _identity(doc: Mapping[str, Any]) -> tuple[str, str]:
-    kind = doc.get("kind")
-    metadata = doc.get("metadata")
-    name = metadata.get("name") if isinstance(metadata, Mapping) else None
-    return (kind if isinstance(kind, str) and kind else "<no kind>"), (
-        name if isinstance(name, str) and name else UNNAMED
-    )
-
-
 def is_kubetune_document(doc: Mapping[str, Any]) -> bool:
     """Whether a document belongs to the kubetune API group (``apiVersion: kubetune.dev/...``)."""
     api_version = doc.get("apiVersion")
@@ -153,14 +112,14 @@ def _check(
     doc: Mapping[str, Any], source: str | None = None
 ) -> tuple[BaseModel | None, list[ValidationIssue]]:
     """Validate one kubetune document: its parsed object (when valid) and its issues."""
-    kind, name = _identity(doc)
+    kind, name = resource_identity(doc)
 
     def issue(path: str, message: str) -> ValidationIssue:
         return ValidationIssue(kind, name, path, message, source)
 
     if not is_kubetune_document(doc):
         got = doc.get("apiVersion")
-        return None, [issue("apiVersion", f"{_show(got)} is not a {GROUP} API version")]
+        return None, [issue("apiVersion", f"{show_value(got)} is not a {GROUP} API version")]
     issues: list[ValidationIssue] = []
     raw_kind = doc.get("kind")
     definition = REGISTRY.by_kind(raw_kind) if isinstance(raw_kind, str) else None
@@ -171,13 +130,14 @@ def _check(
         near = REGISTRY.find(str(doc["kind"]))
         hint = f" (did you mean {near.kind}?)" if near else ""
         return None, [
-            issue("kind", f"unknown kind {_show(doc['kind'])} in {GROUP}{hint}; known kinds: {known}")
+            issue("kind", f"unknown kind {show_value(doc['kind'])} in {GROUP}{hint}; known kinds: {known}")
         ]
     body = _plain(doc)
     if body["apiVersion"] != definition.api_version:
         issues.append(
             issue(
-                "apiVersion", f"unsupported version {_show(body['apiVersion'])}; use {definition.api_version}"
+                "apiVersion",
+                f"unsupported version {show_value(body['apiVersion'])}; use {definition.api_version}",
             )
         )
         body["apiVersion"] = definition.api_version
@@ -187,8 +147,7 @@ def _check(
         obj = definition.model.model_validate(body, strict=True)
     except ValidationError as exc:
         obj = None
-        schema = _schema(definition)
-        issues.extend(issue(*_describe(error, schema)) for error in exc.errors())
+        issues.extend(validation_issues(exc, definition.model, kind=kind, name=name, source=source))
     metadata = body["metadata"]
     name_value = metadata.get("name") if isinstance(metadata, Mapping) else None
     if isinstance(name_value, str) and name_value and not _DNS_SUBDOMAIN.match(name_value):
@@ -207,9 +166,11 @@ def parse_resource(doc: Mapping[str, Any], model: type[BaseModel] | None = None)
     """
     obj, issues = _check(doc)
     if not issues and model is not None and not isinstance(obj, model):
-        kind, name = _identity(doc)
+        kind, name = resource_identity(doc)
         issues = [
-            ValidationIssue(kind, name, "kind", f"expected {model.__name__}, got {_show(doc.get('kind'))}")
+            ValidationIssue(
+                kind, name, "kind", f"expected {model.__name__}, got {show_value(doc.get('kind'))}"
+            )
         ]
     if issues or obj is None:
         raise ResourceInvalid(issues)
@@ -353,139 +314,3 @@ def validate_paths(paths: str | Path | Iterable[str | Path]) -> ValidationResult
             for doc, source in docs:
                 _validate_into(result, doc, source)
     return result
-
-
-# -- pydantic errors -> messages ---------------------------------------------------------------------
-
-
-@cache
-def _schema(definition: ResourceDefinition) -> dict[str, Any]:
-    return openapi_schema(definition)
-
-
-def _path(loc: Iterable[int | str]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part == "[key]":
-            continue
-        elif _IDENTIFIER.match(part):
-            out += f".{part}" if out else part
-        else:
-            out += f"[{json.dumps(part)}]"
-    return out
-
-
-def _node(schema: Mapping[str, Any] | None, loc: Iterable[int | str]) -> Mapping[str, Any] | None:
-    """The schema node a pydantic error location points at, if the schema has one."""
-    node = schema
-    for part in loc:
-        if node is None:
-            return None
-        if isinstance(part, int):
-            node = node.get("items")
-        elif part in node.get("properties", {}):
-            node = node["properties"][part]
-        elif isinstance(node.get("additionalProperties"), Mapping):
-            node = node["additionalProperties"]
-        else:
-            return None
-    return node
-
-
-def _show(value: Any) -> str:
-    """A short rendering of an input value for a message."""
-    if isinstance(value, str):
-        return json.dumps(value if len(value) <= 60 else value[:57] + "...")
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    return type(value).__name__
-
-
-def _got(value: Any) -> str:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return f"got the number {_show(value)}"
-    return f"got {_show(value)}"
-
-
-def _describe(error: ErrorDetails, schema: Mapping[str, Any]) -> tuple[str, str]:
-    """A pydantic error as (field path, human-friendly message)."""
-    loc = error["loc"]
-    node = _node(schema, loc)
-    kind = error["type"]
-    ctx = error.get("ctx") or {}
-    value = error.get("input")
-    if kind == "missing":
-        return _path(loc), "required field is missing"
-    if kind == "extra_forbidden":
-        parent = _node(schema, loc[:-1]) or {}
-        return _path(loc), "unknown field" + _suggest(str(loc[-1]), list(parent.get("properties", {})))
-    if kind in ("value_error", "assertion_error"):
-        message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        return _path(loc), message
-    pattern = ctx.get("pattern") or (node or {}).get("pattern")
-    if kind in ("string_pattern_mismatch", "string_type") and pattern in _PATTERN_MESSAGES:
-        hint = "; put it in quotes" if kind == "string_type" and isinstance(value, int | float) else ""
-        return _path(loc), f"{_PATTERN_MESSAGES[pattern]} ({_got(value)}{hint})"
-    if kind in ("literal_error", "enum"):
-        allowed = (node or {}).get("enum") or re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-        return _path(loc), f"must be one of: {', '.join(str(a) for a in allowed)} ({_got(value)})"
-    return _path(loc), _simple_message(kind, ctx, value, error["msg"])
-
-
-def _simple_message(kind: str, ctx: Mapping[str, Any], value: Any, fallback: str) -> str:
-    got = _got(value)
-    if kind == "string_pattern_mismatch":
-        return f"must match the pattern {ctx.get('pattern')} ({got})"
-    if kind == "string_too_short":
-        n = ctx.get("min_length")
-        return "must not be empty" if n == 1 else f"must be at least {n} characters long"
-    if kind == "string_too_long":
-        return f"must be at most {ctx.get('max_length')} characters long (got {len(str(value))})"
-    if kind in ("too_short", "too_long"):
-        bound = "at least" if kind == "too_short" else "at most"
-        n = ctx.get("min_length" if kind == "too_short" else "max_length")
-        return f"must have {bound} {n} item{'s' if n != 1 else ''}"
-    bounds = {
-        "greater_than_equal": ("at least", "ge"),
-        "greater_than": ("greater than", "gt"),
-        "less_than_equal": ("at most", "le"),
-        "less_than": ("less than", "lt"),
-    }
-    if kind in bounds:
-        words, key = bounds[kind]
-        return f"must be {words} {ctx.get(key)} ({got})"
-    types = {
-        "string_type": "a string",
-        "int_type": "an integer",
-        "int_parsing": "an integer",
-        "int_from_float": "an integer",
-        "float_type": "a number",
-        "float_parsing": "a number",
-        "bool_type": "true or false",
-        "bool_parsing": "true or false",
-        "list_type": "a list",
-        "dict_type": "an object",
-        "model_type": "an object",
-        "model_attributes_type": "an object",
-    }
-    if kind in types:
-        return f"must be {types[kind]} ({got})"
-    return fallback
-
-
-def _suggest(word: str, candidates: list[str]) -> str:
-    lowered = {c.lower(): c for c in candidates}
-    match = lowered.get(word.lower()) or next(
-        iter(difflib.get_close_matches(word, candidates, n=1, cutoff=0.75)), None
-    )
-    return f" (did you mean {match}?)" if match else ""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kubetune.api.validation import validate_documents
 from kubetune_components.common.errors import ConfigError, DatasetError, GateFailedError
+from kubetune_components.common.jobs import parse_finetune_job
 from kubetune_components.finetune import steps
 
 CATEGORIES = ("billing", "technical", "account", "shipping")
@@ -72,6 +75,66 @@ def config(tiny_model_dir: Path, tmp_path: Path) -> dict[str, Any]:
             "executor": "local",
         },
     }
+
+
+def edited(config: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of `config` with the field at the dotted `path` set to `value`."""
+    document = copy.deepcopy(config)
+    *parents, leaf = path.split(".")
+    node = document
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return document
+
+
+def test_the_api_and_the_steps_accept_the_same_config(config: dict[str, Any]) -> None:
+    assert list(validate_documents([config])) == []
+    assert parse_finetune_job(config).spec.training.max_steps == 4
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("spec.training.batchSize", "8", 'spec.training.batchSize: must be an integer (got "8")'),
+        ("spec.training.maxSteps", 0, "spec.training.maxSteps: must be at least 1 (got the number 0)"),
+        (
+            "spec.training.learningRate",
+            0.01,
+            'spec.training.learningRate: must be a decimal number as a string, e.g. "3e-4" '
+            "(got the number 0.01; put it in quotes)",
+        ),
+        (
+            "spec.training.learningrate",
+            "1e-2",
+            "spec.training.learningrate: unknown field (did you mean learningRate?)",
+        ),
+        ("spec.method.lora.r", 2048, "spec.method.lora.r: must be at most 1024 (got the number 2048)"),
+        (
+            "spec.evaluation.gates",
+            [{"metric": "evalLoss", "max": "4"}, {"metric": "perplexity"}],
+            "spec.evaluation.gates[1]: a gate needs min, max or minImprovement",
+        ),
+        (
+            "spec.dataset.curation",
+            {"dedupe": True, "minTokens": 64, "maxTokens": 32},
+            "spec.dataset.curation: minTokens must not exceed maxTokens",
+        ),
+        (
+            "spec.method",
+            {"type": "lora", "ia3": {}},
+            "spec.method: ia3 is set but type is 'lora'; only lora may be set",
+        ),
+    ],
+)
+def test_a_config_the_api_rejects_a_step_rejects_in_the_same_words(
+    config: dict[str, Any], path: str, value: Any, expected: str
+) -> None:
+    invalid = edited(config, path, value)
+    assert [str(issue) for issue in validate_documents([invalid])] == [f"FineTuneJob/router: {expected}"]
+    with pytest.raises(ConfigError) as refused:
+        parse_finetune_job(invalid)
+    assert str(refused.value) == f"FineTuneJob/router: {expected}"
 
 
 def test_the_whole_pipeline_through_run_step(config: dict[str, Any], tmp_path: Path) -> None:
