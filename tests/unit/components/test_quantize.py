@@ -350,6 +350,17 @@ def test_qat_pipeline_trains_on_the_train_split(
     assert record["options"]["qat"]["scheme"] == "int8-dynamic"
 
 
+def test_a_step_refuses_an_invalid_method_in_the_api_words(tiny_model_dir: Path, tmp_path: Path) -> None:
+    method = {"type": "int4-weight-only", "int4WeightOnly": {"groupSize": 100}}
+    config = job_config(tiny_model_dir, tmp_path, method=method)
+    with pytest.raises(ConfigError) as refused:
+        quantize_steps.run_quantize_step("measure-source", config, str(tmp_path / "ws"))
+    assert str(refused.value) == (
+        "QuantizeJob/shrink: spec.method.int4WeightOnly.groupSize: "
+        "must be one of: 32, 64, 128, 256 (got the number 100)"
+    )
+
+
 def test_unknown_step_and_wrong_kind_are_config_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
     config = job_config(tiny_model_dir, tmp_path)
     with pytest.raises(ConfigError, match="unknown step"):
