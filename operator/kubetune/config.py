@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -10,6 +11,13 @@ from typing import Literal
 from kubetune import __version__
 
 ExecutorName = Literal["kfp", "local"]
+
+RUNTIME_IMAGE = f"ghcr.io/kubetune/runtime:{__version__}"
+OPERATOR_IMAGE = f"ghcr.io/kubetune/operator:{__version__}"
+PROMETHEUS_URL_ENV = "KUBETUNE_PROMETHEUS_URL"
+# The kubelet refreshes a mounted ConfigMap within its sync period plus its cache's TTL (1 minute
+# each by default): a removed version serves that long after the gateway config dropped it.
+RETIRE_AFTER_S = 150.0
 
 
 def _home(env: dict[str, str]) -> Path:
@@ -27,7 +35,7 @@ class OperatorConfig:
     kfp_host: str | None = None
     kfp_ui_url: str | None = None
     kfp_namespace: str = "kubeflow"
-    runtime_image: str = f"ghcr.io/kubetune/runtime:{__version__}"
+    runtime_image: str = RUNTIME_IMAGE
     reconcile_interval_s: float = 2.0
     max_run_attempts: int = 3
 
@@ -51,7 +59,44 @@ class OperatorConfig:
             kfp_host=env.get("KUBETUNE_KFP_HOST") or None,
             kfp_ui_url=env.get("KUBETUNE_KFP_UI_URL") or None,
             kfp_namespace=env.get("KUBETUNE_KFP_NAMESPACE", "kubeflow"),
-            runtime_image=env.get("KUBETUNE_RUNTIME_IMAGE", f"ghcr.io/kubetune/runtime:{__version__}"),
+            runtime_image=env.get("KUBETUNE_RUNTIME_IMAGE", RUNTIME_IMAGE),
             reconcile_interval_s=float(env.get("KUBETUNE_RECONCILE_INTERVAL", "2")),
             max_run_attempts=int(env.get("KUBETUNE_MAX_RUN_ATTEMPTS", "3")),
+        )
+
+
+@dataclass(frozen=True)
+class DeploymentSettings:
+    """What the operator's ModelDeployment handlers read from its environment.
+
+    KUBETUNE_SERVING_IMAGE (default: the runtime image, KUBETUNE_RUNTIME_IMAGE) runs each version's
+    server, KUBETUNE_GATEWAY_IMAGE (default: the operator's image) the gateway; KUBETUNE_PROMETHEUS_URL
+    answers the canary analyses (unset: they are recorded as inconclusive); KUBETUNE_RETIRE_GRACE_SECONDS
+    is how long a version removed from the spec keeps serving while the gateways reload.
+    """
+
+    serving_image: str = RUNTIME_IMAGE
+    gateway_image: str = OPERATOR_IMAGE
+    prometheus_url: str | None = None
+    retire_after_s: float = RETIRE_AFTER_S
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DeploymentSettings:
+        env = dict(os.environ) if env is None else dict(env)
+        url = env.get(PROMETHEUS_URL_ENV, "").strip() or None
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"{PROMETHEUS_URL_ENV} must be an http:// or https:// URL, not {url!r}")
+        grace = env.get("KUBETUNE_RETIRE_GRACE_SECONDS", "").strip()
+        try:
+            retire_after_s = float(grace) if grace else RETIRE_AFTER_S
+        except ValueError:
+            retire_after_s = -1.0
+        if not 0 <= retire_after_s < float("inf"):
+            raise ValueError(f"KUBETUNE_RETIRE_GRACE_SECONDS must be a number of seconds >= 0, not {grace!r}")
+        return cls(
+            serving_image=env.get("KUBETUNE_SERVING_IMAGE", "").strip()
+            or OperatorConfig.from_env(env).runtime_image,
+            gateway_image=env.get("KUBETUNE_GATEWAY_IMAGE", "").strip() or OPERATOR_IMAGE,
+            prometheus_url=url,
+            retire_after_s=retire_after_s,
         )

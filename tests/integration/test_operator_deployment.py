@@ -10,7 +10,6 @@ The first tests drive kubetune.kube.apply / serving directly with the operator's
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import os
@@ -24,7 +23,6 @@ import pytest
 from fixtures.resources import ResourceSpec
 from lightkube import AsyncClient
 
-from kubetune.handlers.deployment import ServingFromWorkerThread
 from kubetune.kube import apply as kube
 from kubetune.kube import permissions
 from kubetune.kube.apply import ChildConflict
@@ -32,6 +30,7 @@ from kubetune.kube.children import ChildImages, build_gateway_config_map
 from kubetune.kube.client import async_client, cluster_config
 from kubetune.kube.serving import KubernetesServing
 from kubetune.plan.versions import DeploymentRef, VersionServing
+from kubetune.reconcile.deployment import reconcile_deployment, remove_deployment
 from kubetune_contract.deployment import Autoscaling, Serving
 
 if TYPE_CHECKING:
@@ -112,16 +111,17 @@ async def play_deployment_controller(cluster: Cluster, name: str, ready: int = 1
 # ---- the apply client and the serving backend, without the operator -------------------------------
 
 
-async def test_a_reconcile_thread_waits_for_serving_calls_run_on_the_clients_loop(
+async def test_a_reconcile_pass_awaits_the_cluster_backend_on_the_clients_loop(
     cluster: Cluster, api: AsyncClient
 ) -> None:
     ref = await an_owner(cluster)
-    loop = asyncio.get_running_loop()
-    serving = ServingFromWorkerThread(KubernetesServing(api, IMAGES), loop)
-    seen = await asyncio.to_thread(serving.ensure_versions, ref, [serving_of(ref, "tuned", "hf://acme/x")])
-    assert seen["tuned"].url == "http://support-bot-tuned.default.svc:3000"
+    body = copy.deepcopy(await cluster.get("modeldeployments", ref.name))
+    serving = KubernetesServing(api, IMAGES)
+    outcome = await reconcile_deployment(body, lookup=lambda *_: None, serving=serving, prometheus=None)
+    tuned = next(version for version in outcome.status["versions"] if version["name"] == "tuned")
+    assert tuned["url"] == "http://support-bot-tuned.default.svc:3000"
     assert cluster.peek("deployments", "support-bot-tuned") is not None
-    await asyncio.to_thread(serving.remove, ref)
+    await remove_deployment(body, serving)
     assert cluster.peek("deployments", "support-bot-tuned") is None
 
 

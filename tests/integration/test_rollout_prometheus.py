@@ -3,18 +3,19 @@
 Two OpenAI-compatible upstreams stand in for model servers (one healthy, one answering 500s); a
 thread drives traffic through the gateway; ``reconcile_deployment`` ticks with a ServingBackend that
 maps model paths to the upstreams and writes the gateway's config file (the gateway reloads it).
-The canary analysis queries Prometheus with the contract's PromQL.
+The canary analysis queries Prometheus with the contract's PromQL, awaited on the test's event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,7 +94,7 @@ class LoopbackServing:
         self.gateway_url: str | None = None
         self.configs: list[dict[str, Any]] = []
 
-    def ensure_versions(
+    async def ensure_versions(
         self, deployment: DeploymentRef, versions: Sequence[VersionServing]
     ) -> Mapping[str, VersionObservation]:
         return {
@@ -101,7 +102,9 @@ class LoopbackServing:
             for v in versions
         }
 
-    def ensure_gateway(self, deployment: DeploymentRef, config: Mapping[str, Any]) -> GatewayObservation:
+    async def ensure_gateway(
+        self, deployment: DeploymentRef, config: Mapping[str, Any]
+    ) -> GatewayObservation:
         if not self.configs or self.configs[-1] != config:
             temporary = self.config_path.with_suffix(".tmp")
             temporary.write_text(json.dumps(config))
@@ -114,7 +117,7 @@ class LoopbackServing:
             self.gateway_url = self.gateway.__enter__()
         return GatewayObservation(endpoint=f"{self.gateway_url}/v1", ready=True)
 
-    def remove(self, deployment: DeploymentRef) -> None:
+    async def remove(self, deployment: DeploymentRef) -> None:
         if self.gateway is not None:
             self.gateway.__exit__(None, None, None)
             self.gateway = None
@@ -162,8 +165,8 @@ class Rig:
     client: PrometheusClient
     body: dict[str, Any]
 
-    def tick(self) -> DeploymentOutcome:
-        outcome = reconcile_deployment(
+    async def tick(self) -> DeploymentOutcome:
+        outcome = await reconcile_deployment(
             self.body,
             lookup=lambda kind, ns, name: None,
             serving=self.serving,
@@ -177,15 +180,17 @@ class Rig:
         self.body["spec"] = spec
         self.body["metadata"]["generation"] += 1
 
-    def tick_until(self, done: Callable[[dict[str, Any]], bool], timeout_s: float) -> list[dict[str, Any]]:
+    async def tick_until(
+        self, done: Callable[[dict[str, Any]], bool], timeout_s: float
+    ) -> list[dict[str, Any]]:
         """Reconcile every 0.25 s until ``done(status)``; returns every status seen."""
         seen = []
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            seen.append(self.tick().status)
+            seen.append((await self.tick()).status)
             if done(seen[-1]):
                 return seen
-            time.sleep(0.25)
+            await asyncio.sleep(0.25)
         raise AssertionError(f"not done within {timeout_s}s; last status: {json.dumps(seen[-1], indent=1)}")
 
 
@@ -209,7 +214,7 @@ def rollout_spec(canary_model: str, metrics: list[dict[str, Any]]) -> dict[str, 
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     gateway_socket = bound_socket()
     gateway_port = gateway_socket.getsockname()[1]
     try:
@@ -219,7 +224,6 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
             serve_app(upstream("healthy-too", 200)) as healthy_too,
             serve_app(upstream("failing", 500)) as failing,
             prometheus_context as prometheus,
-            PrometheusClient(prometheus.url, timeout_s=5) as client,
         ):
             upstreams = {"healthy": healthy, "healthy-too": healthy_too, "failing": failing}
             serving = LoopbackServing(upstreams, tmp_path / "gateway.json", gateway_socket)
@@ -230,28 +234,29 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
                 "spec": {"versions": [STABLE]},
             }
             try:
-                yield Rig(prometheus, serving, client, body)
+                async with PrometheusClient(prometheus.url, timeout_s=5) as client:
+                    yield Rig(prometheus, serving, client, body)
             finally:
-                serving.remove(DeploymentRef(DEPLOYMENT, "default"))
+                await serving.remove(DeploymentRef(DEPLOYMENT, "default"))
     except PrometheusUnavailable as missing:
         pytest.skip(str(missing))
     finally:
         gateway_socket.close()
 
 
-def start_serving(rig: Rig) -> str:
-    first = rig.tick().status
+async def start_serving(rig: Rig) -> str:
+    first = (await rig.tick()).status
     assert first["weights"] == "stable=100" and first["endpoint"] is not None
     assert rig.serving.gateway_url is not None
     rig.prometheus.wait_for_targets_up()
     return rig.serving.gateway_url
 
 
-def test_a_canary_answering_500s_is_rolled_back_on_its_error_rate(rig: Rig) -> None:
-    gateway_url = start_serving(rig)
+async def test_a_canary_answering_500s_is_rolled_back_on_its_error_rate(rig: Rig) -> None:
+    gateway_url = await start_serving(rig)
     with Traffic(gateway_url) as traffic:
         rig.update_spec(rollout_spec("failing", [{"name": "errorRate", "max": "0.05"}]))
-        seen = rig.tick_until(lambda status: status["rollout"]["state"] != "Progressing", timeout_s=25)
+        seen = await rig.tick_until(lambda status: status["rollout"]["state"] != "Progressing", timeout_s=25)
         status = seen[-1]
         rollout = status["rollout"]
         assert rollout["state"] == "RolledBack", rollout
@@ -266,20 +271,20 @@ def test_a_canary_answering_500s_is_rolled_back_on_its_error_rate(rig: Rig) -> N
         ready = next(c for c in status["conditions"] if c["type"] == "Ready")
         assert ready["reason"] == "RolledBack"
         # The gateway picked the new weights up: from now on only the stable version answers.
-        time.sleep(0.5)
+        await asyncio.sleep(0.5)
         after = len(traffic.answered_by)
-        time.sleep(1.0)
+        await asyncio.sleep(1.0)
     recent = traffic.answered_by[after:]
     assert recent and set(recent) == {"stable"}, recent
     assert "canary" in traffic.answered_by[:after]  # the canary did get traffic during its step
 
 
-def test_a_healthy_canary_is_promoted_through_the_steps(rig: Rig) -> None:
-    gateway_url = start_serving(rig)
+async def test_a_healthy_canary_is_promoted_through_the_steps(rig: Rig) -> None:
+    gateway_url = await start_serving(rig)
     metrics = [{"name": "errorRate", "max": "0.05"}, {"name": "p95Latency", "max": "2"}]
     with Traffic(gateway_url) as traffic:
         rig.update_spec(rollout_spec("healthy-too", metrics))
-        seen = rig.tick_until(lambda status: status["rollout"]["state"] != "Progressing", timeout_s=25)
+        seen = await rig.tick_until(lambda status: status["rollout"]["state"] != "Progressing", timeout_s=25)
     status = seen[-1]
     assert status["rollout"]["state"] == "Promoted", status["rollout"]
     weights = [s["weights"] for s in seen]

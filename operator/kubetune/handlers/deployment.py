@@ -1,15 +1,10 @@
 """Kopf handlers of ModelDeployments: reconcile each one through the shared brain on a schedule.
 
-One timer per ModelDeployment ticks every KUBETUNE_RECONCILE_INTERVAL seconds and runs a pass of
-:func:`kubetune.reconcile.deployment.reconcile_deployment` when one is due:
-
-* at once for a generation it has not reconciled yet (creation, any spec change: weights, versions,
-  prompts), so a spec change takes effect within one tick;
-* when one of its Deployments changes (a watch of Deployments labelled ``kubetune.dev/deployment``),
-  so readiness shows in the status within one tick;
-* when the previous pass asked to come back (``requeue_after``: a rollout step, a model on its way),
-  and at the latest after :data:`RESYNC_S`;
-* after a failed pass, with a growing backoff (:data:`ERROR_BACKOFF_S`).
+One timer per ModelDeployment ticks every KUBETUNE_RECONCILE_INTERVAL seconds and awaits a pass of
+:func:`kubetune.reconcile.deployment.reconcile_deployment` when one is due
+(:mod:`kubetune.reconcile.schedule`): at once for a new generation, within a tick when one of its
+Deployments changes (a watch of Deployments labelled ``kubetune.dev/deployment``), when the previous
+pass asked to come back, and after a failed pass with a growing backoff.
 
 Only the timer writes the status, so two passes never race (a change handler next to the timer
 would run concurrently with it). Children are Kubernetes objects owned by the ModelDeployment
@@ -17,131 +12,37 @@ would run concurrently with it). Children are Kubernetes objects owned by the Mo
 collector delete them, so there is no delete handler (Kopf's finalizer is there only to stop the
 timer).
 
-The pass runs in a worker thread (the brain and the ServingBackend protocol are synchronous, and it
-queries Prometheus); its Kubernetes API calls are coroutines of lightkube's AsyncClient, awaited on
-Kopf's event loop where the client lives (:class:`ServingFromWorkerThread`). The client is made at
-startup from the credentials the operator logs Kopf in with (:mod:`kubetune.handlers.login`).
-
-Settings (environment; see :class:`DeploymentSettings`): KUBETUNE_SERVING_IMAGE (default: the
-runtime image, KUBETUNE_RUNTIME_IMAGE), KUBETUNE_GATEWAY_IMAGE (default: the operator's image),
-KUBETUNE_PROMETHEUS_URL (unset: canary analyses are recorded as inconclusive) and
-KUBETUNE_RETIRE_GRACE_SECONDS (how long a removed version keeps serving, see
-:data:`kubetune.kube.serving.RETIRE_AFTER_S`).
+The pass runs on Kopf's event loop: its Kubernetes calls are coroutines of lightkube's AsyncClient and
+its Prometheus queries of httpx's. Both clients are made at startup, the Kubernetes one from the
+credentials the operator logs Kopf in with (:mod:`kubetune.handlers.login`), and closed at cleanup.
+Settings: :class:`kubetune.config.DeploymentSettings`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import logging
-import os
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import kopf
 from lightkube import AsyncClient
 
-from kubetune.config import OperatorConfig
+from kubetune.config import DeploymentSettings, OperatorConfig
 from kubetune.handlers.metrics import METRICS
-from kubetune.kube.children import DEFAULT_GATEWAY_IMAGE, DEPLOYMENT_LABEL, ChildImages
+from kubetune.kube.children import DEPLOYMENT_LABEL, ChildImages
 from kubetune.kube.client import async_client, cluster_config
-from kubetune.kube.serving import RETIRE_AFTER_S, KubernetesServing
-from kubetune.reconcile.deployment import (
-    DeploymentOutcome,
-    DeploymentRef,
-    GatewayObservation,
-    JobLookup,
-    VersionObservation,
-    VersionServing,
-    reconcile_deployment,
-)
-from kubetune.rollout.analysis import QueryClient
+from kubetune.kube.serving import KubernetesServing
+from kubetune.reconcile.deployment import DeploymentOutcome, JobLookup, reconcile_deployment
+from kubetune.reconcile.schedule import Schedules
 from kubetune.rollout.prometheus import PrometheusClient
 from kubetune_contract.common import GROUP, VERSION
 from kubetune_contract.deployment import PLURAL
 
 KIND = "ModelDeployment"
-RESYNC_S = 30.0
-ERROR_BACKOFF_S = (1.0, 5.0, 15.0, 60.0)
 _INTERVAL_S = OperatorConfig.from_env().reconcile_interval_s
 _MEMO_KEY = "modeldeployments"
-API_TIMEOUT_S = 60.0  # one serving call (a few API requests) from the reconcile's worker thread
-
-T = TypeVar("T")
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DeploymentSettings:
-    """What the ModelDeployment handlers need from the operator's environment."""
-
-    images: ChildImages
-    prometheus_url: str | None
-    retire_after_s: float = RETIRE_AFTER_S
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> DeploymentSettings:
-        env = dict(os.environ) if env is None else dict(env)
-        runtime_image = OperatorConfig.from_env(env).runtime_image
-        url = env.get("KUBETUNE_PROMETHEUS_URL", "").strip() or None
-        if url is not None and not url.startswith(("http://", "https://")):
-            raise ValueError(f"KUBETUNE_PROMETHEUS_URL must be an http:// or https:// URL, not {url!r}")
-        grace = env.get("KUBETUNE_RETIRE_GRACE_SECONDS", "").strip()
-        try:
-            retire_after_s = float(grace) if grace else RETIRE_AFTER_S
-        except ValueError:
-            retire_after_s = -1.0
-        if not 0 <= retire_after_s < float("inf"):
-            raise ValueError(f"KUBETUNE_RETIRE_GRACE_SECONDS must be a number of seconds >= 0, not {grace!r}")
-        return cls(
-            images=ChildImages(
-                serving=env.get("KUBETUNE_SERVING_IMAGE", "").strip() or runtime_image,
-                gateway=env.get("KUBETUNE_GATEWAY_IMAGE", "").strip() or DEFAULT_GATEWAY_IMAGE,
-            ),
-            prometheus_url=url,
-            retire_after_s=retire_after_s,
-        )
-
-
-@dataclass
-class _Schedule:
-    """When one ModelDeployment is next due, and the generation last reconciled."""
-
-    generation: int | None = None
-    due: float = 0.0
-    failures: int = 0
-
-
-@dataclass
-class Schedules:
-    """When each ModelDeployment (by uid) is next due for a reconcile pass."""
-
-    by_uid: dict[str, _Schedule] = field(default_factory=dict)
-
-    def due(self, uid: str, generation: int | None, now: float) -> bool:
-        schedule = self.by_uid.get(uid)
-        return schedule is None or schedule.generation != generation or now >= schedule.due
-
-    def done(self, uid: str, generation: int | None, now: float, requeue_after: float | None) -> None:
-        wait = RESYNC_S if requeue_after is None else min(max(requeue_after, 0.0), RESYNC_S)
-        self.by_uid[uid] = _Schedule(generation=generation, due=now + wait)
-
-    def poke(self, uid: str) -> None:
-        """Make a reconciled deployment due at the next tick (something it owns changed)."""
-        schedule = self.by_uid.get(uid)
-        if schedule is not None and schedule.failures == 0:
-            schedule.due = 0.0
-
-    def failed(self, uid: str, generation: int | None, now: float) -> None:
-        failures = self.by_uid[uid].failures + 1 if uid in self.by_uid else 1
-        backoff = ERROR_BACKOFF_S[min(failures, len(ERROR_BACKOFF_S)) - 1]
-        self.by_uid[uid] = _Schedule(generation=generation, due=now + backoff, failures=failures)
-
-    def forget(self, uid: str) -> None:
-        self.by_uid.pop(uid, None)
 
 
 @dataclass
@@ -149,9 +50,13 @@ class DeploymentRuntime:
     """The handlers' state in the operator's memo."""
 
     settings: DeploymentSettings
-    prometheus: QueryClient | None
+    prometheus: PrometheusClient | None
     client: AsyncClient
     schedules: Schedules = field(default_factory=Schedules)
+
+    def serving(self) -> KubernetesServing:
+        images = ChildImages(serving=self.settings.serving_image, gateway=self.settings.gateway_image)
+        return KubernetesServing(self.client, images, retire_after_s=self.settings.retire_after_s)
 
 
 def _runtime(memo: kopf.Memo) -> DeploymentRuntime:
@@ -162,48 +67,24 @@ def _runtime(memo: kopf.Memo) -> DeploymentRuntime:
 
 
 @kopf.on.startup()
-def configure_modeldeployments(memo: kopf.Memo, **_: Any) -> None:
+async def configure_modeldeployments(memo: kopf.Memo, **_: Any) -> None:
     """Read the settings at startup, so a bad value stops the operator with a clear message."""
-    deployment_settings = DeploymentSettings.from_env()
-    url = deployment_settings.prometheus_url
+    settings = DeploymentSettings.from_env()
+    url = settings.prometheus_url
     memo[_MEMO_KEY] = DeploymentRuntime(
-        settings=deployment_settings,
+        settings=settings,
         prometheus=PrometheusClient(url) if url else None,
         client=async_client(cluster_config()),
     )
 
 
 @kopf.on.cleanup()
-async def close_kubernetes_client(memo: kopf.Memo, **_: Any) -> None:
+async def close_clients(memo: kopf.Memo, **_: Any) -> None:
     runtime = memo.get(_MEMO_KEY)
     if isinstance(runtime, DeploymentRuntime):
         await runtime.client.close()
-
-
-class ServingFromWorkerThread:
-    """The synchronous ServingBackend the reconcile calls from its worker thread.
-
-    Each call awaits the :class:`KubernetesServing` coroutine on the operator's event loop, which
-    owns the client's connections, and waits for it at most :data:`API_TIMEOUT_S`.
-    """
-
-    def __init__(self, serving: KubernetesServing, loop: asyncio.AbstractEventLoop) -> None:
-        self.serving = serving
-        self.loop = loop
-
-    def _wait(self, call: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(call, self.loop).result(API_TIMEOUT_S)
-
-    def ensure_versions(
-        self, deployment: DeploymentRef, versions: Sequence[VersionServing]
-    ) -> Mapping[str, VersionObservation]:
-        return self._wait(self.serving.ensure_versions(deployment, versions))
-
-    def ensure_gateway(self, deployment: DeploymentRef, config: Mapping[str, Any]) -> GatewayObservation:
-        return self._wait(self.serving.ensure_gateway(deployment, config))
-
-    def remove(self, deployment: DeploymentRef) -> None:
-        self._wait(self.serving.remove(deployment))
+        if runtime.prometheus is not None:
+            await runtime.prometheus.aclose()
 
 
 # ---- the jobs a version's model comes from ----------------------------------------------------------
@@ -271,17 +152,13 @@ async def reconcile_modeldeployment(
     generation = body.metadata.get("generation")
     if not runtime.schedules.due(uid, generation, time.monotonic()):
         return
-    serving = KubernetesServing(
-        runtime.client, runtime.settings.images, retire_after_s=runtime.settings.retire_after_s
-    )
     lookup = job_lookup(kwargs["mdep_finetunejobs"], kwargs["mdep_quantizejobs"])
     try:
         with METRICS.reconcile(KIND):
-            outcome = await asyncio.to_thread(
-                reconcile_deployment,
+            outcome = await reconcile_deployment(
                 copy.deepcopy(dict(body)),
                 lookup=lookup,
-                serving=ServingFromWorkerThread(serving, asyncio.get_running_loop()),
+                serving=runtime.serving(),
                 prometheus=runtime.prometheus,
             )
     except Exception:

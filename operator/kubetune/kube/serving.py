@@ -2,9 +2,10 @@
 
 ``ensure_versions`` applies each version's Deployment, Service and HorizontalPodAutoscaler (server-side
 apply) and deletes the version children this deployment no longer wants: an HPA once autoscaling is
-off at once, a removed version :data:`RETIRE_AFTER_S` after it was removed. A version is ready when
-its Deployment's rollout is complete: the Deployment controller has seen the current spec, every
-pod runs it (no pod of a previous model is left) and enough of them are ready. ``ensure_gateway``
+off at once, a removed version ``retire_after_s`` (:data:`kubetune.config.RETIRE_AFTER_S`) after it
+was removed. A version is ready when its Deployment's rollout is complete: the Deployment controller
+has seen the current spec, every pod runs it (no pod of a previous model is left) and enough of them
+are ready. ``ensure_gateway``
 applies the gateway's ConfigMap, Deployment and Service; a new config only changes the ConfigMap
 (the gateway reloads the mounted file once the kubelet refreshes it, within about a minute or two).
 ``remove`` deletes every child; on a real cluster the ownerReferences make the garbage collector do
@@ -15,7 +16,8 @@ owned by another object) is reported as not ready with the reason, and its exist
 left as they are; the other versions go on. Server errors and timeouts raise, so the reconcile is
 retried.
 
-Every method is a coroutine over lightkube's AsyncClient, awaited on the operator's event loop.
+Every method is a coroutine over lightkube's AsyncClient: the reconcile pass awaits them on the
+operator's event loop.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 from lightkube import ApiError, AsyncClient
 
+from kubetune.config import RETIRE_AFTER_S
 from kubetune.kube import apply as kube
 from kubetune.kube.apply import ChildConflict
 from kubetune.kube.children import (
@@ -51,9 +54,6 @@ from kubetune.plan.versions import (
 )
 
 VERSION_RESOURCES = (kube.DEPLOYMENTS, kube.SERVICES, kube.HORIZONTAL_POD_AUTOSCALERS)
-# The kubelet refreshes a mounted ConfigMap within its sync period plus its cache's TTL (1 minute
-# each by default): a removed version serves that long after the gateway config dropped it.
-RETIRE_AFTER_S = 150.0
 # Holds a version's replica count between kubetune's last apply that set it and the HPA's first scale
 # (see :meth:`KubernetesServing._hand_replicas_over`).
 HANDOVER_FIELD_MANAGER = "kubetune-handover-to-hpa"

@@ -22,6 +22,7 @@ Layout under the kubetune home::
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,7 +49,8 @@ def _key(ref: DeploymentRef) -> tuple[str, str]:
 
 
 class LocalServing:
-    """The :class:`~kubetune.reconcile.deployment.ServingBackend` of `kubetune up`.
+    """What serves `kubetune up`'s ModelDeployments; synchronous (:class:`ServingInWorkerThread` is
+    the :class:`~kubetune.reconcile.deployment.ServingBackend` over it).
 
     ``notify`` receives a line for everything worth telling the person at the terminal: processes
     started, ready, crashed (with the log to read), restarted, stopped. Call :meth:`close` to stop
@@ -80,7 +82,7 @@ class LocalServing:
     def registry_path(self) -> Path:
         return self.record.path
 
-    # -- the ServingBackend protocol -----------------------------------------------------------------
+    # -- what ServingBackend asks, synchronously ------------------------------------------------------
 
     def ensure_versions(
         self, deployment: DeploymentRef, versions: Sequence[VersionServing]
@@ -192,3 +194,30 @@ class LocalServing:
 
     def _save_record(self) -> None:
         self.record.save(self.processes())
+
+
+class ServingInWorkerThread:
+    """The :class:`~kubetune.reconcile.deployment.ServingBackend` of `kubetune up`: each call of
+    :class:`LocalServing` runs in a worker thread, off the reconcile's event loop.
+
+    The calls block: a version's or the gateway's readiness probe waits up to a second, stopping a
+    version or a deployment waits for its processes to exit (up to the stop grace). `up` awaits one
+    call at a time, and waits for a call still running before it stops everything, so LocalServing
+    is never used from two threads at once.
+    """
+
+    def __init__(self, local: LocalServing) -> None:
+        self.local = local
+
+    async def ensure_versions(
+        self, deployment: DeploymentRef, versions: Sequence[VersionServing]
+    ) -> Mapping[str, VersionObservation]:
+        return await asyncio.to_thread(self.local.ensure_versions, deployment, versions)
+
+    async def ensure_gateway(
+        self, deployment: DeploymentRef, config: Mapping[str, Any]
+    ) -> GatewayObservation:
+        return await asyncio.to_thread(self.local.ensure_gateway, deployment, config)
+
+    async def remove(self, deployment: DeploymentRef) -> None:
+        await asyncio.to_thread(self.local.remove, deployment)

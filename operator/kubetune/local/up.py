@@ -12,6 +12,10 @@ lock file): a second `kubetune up -f FILE` applies FILE to the store and leaves 
 one, which picks the change up within a second (a weight change is applied in place, without
 restarting the version servers).
 
+The ModelDeployment reconcile is the operator's coroutine: each pass over them runs on an event loop
+of its own (:func:`serve_deployments_once`), with a Prometheus client for that pass, and LocalServing's
+blocking calls in a worker thread (:class:`kubetune.local.serving.ServingInWorkerThread`).
+
 Exit codes: 0 done (every job succeeded; serving stopped by a signal with nothing failed, or the
 files were handed to the running `up`); 1 a job failed or a ModelDeployment is stalled; 2 invalid
 input; 130 interrupted while jobs were still running (`kubetune up` resumes them).
@@ -19,10 +23,11 @@ input; 130 interrupted while jobs were still running (`kubetune up` resumes them
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, cast
@@ -30,7 +35,7 @@ from typing import Any, TextIO, cast
 from kubetune.api.registry import get_definition
 from kubetune.api.validation import read_manifests, validate_paths
 from kubetune.common.clock import utc_now
-from kubetune.config import OperatorConfig
+from kubetune.config import PROMETHEUS_URL_ENV, OperatorConfig
 from kubetune.local.report import (
     deployment_signature,
     describe_deployment,
@@ -42,19 +47,17 @@ from kubetune.local.report import (
     report_summary,
     succeeded_condition,
 )
-from kubetune.local.serving import LocalServing
+from kubetune.local.serving import LocalServing, ServingInWorkerThread
 from kubetune.local.session import GoneTerminalSafe, StopSignals, UpLock
 from kubetune.local.store import ApplyError, LocalStore
 from kubetune.plan.lifecycle import Decision, is_finished
 from kubetune.reconcile.deployment import reconcile_deployment, remove_deployment
 from kubetune.reconcile.jobs import Backends, reconcile_finetune, reconcile_quantize
-from kubetune.rollout.analysis import QueryClient
-from kubetune.rollout.prometheus import PrometheusClient
+from kubetune.rollout.prometheus import PrometheusClient, checked_base_url
 from kubetune_contract.conditions import find_condition, set_condition
 
 Reconciler = Callable[[dict[str, Any], Backends, Path, LocalStore], Decision]
 DEPLOYMENTS = "modeldeployments"
-PROMETHEUS_URL_ENV = "KUBETUNE_PROMETHEUS_URL"
 
 
 # In dependency order: a QuantizeJob sees the FineTuneJob it waits for updated in the same pass.
@@ -149,56 +152,69 @@ def _job_lookup(store: LocalStore) -> Callable[[str, str, str], dict[str, Any] |
     return lookup
 
 
-def reconcile_deployments(
+@contextlib.asynccontextmanager
+async def _prometheus(url: str | None) -> AsyncIterator[PrometheusClient | None]:
+    if url is None:
+        yield None
+        return
+    async with PrometheusClient(url) as client:
+        yield client
+
+
+async def reconcile_deployments(
     store: LocalStore,
     serving: LocalServing,
-    prometheus: QueryClient | None,
+    prometheus_url: str | None,
     base_dir: Path,
     out: TextIO,
     progress: Progress,
 ) -> int:
     """One pass over every stored ModelDeployment (and the deleted ones still served); returns how
     many are stored."""
+    backend = ServingInWorkerThread(serving)
     objects = store.list_objects(DEPLOYMENTS)
     stored = {(obj["metadata"]["namespace"], obj["metadata"]["name"]) for obj in objects}
     for ref in serving.deployments():
         if (ref.namespace, ref.name) not in stored:
-            remove_deployment({"metadata": {"name": ref.name, "namespace": ref.namespace}}, serving)
+            await remove_deployment({"metadata": {"name": ref.name, "namespace": ref.namespace}}, backend)
             print(f"modeldeployment/{ref.name} was deleted: it is no longer served", file=out, flush=True)
     lookup = _job_lookup(store)
-    for obj in objects:
-        name = obj["metadata"]["name"]
-        key = f"{DEPLOYMENTS}/{obj['metadata']['namespace']}/{name}"
-        try:
-            outcome = reconcile_deployment(
-                obj, lookup=lookup, serving=serving, prometheus=prometheus, base_dir=base_dir
-            )
-        except Exception as exc:  # a serving failure: said, and tried again next pass
-            message = f"{type(exc).__name__}: {exc}"
-            if progress.errors.get(key) != message:
-                print(f"modeldeployment/{name}: reconcile failed, retrying: {message}", file=out, flush=True)
-            progress.errors[key] = message
-            continue
-        progress.errors.pop(key, None)
-        ready = ready_condition(outcome.status)
-        for event in outcome.events:
-            if event.reason != ready.get("reason"):  # the Ready condition is printed below
-                print(f"modeldeployment/{name}  {event.type} {event.reason}: {event.message}", file=out)
-        if obj.get("status") != outcome.status:
+    async with _prometheus(prometheus_url) as prometheus:
+        for obj in objects:
+            name = obj["metadata"]["name"]
+            key = f"{DEPLOYMENTS}/{obj['metadata']['namespace']}/{name}"
             try:
-                obj = store.update_status(DEPLOYMENTS, obj, outcome.status)
-            except KeyError:
-                continue  # deleted meanwhile: the next pass stops serving it
-        else:
-            obj = {**obj, "status": outcome.status}
-        signature = deployment_signature(obj)
-        if progress.shown.get(key) != signature:
-            print(describe_deployment(obj), file=out, flush=True)
-            progress.shown[key] = signature
-        endpoint = outcome.status.get("endpoint")
-        if ready.get("status") == "True" and endpoint and (key, endpoint) not in progress.banners:
-            progress.banners.add((key, endpoint))
-            print("\n".join(ready_banner(obj)), file=out, flush=True)
+                outcome = await reconcile_deployment(
+                    obj, lookup=lookup, serving=backend, prometheus=prometheus, base_dir=base_dir
+                )
+            except Exception as exc:  # a serving failure: said, and tried again next pass
+                message = f"{type(exc).__name__}: {exc}"
+                if progress.errors.get(key) != message:
+                    print(
+                        f"modeldeployment/{name}: reconcile failed, retrying: {message}", file=out, flush=True
+                    )
+                progress.errors[key] = message
+                continue
+            progress.errors.pop(key, None)
+            ready = ready_condition(outcome.status)
+            for event in outcome.events:
+                if event.reason != ready.get("reason"):  # the Ready condition is printed below
+                    print(f"modeldeployment/{name}  {event.type} {event.reason}: {event.message}", file=out)
+            if obj.get("status") != outcome.status:
+                try:
+                    obj = store.update_status(DEPLOYMENTS, obj, outcome.status)
+                except KeyError:
+                    continue  # deleted meanwhile: the next pass stops serving it
+            else:
+                obj = {**obj, "status": outcome.status}
+            signature = deployment_signature(obj)
+            if progress.shown.get(key) != signature:
+                print(describe_deployment(obj), file=out, flush=True)
+                progress.shown[key] = signature
+            endpoint = outcome.status.get("endpoint")
+            if ready.get("status") == "True" and endpoint and (key, endpoint) not in progress.banners:
+                progress.banners.add((key, endpoint))
+                print("\n".join(ready_banner(obj)), file=out, flush=True)
     return len(objects)
 
 
@@ -255,13 +271,13 @@ def stalled_deployments(store: LocalStore) -> list[dict[str, Any]]:
     ]
 
 
-def prometheus_from_env(env: dict[str, str] | None = None) -> PrometheusClient | None:
+def prometheus_url_from_env(env: dict[str, str] | None = None) -> str | None:
     """The Prometheus that judges canaries (KUBETUNE_PROMETHEUS_URL), None when unset."""
     url = (os.environ if env is None else env).get(PROMETHEUS_URL_ENV, "").strip()
     if not url:
         return None
     try:
-        return PrometheusClient(url)
+        return checked_base_url(url)
     except ValueError as exc:
         raise ValueError(f"{PROMETHEUS_URL_ENV}: {exc}") from exc
 
@@ -269,12 +285,34 @@ def prometheus_from_env(env: dict[str, str] | None = None) -> PrometheusClient |
 # -- the loop ----------------------------------------------------------------------------------------
 
 
+def serve_deployments_once(
+    store: LocalStore,
+    serving: LocalServing,
+    prometheus_url: str | None,
+    base_dir: Path,
+    out: TextIO,
+    progress: Progress,
+    stop: StopSignals,
+) -> int:
+    """:func:`reconcile_deployments` on an event loop made for this pass; returns how many are stored."""
+    runner = asyncio.Runner()
+    try:
+        return runner.run(reconcile_deployments(store, serving, prometheus_url, base_dir, out, progress))
+    except KeyboardInterrupt:
+        # Closing the runner waits for a LocalServing call still running in its worker thread; a
+        # further Ctrl+C must not cut that short, or `up` would stop the processes while it starts one.
+        stop.shielded = True
+        raise
+    finally:
+        runner.close()
+
+
 def run_until_stopped(
     store: LocalStore,
     backends: Backends,
     serving: LocalServing,
     *,
-    prometheus: QueryClient | None,
+    prometheus_url: str | None,
     base_dir: Path,
     out: TextIO,
     stop: StopSignals,
@@ -285,7 +323,7 @@ def run_until_stopped(
     progress = Progress()
     while True:
         jobs_pending = reconcile_jobs(store, backends, base_dir, out, progress)
-        deployments = reconcile_deployments(store, serving, prometheus, base_dir, out, progress)
+        deployments = serve_deployments_once(store, serving, prometheus_url, base_dir, out, progress, stop)
         if stop.received is not None:
             break
         if not jobs_pending and deployments == 0 and not serving.deployments():
@@ -314,7 +352,7 @@ def up(paths: list[Path], settings: OperatorConfig, out: TextIO = sys.stdout, po
     out = cast(TextIO, GoneTerminalSafe(out))
     store = LocalStore(settings.home)
     try:
-        prometheus = prometheus_from_env()
+        prometheus_url = prometheus_url_from_env()
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -334,15 +372,13 @@ def up(paths: list[Path], settings: OperatorConfig, out: TextIO = sys.stdout, po
                 f"error: kubetune up (pid {holder}) is already running with {settings.home}", file=sys.stderr
             )
             return 1
-        return _run(store, settings, prometheus, out, poll_s)
+        return _run(store, settings, prometheus_url, out, poll_s)
     finally:
         lock.release()
-        if prometheus is not None:
-            prometheus.close()
 
 
 def _run(
-    store: LocalStore, settings: OperatorConfig, prometheus: QueryClient | None, out: TextIO, poll_s: float
+    store: LocalStore, settings: OperatorConfig, prometheus_url: str | None, out: TextIO, poll_s: float
 ) -> int:
     backends = Backends(settings)
     serving = LocalServing(settings.home, notify=lambda line: print(line, file=out, flush=True))
@@ -360,7 +396,7 @@ def _run(
                 store,
                 backends,
                 serving,
-                prometheus=prometheus,
+                prometheus_url=prometheus_url,
                 base_dir=Path.cwd(),
                 out=out,
                 stop=stop,

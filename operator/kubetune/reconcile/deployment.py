@@ -5,6 +5,10 @@ the canary state machine in kubetune.rollout is asked by planning only). This mo
 in one straight line. What differs between a cluster and a laptop is behind :class:`ServingBackend`:
 Deployments, Services and a ConfigMap on a cluster; processes and a config file locally.
 
+A pass is a coroutine: the operator awaits it on Kopf's event loop, where the backend's Kubernetes
+calls and the Prometheus queries are awaited too; `kubetune up` runs it on an event loop of its own,
+its local backend doing its blocking work in a worker thread.
+
 One reconcile pass:
 
 1. resolve each version's model (a job's published output, or a URI);
@@ -64,7 +68,7 @@ POLL_S = 5.0  # how soon to look again while a model, a server or the gateway is
 class ServingBackend(Protocol):
     """Runs the model servers and the gateway of ModelDeployments. Calls are idempotent."""
 
-    def ensure_versions(
+    async def ensure_versions(
         self, deployment: DeploymentRef, versions: Sequence[VersionServing]
     ) -> Mapping[str, VersionObservation]:
         """Make exactly these versions' servers exist, as described; stop or delete any other version
@@ -75,7 +79,9 @@ class ServingBackend(Protocol):
         """
         ...
 
-    def ensure_gateway(self, deployment: DeploymentRef, config: Mapping[str, Any]) -> GatewayObservation:
+    async def ensure_gateway(
+        self, deployment: DeploymentRef, config: Mapping[str, Any]
+    ) -> GatewayObservation:
         """Make the deployment's gateway run with this config (the GatewayConfig JSON as a dict, camelCase
         keys; ConfigMap key ``gateway.json`` or a file). Only the config changes between calls as weights
         move: the gateway reloads it, so write it in place rather than restarting the gateway.
@@ -84,8 +90,9 @@ class ServingBackend(Protocol):
         """
         ...
 
-    def remove(self, deployment: DeploymentRef) -> None:
-        """Stop and delete everything serving this deployment (on deletion of the ModelDeployment)."""
+    async def remove(self, deployment: DeploymentRef) -> object:
+        """Stop and delete everything serving this deployment (on deletion of the ModelDeployment).
+        What it returns (a backend may say what it deleted) is not used."""
         ...
 
 
@@ -111,21 +118,21 @@ def deployment_ref(body: Mapping[str, Any]) -> DeploymentRef:
     )
 
 
-def remove_deployment(body: Mapping[str, Any], serving: ServingBackend) -> None:
+async def remove_deployment(body: Mapping[str, Any], serving: ServingBackend) -> None:
     """Tear down what serves a deleted ModelDeployment."""
-    serving.remove(deployment_ref(body))
+    await serving.remove(deployment_ref(body))
 
 
-def _analyse(
+async def _analyse(
     request: AnalysisRequest, prometheus: QueryClient | None, deployment: str, now: datetime
 ) -> AnalysisRun:
     if prometheus is None:
         why = "no Prometheus is configured (KUBETUNE_PROMETHEUS_URL), so the metrics were not checked"
         return unavailable(request.metrics, why, now)
-    return analyse(request.metrics, prometheus, deployment, request.version, request.window_s, now)
+    return await analyse(request.metrics, prometheus, deployment, request.version, request.window_s, now)
 
 
-def reconcile_deployment(
+async def reconcile_deployment(
     obj: Mapping[str, Any],
     *,
     lookup: JobLookup,
@@ -155,7 +162,7 @@ def reconcile_deployment(
     ref = DeploymentRef(meta.name, meta.namespace, meta.uid)
     resolved = resolve_versions(deployment.spec, meta.namespace, lookup, base_dir)
     served = served_models(resolved, previous_status)
-    observed = serving.ensure_versions(ref, version_servings(deployment, served))
+    observed = await serving.ensure_versions(ref, version_servings(deployment, served))
     answering = {name: name in observed and observed[name].ready for name in served}
     current = {
         name: answering.get(name, False) and served.get(name) == version.model_uri
@@ -167,12 +174,12 @@ def reconcile_deployment(
 
     facts = canary_facts(deployment, previous_status, served, current)
     request = analysis_request(deployment, facts, moment)
-    analysis = _analyse(request, prometheus, meta.name, moment) if request is not None else None
+    analysis = await _analyse(request, prometheus, meta.name, moment) if request is not None else None
     plan = plan_deployment(deployment, facts, answering=answering, urls=urls, analysis=analysis, now=moment)
 
     gateway = GatewayObservation(endpoint=None, ready=False, message="no version is served yet")
     if plan.gateway_config is not None:
-        gateway = serving.ensure_gateway(ref, plan.gateway_config)
+        gateway = await serving.ensure_gateway(ref, plan.gateway_config)
 
     status = deployment_status(
         deployment,

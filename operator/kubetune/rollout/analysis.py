@@ -3,10 +3,12 @@
 A metric fails when its value is below ``min`` or above ``max``. No data (an empty result, NaN such
 as 0/0 when the canary had no requests) and a query that failed are inconclusive: recorded, never a
 failure. The built-in queries are part of the ModelDeployment contract (the gateway's series).
+The metrics of one analysis are queried concurrently.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +46,7 @@ BUILTIN_QUERIES: dict[str, str] = {
 class QueryClient(Protocol):
     """What the analysis needs of Prometheus (``PrometheusClient`` is one)."""
 
-    def query(self, promql: str, at: datetime | None = None) -> list[Sample]: ...
+    async def query(self, promql: str, at: datetime | None = None) -> list[Sample]: ...
 
 
 def prometheus_duration(seconds: float) -> str:
@@ -126,7 +128,19 @@ def _run(outcomes: Sequence[_Outcome], now: datetime, preamble: str = "") -> Ana
     )
 
 
-def analyse(
+async def _measure(
+    metric: AnalysisMetric, client: QueryClient, deployment: str, version: str, window_s: float, now: datetime
+) -> _Outcome:
+    try:
+        query = render_query(metric, deployment, version, window_s)
+        samples = await client.query(query, at=now)
+    except (PrometheusError, ValueError) as exc:  # ValueError: a window of 0s
+        result = MetricResult(name=metric.name, value=None, min=metric.min, max=metric.max, passed=None)
+        return _Outcome(result, "inconclusive", f"{metric.name}: {exc}")
+    return _judge(metric, samples)
+
+
+async def analyse(
     metrics: Sequence[AnalysisMetric],
     client: QueryClient,
     deployment: str,
@@ -135,16 +149,9 @@ def analyse(
     now: datetime,
 ) -> AnalysisRun:
     """Query every metric of ``version`` of ``deployment`` over the last ``window_s`` seconds at ``now``."""
-    outcomes = []
-    for metric in metrics:
-        try:
-            query = render_query(metric, deployment, version, window_s)
-            samples = client.query(query, at=now)
-        except (PrometheusError, ValueError) as exc:  # ValueError: a window of 0s
-            result = MetricResult(name=metric.name, value=None, min=metric.min, max=metric.max, passed=None)
-            outcomes.append(_Outcome(result, "inconclusive", f"{metric.name}: {exc}"))
-            continue
-        outcomes.append(_judge(metric, samples))
+    outcomes = await asyncio.gather(
+        *(_measure(metric, client, deployment, version, window_s, now) for metric in metrics)
+    )
     return _run(outcomes, now)
 
 

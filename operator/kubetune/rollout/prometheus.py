@@ -2,6 +2,9 @@
 
 Every failure is a :class:`PrometheusError` naming the query and what went wrong (the HTTP status and
 Prometheus's own error text, a timeout, a refused connection), so the rollout analysis can record it.
+
+The client is asynchronous (httpx.AsyncClient): the operator awaits its queries on Kopf's event loop.
+Its connections belong to the event loop that first uses it, so use and close it on that one loop.
 """
 
 from __future__ import annotations
@@ -71,8 +74,18 @@ def parse_query_response(payload: Any, query: str) -> list[Sample]:
     )
 
 
+def checked_base_url(base_url: str) -> str:
+    """``base_url`` without a trailing slash; ValueError unless it is an absolute http(s) URL."""
+    url = httpx.URL(base_url)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"Prometheus URL {base_url!r} must be an absolute http:// or https:// URL")
+    return base_url.rstrip("/")
+
+
 class PrometheusClient:
-    """Instant queries against one Prometheus server (``base_url`` such as ``http://prometheus:9090``)."""
+    """Instant queries against one Prometheus server (``base_url`` such as ``http://prometheus:9090``).
+
+    Close it with :meth:`aclose` (or ``async with``)."""
 
     def __init__(
         self,
@@ -80,18 +93,15 @@ class PrometheusClient:
         *,
         timeout_s: float = 10.0,
         headers: Mapping[str, str] | None = None,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        url = httpx.URL(base_url)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"Prometheus URL {base_url!r} must be an absolute http:// or https:// URL")
-        self.base_url = base_url.rstrip("/")
+        self.base_url = checked_base_url(base_url)
         self.timeout_s = timeout_s
-        self._http = httpx.Client(
+        self._http = httpx.AsyncClient(
             base_url=self.base_url, timeout=timeout_s, headers=dict(headers or {}), transport=transport
         )
 
-    def query(self, promql: str, at: datetime | None = None) -> list[Sample]:
+    async def query(self, promql: str, at: datetime | None = None) -> list[Sample]:
         """Evaluate ``promql`` at ``at`` (default: Prometheus's now). Sent as a form POST, so long
         queries do not run into URL length limits."""
         form = {"query": promql}
@@ -99,7 +109,7 @@ class PrometheusClient:
             form["time"] = f"{at.timestamp():.3f}"
         where = f"{self.base_url}/api/v1/query"
         try:
-            response = self._http.post("/api/v1/query", data=form)
+            response = await self._http.post("/api/v1/query", data=form)
         except httpx.TimeoutException as exc:
             raise PrometheusError(
                 f"query {promql!r}: {where} did not answer within {self.timeout_s:g}s"
@@ -131,13 +141,13 @@ class PrometheusClient:
             )
         return parse_query_response(payload, promql)
 
-    def close(self) -> None:
-        self._http.close()
+    async def aclose(self) -> None:
+        await self._http.aclose()
 
-    def __enter__(self) -> PrometheusClient:
+    async def __aenter__(self) -> PrometheusClient:
         return self
 
-    def __exit__(
+    async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        await self.aclose()

@@ -1,5 +1,5 @@
 """The children of a ModelDeployment (kubetune.kube.children), the readiness rule of kubetune.kube.serving
-and the schedule of kubetune.handlers.deployment.
+and the status patch of kubetune.handlers.deployment.
 
 Pure: plain dicts in, plain dicts out, checked for structure, ownership, labels, restricted pod security
 and against the Kubernetes OpenAPI schemas (kubernetes_validate, offline).
@@ -19,17 +19,10 @@ import pytest
 from lightkube import AsyncClient, KubeConfig
 from lightkube.config.models import Cluster, User
 
-from kubetune.handlers.deployment import (
-    ERROR_BACKOFF_S,
-    RESYNC_S,
-    DeploymentSettings,
-    Schedules,
-    _status_patch,
-)
+from kubetune.handlers.deployment import _status_patch
 from kubetune.kube.apply import resource_of
 from kubetune.kube.children import (
     CONFIG_CHECKSUM_ANNOTATION,
-    DEFAULT_GATEWAY_IMAGE,
     GATEWAY_CONFIG_KEY,
     IN_FLIGHT_METRIC,
     ChildImages,
@@ -42,7 +35,7 @@ from kubetune.kube.children import (
     version_child_name,
     version_url,
 )
-from kubetune.kube.serving import HANDOVER_FIELD_MANAGER, RETIRE_AFTER_S, KubernetesServing, rollout_state
+from kubetune.kube.serving import HANDOVER_FIELD_MANAGER, KubernetesServing, rollout_state
 from kubetune.plan.versions import DeploymentRef, VersionServing
 from kubetune_contract.common import SecretKeyRef
 from kubetune_contract.deployment import Autoscaling, Batching, Resources, Serving
@@ -476,54 +469,7 @@ def test_rollout_state(obj: dict[str, Any], required: int, ready: bool, message:
         assert got_message is not None and message in got_message
 
 
-# ---- the handlers' settings and schedule (kubetune.handlers.deployment) -------------------
-
-
-def test_settings_come_from_the_environment() -> None:
-    defaults = DeploymentSettings.from_env({"KUBETUNE_RUNTIME_IMAGE": "registry.example/runtime:2"})
-    assert defaults.images.serving == "registry.example/runtime:2"  # the pipeline steps' image
-    assert defaults.images.gateway == DEFAULT_GATEWAY_IMAGE
-    assert defaults.prometheus_url is None
-    custom = DeploymentSettings.from_env(
-        {
-            "KUBETUNE_SERVING_IMAGE": "registry.example/serving:3",
-            "KUBETUNE_GATEWAY_IMAGE": "registry.example/gateway:3",
-            "KUBETUNE_PROMETHEUS_URL": "http://prometheus.monitoring:9090",
-        }
-    )
-    assert (custom.images.serving, custom.images.gateway) == (
-        "registry.example/serving:3",
-        "registry.example/gateway:3",
-    )
-    assert custom.prometheus_url == "http://prometheus.monitoring:9090"
-    with pytest.raises(ValueError, match="KUBETUNE_PROMETHEUS_URL must be an http:// or https:// URL"):
-        DeploymentSettings.from_env({"KUBETUNE_PROMETHEUS_URL": "prometheus:9090"})
-    assert defaults.retire_after_s == RETIRE_AFTER_S
-    assert DeploymentSettings.from_env({"KUBETUNE_RETIRE_GRACE_SECONDS": "0"}).retire_after_s == 0
-    for bad in ("-1", "soon", "inf", "nan"):
-        with pytest.raises(ValueError, match=f"KUBETUNE_RETIRE_GRACE_SECONDS must be .* not '{bad}'"):
-            DeploymentSettings.from_env({"KUBETUNE_RETIRE_GRACE_SECONDS": bad})
-
-
-def test_schedule_runs_new_generations_at_once_and_backs_off_on_errors() -> None:
-    schedules = Schedules()
-    assert schedules.due("u", 1, now=0.0)  # never reconciled
-    schedules.done("u", 1, now=0.0, requeue_after=5.0)
-    assert not schedules.due("u", 1, now=4.9) and schedules.due("u", 1, now=5.0)
-    assert schedules.due("u", 2, now=0.1)  # a spec change does not wait
-    schedules.done("u", 1, now=0.0, requeue_after=None)
-    assert not schedules.due("u", 1, now=RESYNC_S - 0.1) and schedules.due("u", 1, now=RESYNC_S)
-    schedules.poke("u")  # one of its Deployments changed
-    assert schedules.due("u", 1, now=0.1)
-    schedules.failed("u", 1, now=0.0)
-    schedules.poke("u")  # a failing deployment keeps its backoff
-    assert not schedules.due("u", 1, now=ERROR_BACKOFF_S[0] - 0.1) and schedules.due(
-        "u", 1, now=ERROR_BACKOFF_S[0]
-    )
-    schedules.failed("u", 1, now=0.0)
-    assert not schedules.due("u", 1, now=ERROR_BACKOFF_S[1] - 0.1)
-    schedules.poke("unknown")  # never reconciled: nothing to do
-    assert "unknown" not in schedules.by_uid
+# ---- the handlers' status patch (kubetune.handlers.deployment) -------------------------------------
 
 
 def test_status_patch_sets_changes_and_removes_what_is_gone() -> None:

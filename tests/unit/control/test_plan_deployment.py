@@ -89,7 +89,7 @@ class FakeServing:
         self.config: dict[str, Any] | None = None
         self.removed: list[DeploymentRef] = []
 
-    def ensure_versions(
+    async def ensure_versions(
         self, deployment: DeploymentRef, versions: Sequence[VersionServing]
     ) -> Mapping[str, VersionObservation]:
         self.versions = list(versions)
@@ -104,13 +104,15 @@ class FakeServing:
             for v in versions
         }
 
-    def ensure_gateway(self, deployment: DeploymentRef, config: Mapping[str, Any]) -> GatewayObservation:
+    async def ensure_gateway(
+        self, deployment: DeploymentRef, config: Mapping[str, Any]
+    ) -> GatewayObservation:
         self.config = dict(config)
         return GatewayObservation(
             endpoint=f"http://{deployment.name}.{deployment.namespace}:8080/v1", ready=True
         )
 
-    def remove(self, deployment: DeploymentRef) -> None:
+    async def remove(self, deployment: DeploymentRef) -> None:
         self.removed.append(deployment)
 
 
@@ -285,9 +287,11 @@ def test_a_template_the_gateway_would_refuse_is_refused_by_the_api_first() -> No
 # -- the reconcile pass -----------------------------------------------------------------------------
 
 
-def test_first_pass_serves_every_version_at_the_spec_weights_and_reads_current() -> None:
+async def test_first_pass_serves_every_version_at_the_spec_weights_and_reads_current() -> None:
     serving = FakeServing()
-    outcome = reconcile_deployment(mdep(FULL_SPEC), lookup=Jobs(), serving=serving, prometheus=None, now=T0)
+    outcome = await reconcile_deployment(
+        mdep(FULL_SPEC), lookup=Jobs(), serving=serving, prometheus=None, now=T0
+    )
     status = outcome.status
     assert [(v.name, v.model_uri, v.bento) for v in serving.versions] == [
         ("tuned", "/m/tuned", "support-bot-tuned"),
@@ -333,12 +337,12 @@ def test_first_pass_serves_every_version_at_the_spec_weights_and_reads_current()
     assert [e.reason for e in outcome.events] == ["AllVersionsReady"]
 
 
-def test_waiting_for_a_model_serves_the_others_and_reads_in_progress() -> None:
+async def test_waiting_for_a_model_serves_the_others_and_reads_in_progress() -> None:
     serving = FakeServing()
     jobs = Jobs(
         **{"support-lora": DONE.jobs["support-lora"], "support-int8": job("Unknown", reason="Running")}
     )
-    outcome = reconcile_deployment(mdep(), lookup=jobs, serving=serving, prometheus=None, now=T0)
+    outcome = await reconcile_deployment(mdep(), lookup=jobs, serving=serving, prometheus=None, now=T0)
     status = outcome.status
     assert [v.name for v in serving.versions] == ["tuned"]
     assert serving.config is not None and [v["name"] for v in serving.config["versions"]] == ["tuned"]
@@ -351,19 +355,21 @@ def test_waiting_for_a_model_serves_the_others_and_reads_in_progress() -> None:
     assert kstatus({**mdep(), "status": status}) == "InProgress"
     assert outcome.requeue_after == 5.0
     # The job succeeds: both versions, spec weights, no rollout (the spec has none).
-    later = reconcile_deployment(mdep(status=status), lookup=DONE, serving=serving, prometheus=None, now=T0)
+    later = await reconcile_deployment(
+        mdep(status=status), lookup=DONE, serving=serving, prometheus=None, now=T0
+    )
     assert later.status["weights"] == "tuned=80,int8=20"
     assert condition(later.status, "Ready")["status"] == "True"
 
 
-def test_a_failed_job_stalls_the_deployment() -> None:
+async def test_a_failed_job_stalls_the_deployment() -> None:
     jobs = Jobs(
         **{
             "support-lora": DONE.jobs["support-lora"],
             "support-int8": job("False", reason="QualityGateFailed", message="too weak"),
         }
     )
-    outcome = reconcile_deployment(mdep(), lookup=jobs, serving=FakeServing(), prometheus=None, now=T0)
+    outcome = await reconcile_deployment(mdep(), lookup=jobs, serving=FakeServing(), prometheus=None, now=T0)
     ready = condition(outcome.status, "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "ModelFailed")
     assert ready["message"] == "version int8: QuantizeJob/support-int8 failed (QualityGateFailed: too weak)"
@@ -373,10 +379,10 @@ def test_a_failed_job_stalls_the_deployment() -> None:
     assert [(e.type, e.reason) for e in outcome.events] == [("Warning", "ModelFailed")]
 
 
-def test_servers_that_are_starting_get_no_traffic_yet() -> None:
+async def test_servers_that_are_starting_get_no_traffic_yet() -> None:
     serving = FakeServing()
     serving.not_ready = {"int8"}
-    outcome = reconcile_deployment(mdep(), lookup=DONE, serving=serving, prometheus=None, now=T0)
+    outcome = await reconcile_deployment(mdep(), lookup=DONE, serving=serving, prometheus=None, now=T0)
     assert outcome.status["weights"] == "tuned=100,int8=0"
     assert serving.config is not None and serving.config["versions"][1]["weight"] == 0
     ready = condition(outcome.status, "Ready")
@@ -384,22 +390,22 @@ def test_servers_that_are_starting_get_no_traffic_yet() -> None:
     assert condition(outcome.status, "Progressing")["reason"] == "WaitingForVersions"
 
 
-def test_a_version_without_a_server_gets_no_share_even_before_any_answers() -> None:
+async def test_a_version_without_a_server_gets_no_share_even_before_any_answers() -> None:
     # Nothing answers yet, and int8's objects were refused: the gateway can only send to tuned, and
     # the status must say so rather than show int8's planned share.
     serving = FakeServing(ready=False)
     serving.refused = {"int8"}
-    outcome = reconcile_deployment(mdep(), lookup=DONE, serving=serving, prometheus=None, now=T0)
+    outcome = await reconcile_deployment(mdep(), lookup=DONE, serving=serving, prometheus=None, now=T0)
     assert outcome.status["weights"] == "tuned=100,int8=0"
     assert serving.config is not None
     assert [(v["name"], v["weight"]) for v in serving.config["versions"]] == [("tuned", 100)]
 
 
-def test_an_invalid_spec_changes_nothing_and_says_why() -> None:
+async def test_an_invalid_spec_changes_nothing_and_says_why() -> None:
     body = mdep({"versions": [{"name": "a", "model": {"uri": "/m/a"}, "weight": 90}]})
     body["status"] = {"weights": "a=100", "endpoint": "http://x/v1"}
     serving = FakeServing()
-    outcome = reconcile_deployment(body, lookup=Jobs(), serving=serving, prometheus=None, now=T0)
+    outcome = await reconcile_deployment(body, lookup=Jobs(), serving=serving, prometheus=None, now=T0)
     assert serving.versions == [] and serving.config is None
     ready = condition(outcome.status, "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
@@ -408,11 +414,11 @@ def test_an_invalid_spec_changes_nothing_and_says_why() -> None:
     assert kstatus({**body, "status": outcome.status}) == "Failed"
 
 
-def test_a_prompt_the_gateway_would_refuse_is_an_invalid_spec() -> None:
+async def test_a_prompt_the_gateway_would_refuse_is_an_invalid_spec() -> None:
     spec = copy.deepcopy(FULL_SPEC)
     spec["prompts"][0]["template"] = "no input here"
     serving = FakeServing()
-    outcome = reconcile_deployment(mdep(spec), lookup=Jobs(), serving=serving, prometheus=None, now=T0)
+    outcome = await reconcile_deployment(mdep(spec), lookup=Jobs(), serving=serving, prometheus=None, now=T0)
     assert serving.config is None
     ready = condition(outcome.status, "Ready")
     assert (ready["reason"], condition(outcome.status, "Stalled")["status"]) == ("InvalidSpec", "True")
@@ -438,15 +444,15 @@ class ErrorRate:
         self.value = value
         self.queries: list[str] = []
 
-    def query(self, promql: str, at: datetime | None = None) -> list[Sample]:
+    async def query(self, promql: str, at: datetime | None = None) -> list[Sample]:
         self.queries.append(promql)
         return [Sample({}, self.value)]
 
 
-def tick(
+async def tick(
     spec: dict[str, Any], status: dict[str, Any] | None, at: datetime, prometheus: Any, generation: int = 1
 ) -> Any:
-    return reconcile_deployment(
+    return await reconcile_deployment(
         mdep(spec, generation=generation, status=status),
         lookup=Jobs(),
         serving=FakeServing(),
@@ -455,16 +461,16 @@ def tick(
     )
 
 
-def test_a_rollout_through_the_controller_rolls_back_on_a_failing_error_rate() -> None:
-    first = tick(STABLE_SPEC, None, T0, None)
+async def test_a_rollout_through_the_controller_rolls_back_on_a_failing_error_rate() -> None:
+    first = await tick(STABLE_SPEC, None, T0, None)
     prometheus = ErrorRate(0.4)
-    started = tick(ROLLOUT_SPEC, first.status, T0, prometheus, generation=2)
+    started = await tick(ROLLOUT_SPEC, first.status, T0, prometheus, generation=2)
     assert started.status["weights"] == "tuned=90,int8=10"
     assert started.status["rollout"]["state"] == "Progressing"
     assert condition(started.status, "Progressing")["reason"] == "RolloutInProgress"
     assert kstatus({**mdep(ROLLOUT_SPEC, generation=2), "status": started.status}) == "InProgress"
     assert started.requeue_after == pytest.approx(1.0)
-    rolled = tick(ROLLOUT_SPEC, started.status, T0 + timedelta(seconds=1), prometheus, generation=2)
+    rolled = await tick(ROLLOUT_SPEC, started.status, T0 + timedelta(seconds=1), prometheus, generation=2)
     assert prometheus.queries and 'version="int8"' in prometheus.queries[0]
     rollout = rolled.status["rollout"]
     assert rollout["state"] == "RolledBack"
@@ -485,22 +491,24 @@ def with_inconclusive_limit(limit: int) -> dict[str, Any]:
     return spec
 
 
-def test_without_prometheus_the_analysis_is_inconclusive_and_the_canary_proceeds_within_the_limit() -> None:
+async def test_without_prometheus_the_analysis_is_inconclusive_and_the_canary_proceeds_within_the_limit() -> (
+    None
+):
     spec = with_inconclusive_limit(1)
-    first = tick(STABLE_SPEC, None, T0, None)
-    started = tick(spec, first.status, T0, None, generation=2)
+    first = await tick(STABLE_SPEC, None, T0, None)
+    started = await tick(spec, first.status, T0, None, generation=2)
     at = T0 + timedelta(seconds=2)
-    moved = tick(spec, started.status, at, None, generation=2)
+    moved = await tick(spec, started.status, at, None, generation=2)
     rollout = moved.status["rollout"]
     assert rollout["step"] == 1 and moved.status["weights"] == "tuned=50,int8=50"
     assert rollout["lastAnalysis"]["message"].startswith("no Prometheus is configured")
     assert rollout["lastAnalysis"]["results"][0] == {"name": "errorRate", "max": "0.05"}
 
 
-def test_without_prometheus_a_canary_is_paused_not_promoted_unchecked() -> None:
-    first = tick(STABLE_SPEC, None, T0, None)
-    started = tick(ROLLOUT_SPEC, first.status, T0, None, generation=2)
-    paused = tick(ROLLOUT_SPEC, started.status, T0 + timedelta(seconds=1), None, generation=2)
+async def test_without_prometheus_a_canary_is_paused_not_promoted_unchecked() -> None:
+    first = await tick(STABLE_SPEC, None, T0, None)
+    started = await tick(ROLLOUT_SPEC, first.status, T0, None, generation=2)
+    paused = await tick(ROLLOUT_SPEC, started.status, T0 + timedelta(seconds=1), None, generation=2)
     rollout = paused.status["rollout"]
     assert (rollout["state"], rollout["reason"], rollout["step"]) == ("Paused", "AnalysisInconclusive", 0)
     assert paused.status["weights"] == "tuned=90,int8=10"
@@ -510,17 +518,18 @@ def test_without_prometheus_a_canary_is_paused_not_promoted_unchecked() -> None:
     assert condition(paused.status, "Stalled")["status"] == "True"
     assert kstatus({**mdep(ROLLOUT_SPEC, generation=2), "status": paused.status}) == "Failed"
     assert [(e.type, e.reason) for e in paused.events] == [("Warning", "AnalysisInconclusive")]
-    later = tick(ROLLOUT_SPEC, paused.status, T0 + timedelta(minutes=10), None, generation=2)
+    later = await tick(ROLLOUT_SPEC, paused.status, T0 + timedelta(minutes=10), None, generation=2)
     assert later.status["rollout"]["state"] == "Paused" and later.status["weights"] == "tuned=90,int8=10"
 
 
-def test_a_healthy_canary_is_promoted_through_the_controller() -> None:
-    first = tick(STABLE_SPEC, None, T0, None)
+async def test_a_healthy_canary_is_promoted_through_the_controller() -> None:
+    first = await tick(STABLE_SPEC, None, T0, None)
     prometheus = ErrorRate(0.0)
-    status = tick(ROLLOUT_SPEC, first.status, T0, prometheus, generation=2).status
+    status = (await tick(ROLLOUT_SPEC, first.status, T0, prometheus, generation=2)).status
     seen = [status["weights"]]
     for second in range(1, 6):
-        status = tick(ROLLOUT_SPEC, status, T0 + timedelta(seconds=second), prometheus, generation=2).status
+        at = T0 + timedelta(seconds=second)
+        status = (await tick(ROLLOUT_SPEC, status, at, prometheus, generation=2)).status
         seen.append(status["weights"])
     assert seen == [
         "tuned=90,int8=10",

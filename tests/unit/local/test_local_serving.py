@@ -1,20 +1,21 @@
 """LocalServing's supervision of version servers, with a stand-in interpreter whose `bentoml serve`
-crashes or sleeps (no model is loaded), in seconds."""
+crashes or sleeps (no model is loaded), in seconds; and the async backend `up` awaits over it."""
 
 from __future__ import annotations
 
 import os
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from kubetune.common.supervision import process_alive
-from kubetune.local.serving import LocalServing
-from kubetune.plan.versions import DeploymentRef, VersionServing
+from kubetune.local.serving import LocalServing, ServingInWorkerThread
+from kubetune.plan.versions import DeploymentRef, VersionObservation, VersionServing
 from kubetune_contract.deployment import Serving
 
 ROUTER = DeploymentRef(name="router", namespace="default")
@@ -127,3 +128,24 @@ def test_close_stops_every_process_and_forgets_the_record(serving: LocalServing)
     assert not serving.registry_path.exists()
     assert serving.deployments() == [] and serving.processes() == []
     assert os.path.exists(server.log)
+
+
+async def test_up_awaits_local_serving_in_a_worker_thread(
+    serving: LocalServing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[threading.Thread] = []
+    ensure_versions = LocalServing.ensure_versions
+
+    def recording(
+        self: LocalServing, deployment: DeploymentRef, versions: Sequence[VersionServing]
+    ) -> Mapping[str, VersionObservation]:
+        threads.append(threading.current_thread())
+        return ensure_versions(self, deployment, versions)
+
+    monkeypatch.setattr(LocalServing, "ensure_versions", recording)
+    backend = ServingInWorkerThread(serving)
+    seen = await backend.ensure_versions(ROUTER, [version(serve="sleep")])
+    assert not seen["tuned"].ready and threads and threads[0] is not threading.current_thread()
+    assert serving.deployments() == [ROUTER]
+    await backend.remove(ROUTER)
+    assert serving.deployments() == [] and serving.processes() == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ class FakePrometheus:
         self.answers = answers
         self.queries: list[tuple[str, datetime | None]] = []
 
-    def query(self, promql: str, at: datetime | None = None) -> list[Sample]:
+    async def query(self, promql: str, at: datetime | None = None) -> list[Sample]:
         self.queries.append((promql, at))
         for key, answer in self.answers.items():
             if key in promql:
@@ -78,10 +79,10 @@ def test_prometheus_durations_must_be_positive() -> None:
         prometheus_duration(0)
 
 
-def test_a_metric_above_max_fails_and_is_named_with_value_and_threshold() -> None:
+async def test_a_metric_above_max_fails_and_is_named_with_value_and_threshold() -> None:
     client = FakePrometheus({"code=~": 0.25, "request_duration": 0.4})
     metrics = [metric(name="errorRate", max="0.05"), metric(name="p95Latency", max="2")]
-    run = analyse(metrics, client, "bot", "canary", 5, NOW)
+    run = await analyse(metrics, client, "bot", "canary", 5, NOW)
     assert not run.passed
     assert (run.metric, run.value, run.threshold) == ("errorRate", 0.25, "0.05")
     assert run.message.startswith("errorRate 0.25 is above max 0.05")
@@ -93,23 +94,46 @@ def test_a_metric_above_max_fails_and_is_named_with_value_and_threshold() -> Non
     assert all(at == NOW for _, at in client.queries)
 
 
-def test_a_metric_below_min_fails() -> None:
-    run = analyse(
+class BarrierPrometheus:
+    """Answers no query before every one of ``expected`` queries has been asked."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.asked: list[str] = []
+        self.all_asked = asyncio.Event()
+
+    async def query(self, promql: str, at: datetime | None = None) -> list[Sample]:
+        self.asked.append(promql)
+        if len(self.asked) == self.expected:
+            self.all_asked.set()
+        await self.all_asked.wait()
+        return [Sample({}, 0.01)]
+
+
+async def test_the_metrics_of_an_analysis_are_queried_at_the_same_time() -> None:
+    metrics = [metric(name="errorRate", max="0.05"), metric(name="p95Latency", max="2")]
+    client = BarrierPrometheus(expected=len(metrics))
+    run = await asyncio.wait_for(analyse(metrics, client, "bot", "canary", 5, NOW), timeout=5)
+    assert run.passed and [r.name for r in run.results] == ["errorRate", "p95Latency"]
+
+
+async def test_a_metric_below_min_fails() -> None:
+    run = await analyse(
         [metric(name="feedback", min="0.5")], FakePrometheus({"feedback": 0.2}), "bot", "c", 60, NOW
     )
     assert (run.passed, run.metric, run.value, run.threshold) == (False, "feedback", 0.2, "0.5")
     assert "feedback 0.2 is below min 0.5" in run.message
 
 
-def test_values_within_bounds_pass() -> None:
-    run = analyse(
+async def test_values_within_bounds_pass() -> None:
+    run = await analyse(
         [metric(name="errorRate", max="0.05")], FakePrometheus({"code=~": 0.05}), "bot", "c", 60, NOW
     )
     assert run.passed and run.metric is None and run.results[0].passed is True
     assert run.message == "within bounds: errorRate 0.05"
 
 
-def test_no_data_nan_errors_and_many_series_are_inconclusive_not_failures() -> None:
+async def test_no_data_nan_errors_and_many_series_are_inconclusive_not_failures() -> None:
     client = FakePrometheus(
         {
             "code=~": math.nan,
@@ -123,7 +147,7 @@ def test_no_data_nan_errors_and_many_series_are_inconclusive_not_failures() -> N
         metric(name="feedback", min="0.5"),  # the fake has no answer: an empty vector
         metric(name="many", query="many_series", max="1"),
     ]
-    run = analyse(metrics, client, "bot", "c", 60, NOW)
+    run = await analyse(metrics, client, "bot", "c", 60, NOW)
     assert run.passed and run.metric is None
     assert [r.passed for r in run.results] == [None, None, None, None]
     assert [r.value for r in run.results] == [None, None, None, None]
@@ -133,8 +157,8 @@ def test_no_data_nan_errors_and_many_series_are_inconclusive_not_failures() -> N
     assert "returned 2 series" in run.message
 
 
-def test_an_infinite_value_fails_without_putting_infinity_in_the_status() -> None:
-    run = analyse(
+async def test_an_infinite_value_fails_without_putting_infinity_in_the_status() -> None:
+    run = await analyse(
         [metric(name="p95Latency", max="2")], FakePrometheus({"duration": math.inf}), "b", "c", 60, NOW
     )
     assert (run.passed, run.metric, run.value, run.threshold) == (False, "p95Latency", None, "2")
@@ -155,7 +179,7 @@ def client_for(handler: Any) -> PrometheusClient:
     return PrometheusClient("http://prometheus:9090/", transport=httpx.MockTransport(handler), timeout_s=2)
 
 
-def test_client_posts_the_query_and_reads_a_vector() -> None:
+async def test_client_posts_the_query_and_reads_a_vector() -> None:
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -166,15 +190,15 @@ def test_client_posts_the_query_and_reads_a_vector() -> None:
         }
         return httpx.Response(200, json=body)
 
-    with client_for(handler) as client:
-        samples = client.query("up", at=NOW)
+    async with client_for(handler) as client:
+        samples = await client.query("up", at=NOW)
     assert samples == [Sample({"version": "a"}, 0.125)]
     assert seen[0].method == "POST" and seen[0].url.path == "/api/v1/query"
     form = dict(httpx.QueryParams(seen[0].content.decode()))
     assert form == {"query": "up", "time": f"{NOW.timestamp():.3f}"}
 
 
-def test_client_reads_scalars_nan_and_empty_vectors() -> None:
+async def test_client_reads_scalars_nan_and_empty_vectors() -> None:
     answers = iter(
         [
             {"status": "success", "data": {"resultType": "scalar", "result": [1, "3"]}},
@@ -186,40 +210,40 @@ def test_client_reads_scalars_nan_and_empty_vectors() -> None:
         ]
     )
     client = client_for(lambda request: httpx.Response(200, json=next(answers)))
-    assert client.query("scalar(1)") == [Sample({}, 3.0)]
-    assert math.isnan(client.query("x")[0].value)
-    assert client.query("y") == []
+    assert await client.query("scalar(1)") == [Sample({}, 3.0)]
+    assert math.isnan((await client.query("x"))[0].value)
+    assert await client.query("y") == []
 
 
-def test_client_errors_name_status_and_prometheus_message() -> None:
+async def test_client_errors_name_status_and_prometheus_message() -> None:
     body = {"status": "error", "errorType": "bad_data", "error": 'parse error at char 5: unexpected "}"'}
     client = client_for(lambda request: httpx.Response(400, json=body))
     with pytest.raises(PrometheusError, match=r"HTTP 400: bad_data: parse error at char 5") as caught:
-        client.query("sum(}")
+        await client.query("sum(}")
     assert caught.value.status == 400 and caught.value.body is not None and "bad_data" in caught.value.body
 
 
-def test_client_errors_for_non_json_and_matrix_results() -> None:
+async def test_client_errors_for_non_json_and_matrix_results() -> None:
     client = client_for(lambda request: httpx.Response(502, text="<html>bad gateway</html>"))
     with pytest.raises(PrometheusError, match=r"HTTP 502: <html>bad gateway</html>"):
-        client.query("up")
+        await client.query("up")
     matrix = {"status": "success", "data": {"resultType": "matrix", "result": []}}
     with pytest.raises(PrometheusError, match="'matrix' result"):
-        client_for(lambda request: httpx.Response(200, json=matrix)).query("up[5m]")
+        await client_for(lambda request: httpx.Response(200, json=matrix)).query("up[5m]")
 
 
-def test_client_timeouts_and_refused_connections_are_clear() -> None:
+async def test_client_timeouts_and_refused_connections_are_clear() -> None:
     def slow(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("timed out", request=request)
 
     with pytest.raises(PrometheusError, match=r"did not answer within 2s"):
-        client_for(slow).query("up")
+        await client_for(slow).query("up")
 
     def refused(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
     with pytest.raises(PrometheusError, match=r"cannot reach http://prometheus:9090/api/v1/query"):
-        client_for(refused).query("up")
+        await client_for(refused).query("up")
 
 
 def test_client_refuses_a_url_that_is_not_http() -> None:
@@ -227,7 +251,7 @@ def test_client_refuses_a_url_that_is_not_http() -> None:
         PrometheusClient("prometheus:9090")
 
 
-def test_a_zero_window_is_an_inconclusive_result_not_a_crash() -> None:
-    run = analyse([metric(name="errorRate", max="0.05")], FakePrometheus({}), "bot", "c", 0, NOW)
+async def test_a_zero_window_is_an_inconclusive_result_not_a_crash() -> None:
+    run = await analyse([metric(name="errorRate", max="0.05")], FakePrometheus({}), "bot", "c", 0, NOW)
     assert run.passed and run.results[0].passed is None
     assert "an analysis window must be a positive duration, got 0s" in run.message
