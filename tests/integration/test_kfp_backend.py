@@ -155,7 +155,7 @@ def test_submit_sends_the_compiled_finetune_pipeline(emulator: KfpEmulator, sett
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {settings.runtime_image}
     # Each step runs its own command line from the runtime image; nothing is embedded in the spec.
-    assert {" ".join(e["container"]["args"][:4]) for e in executors.values()} == {
+    assert {" ".join(e["container"]["command"][:4]) for e in executors.values()} == {
         f"python -m kubetune_components.finetune.steps {step}"
         for step in ("curate", "evaluate", "finetune", "publish")
     }

@@ -27,8 +27,9 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 from kubetune_components import data
 from kubetune_components.common import models, storage
@@ -207,39 +208,136 @@ def _quiet_libraries() -> None:
         transformers_logging.disable_progress_bar()
 
 
-def start_step_process(config_arg: str) -> dict[str, Any] | None:
+def add_step_arguments(parser: argparse.ArgumentParser, steps: Sequence[str], kind: str) -> None:
+    """The arguments every step's command line takes: the step, the `kind` job's config, the run's
+    workspace and where to keep the report."""
+    parser.add_argument("step", choices=steps)
+    config = parser.add_mutually_exclusive_group(required=True)
+    config.add_argument("--config", metavar="FILE", help=f"the {kind} as JSON: a file, or - for stdin")
+    config.add_argument("--config-json", metavar="JSON", help=f"the {kind} as a JSON string")
+    parser.add_argument("--workspace", required=True, help="the run's workspace directory (path or file://)")
+    parser.add_argument(
+        "--report", metavar="FILE", help="also write the report (printed when the step succeeds) to FILE"
+    )
+
+
+def start_step_process(config_file: str | None, config_json: str | None = None) -> dict[str, Any] | None:
     """What every step's command line does first: quiet the ML libraries, size torch's thread pool,
-    and read the job's config (a file, or - for stdin). None, after saying why, if it can't be read."""
+    and read the job's config (`config_json`, or the file `config_file`, - for stdin). None, after
+    saying why, if it can't be read."""
     _quiet_libraries()
     match_threads_to_cpus()
+    source = "--config-json" if config_json is not None else str(config_file)
     try:
-        raw = sys.stdin.read() if config_arg == "-" else Path(config_arg).read_text(encoding="utf-8")
-        config: dict[str, Any] = json.loads(raw)
+        if config_json is not None:
+            raw = config_json
+        elif config_file == "-":
+            raw = sys.stdin.read()
+        else:
+            raw = Path(str(config_file)).read_text(encoding="utf-8")
+        config = json.loads(raw)
+        if not isinstance(config, dict):
+            raise ValueError(f"expected a JSON object, got {type(config).__name__}")
     except (OSError, ValueError) as error:
-        print(f"cannot read the config {config_arg}: {error}", file=sys.stderr)
+        print(f"cannot read the config {source}: {error}", file=sys.stderr)
         return None
     return config
+
+
+def finish_step(report: Mapping[str, Any], report_file: str | None) -> None:
+    """Hand a successful step's report on: printed (the pod's log), and kept in `report_file` if given
+    (the component's `report` output)."""
+    text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+    if report_file is not None:
+        storage.atomic_write_text(Path(report_file), text)
+    print(text, end="")
+
+
+def evaluation_metrics(which: str, report: Mapping[str, Any]) -> dict[str, float]:
+    """Every number of an evaluation report, named as the Kubeflow UI shows it: baseline.evalLoss, ..."""
+    return {
+        f"{which}.{key}": float(value)
+        for key, value in report.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+
+
+def evaluated_model(step: str, which: str | None) -> str:
+    """The model an evaluate command line grades: --which, else the step's (evaluate-baseline), else final."""
+    return which or (step.removeprefix("evaluate-") if step.startswith("evaluate-") else "final")
+
+
+@dataclass(frozen=True)
+class KfpMetricsOutput:
+    """A KFP task's system.Metrics output artifact, which a container component logs to as kfp's Python
+    executor does for a lightweight component's ``Output[Metrics]``.
+
+    KFP's launcher hands the task its ExecutorInput (the ``{{$}}`` placeholder) and, once the command
+    exits, reads the ExecutorOutput file named in it (outputs.outputFile) and merges each output
+    artifact's metadata there into what it records for the run, which is what the UI's metrics show.
+    """
+
+    OUTPUT_NAME: ClassVar[str] = "metrics"
+
+    executor_output_file: Path
+    name: str
+    uri: str
+    metadata: Mapping[str, Any]
+
+    @classmethod
+    def from_executor_input(cls, executor_input_json: str) -> KfpMetricsOutput:
+        """Raises ValueError unless `executor_input_json` is an executor input with a metrics output."""
+        try:
+            outputs = json.loads(executor_input_json)["outputs"]
+            artifact = outputs["artifacts"][cls.OUTPUT_NAME]["artifacts"][0]
+            return cls(
+                Path(outputs["outputFile"]),
+                artifact.get("name", ""),
+                artifact.get("uri", ""),
+                artifact.get("metadata", {}),
+            )
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+            raise ValueError(
+                f"not a KFP executor input with a {cls.OUTPUT_NAME!r} output artifact "
+                f"({type(error).__name__}: {error})"
+            ) from None
+
+    def log(self, metrics: Mapping[str, float]) -> None:
+        logged = {"name": self.name, "uri": self.uri, "metadata": {**self.metadata, **metrics}}
+        storage.atomic_write_json(
+            self.executor_output_file, {"artifacts": {self.OUTPUT_NAME: {"artifacts": [logged]}}}
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kubetune_components.finetune.steps", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("step", choices=[*STEPS, "evaluate-baseline", "evaluate-final"])
-    parser.add_argument("--config", required=True, help="the FineTuneJob as JSON (a file, or - for stdin)")
-    parser.add_argument("--workspace", required=True, help="the run's workspace directory (path or file://)")
+    add_step_arguments(parser, [*STEPS, "evaluate-baseline", "evaluate-final"], "FineTuneJob")
     parser.add_argument(
         "--which", choices=["baseline", "final"], help="evaluate: which model (default final)"
     )
+    parser.add_argument(
+        "--kfp-executor-input",
+        metavar="JSON",
+        help="evaluate on Kubeflow: the task's executor input ({{$}}); the report's numbers are logged "
+        f"to its {KfpMetricsOutput.OUTPUT_NAME!r} output artifact as <which>.<field>",
+    )
     args = parser.parse_args(argv)
-    config = start_step_process(args.config)
+    if args.which and args.step != "evaluate":
+        parser.error("--which only applies to the evaluate step")
+    metrics_output = None
+    if args.kfp_executor_input is not None:
+        if args.step != "evaluate" and not args.step.startswith("evaluate-"):
+            parser.error("--kfp-executor-input only applies to the evaluate step")
+        try:
+            metrics_output = KfpMetricsOutput.from_executor_input(args.kfp_executor_input)
+        except ValueError as error:
+            parser.error(f"--kfp-executor-input: {error}")
+    config = start_step_process(args.config, args.config_json)
     if config is None:
         return 2
-    kwargs: dict[str, Any] = {}
-    if args.which:
-        if args.step != "evaluate":
-            parser.error("--which only applies to the evaluate step")
-        kwargs["which"] = args.which
+    kwargs: dict[str, Any] = {"which": args.which} if args.which else {}
     try:
         result = run_step(args.step, config, args.workspace, **kwargs)
     except ComponentError as error:
@@ -248,7 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as interrupted:
         print(str(interrupted), file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(json.dumps(result, indent=2, sort_keys=True))
+    if metrics_output is not None:
+        metrics_output.log(evaluation_metrics(evaluated_model(args.step, args.which), result))
+    finish_step(result, args.report)
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -51,7 +50,13 @@ from kubetune_components.common.errors import ComponentError, ConfigError, Model
 from kubetune_components.common.gates import check_gates, evaluate_gates
 from kubetune_components.common.jobs import parse_quantize_job
 from kubetune_components.common.progress import ProgressReporter, utc_now_iso
-from kubetune_components.finetune.steps import start_step_process, workspace_dir, write_jsonl
+from kubetune_components.finetune.steps import (
+    add_step_arguments,
+    finish_step,
+    start_step_process,
+    workspace_dir,
+    write_jsonl,
+)
 from kubetune_components.finetune.train import tokenize_examples
 from kubetune_contract.common import GateOp, as_float
 from kubetune_contract.finetune import MERGEABLE_METHODS, Dataset, DatasetFormat
@@ -462,11 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kubetune_components.quantize.steps", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("step", choices=list(QUANTIZE_STEPS))
-    parser.add_argument("--config", required=True, help="the QuantizeJob as JSON (a file, or - for stdin)")
-    parser.add_argument("--workspace", required=True, help="the run's workspace directory (path or file://)")
+    add_step_arguments(parser, list(QUANTIZE_STEPS), "QuantizeJob")
     args = parser.parse_args(argv)
-    config = start_step_process(args.config)
+    config = start_step_process(args.config, args.config_json)
     if config is None:
         return 2
     try:
@@ -474,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ComponentError as error:
         print(f"{args.step} failed ({error.reason}): {error.message}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2, sort_keys=True))
+    finish_step(result, args.report)
     return 0
 
 

@@ -2,23 +2,28 @@
 
 The runtime image has ``kubetune_components``, whose step modules have a command line::
 
-    python -m kubetune_components.finetune.steps curate --config - --workspace DIR
-    python -m kubetune_components.quantize.steps quantize --config - --workspace DIR
+    python -m kubetune_components.finetune.steps curate --config-json JSON --workspace DIR --report FILE
+    python -m kubetune_components.quantize.steps quantize --config-json JSON --workspace DIR --report FILE
 
 so on Kubeflow each step is a container component running that command line on the runtime image:
 nothing is embedded in the pipeline but the command. Its inputs are the job's resolved config
 (``config_json``), the run's workspace and, for ``evaluate-model``, ``which`` model; its output
 ``report`` is what the step prints when it succeeds (shown in the Kubeflow UI and in the pod log).
+``evaluate-model`` also has a ``metrics`` output (kfp's system.Metrics: ``baseline.evalLoss``,
+``final.exactMatch``, ... in the UI): the step gets the task's executor input (``{{$}}``) and writes the
+artifact's metadata into the executor output file named there, which KFP's launcher reads back.
 
 Local mode (``kubetune up``) runs the same pipelines with kfp's ``SubprocessRunner``, since there is no
 Docker; that runner refuses container components ("only supports running Lightweight Python
 Components", kfp 2.17). So a pipeline built after ``kfp.local.init(runner=SubprocessRunner(...))`` gets,
-for each step, a stand-in with the same inputs and output: one generic lightweight component that runs
-the same command line (from the same :class:`StepCommand`) in a child process. Each step's command line
-and each pipeline are thus written once, and the choice is read from kfp's own local configuration, the
-one thing that decides how the tasks will run, rather than from a flag every caller must remember.
-Rejected: a local worker that reads the commands out of the compiled spec and orders the tasks itself
-(a pipeline engine of our own), and lightweight components on the cluster too (source the image has).
+for each step, a stand-in with the same inputs and ``report`` output: one generic lightweight component
+that runs the same command line (from the same :class:`StepCommand`) in a child process. (It has no
+``metrics`` output: nothing shows kfp's local artifacts, and the evaluation is in the workspace.) Each
+step's command line and each pipeline are thus written once, and the choice is read from kfp's own
+local configuration, the one thing that decides how the tasks will run, rather than from a flag every
+caller must remember. Rejected: a local worker that reads the commands out of the compiled spec and
+orders the tasks itself (a pipeline engine of our own), and lightweight components on the cluster too
+(source the image has).
 
 No ``from __future__ import annotations`` here: kfp reads the stand-in's annotations at run time.
 """
@@ -35,15 +40,6 @@ from kfp.local.config import LocalExecutionConfig
 FINETUNE_STEPS_MODULE = "kubetune_components.finetune.steps"
 QUANTIZE_STEPS_MODULE = "kubetune_components.quantize.steps"
 
-# The steps read their config from a file or stdin and print their report on stdout, while a container
-# component gets the config as an argument and hands its outputs back as files. This shell line feeds
-# its first argument to the command line that follows the second on stdin, keeps what the command
-# prints in the file named by the second (and in the pod log), and exits with the command's status.
-FEED_CONFIG_KEEP_REPORT = (
-    'config="$1" report="$2"; shift 2; '
-    'printf "%s" "$config" | "$@" > "$report"; status=$?; cat "$report"; exit "$status"'
-)
-
 
 @dataclass(frozen=True)
 class StepCommand:
@@ -54,23 +50,35 @@ class StepCommand:
     step: str
     description: str
     takes_which: bool = False
+    logs_metrics: bool = False
 
     def command_line(
-        self, workspace: CommandLineElement, which: CommandLineElement | None = None
+        self,
+        config_json: CommandLineElement,
+        workspace: CommandLineElement,
+        report: CommandLineElement,
+        which: CommandLineElement | None = None,
+        executor_input: CommandLineElement | None = None,
     ) -> list[CommandLineElement]:
-        """The step's command line, reading the config on stdin. `workspace` and `which` are values, or
-        kfp placeholders when the command line is a container component's."""
+        """The step's command line. Its arguments are values, or kfp placeholders when the command line
+        is a container component's; `executor_input` (KFP's ``{{$}}``) is where metrics are logged."""
         which_flag: list[CommandLineElement] = ["--which", which] if which is not None else []
+        metrics_flag: list[CommandLineElement] = (
+            ["--kfp-executor-input", executor_input] if executor_input is not None else []
+        )
         return [
             "python",
             "-m",
             self.module,
             self.step,
-            "--config",
-            "-",
+            "--config-json",
+            config_json,
             "--workspace",
             workspace,
+            "--report",
+            report,
             *which_flag,
+            *metrics_flag,
         ]
 
 
@@ -89,6 +97,7 @@ STEPS: dict[str, StepCommand] = {
             "evaluate",
             "Held-out evalLoss, perplexity and exactMatch of the base (`baseline`) or tuned (`final`) model.",
             takes_which=True,
+            logs_metrics=True,
         ),
         StepCommand(
             "finetune-model",
@@ -132,24 +141,33 @@ STEPS: dict[str, StepCommand] = {
 
 def container_component(step: StepCommand, image: str) -> Any:
     """The step as a kfp container component running its command line on `image`."""
+    # The component's inputs and outputs, in the order kfp passes their placeholders to `container`.
+    annotations: dict[str, Any] = {
+        "config_json": str,
+        "workspace": str,
+        **({"which": str} if step.takes_which else {}),
+        "report": dsl.OutputPath(str),
+        **({"metrics": dsl.Output[dsl.Metrics]} if step.logs_metrics else {}),
+    }
+    parameters = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation)
+        for name, annotation in annotations.items()
+    ]
 
-    def container(*arguments: Any) -> Any:
-        # kfp passes one placeholder per parameter of the signature below, in its order.
-        config_json, workspace, *which, report = arguments
+    def container(*placeholders: Any) -> Any:
+        given = dict(zip(annotations, placeholders, strict=True))
         return dsl.ContainerSpec(
             image=image,
-            command=["sh", "-c", FEED_CONFIG_KEEP_REPORT, "sh", config_json, report],
-            args=step.command_line(workspace, *which),
+            command=step.command_line(
+                given["config_json"],
+                given["workspace"],
+                given["report"],
+                given.get("which"),
+                dsl.PIPELINE_TASK_EXECUTOR_INPUT_PLACEHOLDER if step.logs_metrics else None,
+            ),
         )
 
-    inputs = ["config_json", "workspace", *(["which"] if step.takes_which else [])]
-    parameters = [
-        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str) for name in inputs
-    ]
-    report = inspect.Parameter(
-        "report", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=dsl.OutputPath(str)
-    )
-    container.__signature__ = inspect.Signature([*parameters, report])  # type: ignore[attr-defined]
+    container.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     container.__name__ = step.component.replace("-", "_")
     container.__doc__ = step.description
     return dsl.container_component(container)
@@ -163,28 +181,24 @@ def run_step_command(
     report: dsl.OutputPath(str),  # type: ignore[valid-type]
 ) -> None:
     """A step's command line in a child process: its container component's stand-in locally."""
+    import shlex
     import signal
     import subprocess
     import sys
 
     from kubetune.pipelines.components import STEPS
 
-    command = STEPS[step].command_line(workspace, which or None)
-    print("running", " ".join(str(part) for part in command), flush=True)
+    command = STEPS[step].command_line(config_json, workspace, report, which or None)
+    shown = STEPS[step].command_line("CONFIG_JSON", workspace, report, which or None)
+    print("running", shlex.join(str(part) for part in shown), flush=True)
     # `kubetune up` stops a run with SIGTERM to the worker's process group, which the step gets too: wait
     # for it to save a checkpoint and exit rather than die first. (A Python handler, unlike SIG_IGN, is
     # not inherited by the child.)
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     # The image's `python` is this interpreter here, as kfp's own SubprocessRunner does it.
-    with subprocess.Popen(
-        [sys.executable, *command[1:]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    ) as process:
-        printed, _ = process.communicate(config_json)
-    print(printed, end="", flush=True)
-    if process.returncode != 0:
-        sys.exit(process.returncode)
-    with open(report, "w", encoding="utf-8") as file:
-        file.write(printed)
+    completed = subprocess.run([sys.executable, *(str(part) for part in command[1:])], check=False)
+    if completed.returncode != 0:
+        sys.exit(completed.returncode)
 
 
 def local_stand_in(step: StepCommand) -> Any:

@@ -2,7 +2,8 @@
 
 `kubetune compile --standard --out-dir manifests/kubeflow` writes them; the first test recompiles into
 a temporary directory and compares byte for byte. The step components' container commands are run here
-as a pod would run them, against the stand-in steps of the integration tests; the last test runs the
+as KFP runs them, against the stand-in steps of the integration tests (and evaluate-model against the
+real steps, for the metrics the Kubeflow UI shows); the last test runs the
 fine-tune-then-quantize pipeline with kfp's local runner (which runs each step's command line through a
 lightweight stand-in) to show the chaining works.
 """
@@ -16,11 +17,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from kfp.components import load_component_from_file
+from kfp.dsl import Metrics
+from kfp.local import executor_input_utils, executor_output_utils, placeholder_utils
 
 from kubetune.api.validation import parse_resource
 from kubetune.cli import main as cli_main
@@ -33,6 +38,7 @@ from kubetune.pipelines.standard import (
     resolve_finetune_job,
     resolve_quantize_job,
 )
+from kubetune_components.dev import tinylm
 
 REPO = Path(__file__).resolve().parents[3]
 COMMITTED = REPO / "manifests" / "kubeflow"
@@ -108,28 +114,51 @@ def test_steps_mount_the_workspace_claim_and_carry_ui_labels() -> None:
 # --- the step components run the steps' own command lines ------------------------------------------------
 
 
-def pod_command(component: str, inputs: dict[str, str], report: Path) -> list[str]:
-    """What a pod of this step component runs, with kfp's placeholders filled in as the launcher does
-    (and the image's `python` being this interpreter)."""
-    spec = yaml.safe_load((COMMITTED / "components" / f"{component}.yaml").read_text())
-    (executor,) = spec["deploymentSpec"]["executors"].values()
-    container = executor["container"]
-    values = {f"{{{{$.inputs.parameters['{name}']}}}}": value for name, value in inputs.items()}
-    values["{{$.outputs.parameters['report'].output_file}}"] = str(report)
-    command = [values.get(part, part) for part in [*container["command"], *container["args"]]]
-    return [sys.executable if part == "python" else part for part in command]
+@dataclass
+class Pod:
+    """A finished task of a step component: how its command ended and the outputs KFP would record."""
+
+    done: subprocess.CompletedProcess[str]
+    outputs: dict[str, Any]
+    executor_input: dict[str, Any]
 
 
 def run_pod(
-    component: str, inputs: dict[str, str], report: Path, **env: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        pod_command(component, inputs, report),
-        env={**os.environ, "PYTHONPATH": str(FAKE_STEPS), **env},
+    component: str, inputs: dict[str, str], task_root: Path, stand_ins: Path | None = FAKE_STEPS, **env: str
+) -> Pod:
+    """Run a step component's container command as KFP does, with kfp's own helpers (those its local
+    DockerRunner uses in the launcher's place): the task's ExecutorInput is built from the component's
+    spec, the command's placeholders ({{$}} included) are filled in from it, and the outputs are read back
+    from the files the command wrote. The image's `python` is this interpreter; the steps are the
+    integration tests' stand-ins (`stand_ins` on PYTHONPATH), or the real ones when it is None."""
+    loaded = load_component_from_file(str(COMMITTED / "components" / f"{component}.yaml"))
+    component_spec = loaded.pipeline_spec.components[f"comp-{component}"]
+    executor_input = executor_input_utils.construct_executor_input(
+        component_spec=component_spec, arguments=inputs, task_root=str(task_root), block_input_artifact=True
+    )
+    executor_input_dict = executor_input_utils.executor_input_to_dict(executor_input, component_spec)
+    command = placeholder_utils.replace_placeholders(
+        full_command=list(loaded.component_spec.implementation.container.command),
+        executor_input_dict=executor_input_dict,
+        pipeline_resource_name="kubetune-test",
+        task_resource_name=component,
+        pipeline_root=str(task_root.parent),
+        unique_pipeline_id="run-1",
+    )
+    task_root.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [sys.executable if part == "python" else part for part in command],
+        env={**os.environ, **({"PYTHONPATH": str(stand_ins)} if stand_ins else {}), **env},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
+    outputs = (
+        executor_output_utils.get_outputs_for_task(executor_input, component_spec)
+        if done.returncode == 0
+        else {}
+    )
+    return Pod(done, outputs, executor_input_dict)
 
 
 def test_step_components_run_the_step_command_line_on_the_runtime_image() -> None:
@@ -137,33 +166,93 @@ def test_step_components_run_the_step_command_line_on_the_runtime_image() -> Non
         if path.stem in STEPS:
             (executor,) = yaml.safe_load(path.read_text())["deploymentSpec"]["executors"].values()
             step = STEPS[path.stem]
-            assert executor["container"]["args"][:4] == ["python", "-m", step.module, step.step], path
-            assert "kfp" not in json.dumps(executor["container"]), path  # no embedded source, no kfp install
+            # The step's own command line, no shell around it: the config goes in as an argument and the
+            # step writes its report where KFP collects the `report` output.
+            assert set(executor["container"]) == {"image", "command"}, path
+            command = executor["container"]["command"]
+            assert command[:8] == [
+                "python",
+                "-m",
+                step.module,
+                step.step,
+                "--config-json",
+                "{{$.inputs.parameters['config_json']}}",
+                "--workspace",
+                "{{$.inputs.parameters['workspace']}}",
+            ], path
+            assert command[8:10] == ["--report", "{{$.outputs.parameters['report'].output_file}}"], path
+            # and nothing else (no embedded source, no kfp install): evaluate says which model, and logs
+            # its numbers through the executor input.
+            evaluate_flags = ["--which", "{{$.inputs.parameters['which']}}", "--kfp-executor-input", "{{$}}"]
+            assert command[10:] == (evaluate_flags if path.stem == "evaluate-model" else []), path
 
 
-def test_a_step_pod_gets_the_config_on_stdin_and_keeps_the_report(tmp_path: Path) -> None:
-    workspace, report = tmp_path / "run", tmp_path / "outputs" / "report"
-    report.parent.mkdir()
+def test_a_step_pod_gets_the_config_as_an_argument_and_keeps_the_report(tmp_path: Path) -> None:
+    workspace = tmp_path / "run"
     config = {"kind": "QuantizeJob", "spec": {"model": {"uri": "s3://models/router/v1"}}}
     inputs = {"config_json": json.dumps(config), "workspace": str(workspace)}
-    done = run_pod("measure-source-model", inputs, report)
-    assert done.returncode == 0, done.stderr
+    pod = run_pod("measure-source-model", inputs, tmp_path / "measure-source")
+    assert pod.done.returncode == 0, pod.done.stderr
     assert (workspace / "starts.log").read_text() == "measure-source s3://models/router/v1\n"
-    assert json.loads(report.read_text()) == {"step": "measure-source"}
-    assert json.loads(done.stdout) == {"step": "measure-source"}  # the report shows in the pod log too
+    assert json.loads(pod.outputs["report"]) == {"step": "measure-source"}
+    assert json.loads(pod.done.stdout) == {"step": "measure-source"}  # the report shows in the pod log too
 
-    done = run_pod("evaluate-model", {**inputs, "which": "baseline"}, report)
-    assert done.returncode == 0, done.stderr
+    pod = run_pod("evaluate-model", {**inputs, "which": "baseline"}, tmp_path / "evaluate")
+    assert pod.done.returncode == 0, pod.done.stderr
     assert (workspace / "evaluation" / "baseline.json").is_file()
 
 
 def test_a_failing_step_fails_its_pod(tmp_path: Path) -> None:
-    workspace, report = tmp_path / "run", tmp_path / "report"
+    workspace = tmp_path / "run"
     inputs = {"config_json": "{}", "workspace": str(workspace)}
-    done = run_pod("publish-model", inputs, report, FAKE_FAIL_STEP="publish")
-    assert done.returncode == 1
+    pod = run_pod("publish-model", inputs, tmp_path / "publish", FAKE_FAIL_STEP="publish")
+    assert pod.done.returncode == 1
     assert json.loads((workspace / "error.json").read_text())["reason"] == "QualityGateFailed"
-    assert "publish failed" in done.stderr
+    assert "publish failed" in pod.done.stderr
+
+
+TICKETS = [
+    {"instruction": "Route the ticket.", "input": f"Ticket {index}: a {team} question", "output": team}
+    for index, team in enumerate(["billing", "technical", "account", "shipping"] * 4)
+]
+
+
+def test_the_evaluate_pod_logs_the_evaluation_as_the_runs_metrics(tmp_path: Path) -> None:
+    # The real steps on a tiny random model: the UI shows the evaluate task's `metrics` artifact, whose
+    # metadata KFP takes from the executor output file the step writes, as baseline.evalLoss, ...
+    dataset = tmp_path / "tickets.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in TICKETS))
+    job = yaml.safe_load(EXAMPLE_FINETUNE_JOB)
+    job["spec"]["baseModel"]["uri"] = str(tinylm.build_random_tiny(tmp_path / "model", seed=0))
+    job["spec"]["dataset"] = {"uri": str(dataset), "format": "instruction", "validationSplit": "0.25"}
+    config_json, workspace = resolve_finetune_job(
+        json.dumps(job), str(tmp_path / "store"), str(tmp_path), "r1"
+    )
+    inputs = {"config_json": config_json, "workspace": workspace}
+    curate = run_pod("curate-dataset", inputs, tmp_path / "curate", stand_ins=None, OMP_NUM_THREADS="1")
+    assert curate.done.returncode == 0, curate.done.stderr
+
+    pod = run_pod(
+        "evaluate-model",
+        {**inputs, "which": "baseline"},
+        tmp_path / "evaluate",
+        stand_ins=None,
+        OMP_NUM_THREADS="1",
+    )
+    assert pod.done.returncode == 0, pod.done.stderr
+    evaluation = json.loads((Path(workspace) / "evaluation" / "baseline.json").read_text())
+    report = json.loads(pod.outputs["report"])
+    assert report == evaluation
+    numbers = {key: value for key, value in report.items() if isinstance(value, int | float)}
+    assert {"evalLoss", "perplexity", "exactMatch"} <= set(numbers)
+    metrics = pod.outputs["metrics"]
+    assert isinstance(metrics, Metrics)
+    assert metrics.metadata == {f"baseline.{key}": pytest.approx(value) for key, value in numbers.items()}
+    # Where the launcher looks: the executor output file named in the executor input the pod was given.
+    written = json.loads(Path(pod.executor_input["outputs"]["outputFile"]).read_text())
+    (logged,) = written["artifacts"]["metrics"]["artifacts"]
+    assert logged["metadata"] == metrics.metadata
+    assert logged["uri"] == pod.executor_input["outputs"]["artifacts"]["metrics"]["artifacts"][0]["uri"]
 
 
 # --- the resolvers run the operator's own validation and resolution ---------------------------------------

@@ -1,5 +1,6 @@
 """The command line of the stand-in steps, the same as the real steps' (``python -m ... STEP --config
-FILE|- --workspace DIR [--which baseline|final]``), so the pipelines run them unchanged."""
+FILE|- | --config-json JSON --workspace DIR [--report FILE] [--which baseline|final]
+[--kfp-executor-input JSON]``), so the pipelines run them unchanged."""
 
 import argparse
 import json
@@ -10,21 +11,36 @@ from typing import Any
 
 
 def run_command_line(
-    run: Callable[..., dict[str, Any]], argv: Sequence[str] | None = None, *, takes_which: bool = False
+    run: Callable[..., dict[str, Any]],
+    argv: Sequence[str] | None = None,
+    *,
+    with_evaluate_flags: bool = False,
 ) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("step")
-    parser.add_argument("--config", required=True)
+    config = parser.add_mutually_exclusive_group(required=True)
+    config.add_argument("--config")
+    config.add_argument("--config-json")
     parser.add_argument("--workspace", required=True)
-    if takes_which:
+    parser.add_argument("--report")
+    if with_evaluate_flags:
         parser.add_argument("--which", choices=["baseline", "final"])
+        # Accepted and left alone: logging the evaluation's metrics to KFP is the real step's work, tested
+        # with the real step in tests/unit/components/test_step_cli.py.
+        parser.add_argument("--kfp-executor-input")
     args = parser.parse_args(argv)
-    config = json.loads(sys.stdin.read() if args.config == "-" else Path(args.config).read_text())
+    if args.config_json is not None:
+        config = json.loads(args.config_json)
+    else:
+        config = json.loads(sys.stdin.read() if args.config == "-" else Path(args.config).read_text())
     options = {"which": args.which} if getattr(args, "which", None) else {}
     try:
         report = run(args.step, config, args.workspace, **options)
     except RuntimeError as error:
         print(f"{args.step} failed: {error}", file=sys.stderr)
         return 1
-    print(json.dumps(report, indent=2, sort_keys=True))
+    text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+    if args.report:
+        Path(args.report).write_text(text)
+    print(text, end="")
     return 0

@@ -57,4 +57,4 @@ def run_step(name: str, config: dict[str, Any], workspace: str, **kwargs: Any) -
 
 
 if __name__ == "__main__":
-    sys.exit(run_command_line(run_step, takes_which=True))
+    sys.exit(run_command_line(run_step, with_evaluate_flags=True))
