@@ -16,6 +16,10 @@ kubetune_contract.workspace.WorkspaceLayout):
     python -m kubetune_components.finetune.steps curate   --config job.json --workspace /work/run
     python -m kubetune_components.finetune.steps evaluate --which baseline \
         --config job.json --workspace /work/run
+
+A pipeline step passes the config as ``--config-json JSON`` and keeps the report with ``--report FILE``
+(its ``report`` output); on Kubeflow, evaluate also gets ``--kfp-executor-input '{{$}}'`` and logs its
+numbers (baseline.evalLoss, ...) as the task's metrics, which the Kubeflow UI shows.
 """
 
 from __future__ import annotations
