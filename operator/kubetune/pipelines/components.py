@@ -189,6 +189,7 @@ def run_step_command(
     from kubetune.pipelines.components import STEPS
 
     command = STEPS[step].command_line(config_json, workspace, report, which or None)
+    # The config is a page of JSON: the log line names it instead.
     shown = STEPS[step].command_line("CONFIG_JSON", workspace, report, which or None)
     print("running", shlex.join(str(part) for part in shown), flush=True)
     # `kubetune up` stops a run with SIGTERM to the worker's process group, which the step gets too: wait
