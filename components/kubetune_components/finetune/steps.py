@@ -40,7 +40,7 @@ from kubetune_components.common import models, storage
 from kubetune_components.common.errors import ComponentError, ConfigError
 from kubetune_components.common.jobs import parse_finetune_job
 from kubetune_components.common.progress import ProgressReporter
-from kubetune_components.evaluate import run_evaluation
+from kubetune_components.finetune.evaluate import run_evaluation
 from kubetune_components.finetune.loop import StepHook
 from kubetune_components.finetune.publish import run_publish
 from kubetune_components.finetune.signals import TrainingInterrupted

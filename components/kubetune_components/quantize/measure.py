@@ -14,7 +14,7 @@ from typing import Any, cast
 import torch
 
 from kubetune_components import data
-from kubetune_components.evaluate import MAX_PERPLEXITY_EXPONENT, exact_match, mean_token_loss
+from kubetune_components.finetune.evaluate import MAX_PERPLEXITY_EXPONENT, exact_match, mean_token_loss
 from kubetune_components.finetune.train import tokenize_examples
 from kubetune_contract.finetune import DatasetFormat
 

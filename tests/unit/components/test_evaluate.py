@@ -14,9 +14,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kubetune_components import data
-from kubetune_components import evaluate as ev
 from kubetune_components.common import models
 from kubetune_components.common.errors import DatasetError
+from kubetune_components.finetune import evaluate as ev
 from kubetune_components.finetune import loop, methods
 from kubetune_components.finetune import train as ft
 from kubetune_contract.finetune import Evaluation, Method, Scheduler, Training
