@@ -22,7 +22,6 @@ Layout under the kubetune home::
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,8 +48,8 @@ def _key(ref: DeploymentRef) -> tuple[str, str]:
 
 
 class LocalServing:
-    """What serves `kubetune up`'s ModelDeployments; synchronous (:class:`ServingInWorkerThread` is
-    the :class:`~kubetune.reconcile.deployment.ServingBackend` over it).
+    """What serves `kubetune up`'s ModelDeployments; synchronous (:class:`ServingOnTheLoop` is the
+    :class:`~kubetune.reconcile.deployment.ServingBackend` over it).
 
     ``notify`` receives a line for everything worth telling the person at the terminal: processes
     started, ready, crashed (with the log to read), restarted, stopped. Call :meth:`close` to stop
@@ -196,14 +195,15 @@ class LocalServing:
         self.record.save(self.processes())
 
 
-class ServingInWorkerThread:
-    """The :class:`~kubetune.reconcile.deployment.ServingBackend` of `kubetune up`: each call of
-    :class:`LocalServing` runs in a worker thread, off the reconcile's event loop.
+class ServingOnTheLoop:
+    """The :class:`~kubetune.reconcile.deployment.ServingBackend` of `kubetune up`: LocalServing's calls
+    made directly from the coroutines, on the thread that runs the event loop (`up`'s main thread).
 
-    The calls block: a version's or the gateway's readiness probe waits up to a second, stopping a
-    version or a deployment waits for its processes to exit (up to the stop grace). `up` awaits one
-    call at a time, and waits for a call still running before it stops everything, so LocalServing
-    is never used from two threads at once.
+    They block the loop: a version's or the gateway's readiness probe waits up to a second, stopping a
+    version or a deployment waits for its processes to exit (up to the stop grace). That costs `up`
+    nothing, since its loop runs one reconcile at a time and nothing else. A worker thread would: the
+    processes die with the thread that started them (``PR_SET_PDEATHSIG`` follows the thread, see
+    :func:`kubetune.common.supervision.stop_with_parent`), and a worker thread does not outlive the pass.
     """
 
     def __init__(self, local: LocalServing) -> None:
@@ -212,12 +212,12 @@ class ServingInWorkerThread:
     async def ensure_versions(
         self, deployment: DeploymentRef, versions: Sequence[VersionServing]
     ) -> Mapping[str, VersionObservation]:
-        return await asyncio.to_thread(self.local.ensure_versions, deployment, versions)
+        return self.local.ensure_versions(deployment, versions)
 
     async def ensure_gateway(
         self, deployment: DeploymentRef, config: Mapping[str, Any]
     ) -> GatewayObservation:
-        return await asyncio.to_thread(self.local.ensure_gateway, deployment, config)
+        return self.local.ensure_gateway(deployment, config)
 
     async def remove(self, deployment: DeploymentRef) -> None:
-        await asyncio.to_thread(self.local.remove, deployment)
+        self.local.remove(deployment)

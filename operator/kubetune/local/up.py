@@ -13,8 +13,8 @@ one, which picks the change up within a second (a weight change is applied in pl
 restarting the version servers).
 
 The ModelDeployment reconcile is the operator's coroutine: each pass over them runs on an event loop
-of its own (:func:`serve_deployments_once`), with a Prometheus client for that pass, and LocalServing's
-blocking calls in a worker thread (:class:`kubetune.local.serving.ServingInWorkerThread`).
+of its own in the main thread, with a Prometheus client for that pass; LocalServing's blocking calls
+are made on that loop (:class:`kubetune.local.serving.ServingOnTheLoop` says why not in a thread).
 
 Exit codes: 0 done (every job succeeded; serving stopped by a signal with nothing failed, or the
 files were handed to the running `up`); 1 a job failed or a ModelDeployment is stalled; 2 invalid
@@ -47,7 +47,7 @@ from kubetune.local.report import (
     report_summary,
     succeeded_condition,
 )
-from kubetune.local.serving import LocalServing, ServingInWorkerThread
+from kubetune.local.serving import LocalServing, ServingOnTheLoop
 from kubetune.local.session import GoneTerminalSafe, StopSignals, UpLock
 from kubetune.local.store import ApplyError, LocalStore
 from kubetune.plan.lifecycle import Decision, is_finished
@@ -171,7 +171,7 @@ async def reconcile_deployments(
 ) -> int:
     """One pass over every stored ModelDeployment (and the deleted ones still served); returns how
     many are stored."""
-    backend = ServingInWorkerThread(serving)
+    backend = ServingOnTheLoop(serving)
     objects = store.list_objects(DEPLOYMENTS)
     stored = {(obj["metadata"]["namespace"], obj["metadata"]["name"]) for obj in objects}
     for ref in serving.deployments():
@@ -285,28 +285,6 @@ def prometheus_url_from_env(env: dict[str, str] | None = None) -> str | None:
 # -- the loop ----------------------------------------------------------------------------------------
 
 
-def serve_deployments_once(
-    store: LocalStore,
-    serving: LocalServing,
-    prometheus_url: str | None,
-    base_dir: Path,
-    out: TextIO,
-    progress: Progress,
-    stop: StopSignals,
-) -> int:
-    """:func:`reconcile_deployments` on an event loop made for this pass; returns how many are stored."""
-    runner = asyncio.Runner()
-    try:
-        return runner.run(reconcile_deployments(store, serving, prometheus_url, base_dir, out, progress))
-    except KeyboardInterrupt:
-        # Closing the runner waits for a LocalServing call still running in its worker thread; a
-        # further Ctrl+C must not cut that short, or `up` would stop the processes while it starts one.
-        stop.shielded = True
-        raise
-    finally:
-        runner.close()
-
-
 def run_until_stopped(
     store: LocalStore,
     backends: Backends,
@@ -323,7 +301,9 @@ def run_until_stopped(
     progress = Progress()
     while True:
         jobs_pending = reconcile_jobs(store, backends, base_dir, out, progress)
-        deployments = serve_deployments_once(store, serving, prometheus_url, base_dir, out, progress, stop)
+        # An event loop per pass, in the main thread (see ServingOnTheLoop).
+        passed = reconcile_deployments(store, serving, prometheus_url, base_dir, out, progress)
+        deployments = asyncio.run(passed)
         if stop.received is not None:
             break
         if not jobs_pending and deployments == 0 and not serving.deployments():

@@ -3,19 +3,19 @@ crashes or sleeps (no model is loaded), in seconds; and the async backend `up` a
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import textwrap
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kubetune.common.supervision import process_alive
-from kubetune.local.serving import LocalServing, ServingInWorkerThread
-from kubetune.plan.versions import DeploymentRef, VersionObservation, VersionServing
+from kubetune.local.serving import LocalServing, ServingOnTheLoop
+from kubetune.plan.versions import DeploymentRef, VersionServing
 from kubetune_contract.deployment import Serving
 
 ROUTER = DeploymentRef(name="router", namespace="default")
@@ -130,22 +130,19 @@ def test_close_stops_every_process_and_forgets_the_record(serving: LocalServing)
     assert os.path.exists(server.log)
 
 
-async def test_up_awaits_local_serving_in_a_worker_thread(
-    serving: LocalServing, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    threads: list[threading.Thread] = []
-    ensure_versions = LocalServing.ensure_versions
-
-    def recording(
-        self: LocalServing, deployment: DeploymentRef, versions: Sequence[VersionServing]
-    ) -> Mapping[str, VersionObservation]:
-        threads.append(threading.current_thread())
-        return ensure_versions(self, deployment, versions)
-
-    monkeypatch.setattr(LocalServing, "ensure_versions", recording)
-    backend = ServingInWorkerThread(serving)
-    seen = await backend.ensure_versions(ROUTER, [version(serve="sleep")])
-    assert not seen["tuned"].ready and threads and threads[0] is not threading.current_thread()
-    assert serving.deployments() == [ROUTER]
-    await backend.remove(ROUTER)
+def test_a_server_started_in_a_pass_of_up_outlives_the_passs_event_loop(serving: LocalServing) -> None:
+    # Each pass of `up` runs on an event loop of its own. The servers die with the thread that started
+    # them (PR_SET_PDEATHSIG), so LocalServing must not be called from a thread that ends with the pass.
+    backend = ServingOnTheLoop(serving)
+    spec = version(serve="sleep")
+    deadline = time.monotonic() + 20
+    while not any(p.role.startswith("bentoml serve") for p in serving.processes()):
+        assert time.monotonic() < deadline, "the stand-in server did not start"
+        asyncio.run(backend.ensure_versions(ROUTER, [spec]))
+        time.sleep(0.05)
+    (server,) = serving.processes()
+    time.sleep(0.2)
+    assert process_alive(server.pid, server.created)
+    asyncio.run(backend.remove(ROUTER))
+    assert not process_alive(server.pid, server.created)
     assert serving.deployments() == [] and serving.processes() == []

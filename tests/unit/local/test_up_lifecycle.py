@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -17,7 +15,7 @@ from kubetune.local import up as up_module
 from kubetune.local.serving import LocalServing
 from kubetune.local.session import StopSignals
 from kubetune.local.store import LocalStore
-from kubetune.reconcile.deployment import DeploymentRef, VersionObservation, VersionServing
+from kubetune.reconcile.deployment import DeploymentRef
 
 DEPLOYMENT = {
     "apiVersion": "kubetune.dev/v1alpha1",
@@ -135,36 +133,3 @@ def test_up_stops_and_says_not_served_when_its_terminal_is_gone(
     assert up_module.up([], OperatorConfig(home=tmp_path), out=_ClosedTerminal()) == 0
     assert closed == [True]
     assert _ready(store.get("modeldeployments", "router") or {})["reason"] == "NotServed"
-
-
-def test_ctrl_c_twice_during_a_deployment_pass_waits_for_the_serving_call_in_its_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The second Ctrl+C interrupts the pass's event loop while LocalServing works in a worker thread:
-    # `up` may stop every process only once that call has returned, or it could start one afterwards.
-    store = LocalStore(tmp_path)
-    store.apply("modeldeployments", DEPLOYMENT, immutable_spec=False)
-    calls: list[str] = []
-    stop = StopSignals()
-
-    def ensure_versions(
-        self: LocalServing, deployment: DeploymentRef, versions: Sequence[VersionServing]
-    ) -> Mapping[str, VersionObservation]:
-        calls.append("started")
-        os.kill(os.getpid(), signal.SIGINT)
-        deadline = time.monotonic() + 5
-        while stop.received is None and time.monotonic() < deadline:  # one signal at a time
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.3)
-        calls.append("returned")
-        return {v.name: VersionObservation(url=None, ready=False) for v in versions}
-
-    monkeypatch.setattr(LocalServing, "ensure_versions", ensure_versions)
-    serving = LocalServing(tmp_path)
-    with stop, pytest.raises(KeyboardInterrupt):
-        up_module.serve_deployments_once(
-            store, serving, None, tmp_path, io.StringIO(), up_module.Progress(), stop
-        )
-    assert calls == ["started", "returned"]
-    assert stop.shielded  # a third Ctrl+C cannot cut the stopping short
