@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune import __version__
+from kubetune.config import OPERATOR_IMAGE, RUNTIME_IMAGE
 from kubetune.plan.versions import DeploymentRef, VersionServing
 from kubetune_contract.deployment import DNS_LABEL_PATTERN, Serving
 from kubetune_contract.serving import MODEL_DIR_ENV
@@ -72,8 +72,6 @@ RETIRED_AT_ANNOTATION = "kubetune.dev/retired-at"  # when a removed version's De
 DOWNLOAD_CACHE = "/var/cache/kubetune"
 MAX_BENTO_NAME = 63  # kubetune_components.serving.bento.MAX_NAME_LENGTH
 
-DEFAULT_SERVING_IMAGE = f"ghcr.io/kubetune/runtime:{__version__}"
-DEFAULT_GATEWAY_IMAGE = f"ghcr.io/kubetune/operator:{__version__}"
 
 _MAX_NAME = 63
 _DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -84,9 +82,9 @@ _DNS_LABEL = re.compile(DNS_LABEL_PATTERN)
 class ChildImages:
     """Container images of the children (operator settings, not spec)."""
 
-    serving: str = DEFAULT_SERVING_IMAGE
+    serving: str = RUNTIME_IMAGE
     """Runs the init container (fetch model, build Bento) and ``bentoml serve``: the runtime image."""
-    gateway: str = DEFAULT_GATEWAY_IMAGE
+    gateway: str = OPERATOR_IMAGE
     """Runs ``kubetune gateway``: any image with the kubetune package (the operator's)."""
     pull_policy: str = "IfNotPresent"
 

@@ -21,12 +21,11 @@ from typing import Any, NamedTuple
 
 from kfp import dsl
 
-from kubetune import __version__
+from kubetune.config import RUNTIME_IMAGE
 from kubetune.pipelines.components import STEPS, make_component
 from kubetune.pipelines.finetune import PipelineOptions, build_finetune_pipeline, on_cluster
 from kubetune.pipelines.quantize import build_quantize_pipeline
 
-RUNTIME_IMAGE = f"ghcr.io/kubetune/runtime:{__version__}"
 WORKSPACE_CLAIM = "kubetune-workspace"
 DEFAULT_ARTIFACT_STORE = f"pvc://{WORKSPACE_CLAIM}/artifacts"
 DEFAULT_WORKSPACE_ROOT = f"pvc://{WORKSPACE_CLAIM}/ui-runs"

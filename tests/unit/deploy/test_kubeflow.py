@@ -29,12 +29,12 @@ from kfp.local import executor_input_utils, executor_output_utils, placeholder_u
 
 from kubetune.api.validation import parse_resource
 from kubetune.cli import main as cli_main
+from kubetune.config import RUNTIME_IMAGE
 from kubetune.pipelines.components import STEPS
 from kubetune.pipelines.standard import (
     EXAMPLE_CHAINED_QUANTIZE_JOB,
     EXAMPLE_FINETUNE_JOB,
     EXAMPLE_QUANTIZE_JOB,
-    RUNTIME_IMAGE,
     resolve_finetune_job,
     resolve_quantize_job,
 )
