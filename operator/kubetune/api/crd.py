@@ -7,8 +7,11 @@ CustomResourceDefinition with a *structural* ``openAPIV3Schema``:
 - ``$ref``/``$defs`` are inlined; ``anyOf [X, null]`` (an optional field) becomes plain ``X``: optional
   fields are simply omitted, and an explicit ``null`` is pruned by the API server;
 - descriptions, ``required``, enums, bounds, lengths, patterns and defaults are kept; ``null`` defaults
-  are dropped, nested models with a ``default_factory`` get ``default: {}`` so that the API server fills
-  in their own defaults (the stored object then shows every setting the job runs with);
+  are dropped, and a ``default_factory`` is called and written out as the model serializes it (by alias,
+  without nulls): a nested model's default is the whole object, ``{dedupe: true, minTokens: 1,
+  maxTokens: 2048}``, not ``{}``, because the API server checks a default against the node's CEL rules
+  without filling in the nested defaults first, and an empty list or map is kept, because rules such as
+  ``size(self.metrics) == 0`` read it. The stored object then shows every setting the job runs with;
 - ``title``, ``additionalProperties: false`` and other pydantic-only keys are dropped (the API server
   prunes unknown fields instead of rejecting them; offline validation with
   :mod:`kubetune.api.validation` reports them);
@@ -31,8 +34,8 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
-from pydantic.json_schema import GenerateJsonSchema, NoDefault
-from pydantic_core import core_schema
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, NoDefault
+from pydantic_core import core_schema, to_jsonable_python
 
 from kubetune.api.definition import CelRule, ResourceDefinition
 from kubetune.api.registry import all_definitions
@@ -59,18 +62,22 @@ class CrdGenerationError(ValueError):
 class _KubeJsonSchema(GenerateJsonSchema):
     """pydantic's generator, plus defaults for fields with a ``default_factory``.
 
-    pydantic leaves those out; Kubernetes should know them so that the stored object is complete:
-    a nested model's default becomes ``{}`` (the API server then applies the model's own field defaults),
-    other factories (lists) are called and encoded.
+    pydantic leaves those out; Kubernetes should know them so that the stored object is complete. The
+    factory is called and its value serialized as the model would serialize it: a nested model becomes
+    its full dump (every field's own default, nulls left out), so the default satisfies the CEL rules of
+    its node on its own, as the API server requires when it accepts the CRD.
     """
 
     def get_default_value(self, schema: core_schema.WithDefaultSchema) -> Any:
         default = super().get_default_value(schema)
         factory = schema.get("default_factory")
         if default is NoDefault and factory is not None and not schema.get("default_factory_takes_data"):
-            value = factory()  # type: ignore[call-arg]
-            return {} if isinstance(value, BaseModel) else value
+            return to_jsonable_python(factory(), by_alias=True, exclude_none=True)  # type: ignore[call-arg]
         return default
+
+    def sort(self, value: JsonSchemaValue, parent_key: str | None = None) -> JsonSchemaValue:
+        """Keep field order everywhere, nested defaults included (:func:`_structural` orders the keywords)."""
+        return value
 
 
 # Keys copied as they are (after recursion where they hold schemas), in output order.
@@ -113,10 +120,6 @@ def _clean_description(text: str) -> str:
     """Docstrings wrap lines; descriptions read better as one line per paragraph."""
     paragraphs = re.split(r"\n\s*\n", text.strip())
     return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
-
-
-def _has_defaults(node: Mapping[str, Any]) -> bool:
-    return any("default" in prop for prop in node.get("properties", {}).values())
 
 
 def _structural(node: Mapping[str, Any], defs: Mapping[str, Any], path: str) -> JsonDict:
@@ -189,15 +192,8 @@ def _structural(node: Mapping[str, Any], defs: Mapping[str, Any], path: str) -> 
     if out.get("type") == "object":
         if not out.get("properties") and "additionalProperties" not in out:
             out["x-kubernetes-preserve-unknown-fields"] = True
-        default = out.get("default")
-        # `{}` only matters when it lets the API server fill in nested defaults; `{}` for a map and `[]`
-        # for a list mean the same as leaving the field out.
-        if default == {} and not _has_defaults(out):
-            del out["default"]
     elif "type" not in out:
         raise CrdGenerationError(f"{path}: every schema node needs a type")
-    if out.get("default") == []:
-        del out["default"]
     return {key: out[key] for key in _KEY_ORDER if key in out}
 
 

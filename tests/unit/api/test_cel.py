@@ -19,7 +19,9 @@ from celpy.adapter import json_to_cel
 from celpy.evaluation import CELEvalError
 
 from kubetune.api.crd import build_crd
+from kubetune.api.definition import ResourceDefinition
 from kubetune.api.kinds import FINETUNEJOB
+from kubetune.api.registry import all_definitions
 from kubetune.api.validation import ResourceInvalid, parse_resource
 
 _ENV = celpy.Environment()
@@ -160,6 +162,33 @@ def test_every_rule_compiles() -> None:
     assert len(rules) == 9
     for rule in rules:
         _program(rule)
+
+
+@pytest.mark.parametrize("definition", all_definitions(), ids=lambda d: d.kind)
+def test_every_default_passes_the_rules_of_its_node(definition: ResourceDefinition) -> None:
+    """The API server checks each `default` against the CEL rules of its node, without filling in the
+    nested defaults first: `default: {}` on a node whose rule reads `self.minTokens` is refused."""
+
+    def failures(node: dict[str, Any], path: str) -> list[str]:
+        found = rule_failures(node, node["default"], path=path) if "default" in node else []
+        for name, sub in node.get("properties", {}).items():
+            found += failures(sub, f"{path}.{name}".lstrip("."))
+        if "items" in node:
+            found += failures(node["items"], f"{path}[*]")
+        return found
+
+    root = build_crd(definition)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert failures(root, "") == []
+
+
+def test_an_empty_default_would_be_refused() -> None:
+    """The check above is not vacuous: a rule reading a field the default lacks fails, as on the server."""
+    curation = copy.deepcopy(
+        schema()["properties"]["spec"]["properties"]["dataset"]["properties"]["curation"]
+    )
+    assert rule_failures(curation, {}, path="spec.dataset.curation")[0].startswith(
+        "spec.dataset.curation: error evaluating 'self.minTokens <= self.maxTokens'"
+    )
 
 
 def test_quickstart_is_admitted() -> None:

@@ -24,7 +24,7 @@ from kubetune.api.registry import (
 )
 from kubetune.api.validation import ResourceInvalid, load_documents, parse_resource, validate_paths
 from kubetune_contract.common import DECIMAL_PATTERN, RATIO_PATTERN
-from kubetune_contract.finetune import FineTuneJob
+from kubetune_contract.finetune import FineTuneJob, Training
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_DIR = REPO / "manifests" / "crds"
@@ -177,13 +177,17 @@ def test_schema_shape() -> None:
         "enum": ["kfp", "local"],
     }
     training = spec["training"]
-    assert training["default"] == {}  # lets the API server fill in the nested defaults
+    # a nested model's default is the model's own dump, so that it passes its node's CEL rules by itself
+    assert training["default"] == Training().model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert training["default"]["learningRate"] == "2e-4"
+    curation = spec["dataset"]["properties"]["curation"]
+    assert curation["default"] == {"dedupe": True, "minTokens": 1, "maxTokens": 2048}
     assert training["properties"]["learningRate"]["default"] == "2e-4"
     assert training["properties"]["learningRate"]["pattern"] == DECIMAL_PATTERN
     assert "default" not in training["properties"]["epochs"]
     assert spec["dataset"]["properties"]["validationSplit"]["pattern"] == RATIO_PATTERN
     assert spec["evaluation"]["properties"]["metrics"]["default"] == ["evalLoss", "perplexity", "exactMatch"]
-    assert "default" not in spec["evaluation"]["properties"]["gates"]  # [] is the same as leaving it out
+    assert spec["evaluation"]["properties"]["gates"]["default"] == []  # the stored object lists no gates
     # field descriptions win over the model docstring
     assert spec["baseModel"]["properties"]["tokenSecretRef"]["description"].startswith("Secret holding")
     conditions = props["status"]["properties"]["conditions"]
