@@ -12,7 +12,8 @@ Writes (all derived, never edited by hand):
   manifests/argocd/argocd-cm-health.yaml  the argocd-cm patch embedding manifests/argocd/health-*.lua.
 
 Usage: python scripts/render_manifests.py [--check]
-  --check  write nothing; list what is stale and exit 1 if anything is (tests/unit/deploy checks the same).
+  --check  write nothing; list what is stale and exit 1 if anything is
+           (tests/unit/charts/test_chart.py checks the same).
 
 Rendering is offline: helm_python (Helm v4's Go SDK over a C ABI) renders templates without a cluster.
 """

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.config import RETIRE_AFTER_S, DeploymentSettings
-from kubetune.kube.children import DEFAULT_GATEWAY_IMAGE
+from kubetune.config import OPERATOR_IMAGE, RETIRE_AFTER_S, DeploymentSettings
 
 
 def test_settings_come_from_the_environment() -> None:
     defaults = DeploymentSettings.from_env({"KUBETUNE_RUNTIME_IMAGE": "registry.example/runtime:2"})
     assert defaults.serving_image == "registry.example/runtime:2"  # the pipeline steps' image
-    assert defaults.gateway_image == DEFAULT_GATEWAY_IMAGE
+    assert defaults.gateway_image == OPERATOR_IMAGE
     assert defaults.prometheus_url is None
     custom = DeploymentSettings.from_env(
         {

@@ -26,7 +26,7 @@ def run_command_line(
     if with_evaluate_flags:
         parser.add_argument("--which", choices=["baseline", "final"])
         # Accepted and left alone: logging the evaluation's metrics to KFP is the real step's work, tested
-        # with the real step in tests/unit/components/test_step_cli.py.
+        # with the real step in tests/unit/components/finetune/test_step_cli.py.
         parser.add_argument("--kfp-executor-input")
     args = parser.parse_args(argv)
     if args.config_json is not None:

@@ -9,7 +9,7 @@ import yaml
 
 from kubetune.cli import main
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 
 BAD = """\
 apiVersion: kubetune.dev/v1alpha1

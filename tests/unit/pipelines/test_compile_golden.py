@@ -1,6 +1,6 @@
 """`kubetune compile` output is pinned: a change to the pipeline shows up as a golden-file diff.
 
-Regenerate after an intended change with: UPDATE_GOLDEN=1 pytest tests/unit/control/test_compile_golden.py
+Regenerate after an intended change with: UPDATE_GOLDEN=1 pytest tests/unit/pipelines/test_compile_golden.py
 """
 
 from __future__ import annotations

@@ -190,6 +190,6 @@ def test_runtime_image_runs_what_kfp_starts() -> None:
         (REPO / "manifests" / "kubeflow" / "components" / "curate-dataset.yaml").read_text()
     )
     (executor,) = component["deploymentSpec"]["executors"].values()
-    command = " ".join(executor["container"]["command"])
-    assert "python3 -m kfp.dsl.executor_main" in command
-    assert importlib.util.find_spec("kfp.dsl.executor_main") is not None  # installed with kubetune
+    command = executor["container"]["command"]
+    assert command[:4] == ["python", "-m", "kubetune_components.finetune.steps", "curate"]
+    assert importlib.util.find_spec("kubetune_components.finetune.steps") is not None  # installed with kubetune

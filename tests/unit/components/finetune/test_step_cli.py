@@ -1,7 +1,7 @@
 """The steps' command line as pipelines call it: the config as a JSON argument, the report kept in a file,
 and the evaluation's numbers logged as a KFP task's metrics (``--kfp-executor-input``, given ``{{$}}``).
 
-The compiled evaluate component is run with this command line in tests/unit/deploy/test_kubeflow.py.
+The compiled evaluate component is run with this command line in tests/unit/pipelines/test_kubeflow.py.
 """
 
 from __future__ import annotations
