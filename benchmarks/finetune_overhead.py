@@ -33,7 +33,9 @@ from kubetune_components import data
 from kubetune_components.common import models
 from kubetune_components.common.progress import ProgressReporter
 from kubetune_components.dev import tinylm
+from kubetune_components.finetune import loop
 from kubetune_components.finetune import train as finetune
+from kubetune_contract.workspace import WorkspaceLayout
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET = REPO / "examples" / "quickstart" / "data" / "support-tickets.jsonl"
@@ -70,8 +72,8 @@ def training_block(steps: int) -> dict[str, Any]:
 def kubetune_run(model_dir: Path, train_file: Path, steps: int, scratch: Path) -> tuple[float, int]:
     """The finetune step on a fresh workspace; returns (tokens/s, tokens) of its training loop."""
     workspace = Path(tempfile.mkdtemp(dir=scratch))
-    (workspace / "data").mkdir()
-    shutil.copy(train_file, workspace / "data" / "train.jsonl")
+    (workspace / WorkspaceLayout.DATA).mkdir()
+    shutil.copy(train_file, workspace / WorkspaceLayout.TRAIN_SPLIT)
     spec = {
         "baseModel": {"uri": str(model_dir)},
         "dataset": {"uri": str(DATASET), "format": "instruction"},
@@ -111,7 +113,7 @@ def plain_run(
     plan: list[list[int]] = []
     epoch = 0
     while len(plan) < steps:
-        plan += finetune.plan_micro_batches(lengths, 8, seed=42, epoch=epoch)
+        plan += loop.plan_micro_batches(lengths, 8, seed=42, epoch=epoch)
         epoch += 1
     batches = [
         data.pad_batch([features[index] for index in indices], pad_token_id) for indices in plan[:steps]

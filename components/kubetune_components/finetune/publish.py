@@ -16,9 +16,6 @@ from typing import Any
 
 from kubetune_components.common import models, storage
 from kubetune_components.common.artifacts import (
-    MANIFEST_FILE as MANIFEST_FILE,  # re-exported: serving tests still read it from here
-)
-from kubetune_components.common.artifacts import (
     MANIFEST_SCHEMA,
     destination_uri,
     export_staging,
