@@ -49,7 +49,9 @@ class CelRule:
     nested object, and ``[*]`` steps into list items (``"spec.evaluation.gates[*]"``). The generator fails
     loudly if the path does not exist, so renaming a field cannot silently drop a rule.
 
-    Rules may rely on schema defaults: the API server applies them before it evaluates rules.
+    Rules may rely on schema defaults: the API server applies them before it evaluates rules. When it
+    accepts the CRD it also checks each ``default`` against the rules of its node, without filling in the
+    nested defaults first; ``kubetune.api.crd`` therefore writes a nested model's default out whole.
     """
 
     path: str
