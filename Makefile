@@ -12,11 +12,13 @@ export KUBETUNE_TINY_BASE_DIR ?= $(CURDIR)/$(TINY_BASE)
 
 setup: $(STAMP) system-deps
 
-# The rollout tests judge canaries with a real Prometheus server (Debian's package, run on loopback).
+# The rollout tests judge canaries with a real Prometheus server (Debian's package, run on loopback);
+# tests/realcluster unpacks the real kube-apiserver and etcd of ../shared/k8s with zstd.
 system-deps:
-	@command -v prometheus >/dev/null || { \
-		echo "installing Debian's prometheus (needed by the rollout tests)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v prometheus >/dev/null && command -v zstd >/dev/null || { \
+		echo "installing Debian's prometheus and zstd (needed by the rollout and real-cluster tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			prometheus zstd >/dev/null; }
 
 # torch goes first and pinned: a bare torch requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml requirements/constraints.txt

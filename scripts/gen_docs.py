@@ -147,9 +147,19 @@ def crd_rows(definition: ResourceDefinition) -> list[Row]:
         if node is None:
             continue
         for path, child, required in _walk(node, section, False):
-            default = _code(child["default"]) if "default" in child else ("required" if required else "—")
+            default = _default_cell(child, required)
             rows.append((f"`{path}`", type_of(child), default, child.get("description", "")))
     return rows
+
+
+def _default_cell(node: dict[str, Any], required: bool) -> str:
+    if "default" not in node:
+        return "required" if required else "—"
+    if node.get("properties"):
+        # The CRD writes an object's default out whole (the API server checks it against the object's CEL
+        # rules as it is); each field's own row gives its part.
+        return "its fields' defaults"
+    return _code(node["default"])
 
 
 def _table(rows: list[Row], header: tuple[str, str, str, str]) -> str:
@@ -169,7 +179,7 @@ def values_section() -> str:
 def crd_section() -> str:
     parts = [
         "Every field of every kind, from the OpenAPI schemas the CRDs are generated from (the pydantic "
-        "models in `operator/kubetune/api`). Lists are marked `[]`; `required` fields have no default."
+        "models in `components/kubetune_contract`). Lists are marked `[]`; `required` fields have no default."
     ]
     for definition in all_definitions():
         names = ", ".join(f"`{n}`" for n in definition.short_names) or "none"

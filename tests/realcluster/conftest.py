@@ -28,12 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "manifests" / "crds"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "realcluster: runs against a real kube-apiserver (KUBEBUILDER_ASSETS or ../shared/k8s)"
-    )
-
-
 _BINARIES = pytest.StashKey[Path | BinariesUnavailable]()
 
 
