@@ -192,4 +192,5 @@ def test_runtime_image_runs_what_kfp_starts() -> None:
     (executor,) = component["deploymentSpec"]["executors"].values()
     command = executor["container"]["command"]
     assert command[:4] == ["python", "-m", "kubetune_components.finetune.steps", "curate"]
-    assert importlib.util.find_spec("kubetune_components.finetune.steps") is not None  # installed with kubetune
+    # kubetune_components is installed with kubetune in the runtime image
+    assert importlib.util.find_spec("kubetune_components.finetune.steps") is not None
