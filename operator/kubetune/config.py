@@ -18,10 +18,26 @@ PROMETHEUS_URL_ENV = "KUBETUNE_PROMETHEUS_URL"
 # The kubelet refreshes a mounted ConfigMap within its sync period plus its cache's TTL (1 minute
 # each by default): a removed version serves that long after the gateway config dropped it.
 RETIRE_AFTER_S = 150.0
+# How long a job waits for a resource it names that does not exist before it fails (SourceNotFound):
+# long enough for a FineTuneJob applied right after its QuantizeJob, short enough to be noticed.
+MISSING_REFERENCE_GRACE_S = 300.0
+MISSING_REFERENCE_GRACE_ENV = "KUBETUNE_MISSING_REFERENCE_GRACE"
 
 
 def _home(env: dict[str, str]) -> Path:
     return Path(env.get("KUBETUNE_HOME", ".kubetune")).resolve()
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    """A duration setting in seconds (a number >= 0); ``default`` when unset or empty."""
+    raw = env.get(name, "").strip()
+    try:
+        seconds = float(raw) if raw else default
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"{name} must be a number of seconds >= 0, not {raw!r}")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,7 @@ class OperatorConfig:
     runtime_image: str = RUNTIME_IMAGE
     reconcile_interval_s: float = 2.0
     max_run_attempts: int = 3
+    missing_reference_grace_s: float = MISSING_REFERENCE_GRACE_S
 
     def __post_init__(self) -> None:
         if not self.artifact_store:
@@ -62,6 +79,7 @@ class OperatorConfig:
             runtime_image=env.get("KUBETUNE_RUNTIME_IMAGE", RUNTIME_IMAGE),
             reconcile_interval_s=float(env.get("KUBETUNE_RECONCILE_INTERVAL", "2")),
             max_run_attempts=int(env.get("KUBETUNE_MAX_RUN_ATTEMPTS", "3")),
+            missing_reference_grace_s=_seconds(env, MISSING_REFERENCE_GRACE_ENV, MISSING_REFERENCE_GRACE_S),
         )
 
 
@@ -86,13 +104,7 @@ class DeploymentSettings:
         url = env.get(PROMETHEUS_URL_ENV, "").strip() or None
         if url is not None and not url.startswith(("http://", "https://")):
             raise ValueError(f"{PROMETHEUS_URL_ENV} must be an http:// or https:// URL, not {url!r}")
-        grace = env.get("KUBETUNE_RETIRE_GRACE_SECONDS", "").strip()
-        try:
-            retire_after_s = float(grace) if grace else RETIRE_AFTER_S
-        except ValueError:
-            retire_after_s = -1.0
-        if not 0 <= retire_after_s < float("inf"):
-            raise ValueError(f"KUBETUNE_RETIRE_GRACE_SECONDS must be a number of seconds >= 0, not {grace!r}")
+        retire_after_s = _seconds(env, "KUBETUNE_RETIRE_GRACE_SECONDS", RETIRE_AFTER_S)
         return cls(
             serving_image=env.get("KUBETUNE_SERVING_IMAGE", "").strip()
             or OperatorConfig.from_env(env).runtime_image,

@@ -87,3 +87,22 @@ async def test_fails_with_a_reason_when_its_finetunejob_failed(
     assert condition(done)["reason"] == "SourceFailed"
     assert "FineTuneJob/router failed (QualityGateFailed" in condition(done)["message"]
     assert "pipelineRun" not in done["status"]
+
+
+async def test_stalls_with_source_not_found_when_its_finetunejob_never_appears(
+    k8s: Cluster, run_operator: OperatorRunner, tmp_path: Path
+) -> None:
+    settings = OperatorConfig(
+        home=tmp_path, default_executor="local", reconcile_interval_s=0.5, missing_reference_grace_s=1
+    )
+    async with run_operator(HANDLERS, memo=memo(settings)):
+        await k8s.create("quantizejobs", QJ)
+        done = await k8s.wait_for(
+            "quantizejobs", "router-int8", lambda o: condition(o)["status"] == "False", timeout=30
+        )
+    assert condition(done)["reason"] == "SourceNotFound"
+    assert "FineTuneJob/router does not exist in namespace default" in condition(done)["message"]
+    stalled = next(c for c in done["status"]["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "SourceNotFound")
+    assert "pipelineRun" not in done["status"]
+    assert any(e["reason"] == "SourceNotFound" for e in k8s.events("router-int8"))

@@ -17,6 +17,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from kubetune.api.validation import ResourceInvalid
+from kubetune.common.clock import parse_time
 from kubetune.common.events import Event
 from kubetune.common.uris import absolute, pvc_claims, short_uid
 from kubetune.config import OperatorConfig
@@ -51,12 +52,45 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class GiveUp:
+    """How a wait that may never end does end: after ``after_s`` seconds, the job fails with this."""
+
+    after_s: float
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Hold:
-    """Why a valid job cannot be submitted yet (Unknown: it waits) or ever (False: it fails)."""
+    """Why a valid job cannot be submitted yet (Unknown: it waits) or ever (False: it fails).
+
+    ``give_up``: the wait depends on something no run of this job can bring about (a resource it names
+    does not exist), so it is bounded; counted from when the job started waiting (see :func:`waiting_since`).
+    """
 
     status: Literal["Unknown", "False"]
     reason: str
     message: str
+    give_up: GiveUp | None = None
+
+
+def waiting_since(body: dict[str, Any], now: str) -> str:
+    """When a job that has no run yet started waiting: its Succeeded condition has been Unknown since
+    the first pass (lastTransitionTime), else it was created then; ``now`` on first sight."""
+    condition = find_condition(list((body.get("status") or {}).get("conditions") or []), SUCCEEDED) or {}
+    if condition.get("status") == "Unknown" and condition.get("lastTransitionTime"):
+        return str(condition["lastTransitionTime"])
+    return str((body.get("metadata") or {}).get("creationTimestamp") or now)
+
+
+def _bounded(hold: Hold, body: dict[str, Any], now: str) -> Hold:
+    """The hold, or the failure it turns into once its wait has lasted longer than it may."""
+    if hold.give_up is None:
+        return hold
+    waited = (parse_time(now) - parse_time(waiting_since(body, now))).total_seconds()
+    if waited < hold.give_up.after_s:
+        return hold
+    return Hold("False", hold.give_up.reason, hold.give_up.message)
 
 
 # The status model of the kind being planned; statuses are built as these, then written by alias.
@@ -253,6 +287,7 @@ def plan_job(
     if run is None:
         hold = kind.hold(job)
         if hold is not None:
+            hold = _bounded(hold, body, now)
             failed = hold.status == "False"
             if failed:
                 status = status.model_copy(update={"completion_time": now})

@@ -14,9 +14,10 @@ from pydantic import BaseModel
 
 from kubetune.api.validation import parse_resource
 from kubetune.common.uris import absolute
-from kubetune.config import OperatorConfig
+from kubetune.config import MISSING_REFERENCE_GRACE_ENV, MISSING_REFERENCE_GRACE_S, OperatorConfig
 from kubetune.plan.lifecycle import (
     Decision,
+    GiveUp,
     Hold,
     JobKind,
     Observed,
@@ -44,13 +45,33 @@ from kubetune_contract.workspace import WorkspaceReport
 FineTuneJobLookup = Callable[[str, str], dict[str, Any] | None]
 
 
-def source_job(job: QuantizeJob, lookup: FineTuneJobLookup) -> tuple[dict[str, Any] | None, Hold | None]:
+def source_job(
+    job: QuantizeJob, lookup: FineTuneJobLookup, missing_grace_s: float = MISSING_REFERENCE_GRACE_S
+) -> tuple[dict[str, Any] | None, Hold | None]:
+    """The FineTuneJob the job quantizes (None for a ``uri`` model), and why it cannot start yet, if so.
+
+    A FineTuneJob that does not exist is waited for ``missing_grace_s`` seconds (it may be applied
+    next), then the job fails with SourceNotFound.
+    """
     ref = job.spec.model.fine_tune_job_ref
     if ref is None:
         return None, None
     source = lookup(job.metadata.namespace, ref.name)
     if source is None:
-        return None, Hold("Unknown", "WaitingForSource", f"FineTuneJob/{ref.name} does not exist (yet)")
+        not_found = GiveUp(
+            missing_grace_s,
+            "SourceNotFound",
+            f"spec.model.fineTuneJobRef: FineTuneJob/{ref.name} does not exist in namespace "
+            f"{job.metadata.namespace} and did not appear within {missing_grace_s:g}s "
+            f"({MISSING_REFERENCE_GRACE_ENV}); "
+            f"create it, then delete and apply QuantizeJob/{job.metadata.name} again",
+        )
+        return None, Hold(
+            "Unknown",
+            "WaitingForSource",
+            f"FineTuneJob/{ref.name} does not exist (yet); waiting up to {missing_grace_s:g}s for it",
+            give_up=not_found,
+        )
     status = source.get("status") or {}
     condition = find_condition(status.get("conditions") or [], "Succeeded") or {}
     if condition.get("status") == "False":
@@ -161,7 +182,7 @@ def quantize_kind(
 
     def hold(job: BaseModel) -> Hold | None:
         assert isinstance(job, QuantizeJob)
-        return source_job(job, lookup)[1]
+        return source_job(job, lookup, settings.missing_reference_grace_s)[1]
 
     def request_for(job: BaseModel) -> RunRequest:
         assert isinstance(job, QuantizeJob)

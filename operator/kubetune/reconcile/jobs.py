@@ -91,7 +91,7 @@ def _quantize_request(
         job = parse_resource(body, QuantizeJob)
     except ResourceInvalid:
         return None
-    source, hold = quantize_plan.source_job(job, lookup)
+    source, hold = quantize_plan.source_job(job, lookup, settings.missing_reference_grace_s)
     if hold is not None:
         return None
     return quantize_plan.build_request(job, source, settings, base_dir)

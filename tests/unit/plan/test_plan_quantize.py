@@ -136,3 +136,55 @@ def test_every_status_field_written_is_in_the_crd_status_schema(settings: Operat
         qj(uri="/m"), Observed(run=run, report=report), settings, NOW, lambda *_: None
     ).status
     QuantizeJobStatus.model_validate(status)  # extra="forbid": an unknown field fails here
+
+
+def test_a_missing_finetunejob_is_waited_for_a_grace_period_then_the_job_fails(tmp_path: Path) -> None:
+    settings = OperatorConfig(home=tmp_path, artifact_store="/store", missing_reference_grace_s=60)
+    missing = plan_quantize(qj(), Observed(), settings, NOW, lambda ns, name: None)
+    assert succeeded(missing.status)["lastTransitionTime"] == NOW
+    assert "waiting up to 60s" in succeeded(missing.status)["message"]
+
+    still_within = plan_quantize(
+        {**qj(), "status": missing.status},
+        Observed(),
+        settings,
+        "2026-01-01T00:00:59Z",
+        lambda ns, name: None,
+    )
+    assert succeeded(still_within.status)["reason"] == "WaitingForSource"
+    assert not still_within.finished and still_within.events == []
+
+    given_up = plan_quantize(
+        {**qj(), "status": still_within.status},
+        Observed(),
+        settings,
+        "2026-01-01T00:01:00Z",
+        lambda ns, name: None,
+    )
+    condition = succeeded(given_up.status)
+    assert (condition["status"], condition["reason"]) == ("False", "SourceNotFound")
+    assert condition["message"].startswith(
+        "spec.model.fineTuneJobRef: FineTuneJob/router does not exist in namespace ml and did not appear "
+        "within 60s (KUBETUNE_MISSING_REFERENCE_GRACE)"
+    )
+    stalled = next(c for c in given_up.status["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "SourceNotFound")
+    assert given_up.finished and given_up.status["phase"] == "Failed"
+    assert [(e.type, e.reason) for e in given_up.events] == [("Warning", "SourceNotFound")]
+
+
+def test_the_grace_period_counts_from_creation_when_no_pass_was_recorded(tmp_path: Path) -> None:
+    settings = OperatorConfig(home=tmp_path, artifact_store="/store", missing_reference_grace_s=60)
+    created_long_ago = qj()
+    created_long_ago["metadata"]["creationTimestamp"] = "2025-12-31T00:00:00Z"
+    decision = plan_quantize(created_long_ago, Observed(), settings, NOW, lambda ns, name: None)
+    assert succeeded(decision.status)["reason"] == "SourceNotFound"
+
+
+def test_a_finetunejob_that_exists_is_waited_for_without_a_bound(tmp_path: Path) -> None:
+    settings = OperatorConfig(home=tmp_path, artifact_store="/store", missing_reference_grace_s=0)
+    running = ftj({"type": "Succeeded", "status": "Unknown", "reason": "Running"})
+    created_long_ago = qj()
+    created_long_ago["metadata"]["creationTimestamp"] = "2025-01-01T00:00:00Z"
+    decision = plan_quantize(created_long_ago, Observed(), settings, NOW, lambda ns, name: running)
+    assert succeeded(decision.status)["reason"] == "WaitingForSource" and not decision.finished
