@@ -225,18 +225,33 @@ _KubectlLoader.add_implicit_resolver(
 )
 
 
+class ManifestError(ValueError):
+    """A manifest file that is not text or not valid YAML/JSON. ``str()`` is ``file: what is wrong``."""
+
+    def __init__(self, file: Path, problem: str) -> None:
+        self.file = file
+        self.problem = problem
+        super().__init__(f"{file}: {problem}")
+
+
 def load_documents(path: str | Path) -> list[tuple[Any, str]]:
     """The documents of a YAML (multi-document) or JSON file, each with ``file:line`` of its start.
 
-    Raises ``ValueError`` (with the file and position) on a syntax error.
+    Raises :class:`ManifestError` (naming the file, and the line of a syntax error) for a file that is
+    not UTF-8 text or not valid YAML/JSON, and ``OSError`` for one that cannot be read.
     """
     file = Path(path)
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(
+            file, f"not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from exc
     if file.suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"invalid JSON: {exc.msg} (line {exc.lineno})") from exc
+            raise ManifestError(file, f"invalid JSON: {exc.msg} (line {exc.lineno})") from exc
         items = data if isinstance(data, list) else [data]
         return [(item, f"{file}") for item in items]
     docs: list[tuple[Any, str]] = []
@@ -251,7 +266,7 @@ def load_documents(path: str | Path) -> list[tuple[Any, str]]:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ValueError(f"invalid YAML: {problem}{where}") from exc
+        raise ManifestError(file, f"invalid YAML: {problem}{where}") from exc
     finally:
         loader.dispose()
     return docs
@@ -275,42 +290,90 @@ def _as_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     return [Path(p) for p in paths]
 
 
+def _unread(files: Iterable[Path], read: set[Path]) -> Iterator[Path]:
+    """The files not read yet, so a file named twice (or inside a directory also named) is read once."""
+    for file in files:
+        key = file.resolve()
+        if key not in read:
+            read.add(key)
+            yield file
+
+
 def read_manifests(paths: str | Path | Iterable[str | Path]) -> list[dict[str, Any]]:
     """Every mapping document in the files and directories (``kind: List`` expanded), in order.
 
     Unlike :func:`validate_paths` this does not check anything: a missing file raises ``OSError`` and a
-    syntax error ``ValueError`` (naming the file). Validate first to report problems nicely.
+    file that is not text or not YAML/JSON :class:`ManifestError`. Validate first to report problems nicely.
     """
     documents: list[dict[str, Any]] = []
+    read: set[Path] = set()
     for path in _as_paths(paths):
-        for file in _manifest_files(path):
-            try:
-                docs = load_documents(file)
-            except ValueError as exc:
-                raise ValueError(f"{file}: {exc}") from exc
-            for doc, _ in docs:
+        for file in _unread(_manifest_files(path), read):
+            for doc, _ in load_documents(file):
                 documents.extend(_plain(item) for item in _expand(doc) if isinstance(item, Mapping))
     return documents
+
+
+def _defined_once(
+    doc: Any, source: str, defined_at: dict[tuple[str, str, str], str]
+) -> Iterator[ValidationIssue]:
+    """An issue for each kubetune resource of `doc` already defined elsewhere (kind, namespace and name).
+
+    Applying both would silently keep the later one, so two definitions are refused, naming both places.
+    """
+    for item in _expand(doc):
+        if not isinstance(item, Mapping) or not is_kubetune_document(item):
+            continue
+        kind, metadata = item.get("kind"), item.get("metadata")
+        if not isinstance(kind, str) or not isinstance(metadata, Mapping):
+            continue  # the resource's own validation reports the missing kind or metadata
+        name, namespace = metadata.get("name"), str(metadata.get("namespace") or "default")
+        if not isinstance(name, str):
+            continue
+        key = (kind, namespace, name)
+        if key in defined_at:
+            yield ValidationIssue(
+                kind,
+                name,
+                "metadata.name",
+                f"{kind} {namespace}/{name} is also defined at {defined_at[key]}; define each resource once",
+                source,
+            )
+        else:
+            defined_at[key] = source
 
 
 def validate_paths(paths: str | Path | Iterable[str | Path]) -> ValidationResult:
     """Validate files and directories (recursively: ``*.yaml``, ``*.yml``, ``*.json``; hidden ones skipped).
 
-    A file named explicitly is read whatever its suffix. Unreadable files and syntax errors are issues
-    too (``file: what is wrong``).
+    A file named explicitly is read whatever its suffix. Unreadable files, syntax errors, a path holding
+    no kubetune resource and a resource defined twice are issues too (``file: what is wrong``).
     """
     result = ValidationResult()
+    read: set[Path] = set()
+    defined_at: dict[tuple[str, str, str], str] = {}
     for path in _as_paths(paths):
         if not path.exists():
             result.append(ValidationIssue("", str(path), "", "no such file or directory"))
             continue
-        for file in _manifest_files(path):
+        resources_before, issues_before = result.resources, len(result)
+        files = _manifest_files(path)
+        unread = list(_unread(files, read))
+        if files and not unread:
+            continue  # named already
+        for file in unread:
             result.files += 1
             try:
                 docs = load_documents(file)
-            except (OSError, UnicodeDecodeError, ValueError) as exc:
-                result.append(ValidationIssue("", str(file), "", str(exc)))
+            except ManifestError as exc:
+                result.append(ValidationIssue("", str(file), "", exc.problem))
+                continue
+            except OSError as exc:
+                result.append(ValidationIssue("", str(file), "", exc.strerror or str(exc)))
                 continue
             for doc, source in docs:
                 _validate_into(result, doc, source)
+                result.extend(_defined_once(doc, source, defined_at))
+        if result.resources == resources_before and len(result) == issues_before:
+            result.append(ValidationIssue("", str(path), "", "no kubetune resource found"))
     return result

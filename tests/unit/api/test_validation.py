@@ -12,6 +12,7 @@ import pytest
 
 from kubetune.api.registry import all_definitions
 from kubetune.api.validation import (
+    ManifestError,
     ResourceInvalid,
     ValidationIssue,
     format_issues,
@@ -243,10 +244,14 @@ def test_validate_paths(tmp_path: Path) -> None:
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n---\n"
         + GOOD_YAML
         + "---\n"
-        + GOOD_YAML.replace('learningRate: "3e-4"', "learningRate: 3e-4")  # unquoted: kubectl reads a number
+        + GOOD_YAML.replace(
+            'learningRate: "3e-4"', "learningRate: 3e-4"
+        ).replace("name: demo", "name: unquoted")  # unquoted: kubectl reads a number
         + "---\n"
     )
-    (tmp_path / "jobs" / "job.json").write_text(json.dumps(edit("spec.method.type", "qlora")))
+    (tmp_path / "jobs" / "job.json").write_text(
+        json.dumps(edit("metadata.name", "in-json", edit("spec.method.type", "qlora")))
+    )
     (tmp_path / "jobs" / "broken.yml").write_text("kind: [unclosed\n")
     (tmp_path / "jobs" / "notes.txt").write_text("not a manifest")
     (tmp_path / "jobs" / ".hidden").mkdir()
@@ -254,10 +259,10 @@ def test_validate_paths(tmp_path: Path) -> None:
     result = validate_paths([tmp_path / "jobs", tmp_path / "missing.yaml"])
     lines = format_issues(result).replace(str(tmp_path) + "/", "").splitlines()
     assert lines == [
-        "jobs/all.yaml:18: FineTuneJob/demo: spec.training.learningRate: "
+        "jobs/all.yaml:18: FineTuneJob/unquoted: spec.training.learningRate: "
         'must be a decimal number as a string, e.g. "3e-4" (got the number 0.0003; put it in quotes)',
         "jobs/broken.yml: invalid YAML: expected ',' or ']', but got '<stream end>' (line 2, column 1)",
-        "jobs/job.json: FineTuneJob/demo: spec.method.type: "
+        "jobs/job.json: FineTuneJob/in-json: spec.method.type: "
         'must be one of: lora, prefix-tuning, prompt-tuning, ia3, full (got "qlora")',
         "missing.yaml: no such file or directory",
     ]
@@ -274,3 +279,41 @@ def test_read_manifests(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("kind: [\n")
     with pytest.raises(ValueError, match=r"c\.yaml: invalid YAML"):
         read_manifests([tmp_path / "c.yaml"])
+
+
+def test_a_path_without_kubetune_resources_is_a_problem(tmp_path: Path) -> None:
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "other.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    (tmp_path / "empty-dir").mkdir()
+    result = validate_paths([tmp_path / "empty.yaml", tmp_path / "other.yaml", tmp_path / "empty-dir"])
+    assert [str(issue) for issue in result] == [
+        f"{tmp_path / 'empty.yaml'}: no kubetune resource found",
+        f"{tmp_path / 'other.yaml'}: no kubetune resource found",
+        f"{tmp_path / 'empty-dir'}: no kubetune resource found",
+    ]
+    # a file named twice (or inside a directory also named) is read once, so it is no duplicate
+    (tmp_path / "job.yaml").write_text(GOOD_YAML)
+    assert validate_paths([tmp_path / "job.yaml", tmp_path / "job.yaml"]) == []
+
+
+def test_a_resource_defined_twice_is_refused_naming_both_places(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(GOOD_YAML)
+    (tmp_path / "b.yaml").write_text("---\n" + GOOD_YAML)
+    (tmp_path / "c.yaml").write_text(GOOD_YAML.replace("name: demo", "name: demo\n  namespace: team-b"))
+    lines = format_issues(validate_paths(tmp_path)).splitlines()
+    assert lines == [
+        f"{tmp_path / 'b.yaml'}:2: FineTuneJob/demo: metadata.name: FineTuneJob default/demo is also "
+        f"defined at {tmp_path / 'a.yaml'}:1; define each resource once"
+    ]
+
+
+def test_files_that_are_not_manifests_are_named_with_what_is_wrong(tmp_path: Path) -> None:
+    (tmp_path / "model.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    (tmp_path / "bad.json").write_text('{"kind": ')
+    lines = [str(issue) for issue in validate_paths([tmp_path / "model.bin", tmp_path / "bad.json"])]
+    assert lines == [
+        f"{tmp_path / 'model.bin'}: not a UTF-8 text file (byte 0x89 at offset 0)",
+        f"{tmp_path / 'bad.json'}: invalid JSON: Expecting value (line 1)",
+    ]
+    with pytest.raises(ManifestError, match=r"model\.bin: not a UTF-8 text file"):
+        read_manifests(tmp_path / "model.bin")
