@@ -26,6 +26,21 @@ class ApplyError(Exception):
     """An apply the API server would refuse (e.g. changing an immutable spec)."""
 
 
+class DamagedEntry(Exception):
+    """A store file that does not hold a stored object (not JSON, or no ``metadata.name``).
+
+    ``str()`` names the file and the command that removes it.
+    """
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = path
+        plural, namespace, name = path.parent.parent.name, path.parent.name, path.stem
+        super().__init__(
+            f"{path}: damaged store entry ({problem}); remove it with "
+            f"`kubetune delete {plural} {name} -n {namespace}`"
+        )
+
+
 @dataclass(frozen=True)
 class ApplyResult:
     obj: dict[str, Any]
@@ -58,12 +73,30 @@ class LocalStore:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
         os.replace(tmp, path)
 
-    def get(self, plural: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any]:
+        """The object stored at `path`; raises :class:`DamagedEntry` when the file holds none."""
         try:
-            value = json.loads(self._path(plural, namespace, name).read_text())
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DamagedEntry(path, "not UTF-8 text") from exc
+        except json.JSONDecodeError as exc:
+            raise DamagedEntry(path, f"invalid JSON: {exc.msg} at line {exc.lineno}") from exc
+        metadata = value.get("metadata") if isinstance(value, dict) else None
+        if (
+            not isinstance(value, dict)
+            or not isinstance(metadata, dict)
+            or not isinstance(metadata.get("name"), str)
+        ):
+            raise DamagedEntry(path, "not an object with metadata.name")
+        return value
+
+    def get(self, plural: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        """The stored object, None when there is none; raises :class:`DamagedEntry` for a damaged file."""
+        try:
+            return self._read(self._path(plural, namespace, name))
         except FileNotFoundError:
             return None
-        return value if isinstance(value, dict) else None
 
     def finetune_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The stored FineTuneJob a QuantizeJob names (the job reconcilers' lookup)."""
@@ -74,9 +107,10 @@ class LocalStore:
         pattern = f"{namespace}/*.json" if namespace else "*/*.json"
         objects = []
         for path in sorted(base.glob(pattern)):
-            value = json.loads(path.read_text())
-            if isinstance(value, dict):
-                objects.append(value)
+            try:
+                objects.append(self._read(path))
+            except FileNotFoundError:
+                continue  # deleted since the glob
         objects.sort(key=lambda o: (o["metadata"].get("creationTimestamp", ""), o["metadata"]["name"]))
         return objects
 

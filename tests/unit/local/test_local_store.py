@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from kubetune.local.printer import age, jsonpath
-from kubetune.local.store import ApplyError, LocalStore
+from kubetune.local.store import ApplyError, DamagedEntry, LocalStore
 
 MANIFEST = {
     "apiVersion": "kubetune.dev/v1alpha1",
@@ -145,3 +146,29 @@ def test_workspace_reports_are_read_from_paths_and_mounted_claims(
         report = WorkspaceReport.read(uri)
         assert report.progress == {"step": 3}
         assert report.final is None and report.output is None
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b'{"metadata": {"name": "tune"', "invalid JSON: Expecting ',' delimiter at line 1"),
+        (b"\xff\xfe\x00", "not UTF-8 text"),
+        (b"[1, 2]", "not an object with metadata.name"),
+    ],
+)
+def test_a_damaged_entry_is_named_and_can_still_be_deleted(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    store = LocalStore(tmp_path)
+    store.apply("finetunejobs", MANIFEST, immutable_spec=True)
+    path = tmp_path / "store" / "finetunejobs" / "default" / "tune.json"
+    path.write_bytes(content)
+    recovery = "remove it with `kubetune delete finetunejobs tune -n default`"
+    expected = f"{path}: damaged store entry ({problem}); {recovery}"
+    with pytest.raises(DamagedEntry) as read:
+        store.get("finetunejobs", "tune")
+    assert str(read.value) == expected
+    with pytest.raises(DamagedEntry, match=re.escape(expected)):
+        store.list_objects("finetunejobs")
+    assert store.delete("finetunejobs", "tune")
+    assert store.get("finetunejobs", "tune") is None and store.list_objects("finetunejobs") == []
