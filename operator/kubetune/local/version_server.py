@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 from kubetune.common.supervision import Backoff, ManagedProcess, describe_exit, stop_processes
 from kubetune.local.serving_host import LOOPBACK, ServingHost
@@ -58,6 +59,31 @@ def built_tag(build: ManagedProcess, name: str) -> str | None:
     return tags[-1] if tags else None
 
 
+def model_fingerprint(model_uri: str) -> tuple[tuple[str, int, int], ...]:
+    """What tells a changed local model from the one built before: the name, size and modification
+    time of the directory's entries (the directory itself when it is a file); empty for a remote URI
+    or a path that does not exist."""
+    directory = local_model_dir(model_uri)
+    if directory is None:
+        return ()
+    root = Path(directory)
+    try:
+        entries = sorted(root.iterdir()) if root.is_dir() else [root]
+        stats = [(entry.name, entry.stat()) for entry in entries]
+    except OSError:
+        return ()
+    return tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats)
+
+
+@dataclass(frozen=True)
+class BuildAttempt:
+    """A failed Bento build: which model (and its files as they were) and what went wrong."""
+
+    model_uri: str
+    fingerprint: tuple[tuple[str, int, int], ...]
+    problem: str
+
+
 @dataclass
 class BuildSlot:
     """Bento builds run one at a time (each loads a model): the version building now, if any."""
@@ -87,6 +113,8 @@ class VersionServer:
         self.build: ManagedProcess | None = None
         self.building_from: str | None = None
         self.build_backoff = Backoff()
+        self.last_failed_build: BuildAttempt | None = None
+        self.build_failure: BuildAttempt | None = None  # failed twice alike: not retried until a change
         self.server: ManagedProcess | None = None
         self.server_identity: tuple[str, ...] | None = None
         self.server_backoff = Backoff()
@@ -119,6 +147,8 @@ class VersionServer:
         if self.built_from != spec.model_uri:
             # The server of a previous model keeps running until the new model's Bento is built.
             waiting = self._step_build(now)
+            if self.build_failure is not None:
+                return VersionObservation(url=self.url, ready=False, message=waiting, failed=True)
             if waiting is not None:
                 return VersionObservation(url=self.url, ready=False, message=waiting)
         assert self.tag is not None
@@ -211,16 +241,38 @@ class VersionServer:
                     f"building the Bento {spec.bento} for {self.building_from} failed "
                     f"(exit code {code}): {build.last_problem()}"
                 )
+                attempt = BuildAttempt(spec.model_uri, model_fingerprint(spec.model_uri), problem)
+                if attempt == self.last_failed_build:
+                    self.build_failure = attempt
+                    message = self._build_failure_message(log)
+                    self.host.notify(f"{self.role}: {message}")
+                    return message
+                self.last_failed_build = attempt
                 delay = self.build_backoff.fail(problem, now)
-                self.host.notify(f"{self.role}: {problem}; retrying in {delay:g}s (log: {log})")
-                return f"{problem}; retrying in {delay:g}s (log: {log})"
+                retry = f"retrying in {delay:g}s, attempt {self.build_backoff.failures + 1}"
+                self.host.notify(f"{self.role}: {problem}; {retry} (log: {log})")
+                return f"{problem}; {retry} (log: {log})"
             self.tag, self.built_from = tag, self.building_from
             self.build_backoff.reset()
+            self.last_failed_build = self.build_failure = None
             self.host.notify(f"built Bento {tag} for {self.role} (log: {log})")
             return None
+        if self.build_failure is not None:
+            fingerprint = model_fingerprint(spec.model_uri)
+            if (self.build_failure.model_uri, self.build_failure.fingerprint) == (
+                spec.model_uri,
+                fingerprint,
+            ):
+                return self._build_failure_message(log)
+            # Another model, or the model's files changed: worth building again.
+            self.build_failure = self.last_failed_build = None
+            self.build_backoff.reset()
         wait = self.build_backoff.waiting(now)
         if wait > 0:
-            return f"{self.build_backoff.problem}; retrying in {wait:.0f}s (log: {log})"
+            next_attempt = self.build_backoff.failures + 1
+            return (
+                f"{self.build_backoff.problem}; retrying in {wait:.0f}s, attempt {next_attempt} (log: {log})"
+            )
         building = self.builds.holder
         if building is not None and building is not self:
             return (
@@ -248,6 +300,13 @@ class VersionServer:
         self.host.processes_changed()
         self.host.notify(f"building Bento {spec.bento} for {self.role} from {spec.model_uri} (log: {log})")
         return f"building the Bento {spec.bento} for {spec.model_uri} (log: {log})"
+
+    def _build_failure_message(self, log: Path) -> str:
+        assert self.build_failure is not None
+        return (
+            f"{self.build_failure.problem}; it failed the same way twice, so it is not built again "
+            f"until the version's model or its files change (log: {log})"
+        )
 
     def _leave_build_slot(self) -> None:
         if self.builds.holder is self:

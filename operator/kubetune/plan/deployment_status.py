@@ -3,19 +3,21 @@
 Conditions (``status.conditions``), set on first sight:
 - ``Ready``: True when every version with a planned weight above 0 serves its spec'd model and the
   gateway is up. Reasons: AllVersionsReady; WaitingForModel, VersionNotReady, GatewayNotReady (on
-  their way); ModelFailed, RolledBack, RolloutPaused, AnalysisInconclusive, InvalidSpec (a person
-  must act; see Stalled).
+  their way); ModelFailed, ModelInvalid, RolledBack, RolloutPaused, AnalysisInconclusive, InvalidSpec
+  (a person must act; see Stalled).
 - ``Progressing``: True while a model is awaited, a server or the gateway is starting, or a canary
   rollout is under way; False with RolloutComplete (spec.rollout set) or Stable when done, or with
   the Stalled reason.
 - ``Reconciling`` / ``Stalled``: the kstatus conventions (kstatus reads only these and
   observedGeneration for custom resources). Reconciling mirrors Progressing, so a rollout or a wait
   reads InProgress. Stalled is True when the operator cannot get further without a person: a model's
-  job failed, the spec is invalid, or the canary's analysis stopped the rollout — RolledBack (the
-  stable versions keep serving, but the spec is not realised until someone fixes the canary and edits
-  the spec), Paused on a failed analysis with autoRollback off (RolloutPaused), or Paused after more
-  inconclusive analyses in a row than analysis.inconclusiveLimit (AnalysisInconclusive: the metrics
-  could not be measured). kstatus reads those as Failed; Ready is then False too.
+  job failed, a version's model cannot be served (ModelInvalid: its build failed the same way twice;
+  it is not retried until the model or the spec changes), the spec is invalid, or the canary's
+  analysis stopped the rollout — RolledBack (the stable versions keep serving, but the spec is not
+  realised until someone fixes the canary and edits the spec), Paused on a failed analysis with
+  autoRollback off (RolloutPaused), or Paused after more inconclusive analyses in a row than
+  analysis.inconclusiveLimit (AnalysisInconclusive: the metrics could not be measured). kstatus
+  reads those as Failed; Ready is then False too.
 """
 
 from __future__ import annotations
@@ -69,7 +71,10 @@ def _verdict(
     effective: Mapping[str, int],
     rollout: RolloutStatus | None,
     spec_error: str | None,
+    unservable: Mapping[str, str],
 ) -> _Verdict:
+    """``unservable``: the versions whose backend gave up on them (see VersionObservation.failed),
+    with why."""
     if spec_error is not None:
         return _Verdict(
             ("False", "InvalidSpec", spec_error), ("False", "InvalidSpec", spec_error), True, "Failed"
@@ -78,6 +83,11 @@ def _verdict(
     if failed:
         message = "; ".join(f"version {r.name}: {r.message}" for r in failed)
         return _Verdict(("False", "ModelFailed", message), ("False", "ModelFailed", message), True, "Failed")
+    if unservable:
+        message = "; ".join(f"version {name}: {why}" for name, why in unservable.items())
+        return _Verdict(
+            ("False", "ModelInvalid", message), ("False", "ModelInvalid", message), True, "Failed"
+        )
     if rollout is not None and rollout.state in ("RolledBack", "Paused"):
         reason = _STOPPED_REASONS[(rollout.state, rollout.reason)]
         message = f"{rollout.message} (serving {format_weights(effective)})"
@@ -175,8 +185,21 @@ def deployment_status(
                 message=message,
             )
         )
+    unservable = {
+        version.name: observation.message or "the backend gave up on it"
+        for version in deployment.spec.versions
+        if (observation := versions.get(version.name)) is not None and observation.failed
+    }
     verdict = _verdict(
-        deployment.spec, resolved, version_status, gateway, planned, effective, rollout, spec_error
+        deployment.spec,
+        resolved,
+        version_status,
+        gateway,
+        planned,
+        effective,
+        rollout,
+        spec_error,
+        unservable,
     )
     generation = deployment.metadata.generation
     conditions: list[dict[str, Any]] = list((previous_status or {}).get("conditions") or [])
@@ -238,11 +261,12 @@ _QUIET_REASONS = {
     "RolloutPaused",
     "AnalysisInconclusive",
 }  # the rollout machine posts its own events for these
-_WARNING_REASONS = {"ModelFailed", "InvalidSpec"}
+_WARNING_REASONS = {"ModelFailed", "ModelInvalid", "InvalidSpec"}
 
 
 def condition_events(previous_status: Mapping[str, Any] | None, status: Mapping[str, Any]) -> list[Event]:
-    """An event when the Ready condition changes reason (ModelFailed / InvalidSpec as warnings)."""
+    """An event when the Ready condition changes reason (ModelFailed, ModelInvalid, InvalidSpec as
+    warnings)."""
     before = find_condition(list((previous_status or {}).get("conditions") or []), READY) or {}
     after = find_condition(list(status.get("conditions") or []), READY) or {}
     reason = str(after.get("reason") or "")

@@ -79,11 +79,15 @@ class VersionObservation:
     ``url`` is the base URL the gateway sends the version's requests to (known as soon as the server
     is set up, before it is ready). ``ready`` means it answers, serving the ``model_uri`` it was last
     given (not a previous model still being replaced). ``message`` says why it is not ready.
+    ``failed``: it will not get ready without a change to the spec or the model (the same error came
+    back when tried again, e.g. the model path holds no model), so the backend stopped trying; the
+    message says why and where the log is.
     """
 
     url: str | None
     ready: bool
     message: str | None = None
+    failed: bool = False
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import pytest
 
 from kubetune.common.supervision import process_alive
 from kubetune.local.serving import LocalServing, ServingOnTheLoop
-from kubetune.plan.versions import DeploymentRef, VersionServing
+from kubetune.plan.versions import DeploymentRef, VersionObservation, VersionServing
 from kubetune_contract.deployment import Serving
 
 ROUTER = DeploymentRef(name="router", namespace="default")
@@ -24,6 +24,9 @@ STAND_IN = f"""\
 import os, sys, time
 args = sys.argv[1:]
 if args[:2] == ["-m", "kubetune_components.serving.bento"]:
+    if os.path.basename(args[args.index("--model-dir") + 1]) == "not-a-model":
+        print("ValueError: no config.json in the model directory", flush=True)
+        sys.exit(1)
     print(f"{{args[args.index('--deployment') + 1]}}-{{args[args.index('--version') + 1]}}:standin1")
 elif args[:3] == ["-m", "bentoml", "serve"]:
     print("loading", flush=True)
@@ -34,10 +37,10 @@ elif args[:3] == ["-m", "bentoml", "serve"]:
 """
 
 
-def version(serve: str) -> VersionServing:
+def version(serve: str, model_uri: str = "/models/tuned") -> VersionServing:
     return VersionServing(
         name="tuned",
-        model_uri="/models/tuned",
+        model_uri=model_uri,
         bento="router-tuned",
         env={"STAND_IN_SERVE": serve},
         serving=Serving(),
@@ -96,6 +99,45 @@ def test_a_crashing_server_is_reported_and_restarted_with_a_growing_backoff(
     assert "restarting it in 2s (failure 2 in a row" in second
     assert message.startswith("bentoml serve exited with code 1: RuntimeError: the model would not load")
     assert len([line for line in said if line.startswith("started bentoml serve")]) == 2
+
+
+def test_a_build_that_fails_the_same_way_twice_is_not_retried_until_the_model_changes(
+    serving: LocalServing, said: list[str], tmp_path: Path
+) -> None:
+    model = tmp_path / "not-a-model"
+    model.mkdir()
+    spec = version(serve="sleep", model_uri=str(model))
+    build_log = tmp_path / "home" / "serving" / "default" / "router" / "tuned" / "build.log"
+
+    def observe() -> VersionObservation:
+        return serving.ensure_versions(ROUTER, [spec])["tuned"]
+
+    deadline = time.monotonic() + 20
+    retried = None
+    while not (observation := observe()).failed:
+        if "retrying in" in (observation.message or ""):
+            retried = observation.message
+        assert time.monotonic() < deadline, f"timed out; last message: {observation.message}"
+        time.sleep(0.05)
+    assert retried is not None and ", attempt 2 (log: " in retried
+    assert observation.message == (
+        f"building the Bento router-tuned for {model} failed (exit code 1): ValueError: no config.json in "
+        "the model directory; it failed the same way twice, so it is not built again until the version's "
+        f"model or its files change (log: {build_log})"
+    )
+    assert not observation.ready
+    builds = [line for line in said if line.startswith("building Bento")]
+    assert len(builds) == 2
+
+    for _ in range(5):  # later passes neither build nor wait for a backoff
+        assert observe().failed
+        time.sleep(0.05)
+    assert serving.processes() == []
+    assert len([line for line in said if line.startswith("building Bento")]) == 2
+
+    (model / "config.json").write_text("{}")  # the model's files changed: it is worth another build
+    assert not observe().failed
+    assert len([line for line in said if line.startswith("building Bento")]) == 3
 
 
 def test_what_a_killed_up_left_running_is_reaped_by_the_next_one(

@@ -85,6 +85,7 @@ class FakeServing:
         self.ready = ready
         self.not_ready: set[str] = set()
         self.refused: set[str] = set()  # the API server refused their objects: no URL, not ready
+        self.gave_up: dict[str, str] = {}  # the backend stopped trying them: version -> why
         self.versions: list[VersionServing] = []
         self.config: dict[str, Any] | None = None
         self.removed: list[DeploymentRef] = []
@@ -96,6 +97,8 @@ class FakeServing:
         return {
             v.name: VersionObservation(url=None, ready=False, message="refused")
             if v.name in self.refused
+            else VersionObservation(url=None, ready=False, message=self.gave_up[v.name], failed=True)
+            if v.name in self.gave_up
             else VersionObservation(
                 url=f"http://{deployment.name}-{v.name}.{deployment.namespace}:3000",
                 ready=self.ready and v.name not in self.not_ready,
@@ -377,6 +380,21 @@ async def test_a_failed_job_stalls_the_deployment() -> None:
     assert outcome.status["phase"] == "Failed"
     assert kstatus({**mdep(), "status": outcome.status}) == "Failed"
     assert [(e.type, e.reason) for e in outcome.events] == [("Warning", "ModelFailed")]
+
+
+async def test_a_version_its_backend_gave_up_on_stalls_the_deployment_at_once() -> None:
+    serving = FakeServing()
+    why = "building the Bento failed (exit code 1): not a model; it failed the same way twice (log: /b.log)"
+    serving.gave_up = {"int8": why}
+    outcome = await reconcile_deployment(mdep(), lookup=DONE, serving=serving, prometheus=None, now=T0)
+    for type_ in ("Ready", "Progressing", "Stalled"):
+        assert condition(outcome.status, type_)["reason"] == "ModelInvalid"
+    assert condition(outcome.status, "Ready")["message"] == f"version int8: {why}"
+    assert condition(outcome.status, "Stalled")["status"] == "True"
+    assert condition(outcome.status, "Reconciling")["status"] == "False"
+    assert kstatus({**mdep(), "status": outcome.status}) == "Failed"
+    assert [(e.type, e.reason) for e in outcome.events] == [("Warning", "ModelInvalid")]
+    assert outcome.status["weights"] == "tuned=100,int8=0"  # the version that answers keeps serving
 
 
 async def test_servers_that_are_starting_get_no_traffic_yet() -> None:
