@@ -7,7 +7,9 @@ loopback ports (:class:`kubetune.local.serving.LocalServing`), its status (endpo
 conditions) written to the local store so `kubetune get mdep` shows it.
 
 With only jobs, `up` returns when they have all finished. With a ModelDeployment it serves until
-SIGINT (Ctrl+C), SIGTERM or SIGHUP, then stops every process it started. One `up` runs per home (a
+SIGINT (Ctrl+C), SIGTERM or SIGHUP, then stops every process it started; or until nothing can make
+progress any more (every job ended, every ModelDeployment stalled with no version answering), which
+it says, naming each failure. One `up` runs per home (a
 lock file): a second `kubetune up -f FILE` applies FILE to the store and leaves it to the running
 one, which picks the change up within a second (a weight change is applied in place, without
 restarting the version servers).
@@ -260,15 +262,45 @@ def served_before(store: LocalStore) -> list[tuple[str, str]]:
     ]
 
 
+def _stalled(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The Stalled condition of a ModelDeployment when it is True, else None."""
+    stalled = find_condition(list((obj.get("status") or {}).get("conditions") or []), "Stalled") or {}
+    return stalled if stalled.get("status") == "True" else None
+
+
 def stalled_deployments(store: LocalStore) -> list[dict[str, Any]]:
+    return [obj for obj in store.list_objects(DEPLOYMENTS) if _stalled(obj) is not None]
+
+
+def deployments_left_to_serve(store: LocalStore) -> list[dict[str, Any]]:
+    """The stored ModelDeployments `up` still has a reason to run for: not stalled (on their way or
+    served), or stalled with some version still answering (a rolled-back canary's stable versions)."""
     return [
         obj
         for obj in store.list_objects(DEPLOYMENTS)
-        if (find_condition(list((obj.get("status") or {}).get("conditions") or []), "Stalled") or {}).get(
-            "status"
-        )
-        == "True"
+        if _stalled(obj) is None
+        or any(version.get("ready") for version in (obj.get("status") or {}).get("versions") or [])
     ]
+
+
+def nothing_can_progress_message(store: LocalStore) -> str:
+    """What `up` says when it exits because every job ended and every ModelDeployment is stalled with
+    nothing to serve: which ones, and why."""
+    lines = ["nothing left that can make progress: every job ended and no ModelDeployment can be served"]
+    for obj in failed_jobs(store):
+        condition = succeeded_condition(obj.get("status") or {})
+        lines.append(
+            f"  {obj['kind'].lower()}/{obj['metadata']['name']} failed "
+            f"({condition.get('reason')}: {condition.get('message')})"
+        )
+    for obj in stalled_deployments(store):
+        stalled = _stalled(obj) or {}
+        lines.append(
+            f"  modeldeployment/{obj['metadata']['name']} is stalled "
+            f"({stalled.get('reason')}: {stalled.get('message')})"
+        )
+    lines.append("fix what is named above, then run `kubetune up -f` with the fixed files")
+    return "\n".join(lines)
 
 
 def prometheus_url_from_env(env: dict[str, str] | None = None) -> str | None:
@@ -308,6 +340,9 @@ def run_until_stopped(
             break
         if not jobs_pending and deployments == 0 and not serving.deployments():
             return 1 if failed_jobs(store) else 0
+        if not jobs_pending and deployments > 0 and not deployments_left_to_serve(store):
+            print(nothing_can_progress_message(store), file=out, flush=True)
+            return 1
         stop.sleep(poll_s)
     print(f"\n{stop.name}: stopping", file=out, flush=True)
     if jobs_pending:

@@ -15,7 +15,7 @@ from kubetune.local import up as up_module
 from kubetune.local.serving import LocalServing
 from kubetune.local.session import StopSignals
 from kubetune.local.store import LocalStore
-from kubetune.reconcile.deployment import DeploymentRef
+from kubetune.reconcile.deployment import DeploymentOutcome, DeploymentRef
 
 DEPLOYMENT = {
     "apiVersion": "kubetune.dev/v1alpha1",
@@ -133,3 +133,69 @@ def test_up_stops_and_says_not_served_when_its_terminal_is_gone(
     assert up_module.up([], OperatorConfig(home=tmp_path), out=_ClosedTerminal()) == 0
     assert closed == [True]
     assert _ready(store.get("modeldeployments", "router") or {})["reason"] == "NotServed"
+
+
+STALLED_STATUS = {
+    "phase": "Failed",
+    "versions": [{"name": "tuned", "weight": 0, "ready": False, "message": "build failed"}],
+    "conditions": [
+        {"type": "Ready", "status": "False", "reason": "ModelInvalid", "message": "version tuned: no model"},
+        {"type": "Stalled", "status": "True", "reason": "ModelInvalid", "message": "version tuned: no model"},
+    ],
+}
+
+
+def test_up_exits_with_a_reason_when_no_deployment_can_be_served_and_no_job_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path)
+    store.apply("modeldeployments", DEPLOYMENT, immutable_spec=False)
+    passes: list[str] = []
+
+    async def stalled_pass(obj: dict[str, Any], **_: Any) -> DeploymentOutcome:
+        passes.append(obj["metadata"]["name"])
+        assert len(passes) < 5, "up kept waiting for a deployment that cannot be served"
+        return DeploymentOutcome(status=STALLED_STATUS, requeue_after=None)
+
+    monkeypatch.setattr(up_module, "reconcile_deployment", stalled_pass)
+    out = io.StringIO()
+    assert up_module.up([], OperatorConfig(home=tmp_path), out=out, poll_s=0.01) == 1
+    assert passes == ["router"]
+    assert (
+        "nothing left that can make progress: every job ended and no ModelDeployment can be served\n"
+        "  modeldeployment/router is stalled (ModelInvalid: version tuned: no model)\n"
+    ) in out.getvalue()
+
+
+def test_up_keeps_serving_a_stalled_deployment_whose_stable_version_answers(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    obj = store.apply("modeldeployments", DEPLOYMENT, immutable_spec=False).obj
+    rolled_back = {
+        **STALLED_STATUS,
+        "versions": [{"name": "tuned", "weight": 100, "ready": True}, {"name": "canary", "ready": False}],
+    }
+    store.update_status("modeldeployments", obj, rolled_back)
+    assert [o["metadata"]["name"] for o in up_module.deployments_left_to_serve(store)] == ["router"]
+
+
+def test_up_with_a_quantizejob_whose_finetunejob_does_not_exist_ends_after_the_grace_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    manifest = tmp_path / "qj.yaml"
+    manifest.write_text(
+        "apiVersion: kubetune.dev/v1alpha1\n"
+        "kind: QuantizeJob\n"
+        "metadata: {name: router-int8}\n"
+        "spec:\n"
+        "  model: {fineTuneJobRef: {name: router}}\n"
+        "  method: {type: int8-weight-only}\n"
+    )
+    out = io.StringIO()
+    settings = OperatorConfig(home=tmp_path / "home", missing_reference_grace_s=0)
+    assert up_module.up([manifest], settings, out=out, poll_s=0.01) == 1
+    job = LocalStore(settings.home).get("quantizejobs", "router-int8") or {}
+    succeeded = next(c for c in job["status"]["conditions"] if c["type"] == "Succeeded")
+    assert (succeeded["status"], succeeded["reason"]) == ("False", "SourceNotFound")
+    assert "quantizejob/router-int8  Failed" in out.getvalue()
+    assert "FineTuneJob/router does not exist in namespace default" in out.getvalue()
