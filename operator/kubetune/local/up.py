@@ -12,7 +12,9 @@ progress any more (every job ended, every ModelDeployment stalled with no versio
 it says, naming each failure. One `up` runs per home (a
 lock file): a second `kubetune up -f FILE` applies FILE to the store and leaves it to the running
 one, which picks the change up within a second (a weight change is applied in place, without
-restarting the version servers).
+restarting the version servers). The second one returns only once a pass of the running one has
+seen the change; a running `up` that is stopping takes up nothing new, so when its lock comes free
+first, the second one takes the lock and runs the change itself.
 
 The ModelDeployment reconcile is the operator's coroutine: each pass over them runs on an event loop
 of its own in the main thread, with a Prometheus client for that pass; LocalServing's blocking calls
@@ -29,10 +31,11 @@ import asyncio
 import contextlib
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, Literal, TextIO, cast
 
 from kubetune.api.registry import get_definition
 from kubetune.api.validation import read_manifests, validate_paths
@@ -60,6 +63,8 @@ from kubetune_contract.conditions import find_condition, set_condition
 
 Reconciler = Callable[[dict[str, Any], Backends, Path, LocalStore], Decision]
 DEPLOYMENTS = "modeldeployments"
+HAND_OFF_PATIENCE_S = 5.0  # how long a second `up -f` waits for the running one before it says so
+HAND_OFF_LIMIT_S = 120.0  # ... and before it gives up (a pass of the running one takes seconds)
 
 
 # In dependency order: a QuantizeJob sees the FineTuneJob it waits for updated in the same pass.
@@ -109,14 +114,30 @@ class Progress:
     errors: dict[str, str] = field(default_factory=dict)
 
 
+def is_new(obj: dict[str, Any]) -> bool:
+    """Whether no pass has seen this generation of the object yet (it was just applied)."""
+    observed: object = (obj.get("status") or {}).get("observedGeneration")
+    generation: object = obj["metadata"].get("generation")
+    return observed != generation
+
+
 def reconcile_jobs(
-    store: LocalStore, backends: Backends, base_dir: Path, out: TextIO, progress: Progress
+    store: LocalStore,
+    backends: Backends,
+    base_dir: Path,
+    out: TextIO,
+    progress: Progress,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> bool:
-    """One pass over the unfinished jobs; True while some job has not finished."""
+    """One pass over the unfinished jobs; True while some job has not finished. Once ``stopping``,
+    a job applied since the last pass is left alone: the `up -f` that applied it runs it (see
+    :func:`hand_off`)."""
     pending = False
     for plural, obj in store.all(list(RECONCILERS)):
         generation = obj["metadata"].get("generation")
         if is_finished(obj.get("status"), generation):
+            continue
+        if stopping() and is_new(obj):
             continue
         decision = RECONCILERS[plural](obj, backends, base_dir, store)
         try:
@@ -170,9 +191,10 @@ async def reconcile_deployments(
     base_dir: Path,
     out: TextIO,
     progress: Progress,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> int:
     """One pass over every stored ModelDeployment (and the deleted ones still served); returns how
-    many are stored."""
+    many are stored. Once ``stopping``, a change applied since the last pass is left alone."""
     backend = ServingOnTheLoop(serving)
     objects = store.list_objects(DEPLOYMENTS)
     stored = {(obj["metadata"]["namespace"], obj["metadata"]["name"]) for obj in objects}
@@ -183,6 +205,8 @@ async def reconcile_deployments(
     lookup = _job_lookup(store)
     async with _prometheus(prometheus_url) as prometheus:
         for obj in objects:
+            if stopping() and is_new(obj):
+                continue
             name = obj["metadata"]["name"]
             key = f"{DEPLOYMENTS}/{obj['metadata']['namespace']}/{name}"
             try:
@@ -332,9 +356,13 @@ def run_until_stopped(
     be served, or until a signal; returns the exit code."""
     progress = Progress()
     while True:
-        jobs_pending = reconcile_jobs(store, backends, base_dir, out, progress)
+
+        def stopping() -> bool:
+            return stop.received is not None
+
+        jobs_pending = reconcile_jobs(store, backends, base_dir, out, progress, stopping)
         # An event loop per pass, in the main thread (see ServingOnTheLoop).
-        passed = reconcile_deployments(store, serving, prometheus_url, base_dir, out, progress)
+        passed = reconcile_deployments(store, serving, prometheus_url, base_dir, out, progress, stopping)
         deployments = asyncio.run(passed)
         if stop.received is not None:
             break
@@ -374,15 +402,33 @@ def up(paths: list[Path], settings: OperatorConfig, out: TextIO = sys.stdout, po
     lock = UpLock(settings.home)
     holder = lock.acquire()
     try:
-        if paths and apply_paths(paths, store, out) is None:
+        applied = apply_paths(paths, store, out) if paths else []
+        if applied is None:
             return 2
         if holder is not None:
             if paths:
+                handed = hand_off(applied, lock, store, holder, out, poll_s)
+                if handed == "taken":
+                    print(
+                        f"kubetune up (pid {holder}) is running with {settings.home}: it applies the change",
+                        file=out,
+                    )
+                    return 0
+                if handed == "not taken":
+                    print(
+                        f"error: kubetune up (pid {holder}) is running with {settings.home} but did not take "
+                        f"the change up within {HAND_OFF_LIMIT_S:g}s (its output says why); the change is "
+                        "stored",
+                        file=sys.stderr,
+                    )
+                    return 1
                 print(
-                    f"kubetune up (pid {holder}) is running with {settings.home}: it applies the change",
+                    f"the kubetune up that held {settings.home} stopped before it took the change: "
+                    "this one runs it",
                     file=out,
+                    flush=True,
                 )
-                return 0
+                return _run(store, settings, prometheus_url, out, poll_s)
             print(
                 f"error: kubetune up (pid {holder}) is already running with {settings.home}", file=sys.stderr
             )
@@ -390,6 +436,55 @@ def up(paths: list[Path], settings: OperatorConfig, out: TextIO = sys.stdout, po
         return _run(store, settings, prometheus_url, out, poll_s)
     finally:
         lock.release()
+
+
+def taken_up(store: LocalStore, applied: list[tuple[str, dict[str, Any]]]) -> bool:
+    """Whether a reconcile pass has seen the current generation of every object applied."""
+    for plural, obj in applied:
+        meta = obj["metadata"]
+        current = store.get(plural, meta["name"], meta["namespace"])
+        if current is None:
+            continue  # deleted meanwhile: nothing left to hand over
+        seen = (current.get("status") or {}).get("observedGeneration")
+        if seen != current["metadata"].get("generation"):
+            return False
+    return True
+
+
+HandOff = Literal["taken", "ours", "not taken"]
+
+
+def hand_off(
+    applied: list[tuple[str, dict[str, Any]]],
+    lock: UpLock,
+    store: LocalStore,
+    holder: int,
+    out: TextIO,
+    poll_s: float,
+    limit_s: float = HAND_OFF_LIMIT_S,
+) -> HandOff:
+    """Leave what was applied to the running `up` (pid ``holder``), and say so, only once a pass of it
+    has seen it ("taken"). A running `up` that is stopping takes up nothing new, so when its lock
+    comes free first this process holds the lock ("ours") and must run the change itself. "not taken":
+    the running `up` did not take it up within ``limit_s`` (its output says why; the change is stored)."""
+    started = time.monotonic()
+    said_waiting = False
+    try:
+        while not taken_up(store, applied):
+            if (holder_now := lock.acquire()) is None:
+                return "ours"
+            holder = holder_now or holder
+            waited = time.monotonic() - started
+            if waited > limit_s:
+                return "not taken"
+            if not said_waiting and waited > HAND_OFF_PATIENCE_S:
+                print(f"waiting for kubetune up (pid {holder}) to take the change up", file=out, flush=True)
+                said_waiting = True
+            time.sleep(min(poll_s, 0.2))
+    except KeyboardInterrupt:
+        print("\nthe change is stored: the next `kubetune up` runs it", file=out, flush=True)
+        raise
+    return "taken"
 
 
 def _run(

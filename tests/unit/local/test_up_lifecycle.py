@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -13,7 +15,7 @@ import pytest
 from kubetune.config import OperatorConfig
 from kubetune.local import up as up_module
 from kubetune.local.serving import LocalServing
-from kubetune.local.session import StopSignals
+from kubetune.local.session import StopSignals, UpLock
 from kubetune.local.store import LocalStore
 from kubetune.reconcile.deployment import DeploymentOutcome, DeploymentRef
 
@@ -199,3 +201,93 @@ def test_up_with_a_quantizejob_whose_finetunejob_does_not_exist_ends_after_the_g
     assert (succeeded["status"], succeeded["reason"]) == ("False", "SourceNotFound")
     assert "quantizejob/router-int8  Failed" in out.getvalue()
     assert "FineTuneJob/router does not exist in namespace default" in out.getvalue()
+
+
+# -- hand-off between `kubetune up` processes --------------------------------------------------------
+
+
+def _deployment_file(tmp_path: Path) -> Path:
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        "apiVersion: kubetune.dev/v1alpha1\n"
+        "kind: ModelDeployment\n"
+        "metadata: {name: router}\n"
+        "spec:\n"
+        "  versions: [{name: tuned, model: {uri: /models/tuned}, weight: 100}]\n"
+    )
+    return path
+
+
+def test_up_f_waits_for_the_running_up_to_take_the_change_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = UpLock(tmp_path)
+    assert running.acquire() is None
+    store = LocalStore(tmp_path)
+
+    def running_up_pass() -> None:  # the running `up` sees the new generation in its next pass
+        time.sleep(0.3)
+        obj = store.get("modeldeployments", "router") or {}
+        store.update_status("modeldeployments", obj, {"observedGeneration": obj["metadata"]["generation"]})
+
+    monkeypatch.setattr(up_module, "_run", lambda *_: pytest.fail("the running up took the change"))
+    passing = threading.Thread(target=running_up_pass)
+    passing.start()
+    out = io.StringIO()
+    started = time.monotonic()
+    try:
+        assert up_module.up([_deployment_file(tmp_path)], OperatorConfig(home=tmp_path), out=out) == 0
+    finally:
+        passing.join()
+        running.release()
+    assert time.monotonic() - started >= 0.3
+    assert (
+        f"kubetune up (pid {os.getpid()}) is running with {tmp_path}: it applies the change" in out.getvalue()
+    )
+
+
+def test_up_f_sent_while_the_running_up_stops_runs_the_change_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The running `up` is stopping: it takes nothing new up and lets its lock go.
+    running = UpLock(tmp_path)
+    assert running.acquire() is None
+    stopping = threading.Timer(0.3, running.release)
+    ran: list[dict[str, Any] | None] = []
+
+    def new_up_runs(store: LocalStore, *_: Any) -> int:
+        ran.append(store.get("modeldeployments", "router"))
+        return 0
+
+    monkeypatch.setattr(up_module, "_run", new_up_runs)
+    stopping.start()
+    out = io.StringIO()
+    try:
+        assert up_module.up([_deployment_file(tmp_path)], OperatorConfig(home=tmp_path), out=out) == 0
+    finally:
+        stopping.join()
+    assert len(ran) == 1 and ran[0] is not None
+    assert "it applies the change" not in out.getvalue()
+    assert "stopped before it took the change: this one runs it" in out.getvalue()
+    assert UpLock(tmp_path).acquire() is None  # the new `up` let the lock go when it was done
+
+
+def test_a_stopping_up_takes_up_no_job_applied_since_its_last_pass(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.apply(
+        "quantizejobs",
+        {
+            "apiVersion": "kubetune.dev/v1alpha1",
+            "kind": "QuantizeJob",
+            "metadata": {"name": "router-int8"},
+            "spec": {"model": {"fineTuneJobRef": {"name": "router"}}, "method": {"type": "int8-weight-only"}},
+        },
+        immutable_spec=True,
+    )
+    backends = up_module.Backends(OperatorConfig(home=tmp_path))
+    progress = up_module.Progress()
+    out = io.StringIO()
+    assert up_module.reconcile_jobs(store, backends, tmp_path, out, progress, stopping=lambda: True) is False
+    assert "status" not in (store.get("quantizejobs", "router-int8") or {})
+    assert up_module.reconcile_jobs(store, backends, tmp_path, out, progress, stopping=lambda: False) is True
+    assert (store.get("quantizejobs", "router-int8") or {})["status"]["observedGeneration"] == 1
