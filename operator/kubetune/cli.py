@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from kubetune.config import OperatorConfig
     from kubetune.local.store import LocalStore
 
+DEBUG_ENV = "KUBETUNE_DEBUG"
+
 
 def _settings(args: argparse.Namespace) -> OperatorConfig:
     from kubetune.config import OperatorConfig
@@ -40,12 +42,11 @@ def cmd_crds(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from kubetune.api.validation import validate_paths
+    from kubetune.api.validation import format_issues, validate_paths
 
     issues = validate_paths([Path(p) for p in args.filename])
-    for issue in issues:
-        print(str(issue), file=sys.stderr)
     if issues:
+        print(format_issues(issues), file=sys.stderr)
         print(f"{len(issues)} problem(s) found", file=sys.stderr)
         return 1
     print("all kubetune resources valid")
@@ -53,8 +54,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from kubetune.api.validation import ResourceInvalid, parse_resource, read_manifests
-    from kubetune.pipelines.compile import compile_resource
+    from kubetune.api.validation import (
+        format_issues,
+        is_kubetune_document,
+        parse_resource,
+        read_manifests,
+        validate_paths,
+    )
+    from kubetune.pipelines.compile import NotCompilable, compile_resource
 
     if args.standard:
         if args.filename or args.output or not args.out_dir:
@@ -68,19 +75,21 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if not args.filename or not args.output or args.out_dir:
         print("error: compile needs -f FILE -o OUTPUT (or --standard --out-dir DIR)", file=sys.stderr)
         return 2
-    documents = [d for d in read_manifests([Path(args.filename)]) if d.get("kind")]
+    issues = validate_paths([Path(args.filename)])
+    if issues:
+        print(format_issues(issues), file=sys.stderr)
+        return 1
+    documents = [d for d in read_manifests([Path(args.filename)]) if is_kubetune_document(d)]
     if len(documents) != 1:
         print(
             f"error: {args.filename} must hold exactly one resource, found {len(documents)}", file=sys.stderr
         )
         return 2
     try:
-        resource = parse_resource(documents[0])
-    except ResourceInvalid as invalid:
-        for issue in invalid.issues:
-            print(str(issue), file=sys.stderr)
-        return 1
-    compile_resource(resource, _settings(args), Path(args.output))
+        compile_resource(parse_resource(documents[0]), _settings(args), Path(args.output))
+    except NotCompilable as exc:
+        print(f"error: {args.filename}: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {args.output}")
     return 0
 
@@ -146,7 +155,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from kubetune.local.store import LocalStore
+    from kubetune.local.store import DamagedEntry, LocalStore
     from kubetune.reconcile.jobs import Backends, cancel_job
 
     definition = _definition(args.kind)
@@ -154,13 +163,18 @@ def cmd_delete(args: argparse.Namespace) -> int:
         return 2
     settings = _settings(args)
     store = LocalStore(settings.home)
-    obj = _stored(store, definition, args.name, args.namespace)
-    if obj is None:
-        return 1
-    if definition.plural in ("finetunejobs", "quantizejobs"):
-        run_id = cancel_job(obj, Backends(settings), lookup=store.finetune_job, base_dir=Path.cwd())
-        if run_id:
-            print(f"cancelled pipeline run {run_id}")
+    try:
+        obj = _stored(store, definition, args.name, args.namespace)
+    except DamagedEntry as damaged:
+        # The run it may have started cannot be read from it; removing it frees the name.
+        print(f"warning: {damaged.path}: damaged, deleted without cancelling its run", file=sys.stderr)
+    else:
+        if obj is None:
+            return 1
+        if definition.plural in ("finetunejobs", "quantizejobs"):
+            run_id = cancel_job(obj, Backends(settings), lookup=store.finetune_job, base_dir=Path.cwd())
+            if run_id:
+                print(f"cancelled pipeline run {run_id}")
     store.delete(definition.plural, args.name, args.namespace)
     print(f'{definition.kind.lower()}.kubetune.dev "{args.name}" deleted')
     return 0
@@ -184,26 +198,90 @@ def cmd_tiny_base(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kubetune", description=__doc__)
-    parser.add_argument("--home", help="local state directory (default $KUBETUNE_HOME or ./.kubetune)")
-    sub = parser.add_subparsers(dest="command", required=True)
+HOME_HELP = "local state directory (default $KUBETUNE_HOME or ./.kubetune)"
+DEBUG_HELP = f"print the Python traceback of an error (or set {DEBUG_ENV}=1)"
 
-    crds = sub.add_parser("crds", help="print the CustomResourceDefinitions generated from the API models")
+
+def _shared_options() -> argparse.ArgumentParser:
+    """--home and --debug for every subcommand, so they may follow it too.
+
+    Their default is SUPPRESS: a subcommand's parser copies every attribute it has over the main
+    parser's, so a default there would undo ``kubetune --home DIR get ...``.
+    """
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--home", default=argparse.SUPPRESS, help=HOME_HELP)
+    shared.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    return shared
+
+
+def _subcommand(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    examples: Sequence[str],
+    details: str = "",
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows `summary`, `details` and `examples` (one command a line)."""
+    description = f"{summary}\n\n{details}" if details else summary
+    return sub.add_parser(
+        name,
+        help=summary[0].lower() + summary[1:].rstrip("."),
+        description=description,
+        epilog="examples:\n" + "\n".join(f"  {example}" for example in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_shared_options()],
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune",
+        description=__doc__,
+        epilog="Run `kubetune COMMAND --help` for a command's options and examples.",
+    )
+    parser.add_argument("--home", help=HOME_HELP)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    crds = _subcommand(
+        sub,
+        "crds",
+        "Print the CustomResourceDefinitions generated from the API models.",
+        ["kubetune crds | kubectl apply --server-side -f -", "kubetune crds --out-dir manifests/crds"],
+    )
     crds.add_argument("--out-dir", help="write one file per CRD into this directory instead")
     crds.set_defaults(func=cmd_crds)
 
-    validate = sub.add_parser("validate", help="check resources offline")
-    validate.add_argument("-f", "--filename", action="append", required=True, help="file or directory")
+    validate = _subcommand(
+        sub,
+        "validate",
+        "Check kubetune resources offline, as the operator and `kubetune up` will.",
+        ["kubetune validate -f examples/quickstart", "kubetune validate -f job.yaml -f deployment.yaml"],
+        "Every problem is reported at once: FILE:LINE: Kind/name: field.path: what is wrong.\n"
+        "Documents of other API groups are skipped; a path holding no kubetune resource is a problem.\n"
+        "Exit status 1 when there are problems.",
+    )
+    validate.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        help="manifest file, or directory searched for *.yaml, *.yml and *.json (may repeat)",
+    )
     validate.set_defaults(func=cmd_validate)
 
-    compile_ = sub.add_parser(
+    compile_ = _subcommand(
+        sub,
         "compile",
-        help="compile a job to a Kubeflow Pipelines YAML package, or (--standard) the Kubeflow UI "
-        "pipelines and component specs",
+        "Compile a FineTuneJob to a Kubeflow Pipelines package, or (--standard) the Kubeflow UI's "
+        "pipelines and component specs.",
+        [
+            "kubetune compile -f examples/quickstart/01-finetune.yaml -o pipeline.yaml",
+            "kubetune compile --standard --out-dir manifests/kubeflow",
+        ],
     )
-    compile_.add_argument("-f", "--filename")
-    compile_.add_argument("-o", "--output")
+    compile_.add_argument("-f", "--filename", help="manifest file holding exactly one FineTuneJob")
+    compile_.add_argument("-o", "--output", help="where to write the pipeline package (YAML)")
     compile_.add_argument(
         "--standard",
         action="store_true",
@@ -212,49 +290,133 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--out-dir", help="with --standard: where to write components/ and pipelines/")
     compile_.set_defaults(func=cmd_compile)
 
-    up = sub.add_parser(
+    up = _subcommand(
+        sub,
         "up",
-        help="run resources locally: jobs until they finish, ModelDeployments served until Ctrl+C "
-        "(with another `up` running, apply the files for it to pick up)",
+        "Run resources locally: jobs until they finish, ModelDeployments served until Ctrl+C.",
+        ["kubetune up -f examples/quickstart", "kubetune up   # resume what the store holds"],
+        "With another `up` running for the same --home, the files are applied for it to pick up.",
     )
-    up.add_argument("-f", "--filename", action="append", help="file or directory (may repeat)")
+    up.add_argument("-f", "--filename", action="append", help="manifest file or directory (may repeat)")
     up.set_defaults(func=cmd_up)
 
-    gateway = sub.add_parser(
+    gateway = _subcommand(
+        sub,
         "gateway",
-        help="run a ModelDeployment's OpenAI-compatible gateway (reloads its config file on change)",
+        "Run a ModelDeployment's OpenAI-compatible gateway (reloads its config file on change).",
+        ["kubetune gateway --config gateway.json --port 8000"],
     )
     add_gateway_arguments(gateway)
     gateway.set_defaults(func=cmd_gateway)
 
-    get = sub.add_parser("get", help="list stored resources with their status")
-    get.add_argument("kind", help="kind, plural or short name (ftj)")
-    get.add_argument("name", nargs="?")
-    get.add_argument("-n", "--namespace", default="default")
-    get.add_argument("-o", "--output", choices=["json", "yaml", "table", "wide"], default="table")
+    get = _subcommand(
+        sub,
+        "get",
+        "List stored resources with their status, like kubectl get.",
+        ["kubetune get ftj", "kubetune get mdep support-router -o yaml"],
+    )
+    get.add_argument("kind", help="kind, plural or short name (ftj, qj, mdep)")
+    get.add_argument("name", nargs="?", help="one resource's name (default: all of the kind)")
+    get.add_argument("-n", "--namespace", default="default", help="namespace (default: default)")
+    get.add_argument(
+        "-o",
+        "--output",
+        choices=["json", "yaml", "table", "wide"],
+        default="table",
+        help="output format (default: table; wide adds columns)",
+    )
     get.set_defaults(func=cmd_get)
 
-    delete = sub.add_parser("delete", help="delete a stored resource, cancelling its run")
-    delete.add_argument("kind")
-    delete.add_argument("name")
-    delete.add_argument("-n", "--namespace", default="default")
+    delete = _subcommand(
+        sub,
+        "delete",
+        "Delete a stored resource, cancelling its run.",
+        ["kubetune delete ftj support-router"],
+        "A damaged store entry is deleted too (its run, which cannot be read from it, is left alone).",
+    )
+    delete.add_argument("kind", help="kind, plural or short name (ftj, qj, mdep)")
+    delete.add_argument("name", help="the resource's name")
+    delete.add_argument("-n", "--namespace", default="default", help="namespace (default: default)")
     delete.set_defaults(func=cmd_delete)
 
-    operator = sub.add_parser("operator", help="run the Kopf operator against the current cluster")
-    operator.add_argument("-n", "--namespace", action="append", help="watch only these namespaces")
-    operator.add_argument("--liveness-port", type=int, default=8080)
-    operator.add_argument("-v", "--verbose", action="store_true")
+    operator = _subcommand(
+        sub,
+        "operator",
+        "Run the Kopf operator against the current cluster (kubeconfig or in-cluster).",
+        ["kubetune operator", "kubetune operator -n team-a -n team-b --liveness-port 8080"],
+    )
+    operator.add_argument(
+        "-n", "--namespace", action="append", help="watch only this namespace (may repeat; default: all)"
+    )
+    operator.add_argument(
+        "--liveness-port", type=int, default=8080, help="port of the /healthz endpoint (default: 8080)"
+    )
+    operator.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     operator.set_defaults(func=cmd_operator)
 
-    dev = sub.add_parser("dev", help="developer utilities")
-    dev_sub = dev.add_subparsers(dest="dev_command", required=True)
-    tiny = dev_sub.add_parser("tiny-base", help="build the quickstart's tiny pretrained base model offline")
-    tiny.add_argument("--out", default=".kubetune/models/tiny-base")
-    tiny.add_argument("--force", action="store_true")
+    dev = _subcommand(sub, "dev", "Developer utilities.", ["kubetune dev tiny-base"])
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="COMMAND")
+    tiny = _subcommand(
+        dev_sub,
+        "tiny-base",
+        "Build the quickstart's tiny pretrained base model offline.",
+        ["kubetune dev tiny-base", "kubetune dev tiny-base --out /tmp/tiny-base --force"],
+        "A complete build of the same recipe is reused.",
+    )
+    tiny.add_argument(
+        "--out", default=".kubetune/models/tiny-base", help="model directory (default: %(default)s)"
+    )
+    tiny.add_argument(
+        "--force", action="store_true", help="rebuild, replacing the directory even if it is no tiny build"
+    )
     tiny.set_defaults(func=cmd_tiny_base)
     return parser
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What bad input or a damaged file raises: told in one line, without a traceback."""
+    from kubetune.api.validation import ManifestError, ResourceInvalid
+    from kubetune.local.store import ApplyError, DamagedEntry
+    from kubetune.pipelines.compile import NotCompilable
+
+    return (
+        OSError,
+        UnicodeError,
+        yaml.YAMLError,
+        ManifestError,
+        ResourceInvalid,
+        NotCompilable,
+        ApplyError,
+        DamagedEntry,
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        files = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
+        message = f"{files}: {exc.strerror or exc}"
+    else:
+        message = str(exc) or type(exc).__name__
+    return " ".join(message.split())
+
+
+def _debugging(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    sys.exit(args.func(args))
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:
+        if _debugging(args):
+            raise
+        if isinstance(exc, _expected_errors()):
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+        else:
+            internal = f"{type(exc).__name__}: {_one_line(exc)}"
+            print(f"internal error: {internal} (run with --debug for the traceback)", file=sys.stderr)
+        code = 1
+    sys.exit(code)

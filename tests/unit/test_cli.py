@@ -38,8 +38,11 @@ def test_validate_names_kind_name_and_field_path(tmp_path: Path, capsys: pytest.
     code, _, err = run(capsys, "validate", "-f", str(tmp_path))
     assert code == 1
     lines = err.splitlines()
-    assert any(line.startswith("FineTuneJob/broken: spec.dataset.format: ") for line in lines), err
-    assert any(line.startswith("FineTuneJob/broken: spec.training.learningRate: ") for line in lines), err
+    where = f"{tmp_path / 'bad.yaml'}:1: "  # a directory's problems name their file
+    assert any(line.startswith(f"{where}FineTuneJob/broken: spec.dataset.format: ") for line in lines), err
+    assert any(
+        line.startswith(f"{where}FineTuneJob/broken: spec.training.learningRate: ") for line in lines
+    ), err
 
 
 def test_validate_accepts_the_examples(capsys: pytest.CaptureFixture[str]) -> None:
