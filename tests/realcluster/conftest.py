@@ -20,6 +20,7 @@ from realcluster.control_plane import (
     FIELD_MANAGER,
     BinariesUnavailable,
     ControlPlane,
+    ManagedProcess,
     find_binaries,
     start_control_plane,
 )
@@ -84,3 +85,8 @@ def kubetune_crds(control_plane: ControlPlane) -> list[str]:
 @pytest.fixture
 def namespace(control_plane: ControlPlane) -> str:
     return control_plane.create_namespace()
+
+
+@pytest.fixture(scope="session")
+def controller_manager(control_plane: ControlPlane, kubetune_crds: list[str]) -> ManagedProcess:
+    return control_plane.start_controller_manager()

@@ -7,7 +7,12 @@ holding ``kube-apiserver``, ``etcd`` and ``kubectl``. When it is unset, the zstd
 :func:`start_control_plane` starts etcd and the API server (``--authorization-mode=RBAC``) with
 certificates made for the run, waits until ``/readyz`` answers, and yields a :class:`ControlPlane`:
 an admin kubeconfig (client certificate in ``system:masters``) that kubectl and
-``lightkube.KubeConfig.from_file`` both read. On exit both processes are killed, whatever happened.
+``lightkube.KubeConfig.from_file`` both read. On exit every process is killed, whatever happened.
+The API server writes an audit log (every request's user, verb, resource and response code), so a test
+can show that a client held to its RBAC was never refused, and enforces
+OwnerReferencesPermissionEnforcement (setting ``blockOwnerDeletion`` needs the owner's finalizers).
+:meth:`ControlPlane.start_controller_manager` adds kube-controller-manager (garbage collection, the
+Deployment controller) for the tests that need it.
 The machine may be loaded (2 cores shared by many processes): readiness is polled with generous
 timeouts, and a port taken between choosing and binding it is retried with fresh ports.
 """
@@ -20,6 +25,7 @@ import ctypes
 import datetime
 import hashlib
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -43,6 +49,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ASSETS_ENV = "KUBEBUILDER_ASSETS"
 REQUIRED_BINARIES = ("kube-apiserver", "etcd", "kubectl")
+CONTROLLER_MANAGER = "kube-controller-manager"  # optional: only the tests that need GC start it
 HOW_TO_GET_BINARIES = (
     f"set {ASSETS_ENV} to a directory holding kube-apiserver, etcd and kubectl (with internet: "
     f"`export {ASSETS_ENV}=$(go run sigs.k8s.io/controller-runtime/tools/setup-envtest@latest use -p "
@@ -56,6 +63,13 @@ STOP_GRACE_S = 10.0
 FIELD_MANAGER = "kubetune-tests"  # the tests' server-side applies
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+# Metadata of every request once answered: enough to find refusals, small enough for a loaded machine.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [{"level": "Metadata"}],
+}
 
 
 class BinariesUnavailable(RuntimeError):
@@ -390,6 +404,15 @@ class ControlPlane:
     ca: CertificateAuthority
     kubeconfig: Path
     processes: list[ManagedProcess]
+    service_account_keys: CertificateFiles
+    audit_log: Path
+    admin: CertificateFiles
+
+    def admin_http(self) -> httpx.Client:
+        """An HTTP client of the API server as admin (for polling reads without a kubectl process each)."""
+        tls = ssl.create_default_context(cafile=str(self.ca.files.certificate))
+        tls.load_cert_chain(str(self.admin.certificate), str(self.admin.key))
+        return httpx.Client(base_url=self.server, verify=tls, timeout=30.0)
 
     def kubectl(
         self,
@@ -434,6 +457,63 @@ class ControlPlane:
             {"token": token},
         )
 
+    def audit_events(self, user: str) -> list[dict[str, Any]]:
+        """The audit log's events of requests made by ``user`` (e.g. a ServiceAccount's username)."""
+        events: list[dict[str, Any]] = []
+        with self.audit_log.open(encoding="utf-8") as log:
+            for line in log:
+                event = json.loads(line)
+                if event.get("user", {}).get("username") == user:
+                    events.append(event)
+        return events
+
+    def start_controller_manager(self) -> ManagedProcess:
+        """kube-controller-manager on this API server (every controller, each with its own ServiceAccount
+        credentials); ready when its ``/healthz`` answers. Stopped with the control plane."""
+        binary = self.binaries / CONTROLLER_MANAGER
+        if not os.access(binary, os.X_OK):
+            raise BinariesUnavailable(f"no executable {binary}: {HOW_TO_GET_BINARIES}")
+        identity = self.ca.issue("controller-manager", "system:kube-controller-manager")
+        kubeconfig = write_kubeconfig(
+            self.workdir / "kubeconfig-controller-manager",
+            self.server,
+            self.ca.files.certificate,
+            "system:kube-controller-manager",
+            {
+                "client-certificate-data": _b64(identity.certificate),
+                "client-key-data": _b64(identity.key),
+            },
+        )
+        with httpx.Client(verify=False) as http:  # it serves a self-signed certificate of its own
+
+            def command() -> tuple[list[str], Callable[[], bool]]:
+                port = free_port()
+                flags = [
+                    f"--kubeconfig={kubeconfig}",
+                    f"--authentication-kubeconfig={kubeconfig}",
+                    f"--authorization-kubeconfig={kubeconfig}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={port}",
+                    "--leader-elect=false",
+                    "--controllers=*",
+                    "--use-service-account-credentials=true",
+                    f"--service-account-private-key-file={self.service_account_keys.key}",
+                    f"--root-ca-file={self.ca.files.certificate}",
+                    f"--cluster-signing-cert-file={self.ca.files.certificate}",
+                    f"--cluster-signing-key-file={self.ca.files.key}",
+                    f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                    f"--cert-dir={self.workdir / 'controller-manager-certs'}",
+                ]
+                return [str(binary), *flags], lambda: _answers(
+                    http, f"https://127.0.0.1:{port}/healthz", "ok"
+                )
+
+            process = start_with_port_retry(
+                CONTROLLER_MANAGER, command, self.workdir / "controller-manager.log"
+            )
+        self.processes.append(process)
+        return process
+
 
 @contextlib.contextmanager
 def start_control_plane(binaries: Path, workdir: Path | None = None) -> Iterator[ControlPlane]:
@@ -447,6 +527,9 @@ def start_control_plane(binaries: Path, workdir: Path | None = None) -> Iterator
         serving = ca.issue("apiserver", "kube-apiserver", server_ips=("127.0.0.1",))
         admin = ca.issue("admin", "kubetune-test-admin", organizations=("system:masters",))
         service_accounts = write_service_account_keys(root)
+        audit_policy = root / "audit-policy.yaml"
+        audit_policy.write_text(yaml.safe_dump(AUDIT_POLICY), encoding="utf-8")
+        audit_log = root / "audit.log"
 
         tls = ssl.create_default_context(cafile=str(ca.files.certificate))
         tls.load_cert_chain(str(admin.certificate), str(admin.key))
@@ -490,6 +573,11 @@ def start_control_plane(binaries: Path, workdir: Path | None = None) -> Iterator
                 f"--service-account-signing-key-file={service_accounts.key}",
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
                 "--authorization-mode=RBAC",
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
+                f"--audit-policy-file={audit_policy}",
+                f"--audit-log-path={audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",  # an event is on disk before its response is sent
                 "--endpoint-reconciler-type=none",  # 127.0.0.1 is refused as an Endpoints address
                 f"--cert-dir={root / 'apiserver-certs'}",
             ]
@@ -504,7 +592,9 @@ def start_control_plane(binaries: Path, workdir: Path | None = None) -> Iterator
             "kubetune-test-admin",
             {"client-certificate-data": _b64(admin.certificate), "client-key-data": _b64(admin.key)},
         )
-        yield ControlPlane(binaries, root, server, ca, kubeconfig, processes)
+        yield ControlPlane(
+            binaries, root, server, ca, kubeconfig, processes, service_accounts, audit_log, admin
+        )
     finally:
         stack.close()
         for process in reversed(processes):
