@@ -20,11 +20,19 @@ cover streams — and drops that chunk before it reaches such a client.
 
 Feedback rates a completion by its id, once (``feedback``).
 
+Readiness: requests go only to versions that are ready (the config's ``ready``, less versions the
+gateway could not connect to within the last ``health.markDownSeconds``); a sticky user whose
+version is not ready is served by another meanwhile. A request pinned to a version that is not
+ready, or one arriving while no weighted version is, goes to the fallback version when that is
+ready; otherwise the client gets a 503 with ``Retry-After`` (type ``service_unavailable``).
+
 Failures: a connect error, a timeout or a 5xx from the chosen version is retried once on the
 fallback version (never once a stream has sent its first byte); when that fails too, or there is no
-fallback, the client gets a 502 (504 for a timeout) in the OpenAI error format. A stream that breaks
-after it started ends with an SSE ``error`` event, which OpenAI clients raise as an error. Until a
-stream's first chunk arrives it can still fall back: the fallback timeout covers the time to it.
+fallback, the client gets an OpenAI-format error: 503 with Retry-After when the version could not be
+connected to, 504 naming the timeout setting that ran out, else 502. Every wait is bounded by the
+config's ``timeouts`` (and ``fallback.timeoutSeconds``, for the chosen version and the fallback
+alike). A stream that breaks or stays silent after it started ends with an SSE ``error`` event,
+which OpenAI clients raise as an error. No client-facing message quotes an exception; the log does.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from kubetune.gateway.generation import (
     apply_generation,
     parse_openai_request,
 )
+from kubetune.gateway.health import UpstreamHealth
 from kubetune.gateway.metrics import GatewayMetrics
 from kubetune.gateway.prompts import render_chat_messages, render_completion_prompt
 from kubetune.gateway.relay import relay_stream
@@ -72,8 +81,15 @@ from kubetune.gateway.responses import (
     read_json_object,
     tracing_headers,
 )
-from kubetune.gateway.routing import Router, UnknownVersionError
-from kubetune.gateway.upstream import Attempt, UpstreamBody, UpstreamClient, send_with_fallback
+from kubetune.gateway.routing import NoVersionAvailable, Router, UnknownVersionError
+from kubetune.gateway.upstream import (
+    Attempt,
+    AttemptLimits,
+    UpstreamBody,
+    UpstreamClient,
+    WaitLimit,
+    send_with_fallback,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +142,7 @@ class Gateway:
         self.cache = ResponseCache(config.cache.max_entries, config.cache.ttl_seconds)
         self.answered = AnsweredRequests()
         self.upstream = UpstreamClient()
+        self.health = UpstreamHealth()
         self.started_at = int(time.time())
 
     def apply_config(self, config: GatewayConfig) -> None:
@@ -164,7 +181,11 @@ class Gateway:
             body = await read_json_object(request)
             parsed = parse_openai_request(endpoint, body)
             _check_model(parsed.model, state.config.deployment)
-            version = _route(state, request, parsed.user)
+            unavailable = self.health.unavailable(state.config)
+            chosen = _route(state, request, parsed.user, unavailable)
+            if chosen is not None:
+                version = chosen
+            version = self._ready_version(state, chosen, unavailable)
             apply_generation(endpoint, body, state.config.generation)
             if parsed.stream:
                 return await self._stream(state, endpoint, request_id, version, body)
@@ -177,6 +198,29 @@ class Gateway:
                 500, "the gateway failed on this request; see its log", error_type="server_error"
             )
             return error_response(internal, request_id, version)
+
+    def _ready_version(self, state: GatewayState, chosen: str | None, unavailable: frozenset[str]) -> str:
+        """``chosen`` when it is ready, else the fallback when that is; else the 503 to answer.
+
+        ``chosen`` is None when no version with a weight is ready."""
+        if chosen is not None and chosen not in unavailable:
+            return chosen
+        config = state.config
+        if config.fallback is not None and config.fallback.version not in unavailable:
+            if chosen is not None:
+                self._count_fallback(state, chosen, config.fallback.version)
+            return config.fallback.version
+        retry_after = self.health.retry_after(config)
+        if chosen is None:
+            message = f"no version of {config.deployment!r} is ready to answer; retry in {retry_after}s"
+            code = "no_version_ready"
+        else:
+            message = f"version {chosen!r} is not ready to answer; retry in {retry_after}s"
+            code = "version_not_ready"
+        raise GatewayError(503, message, error_type="service_unavailable", code=code, retry_after=retry_after)
+
+    def _unavailable_now(self, state: GatewayState) -> frozenset[str]:
+        return self.health.unavailable(state.config)
 
     def _upstream_body(
         self, state: GatewayState, endpoint: str, version: str, body: dict[str, Any]
@@ -227,6 +271,7 @@ class Gateway:
             functools.partial(self._upstream_body, state, endpoint, body=body),
             functools.partial(self._post, state, endpoint, request_id),
             functools.partial(self._count_fallback, state),
+            functools.partial(self._unavailable_now, state),
         )
         if attempt.code == 200:
             if attempt.version == version:
@@ -258,16 +303,23 @@ class Gateway:
         request_id: str,
         version: str,
         body: dict[str, Any],
-        deadline: float,
+        limits: AttemptLimits,
     ) -> Attempt:
         url = state.endpoint_urls[version, endpoint]
-        attempt = await self.upstream.post(url, request_id, version, body, deadline)
+        attempt = await self.upstream.post(url, request_id, version, body, limits)
+        self._note_reachability(state, attempt)
         self._record_attempt(state, endpoint, version, attempt.code, attempt.duration)
         if attempt.succeeded:
             self.metrics.child(self.metrics.time_to_first_token, state.config.deployment, version).observe(
                 attempt.duration
             )
         return attempt
+
+    def _note_reachability(self, state: GatewayState, attempt: Attempt) -> None:
+        if attempt.unreachable:
+            seconds = state.config.health.mark_down_seconds
+            log.warning("version %s is unreachable; no traffic goes to it for %gs", attempt.version, seconds)
+            self.health.mark_down(attempt.version, seconds)
 
     # -- streaming ---------------------------------------------------------------------------
 
@@ -280,6 +332,7 @@ class Gateway:
             functools.partial(self._upstream_body, state, endpoint, body=body),
             functools.partial(self._open_stream, state, endpoint, request_id),
             functools.partial(self._count_fallback, state),
+            functools.partial(self._unavailable_now, state),
         )
         headers = tracing_headers(request_id, attempt.version)
         if attempt.stream is None:  # the upstream refused (4xx): pass its answer on
@@ -301,6 +354,7 @@ class Gateway:
             request_id,
             sent.added_usage,
             headers,
+            idle=WaitLimit(state.config.timeouts.stream_idle_seconds, "timeouts.streamIdleSeconds"),
             on_usage=lambda usage: self.metrics.record_usage(deployment, answering, usage),
             on_finished=on_finished,
         )
@@ -312,11 +366,11 @@ class Gateway:
         request_id: str,
         version: str,
         body: dict[str, Any],
-        deadline: float,
+        limits: AttemptLimits,
     ) -> Attempt:
         url = state.endpoint_urls[version, endpoint]
-        read_timeout = state.config.upstream_timeout_seconds
-        attempt = await self.upstream.open_stream(url, request_id, version, body, deadline, read_timeout)
+        attempt = await self.upstream.open_stream(url, request_id, version, body, limits)
+        self._note_reachability(state, attempt)
         if attempt.stream is None:  # an open stream is recorded when it ends
             self._record_attempt(state, endpoint, version, attempt.code, attempt.duration)
         return attempt
@@ -360,6 +414,7 @@ class Gateway:
                 "status": "ok",
                 "deployment": config.deployment,
                 "versions": {version.name: version.weight for version in config.versions},
+                "notRouted": sorted(self.health.unavailable(config)),
                 "configError": self.reloader.last_error if self.reloader is not None else None,
             }
         )
@@ -381,7 +436,11 @@ def _check_model(model: str | None, deployment: str) -> None:
         )
 
 
-def _route(state: GatewayState, request: Request, user: str | None) -> str:
+def _route(
+    state: GatewayState, request: Request, user: str | None, unavailable: frozenset[str]
+) -> str | None:
+    """The version the request is for (pinned, sticky or by weight among the ready), None when no
+    version with a weight is ready; a pinned version is returned even when it is not ready."""
     routing = state.config.routing
     override = request.headers.get(routing.override_header)
     if routing.sticky_by == "user":
@@ -390,9 +449,11 @@ def _route(state: GatewayState, request: Request, user: str | None) -> str:
         assert routing.header is not None
         key = request.headers.get(routing.header)
     try:
-        return state.router.choose(key, override, routing.override_header)
+        return state.router.choose(key, override, routing.override_header, unavailable)
     except UnknownVersionError as exc:
         raise invalid_request(str(exc), routing.override_header) from exc
+    except NoVersionAvailable:
+        return None
 
 
 def create_app(config_source: ConfigSource, reload_interval_seconds: float = 1.0) -> Starlette:

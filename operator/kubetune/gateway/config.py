@@ -7,6 +7,9 @@ wire and unknown fields are rejected, so a typo never silently does nothing.
 
 Version weights are relative shares (``weight / sum(weights)``); the operator writes them summing
 to 100, and a version with weight 0 only receives requests pinned to it with the override header.
+A version is routed to only while it is ready: the operator marks a version whose server does not
+answer yet ``ready: false``, and the gateway itself takes a version it cannot connect to out of
+routing for ``health.markDownSeconds``. Every wait on a version is bounded by a ``timeouts`` setting.
 """
 
 from __future__ import annotations
@@ -80,6 +83,11 @@ class VersionConfig(GatewayModel):
     url: UpstreamUrl = Field(description="Base URL of the version's OpenAI-compatible server.")
     weight: int = Field(ge=0, le=100)
     prompt: str | None = Field(default=None, description="Name of a prompts[] entry.")
+    ready: bool = Field(
+        default=True,
+        description="False while the version's server does not answer: it gets no traffic, its share "
+        "goes to the ready versions, and with none ready the gateway answers 503 with Retry-After.",
+    )
 
 
 class RoutingConfig(GatewayModel):
@@ -164,7 +172,33 @@ class CacheConfig(GatewayModel):
 class FallbackConfig(GatewayModel):
     version: VersionName
     timeout_seconds: float = Field(
-        default=30, gt=0, description="A version that has not answered within this time is given up on."
+        default=30,
+        gt=0,
+        description="While a fallback can step in, a version that has not answered within this time is "
+        "given up on; the fallback's own attempt is bounded by it too, so a request that falls back "
+        "waits at most twice this.",
+    )
+
+
+class TimeoutsConfig(GatewayModel):
+    """Every wait on a version, bounded; a 504 names the setting that ran out."""
+
+    connect_seconds: float = Field(default=5, gt=0, description="Opening a connection to a version.")
+    first_byte_seconds: float = Field(
+        default=60,
+        gt=0,
+        description="From sending a request to the answer's headers (a stream's: its first chunk).",
+    )
+    response_seconds: float = Field(default=60, gt=0, description="A whole non-streaming answer.")
+    stream_idle_seconds: float = Field(default=60, gt=0, description="A stream's silence between two chunks.")
+
+
+class HealthConfig(GatewayModel):
+    mark_down_seconds: float = Field(
+        default=5,
+        gt=0,
+        description="A version the gateway cannot connect to gets no traffic for this long (its share "
+        "goes to the others); also the Retry-After of a 503 while no version is ready.",
     )
 
 
@@ -180,7 +214,8 @@ class GatewayConfig(GatewayModel):
     prompts: list[PromptConfig] = []
     cache: CacheConfig = CacheConfig()
     fallback: FallbackConfig | None = None
-    upstream_timeout_seconds: float = Field(default=60, gt=0)
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    health: HealthConfig = HealthConfig()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> GatewayConfig:

@@ -8,7 +8,8 @@ from typing import Any
 class GatewayError(Exception):
     """A request the gateway answers with an error instead of a completion.
 
-    ``param`` names the offending request field or header, as OpenAI's API does.
+    ``param`` names the offending request field or header, as OpenAI's API does; ``retry_after``
+    (seconds) becomes a ``Retry-After`` header, which OpenAI clients honour when they retry.
     """
 
     def __init__(
@@ -19,6 +20,7 @@ class GatewayError(Exception):
         param: str | None = None,
         error_type: str = "invalid_request_error",
         code: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -26,6 +28,7 @@ class GatewayError(Exception):
         self.param = param
         self.error_type = error_type
         self.code = code
+        self.retry_after = retry_after
 
     def to_openai(self) -> dict[str, Any]:
         return openai_error(self.message, error_type=self.error_type, param=self.param, code=self.code)

@@ -2,11 +2,13 @@
 always lets go of the upstream.
 
 A stream that breaks after it started ends with an SSE ``error`` event, which OpenAI clients raise
-as an error (a cut connection would look like a complete answer to some of them).
+as an error (a cut connection would look like a complete answer to some of them). A stream silent
+for longer than ``timeouts.streamIdleSeconds`` is given up on the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -20,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from kubetune.gateway.errors import openai_error
 from kubetune.gateway.responses import json_bytes
-from kubetune.gateway.upstream import Attempt, describe
+from kubetune.gateway.upstream import Attempt, WaitLimit, describe
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +141,12 @@ def relay_stream(
     request_id: str,
     drop_usage_chunks: bool,
     headers: dict[str, str],
+    idle: WaitLimit,
     on_usage: Callable[[Any], None],
     on_finished: StreamFinished,
 ) -> RelayedStream:
-    """The client's response for a stream ``attempt`` opened (its first chunk already read).
+    """The client's response for a stream ``attempt`` opened (its first chunk already read); each
+    later chunk must come within ``idle``.
 
     The upstream is released and ``on_finished`` called once: when the upstream is done (before the
     client sees the end of the response, so the metrics are there when it asks), or when the client
@@ -176,7 +180,11 @@ def relay_stream(
             out = relay.feed(attempt.first_chunk) if is_sse else attempt.first_chunk
             if out:
                 yield out
-            async for chunk in chunks:
+            while True:
+                async with asyncio.timeout(idle.seconds):
+                    chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
                 out = relay.feed(chunk) if is_sse else chunk
                 if out:
                     yield out
@@ -187,12 +195,18 @@ def relay_stream(
         except Exception as exc:  # whatever broke, the client gets an error event, not a cut stream
             timed_out = isinstance(exc, TimeoutError)
             code = 504 if timed_out else 502
+            if timed_out:
+                reason = f"no bytes within {idle}"
+            elif isinstance(exc, aiohttp.ClientError):
+                reason = "the connection to it broke"
+            else:
+                reason = "the gateway failed relaying it; see its log"
             if isinstance(exc, aiohttp.ClientError | TimeoutError):
                 log.warning("stream %s from version %s broke: %s", request_id, version, describe(exc))
             else:
                 log.exception("relaying stream %s from version %s failed", request_id, version)
             error = openai_error(
-                f"version {version!r} stopped answering mid-stream ({type(exc).__name__})",
+                f"version {version!r} stopped answering mid-stream: {reason}",
                 error_type="server_error",
                 code="upstream_timeout" if timed_out else "upstream_error",
             )

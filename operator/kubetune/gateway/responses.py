@@ -38,11 +38,14 @@ def json_response(document: Any, headers: dict[str, str] | None = None) -> Respo
 
 
 def error_response(error: GatewayError, request_id: str, version: str) -> Response:
+    headers = tracing_headers(request_id, version)
+    if error.retry_after is not None:
+        headers["retry-after"] = str(error.retry_after)
     return Response(
         json_bytes(error.to_openai()),
         status_code=error.status_code,
         media_type="application/json",
-        headers=tracing_headers(request_id, version),
+        headers=headers,
     )
 
 

@@ -7,7 +7,9 @@ probability ``w / sum(w)``, so thousands of users split by the weights; the same
 the same version (blake2b, not Python's per-process salted ``hash``, so every gateway replica
 agrees); removing a version moves only the keys it held, and changing weights moves only as many
 keys as the shares changed. Weight 0 never wins sticky or random traffic; such a version is reached
-only through the override header.
+only through the override header. Versions the caller says are unavailable are left out of the
+race, so their keys move to the others in proportion to the remaining weights, and come back when
+the version does.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ def hash_unit_interval(version: str, key: str) -> float:
     return (int.from_bytes(digest, "big") + 0.5) / _TWO_TO_64
 
 
+class NoVersionAvailable(LookupError):
+    """Every version that takes traffic is unavailable."""
+
+
 @dataclass(frozen=True)
 class WeightedVersion:
     name: str
@@ -65,29 +71,49 @@ class Router:
     def names(self) -> list[str]:
         return [version.name for version in self.versions]
 
-    def sticky(self, key: str) -> str:
-        """The version this key always lands on (weighted rendezvous hashing)."""
-        best_name = self._eligible[0].name
+    def _available(self, unavailable: frozenset[str]) -> list[WeightedVersion]:
+        available = [version for version in self._eligible if version.name not in unavailable]
+        if not available:
+            raise NoVersionAvailable(", ".join(self._eligible_names))
+        return available
+
+    def sticky(self, key: str, unavailable: frozenset[str] = frozenset()) -> str:
+        """The version this key always lands on (weighted rendezvous hashing) among the available."""
+        candidates = self._available(unavailable) if unavailable else self._eligible
+        best_name = candidates[0].name
         best_score = -1.0
-        for version in self._eligible:
+        for version in candidates:
             score = -version.weight / math.log(hash_unit_interval(version.name, key))
             if score > best_score:
                 best_name, best_score = version.name, score
         return best_name
 
-    def random_by_weight(self) -> str:
-        return self._rng.choices(self._eligible_names, weights=self._eligible_weights)[0]
+    def random_by_weight(self, unavailable: frozenset[str] = frozenset()) -> str:
+        if not unavailable:
+            return self._rng.choices(self._eligible_names, weights=self._eligible_weights)[0]
+        candidates = self._available(unavailable)
+        return self._rng.choices(
+            [version.name for version in candidates], weights=[version.weight for version in candidates]
+        )[0]
 
-    def choose(self, key: str | None, override: str | None = None, override_header: str = "") -> str:
+    def choose(
+        self,
+        key: str | None,
+        override: str | None = None,
+        override_header: str = "",
+        unavailable: frozenset[str] = frozenset(),
+    ) -> str:
         """Pick the version for one request.
 
-        ``override`` (the override header's value) pins the request, even to a version of weight 0;
-        an unknown name raises UnknownVersionError. Requests without a key are spread at random.
+        ``override`` (the override header's value) pins the request, even to a version of weight 0
+        or an unavailable one (the caller decides what to do then); an unknown name raises
+        UnknownVersionError. Requests without a key are spread at random. Raises NoVersionAvailable
+        when every version with a weight is in ``unavailable``.
         """
         if override is not None:
             if override not in self._names:
                 raise UnknownVersionError(override_header, override, self.names)
             return override
         if key is None or key == "":
-            return self.random_by_weight()
-        return self.sticky(key)
+            return self.random_by_weight(unavailable)
+        return self.sticky(key, unavailable)

@@ -2,7 +2,12 @@
 
 A connect error, a timeout or a 5xx from the chosen version is retried once on the fallback version
 (a stream only until its first chunk: after that bytes have reached the client); when that fails
-too, or there is no fallback, ``send_with_fallback`` raises the 502 (504 for a timeout) GatewayError.
+too, or there is no fallback, ``send_with_fallback`` raises the GatewayError the client gets: 503
+with Retry-After when the version could not be connected to, 504 when it ran out of time (the
+message names the setting), else 502.
+
+Every wait is bounded by a setting (``AttemptLimits``). What the client reads says what failed in
+plain words; the exception behind it (aiohttp's class, errno text) goes to the log only.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -40,13 +46,50 @@ class UpstreamBody:
     added_usage: bool
 
 
+@dataclass(frozen=True)
+class WaitLimit:
+    """A bound on one wait, and the config setting it comes from (named when it runs out)."""
+
+    seconds: float
+    setting: str
+
+    def __str__(self) -> str:
+        return f"{self.setting} ({self.seconds:g}s)"
+
+
+@dataclass(frozen=True)
+class AttemptLimits:
+    """The bounds of one attempt on a version."""
+
+    connect: WaitLimit
+    first_byte: WaitLimit  # to the answer's headers; for a stream, to its first chunk
+    response: WaitLimit  # a whole non-streaming answer
+
+
+def _tighter(limit: WaitLimit, other: WaitLimit) -> WaitLimit:
+    return limit if limit.seconds <= other.seconds else other
+
+
+def attempt_limits(config: GatewayConfig, *, fallback_bounds: bool) -> AttemptLimits:
+    """The limits from ``config.timeouts``; with ``fallback_bounds``, the answer's waits are cut to
+    ``fallback.timeoutSeconds`` too (an attempt a fallback can step in for, or the fallback's own)."""
+    timeouts = config.timeouts
+    first_byte = WaitLimit(timeouts.first_byte_seconds, "timeouts.firstByteSeconds")
+    response = WaitLimit(timeouts.response_seconds, "timeouts.responseSeconds")
+    if fallback_bounds and config.fallback is not None:
+        fallback = WaitLimit(config.fallback.timeout_seconds, "fallback.timeoutSeconds")
+        first_byte, response = _tighter(first_byte, fallback), _tighter(response, fallback)
+    return AttemptLimits(WaitLimit(timeouts.connect_seconds, "timeouts.connectSeconds"), first_byte, response)
+
+
 @dataclass
 class Attempt:
     """The outcome of one upstream attempt (non-streaming, or a stream before its first chunk)."""
 
     version: str
     code: int  # upstream status, or 502 / 504 when it failed / timed out
-    failure: str | None  # why it counts as failed (connect error, timeout, 5xx, bad body); None if not
+    failure: str | None  # why it counts as failed, in words a client may read; None if it did not
+    unreachable: bool = False  # no connection could be made: nothing reached the version
     body: Any = None  # parsed JSON of a 2xx answer
     raw: bytes = b""  # the upstream's bytes of a non-2xx answer
     content_type: str = "application/json"
@@ -64,13 +107,42 @@ class Attempt:
     def succeeded(self) -> bool:
         return self.failure is None and 200 <= self.code < 300
 
+    def fail(
+        self, code: int, failure: str, cause: BaseException | None = None, *, unreachable: bool = False
+    ) -> None:
+        self.code, self.failure, self.unreachable = code, failure, unreachable
+        if cause is not None:
+            log.warning("version %s: %s (%s)", self.version, failure, describe(cause))
+
 
 def describe(exc: BaseException) -> str:
+    """An exception for the log (never for a client: it names library classes and errno text)."""
     return f"{type(exc).__name__}: {exc or 'request failed'}"
+
+
+def _fail_on_error(
+    attempt: Attempt, exc: BaseException, limits: AttemptLimits, answer_wait: WaitLimit
+) -> None:
+    """Record why an attempt failed: ``answer_wait`` is the limit that was running when ``exc`` (a
+    TimeoutError of it, or aiohttp's) came."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        attempt.fail(504, f"could not connect within {limits.connect}", exc, unreachable=True)
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        attempt.fail(502, "could not connect to it", exc, unreachable=True)
+    elif isinstance(exc, TimeoutError):
+        attempt.fail(504, f"no answer within {answer_wait}", exc)
+    else:
+        attempt.fail(502, "the connection to it broke", exc)
 
 
 def _preview(raw: bytes) -> str:
     return raw[:200].decode(errors="replace")
+
+
+def _server_error(attempt: Attempt, status: int, raw: bytes) -> None:
+    # the version's error body stays in the log: a model server's 500 may carry its traceback
+    attempt.fail(status, f"HTTP {status}")
+    log.warning("version %s answered HTTP %s: %s", attempt.version, status, _preview(raw))
 
 
 class UpstreamClient:
@@ -104,74 +176,76 @@ class UpstreamClient:
             )
         return self._session
 
+    async def _send(
+        self, url: URL, headers: dict[str, str], body: dict[str, Any], limits: AttemptLimits
+    ) -> aiohttp.ClientResponse:
+        return await self.session.post(
+            url,
+            data=json_bytes(body),
+            headers=headers,
+            # only the connect is left to aiohttp: the caller bounds the rest with asyncio.timeout
+            timeout=aiohttp.ClientTimeout(sock_connect=limits.connect.seconds),
+        )
+
     async def post(
-        self, url: URL, request_id: str, version: str, body: dict[str, Any], deadline: float
+        self, url: URL, request_id: str, version: str, body: dict[str, Any], limits: AttemptLimits
     ) -> Attempt:
-        """One non-streaming request; ``deadline`` covers connecting and reading the whole answer."""
+        """One non-streaming request, its headers within ``limits.first_byte`` and the whole answer
+        within ``limits.response``."""
         started = time.perf_counter()
         attempt = Attempt(version=version, code=502, failure=None, started=started)
+        headers = {"content-type": "application/json", REQUEST_ID_HEADER: request_id}
+        whole_answer = asyncio.timeout(limits.response.seconds)
+        first_byte = asyncio.timeout(limits.first_byte.seconds)
         try:
-            async with self.session.post(
-                url,
-                data=json_bytes(body),
-                headers={"content-type": "application/json", REQUEST_ID_HEADER: request_id},
-                timeout=aiohttp.ClientTimeout(total=deadline),
-            ) as response:
-                raw = await response.read()
-        except TimeoutError:
-            attempt.code, attempt.failure = 504, f"no answer within {deadline:g}s"
-        except aiohttp.ClientError as exc:
-            attempt.code, attempt.failure = 502, describe(exc)
+            async with whole_answer:
+                async with first_byte:
+                    response = await self._send(url, headers, body, limits)
+                try:
+                    raw = await response.read()
+                finally:
+                    response.release()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            ran_out = limits.first_byte if first_byte.expired() else limits.response
+            _fail_on_error(attempt, exc, limits, ran_out)
         else:
             attempt.code = response.status
             attempt.content_type = response.headers.get("content-type", "application/json")
             if response.status >= 500:
-                attempt.failure = f"HTTP {response.status}: {_preview(raw)}"
+                _server_error(attempt, response.status, raw)
             elif 200 <= response.status < 300:
                 try:
                     attempt.body = json.loads(raw)
                 except ValueError:
                     attempt.body = None
                 if not isinstance(attempt.body, dict):
-                    attempt.code, attempt.failure = 502, "the answer is not a JSON object"
+                    attempt.fail(502, "the answer is not a JSON object")
             else:
                 attempt.raw = raw
         attempt.duration = time.perf_counter() - started
         return attempt
 
     async def open_stream(
-        self,
-        url: URL,
-        request_id: str,
-        version: str,
-        body: dict[str, Any],
-        deadline: float,
-        read_timeout: float,
+        self, url: URL, request_id: str, version: str, body: dict[str, Any], limits: AttemptLimits
     ) -> Attempt:
-        """Send the request and wait for the first chunk; until then a failure can still fall back.
-
-        ``deadline`` bounds the time to the first chunk; after it, each read may wait up to
-        ``read_timeout`` (a stream may run long, but not stall). The attempt holds the open stream
-        when it started (``stream`` is then not None); its caller releases it."""
+        """Send the request and wait for the first chunk (within ``limits.first_byte``); until then a
+        failure can still fall back. The attempt holds the open stream when it started (``stream``
+        is then not None); its caller reads the rest and releases it."""
         started = time.perf_counter()
         attempt = Attempt(version=version, code=502, failure=None, started=started)
+        headers = {
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+            REQUEST_ID_HEADER: request_id,
+        }
         response: aiohttp.ClientResponse | None = None
         try:
-            async with asyncio.timeout(deadline):
-                response = await self.session.post(
-                    url,
-                    data=json_bytes(body),
-                    headers={
-                        "content-type": "application/json",
-                        "accept": "text/event-stream",
-                        REQUEST_ID_HEADER: request_id,
-                    },
-                    timeout=aiohttp.ClientTimeout(sock_connect=deadline, sock_read=read_timeout),
-                )
+            async with asyncio.timeout(limits.first_byte.seconds):
+                response = await self._send(url, headers, body, limits)
                 attempt.code = response.status
                 attempt.content_type = response.headers.get("content-type", "text/event-stream")
                 if response.status >= 500:
-                    attempt.failure = f"HTTP {response.status}: {_preview(await response.read())}"
+                    _server_error(attempt, response.status, await response.read())
                 elif not 200 <= response.status < 300:
                     attempt.raw = await response.read()
                 else:
@@ -179,39 +253,42 @@ class UpstreamClient:
                     attempt.first_chunk = await anext(chunks)  # iter_any yields no empty chunks
                     attempt.stream, attempt.chunks = response, chunks
         except StopAsyncIteration:
-            attempt.code, attempt.failure = 502, "the stream ended before its first chunk"
-        except TimeoutError:
-            attempt.code, attempt.failure = 504, f"no first chunk within {deadline:g}s"
-        except aiohttp.ClientError as exc:
-            attempt.code, attempt.failure = 502, describe(exc)
+            attempt.fail(502, "the stream ended before its first chunk")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            _fail_on_error(attempt, exc, limits, limits.first_byte)
         if attempt.stream is None and response is not None:
             response.release()
         attempt.duration = time.perf_counter() - started
         return attempt
 
 
-def first_deadline(config: GatewayConfig, version: str) -> float:
-    """How long the chosen version gets: the fallback's timeout when a fallback can still step in."""
-    if config.fallback is not None and config.fallback.version != version:
-        return min(config.fallback.timeout_seconds, config.upstream_timeout_seconds)
-    return config.upstream_timeout_seconds
-
-
-def failed(first: Attempt, fallback: Attempt | None, extra: str | None = None) -> GatewayError:
-    """The 502 (504 when the last attempt timed out) that tells the client no version could answer."""
+def failed(
+    config: GatewayConfig, first: Attempt, fallback: Attempt | None, extra: str | None = None
+) -> GatewayError:
+    """The error that tells the client no version could answer: 503 with Retry-After when the last
+    attempt could not connect (the version is marked down for ``health.markDownSeconds``), 504 when
+    it ran out of time, else 502."""
     final = fallback if fallback is not None else first
     message = f"version {first.version!r} failed: {first.failure}"
     if fallback is not None:
         message += f"; the fallback version {fallback.version!r} failed too: {fallback.failure}"
     if extra is not None:
         message += f"; {extra}"
+    if final.unreachable:
+        return GatewayError(
+            503,
+            message,
+            error_type="service_unavailable",
+            code="version_unreachable",
+            retry_after=max(1, math.ceil(config.health.mark_down_seconds)),
+        )
     if final.timed_out:
         return GatewayError(504, message, error_type="server_error", code="upstream_timeout")
     return GatewayError(502, message, error_type="server_error", code="upstream_error")
 
 
-SendAttempt = Callable[[str, dict[str, Any], float], Awaitable[Attempt]]
-"""(version, body, deadline) -> the attempt."""
+SendAttempt = Callable[[str, dict[str, Any], AttemptLimits], Awaitable[Attempt]]
+"""(version, body, limits) -> the attempt."""
 
 
 async def send_with_fallback(
@@ -220,25 +297,33 @@ async def send_with_fallback(
     body_for: Callable[[str], UpstreamBody],
     send: SendAttempt,
     on_fallback: Callable[[str, str], None],
+    unavailable: Callable[[], frozenset[str]],
 ) -> tuple[Attempt, UpstreamBody]:
-    """Send ``upstream`` to its version, and when that fails, ``body_for(fallback)`` to the fallback.
+    """Send ``upstream`` to its version, and when that fails, ``body_for(fallback)`` to the fallback
+    (unless the fallback is in ``unavailable()`` by then).
 
     ``on_fallback(failed_version, fallback_version)`` is called once the fallback is really asked.
-    Returns the attempt that answered and what was sent to it; raises the 502/504 GatewayError when
-    no version could answer."""
-    first = await send(upstream.version, upstream.body, first_deadline(config, upstream.version))
+    Both attempts are bounded by ``fallback.timeoutSeconds`` as well as the ``timeouts``. Returns the
+    attempt that answered and what was sent to it; raises the GatewayError of :func:`failed` when no
+    version could answer."""
     fallback = config.fallback.version if config.fallback is not None else None
-    if first.failure is None or fallback is None or fallback == first.version:
+    can_fall_back = fallback is not None and fallback != upstream.version
+    first = await send(upstream.version, upstream.body, attempt_limits(config, fallback_bounds=can_fall_back))
+    if first.failure is None or fallback is None or not can_fall_back:
         if first.failure is not None:
-            raise failed(first, None)
+            raise failed(config, first, None)
         return first, upstream
+    if fallback in unavailable():
+        raise failed(config, first, None, extra=f"the fallback version {fallback!r} is not ready either")
     try:
         fallback_upstream = body_for(fallback)
     except GatewayError as error:
-        raise failed(first, None, extra=f"the fallback {fallback!r} cannot take it: {error}") from error
+        raise failed(
+            config, first, None, extra=f"the fallback {fallback!r} cannot take it: {error}"
+        ) from error
     on_fallback(first.version, fallback)
     log.warning("version %s failed (%s); retrying on %s", first.version, first.failure, fallback)
-    second = await send(fallback, fallback_upstream.body, config.upstream_timeout_seconds)
+    second = await send(fallback, fallback_upstream.body, attempt_limits(config, fallback_bounds=True))
     if second.failure is not None:
-        raise failed(first, second)
+        raise failed(config, first, second)
     return second, fallback_upstream

@@ -183,7 +183,7 @@ def base_config(stubs: dict[str, StubModelServer], **overrides: Any) -> dict[str
             {"name": "beta", "url": stubs["beta"].url, "weight": 20},
         ],
         "routing": {"stickyBy": "user", "overrideHeader": "x-kubetune-version"},
-        "upstreamTimeoutSeconds": 10,
+        "timeouts": {"firstByteSeconds": 10, "responseSeconds": 10, "streamIdleSeconds": 10},
     }
     config.update(overrides)
     return config

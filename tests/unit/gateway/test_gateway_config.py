@@ -20,8 +20,8 @@ CONTRACT_EXAMPLE: dict[str, Any] = {
     "deployment": "support-bot",
     "namespace": "default",
     "versions": [
-        {"name": "tuned", "url": "http://127.0.0.1:3001", "weight": 80, "prompt": "v1"},
-        {"name": "int8", "url": "http://127.0.0.1:3002", "weight": 20, "prompt": None},
+        {"name": "tuned", "url": "http://127.0.0.1:3001", "weight": 80, "prompt": "v1", "ready": True},
+        {"name": "int8", "url": "http://127.0.0.1:3002", "weight": 20, "prompt": None, "ready": False},
     ],
     "control": "tuned",
     "routing": {"stickyBy": "user", "header": None, "overrideHeader": "x-kubetune-version"},
@@ -39,7 +39,8 @@ CONTRACT_EXAMPLE: dict[str, Any] = {
     ],
     "cache": {"enabled": True, "ttlSeconds": 300, "maxEntries": 1024},
     "fallback": {"version": "tuned", "timeoutSeconds": 30},
-    "upstreamTimeoutSeconds": 60,
+    "timeouts": {"connectSeconds": 5, "firstByteSeconds": 60, "responseSeconds": 60, "streamIdleSeconds": 60},
+    "health": {"markDownSeconds": 5},
 }
 
 
@@ -67,11 +68,12 @@ def test_snake_case_names_are_accepted_too() -> None:
         {
             "deployment": "d",
             "versions": [{"name": "a", "url": "http://x:1", "weight": 100}],
-            "upstream_timeout_seconds": 5,
+            "timeouts": {"stream_idle_seconds": 5},
             "routing": {"sticky_by": "header", "header": "X-User-Id"},
         }
     )
-    assert config.upstream_timeout_seconds == 5
+    assert config.timeouts.stream_idle_seconds == 5
+    assert config.versions[0].ready  # a version is ready unless the config says otherwise
     assert config.routing.header == "x-user-id"  # header names are compared lowercased
     assert config.control_version == "a"  # default: the first version
     assert config.fallback is None and not config.cache.enabled
@@ -84,7 +86,24 @@ def test_snake_case_names_are_accepted_too() -> None:
         (with_changes(control="missing"), "control: 'missing' is not a version (known: tuned, int8)"),
         (with_changes(fallback={"version": "nope", "timeoutSeconds": 1}), "fallback.version: 'nope'"),
         (with_changes(fallback={"version": "tuned", "timeoutSeconds": 0}), "fallback.timeoutSeconds"),
-        (with_changes(upstreamTimeoutSeconds=-1), "upstreamTimeoutSeconds: Input should be greater than 0"),
+        (
+            with_changes(timeouts={"connectSeconds": -1}),
+            "timeouts.connectSeconds: Input should be greater than 0",
+        ),
+        (
+            with_changes(timeouts={"firstByteSeconds": 0}),
+            "timeouts.firstByteSeconds: Input should be greater",
+        ),
+        (with_changes(timeouts={"responseSeconds": 0}), "timeouts.responseSeconds: Input should be greater"),
+        (
+            with_changes(timeouts={"streamIdleSeconds": 0}),
+            "timeouts.streamIdleSeconds: Input should be greater",
+        ),
+        (
+            with_changes(health={"markDownSeconds": 0}),
+            "health.markDownSeconds: Input should be greater than 0",
+        ),
+        (with_changes(upstreamTimeoutSeconds=60), "upstreamTimeoutSeconds: Extra inputs are not permitted"),
         (with_changes(routing={"stickyBy": "header"}), "header is required when stickyBy is 'header'"),
         (with_changes(routing={"stickyBy": "cookie"}), "routing.stickyBy"),
         (with_changes(routing={"overrideHeader": "bad header"}), "routing.overrideHeader"),

@@ -201,5 +201,6 @@ def test_models_and_health(stubs: Stubs, gateway_server: GatewayServer) -> None:
         "status": "ok",
         "deployment": "support-bot",
         "versions": {"alpha": 80, "beta": 20},
+        "notRouted": [],
         "configError": None,
     }

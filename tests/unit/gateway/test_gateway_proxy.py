@@ -360,8 +360,10 @@ def test_clear_errors_when_no_version_can_answer(stubs: Stubs, gateway_server: G
         assert len(stubs["beta"].received) == 2
 
 
-def test_timeout_without_fallback_is_a_504(stubs: Stubs, gateway_server: GatewayServer) -> None:
-    config = base_config(stubs, upstreamTimeoutSeconds=0.3)
+def test_timeout_without_fallback_is_a_504_naming_the_setting(
+    stubs: Stubs, gateway_server: GatewayServer
+) -> None:
+    config = base_config(stubs, timeouts={"responseSeconds": 0.3, "firstByteSeconds": 0.6})
     stubs["beta"].behavior = "slow"
     with gateway_server(config) as (url, _), httpx.Client(base_url=url, timeout=10) as client:
         response = client.post(
@@ -369,11 +371,13 @@ def test_timeout_without_fallback_is_a_504(stubs: Stubs, gateway_server: Gateway
         )
         assert response.status_code == 504
         assert response.json()["error"]["code"] == "upstream_timeout"
+        assert "no answer within timeouts.responseSeconds (0.3s)" in response.json()["error"]["message"]
         streamed = client.post(
             "/v1/chat/completions", json=chat_body(stream=True), headers={"x-kubetune-version": "beta"}
         )
         assert streamed.status_code == 504
         assert streamed.headers["x-kubetune-version"] == "beta"
+        assert "no answer within timeouts.firstByteSeconds (0.6s)" in streamed.json()["error"]["message"]
 
 
 def collect_text(events: list[Any], field: str) -> str:
@@ -456,7 +460,7 @@ def test_a_stream_that_stalls_after_it_started_times_out_with_an_error_event(
 ) -> None:
     stubs["alpha"].behavior = "stall-stream"
     stubs["alpha"].delay_seconds = 30
-    config = base_config(stubs, upstreamTimeoutSeconds=2)  # the most a stream may wait for its next bytes
+    config = base_config(stubs, timeouts={"streamIdleSeconds": 2})  # the most a stream may be silent
     with gateway_server(config) as (url, _), httpx.Client(base_url=url, timeout=10) as client:
         response = client.post(
             "/v1/chat/completions",
@@ -467,7 +471,10 @@ def test_a_stream_that_stalls_after_it_started_times_out_with_an_error_event(
         events = sse_events(response.text)
         assert collect_text(events[:-1], "delta") == "alpha:"  # the first word, then nothing
         assert events[-1]["error"]["code"] == "upstream_timeout"
-        assert "stopped answering mid-stream" in events[-1]["error"]["message"]
+        assert (
+            "stopped answering mid-stream: no bytes within timeouts.streamIdleSeconds (2s)"
+            in (events[-1]["error"]["message"])
+        )
         metrics = client.get("/metrics").text
     assert attempts(metrics, "alpha", "504", CHAT) == 1
 

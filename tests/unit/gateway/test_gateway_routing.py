@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from kubetune.gateway.routing import Router, UnknownVersionError, hash_unit_interval
+from kubetune.gateway.routing import NoVersionAvailable, Router, UnknownVersionError, hash_unit_interval
 
 USERS = [f"user-{index}" for index in range(5000)]
 
@@ -117,3 +117,24 @@ def test_a_router_needs_a_positive_weight() -> None:
         Router([("a", 0)])
     with pytest.raises(ValueError, match="at least one version"):
         Router([])
+
+
+def test_an_unavailable_version_gives_its_users_to_the_others_and_gets_them_back() -> None:
+    router = Router([("a", 50), ("b", 30), ("c", 20)])
+    before = assignments(router)
+    while_c_is_down = {user: router.sticky(user, frozenset({"c"})) for user in USERS}
+    # the same users move as when c is removed, and they come back once it is available again
+    assert while_c_is_down == assignments(Router([("a", 50), ("b", 30)]))
+    assert assignments(router) == before
+    spread = Counter(router.choose(None, unavailable=frozenset({"a", "c"})) for _ in range(200))
+    assert set(spread) == {"b"}
+
+
+def test_no_available_version_is_said_so_but_a_pin_is_still_returned() -> None:
+    router = Router([("a", 50), ("b", 50), ("z", 0)])
+    with pytest.raises(NoVersionAvailable):
+        router.choose("user-1", unavailable=frozenset({"a", "b"}))
+    with pytest.raises(NoVersionAvailable):
+        router.choose(None, unavailable=frozenset({"a", "b"}))
+    # a pinned request names its version; whether it is ready is the gateway's to judge
+    assert router.choose("user-1", override="a", unavailable=frozenset({"a"})) == "a"
