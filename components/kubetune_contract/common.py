@@ -11,12 +11,26 @@ Conventions (Kubernetes API conventions):
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Literal, overload
+from typing import Annotated, Any, Literal, TypeVar, overload
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    ValidationError,
+)
 from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, InitErrorDetails, PydanticCustomError, core_schema
 
 GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
@@ -47,9 +61,12 @@ RATIO_PATTERN = r"^(0+(\.[0-9]+)?|0*1(\.0+)?|0*[0-9](\.[0-9]+)?[eE]-[0-9]*[1-9][
 
 def _check_decimal(value: str) -> str:
     try:
-        Decimal(value)
+        number = Decimal(value)
     except InvalidOperation as exc:  # pragma: no cover - the pattern already rejects these
         raise ValueError(f"{value!r} is not a decimal number") from exc
+    # The code that computes with it reads a float: "1e999" would be infinity there.
+    if not math.isfinite(float(number)):
+        raise ValueError(f"{value!r} is too large to compute with")
     return value
 
 
@@ -77,6 +94,63 @@ RatioString = Annotated[
     AfterValidator(_check_decimal),
     AfterValidator(_check_ratio),
 ]
+
+
+@dataclass(frozen=True)
+class DecimalRange:
+    """The values a decimal-string field accepts, compared as the float the code computes with.
+
+    The field's schema carries it (``x-kubetune-range``), so the CRD's CEL rule and the message for a
+    value the pattern refuses (a negative one) state the same range.
+    """
+
+    minimum: float = 0.0
+    maximum: float | None = None
+    above_minimum: bool = False  # the minimum itself is excluded
+
+    SCHEMA_KEY = "x-kubetune-range"
+
+    def contains(self, value: float) -> bool:
+        low_ok = value > self.minimum if self.above_minimum else value >= self.minimum
+        return low_ok and (self.maximum is None or value <= self.maximum)
+
+    def describe(self) -> str:
+        """``must be greater than 0 and at most 1``, ``must be between 0 and 2``."""
+        low, high = f"{self.minimum:g}", f"{self.maximum:g}" if self.maximum is not None else None
+        if high is None:
+            if self.above_minimum:
+                return f"must be greater than {low}"
+            return "must not be negative" if self.minimum == 0 else f"must be at least {low}"
+        if self.above_minimum:
+            return f"must be greater than {low} and at most {high}"
+        return f"must be between {low} and {high}"
+
+    def schema(self) -> dict[str, Any]:
+        return {"minimum": self.minimum, "maximum": self.maximum, "aboveMinimum": self.above_minimum}
+
+    @classmethod
+    def from_schema(cls, node: Mapping[str, Any]) -> DecimalRange | None:
+        """The range a schema node declares, if it declares one."""
+        declared = node.get(cls.SCHEMA_KEY)
+        if not isinstance(declared, Mapping):
+            return None
+        return cls(declared["minimum"], declared["maximum"], declared["aboveMinimum"])
+
+    def check(self, value: str) -> str:
+        if not self.contains(float(Decimal(value))):
+            raise ValueError(f"{self.describe()} (got {json.dumps(value)})")
+        return value
+
+    # As metadata of a decimal string (``Annotated[DecimalString, TOP_P]``): checked after the pattern.
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        node = handler(schema)
+        node[self.SCHEMA_KEY] = self.schema()
+        return node
 
 
 @overload
@@ -115,6 +189,85 @@ class GateResult(KubeModel):
     passed: bool
 
 
+# -- rules that span fields, reported with the field errors ----------------------------------------------
+
+FieldLocation = tuple[str | int, ...]
+Model = TypeVar("Model", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class BrokenRule:
+    """A rule spanning fields that the input breaks: where it points (relative to the model) and why."""
+
+    message: str
+    loc: FieldLocation = ()
+
+
+def read_field(source: object, wire_name: str) -> object:
+    """A field of a validated model, or of raw input (by its wire or Python name); None when absent.
+
+    Cross-field rules read through this so that one rule runs on either: the model once every field is
+    valid, the raw input while some field is not.
+    """
+    python_name = re.sub(r"(?<!^)([A-Z])", r"_\1", wire_name).lower()
+    if isinstance(source, BaseModel):
+        return getattr(source, python_name, None)
+    if isinstance(source, Mapping):
+        value = source.get(wire_name)
+        return value if value is not None else source.get(python_name)
+    return None
+
+
+def validate_with_rules(
+    data: Any,
+    handler: Callable[[Any], Model],
+    rules: Callable[[object], Iterable[BrokenRule]],
+) -> Model:
+    """``handler(data)`` (a ``model_validator(mode="wrap")``'s) plus the cross-field ``rules``, every
+    problem in one ValidationError.
+
+    pydantic runs an ``after`` validator only once every field is valid, so a user would fix field errors
+    first and meet a broken reference one run later. Here the rules also run on the raw input when a
+    field is invalid; each rule skips what it cannot read there.
+    """
+    try:
+        model = handler(data)
+    except ValidationError as error:
+        broken = list(rules(data))
+        if not broken:
+            raise
+        raise _with_broken_rules(error.title, error.errors(), broken, data) from None
+    broken = list(rules(model))
+    if broken:
+        raise _with_broken_rules(type(model).__name__, [], broken, data)
+    return model
+
+
+def _carried(error: Any) -> InitErrorDetails:
+    """A reported error as pydantic takes it back (a ValueError's message keeps its words, not its type)."""
+    if error["type"] in ("value_error", "assertion_error"):
+        message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        return InitErrorDetails(
+            type=PydanticCustomError("value_error", message), loc=error["loc"], input=error["input"]
+        )
+    if "ctx" in error:
+        return InitErrorDetails(type=error["type"], loc=error["loc"], input=error["input"], ctx=error["ctx"])
+    return InitErrorDetails(type=error["type"], loc=error["loc"], input=error["input"])
+
+
+def _with_broken_rules(
+    title: str, field_errors: Iterable[Any], broken: Iterable[BrokenRule], data: Any
+) -> ValidationError:
+    details = [_carried(error) for error in field_errors]
+    details += [
+        InitErrorDetails(type=PydanticCustomError("value_error", rule.message), loc=rule.loc, input=data)
+        for rule in broken
+    ]
+    return ValidationError.from_exception_data(title, details)
+
+
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+"""What the API server requires of an object's name (a DNS-1123 subdomain), so of a reference to one."""
 MODEL_URI_PATTERN = r"^(hf://[^@\s]+(@[^@\s]+)?|file://\S+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/\S*|[^:\s]+)$"
 
 

@@ -12,15 +12,21 @@ import re
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, ModelWrapValidatorHandler, model_validator
 
 from kubetune_contract.common import (
+    DNS_SUBDOMAIN_PATTERN,
     MODEL_URI_PATTERN,
+    BrokenRule,
     Condition,
+    DecimalRange,
     DecimalString,
     KubeModel,
     ObjectMeta,
     SecretKeyRef,
+    as_float,
+    read_field,
+    validate_with_rules,
 )
 
 KIND = "ModelDeployment"
@@ -71,7 +77,12 @@ Quantity = Annotated[
 
 
 class JobRef(KubeModel):
-    name: str = Field(min_length=1, max_length=63, description="A job in the same namespace.")
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="A job in the same namespace.",
+    )
 
 
 class VersionModel(KubeModel):
@@ -285,17 +296,32 @@ class Serving(KubeModel):
     batching: Batching = Field(default_factory=Batching)
 
 
+# The ranges the model server accepts in a request (OpenAI's): a default outside them would fail every
+# request that leaves the parameter out, and a limit outside them could never be reached.
+TEMPERATURE_RANGE = DecimalRange(0, 2)
+TOP_P_RANGE = DecimalRange(0, 1, above_minimum=True)
+MAX_TOP_P_RANGE = DecimalRange(0, 1)
+
+
 class GenerationDefaults(KubeModel):
-    temperature: DecimalString | None = Field(default=None, description="Used when a request sets none.")
-    top_p: DecimalString | None = Field(default=None, description="Used when a request sets none.")
+    temperature: Annotated[DecimalString, TEMPERATURE_RANGE] | None = Field(
+        default=None, description="Used when a request sets none; between 0 and 2."
+    )
+    top_p: Annotated[DecimalString, TOP_P_RANGE] | None = Field(
+        default=None, description="Used when a request sets none; greater than 0 and at most 1."
+    )
     max_tokens: int | None = Field(
         default=None, ge=1, le=1_048_576, description="Used when a request sets none."
     )
 
 
 class GenerationLimits(KubeModel):
-    max_temperature: DecimalString | None = Field(default=None, description="Requests above it are refused.")
-    max_top_p: DecimalString | None = Field(default=None, description="Requests above it are refused.")
+    max_temperature: Annotated[DecimalString, TEMPERATURE_RANGE] | None = Field(
+        default=None, description="Requests above it are refused; between 0 and 2."
+    )
+    max_top_p: Annotated[DecimalString, MAX_TOP_P_RANGE] | None = Field(
+        default=None, description="Requests above it are refused; between 0 and 1."
+    )
     max_tokens: int | None = Field(
         default=None, ge=1, le=1_048_576, description="Requests above it are refused."
     )
@@ -309,24 +335,45 @@ class ContextWindow(KubeModel):
     )
 
 
+DEFAULTS_AND_LIMITS = (("temperature", "maxTemperature"), ("topP", "maxTopP"), ("maxTokens", "maxTokens"))
+
+
+def _number(value: object) -> float | None:
+    """A default or limit as the number it stands for, or None when it is not (yet) a valid one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return as_float(value)
+        except ArithmeticError:
+            return None
+    return None
+
+
+def _defaults_above_limits(generation: object) -> list[BrokenRule]:
+    defaults, limits = read_field(generation, "defaults"), read_field(generation, "limits")
+    broken = []
+    for default_name, limit_name in DEFAULTS_AND_LIMITS:
+        default_value, limit_value = read_field(defaults, default_name), read_field(limits, limit_name)
+        default, limit = _number(default_value), _number(limit_value)
+        if default is not None and limit is not None and default > limit:
+            broken.append(
+                BrokenRule(f"defaults.{default_name} {default_value} is above its limit {limit_value}")
+            )
+    return broken
+
+
 class Generation(KubeModel):
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
     limits: GenerationLimits = Field(default_factory=GenerationLimits)
     context_window: ContextWindow = Field(default_factory=ContextWindow)
 
-    @model_validator(mode="after")
-    def _defaults_within_limits(self) -> Generation:
-        pairs = [
-            ("temperature", self.defaults.temperature, self.limits.max_temperature),
-            ("topP", self.defaults.top_p, self.limits.max_top_p),
-        ]
-        for name, default, limit in pairs:
-            if default is not None and limit is not None and Decimal(default) > Decimal(limit):
-                raise ValueError(f"defaults.{name} {default} is above its limit {limit}")
-        tokens, token_limit = self.defaults.max_tokens, self.limits.max_tokens
-        if tokens is not None and token_limit is not None and tokens > token_limit:
-            raise ValueError(f"defaults.maxTokens {tokens} is above its limit {token_limit}")
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _defaults_within_limits(cls, data: Any, handler: ModelWrapValidatorHandler[Generation]) -> Generation:
+        return validate_with_rules(data, handler, _defaults_above_limits)
 
 
 class FewShotExample(KubeModel):
@@ -377,34 +424,68 @@ class ModelDeploymentSpec(KubeModel):
     cache: Cache | None = Field(default=None, description="Response cache; off when unset.")
     fallback: Fallback | None = Field(default=None, description="Where failed requests are retried.")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> ModelDeploymentSpec:
-        names = [version.name for version in self.versions]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"versions names must be unique; repeated: {', '.join(duplicates)}")
-        total = sum(version.weight for version in self.versions)
-        if total != 100:
-            raise ValueError(f"versions weights must sum to 100, got {total}")
-        prompt_names = [prompt.name for prompt in self.prompts]
-        repeated_prompts = sorted({name for name in prompt_names if prompt_names.count(name) > 1})
-        if repeated_prompts:
-            raise ValueError(f"prompts names must be unique; repeated: {', '.join(repeated_prompts)}")
-        for version in self.versions:
-            if version.prompt is not None and version.prompt not in prompt_names:
-                raise ValueError(
-                    f"version {version.name} names prompt {version.prompt!r}, which is not in prompts"
-                )
-        if self.fallback is not None and self.fallback.version not in names:
-            raise ValueError(f"fallback.version {self.fallback.version!r} is not one of the versions")
-        if self.rollout is not None and len(self.versions) < 2:
-            raise ValueError("rollout needs at least two versions: the last one is the canary")
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _consistent(
+        cls, data: Any, handler: ModelWrapValidatorHandler[ModelDeploymentSpec]
+    ) -> ModelDeploymentSpec:
+        return validate_with_rules(data, handler, _spec_rules_broken)
 
     @property
     def canary(self) -> ModelVersion | None:
         """The version a rollout brings in (the last one), when the spec has a rollout."""
         return self.versions[-1] if self.rollout is not None else None
+
+
+def _items(source: object, wire_name: str) -> list[object]:
+    value = read_field(source, wire_name)
+    return list(value) if isinstance(value, list) else []
+
+
+def _repeated(names: list[str]) -> list[str]:
+    return sorted({name for name in names if names.count(name) > 1})
+
+
+def _spec_rules_broken(spec: object) -> list[BrokenRule]:
+    """The rules between a spec's versions, prompts, fallback and rollout, on a spec or raw input.
+
+    On raw input a rule that needs a value it cannot read (a version without a valid name, a weight that
+    is not an integer) is skipped: the field's own error says what is wrong with it.
+    """
+    broken: list[BrokenRule] = []
+    versions = _items(spec, "versions")
+    raw_names = [read_field(version, "name") for version in versions]
+    names = [name for name in raw_names if isinstance(name, str)]
+    all_named = len(names) == len(versions)
+    if duplicates := _repeated(names):
+        broken.append(BrokenRule(f"versions names must be unique; repeated: {', '.join(duplicates)}"))
+    weights = [read_field(version, "weight") for version in versions]
+    integer_weights = [w for w in weights if isinstance(w, int) and not isinstance(w, bool)]
+    if versions and len(integer_weights) == len(weights) and sum(integer_weights) != 100:
+        broken.append(BrokenRule(f"versions weights must sum to 100, got {sum(integer_weights)}"))
+    prompts = _items(spec, "prompts")
+    prompt_names = [name for p in prompts if isinstance(name := read_field(p, "name"), str)]
+    if repeated_prompts := _repeated(prompt_names):
+        broken.append(BrokenRule(f"prompts names must be unique; repeated: {', '.join(repeated_prompts)}"))
+    if len(prompt_names) == len(prompts):
+        for version in versions:
+            prompt, name = read_field(version, "prompt"), read_field(version, "name")
+            if isinstance(prompt, str) and prompt not in prompt_names:
+                broken.append(BrokenRule(f"version {name} names prompt {prompt!r}, which is not in prompts"))
+    fallback = read_field(read_field(spec, "fallback"), "version")
+    if isinstance(fallback, str) and all_named and versions:
+        if fallback not in names:
+            broken.append(BrokenRule(f"fallback.version {fallback!r} is not one of the versions"))
+        elif all(name == fallback for name in names):
+            broken.append(
+                BrokenRule(
+                    f"fallback.version must name another version: {fallback!r} is the only one, so a "
+                    "failed request would be retried on the version that just failed"
+                )
+            )
+    if read_field(spec, "rollout") is not None and len(versions) < 2:
+        broken.append(BrokenRule("rollout needs at least two versions: the last one is the canary"))
+    return broken
 
 
 class VersionStatus(KubeModel):

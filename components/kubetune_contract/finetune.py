@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ModelWrapValidatorHandler, model_validator
 
 from kubetune_contract.common import (
+    BrokenRule,
     Condition,
     DecimalString,
     GateOp,
@@ -18,6 +20,8 @@ from kubetune_contract.common import (
     PipelineRunRef,
     RatioString,
     as_float,
+    read_field,
+    validate_with_rules,
 )
 
 KIND = "FineTuneJob"
@@ -73,13 +77,44 @@ class Dataset(KubeModel):
         ),
     )
     validation_split: RatioString = Field(
-        default="0.1", description="Share of curated examples held out for evaluation."
+        default="0.1",
+        description="Share of curated examples held out for evaluation: above 0 and below 1 when "
+        "validationUri is not set.",
     )
     validation_uri: str | None = Field(
         default=None, description="A separate held-out JSONL file; when set, validationSplit is ignored."
     )
     seed: int = Field(default=42, ge=0, description="Seed of the deterministic split.")
     curation: Curation = Field(default_factory=Curation)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _something_held_out(cls, data: Any, handler: ModelWrapValidatorHandler[Dataset]) -> Dataset:
+        return validate_with_rules(data, handler, _split_rule_broken)
+
+
+def _split_rule_broken(dataset: object) -> list[BrokenRule]:
+    """Evaluation needs held-out examples, and training needs some left: both come from the split unless
+    a validationUri is given."""
+    split = read_field(dataset, "validationSplit")
+    if read_field(dataset, "validationUri") is not None or not isinstance(split, str):
+        return []
+    try:
+        share = as_float(split)
+    except ArithmeticError:
+        return []  # not a number: the field's own error says so
+    if not 0 <= share <= 1:
+        return []  # not a ratio: the field's own error says so
+    if share == 0:
+        message = f"must be above 0 when validationUri is not set (got {json.dumps(split)})"
+    elif share == 1:
+        message = (
+            "must be below 1 when validationUri is not set, to leave examples to train on "
+            f"(got {json.dumps(split)})"
+        )
+    else:
+        return []
+    return [BrokenRule(message, ("validationSplit",))]
 
 
 class LoraOptions(KubeModel):

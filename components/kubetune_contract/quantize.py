@@ -7,6 +7,7 @@ from typing import Any, Literal, get_args
 from pydantic import Field, model_validator
 
 from kubetune_contract.common import (
+    DNS_SUBDOMAIN_PATTERN,
     MODEL_URI_PATTERN,
     Condition,
     DecimalString,
@@ -61,7 +62,12 @@ FP16_TARGETS = frozenset({"gpu"})
 class FineTuneJobRef(KubeModel):
     """A FineTuneJob whose published model is the source."""
 
-    name: str = Field(min_length=1, max_length=63, description="A FineTuneJob in the same namespace.")
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="A FineTuneJob in the same namespace.",
+    )
 
 
 class QuantizeSource(KubeModel):

@@ -18,13 +18,20 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from functools import cache
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from kubetune_contract.common import DECIMAL_PATTERN, MODEL_URI_PATTERN, RATIO_PATTERN
+from kubetune_contract.common import (
+    DECIMAL_PATTERN,
+    DNS_SUBDOMAIN_PATTERN,
+    MODEL_URI_PATTERN,
+    RATIO_PATTERN,
+    DecimalRange,
+)
 
 UNNAMED = "<unnamed>"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -35,7 +42,12 @@ _PATTERN_MESSAGES = {
     MODEL_URI_PATTERN: (
         "must be a model URI: hf://org/name@revision, file:///path, pvc://claim/path or a plain path"
     ),
+    DNS_SUBDOMAIN_PATTERN: (
+        "must be a Kubernetes object name: lower case letters, digits, '-' or '.', starting and ending "
+        "with a letter or digit"
+    ),
 }
+_NUMBER_PATTERNS = {DECIMAL_PATTERN: DecimalRange(), RATIO_PATTERN: DecimalRange(0, 1)}
 _BOUNDS = {
     "greater_than_equal": ("at least", "ge"),
     "greater_than": ("greater than", "gt"),
@@ -225,6 +237,15 @@ def _describe(error: ErrorDetails, schema: SchemaNode) -> tuple[str, str]:
     if kind in ("value_error", "assertion_error"):
         return path, error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
     pattern = ctx.get("pattern") or (node or {}).get("pattern")
+    if (
+        kind in ("string_pattern_mismatch", "string_type")
+        and pattern in _NUMBER_PATTERNS
+        and _negative(value)
+    ):
+        # A sign the pattern has no room for: say what the range is, not that it is no number.
+        bounds = DecimalRange.from_schema(node or {}) or _NUMBER_PATTERNS[pattern]
+        hint = "; write it as a string in quotes" if kind == "string_type" else ""
+        return path, f"{bounds.describe()} ({_got(value)}{hint})"
     if kind in ("string_pattern_mismatch", "string_type") and pattern in _PATTERN_MESSAGES:
         hint = "; put it in quotes" if kind == "string_type" and isinstance(value, int | float) else ""
         return path, f"{_PATTERN_MESSAGES[pattern]} ({_got(value)}{hint})"
@@ -232,6 +253,19 @@ def _describe(error: ErrorDetails, schema: SchemaNode) -> tuple[str, str]:
         allowed = _allowed_values(node) or re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
         return path, f"must be one of: {', '.join(str(a) for a in allowed)} ({_got(value)})"
     return path, _simple_message(kind, ctx, value, error["msg"])
+
+
+def _negative(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return value < 0
+    if isinstance(value, str):
+        try:
+            return Decimal(value.strip()) < 0
+        except InvalidOperation:
+            return False
+    return False
 
 
 def _simple_message(kind: str, ctx: Mapping[str, Any], value: Any, fallback: str) -> str:
@@ -247,6 +281,8 @@ def _simple_message(kind: str, ctx: Mapping[str, Any], value: Any, fallback: str
         bound = "at least" if kind == "too_short" else "at most"
         n = ctx.get("min_length" if kind == "too_short" else "max_length")
         return f"must have {bound} {n} item{'s' if n != 1 else ''}"
+    if kind == "greater_than_equal" and ctx.get("ge") == 0:
+        return f"must not be negative ({got})"
     if kind in _BOUNDS:
         words, key = _BOUNDS[kind]
         return f"must be {words} {ctx.get(key)} ({got})"

@@ -8,11 +8,14 @@ models in kubetune_contract, add a definition here and to :data:`BUILTIN_KINDS`,
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Set
-from typing import get_args
+from collections.abc import Iterator, Mapping, Set
+from typing import Any, get_args
+
+from pydantic import BaseModel
 
 from kubetune.api.definition import CelRule, PrinterColumn, ResourceDefinition
 from kubetune_contract import deployment, finetune, quantize
+from kubetune_contract.common import DecimalRange
 
 # Shared by the kinds: the columns and rules every job has, and the age column of every kind.
 JOB_STATUS_COLUMN = PrinterColumn(
@@ -27,6 +30,52 @@ JOB_REASON_COLUMN = PrinterColumn(
 AGE_COLUMN = PrinterColumn("Age", ".metadata.creationTimestamp", "date")
 JOB_NAME_LENGTH_RULE = CelRule(
     "", "self.metadata.name.size() <= 63", "metadata.name must be at most 63 characters"
+)
+
+
+def _range_rule(path: str, bounds: DecimalRange) -> CelRule:
+    """A decimal string within ``bounds``, compared as a double (as the code reads it, a float)."""
+    low = f"double(self) {'>' if bounds.above_minimum else '>='} {float(bounds.minimum)!r}"
+    high = f" && double(self) <= {float(bounds.maximum)!r}" if bounds.maximum is not None else ""
+    return CelRule(path, low + high, bounds.describe())
+
+
+def _schema_nodes(
+    node: Mapping[str, Any], defs: Mapping[str, Any], path: str
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """Every (path, node) of a model's JSON schema, ``$ref`` and optionals followed, list items as ``[*]``."""
+    while True:
+        if "$ref" in node:
+            node = {
+                **defs[str(node["$ref"]).rsplit("/", 1)[-1]],
+                **{k: v for k, v in node.items() if k != "$ref"},
+            }
+        elif "anyOf" in node:
+            members = [member for member in node["anyOf"] if member != {"type": "null"}]
+            node = {**members[0], **{k: v for k, v in node.items() if k != "anyOf"}}
+        else:
+            break
+    yield path, node
+    for name, sub in node.get("properties", {}).items():
+        yield from _schema_nodes(sub, defs, f"{path}.{name}".lstrip("."))
+    if isinstance(node.get("items"), Mapping):
+        yield from _schema_nodes(node["items"], defs, f"{path}[*]")
+
+
+def _decimal_range_rules(model: type[BaseModel]) -> tuple[CelRule, ...]:
+    """A rule for every decimal string with a range (``DecimalRange``): a pattern cannot bound a number."""
+    schema = model.model_json_schema(by_alias=True, mode="validation")
+    return tuple(
+        _range_rule(path, bounds)
+        for path, node in _schema_nodes(schema, schema.get("$defs", {}), "")
+        if (bounds := DecimalRange.from_schema(node)) is not None
+    )
+
+
+SPLIT_RULE = CelRule(
+    "spec.dataset",
+    "has(self.validationUri) || (double(self.validationSplit) > 0.0 && double(self.validationSplit) < 1.0)",
+    "validationSplit must be above 0 and below 1 when validationUri is not set",
 )
 
 
@@ -83,6 +132,8 @@ FINETUNEJOB = ResourceDefinition(
             "has(self.min) || has(self.max) || has(self.minImprovement)",
             "a gate needs min, max or minImprovement",
         ),
+        SPLIT_RULE,
+        *_decimal_range_rules(finetune.FineTuneJob),
     ),
 )
 
@@ -207,8 +258,26 @@ QUANTIZEJOB = ResourceDefinition(
             "spec.dataset.curation", "self.minTokens <= self.maxTokens", "minTokens must not exceed maxTokens"
         ),
         CelRule("spec.evaluation.gates[*]", "has(self.min) || has(self.max)", "a gate needs min or max"),
+        SPLIT_RULE,
+        *_decimal_range_rules(quantize.QuantizeJob),
     ),
 )
+
+
+def _default_within_limit_rules() -> tuple[CelRule, ...]:
+    """Mirror ``Generation``'s rule: a default above its limit would make requests that omit it fail."""
+    rules = []
+    for default, limit in deployment.DEFAULTS_AND_LIMITS:
+        convert = "int" if default == "maxTokens" else "double"
+        rules.append(
+            CelRule(
+                "spec.generation",
+                f"!has(self.defaults.{default}) || !has(self.limits.{limit}) || "
+                f"{convert}(self.defaults.{default}) <= {convert}(self.limits.{limit})",
+                f"defaults.{default} must not be above limits.{limit}",
+            )
+        )
+    return tuple(rules)
 
 
 MODELDEPLOYMENT = ResourceDefinition(
@@ -268,6 +337,12 @@ MODELDEPLOYMENT = ResourceDefinition(
         ),
         CelRule(
             "spec",
+            "!has(self.fallback) || self.versions.exists(v, v.name != self.fallback.version)",
+            "fallback.version must name another version: a failed request would be retried on the "
+            "version that just failed",
+        ),
+        CelRule(
+            "spec",
             "!has(self.rollout) || self.versions.size() >= 2",
             "rollout needs at least two versions: the last one is the canary",
         ),
@@ -300,6 +375,8 @@ MODELDEPLOYMENT = ResourceDefinition(
             "self.minReplicas <= self.maxReplicas",
             "minReplicas must not exceed maxReplicas",
         ),
+        *_default_within_limit_rules(),
+        *_decimal_range_rules(deployment.ModelDeployment),
     ),
 )
 

@@ -159,7 +159,7 @@ def all_rules(node: Any) -> list[str]:
 
 def test_every_rule_compiles() -> None:
     rules = all_rules(schema())
-    assert len(rules) == 9
+    assert len(rules) == 10
     for rule in rules:
         _program(rule)
 
@@ -249,6 +249,15 @@ def test_gate_needs_a_bound() -> None:
     ]
 
 
+def test_a_split_holds_something_out_unless_a_validation_file_is_given() -> None:
+    """Evaluation needs held-out examples: a split of 0 (or 1) used to train fully and fail at evaluation."""
+    message = "spec.dataset: validationSplit must be above 0 and below 1 when validationUri is not set"
+    assert admit(edit(quickstart(), "spec.dataset.validationSplit", "0")) == [message]
+    assert admit(edit(quickstart(), "spec.dataset.validationSplit", "1.0")) == [message]
+    with_file = edit(quickstart(), "spec.dataset.validationUri", "file:///data/held-out.jsonl")
+    assert admit(edit(with_file, "spec.dataset.validationSplit", "0")) == []
+
+
 def test_name_length() -> None:
     assert admit(edit(quickstart(), "metadata.name", "x" * 64)) == [
         "<root>: metadata.name must be at most 63 characters"
@@ -268,6 +277,13 @@ CASES: dict[str, tuple[str, Any]] = {
     "no epochs nor maxSteps": ("spec.training", {"learningRate": "1e-4"}),
     "long name": ("metadata.name", "n" * 64),
     "ratio 1.5": ("spec.dataset.validationSplit", "1.5"),
+    "nothing held out": ("spec.dataset.validationSplit", "0"),
+    "nothing left to train on": ("spec.dataset.validationSplit", "1"),
+    "tiny split": ("spec.dataset.validationSplit", "1e-3"),
+    "no split with a validation file": (
+        "spec.dataset",
+        {"uri": "file:///d.jsonl", "validationUri": "file:///v.jsonl", "validationSplit": "0"},
+    ),
     "warmup ratio": ("spec.training.scheduler", {"warmupRatio": "0.03"}),
     "bad learning rate": ("spec.training.learningRate", "fast"),
 }

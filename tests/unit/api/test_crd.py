@@ -396,8 +396,16 @@ SCHEMA_INVALID = {
 
 VALID = {
     "quickstart": ("executor", "local"),
-    "ratio 1": ("dataset.validationSplit", "1"),
-    "ratio 0": ("dataset.validationSplit", "0"),
+    "ratio 1": ("method.lora.dropout", "1"),
+    "ratio 0": ("method.lora.dropout", "0"),
+    "no split with a validation file": (
+        "dataset",
+        {
+            "uri": "file:///data/sql.jsonl",
+            "validationUri": "file:///data/held-out.jsonl",
+            "validationSplit": "0",
+        },
+    ),
     "ratio scientific": ("dataset.validationSplit", "5e-2"),
     "big learning rate": ("training.learningRate", "12.5"),
     "pvc model": ("baseModel.uri", "pvc://models/llama"),
