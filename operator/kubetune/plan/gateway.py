@@ -18,7 +18,8 @@ def effective_weights(
     """The planned weights with the share of versions that do not answer moved to those that do.
 
     When no version with planned traffic answers, the versions being served keep their planned
-    share (the gateway must point somewhere); when none is served, every weight is 0.
+    share (what status shows; the gateway config marks them not ready, so the gateway answers 503
+    rather than send them requests); when none is served, every weight is 0.
     """
     carrying = {name: weight for name, weight in planned.items() if weight > 0 and answering.get(name)}
     if not carrying:
@@ -34,16 +35,23 @@ class GatewayConfigInvalid(ValueError):
 
 
 def gateway_config(
-    deployment: ModelDeployment, urls: Mapping[str, str], weights: Mapping[str, int]
+    deployment: ModelDeployment,
+    urls: Mapping[str, str],
+    weights: Mapping[str, int],
+    ready: Mapping[str, bool] | None = None,
 ) -> dict[str, Any] | None:
     """The gateway's config (GatewayConfig JSON, camelCase) for the versions that have a URL.
+
+    ``ready``: which versions answer; each version gets ``ready`` from it (absent: not ready), and
+    the gateway sends no request to a version that is not. None leaves ``ready`` out (the gateway
+    then takes every version as ready until it fails to connect).
 
     None when no such version has traffic (nothing for a gateway to do yet). Decimal strings become
     floats and durations seconds. Raises :class:`GatewayConfigInvalid` for a config the gateway would
     reject, e.g. a prompt template without ``{{input}}``.
     """
     spec = deployment.spec
-    versions = [
+    versions: list[dict[str, Any]] = [
         {
             "name": version.name,
             "url": urls[version.name],
@@ -55,6 +63,9 @@ def gateway_config(
     ]
     if not any(version["weight"] for version in versions):
         return None
+    if ready is not None:
+        for version in versions:
+            version["ready"] = ready.get(version["name"], False)
     names = [version["name"] for version in versions]
     generation = spec.generation
 

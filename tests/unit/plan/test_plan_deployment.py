@@ -280,6 +280,29 @@ def test_gateway_config_leaves_out_versions_without_a_server_and_needs_traffic()
     assert config is not None and config["cache"] == {"enabled": False}
 
 
+def test_gateway_config_marks_the_versions_that_do_not_answer_not_ready() -> None:
+    deployment = ModelDeployment.model_validate(mdep(FULL_SPEC))
+    urls = {"tuned": "http://t:3000", "int8": "http://i:3000"}
+    # nothing answers yet: the served versions keep their share, and the gateway is told not to use them
+    weights = effective_weights({"tuned": 90, "int8": 10}, {}, set(urls))
+    config = gateway_config(deployment, urls, weights, ready={})
+    assert config is not None
+    assert [(v["name"], v["weight"], v["ready"]) for v in config["versions"]] == [
+        ("tuned", 90, False),
+        ("int8", 10, False),
+    ]
+    assert not any(version.ready for version in parse_gateway_config(json.dumps(config)).versions)
+    answering = {"tuned": True, "int8": False}
+    config = gateway_config(
+        deployment, urls, effective_weights({"tuned": 90, "int8": 10}, answering, set(urls)), answering
+    )
+    assert config is not None
+    assert [(v["name"], v["weight"], v["ready"]) for v in config["versions"]] == [
+        ("tuned", 100, True),
+        ("int8", 0, False),
+    ]
+
+
 def test_a_template_the_gateway_would_refuse_is_refused_by_the_api_first() -> None:
     spec = copy.deepcopy(FULL_SPEC)
     spec["prompts"][0]["template"] = "Ticket without the message"
