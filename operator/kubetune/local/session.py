@@ -14,10 +14,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+import psutil
+
+from kubetune.common.supervision import process_alive
+
 
 class UpLock:
     """One `kubetune up` reconciles a home at a time: an exclusive lock on ``<home>/up.lock``, which
-    holds the owner's pid. The kernel releases it when the process ends, however it ends."""
+    holds the owner's pid and start time. The kernel releases it when the process ends, however it
+    ends; the file's content stays behind a killed `up`, so readers check that its process runs
+    (:meth:`live_holder`)."""
 
     def __init__(self, home: Path) -> None:
         self.path = home / "up.lock"
@@ -31,15 +37,25 @@ class UpLock:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip()
+            holder, _ = _holder(handle.read())
             handle.close()
-            return int(holder) if holder.isdigit() else 0
+            return holder or 0
         handle.seek(0)
         handle.truncate()
-        handle.write(f"{os.getpid()}\n")
+        handle.write(f"{os.getpid()} {psutil.Process().create_time()}\n")
         handle.flush()
         self._handle = handle
         return None
+
+    def live_holder(self) -> int | None:
+        """The pid of the `kubetune up` holding the lock, None when none runs (the lock was released,
+        or its holder was killed and the pid it wrote is gone or now another process's). Takes no
+        lock, so it never makes an `up` starting at the same moment believe another one runs."""
+        try:
+            pid, created = _holder(self.path.read_text())
+        except OSError:
+            return None
+        return pid if process_alive(pid, created) else None
 
     def release(self) -> None:
         if self._handle is not None:
@@ -47,6 +63,18 @@ class UpLock:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+
+
+def _holder(text: str) -> tuple[int | None, float | None]:
+    """The pid and start time an `up` wrote into its lock file ("<pid> <start time>"); a file written
+    before the start time was recorded holds the pid alone."""
+    fields = text.split()
+    pid = int(fields[0]) if fields and fields[0].isdigit() else None
+    try:
+        created = float(fields[1]) if len(fields) > 1 else None
+    except ValueError:
+        created = None
+    return pid, created
 
 
 class StopSignals:

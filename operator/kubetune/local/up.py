@@ -39,8 +39,8 @@ from typing import Any, Literal, TextIO, cast
 
 from kubetune.api.registry import get_definition
 from kubetune.api.validation import read_manifests, validate_paths
-from kubetune.common.clock import utc_now
 from kubetune.config import PROMETHEUS_URL_ENV, OperatorConfig
+from kubetune.local.liveness import DEPLOYMENTS, mark_not_served, served_before
 from kubetune.local.report import (
     deployment_signature,
     describe_deployment,
@@ -59,10 +59,9 @@ from kubetune.plan.lifecycle import Decision, is_finished
 from kubetune.reconcile.deployment import reconcile_deployment, remove_deployment
 from kubetune.reconcile.jobs import Backends, reconcile_finetune, reconcile_quantize
 from kubetune.rollout.prometheus import PrometheusClient, checked_base_url
-from kubetune_contract.conditions import find_condition, set_condition
+from kubetune_contract.conditions import find_condition
 
 Reconciler = Callable[[dict[str, Any], Backends, Path, LocalStore], Decision]
-DEPLOYMENTS = "modeldeployments"
 HAND_OFF_PATIENCE_S = 5.0  # how long a second `up -f` waits for the running one before it says so
 HAND_OFF_LIMIT_S = 120.0  # ... and before it gives up (a pass of the running one takes seconds)
 
@@ -242,48 +241,6 @@ async def reconcile_deployments(
                 progress.banners.add((key, endpoint))
                 print("\n".join(ready_banner(obj)), file=out, flush=True)
     return len(objects)
-
-
-def not_served_status(status: dict[str, Any], generation: int | None, now: str) -> dict[str, Any]:
-    """The status of a ModelDeployment whose `kubetune up` stopped: nothing answers any more."""
-    message = "kubetune up stopped serving it; run `kubetune up` to serve it again"
-    conditions = list(status.get("conditions") or [])
-    for type_ in ("Ready", "Progressing"):
-        conditions = set_condition(
-            conditions, type_, "False", "NotServed", message, now=now, generation=generation
-        )
-    versions = [
-        {**version, "ready": False, "url": None, "message": "not served"}
-        for version in status.get("versions") or []
-    ]
-    updated = {key: value for key, value in status.items() if key != "endpoint"}
-    updated.update(
-        conditions=conditions,
-        phase="Stopped",
-        versions=versions,
-        readyVersions=f"0/{len(versions)}",
-    )
-    return updated
-
-
-def mark_not_served(store: LocalStore, served: list[tuple[str, str]]) -> None:
-    now = utc_now()
-    for namespace, name in served:
-        obj = store.get(DEPLOYMENTS, name, namespace)
-        if obj is None or not obj.get("status"):
-            continue
-        status = not_served_status(obj["status"], obj["metadata"].get("generation"), now)
-        with contextlib.suppress(KeyError):
-            store.update_status(DEPLOYMENTS, obj, status)
-
-
-def served_before(store: LocalStore) -> list[tuple[str, str]]:
-    """The stored ModelDeployments whose status says a `kubetune up` serves them (not yet Stopped)."""
-    return [
-        (obj["metadata"]["namespace"], obj["metadata"]["name"])
-        for obj in store.list_objects(DEPLOYMENTS)
-        if (obj.get("status") or {}).get("phase") not in (None, "Stopped")
-    ]
 
 
 def _stalled(obj: dict[str, Any]) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ from kubetune.local.serving import LocalServing
 from kubetune.local.session import StopSignals, UpLock
 from kubetune.local.store import LocalStore
 from kubetune.reconcile.deployment import DeploymentOutcome, DeploymentRef
+from kubetune.reconcile.jobs import Backends
 
 DEPLOYMENT = {
     "apiVersion": "kubetune.dev/v1alpha1",
@@ -284,7 +285,7 @@ def test_a_stopping_up_takes_up_no_job_applied_since_its_last_pass(tmp_path: Pat
         },
         immutable_spec=True,
     )
-    backends = up_module.Backends(OperatorConfig(home=tmp_path))
+    backends = Backends(OperatorConfig(home=tmp_path))
     progress = up_module.Progress()
     out = io.StringIO()
     assert up_module.reconcile_jobs(store, backends, tmp_path, out, progress, stopping=lambda: True) is False
