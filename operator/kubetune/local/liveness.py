@@ -93,7 +93,7 @@ def interrupt_orphaned_jobs(store: LocalStore, home: Path) -> list[str]:
             if pipeline_run.get("backend") != "local" or not pipeline_run.get("name"):
                 continue  # not submitted yet, or run by Kubeflow Pipelines, which goes on without `up`
             run = runs.find(str(pipeline_run["name"]))
-            if run is not None and run.phase not in ("Interrupted",):
+            if run is not None and run.phase != "Interrupted":
                 continue  # its worker still runs (or ended): the next `up` reads how it went
             why = run.message if run is not None and run.message else "its pipeline run is gone"
             updated = _interrupted_status(status, obj["metadata"].get("generation"), why, now)
