@@ -89,4 +89,7 @@ def namespace(control_plane: ControlPlane) -> str:
 
 @pytest.fixture(scope="session")
 def controller_manager(control_plane: ControlPlane, kubetune_crds: list[str]) -> ManagedProcess:
-    return control_plane.start_controller_manager()
+    try:
+        return control_plane.start_controller_manager()
+    except BinariesUnavailable as exc:  # e.g. setup-envtest's assets: an API server and etcd only
+        pytest.skip(f"real-cluster tests of garbage collection skipped: {exc}")

@@ -472,7 +472,10 @@ class ControlPlane:
         credentials); ready when its ``/healthz`` answers. Stopped with the control plane."""
         binary = self.binaries / CONTROLLER_MANAGER
         if not os.access(binary, os.X_OK):
-            raise BinariesUnavailable(f"no executable {binary}: {HOW_TO_GET_BINARIES}")
+            raise BinariesUnavailable(
+                f"no executable {binary}: put kube-controller-manager beside the other binaries "
+                "(setup-envtest's assets have none; ../shared/k8s/bin has it)"
+            )
         identity = self.ca.issue("controller-manager", "system:kube-controller-manager")
         kubeconfig = write_kubeconfig(
             self.workdir / "kubeconfig-controller-manager",

@@ -1,6 +1,6 @@
 """``kubetune operator`` (cluster-wide) on the real API server, as its ServiceAccount bound only to the
-chart's generated ClusterRole, with kube-controller-manager running (garbage collection, the Deployment
-controller; no scheduler, so pods stay Pending).
+chart's generated ClusterRole; the tests of deletion add kube-controller-manager (garbage collection, the
+Deployment controller; no scheduler, so pods stay Pending).
 
 Jobs reach their end states with the local executor's stand-in steps. A ModelDeployment's children are
 applied with real server-side apply and field managers: a ``kubectl edit`` of a field kubetune manages is
@@ -55,9 +55,7 @@ class RunningOperator:
 
 @pytest.fixture(scope="module")
 def operator(
-    control_plane: ControlPlane,
-    controller_manager: ManagedProcess,
-    tmp_path_factory: pytest.TempPathFactory,
+    control_plane: ControlPlane, kubetune_crds: list[str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningOperator]:
     identity = install_operator_rbac(control_plane, control_plane.create_namespace(), [])
     with run_operator(identity, tmp_path_factory.mktemp("operator")) as process:
@@ -145,7 +143,7 @@ def test_an_edited_child_is_set_back_and_the_hpa_keeps_its_replicas(
 
 
 def test_an_object_with_a_childs_name_is_a_conflict_and_never_adopted(
-    operator: RunningOperator, objects: ClusterObjects
+    operator: RunningOperator, objects: ClusterObjects, controller_manager: ManagedProcess
 ) -> None:
     theirs = {
         "apiVersion": "v1",
@@ -181,9 +179,12 @@ def test_an_object_with_a_childs_name_is_a_conflict_and_never_adopted(
     operator.assert_nothing_forbidden()
 
 
+@pytest.mark.parametrize("cascade", ["background", "foreground"])
 def test_deleting_a_modeldeployment_leaves_no_child_behind(
-    operator: RunningOperator, objects: ClusterObjects
+    operator: RunningOperator, objects: ClusterObjects, controller_manager: ManagedProcess, cascade: str
 ) -> None:
+    """Background (kubectl's default): the owner goes first, then the collector deletes its children.
+    Foreground: the collector deletes the children first (blockOwnerDeletion), then the owner."""
     objects.apply(modeldeployment("brief", serving={"autoscaling": AUTOSCALING}))
     children = [
         ("deployments", "brief-tuned"),
@@ -208,7 +209,7 @@ def test_deleting_a_modeldeployment_leaves_no_child_behind(
     # The Deployment controller made ReplicaSets (and Pods): the collector must take those too.
     wait_until("the Deployments' ReplicaSets", lambda: len(replica_sets()) == 2, operator.process)
 
-    objects.kubectl("delete", "modeldeployment", "brief", "--wait=false")
+    objects.kubectl("delete", "modeldeployment", "brief", f"--cascade={cascade}", "--wait=false")
     objects.wait_gone("modeldeployments", "brief")
     for plural, name in children:
         objects.wait_gone(plural, name)

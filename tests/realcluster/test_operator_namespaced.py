@@ -15,14 +15,14 @@ from realcluster.cluster_objects import (
     quantizejob,
     succeeded,
 )
-from realcluster.control_plane import ControlPlane, ManagedProcess
+from realcluster.control_plane import ControlPlane
 from realcluster.operator_process import install_operator_rbac, refused_requests, run_operator
 
 pytestmark = pytest.mark.realcluster
 
 
 def test_a_namespaced_operator_needs_nothing_beyond_its_roles(
-    control_plane: ControlPlane, controller_manager: ManagedProcess, tmp_path: Path
+    control_plane: ControlPlane, kubetune_crds: list[str], tmp_path: Path
 ) -> None:
     watched = control_plane.create_namespace()
     identity = install_operator_rbac(control_plane, control_plane.create_namespace(), [watched])
