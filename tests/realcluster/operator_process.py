@@ -32,7 +32,7 @@ FAKE_STEPS = REPO / "tests" / "integration" / "fake_steps"
 RELEASE = "kubetune"  # the chart's full name, and so its ServiceAccount's and its roles' names
 RBAC_KINDS = frozenset({"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"})
 STOP_TIMEOUT_S = 60.0
-# In what Kopf and lightkube log when the API server refuses a request for lack of permission
+# Found in what Kopf and lightkube log when the API server refuses a request for lack of permission
 # ("... is forbidden: User ... cannot ...", Kopf's APIForbiddenError).
 FORBIDDEN = re.compile(r"forbidden", re.IGNORECASE)
 
