@@ -126,13 +126,16 @@ def _stored(
 
 
 def cmd_get(args: argparse.Namespace) -> int:
+    from kubetune.local.liveness import settle_after_dead_up
     from kubetune.local.printer import printer_table
     from kubetune.local.store import LocalStore
 
     definition = _definition(args.kind)
     if definition is None:
         return 2
-    store = LocalStore(_settings(args).home)
+    home = _settings(args).home
+    store = LocalStore(home)
+    settle_after_dead_up(store, home)  # a killed `up` left claims of Running/Ready: correct them first
     if args.name:
         obj = _stored(store, definition, args.name, args.namespace)
         if obj is None:

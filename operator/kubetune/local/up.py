@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, TextIO, cast
 
 from kubetune.api.registry import get_definition
-from kubetune.api.validation import read_manifests, validate_paths
+from kubetune.api.validation import format_issues, read_manifests, validate_paths
 from kubetune.config import PROMETHEUS_URL_ENV, OperatorConfig
 from kubetune.local.liveness import DEPLOYMENTS, mark_not_served, served_before
 from kubetune.local.report import (
@@ -83,8 +83,7 @@ RECONCILERS: dict[str, Reconciler] = {
 def apply_paths(paths: list[Path], store: LocalStore, out: TextIO) -> list[tuple[str, dict[str, Any]]] | None:
     issues = validate_paths(paths)
     if issues:
-        for issue in issues:
-            print(str(issue), file=sys.stderr)
+        print(format_issues(issues), file=sys.stderr)
         return None
     applied = []
     for document in read_manifests(paths):

@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from kubetune.cli import main as cli_main
 from kubetune.local.liveness import settle_after_dead_up
 from kubetune.local.session import UpLock
 from kubetune.local.store import LocalStore
@@ -107,3 +110,18 @@ def test_a_pid_reused_by_another_process_is_not_taken_for_the_up(tmp_path: Path)
     # The killed `up` wrote its pid and start time; a process now running with that pid started later.
     (tmp_path / "up.lock").write_text(f"{os.getpid()} 1.0\n")
     assert UpLock(tmp_path).live_holder() is None
+
+
+def test_kubetune_get_after_a_killed_up_shows_it_not_served(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stored(tmp_path)
+    killed_up(tmp_path)
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--home", str(tmp_path), "get", "mdep", "router", "-o", "json"])
+
+    assert exit_.value.code in (0, None)
+    shown = json.loads(capsys.readouterr().out)
+    ready = condition(shown, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "NotServed")
