@@ -77,6 +77,7 @@ from kubetune.gateway.responses import (
     error_response,
     http_error,
     json_response,
+    nested_too_deeply,
     new_request_id,
     read_json_object,
     tracing_headers,
@@ -192,6 +193,9 @@ class Gateway:
             return await self._complete(state, endpoint, request_id, version, body)
         except GatewayError as error:
             return error_response(error, request_id, version)
+        except RecursionError:
+            # a body just shallow enough to decode can still be too deep to encode again upstream
+            return error_response(nested_too_deeply(), request_id, version)
         except Exception:
             log.exception("gateway failed on request %s", request_id)
             internal = GatewayError(

@@ -26,7 +26,11 @@ def new_request_id(prefix: str = "req") -> str:
 
 
 def json_bytes(document: Any) -> bytes:
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # a lone surrogate (a JSON escape UTF-8 cannot carry) came in a request: pass it on escaped
+        return json.dumps(document, separators=(",", ":")).encode()
 
 
 def tracing_headers(request_id: str, version: str) -> dict[str, str]:
@@ -49,8 +53,13 @@ def error_response(error: GatewayError, request_id: str, version: str) -> Respon
     )
 
 
+def nested_too_deeply() -> GatewayError:
+    return invalid_request("the request body nests arrays or objects too deeply", None)
+
+
 async def read_json_object(request: Request) -> dict[str, Any]:
-    """The request's body as a JSON object; 413 past MAX_BODY_BYTES, 400 when it is not one."""
+    """The request's body as a JSON object (UTF-8, -16 or -32); 413 past MAX_BODY_BYTES, 400 when it
+    is not one."""
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -61,8 +70,15 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     raw = b"".join(chunks)
     try:
         body = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise invalid_request(
+            f"the request body is not UTF-8 (nor UTF-16 or UTF-32) text: {exc.reason} at byte {exc.start}",
+            None,
+        ) from exc
     except ValueError as exc:
         raise invalid_request(f"the request body is not valid JSON: {exc}", None) from exc
+    except RecursionError as exc:
+        raise nested_too_deeply() from exc
     if not isinstance(body, dict):
         raise invalid_request("the request body must be a JSON object", None)
     return body

@@ -38,7 +38,8 @@ class UnknownVersionError(LookupError):
 
 def hash_unit_interval(version: str, key: str) -> float:
     """A stable pseudo-random number in (0, 1) for the pair (version, key)."""
-    digest = hashlib.blake2b(f"{version}:{key}".encode(), digest_size=8).digest()
+    # surrogatepass: a routing key is whatever the client sent, lone surrogates included
+    digest = hashlib.blake2b(f"{version}:{key}".encode(errors="surrogatepass"), digest_size=8).digest()
     return (int.from_bytes(digest, "big") + 0.5) / _TWO_TO_64
 
 

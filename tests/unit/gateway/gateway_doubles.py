@@ -37,6 +37,11 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+class EscapedJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 class StubModelServer:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -112,7 +117,8 @@ class StubModelServer:
         else:
             choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
             obj = "text_completion"
-        return JSONResponse(
+        # ASCII-escaped JSON, as a model server sends it: the echo may hold lone surrogates
+        return EscapedJSONResponse(
             {
                 "id": "upstream-id",
                 "object": obj,
