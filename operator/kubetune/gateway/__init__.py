@@ -9,7 +9,8 @@ that rollout analysis reads (``metrics``). Its config is a JSON file it reloads 
 models of ``kubetune_contract.openai``, the ones the model server uses.
 
 The app (``app``: routes and per-process state) is built from ``upstream`` (the pooled client to
-the versions and the retry on the fallback), ``relay`` (streams passed on event by event),
+the versions, the bounded waits and the retry on the fallback), ``health`` (which versions may take
+requests now), ``relay`` (streams passed on event by event),
 ``feedback`` (which version answered each recent completion) and ``responses`` (headers, JSON and
 OpenAI-format errors).
 

@@ -186,11 +186,14 @@ class Gateway:
             chosen = _route(state, request, parsed.user, unavailable)
             if chosen is not None:
                 version = chosen
-            version = self._ready_version(state, chosen, unavailable)
             apply_generation(endpoint, body, state.config.generation)
+            version = self._ready_version(state, chosen, unavailable)
+            upstream = self._upstream_body(state, endpoint, version, body)
+            if chosen is not None and version != chosen:  # the fallback stands in for a version not ready
+                self._count_fallback(state, chosen, version)
             if parsed.stream:
-                return await self._stream(state, endpoint, request_id, version, body)
-            return await self._complete(state, endpoint, request_id, version, body)
+                return await self._stream(state, endpoint, request_id, upstream, body)
+            return await self._complete(state, endpoint, request_id, upstream, body)
         except GatewayError as error:
             return error_response(error, request_id, version)
         except RecursionError:
@@ -211,8 +214,6 @@ class Gateway:
             return chosen
         config = state.config
         if config.fallback is not None and config.fallback.version not in unavailable:
-            if chosen is not None:
-                self._count_fallback(state, chosen, config.fallback.version)
             return config.fallback.version
         retry_after = self.health.retry_after(config)
         if chosen is None:
@@ -254,10 +255,14 @@ class Gateway:
         self.metrics.fallbacks.labels(state.config.deployment, failed_version, fallback).inc()
 
     async def _complete(
-        self, state: GatewayState, endpoint: str, request_id: str, version: str, body: dict[str, Any]
+        self,
+        state: GatewayState,
+        endpoint: str,
+        request_id: str,
+        upstream: UpstreamBody,
+        body: dict[str, Any],
     ) -> Response:
-        deployment = state.config.deployment
-        upstream = self._upstream_body(state, endpoint, version, body)
+        deployment, version = state.config.deployment, upstream.version
         key: str | None = None
         if state.config.cache.enabled and is_deterministic(upstream.body):
             key = cache_key(endpoint, version, state.urls[version], upstream.body)
@@ -328,11 +333,16 @@ class Gateway:
     # -- streaming ---------------------------------------------------------------------------
 
     async def _stream(
-        self, state: GatewayState, endpoint: str, request_id: str, version: str, body: dict[str, Any]
+        self,
+        state: GatewayState,
+        endpoint: str,
+        request_id: str,
+        upstream: UpstreamBody,
+        body: dict[str, Any],
     ) -> Response:
         attempt, sent = await send_with_fallback(
             state.config,
-            self._upstream_body(state, endpoint, version, body),
+            upstream,
             functools.partial(self._upstream_body, state, endpoint, body=body),
             functools.partial(self._open_stream, state, endpoint, request_id),
             functools.partial(self._count_fallback, state),

@@ -68,7 +68,7 @@ class GatewayMetrics:
         )
         self.fallbacks = Counter(
             "kubetune_gateway_fallbacks_total",
-            "Requests retried on the fallback version after the chosen version failed.",
+            "Requests sent to the fallback version because the chosen version failed or was not ready.",
             ["deployment", "from_version", "to_version"],
             registry=self.registry,
         )

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import httpx
-from gateway_doubles import GatewayServer, StubModelServer, attempts, base_config, chat_body
+from gateway_doubles import GatewayServer, StubModelServer, attempts, base_config, chat_body, metric_value
 
 from asgi_server import free_port
 from kubetune.gateway.config import GatewayConfig
@@ -80,10 +80,14 @@ def test_a_ready_fallback_answers_while_no_weighted_version_is_ready(
     with gateway_server(config) as (url, _), httpx.Client(base_url=url, timeout=10) as client:
         anyone = client.post(CHAT, json=chat_body("hi"))
         pinned = client.post(CHAT, json=chat_body("hi"), headers={"x-kubetune-version": "alpha"})
+        metrics = client.get("/metrics").text
     for response in (anyone, pinned):
         assert response.status_code == 200 and response.headers["x-kubetune-version"] == "gamma"
         assert response.json()["choices"][0]["message"]["content"] == "gamma: hi"
     assert stubs["alpha"].received == [] and stubs["beta"].received == []
+    # the pinned request is the one that names a version the fallback stood in for
+    fallbacks = {"deployment": "support-bot", "to_version": "gamma"}
+    assert metric_value(metrics, "kubetune_gateway_fallbacks_total", from_version="alpha", **fallbacks) == 1
 
 
 def test_a_version_nothing_listens_on_is_marked_down_and_its_share_goes_to_the_others(
