@@ -6,7 +6,8 @@ records every request body it received. Its ``behavior`` can be switched while i
 ``echo``, ``reject`` (HTTP 400), ``error`` (HTTP 500), ``garbage`` (200 with HTML), ``slow``
 (answers after ``delay_seconds``, or as soon as the behavior changes), ``drip`` (streams a word
 every 0.2 s), ``stall-stream`` (a stream that stalls like ``slow`` after its first word) and
-``break-stream`` (a stream that dies after its first word).
+``break-stream`` (a stream that dies after its first word). ``hanging_connect_url`` is a version
+address whose connects never complete.
 
 Loopback servers come from ``asgi_server.serve_app``.
 """
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -173,6 +175,25 @@ class StubModelServer:
         if usage is not None:
             yield event([], usage=usage)
         yield b"data: [DONE]\n\n"
+
+
+@contextmanager
+def hanging_connect_url() -> Iterator[str]:
+    """A URL whose connects hang: a listening socket that never accepts, its backlog filled, so the
+    kernel drops further handshakes (Linux) and only the client's connect timeout ends the wait."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            for filler in fillers:
+                filler.close()
 
 
 GatewayServer = Callable[..., AbstractContextManager[tuple[str, Gateway]]]

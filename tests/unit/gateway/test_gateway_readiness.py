@@ -12,7 +12,15 @@ import time
 from typing import Any
 
 import httpx
-from gateway_doubles import GatewayServer, StubModelServer, attempts, base_config, chat_body, metric_value
+from gateway_doubles import (
+    GatewayServer,
+    StubModelServer,
+    attempts,
+    base_config,
+    chat_body,
+    hanging_connect_url,
+    metric_value,
+)
 
 from asgi_server import free_port
 from kubetune.gateway.config import GatewayConfig
@@ -117,6 +125,21 @@ def test_a_version_nothing_listens_on_is_marked_down_and_its_share_goes_to_the_o
         assert_unavailable(again, "version_unreachable")
         metrics = client.get("/metrics").text
     assert attempts(metrics, "alpha", "502", CHAT) == 2  # the two tries, nothing in between
+
+
+def test_a_version_whose_connect_hangs_is_given_up_on_after_the_connect_timeout(
+    stubs: Stubs, gateway_server: GatewayServer
+) -> None:
+    config = base_config(stubs, timeouts={"connectSeconds": 0.3})
+    with hanging_connect_url() as hanging:
+        config["versions"][0]["url"] = hanging
+        with gateway_server(config) as (url, _), httpx.Client(base_url=url, timeout=5) as client:
+            response = client.post(CHAT, json=chat_body(), headers={"x-kubetune-version": "alpha"})
+            error = assert_unavailable(response, "version_unreachable")
+            assert error["message"] == (
+                "version 'alpha' failed: could not connect within timeouts.connectSeconds (0.3s)"
+            )
+            assert client.get("/healthz").json()["notRouted"] == ["alpha"]
 
 
 def test_a_fallback_that_hangs_too_is_given_up_on_after_the_fallback_timeout(
