@@ -165,7 +165,7 @@ def plan_deployment(
     config: dict[str, Any] | None = None
     spec_error: str | None = None
     try:
-        config = gateway_config(deployment, urls, effective)
+        config = gateway_config(deployment, urls, effective, ready=answering)
     except GatewayConfigInvalid as invalid:
         spec_error = str(invalid)
     return DeploymentPlan(

@@ -426,6 +426,8 @@ async def test_servers_that_are_starting_get_no_traffic_yet() -> None:
     outcome = await reconcile_deployment(mdep(), lookup=DONE, serving=serving, prometheus=None, now=T0)
     assert outcome.status["weights"] == "tuned=100,int8=0"
     assert serving.config is not None and serving.config["versions"][1]["weight"] == 0
+    # The gateway is told too, so a request pinned to int8 is not sent to a server that cannot answer.
+    assert [(v["name"], v["ready"]) for v in serving.config["versions"]] == [("tuned", True), ("int8", False)]
     ready = condition(outcome.status, "Ready")
     assert (ready["reason"], ready["message"]) == ("VersionNotReady", "version int8: 0/1 replicas ready")
     assert condition(outcome.status, "Progressing")["reason"] == "WaitingForVersions"
