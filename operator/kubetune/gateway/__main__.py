@@ -67,9 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The gateway's command-line arguments (``python -m kubetune.gateway`` and ``kubetune gateway``)."""
     parser.add_argument("--config", required=True, help="gateway config file (JSON); reloaded on change")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})"
+    )
     parser.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config checks")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="uvicorn's log level",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every request (costs latency)")
 
 
