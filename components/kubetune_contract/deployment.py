@@ -405,13 +405,15 @@ class Cache(KubeModel):
     """Exact-match response cache; only deterministic requests (temperature 0, not streamed) are cached."""
 
     enabled: bool = True
-    ttl: Duration = Field(default="5m")
+    ttl: PositiveDuration = Field(
+        default="5m", description='How long an answer is reused: a duration above 0 such as "5m".'
+    )
     max_entries: int = Field(default=1024, ge=1, le=1_000_000)
 
 
 class Fallback(KubeModel):
     version: str = Field(description="The version that answers when the chosen one errors or times out.")
-    timeout: Duration = Field(default="30s", description="How long the chosen version may take.")
+    timeout: PositiveDuration = Field(default="30s", description="How long the chosen version may take.")
 
 
 class ModelDeploymentSpec(KubeModel):

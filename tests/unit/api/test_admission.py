@@ -237,3 +237,16 @@ def test_the_split_rule_comes_with_other_dataset_errors() -> None:
         'must be above 0 when validationUri is not set (got "0")',
         "FineTuneJob/tiny-sql: spec.training.batchSize: must be at least 1 (got the number 0)",
     ]
+
+
+# -- durations the gateway divides by ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["cache.ttl", "fallback.timeout"])
+def test_a_zero_duration_the_gateway_cannot_use_is_refused(field: str) -> None:
+    """The gateway refuses a cache ttl or fallback timeout of 0; validate passed them (found by the
+    property test in tests/unit/contract)."""
+    doc = edit(deployment(), f"spec.{field}", "0s")
+    assert pydantic_errors(doc) == [
+        f"ModelDeployment/support-router: spec.{field}: '0s' must be longer than 0s"
+    ]
