@@ -70,7 +70,13 @@ def _check_positive_duration(value: str) -> str:
     return value
 
 
-PositiveDuration = Annotated[Duration, AfterValidator(_check_positive_duration)]
+POSITIVE_DURATION_KEY = "x-kubetune-positive-duration"
+"""Marks a positive duration in the schema, so the CRD gets the CEL rule a pattern cannot express."""
+PositiveDuration = Annotated[
+    Duration,
+    Field(json_schema_extra={POSITIVE_DURATION_KEY: True}),
+    AfterValidator(_check_positive_duration),
+]
 Quantity = Annotated[
     str, Field(pattern=QUANTITY_PATTERN, description='A Kubernetes quantity such as "500m", "2" or "4Gi".')
 ]

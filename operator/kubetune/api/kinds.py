@@ -62,14 +62,17 @@ def _schema_nodes(
         yield from _schema_nodes(node["items"], defs, f"{path}[*]")
 
 
-def _decimal_range_rules(model: type[BaseModel]) -> tuple[CelRule, ...]:
-    """A rule for every decimal string with a range (``DecimalRange``): a pattern cannot bound a number."""
+def _field_rules(model: type[BaseModel]) -> tuple[CelRule, ...]:
+    """The rules a field's pattern cannot express: a decimal string's range (``DecimalRange``) and a
+    duration above 0 (``PositiveDuration``)."""
     schema = model.model_json_schema(by_alias=True, mode="validation")
-    return tuple(
-        _range_rule(path, bounds)
-        for path, node in _schema_nodes(schema, schema.get("$defs", {}), "")
-        if (bounds := DecimalRange.from_schema(node)) is not None
-    )
+    rules: list[CelRule] = []
+    for path, node in _schema_nodes(schema, schema.get("$defs", {}), ""):
+        if (bounds := DecimalRange.from_schema(node)) is not None:
+            rules.append(_range_rule(path, bounds))
+        if node.get(deployment.POSITIVE_DURATION_KEY):
+            rules.append(CelRule(path, 'duration(self) > duration("0s")', "must be longer than 0s"))
+    return tuple(rules)
 
 
 SPLIT_RULE = CelRule(
@@ -133,7 +136,7 @@ FINETUNEJOB = ResourceDefinition(
             "a gate needs min, max or minImprovement",
         ),
         SPLIT_RULE,
-        *_decimal_range_rules(finetune.FineTuneJob),
+        *_field_rules(finetune.FineTuneJob),
     ),
 )
 
@@ -259,7 +262,7 @@ QUANTIZEJOB = ResourceDefinition(
         ),
         CelRule("spec.evaluation.gates[*]", "has(self.min) || has(self.max)", "a gate needs min or max"),
         SPLIT_RULE,
-        *_decimal_range_rules(quantize.QuantizeJob),
+        *_field_rules(quantize.QuantizeJob),
     ),
 )
 
@@ -268,12 +271,13 @@ def _default_within_limit_rules() -> tuple[CelRule, ...]:
     """Mirror ``Generation``'s rule: a default above its limit would make requests that omit it fail."""
     rules = []
     for default, limit in deployment.DEFAULTS_AND_LIMITS:
-        convert = "int" if default == "maxTokens" else "double"
+        # maxTokens are integers; the sampling parameters are decimal strings.
+        number = "{}" if default == "maxTokens" else "double({})"
         rules.append(
             CelRule(
                 "spec.generation",
                 f"!has(self.defaults.{default}) || !has(self.limits.{limit}) || "
-                f"{convert}(self.defaults.{default}) <= {convert}(self.limits.{limit})",
+                f"{number.format(f'self.defaults.{default}')} <= {number.format(f'self.limits.{limit}')}",
                 f"defaults.{default} must not be above limits.{limit}",
             )
         )
@@ -376,7 +380,7 @@ MODELDEPLOYMENT = ResourceDefinition(
             "minReplicas must not exceed maxReplicas",
         ),
         *_default_within_limit_rules(),
-        *_decimal_range_rules(deployment.ModelDeployment),
+        *_field_rules(deployment.ModelDeployment),
     ),
 )
 

@@ -250,3 +250,12 @@ def test_a_zero_duration_the_gateway_cannot_use_is_refused(field: str) -> None:
     assert pydantic_errors(doc) == [
         f"ModelDeployment/support-router: spec.{field}: '0s' must be longer than 0s"
     ]
+    assert admit_deployment(doc) == [f"spec.{field}: must be longer than 0s"]
+    assert admit_deployment(edit(deployment(), f"spec.{field}", "500ms")) == []
+
+
+def test_every_positive_duration_is_refused_at_zero_by_the_crd_too() -> None:
+    zero_pause = edit(deployment(), "spec.rollout.steps.0.pause", "0m")
+    assert admit_deployment(zero_pause) == ["spec.rollout.steps[0].pause: must be longer than 0s"]
+    zero_window = edit(deployment(), "spec.rollout.analysis.window", "0ms")
+    assert admit_deployment(zero_window) == ["spec.rollout.analysis.window: must be longer than 0s"]
