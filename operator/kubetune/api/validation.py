@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kubetune.api.registry import REGISTRY
-from kubetune_contract.common import GROUP
+from kubetune_contract.common import DNS_SUBDOMAIN_PATTERN, GROUP
 from kubetune_contract.validation import (
     ValidationIssue,
     resource_identity,
@@ -40,7 +40,7 @@ M = TypeVar("M", bound=BaseModel)
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 # What the API server requires of every custom resource name (a DNS-1123 subdomain).
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_SUBDOMAIN = re.compile(DNS_SUBDOMAIN_PATTERN)
 _DNS_SUBDOMAIN_MESSAGE = (
     "must be lower case letters, digits, '-' or '.', and start and end with a letter or digit"
 )

@@ -31,6 +31,9 @@ def run_operator(
     port = port_from_env(os.environ)
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("kubetune").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # lightkube's HTTP client logs every API call at INFO (a dozen lines per pass): only with --verbose.
+    for client_logger in ("httpx", "httpx2"):
+        logging.getLogger(client_logger).setLevel(logging.DEBUG if verbose else logging.WARNING)
     liveness = f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None
     settings = kopf.OperatorSettings()
     # With exact namespaces there is nothing to discover at run time, and no reason to need the
