@@ -114,10 +114,7 @@ class GatewayProcess:
         )
 
     def _start(self) -> None:
-        port = self.host.ports.ensure_free(self.port)
-        if port != self.port:
-            old, self.port = self.port, port
-            self.host.notify(f"{self.role}: port {old} is taken, moving to {self.port}")
+        self.port = self.host.free_port_for(self.role, self.port)
         command = [
             self.host.python,
             "-m",

@@ -90,6 +90,13 @@ class ServingHost:
     def bentoml_home(self) -> Path:
         return self.home / "bentoml"
 
+    def free_port_for(self, role: str, port: int) -> int:
+        """``port`` if it is still free, else a new one, saying that ``role`` moves there."""
+        free = self.ports.ensure_free(port)
+        if free != port:
+            self.notify(f"{role}: port {port} is taken, moving to {free}")
+        return free
+
     def notify_once(self, notice: str) -> None:
         if notice not in self.notices:
             self.notices.add(notice)

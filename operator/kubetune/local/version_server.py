@@ -332,10 +332,7 @@ class VersionServer:
         return env
 
     def _start_server(self) -> ManagedProcess:
-        port = self.host.ports.ensure_free(self.port)
-        if port != self.port:
-            old, self.port = self.port, port
-            self.host.notify(f"{self.role}: port {old} is taken, moving to {self.port}")
+        self.port = self.host.free_port_for(self.role, self.port)
         command = [
             self.host.python,
             "-m",
