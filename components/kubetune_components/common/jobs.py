@@ -51,17 +51,6 @@ def parse_quantize_job(config: Mapping[str, Any]) -> QuantizeJob:
     """The QuantizeJob; the operator has already resolved spec.model.fineTuneJobRef into spec.model.uri."""
     if config.get("kind") != "QuantizeJob":
         raise ConfigError(f"expected a QuantizeJob, got kind {config.get('kind')!r}")
-    spec = config.get("spec")
-    model = spec.get("model") if isinstance(spec, Mapping) else None
-    if (
-        isinstance(spec, Mapping)
-        and isinstance(model, Mapping)
-        and model.get("fineTuneJobRef")
-        and model.get("uri")
-    ):
-        # The resolved form names both; the API admits one, so keep what the steps work from: the uri.
-        resolved_model = {key: value for key, value in model.items() if key != "fineTuneJobRef"}
-        config = {**config, "spec": {**spec, "model": resolved_model}}
     job = _parse(QuantizeJob, "QuantizeJob", config)
     if job.spec.model.uri is None:
         raise ConfigError("spec.model.uri is required (the operator resolves fineTuneJobRef to it)")

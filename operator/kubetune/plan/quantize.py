@@ -94,6 +94,8 @@ def resolve_config(
 ) -> dict[str, Any]:
     spec = job.spec.to_wire()
     if source is not None:
+        # The steps get a QuantizeJob the API admits: the reference resolved into the model it published.
+        del spec["model"]["fineTuneJobRef"]
         spec["model"]["uri"] = source["status"]["output"]["uri"]
         if spec.get("dataset") is None and source.get("spec", {}).get("dataset"):
             # The fine-tune's own held-out split: quality before and after is measured where it was.

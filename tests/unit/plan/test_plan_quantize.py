@@ -11,6 +11,7 @@ from kubetune.config import OperatorConfig
 from kubetune.plan.lifecycle import Observed
 from kubetune.plan.quantize import plan_quantize
 from kubetune.plan.runs import RunStatus
+from kubetune_components.common.jobs import parse_quantize_job
 from kubetune_contract.workspace import WorkspaceReport
 
 NOW = "2026-01-01T00:00:00Z"
@@ -78,7 +79,8 @@ def test_submits_with_the_published_model_and_the_finetune_dataset(settings: Ope
     decision = plan_quantize(qj(), Observed(), settings, NOW, lambda ns, name: done, base_dir=Path("/work"))
     assert decision.action == "submit" and decision.request is not None
     spec = decision.request.config["spec"]
-    assert spec["model"]["uri"] == "/store/ml/router/v1"
+    assert spec["model"] == {"uri": "/store/ml/router/v1"}  # the reference resolved, not kept beside it
+    assert parse_quantize_job(decision.request.config).spec.model.uri == "/store/ml/router/v1"
     assert spec["dataset"]["uri"] == "/work/data/tickets.jsonl"
     assert spec["output"]["uri"] == "/store"
     assert decision.request.key == "qj-ml-router-int8-g1-abcdef12"
