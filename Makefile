@@ -7,18 +7,43 @@ STAMP := $(VENV)/.kubetune-installed
 TINY_BASE := .kubetune/models/tiny-base
 # The tests share the quickstart's tiny base (an idempotent build: made once, reused after).
 export KUBETUNE_TINY_BASE_DIR ?= $(CURDIR)/$(TINY_BASE)
+# envtest's convention: the real-cluster tests find kube-apiserver, etcd, kube-controller-manager and
+# kubectl through KUBEBUILDER_ASSETS. Unset, it points at an unpacked copy of ../shared/k8s when that
+# exists; with neither, tests/realcluster is skipped with one line saying how to get the binaries.
+SHARED_K8S_BIN := $(abspath $(CURDIR)/../shared/k8s/bin)
+K8S_ASSETS := $(CURDIR)/.kubetune/k8s
+ifeq ($(origin KUBEBUILDER_ASSETS),undefined)
+ifneq ($(wildcard $(SHARED_K8S_BIN)/kube-apiserver.zst),)
+export KUBEBUILDER_ASSETS := $(K8S_ASSETS)
+K8S_ASSETS_TARGET := $(K8S_ASSETS)/.unpacked
+endif
+endif
 
-.PHONY: setup system-deps quickstart test lint typecheck layers unit integration e2e crds clean
+.PHONY: setup system-deps k8s-assets quickstart test lint typecheck layers unit integration e2e crds clean
 
 setup: $(STAMP) system-deps
 
-# The rollout tests judge canaries with a real Prometheus server (Debian's package, run on loopback);
-# tests/realcluster unpacks the real kube-apiserver and etcd of ../shared/k8s with zstd.
+# Real servers the tests start on loopback, from Debian's packages: Prometheus (canary analysis),
+# redis-server (gateway limits shared by replicas), wrk (the gateway benchmark's load generator),
+# bubblewrap (rendered pods run in a sandbox), zstd (unpacks ../shared/k8s).
+SYSTEM_PACKAGES := prometheus redis-server wrk bubblewrap zstd
+SYSTEM_COMMANDS := prometheus redis-server wrk bwrap zstd
 system-deps:
-	@command -v prometheus >/dev/null && command -v zstd >/dev/null || { \
-		echo "installing Debian's prometheus and zstd (needed by the rollout and real-cluster tests)"; \
+	@missing=""; for command in $(SYSTEM_COMMANDS); do command -v $$command >/dev/null || missing=1; done; \
+	test -z "$$missing" || { \
+		echo "installing Debian's $(SYSTEM_PACKAGES) (servers and tools the tests run for real)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			prometheus zstd >/dev/null; }
+			$(SYSTEM_PACKAGES) >/dev/null; }
+
+k8s-assets: $(K8S_ASSETS_TARGET)
+
+$(K8S_ASSETS)/.unpacked: system-deps
+	@mkdir -p $(K8S_ASSETS)
+	@for archive in $(SHARED_K8S_BIN)/*.zst; do \
+		name=$$(basename $$archive .zst); \
+		zstd -d -q -f $$archive -o $(K8S_ASSETS)/$$name && chmod 0755 $(K8S_ASSETS)/$$name || exit 1; \
+	done
+	@touch $@
 
 # torch goes first and pinned: a bare torch requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml requirements/constraints.txt
@@ -58,7 +83,7 @@ layers: setup
 unit: setup
 	$(BIN)/pytest -q tests/unit
 
-test: setup
+test: setup k8s-assets
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
