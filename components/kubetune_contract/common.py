@@ -182,11 +182,15 @@ def within_bound(value: float | None, op: GateOp, threshold: float) -> bool:
 class GateResult(KubeModel):
     """The verdict of one bound of one gate, as gates.json and the resource's status hold it."""
 
-    metric: str
-    op: str
-    threshold: float
-    value: float | None = None
-    passed: bool
+    metric: str = Field(description="The metric the gate checks, as the gate names it.")
+    op: str = Field(description="The bound: min, max or minImprovement.")
+    threshold: float = Field(description="The bound's value from the spec.")
+    value: float | None = Field(
+        default=None,
+        description="The measured value (an improvement for minImprovement); unset when "
+        "it could not be measured, which fails the gate.",
+    )
+    passed: bool = Field(description="Whether the value meets the bound.")
 
 
 # -- rules that span fields, reported with the field errors ----------------------------------------------
@@ -303,12 +307,14 @@ class Condition(KubeModel):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
-    type: str
-    status: ConditionStatus
-    reason: str = ""
-    message: str = ""
-    last_transition_time: str | None = None
-    observed_generation: int | None = None
+    type: str = Field(description="The aspect it reports on, e.g. Succeeded, Ready or Stalled.")
+    status: ConditionStatus = Field(description="True, False or Unknown (not decided yet).")
+    reason: str = Field(default="", description="A CamelCase word for why, e.g. Completed or ModelInvalid.")
+    message: str = Field(default="", description="What happened, for a person.")
+    last_transition_time: str | None = Field(default=None, description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(
+        default=None, description="The metadata.generation the condition was computed for."
+    )
 
 
 class PipelineRunRef(KubeModel):
@@ -316,20 +322,26 @@ class PipelineRunRef(KubeModel):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
-    backend: Literal["kfp", "local"]
-    id: str
-    url: str | None = None
-    name: str | None = None
+    backend: Literal["kfp", "local"] = Field(description="The executor running it: kfp or local.")
+    id: str = Field(description="The run's id in that backend.")
+    url: str | None = Field(default=None, description="Where to watch the run (the Kubeflow UI's run page).")
+    name: str | None = Field(
+        default=None,
+        description="The run's name, derived from the resource's namespace, name, "
+        "generation and uid so that it is submitted once.",
+    )
     generation: int | None = Field(
         default=None, description="Generation of the spec the run was submitted for."
     )
 
 
 class OutputRef(KubeModel):
+    """Where a job published its model."""
+
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
-    uri: str
-    version: str
+    uri: str = Field(description="The published directory (adapter or weights, tokenizer, manifest).")
+    version: str = Field(description="The published version, v<generation>.")
 
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -266,8 +266,10 @@ class Rollout(KubeModel):
 
 
 class Autoscaling(KubeModel):
-    min_replicas: int = Field(default=1, ge=1, le=1000)
-    max_replicas: int = Field(default=4, ge=1, le=1000)
+    """A HorizontalPodAutoscaler per version, scaling on in-flight requests."""
+
+    min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas per version.")
+    max_replicas: int = Field(default=4, ge=1, le=1000, description="Most replicas per version.")
     target_concurrency: int = Field(
         default=8, ge=1, le=10_000, description="In-flight requests per replica the autoscaler aims for."
     )
@@ -280,6 +282,8 @@ class Autoscaling(KubeModel):
 
 
 class Resources(KubeModel):
+    """CPU, memory and accelerator requests and limits of each version's server container."""
+
     requests: dict[str, Quantity] = Field(default_factory=dict, description='e.g. {cpu: "1", memory: 2Gi}')
     limits: dict[str, Quantity] = Field(default_factory=dict, description="e.g. {memory: 4Gi}")
 
@@ -287,13 +291,15 @@ class Resources(KubeModel):
 class Batching(KubeModel):
     """Adaptive batching in each version's server."""
 
-    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    max_batch_size: int = Field(default=8, ge=1, le=1024, description="Most requests in one batch.")
     max_latency_ms: int = Field(
         default=50, ge=1, le=60_000, description="Longest a request waits for a batch."
     )
 
 
 class Serving(KubeModel):
+    """How each version's model server runs: replicas, autoscaling, resources and batching."""
+
     replicas: int = Field(default=1, ge=0, le=1000, description="Replicas per version, without autoscaling.")
     autoscaling: Autoscaling | None = Field(
         default=None, description="A HorizontalPodAutoscaler per version."
@@ -310,6 +316,8 @@ MAX_TOP_P_RANGE = DecimalRange(0, 1)
 
 
 class GenerationDefaults(KubeModel):
+    """Sampling parameters applied to requests that leave them out."""
+
     temperature: Annotated[DecimalString, TEMPERATURE_RANGE] | None = Field(
         default=None, description="Used when a request sets none; between 0 and 2."
     )
@@ -322,6 +330,8 @@ class GenerationDefaults(KubeModel):
 
 
 class GenerationLimits(KubeModel):
+    """Upper bounds on a request's sampling parameters; a request above one is refused with 400."""
+
     max_temperature: Annotated[DecimalString, TEMPERATURE_RANGE] | None = Field(
         default=None, description="Requests above it are refused; between 0 and 2."
     )
@@ -334,7 +344,14 @@ class GenerationLimits(KubeModel):
 
 
 class ContextWindow(KubeModel):
-    max_prompt_tokens: int = Field(default=2048, ge=1, le=1_048_576)
+    """How long a prompt may be, and what happens to a longer one."""
+
+    max_prompt_tokens: int = Field(
+        default=2048,
+        ge=1,
+        le=1_048_576,
+        description="Most prompt tokens (after the template) sent to a model.",
+    )
     overflow: Literal["truncate", "refuse"] = Field(
         default="truncate",
         description="truncate drops the oldest messages (chat) or tokens (completions); refuse answers 400.",
@@ -372,6 +389,8 @@ def _defaults_above_limits(generation: object) -> list[BrokenRule]:
 
 
 class Generation(KubeModel):
+    """Generation parameters the gateway applies: defaults, limits and the prompt's context window."""
+
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
     limits: GenerationLimits = Field(default_factory=GenerationLimits)
     context_window: ContextWindow = Field(default_factory=ContextWindow)
@@ -383,14 +402,21 @@ class Generation(KubeModel):
 
 
 class FewShotExample(KubeModel):
-    user: str = Field(max_length=16_384)
-    assistant: str = Field(max_length=16_384)
+    """One few-shot turn, sent before the request's own messages."""
+
+    user: str = Field(max_length=16_384, description="The example user message.")
+    assistant: str = Field(max_length=16_384, description="The answer the model should give to it.")
 
 
 class PromptTemplate(KubeModel):
     """A versioned prompt: rolled out and A/B-tested with the model version that names it."""
 
-    name: str = Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=DNS_LABEL_PATTERN,
+        description="The name a version's prompt field refers to (a DNS label).",
+    )
     system: str | None = Field(default=None, max_length=16_384, description="System message prepended.")
     template: str = Field(
         default="{{input}}",
@@ -410,11 +436,13 @@ class PromptTemplate(KubeModel):
 class Cache(KubeModel):
     """Exact-match response cache; only deterministic requests (temperature 0, not streamed) are cached."""
 
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="Whether answers are cached.")
     ttl: PositiveDuration = Field(
         default="5m", description='How long an answer is reused: a duration above 0 such as "5m".'
     )
-    max_entries: int = Field(default=1024, ge=1, le=1_000_000)
+    max_entries: int = Field(
+        default=1024, ge=1, le=1_000_000, description="Most answers kept; the least recently used go first."
+    )
 
 
 class Fallback(KubeModel):
@@ -423,12 +451,21 @@ class Fallback(KubeModel):
 
 
 class ModelDeploymentSpec(KubeModel):
-    versions: list[ModelVersion] = Field(min_length=1, max_length=MAX_VERSIONS)
+    """Desired state of the ModelDeployment: the versions served, how traffic reaches them, and how."""
+
+    versions: list[ModelVersion] = Field(
+        min_length=1,
+        max_length=MAX_VERSIONS,
+        description="The model versions served; their weights sum to 100. With a rollout, the last one is "
+        "the canary.",
+    )
     routing: Routing = Field(default_factory=Routing)
     rollout: Rollout | None = Field(default=None, description="Roll the last version out as a canary.")
     serving: Serving = Field(default_factory=Serving)
     generation: Generation = Field(default_factory=Generation)
-    prompts: list[PromptTemplate] = Field(default_factory=list, max_length=MAX_PROMPTS)
+    prompts: list[PromptTemplate] = Field(
+        default_factory=list, max_length=MAX_PROMPTS, description="Prompt templates versions can name."
+    )
     cache: Cache | None = Field(default=None, description="Response cache; off when unset.")
     fallback: Fallback | None = Field(default=None, description="Where failed requests are retried.")
 
@@ -497,11 +534,13 @@ def _spec_rules_broken(spec: object) -> list[BrokenRule]:
 
 
 class VersionStatus(KubeModel):
-    name: str
+    """One version as it is served now."""
+
+    name: str = Field(description="The version's name from the spec.")
     weight: int = Field(
         description="Percent of traffic the version gets now (differs from spec mid-rollout)."
     )
-    ready: bool = False
+    ready: bool = Field(default=False, description="Whether its server answers and the gateway routes to it.")
     model_uri: str | None = Field(default=None, description="The model being served, as resolved.")
     url: str | None = Field(default=None, description="The version's own service endpoint.")
     bento: str | None = Field(default=None, description="The Bento tag serving it.")
@@ -509,21 +548,25 @@ class VersionStatus(KubeModel):
 
 
 class MetricResult(KubeModel):
-    name: str
+    """One analysis metric's value and verdict."""
+
+    name: str = Field(description="The metric's name from the spec.")
     value: float | None = Field(default=None, description="None when the query returned no data.")
-    min: str | None = None
-    max: str | None = None
+    min: str | None = Field(default=None, description="The lower bound it was checked against.")
+    max: str | None = Field(default=None, description="The upper bound it was checked against.")
     passed: bool | None = Field(default=None, description="None when inconclusive (no data).")
 
 
 class AnalysisRun(KubeModel):
-    time: str
-    passed: bool
+    """The latest analysis of the canary."""
+
+    time: str = Field(description="When it ran (RFC 3339).")
+    passed: bool = Field(description="Whether no metric failed (an inconclusive one does not fail).")
     metric: str | None = Field(default=None, description="The first failing metric, when one failed.")
-    value: float | None = None
-    threshold: str | None = None
-    message: str = ""
-    results: list[MetricResult] = Field(default_factory=list)
+    value: float | None = Field(default=None, description="The failing metric's value.")
+    threshold: str | None = Field(default=None, description="The bound the failing metric broke.")
+    message: str = Field(default="", description="The verdict, for a person.")
+    results: list[MetricResult] = Field(default_factory=list, description="Every metric's result.")
 
     @property
     def inconclusive(self) -> bool:
@@ -532,32 +575,46 @@ class AnalysisRun(KubeModel):
 
 
 class RolloutStatus(KubeModel):
+    """Where the canary rollout stands."""
+
     canary: str = Field(description="The version being rolled out.")
     step: int = Field(description="Index of the current step (0-based); len(steps) once promoted.")
-    state: Literal["Progressing", "Paused", "Promoted", "RolledBack"]
+    state: Literal["Progressing", "Paused", "Promoted", "RolledBack"] = Field(
+        description="Progressing, Paused, Promoted or RolledBack."
+    )
     reason: Literal["AnalysisFailed", "AnalysisInconclusive"] | None = Field(
         default=None, description="Why the rollout is Paused or RolledBack."
     )
-    step_started_at: str | None = None
+    step_started_at: str | None = Field(default=None, description="When the current step began (RFC 3339).")
     stable_weights: dict[str, int] = Field(
         default_factory=dict, description="The weights before the rollout began, restored on rollback."
     )
-    last_analysis: AnalysisRun | None = None
+    last_analysis: AnalysisRun | None = Field(default=None, description="The latest analysis of the canary.")
     inconclusive_analyses: int = Field(
         default=0, description="Inconclusive analyses in a row; a conclusive one resets the count."
     )
-    message: str = ""
+    message: str = Field(default="", description="What the rollout is doing or why it stopped, for a person.")
 
 
 class ModelDeploymentStatus(KubeModel):
-    observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    """Observed state of the ModelDeployment, written by the operator."""
+
+    observed_generation: int | None = Field(
+        default=None, description="The metadata.generation this status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready (the gateway serves), Reconciling and Stalled (a person must act), as kstatus "
+        "reads them.",
+    )
     phase: str | None = Field(default=None, description="Short summary for printer columns.")
     endpoint: str | None = Field(default=None, description="The gateway's OpenAI-compatible base URL.")
-    versions: list[VersionStatus] = Field(default_factory=list)
+    versions: list[VersionStatus] = Field(default_factory=list, description="Each version as served now.")
     weights: str | None = Field(default=None, description='Effective weights, e.g. "tuned=80,int8=20".')
     ready_versions: str | None = Field(default=None, description='Ready versions out of all, e.g. "2/2".')
-    rollout: RolloutStatus | None = None
+    rollout: RolloutStatus | None = Field(
+        default=None, description="The canary rollout, when the spec has one."
+    )
 
 
 class ModelDeployment(KubeModel):

@@ -118,6 +118,8 @@ def _split_rule_broken(dataset: object) -> list[BrokenRule]:
 
 
 class LoraOptions(KubeModel):
+    """Options of lora: low-rank update matrices beside the frozen weights."""
+
     r: int = Field(default=8, ge=1, le=1024, description="Rank of the update matrices.")
     alpha: int = Field(default=16, ge=1, le=4096, description="Scaling numerator (alpha / r).")
     dropout: RatioString = Field(default="0.05", description="Dropout on the LoRA path.")
@@ -129,18 +131,24 @@ class LoraOptions(KubeModel):
 
 
 class VirtualTokenOptions(KubeModel):
+    """Options of prefix-tuning: learned virtual tokens prepended to every layer's keys and values."""
+
     num_virtual_tokens: int = Field(
         default=16, ge=1, le=1024, description="Number of virtual tokens learned."
     )
 
 
 class PromptTuningOptions(VirtualTokenOptions):
+    """Options of prompt-tuning: learned virtual tokens prepended to the input embeddings."""
+
     init_text: str | None = Field(
         default=None, description="Initialise the prompt from this text instead of randomly."
     )
 
 
 class Ia3Options(KubeModel):
+    """Options of ia3: learned vectors that rescale activations."""
+
     target_modules: list[str] = Field(
         default_factory=list, description="Modules whose activations are scaled."
     )
@@ -150,6 +158,8 @@ class Ia3Options(KubeModel):
 
 
 class FullOptions(KubeModel):
+    """Options of full: every weight of the model is trained."""
+
     freeze_embeddings: bool = Field(default=False, description="Keep the embedding matrices frozen.")
 
 
@@ -160,12 +170,19 @@ class Method(KubeModel):
     defaults. Setting another method's block is an error.
     """
 
-    type: MethodType = Field(default="lora")
-    lora: LoraOptions | None = None
-    prefix_tuning: VirtualTokenOptions | None = None
-    prompt_tuning: PromptTuningOptions | None = None
-    ia3: Ia3Options | None = None
-    full: FullOptions | None = None
+    type: MethodType = Field(
+        default="lora",
+        description="lora, prefix-tuning, prompt-tuning, ia3 (adapters) or full (all weights).",
+    )
+    lora: LoraOptions | None = Field(default=None, description="Only with type lora.")
+    prefix_tuning: VirtualTokenOptions | None = Field(
+        default=None, description="Only with type prefix-tuning."
+    )
+    prompt_tuning: PromptTuningOptions | None = Field(
+        default=None, description="Only with type prompt-tuning."
+    )
+    ia3: Ia3Options | None = Field(default=None, description="Only with type ia3.")
+    full: FullOptions | None = Field(default=None, description="Only with type full.")
 
     @model_validator(mode="after")
     def _own_block_only(self) -> Method:
@@ -209,12 +226,18 @@ _BLOCK_TYPES: dict[str, type[KubeModel]] = {
 
 
 class Scheduler(KubeModel):
-    type: Literal["linear", "cosine", "constant"] = Field(default="cosine")
+    """The learning-rate schedule: warm up, then decay to 0 (linear, cosine) or hold (constant)."""
+
+    type: Literal["linear", "cosine", "constant"] = Field(
+        default="cosine", description="Shape of the decay after warm-up: linear, cosine or constant."
+    )
     warmup_ratio: RatioString | None = Field(default=None, description="Share of steps spent warming up.")
     warmup_steps: int | None = Field(default=None, ge=0, description="Warm-up steps; overrides warmupRatio.")
 
 
 class Training(KubeModel):
+    """How long and how the model is trained: length, batch, optimizer, precision and checkpoints."""
+
     epochs: int | None = Field(
         default=None,
         ge=1,
@@ -235,7 +258,7 @@ class Training(KubeModel):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32", description="Training precision; fp16 needs a GPU."
     )
-    seed: int = Field(default=42, ge=0)
+    seed: int = Field(default=42, ge=0, description="Seed of initialisation, shuffling and dropout.")
     max_seq_length: int = Field(default=512, ge=8, le=1_048_576, description="Longer examples are truncated.")
     checkpoint_every_steps: int = Field(
         default=100, ge=1, description="Save a resumable checkpoint every N optimizer steps."
@@ -256,7 +279,7 @@ _DEFAULT_METRICS: tuple[GateMetric, ...] = ("evalLoss", "perplexity", "exactMatc
 class Gate(KubeModel):
     """A threshold the tuned model must meet before it is published."""
 
-    metric: GateMetric
+    metric: GateMetric = Field(description="The held-out metric checked: evalLoss, perplexity or exactMatch.")
     min: DecimalString | None = Field(default=None, description="The metric must be at least this.")
     max: DecimalString | None = Field(default=None, description="The metric must be at most this.")
     min_improvement: DecimalString | None = Field(
@@ -283,16 +306,23 @@ class Gate(KubeModel):
 
 
 class Evaluation(KubeModel):
+    """How the base and the tuned model are measured on the held-out examples, and the gates they face."""
+
     metrics: list[GateMetric] = Field(
         default_factory=lambda: list(_DEFAULT_METRICS),
         description="Metrics computed on the held-out split for the base and the tuned model.",
     )
     max_new_tokens: int = Field(default=32, ge=1, le=4096, description="Generation budget for exactMatch.")
     max_samples: int = Field(default=200, ge=1, description="Held-out examples used for generation metrics.")
-    gates: list[Gate] = Field(default_factory=list)
+    gates: list[Gate] = Field(
+        default_factory=list,
+        description="Thresholds the tuned model must meet; any failure publishes nothing.",
+    )
 
 
 class Output(KubeModel):
+    """Where and in which form the tuned model is published."""
+
     uri: str | None = Field(
         default=None,
         description="Artifact store prefix the model is published under; defaults to the operator's store.",
@@ -303,6 +333,8 @@ class Output(KubeModel):
 
 
 class FineTuneJobSpec(KubeModel):
+    """Desired state of the FineTuneJob: what to tune, on what data, how, and where to publish it."""
+
     base_model: ModelSource
     dataset: Dataset
     method: Method = Field(default_factory=Method)
@@ -324,35 +356,55 @@ class FineTuneJobSpec(KubeModel):
 
 
 class Progress(KubeModel):
-    step: int = 0
-    total_steps: int = 0
-    epoch: float = 0.0
-    percent: int = 0
+    """How far training has come."""
+
+    step: int = Field(default=0, description="Optimizer steps done.")
+    total_steps: int = Field(default=0, description="Optimizer steps the run will take.")
+    epoch: float = Field(default=0.0, description="Passes over the training set done, fractional.")
+    percent: int = Field(default=0, description="step / totalSteps, in percent.")
 
 
 class TrainMetrics(KubeModel):
-    train_loss: float | None = None
-    learning_rate: float | None = None
+    """The latest training metrics."""
+
+    train_loss: float | None = Field(default=None, description="Training loss at the latest reported step.")
+    learning_rate: float | None = Field(
+        default=None, description="Learning rate at the latest reported step."
+    )
 
 
 class EvalMetrics(KubeModel):
-    eval_loss: float | None = None
-    perplexity: float | None = None
-    exact_match: float | None = None
+    """Metrics on the held-out examples; a metric not computed is left out."""
+
+    eval_loss: float | None = Field(default=None, description="Mean token cross-entropy loss.")
+    perplexity: float | None = Field(default=None, description="exp(evalLoss).")
+    exact_match: float | None = Field(
+        default=None, description="Share of greedy generations equal to the reference (0 to 1)."
+    )
 
 
 class EvaluationStatus(KubeModel):
-    baseline: EvalMetrics | None = None
-    final: EvalMetrics | None = None
-    gates: list[GateResult] = Field(default_factory=list)
+    """The held-out metrics of the base and the tuned model, and the verdict of each gate."""
+
+    baseline: EvalMetrics | None = Field(default=None, description="The base model before tuning.")
+    final: EvalMetrics | None = Field(default=None, description="The tuned model.")
+    gates: list[GateResult] = Field(default_factory=list, description="One result per bound of each gate.")
 
 
 class FineTuneJobStatus(KubeModel):
-    observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    """Observed state of the FineTuneJob, written by the operator."""
+
+    observed_generation: int | None = Field(
+        default=None, description="The metadata.generation this status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Succeeded (Unknown while pending or running, then True or False), with the kstatus "
+        "conditions Ready, Reconciling and Stalled that follow from it.",
+    )
     phase: str | None = Field(default=None, description="Short summary for printer columns.")
-    start_time: str | None = None
-    completion_time: str | None = None
+    start_time: str | None = Field(default=None, description="When the run started (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When the run ended (RFC 3339).")
     progress: Progress | None = None
     metrics: TrainMetrics | None = None
     evaluation: EvaluationStatus | None = None

@@ -235,6 +235,8 @@ class QuantizeOutput(KubeModel):
 
 
 class QuantizeJobSpec(KubeModel):
+    """Desired state of the QuantizeJob: which model to shrink, how, for which target, and the gates."""
+
     model: QuantizeSource
     method: QuantizeMethod
     target: Target = Field(
@@ -277,31 +279,41 @@ def target_problem(method: QuantizeMethod, target: Target) -> str | None:
 
 
 class SizeReport(KubeModel):
-    before: int | None = None
-    after: int | None = None
+    """Bytes of the model's weights on disk."""
+
+    before: int | None = Field(default=None, description="The source model.")
+    after: int | None = Field(default=None, description="The shrunk model.")
 
 
 class LatencyReport(KubeModel):
+    """Seconds per generated token on the target, over the fixed latency prompts."""
+
     before: float | None = Field(default=None, description="Seconds per generated token.")
-    after: float | None = None
+    after: float | None = Field(default=None, description="Seconds per generated token of the shrunk model.")
 
 
 class QualityMetrics(KubeModel):
-    perplexity: float | None = None
-    exact_match: float | None = None
+    """Held-out quality of one model; a metric not computed is left out."""
+
+    perplexity: float | None = Field(default=None, description="exp(mean token loss) on held-out examples.")
+    exact_match: float | None = Field(
+        default=None, description="Share of greedy generations equal to the reference (0 to 1)."
+    )
 
 
 class QualityReport(KubeModel):
-    before: QualityMetrics | None = None
-    after: QualityMetrics | None = None
+    """Held-out quality before and after shrinking."""
+
+    before: QualityMetrics | None = Field(default=None, description="The source model.")
+    after: QualityMetrics | None = Field(default=None, description="The shrunk model.")
 
 
 class QuantizeReport(KubeModel):
-    size_bytes: SizeReport | None = None
+    size_bytes: SizeReport | None = Field(default=None, description="Bytes of the weights before and after.")
     size_ratio: float | None = Field(default=None, description="Size after / size before.")
     latency: LatencyReport | None = None
     quality: QualityReport | None = None
-    gates: list[GateResult] = Field(default_factory=list)
+    gates: list[GateResult] = Field(default_factory=list, description="One result per bound of each gate.")
 
 
 class ResolvedSource(KubeModel):
@@ -310,11 +322,19 @@ class ResolvedSource(KubeModel):
 
 
 class QuantizeJobStatus(KubeModel):
-    observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    """Observed state of the QuantizeJob, written by the operator."""
+
+    observed_generation: int | None = Field(
+        default=None, description="The metadata.generation this status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Succeeded (Unknown while pending or running, then True or False), with the kstatus "
+        "conditions Ready, Reconciling and Stalled that follow from it.",
+    )
     phase: str | None = Field(default=None, description="Short summary for printer columns.")
-    start_time: str | None = None
-    completion_time: str | None = None
+    start_time: str | None = Field(default=None, description="When the run started (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When the run ended (RFC 3339).")
     progress: Progress | None = Field(default=None, description="QAT training steps, when the method trains.")
     source: ResolvedSource | None = Field(default=None, description="The model being shrunk, as resolved.")
     report: QuantizeReport | None = Field(
