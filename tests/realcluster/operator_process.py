@@ -4,7 +4,8 @@
 its ServiceAccount and RBAC objects: cluster-wide a ClusterRole + ClusterRoleBinding, with
 ``watchNamespaces`` a Role + RoleBinding in each. :func:`run_operator` starts ``python -m kubetune
 operator`` with a kubeconfig holding that ServiceAccount's token, so every call it makes is authorized
-by exactly the generated rules, and stops it with Ctrl-C. Pipeline steps run locally: the fast stand-in
+by exactly the generated rules, and stops it with Ctrl-C; :func:`start_operator` starts one the caller
+stops (or SIGKILLs, and starts again on the same state). Pipeline steps run locally: the fast stand-in
 steps of tests/integration/fake_steps shadow ``kubetune_components`` through ``PYTHONPATH``.
 """
 
@@ -16,7 +17,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,18 +103,21 @@ class OperatorProcess:
         if self.process.poll() is not None:
             raise AssertionError(f"the operator exited with {self.process.returncode}:\n{self.log()[-6000:]}")
 
+    def kill(self) -> None:
+        """SIGKILL: no cleanup handler runs, as when a node dies or the kernel's OOM killer strikes."""
+        self.process.kill()
+        self.process.wait()
+
     def forbidden_lines(self) -> list[str]:
         return [line for line in self.log().splitlines() if FORBIDDEN.search(line)]
 
 
-@contextlib.contextmanager
-def run_operator(
-    identity: OperatorIdentity, workdir: Path, namespaces: Sequence[str] = ()
-) -> Iterator[OperatorProcess]:
-    """``kubetune operator [--namespace NS ...]`` as ``identity``; stopped with Ctrl-C, which must end it
-    cleanly (exit status 0) within a minute."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    env = {
+def operator_environment(
+    identity: OperatorIdentity, workdir: Path, extra_env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of ``kubetune operator`` in these tests: the local executor with fast stand-in
+    steps, state under ``workdir/home`` (so a restarted operator finds its runs again), no metrics port."""
+    return {
         **os.environ,
         "KUBECONFIG": str(identity.kubeconfig),
         "KUBETUNE_HOME": str(workdir / "home"),
@@ -123,29 +127,54 @@ def run_operator(
         "KUBETUNE_METRICS_PORT": "0",
         "FAKE_STEP_S": "0.05",
         "PYTHONPATH": os.pathsep.join([str(FAKE_STEPS), os.environ.get("PYTHONPATH", "")]),
+        **(extra_env or {}),
     }
+
+
+def start_operator(
+    identity: OperatorIdentity,
+    workdir: Path,
+    namespaces: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
+) -> OperatorProcess:
+    """Start ``kubetune operator [--namespace NS ...]`` as ``identity``; its output is appended to
+    ``workdir/operator.log`` (a restarted operator continues the same log). The caller stops it."""
+    workdir.mkdir(parents=True, exist_ok=True)
     arguments = [arg for namespace in namespaces for arg in ("--namespace", namespace)]
     log_path = workdir / "operator.log"
-    with log_path.open("wb") as log_file:
+    with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "kubetune", "operator", "--liveness-port", "0", *arguments],
-            env=env,
+            env=operator_environment(identity, workdir, extra_env),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
-        operator = OperatorProcess(process, log_path)
+    return OperatorProcess(process, log_path)
+
+
+@contextlib.contextmanager
+def run_operator(
+    identity: OperatorIdentity,
+    workdir: Path,
+    namespaces: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
+) -> Iterator[OperatorProcess]:
+    """``kubetune operator [--namespace NS ...]`` as ``identity``; stopped with Ctrl-C, which must end it
+    cleanly (exit status 0) within a minute."""
+    operator = start_operator(identity, workdir, namespaces, extra_env)
+    process = operator.process
+    try:
+        yield operator
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
         try:
-            yield operator
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                raise AssertionError(f"the operator ignored Ctrl-C:\n{operator.log()[-6000:]}") from None
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise AssertionError(f"the operator ignored Ctrl-C:\n{operator.log()[-6000:]}") from None
     assert process.returncode == 0, (
         f"the operator exited with {process.returncode}:\n{operator.log()[-6000:]}"
     )
