@@ -43,8 +43,9 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -56,11 +57,20 @@ from starlette.responses import Response
 from starlette.routing import Route
 from yarl import URL
 
+from kubetune.gateway.access.control import AccessControl, Exchange
+from kubetune.gateway.access.keys import Scope
+from kubetune.gateway.access.limits import LimitStoreUnavailable
 from kubetune.gateway.cache import ResponseCache, cache_key, is_deterministic
 from kubetune.gateway.config import ConfigReloader, GatewayConfig, PromptConfig
 from kubetune.gateway.errors import GatewayError, invalid_request
-from kubetune.gateway.experiments import ExperimentTracker
-from kubetune.gateway.feedback import AnsweredRequests, parse_feedback
+from kubetune.gateway.experiments import ExperimentsUnavailable, ExperimentTracker
+from kubetune.gateway.feedback import (
+    RATED_TTL_SECONDS,
+    ResponseIds,
+    already_rated,
+    parse_feedback,
+    unknown_completion,
+)
 from kubetune.gateway.generation import (
     CHAT_ENDPOINT,
     COMPLETIONS_ENDPOINT,
@@ -70,7 +80,7 @@ from kubetune.gateway.generation import (
 from kubetune.gateway.health import UpstreamHealth
 from kubetune.gateway.metrics import GatewayMetrics
 from kubetune.gateway.prompts import render_chat_messages, render_completion_prompt
-from kubetune.gateway.relay import relay_stream
+from kubetune.gateway.relay import RelayedStream, relay_stream
 from kubetune.gateway.responses import (
     NO_VERSION,
     DefaultHeadersMiddleware,
@@ -139,15 +149,21 @@ class Gateway:
             self.reloader.subscribe(self.apply_config)
         self.state = GatewayState.build(config)
         self.metrics = GatewayMetrics()
-        self.experiments = ExperimentTracker()
+        self.access = AccessControl(config, self.metrics)
+        self.experiments = ExperimentTracker(self.access.shared_statistics())
         self.cache = ResponseCache(config.cache.max_entries, config.cache.ttl_seconds)
-        self.answered = AnsweredRequests()
+        self.response_ids = ResponseIds(_signing_key(config))
         self.upstream = UpstreamClient()
         self.health = UpstreamHealth()
         self.started_at = int(time.time())
 
     def apply_config(self, config: GatewayConfig) -> None:
+        previous = self.state.config
         self.state = GatewayState.build(config)
+        self.access.configure(config)
+        self.experiments.shared = self.access.shared_statistics()
+        if config.access.signing_key_file != previous.access.signing_key_file:
+            self.response_ids = ResponseIds(_signing_key(config))
         if config.cache.enabled:
             self.cache.configure(config.cache.max_entries, config.cache.ttl_seconds)
         else:
@@ -165,6 +181,7 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await reload_task
             await self.upstream.close()
+            await self.access.close()
 
     # -- completions -------------------------------------------------------------------------
 
@@ -176,12 +193,22 @@ class Gateway:
 
     async def _completion(self, request: Request, endpoint: str, id_prefix: str) -> Response:
         request_id = new_request_id(id_prefix)
+        exchange = Exchange(request_id, endpoint)
+        response = await self._completion_response(request, endpoint, exchange)
+        if not isinstance(response, RelayedStream):  # a stream is finished when it ends
+            self.access.finish(exchange, response.status_code)
+        return response
+
+    async def _completion_response(self, request: Request, endpoint: str, exchange: Exchange) -> Response:
+        request_id = exchange.request_id
         state = self.state
         version = NO_VERSION
         try:
+            self.access.authenticate(exchange, request.headers.get("authorization"), Scope.INFERENCE)
             body = await read_json_object(request)
             parsed = parse_openai_request(endpoint, body)
             _check_model(parsed.model, state.config.deployment)
+            await self.access.admit(exchange)
             unavailable = self.health.unavailable(state.config)
             chosen = _route(state, request, parsed.user, unavailable)
             if chosen is not None:
@@ -191,19 +218,23 @@ class Gateway:
             upstream = self._upstream_body(state, endpoint, version, body)
             if chosen is not None and version != chosen:  # the fallback stands in for a version not ready
                 self._count_fallback(state, chosen, version)
+            exchange.version = version
             if parsed.stream:
-                return await self._stream(state, endpoint, request_id, upstream, body)
-            return await self._complete(state, endpoint, request_id, upstream, body)
+                return await self._stream(state, endpoint, exchange, upstream, body)
+            return await self._complete(state, endpoint, exchange, upstream, body)
         except GatewayError as error:
+            exchange.refused(error)
             return error_response(error, request_id, version)
         except RecursionError:
             # a body just shallow enough to decode can still be too deep to encode again upstream
+            exchange.decision = "rejected"
             return error_response(nested_too_deeply(), request_id, version)
         except Exception:
             log.exception("gateway failed on request %s", request_id)
             internal = GatewayError(
                 500, "the gateway failed on this request; see its log", error_type="server_error"
             )
+            exchange.decision = "failed"
             return error_response(internal, request_id, version)
 
     def _ready_version(self, state: GatewayState, chosen: str | None, unavailable: frozenset[str]) -> str:
@@ -239,9 +270,15 @@ class Gateway:
             else:
                 upstream["prompt"] = render_completion_prompt(upstream["prompt"], prompt, version, metadata)
         added_usage = False
-        if upstream.get("stream") and upstream.get("stream_options") is None:
-            upstream["stream_options"] = {"include_usage": True}
-            added_usage = True
+        if upstream.get("stream"):
+            # usage is always asked for, so that limits and budgets count streamed tokens too
+            options = upstream.get("stream_options")
+            if options is None:
+                upstream["stream_options"] = {"include_usage": True}
+                added_usage = True
+            elif isinstance(options, dict) and not options.get("include_usage"):
+                upstream["stream_options"] = {**options, "include_usage": True}
+                added_usage = True
         return UpstreamBody(version, upstream, added_usage)
 
     def _record_attempt(
@@ -258,10 +295,11 @@ class Gateway:
         self,
         state: GatewayState,
         endpoint: str,
-        request_id: str,
+        exchange: Exchange,
         upstream: UpstreamBody,
         body: dict[str, Any],
     ) -> Response:
+        request_id = exchange.request_id
         deployment, version = state.config.deployment, upstream.version
         key: str | None = None
         if state.config.cache.enabled and is_deterministic(upstream.body):
@@ -271,7 +309,9 @@ class Gateway:
             if hit is not None:
                 self.metrics.child(self.metrics.cache_hits, deployment).inc()
                 self._record_attempt(state, endpoint, hit.version, 200, time.perf_counter() - started)
-                return self._answer(request_id, hit.version, dict(hit.body))
+                exchange.version = hit.version
+                await self.access.charge(exchange, hit.body.get("usage"))
+                return self._answer(exchange, hit.version, dict(hit.body))
             self.metrics.child(self.metrics.cache_misses, deployment).inc()
 
         attempt, sent = await send_with_fallback(
@@ -290,7 +330,9 @@ class Gateway:
                 fallback_key = cache_key(endpoint, attempt.version, state.urls[attempt.version], sent.body)
                 self.cache.put(fallback_key, attempt.version, dict(attempt.body))
 
+        exchange.version = attempt.version
         if not 200 <= attempt.code < 300:
+            exchange.decision = "rejected"
             return Response(
                 attempt.raw,
                 status_code=attempt.code,
@@ -298,12 +340,14 @@ class Gateway:
                 headers=tracing_headers(request_id, attempt.version),
             )
         self.metrics.record_usage(deployment, attempt.version, attempt.body.get("usage"))
-        return self._answer(request_id, attempt.version, attempt.body)
+        await self.access.charge(exchange, attempt.body.get("usage"))
+        return self._answer(exchange, attempt.version, attempt.body)
 
-    def _answer(self, request_id: str, version: str, body: dict[str, Any]) -> Response:
-        body["id"] = request_id
-        self.answered.remember(request_id, version)
-        return json_response(body, tracing_headers(request_id, version))
+    def _answer(self, exchange: Exchange, version: str, body: dict[str, Any]) -> Response:
+        response_id = self.response_ids.sign(exchange.request_id, version)
+        exchange.request_id = response_id
+        body["id"] = response_id
+        return json_response(body, tracing_headers(response_id, version))
 
     async def _post(
         self,
@@ -336,10 +380,11 @@ class Gateway:
         self,
         state: GatewayState,
         endpoint: str,
-        request_id: str,
+        exchange: Exchange,
         upstream: UpstreamBody,
         body: dict[str, Any],
     ) -> Response:
+        request_id = exchange.request_id
         attempt, sent = await send_with_fallback(
             state.config,
             upstream,
@@ -348,12 +393,27 @@ class Gateway:
             functools.partial(self._count_fallback, state),
             functools.partial(self._unavailable_now, state),
         )
+        exchange.version = attempt.version
         headers = tracing_headers(request_id, attempt.version)
         if attempt.stream is None:  # the upstream refused (4xx): pass its answer on
+            exchange.decision = "rejected"
             return Response(
                 attempt.raw, status_code=attempt.code, media_type=attempt.content_type, headers=headers
             )
         deployment, answering = state.config.deployment, attempt.version
+        response_id = self.response_ids.sign(request_id, answering)
+        exchange.request_id = response_id
+        headers = tracing_headers(response_id, answering)
+        reported: list[Any] = []
+
+        def on_usage(usage: Any) -> None:
+            self.metrics.record_usage(deployment, answering, usage)
+            reported.append(usage)
+
+        async def charge_usage() -> None:
+            # awaited before the client reads the end of the stream: its next request sees the charge
+            while reported:
+                await self.access.charge(exchange, reported.pop(0))
 
         def on_finished(code: int, finished: float, first_text_at: float | None) -> None:
             self._record_attempt(state, endpoint, answering, code, finished - attempt.started)
@@ -361,16 +421,19 @@ class Gateway:
             self.metrics.child(self.metrics.time_to_first_token, deployment, answering).observe(
                 ttft_end - attempt.started
             )
+            if code >= 500:
+                exchange.decision = "failed"
+            self.access.finish(exchange, code)
 
-        self.answered.remember(request_id, answering)
         return relay_stream(
             attempt,
-            request_id,
+            response_id,
             sent.added_usage,
             headers,
             idle=WaitLimit(state.config.timeouts.stream_idle_seconds, "timeouts.streamIdleSeconds"),
-            on_usage=lambda usage: self.metrics.record_usage(deployment, answering, usage),
+            on_usage=on_usage,
             on_finished=on_finished,
+            settle=charge_usage,
         )
 
     async def _open_stream(
@@ -391,35 +454,88 @@ class Gateway:
 
     # -- other endpoints ---------------------------------------------------------------------
 
+    async def _guarded(
+        self, request: Request, scope: Scope, answer: Callable[[Exchange], Awaitable[Response]]
+    ) -> Response:
+        """``answer`` behind the key check and the limits, counted and audited."""
+        exchange = Exchange(new_request_id(), request.url.path)
+        try:
+            self.access.authenticate(exchange, request.headers.get("authorization"), scope)
+            await self.access.admit(exchange)
+            response = await answer(exchange)
+        except GatewayError as error:
+            exchange.refused(error)
+            response = error_response(error, exchange.request_id, exchange.version)
+        self.access.finish(exchange, response.status_code)
+        return response
+
     def _model_document(self, deployment: str) -> dict[str, Any]:
         return {"id": deployment, "object": "model", "created": self.started_at, "owned_by": "kubetune"}
 
     async def models(self, request: Request) -> Response:
-        return json_response({"object": "list", "data": [self._model_document(self.state.config.deployment)]})
+        async def answer(exchange: Exchange) -> Response:
+            document = {"object": "list", "data": [self._model_document(self.state.config.deployment)]}
+            return json_response(document)
+
+        return await self._guarded(request, Scope.INFERENCE, answer)
 
     async def model(self, request: Request) -> Response:
         """``GET /v1/models/{model}`` (the OpenAI client's ``models.retrieve``)."""
-        deployment = self.state.config.deployment
-        try:
+
+        async def answer(exchange: Exchange) -> Response:
+            deployment = self.state.config.deployment
             _check_model(request.path_params["model"], deployment)
-        except GatewayError as error:
-            return error_response(error, new_request_id(), NO_VERSION)
-        return json_response(self._model_document(deployment))
+            return json_response(self._model_document(deployment))
+
+        return await self._guarded(request, Scope.INFERENCE, answer)
 
     async def feedback(self, request: Request) -> Response:
-        request_id = new_request_id()
-        try:
+        async def answer(exchange: Exchange) -> Response:
             rated_id, score = parse_feedback(await read_json_object(request))
-            version = self.answered.rate(rated_id)
-        except GatewayError as error:
-            return error_response(error, request_id, NO_VERSION)
-        self.metrics.feedback_score.labels(self.state.config.deployment, version).observe(score)
-        self.experiments.record_feedback(version, score)
-        document = {"requestId": rated_id, "version": version, "score": score}
-        return json_response(document, tracing_headers(request_id, version))
+            version = self.response_ids.version_of(rated_id)
+            if version is None:
+                raise unknown_completion(rated_id)
+            exchange.version = version
+            try:
+                first = await self.access.store.first_time(f"rated:{rated_id}", RATED_TTL_SECONDS)
+            except LimitStoreUnavailable as exc:
+                log.error("%s; feedback on %s refused", exc, rated_id)
+                raise GatewayError(
+                    503,
+                    "feedback cannot be recorded now (the shared store is unreachable); retry shortly",
+                    error_type="service_unavailable",
+                    code="limit_store_unavailable",
+                    retry_after=1,
+                ) from exc
+            if not first:
+                raise already_rated(rated_id)
+            self.metrics.feedback_score.labels(self.state.config.deployment, version).observe(score)
+            try:
+                await self.experiments.record_feedback(version, score)
+            except ExperimentsUnavailable as exc:
+                log.error("%s", exc)
+                raise GatewayError(
+                    503, "feedback cannot be recorded now; retry shortly", error_type="service_unavailable"
+                ) from exc
+            document = {"requestId": rated_id, "version": version, "score": score}
+            return json_response(document, tracing_headers(exchange.request_id, version))
+
+        return await self._guarded(request, Scope.FEEDBACK, answer)
 
     async def experiments_report(self, request: Request) -> Response:
-        return json_response(self.experiments.report(self.state.config))
+        async def answer(exchange: Exchange) -> Response:
+            try:
+                return json_response(await self.experiments.report(self.state.config))
+            except ExperimentsUnavailable as exc:
+                log.error("%s", exc)
+                raise GatewayError(
+                    503,
+                    "the experiment statistics cannot be read now; retry shortly",
+                    error_type="service_unavailable",
+                    retry_after=1,
+                ) from exc
+
+        return await self._guarded(request, Scope.EXPERIMENTS, answer)
 
     async def healthz(self, request: Request) -> Response:
         config = self.state.config
@@ -430,11 +546,19 @@ class Gateway:
                 "versions": {version.name: version.weight for version in config.versions},
                 "notRouted": sorted(self.health.unavailable(config)),
                 "configError": self.reloader.last_error if self.reloader is not None else None,
+                "auth": "on" if self.access.auth_on else "off",
+                "limitStoreError": self.access.store_problem,
+                "keysError": self.access.keyring.error,
             }
         )
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _signing_key(config: GatewayConfig) -> bytes | None:
+    path = config.access.signing_key_file
+    return Path(path).read_bytes() if path is not None else None
 
 
 def _check_model(model: str | None, deployment: str) -> None:

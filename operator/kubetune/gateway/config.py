@@ -78,6 +78,16 @@ class GatewayModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
+class Pricing(GatewayModel):
+    """A version's price, which turns its tokens into cost (usage metrics, cost budgets)."""
+
+    input_per_million: float = Field(default=0, ge=0, description="Price of 1M prompt tokens.")
+    output_per_million: float = Field(default=0, ge=0, description="Price of 1M completion tokens.")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million) / 1e6
+
+
 class VersionConfig(GatewayModel):
     name: VersionName
     url: UpstreamUrl = Field(description="Base URL of the version's OpenAI-compatible server.")
@@ -88,6 +98,7 @@ class VersionConfig(GatewayModel):
         description="False while the version's server does not answer: it gets no traffic, its share "
         "goes to the ready versions, and with none ready the gateway answers 503 with Retry-After.",
     )
+    pricing: Pricing | None = Field(default=None, description="Cost of the version's tokens; none: free.")
 
 
 class RoutingConfig(GatewayModel):
@@ -202,6 +213,87 @@ class HealthConfig(GatewayModel):
     )
 
 
+class RateLimits(GatewayModel):
+    """Limits on one key or tenant; unset: no limit of that kind."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1, description="Prompt + completion tokens.")
+    tokens_per_day: int | None = Field(default=None, ge=1, description="Per UTC day.")
+    tokens_per_month: int | None = Field(default=None, ge=1, description="Per UTC calendar month.")
+    cost_per_day: float | None = Field(default=None, gt=0, description="In the versions' pricing unit.")
+    cost_per_month: float | None = Field(default=None, gt=0, description="In the versions' pricing unit.")
+
+    @property
+    def any(self) -> bool:
+        return any(value is not None for value in self.model_dump().values())
+
+
+class LimitsConfig(GatewayModel):
+    per_key: RateLimits = Field(default_factory=RateLimits, description="Applies to every key on its own.")
+    per_tenant: RateLimits = Field(
+        default_factory=RateLimits, description="Applies to all keys of a tenant together."
+    )
+    tenants: dict[str, RateLimits] = Field(
+        default_factory=dict, description="Per-tenant limits that replace perTenant for that tenant."
+    )
+
+    @property
+    def any(self) -> bool:
+        return self.per_key.any or self.per_tenant.any or any(limits.any for limits in self.tenants.values())
+
+
+class LimitStoreConfig(GatewayModel):
+    redis_url: str | None = Field(
+        default=None,
+        pattern=r"^(redis|rediss|unix)://",
+        description="Redis the replicas share the counters in; none: counters in this process.",
+    )
+    redis_password_file: str | None = Field(default=None, description="File holding Redis's password.")
+    key_prefix: str = Field(default="kubetune", min_length=1, description="Prefix of every Redis key.")
+    on_unavailable: Literal["failOpen", "failClosed"] = Field(
+        default="failClosed",
+        description="When Redis cannot be asked: failClosed answers 503, failOpen serves unlimited; "
+        "either way it is logged, counted and shown by /healthz.",
+    )
+    timeout_seconds: float = Field(default=0.25, gt=0, description="Bound on one Redis call.")
+
+
+class AuditConfig(GatewayModel):
+    path: str | None = Field(default=None, description="Audit log file (JSON lines, hash-chained).")
+    stdout: bool = Field(default=False, description="Also write every audit line to stdout.")
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Rotate the file past this size.")
+    keep_files: int = Field(default=10, ge=1, description="Rotated files kept (path.1 is the newest).")
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None or self.stdout
+
+
+class AccessConfig(GatewayModel):
+    """Who may call the gateway, how much, and the record of what they did."""
+
+    auth: Literal["required", "disabled", "whenKeysExist"] = Field(
+        default="whenKeysExist",
+        description="required: every request needs a key; disabled: none does; whenKeysExist: keys "
+        "are required once the key file holds one (local mode: open until the first key).",
+    )
+    keys_file: str | None = Field(default=None, description="The key file (hashes only); reloaded on change.")
+    signing_key_file: str | None = Field(
+        default=None,
+        description="HMAC key signing response ids, shared by replicas so any accepts feedback; "
+        "none: a key of this process.",
+    )
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    store: LimitStoreConfig = Field(default_factory=LimitStoreConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+
+    @model_validator(mode="after")
+    def _keys_file_when_required(self) -> AccessConfig:
+        if self.auth == "required" and self.keys_file is None:
+            raise ValueError("keysFile is required when auth is 'required'")
+        return self
+
+
 class GatewayConfig(GatewayModel):
     deployment: str = Field(min_length=1)
     namespace: str = "default"
@@ -216,6 +308,7 @@ class GatewayConfig(GatewayModel):
     fallback: FallbackConfig | None = None
     timeouts: TimeoutsConfig = TimeoutsConfig()
     health: HealthConfig = HealthConfig()
+    access: AccessConfig = Field(default_factory=AccessConfig)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> GatewayConfig:

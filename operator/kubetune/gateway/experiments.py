@@ -1,8 +1,10 @@
 """Per-version experiment statistics and the significance tests behind ``GET /v1/experiments``.
 
 Counted per upstream attempt, like ``kubetune_gateway_requests_total`` (a cache hit counts as a
-success of the version that produced the entry). Statistics live in the gateway process since it
-started; Prometheus holds the durable series.
+success of the version that produced the entry). With Redis configured (``access.store.redisUrl``)
+the statistics live there, one hash and one latency list per version, so every replica reports the
+same numbers; otherwise they live in the gateway process since it started. Prometheus holds the
+durable series either way. A request is recorded in Redis after its answer, off the request path.
 
 The tests compare each version against the control version, both two-sided and both from
 ``scipy.stats``: Welch's t-test (unequal variances) on feedback scores, from the running summary
@@ -11,16 +13,26 @@ statistics (``ttest_ind_from_stats``), and a pooled two-proportion z-test on err
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from scipy import stats
 
 from kubetune.gateway.config import GatewayConfig
 
+log = logging.getLogger(__name__)
+
 LATENCY_WINDOW = 10_000  # recent attempts per version kept for the latency percentiles
+
+
+class ExperimentsUnavailable(RuntimeError):
+    """The shared statistics (Redis) could not be read."""
 
 
 def normal_two_sided_p(z: float) -> float:
@@ -40,6 +52,13 @@ class RunningMoments:
         delta = value - self.mean
         self.mean += delta / self.count
         self.squared_deviations += delta * (value - self.mean)
+
+    @classmethod
+    def from_sums(cls, count: int, total: float, total_of_squares: float) -> RunningMoments:
+        if count == 0:
+            return cls()
+        mean = total / count
+        return cls(count, mean, max(0.0, total_of_squares - total * total / count))
 
     @property
     def variance(self) -> float:
@@ -131,11 +150,27 @@ class VersionStats:
     feedback: RunningMoments = field(default_factory=RunningMoments)
 
 
+@dataclass(frozen=True)
+class SharedStatistics:
+    """Where the replicas of one deployment keep their experiment statistics in Redis."""
+
+    client: aioredis.Redis
+    prefix: str  # e.g. kubetune:default/support-router
+
+    def counters(self, version: str) -> str:
+        return f"{self.prefix}:experiment:{version}"
+
+    def latencies(self, version: str) -> str:
+        return f"{self.prefix}:experiment:{version}:latencies"
+
+
 class ExperimentTracker:
     """Accumulates per-version outcomes and reports them with tests against the control version."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: SharedStatistics | None = None) -> None:
         self._stats: dict[str, VersionStats] = {}
+        self.shared = shared
+        self._pending: set[asyncio.Task[None]] = set()
 
     def _for(self, version: str) -> VersionStats:
         stats = self._stats.get(version)
@@ -144,16 +179,76 @@ class ExperimentTracker:
         return stats
 
     def record_request(self, version: str, duration_seconds: float, *, error: bool) -> None:
+        if self.shared is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._share_request(self.shared, version, duration_seconds, error)
+            )
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+            return
         stats = self._for(version)
         stats.requests += 1
         stats.errors += int(error)
         stats.latencies.append(duration_seconds)
 
-    def record_feedback(self, version: str, score: float) -> None:
-        self._for(version).feedback.add(score)
+    async def _share_request(
+        self, shared: SharedStatistics, version: str, duration_seconds: float, error: bool
+    ) -> None:
+        try:
+            async with shared.client.pipeline(transaction=True) as pipe:
+                pipe.hincrby(shared.counters(version), "requests", 1)
+                pipe.hincrby(shared.counters(version), "errors", int(error))
+                pipe.lpush(shared.latencies(version), repr(duration_seconds))
+                pipe.ltrim(shared.latencies(version), 0, LATENCY_WINDOW - 1)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.error("experiment statistics of %s not recorded in Redis: %s", version, exc)
 
-    def report(self, config: GatewayConfig) -> dict[str, Any]:
+    async def record_feedback(self, version: str, score: float) -> None:
+        if self.shared is None:
+            self._for(version).feedback.add(score)
+            return
+        try:
+            async with self.shared.client.pipeline(transaction=True) as pipe:
+                pipe.hincrby(self.shared.counters(version), "feedbackCount", 1)
+                pipe.hincrbyfloat(self.shared.counters(version), "feedbackSum", score)
+                pipe.hincrbyfloat(self.shared.counters(version), "feedbackSumOfSquares", score * score)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise ExperimentsUnavailable(f"the feedback cannot be stored in Redis: {exc}") from exc
+
+    async def _load_shared(self, shared: SharedStatistics, names: list[str]) -> dict[str, VersionStats]:
+        async with shared.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(shared.counters(name))
+                pipe.lrange(shared.latencies(name), 0, -1)
+            replies = await pipe.execute()
+        loaded: dict[str, VersionStats] = {}
+        for index, name in enumerate(names):
+            counters = {key.decode(): float(value) for key, value in replies[2 * index].items()}
+            latencies = deque((float(value) for value in replies[2 * index + 1]), maxlen=LATENCY_WINDOW)
+            loaded[name] = VersionStats(
+                requests=int(counters.get("requests", 0)),
+                errors=int(counters.get("errors", 0)),
+                latencies=latencies,
+                feedback=RunningMoments.from_sums(
+                    int(counters.get("feedbackCount", 0)),
+                    counters.get("feedbackSum", 0.0),
+                    counters.get("feedbackSumOfSquares", 0.0),
+                ),
+            )
+        return loaded
+
+    async def report(self, config: GatewayConfig) -> dict[str, Any]:
         control_name = config.control_version
+        names = [version.name for version in config.versions]
+        if self.shared is not None:
+            try:
+                self._stats = await self._load_shared(self.shared, names)
+            except (RedisError, OSError) as exc:
+                raise ExperimentsUnavailable(
+                    f"the shared experiment statistics cannot be read: {exc}"
+                ) from exc
         control = self._for(control_name)
         versions = []
         for version in config.versions:

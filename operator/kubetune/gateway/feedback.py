@@ -1,60 +1,69 @@
-"""Which version answered each recent completion, so that feedback on it can be credited.
+"""Feedback on completions, accepted by any gateway replica.
 
 Feedback: ``POST /v1/feedback {"requestId" (or "request_id"): <a completion's id>, "score": 0..1}``.
 The score is in [0, 1] (1 = good) so that its mean reads like the rollout analysis' ``feedback``
-threshold; a completion can be rated once (409 after that), and ids are remembered for the last
-``RECENT_REQUESTS`` completions of this process (404 for others).
+threshold.
+
+A completion's id carries the version that answered it, signed: ``<prefix>-<uuid>.<version>.<mac>``
+with ``mac`` an HMAC-SHA256 (128 bits, URL-safe base64) under the deployment's signing key. Every
+replica holding that key reads the version from the id itself, so feedback needs no memory of the
+request and a forged or edited id is refused (404). A completion can be rated once (409 after
+that): with Redis configured the "rated" mark is shared by the replicas, else it is this process's.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import math
-from collections import OrderedDict
+import secrets
 from typing import Any
 
 from kubetune.gateway.errors import GatewayError, invalid_request
 
-RECENT_REQUESTS = 100_000
 FEEDBACK_FIELDS = frozenset({"requestId", "request_id", "score"})
+MAC_BYTES = 16
+RATED_TTL_SECONDS = 30 * 24 * 3600
 
 
-class AnsweredRequests:
-    """The versions of the last ``capacity`` completions, and which of them were rated already."""
+class ResponseIds:
+    """Signs a response id with the version that answered, and reads the version back."""
 
-    def __init__(self, capacity: int = RECENT_REQUESTS) -> None:
-        self.capacity = capacity
-        self._versions: OrderedDict[str, str] = OrderedDict()
-        self._rated: set[str] = set()
+    def __init__(self, signing_key: bytes | None = None) -> None:
+        self._key = signing_key if signing_key else secrets.token_bytes(32)
 
-    def remember(self, request_id: str, version: str) -> None:
-        self._versions[request_id] = version
-        if len(self._versions) > self.capacity:
-            forgotten, _ = self._versions.popitem(last=False)
-            self._rated.discard(forgotten)
+    def _mac(self, message: str) -> str:
+        digest = hmac.new(self._key, message.encode(), hashlib.sha256).digest()[:MAC_BYTES]
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
-    def version_of(self, request_id: str) -> str | None:
-        return self._versions.get(request_id)
+    def sign(self, request_id: str, version: str) -> str:
+        return f"{request_id}.{version}.{self._mac(f'{request_id}.{version}')}"
 
-    def rate(self, request_id: str) -> str:
-        """Marks the completion rated and returns its version; 404 when forgotten, 409 when rated."""
-        version = self._versions.get(request_id)
-        if version is None:
-            raise GatewayError(
-                404,
-                f"no recent completion has the id {request_id!r} (the gateway remembers the last "
-                f"{self.capacity} response ids of this process)",
-                param="requestId",
-                error_type="not_found_error",
-            )
-        if request_id in self._rated:
-            raise GatewayError(
-                409,
-                f"the completion {request_id!r} already has feedback",
-                param="requestId",
-                error_type="conflict",
-            )
-        self._rated.add(request_id)
+    def version_of(self, response_id: str) -> str | None:
+        """The version a signed id names; None when the id was not signed with this key."""
+        parts = response_id.rsplit(".", 2)
+        if len(parts) != 3:
+            return None
+        request_id, version, mac = parts
+        if not hmac.compare_digest(self._mac(f"{request_id}.{version}"), mac):
+            return None
         return version
+
+
+def unknown_completion(rated_id: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"no completion of this deployment has the id {rated_id!r}",
+        param="requestId",
+        error_type="not_found_error",
+    )
+
+
+def already_rated(rated_id: str) -> GatewayError:
+    return GatewayError(
+        409, f"the completion {rated_id!r} already has feedback", param="requestId", error_type="conflict"
+    )
 
 
 def parse_feedback(body: dict[str, Any]) -> tuple[str, float]:

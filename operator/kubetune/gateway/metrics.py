@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
-MetricT = TypeVar("MetricT", Counter, Histogram, Summary)
+MetricT = TypeVar("MetricT", Counter, Gauge, Histogram, Summary)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -70,6 +70,39 @@ class GatewayMetrics:
             "kubetune_gateway_fallbacks_total",
             "Requests sent to the fallback version because the chosen version failed or was not ready.",
             ["deployment", "from_version", "to_version"],
+            registry=self.registry,
+        )
+        usage_labels = ["deployment", "version", "key", "tenant"]
+        self.usage_requests = Counter(
+            "kubetune_gateway_usage_requests_total",
+            "Requests by key id, tenant, version and decision (served, unauthenticated, forbidden, "
+            "limited, limit-store-unavailable, rejected, failed).",
+            [*usage_labels, "decision"],
+            registry=self.registry,
+        )
+        self.usage_tokens = Counter(
+            "kubetune_gateway_usage_tokens_total",
+            "Tokens served by key id, tenant and version, direction in (prompt) or out (completion).",
+            [*usage_labels, "direction"],
+            registry=self.registry,
+        )
+        self.usage_cost = Counter(
+            "kubetune_gateway_usage_cost_total",
+            "Cost of the tokens served (the version's pricing) by key id, tenant and version.",
+            usage_labels,
+            registry=self.registry,
+        )
+        self.limit_store_up = Gauge(
+            "kubetune_gateway_limit_store_up",
+            "1 when the last call to the limit store (Redis) succeeded, 0 when it failed.",
+            ["deployment"],
+            registry=self.registry,
+        )
+        self.limit_store_failures = Counter(
+            "kubetune_gateway_limit_store_failures_total",
+            "Limit store calls that failed, by what the gateway did: failClosed (refused), failOpen "
+            "(served unlimited), uncharged (an answer's tokens not counted).",
+            ["deployment", "behaviour"],
             registry=self.registry,
         )
 

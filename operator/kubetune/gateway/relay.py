@@ -144,13 +144,15 @@ def relay_stream(
     idle: WaitLimit,
     on_usage: Callable[[Any], None],
     on_finished: StreamFinished,
+    settle: Callable[[], Awaitable[None]] | None = None,
 ) -> RelayedStream:
     """The client's response for a stream ``attempt`` opened (its first chunk already read); each
     later chunk must come within ``idle``.
 
     The upstream is released and ``on_finished`` called once: when the upstream is done (before the
     client sees the end of the response, so the metrics are there when it asks), or when the client
-    goes away first."""
+    goes away first. ``settle`` (when given) is awaited after each chunk that reported usage and
+    before that chunk is passed on, so what it records is in place before the client reads the end."""
     response, chunks = attempt.stream, attempt.chunks
     if response is None or chunks is None:
         raise ValueError(f"the attempt on version {attempt.version!r} holds no open stream")
@@ -163,7 +165,21 @@ def relay_stream(
         nonlocal first_text_at
         first_text_at = time.perf_counter()
 
-    relay = SseRelay(request_id, drop_usage_chunks, on_usage=on_usage, on_first_text=on_first_text)
+    usage_seen = False
+
+    def note_usage(usage: Any) -> None:
+        nonlocal usage_seen
+        usage_seen = True
+        on_usage(usage)
+
+    async def settled(out: bytes) -> bytes:
+        nonlocal usage_seen
+        if usage_seen and settle is not None:
+            usage_seen = False
+            await settle()
+        return out
+
+    relay = SseRelay(request_id, drop_usage_chunks, on_usage=note_usage, on_first_text=on_first_text)
     is_sse = attempt.content_type.startswith("text/event-stream")
 
     def finish() -> None:
@@ -177,7 +193,7 @@ def relay_stream(
     async def body() -> AsyncIterator[bytes]:
         nonlocal code
         try:
-            out = relay.feed(attempt.first_chunk) if is_sse else attempt.first_chunk
+            out = await settled(relay.feed(attempt.first_chunk) if is_sse else attempt.first_chunk)
             if out:
                 yield out
             while True:
@@ -185,10 +201,10 @@ def relay_stream(
                     chunk = await anext(chunks, None)
                 if chunk is None:
                     break
-                out = relay.feed(chunk) if is_sse else chunk
+                out = await settled(relay.feed(chunk) if is_sse else chunk)
                 if out:
                     yield out
-            tail = relay.flush() if is_sse else b""
+            tail = await settled(relay.flush() if is_sse else b"")
             finish()
             if tail:
                 yield tail

@@ -20,8 +20,22 @@ CONTRACT_EXAMPLE: dict[str, Any] = {
     "deployment": "support-bot",
     "namespace": "default",
     "versions": [
-        {"name": "tuned", "url": "http://127.0.0.1:3001", "weight": 80, "prompt": "v1", "ready": True},
-        {"name": "int8", "url": "http://127.0.0.1:3002", "weight": 20, "prompt": None, "ready": False},
+        {
+            "name": "tuned",
+            "url": "http://127.0.0.1:3001",
+            "weight": 80,
+            "prompt": "v1",
+            "ready": True,
+            "pricing": {"inputPerMillion": 0.5, "outputPerMillion": 1.5},
+        },
+        {
+            "name": "int8",
+            "url": "http://127.0.0.1:3002",
+            "weight": 20,
+            "prompt": None,
+            "ready": False,
+            "pricing": None,
+        },
     ],
     "control": "tuned",
     "routing": {"stickyBy": "user", "header": None, "overrideHeader": "x-kubetune-version"},
@@ -41,6 +55,38 @@ CONTRACT_EXAMPLE: dict[str, Any] = {
     "fallback": {"version": "tuned", "timeoutSeconds": 30},
     "timeouts": {"connectSeconds": 5, "firstByteSeconds": 60, "responseSeconds": 60, "streamIdleSeconds": 60},
     "health": {"markDownSeconds": 5},
+    "access": {
+        "auth": "required",
+        "keysFile": "/etc/kubetune/keys/keys.json",
+        "signingKeyFile": "/etc/kubetune/keys/signing.key",
+        "limits": {
+            "perKey": {
+                "requestsPerMinute": 60,
+                "tokensPerMinute": 10000,
+                "tokensPerDay": None,
+                "tokensPerMonth": 1000000,
+                "costPerDay": None,
+                "costPerMonth": 25.0,
+            },
+            "perTenant": {
+                "requestsPerMinute": None,
+                "tokensPerMinute": None,
+                "tokensPerDay": 500000,
+                "tokensPerMonth": None,
+                "costPerDay": None,
+                "costPerMonth": None,
+            },
+            "tenants": {},
+        },
+        "store": {
+            "redisUrl": "redis://kubetune-redis:6379/0",
+            "redisPasswordFile": None,
+            "keyPrefix": "kubetune",
+            "onUnavailable": "failClosed",
+            "timeoutSeconds": 0.25,
+        },
+        "audit": {"path": None, "stdout": True, "maxBytes": 67108864, "keepFiles": 10},
+    },
 }
 
 

@@ -203,4 +203,7 @@ def test_models_and_health(stubs: Stubs, gateway_server: GatewayServer) -> None:
         "versions": {"alpha": 80, "beta": 20},
         "notRouted": [],
         "configError": None,
+        "auth": "off",
+        "limitStoreError": None,
+        "keysError": None,
     }

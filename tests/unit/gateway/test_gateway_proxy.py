@@ -100,9 +100,10 @@ def test_every_response_carries_the_request_id_and_version(
         body = response.json()
         assert body["id"] == response.headers["x-request-id"] and body["id"].startswith("chatcmpl-")
         assert body["id"] != "upstream-id"
-        # the upstream sees the same id, for log correlation
-        stub = stubs[response.headers["x-kubetune-version"]]
-        assert stub.received_headers[-1]["x-request-id"] == body["id"]
+        # the upstream sees the id the signed response id starts with, for log correlation
+        version = response.headers["x-kubetune-version"]
+        sent_id = stubs[version].received_headers[-1]["x-request-id"]
+        assert body["id"].startswith(f"{sent_id}.{version}.")
         second = client.post("/v1/chat/completions", json=chat_body(user="u1"))
         assert second.headers["x-request-id"] != response.headers["x-request-id"]
 
@@ -133,7 +134,7 @@ def test_every_response_carries_the_request_id_and_version(
         assert wrong_model.json()["error"]["param"] == "model"
         no_messages = client.post("/v1/chat/completions", json={"model": "support-bot"})
         assert no_messages.status_code == 400 and no_messages.json()["error"]["param"] == "messages"
-    assert gateway.answered.version_of(body["id"]) == response.headers["x-kubetune-version"]
+    assert gateway.response_ids.version_of(body["id"]) == response.headers["x-kubetune-version"]
 
 
 def test_generation_defaults_and_limits(stubs: Stubs, gateway_server: GatewayServer) -> None:
@@ -289,7 +290,7 @@ def test_fallback_on_server_error_timeout_and_connect_error(
         assert rescued.status_code == 200
         assert rescued.headers["x-kubetune-version"] == "beta"
         assert rescued.json()["choices"][0]["message"]["content"] == "beta: hello there"
-        assert gateway.answered.version_of(rescued.headers["x-request-id"]) == "beta"
+        assert gateway.response_ids.version_of(rescued.headers["x-request-id"]) == "beta"
 
         # alpha stalls far beyond the 0.3 s fallback timeout and the client's 10 s: the client gets
         # an answer only because the gateway gave up on alpha, and the 504 counted for alpha below

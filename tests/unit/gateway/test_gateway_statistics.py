@@ -3,6 +3,7 @@ raw samples)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 
@@ -119,8 +120,8 @@ def test_tracker_report_compares_every_version_with_the_control() -> None:
         tracker.record_request("a", 0.1 * (index + 1), error=index < 2)
         tracker.record_request("b", 0.2, error=False)
     for score in (1.0, 0.0, 1.0):
-        tracker.record_feedback("a", score)
-    report = tracker.report(config)
+        asyncio.run(tracker.record_feedback("a", score))
+    report = asyncio.run(tracker.report(config))
     assert report["control"] == "b"
     a, b = report["versions"]
     assert (a["requests"], a["errors"], a["errorRate"]) == (10, 2, 0.2)
