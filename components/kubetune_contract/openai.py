@@ -184,6 +184,10 @@ class ChatMessage(BaseModel):
     role: str
     content: Content = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant turn's calls: ``{"id", "type": "function", "function": {"name", "arguments"}}``."""
+    tool_call_id: str | None = None
+    """A ``tool`` turn: the id of the call it answers."""
 
 
 class SamplingRequest(BaseModel):
@@ -236,6 +240,14 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: TokenCount = None
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
+    """``{"type": "text" | "json_object"}`` or ``{"type": "json_schema", "json_schema": {"name",
+    "schema", ...}}``."""
+    tools: list[dict[str, Any]] | None = None
+    """Functions the model may call: ``{"type": "function", "function": {"name", "description",
+    "parameters"}}``."""
+    tool_choice: str | dict[str, Any] | None = None
+    """``none``, ``auto``, ``required`` or ``{"type": "function", "function": {"name"}}``."""
+    parallel_tool_calls: bool | None = None
 
 
 _EXPECTED_TYPES = {

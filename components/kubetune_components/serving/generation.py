@@ -1,7 +1,9 @@
 """Generation token by token: the rows of one (possibly batched) Hugging Face `generate` call.
 
 `generate` runs greedily and swaps in its own sampling through a logits processor with a
-per-request `torch.Generator` (so a seed gives the same text whatever else runs concurrently); a
+per-request `torch.Generator` (so a seed gives the same text whatever else runs concurrently). A
+row with an output constraint (`constrained`) has every token its grammar does not allow masked
+before that, so sampling and greedy decoding alike stay inside it. A
 stopping criterion sees every new token of every row, which is what streams text, applies stop
 sequences and per-row token limits, and notices cancelled requests.
 """
@@ -24,6 +26,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from kubetune_components.serving.constrained import RowConstraint
 from kubetune_components.serving.requests import Completion, FinishReason, PreparedPrompt, SamplingParams
 
 
@@ -98,6 +101,9 @@ class GenerationRow:
         self.generated = 0
         self.finish_reason: FinishReason | None = None
         self.first_token_at: float | None = None
+        self.constraint = (
+            RowConstraint(params.constraint, tokenizer, eos_ids) if params.constraint is not None else None
+        )
         self.generator: torch.Generator | None = None
         if params.temperature > 0:
             self.generator = torch.Generator()
@@ -136,6 +142,8 @@ class GenerationRow:
             return True
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        if self.constraint is not None:
+            self.constraint.accepted(token)
         if token in self.eos_ids:
             self._finish("stop")
             return True
@@ -190,6 +198,28 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     return int(torch.multinomial(probabilities, 1, generator=generator).item())
 
 
+class _ConstraintProcessor(LogitsProcessor):
+    """Rows with an output constraint keep the scores of the tokens it allows next, and only those."""
+
+    def __init__(self, rows: Sequence[GenerationRow]) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for index, row in enumerate(self.rows):
+            if row.constraint is None or row.done:
+                continue
+            allowed = row.constraint.allowed(row.decoder.tokens)
+            if allowed is None:
+                continue
+            keep = torch.tensor(
+                sorted({t for t in allowed if t < scores.shape[-1]}), dtype=torch.long, device=scores.device
+            )
+            masked = torch.full_like(scores[index], -math.inf)
+            masked[keep] = scores[index, keep]
+            scores[index] = masked
+        return scores
+
+
 class _SamplingProcessor(LogitsProcessor):
     """Rows with a temperature get a sampled token as the only finite score, so greedy picks it."""
 
@@ -233,6 +263,8 @@ def generate_rows(
         pad_token_id=pad_id,
     )
     processors = LogitsProcessorList()
+    if any(row.constraint is not None for row in active):
+        processors.append(_ConstraintProcessor(active))
     if any(row.generator is not None for row in active):
         processors.append(_SamplingProcessor(active))
     generate: Any = model.generate  # type: ignore[operator]

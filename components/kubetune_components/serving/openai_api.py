@@ -14,6 +14,11 @@ server cannot honour is refused (`openai_requests`). `model` is not checked agai
 model's id: the gateway in front of the versions routes by model. A prompt that
 was truncated to fit the context window is answered with the header
 `x-kubetune-prompt-tokens-dropped: N`.
+
+`response_format` and `tools` are honoured by constrained decoding (`openai_requests`,
+`constrained`). A reply that calls a tool comes back as OpenAI's `tool_calls` with finish_reason
+`tool_calls`; streamed, the call is sent whole in one chunk once it is complete, while a text
+reply streams as it is generated.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from kubetune_components.serving.config import UNKNOWN
 from kubetune_components.serving.metrics import serving_metrics
 from kubetune_components.serving.openai_requests import (
     ApiError,
+    ToolUse,
     chat_messages,
     completion_prompt,
     parse_generation_request,
@@ -176,11 +182,13 @@ class OpenAIApp:
             params = asked.params
             runtime = self.slot.require()
             if isinstance(asked.request, ChatCompletionRequest):
-                prompt = runtime.prepare_chat(chat_messages(asked.request))
+                prompt = runtime.prepare_chat(chat_messages(asked.request, asked.tool_use))
             else:
                 prompt = runtime.prepare_completion(completion_prompt(asked.request))
             if asked.stream:
-                return self._stream(runtime, prompt, params, endpoint, started, chat, asked.include_usage)
+                return self._stream(
+                    runtime, prompt, params, endpoint, started, chat, asked.include_usage, asked.tool_use
+                )
             completion = await _generate_while_connected(request, runtime, prompt, params)
             if completion is None:
                 self._observe(endpoint, CLIENT_CLOSED_REQUEST, started)
@@ -198,24 +206,25 @@ class OpenAIApp:
             self._observe(endpoint, 500, started)
             return ApiError(500, f"generation failed: {type(error).__name__}: {error}").response()
         self._observe(endpoint, 200, started, completion)
-        return JSONResponse(self._body(completion, chat), headers=self._headers(prompt))
+        return JSONResponse(self._body(completion, chat, asked.tool_use), headers=self._headers(prompt))
 
-    def _body(self, completion: Completion, chat: bool) -> dict[str, Any]:
+    def _body(self, completion: Completion, chat: bool, tool_use: ToolUse) -> dict[str, Any]:
         model_id = self.slot.identity.model_id
         created = int(time.time())
         if chat:
+            message: dict[str, Any] = {"role": "assistant", "content": completion.text}
+            finish_reason: str = completion.finish_reason
+            call = tool_use.read_call(completion.text)
+            if call is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": [call.as_openai()]}
+                finish_reason = "tool_calls"
             return {
                 "id": f"chatcmpl-{uuid.uuid4().hex}",
                 "object": "chat.completion",
                 "created": created,
                 "model": model_id,
                 "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": completion.text},
-                        "logprobs": None,
-                        "finish_reason": completion.finish_reason,
-                    }
+                    {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
                 ],
                 "usage": _usage(completion),
             }
@@ -244,18 +253,26 @@ class OpenAIApp:
         started: float,
         chat: bool,
         include_usage: bool,
+        tool_use: ToolUse,
     ) -> StreamingResponse:
         text_stream = runtime.astream(prompt, params)  # refuses what cannot run before the 200 goes out
         model_id = self.slot.identity.model_id
         completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
 
-        def chunk(text: str | None, finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
+        def chunk(
+            text: str | None,
+            finish_reason: str | None = None,
+            role: bool = False,
+            tool_calls: list[dict[str, Any]] | None = None,
+        ) -> dict[str, Any]:
             choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
             if chat:
                 delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
                 if text is not None:
                     delta["content"] = text
+                if tool_calls is not None:
+                    delta["tool_calls"] = tool_calls
                 choice["delta"] = delta
             else:
                 choice["text"] = text or ""
@@ -276,11 +293,29 @@ class OpenAIApp:
             try:
                 if chat:
                     yield _sse(chunk(None, role=True))
+                held = ""  # a reply that may be a tool call is held until it is known (or complete)
+                is_call = tool_use.opens_call("")
                 async for delta in text_stream:
-                    yield _sse(chunk(delta))
+                    if is_call is False:
+                        yield _sse(chunk(delta))
+                        continue
+                    held += delta
+                    is_call = tool_use.opens_call(held)
+                    if is_call is False:
+                        yield _sse(chunk(held))
                 completion = text_stream.result
                 assert completion is not None
-                yield _sse(chunk(None, completion.finish_reason))
+                finish_reason: str = completion.finish_reason
+                if is_call:
+                    call = tool_use.read_call(completion.text)
+                    if call is None:
+                        yield _sse(chunk(held))
+                    else:
+                        yield _sse(chunk(None, tool_calls=[call.as_openai(index=0)]))
+                        finish_reason = "tool_calls"
+                elif held and is_call is None:
+                    yield _sse(chunk(held))
+                yield _sse(chunk(None, finish_reason))
                 if include_usage:
                     usage_chunk = chunk(None)
                     usage_chunk["choices"] = []

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from kubetune_components.serving.constrained import OutputConstraint
 
 FinishReason = Literal["stop", "length"]
 ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant")
@@ -36,6 +39,8 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    constraint: OutputConstraint | None = None
+    """What the reply must look like (constrained decoding); None: any text."""
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -513,9 +513,9 @@ async def test_completions_and_models(chat_runtime: ModelRuntime) -> None:
         ),
         (
             "/v1/chat/completions",
-            {"messages": [{"role": "user", "content": "hi"}], "tools": []},
-            "tools",
-            "Unrecognized request argument supplied: tools",
+            {"messages": [{"role": "user", "content": "hi"}], "web_search_options": {}},
+            "web_search_options",
+            "Unrecognized request argument supplied: web_search_options",
         ),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "max_tokens must be at least 1"),
         ("/v1/completions", {"prompt": 5}, "prompt", "prompt must be a string"),
@@ -759,4 +759,4 @@ async def test_a_reply_sent_back_as_the_openai_client_dumps_it_is_accepted(
         )
     assert second.status_code == 200, second.text
     assert with_tools.status_code == 400
-    assert with_tools.json()["error"]["param"] == "messages[1].tool_calls"
+    assert with_tools.json()["error"]["param"] == "messages[1].tool_calls[0].function"

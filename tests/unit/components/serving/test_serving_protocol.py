@@ -83,16 +83,16 @@ def test_gateway_and_model_server_refuse_protocol_errors_alike(
 def test_the_gateway_forwards_what_the_protocol_leaves_to_the_version() -> None:
     body = {
         "model": "bot",
-        "messages": [{"role": "tool", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
-        "tools": [{"type": "function"}],
+        "messages": [{"role": "function", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        "web_search_options": {},
         "n": 2,
     }
     parsed = parse_openai_request(CHAT_ENDPOINT, body)
     assert isinstance(parsed, ChatCompletionRequest)
-    assert parsed.model_extra == {"tools": [{"type": "function"}]}
-    with pytest.raises(ApiError, match="Unrecognized request argument supplied: tools"):
+    assert parsed.model_extra == {"web_search_options": {}}
+    with pytest.raises(ApiError, match="Unrecognized request argument supplied: web_search_options"):
         parse_generation_request(body, chat=True)
-    without_tools = {name: value for name, value in body.items() if name != "tools"}
+    without_tools = {name: value for name, value in body.items() if name != "web_search_options"}
     with pytest.raises(ApiError, match="n is not supported"):
         parse_generation_request(without_tools, chat=True)
     server_request = parse_generation_request({**without_tools, "n": 1}, chat=True).request
