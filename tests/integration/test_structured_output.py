@@ -121,7 +121,10 @@ def test_json_object_answers_are_json_objects(client: openai.OpenAI) -> None:
         ),
         ({"type": "string", "format": "email"}, "response_format.json_schema.schema.format"),
         ({"type": "object", "not": {"required": ["a"]}}, "response_format.json_schema.schema.not"),
-        ({"type": "object", "required": ["a"], "properties": {}}, "response_format.json_schema.schema.required"),
+        (
+            {"type": "object", "required": ["a"], "properties": {}},
+            "response_format.json_schema.schema.required",
+        ),
         ({"type": "bogus"}, "response_format.json_schema.schema.type"),
     ],
 )
@@ -129,7 +132,9 @@ def test_a_schema_that_cannot_be_enforced_is_refused_naming_the_keyword(
     client: openai.OpenAI, schema: dict[str, Any], param: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
-        ask(client, 0, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        ask(
+            client, 0, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        )
     assert refused.value.param == param
     assert param in refused.value.message
 
@@ -214,6 +219,9 @@ def test_a_tool_message_must_answer_an_earlier_call(client: openai.OpenAI) -> No
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(
             model=DEPLOYMENT,
-            messages=[{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "x", "content": "1"}],
+            messages=[
+                {"role": "user", "content": "hi"},
+                {"role": "tool", "tool_call_id": "x", "content": "1"},
+            ],
         )
     assert refused.value.param == "messages[1].tool_call_id"
