@@ -4,11 +4,14 @@ Each run lives in ``<root>/<key>/``: ``request.json`` (what to run), ``state.jso
 attempt) and the worker logs. Workers are started in their own session, so they outlive the process
 that started them: an operator restart re-attaches to a running worker instead of starting a second
 run. A worker that died (killed pod, Ctrl+C, reboot) shows as ``Interrupted``; ``resume`` starts a new
-attempt of the same run, whose steps pick up from their checkpoints in the workspace.
+attempt of the same run, whose steps pick up from their checkpoints in the workspace. A worker killed
+outright (SIGKILL) leaves the step it ran behind; that step is stopped before the run reads as
+``Interrupted``, so a resumed attempt never runs beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -16,13 +19,43 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
+import psutil
+
 from kubetune.common.clock import utc_now
 from kubetune.common.files import read_json, write_json_atomically
-from kubetune.common.supervision import create_time, process_alive, stop_process_group
+from kubetune.common.supervision import KILL_WAIT_S, create_time, process_alive, stop_process_group, wait_gone
 from kubetune.plan.runs import RunRequest, RunStatus
 
 STATE_FILE = "state.json"
 REQUEST_FILE = "request.json"
+ORPHAN_GRACE_S = 20.0  # as for a worker: SIGTERM lets a training step save its progress first
+
+
+def orphaned_group(group_id: int | None) -> list[psutil.Process]:
+    """The processes left in the process group of a worker that is gone (its steps, once it was
+    SIGKILLed). The kernel reuses no pid while a group of that id has members, so when no process has
+    the pid, every member of the group is the dead worker's; when one has it, the group is someone else's
+    (or the worker still runs) and none is returned."""
+    if not group_id or psutil.pid_exists(group_id):
+        return []
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(process.pid) == group_id:
+                members.append(process)
+    return members
+
+
+def stop_orphaned_group(group_id: int | None, grace_s: float) -> None:
+    """SIGTERM what is left of a dead worker's process group, SIGKILL it after ``grace_s``."""
+    members = orphaned_group(group_id)
+    for process in members:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    for process in wait_gone(members, grace_s):
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    wait_gone(members, KILL_WAIT_S)
 
 
 class LocalBackend:
@@ -51,6 +84,9 @@ class LocalBackend:
             if phase in ("Pending", "Running"):
                 phase = "Interrupted"
                 state["message"] = "the local worker process stopped before the run finished"
+                # A worker killed outright leaves its step running; nothing of an interrupted run may
+                # run on beside the attempt that resumes it.
+                stop_orphaned_group(state.get("pid"), ORPHAN_GRACE_S)
         return RunStatus(
             backend="local",
             id=key,
@@ -102,6 +138,7 @@ class LocalBackend:
     def _stop_worker(self, key: str, state: dict[str, Any], grace_s: float = 20.0) -> None:
         # SIGTERM lets the training step write a checkpoint before it exits.
         stop_process_group(state.get("pid"), state.get("pidStartedAt"), grace_s)
+        stop_orphaned_group(state.get("pid"), grace_s)
         child = self._children.pop(key, None)
         if child is not None:
             child.wait(timeout=5)
