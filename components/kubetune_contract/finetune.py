@@ -362,6 +362,11 @@ class Progress(KubeModel):
     total_steps: int = Field(default=0, description="Optimizer steps the run will take.")
     epoch: float = Field(default=0.0, description="Passes over the training set done, fractional.")
     percent: int = Field(default=0, description="step / totalSteps, in percent.")
+    resumed_from_step: int | None = Field(
+        default=None,
+        description="The checkpoint step this attempt resumed from after an interruption; unset for a run "
+        "that started fresh.",
+    )
 
 
 class TrainMetrics(KubeModel):
@@ -381,6 +386,29 @@ class EvalMetrics(KubeModel):
     exact_match: float | None = Field(
         default=None, description="Share of greedy generations equal to the reference (0 to 1)."
     )
+    lenient_match: float | None = Field(
+        default=None,
+        description=(
+            "Share of greedy generations whose first line contains the reference as a whole word, "
+            "ignoring case (0 to 1): credits a right answer in the wrong format, which exactMatch does not."
+        ),
+    )
+
+
+class ReferenceBaselines(KubeModel):
+    """Trivial predictors scored like exactMatch on the same held-out examples, to put the models' scores
+    in context; both learn only from the training split."""
+
+    majority_class: float | None = Field(
+        default=None, description="Always answering the most common training response (0 to 1)."
+    )
+    nearest_neighbour: float | None = Field(
+        default=None,
+        description=(
+            "Answering with the response of the training example whose prompt has the most similar "
+            "word counts, by cosine (0 to 1)."
+        ),
+    )
 
 
 class EvaluationStatus(KubeModel):
@@ -388,6 +416,9 @@ class EvaluationStatus(KubeModel):
 
     baseline: EvalMetrics | None = Field(default=None, description="The base model before tuning.")
     final: EvalMetrics | None = Field(default=None, description="The tuned model.")
+    reference_baselines: ReferenceBaselines | None = Field(
+        default=None, description="What trivial predictors score on the same held-out examples."
+    )
     gates: list[GateResult] = Field(default_factory=list, description="One result per bound of each gate.")
 
 

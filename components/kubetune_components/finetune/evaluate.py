@@ -4,7 +4,14 @@
   masking and loss as training);
 - perplexity: exp(evalLoss);
 - exactMatch: the share of (up to `maxSamples`) validation examples whose greedy generation of
-  the response, stripped, equals the stripped reference response.
+  the response, stripped, equals the stripped reference response;
+- lenientMatch: the share whose generation's first line contains the reference as a whole word,
+  ignoring case, so a base model that answers right in its own words is credited.
+
+With exactMatch, the baseline evaluation also scores two trivial predictors on the same examples,
+learned from the training split only: always answering the most common training response
+(majorityClass) and answering with the response of the most similar training prompt, by cosine of
+word counts (nearestNeighbour). A tuned model is only interesting where it beats them.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -190,10 +199,77 @@ def exact_match(
             "reference": reference,
             "prediction": prediction,
             "match": prediction.strip() == reference.strip(),
+            "lenientMatch": is_lenient_match(prediction, reference),
         }
         for (prompt, reference), prediction in zip(rendered, predictions, strict=True)
     ]
     return sum(1 for record in records if record["match"]) / len(records), records
+
+
+def is_lenient_match(prediction: str, reference: str) -> bool:
+    """Whether the first non-empty line of `prediction` contains `reference` as a whole word (or phrase),
+    ignoring case."""
+    wanted = reference.strip()
+    lines = [line for line in prediction.strip().splitlines() if line.strip()]
+    if not wanted or not lines:
+        return False
+    return re.search(rf"(?<!\w){re.escape(wanted)}(?!\w)", lines[0], re.IGNORECASE) is not None
+
+
+def _share(hits: Sequence[bool]) -> float:
+    return sum(hits) / len(hits)
+
+
+def _word_counts(text: str) -> Counter[str]:
+    return Counter(re.findall(r"\w+", text.lower()))
+
+
+def _cosine(left: Counter[str], right: Counter[str]) -> float:
+    norms = math.sqrt(sum(v * v for v in left.values()) * sum(v * v for v in right.values()))
+    if norms == 0:
+        return 0.0
+    return sum(count * right[word] for word, count in left.items()) / norms
+
+
+def majority_class_predictions(train_responses: Sequence[str], count: int) -> list[str]:
+    """The most common training response, `count` times (the first seen wins a tie)."""
+    if not train_responses:
+        raise DatasetError("the training split is empty; the majorityClass baseline needs training examples")
+    most_common = Counter(response.strip() for response in train_responses).most_common(1)[0][0]
+    return [most_common] * count
+
+
+def nearest_neighbour_predictions(
+    train_pairs: Sequence[tuple[str, str]], prompts: Sequence[str]
+) -> list[str]:
+    """For each prompt, the response of the training (prompt, response) pair whose prompt has the most
+    similar word counts (cosine; the earliest pair wins a tie)."""
+    if not train_pairs:
+        raise DatasetError(
+            "the training split is empty; the nearestNeighbour baseline needs training examples"
+        )
+    train = [(_word_counts(prompt), response) for prompt, response in train_pairs]
+    predictions = []
+    for prompt in prompts:
+        words = _word_counts(prompt)
+        best = max(range(len(train)), key=lambda index: (_cosine(words, train[index][0]), -index))
+        predictions.append(train[best][1])
+    return predictions
+
+
+def reference_baselines(
+    train_pairs: Sequence[tuple[str, str]], held_out_pairs: Sequence[tuple[str, str]]
+) -> dict[str, float]:
+    """exactMatch of the majorityClass and nearestNeighbour predictors on `held_out_pairs`."""
+    if not held_out_pairs:
+        raise DatasetError("the validation set is empty; the reference baselines need held-out examples")
+    references = [response.strip() for _, response in held_out_pairs]
+    majority = majority_class_predictions([response for _, response in train_pairs], len(references))
+    nearest = nearest_neighbour_predictions(train_pairs, [prompt for prompt, _ in held_out_pairs])
+    return {
+        "majorityClass": _share([p.strip() == r for p, r in zip(majority, references, strict=True)]),
+        "nearestNeighbour": _share([p.strip() == r for p, r in zip(nearest, references, strict=True)]),
+    }
 
 
 def evaluate_model(
@@ -243,6 +319,7 @@ def evaluate_model(
             device=device,
             precision=precision,
         )
+        result["lenientMatch"] = _share([bool(record["lenientMatch"]) for record in predictions])
     return result, predictions
 
 
@@ -253,6 +330,30 @@ def read_validation_examples(workspace_dir: Path, fmt: str) -> list[dict[str, An
     if not path.read_bytes().strip():
         return []
     return data.load_examples(str(path), cast(DatasetFormat, fmt))
+
+
+def read_training_examples(workspace_dir: Path, fmt: str) -> list[dict[str, Any]]:
+    path = workspace_dir / WorkspaceLayout.TRAIN_SPLIT
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing; the curate step must run before evaluate")
+    return data.load_examples(str(path), cast(DatasetFormat, fmt))
+
+
+def workspace_reference_baselines(
+    workspace_dir: Path, examples: Sequence[Mapping[str, Any]], fmt: str, tokenizer: Any, max_samples: int
+) -> dict[str, float]:
+    """The reference baselines, learned from the workspace's training split, on the examples exactMatch
+    scores (the first `max_samples`)."""
+    dataset_format = cast(DatasetFormat, fmt)
+
+    def pairs(chosen: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+        return [
+            data.render_prompt_and_response(dict(example), dataset_format, tokenizer) for example in chosen
+        ]
+
+    return reference_baselines(
+        pairs(read_training_examples(workspace_dir, fmt)), pairs(list(examples)[:max_samples])
+    )
 
 
 def run_evaluation(
@@ -300,6 +401,11 @@ def run_evaluation(
             device=device,
             precision=precision,
         )
+        # Text datasets have no responses to predict, so no baseline answers them.
+        if which == "baseline" and "exactMatch" in settings.metrics and fmt != "text":
+            result.update(
+                workspace_reference_baselines(workspace_dir, examples, fmt, tokenizer, settings.max_samples)
+            )
     storage.atomic_write_json(workspace_dir / WorkspaceLayout.evaluation(which), result)
     lines = "".join(
         json.dumps(record, ensure_ascii=False) + "\n" for record in predictions[:PREDICTIONS_KEPT]

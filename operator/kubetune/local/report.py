@@ -57,13 +57,29 @@ def evaluation_summary(obj: dict[str, Any]) -> list[str]:
     if not baseline and not final:
         return []
     lines = [f"  {'metric':<12} {'baseline':>10} {'final':>10}"]
-    for metric in ("evalLoss", "perplexity", "exactMatch"):
+    for metric in ("evalLoss", "perplexity", "exactMatch", "lenientMatch"):
         if metric in baseline or metric in final:
             b, f = baseline.get(metric), final.get(metric)
             lines.append(
                 f"  {metric:<12} {'' if b is None else f'{b:.4f}':>10} {'' if f is None else f'{f:.4f}':>10}"
             )
-    return lines + gate_lines(evaluation.get("gates", []))
+    return (
+        lines
+        + reference_baseline_lines(evaluation.get("referenceBaselines") or {})
+        + gate_lines(evaluation.get("gates", []))
+    )
+
+
+def reference_baseline_lines(baselines: dict[str, Any]) -> list[str]:
+    """What trivial predictors score on the same held-out examples, to read the models' exactMatch against."""
+    scores = [
+        f"{label} {baselines[key]:.4f}"
+        for key, label in (("majorityClass", "majority class"), ("nearestNeighbour", "nearest neighbour"))
+        if baselines.get(key) is not None
+    ]
+    if not scores:
+        return []
+    return [f"  exactMatch of trivial predictors on the same examples: {', '.join(scores)}"]
 
 
 def _number(value: Any, fmt: str = ".4g") -> str:

@@ -55,6 +55,23 @@ def test_a_finished_job_prints_its_evaluation_and_gates() -> None:
     assert evaluation_summary(job({})) == []
 
 
+def test_the_evaluation_shows_lenient_match_and_what_trivial_predictors_score_beside_the_models() -> None:
+    evaluation = {
+        "baseline": {"exactMatch": 0.0, "lenientMatch": 0.25},
+        "final": {"exactMatch": 0.6, "lenientMatch": 0.65},
+        "referenceBaselines": {"majorityClass": 0.2, "nearestNeighbour": 0.4667},
+    }
+    assert evaluation_summary(job({"evaluation": evaluation})) == [
+        "  metric         baseline      final",
+        "  exactMatch       0.0000     0.6000",
+        "  lenientMatch     0.2500     0.6500",
+        "  exactMatch of trivial predictors on the same examples: majority class 0.2000, "
+        "nearest neighbour 0.4667",
+    ]
+    only_majority = {**evaluation, "referenceBaselines": {"majorityClass": 0.2}}
+    assert evaluation_summary(job({"evaluation": only_majority}))[-1].endswith("majority class 0.2000")
+
+
 def test_a_quantize_report_compares_before_and_after() -> None:
     report = {
         "sizeBytes": {"before": 4_000_000, "after": 1_000_000},

@@ -104,6 +104,106 @@ def test_exact_match_strips_whitespace_and_respects_max_samples(
     assert seen_prompts[0] == data.prompt_token_ids(prompt, "instruction", tiny_tokenizer)
 
 
+@pytest.mark.parametrize(
+    ("prediction", "reference", "expected"),
+    [
+        ("billing", "billing", True),
+        ("Billing.", "billing", True),  # case and punctuation around the word do not matter
+        ("This goes to the billing team\nor maybe shipping", "billing", True),
+        ("\n  billing\n", "billing", True),  # the first non-empty line counts
+        ("shipping\nbilling", "billing", False),  # only the first line counts
+        ("rebilling", "billing", False),  # whole words only
+        ("billings", "billing", False),
+        ("", "billing", False),
+        ("return policy", "return policy", True),
+        ("anything", "  ", False),  # an empty reference matches nothing
+    ],
+)
+def test_lenient_match_finds_the_reference_as_a_whole_word_in_the_first_line(
+    prediction: str, reference: str, expected: bool
+) -> None:
+    assert ev.is_lenient_match(prediction, reference) is expected
+
+
+def test_lenient_match_is_reported_beside_exact_match(
+    tiny_tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fake_greedy(model: Any, tokenizer: Any, prompts: Sequence[list[int]], **_: Any) -> list[str]:
+        return ["billing", "It is technical.", "Account", "parcel"][: len(prompts)]
+
+    monkeypatch.setattr(ev, "greedy_responses", fake_greedy)
+    result, records = ev.evaluate_model(
+        torch.nn.Linear(1, 1),
+        tiny_tokenizer,
+        ROWS,
+        "instruction",
+        Evaluation(metrics=["exactMatch"], max_samples=4),
+        max_seq_length=128,
+        batch_size=2,
+        device=CPU,
+    )
+    assert [record["lenientMatch"] for record in records] == [True, True, True, False]
+    assert result["exactMatch"] == pytest.approx(0.25)
+    assert result["lenientMatch"] == pytest.approx(0.75)
+
+
+TRAIN_PAIRS = [
+    ("my card was charged twice", "billing"),
+    ("the app crashes on my phone", "technical"),
+    ("refund the charge on my card", "billing"),
+    ("where is my parcel", "shipping"),
+]
+
+
+def test_the_majority_class_baseline_always_answers_the_most_common_training_response() -> None:
+    held_out = [("anything at all", "billing"), ("my parcel is late", "shipping"), ("crash", "technical")]
+    assert ev.majority_class_predictions([response for _, response in TRAIN_PAIRS], 2) == ["billing"] * 2
+    assert ev.reference_baselines(TRAIN_PAIRS, held_out)["majorityClass"] == pytest.approx(1 / 3)
+    # A tie goes to the response seen first.
+    assert ev.majority_class_predictions(["shipping", "billing"], 1) == ["shipping"]
+
+
+def test_the_nearest_neighbour_baseline_answers_like_the_most_similar_training_prompt() -> None:
+    prompts = ["The APP crashes!", "my parcel is late", "was my card charged", "no shared words"]
+    assert ev.nearest_neighbour_predictions(TRAIN_PAIRS, prompts) == [
+        "technical",
+        "shipping",
+        "billing",
+        "billing",  # nothing in common with any prompt: the first training example
+    ]
+    held_out = list(zip(prompts, ["technical", "shipping", "account", "returns"], strict=True))
+    assert ev.reference_baselines(TRAIN_PAIRS, held_out)["nearestNeighbour"] == pytest.approx(0.5)
+
+
+def test_the_reference_baselines_need_training_and_held_out_examples() -> None:
+    with pytest.raises(DatasetError, match="training split is empty"):
+        ev.reference_baselines([], [("a", "b")])
+    with pytest.raises(DatasetError, match="validation set is empty"):
+        ev.reference_baselines(TRAIN_PAIRS, [])
+
+
+def test_the_baseline_step_scores_the_reference_baselines_on_the_training_split(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    train = [
+        {"instruction": "Route the ticket.", "input": "I was charged twice", "output": "billing"},
+        {"instruction": "Route the ticket.", "input": "Charged for an order twice", "output": "billing"},
+        {"instruction": "Route the ticket.", "input": "Where is my parcel", "output": "shipping"},
+    ]
+    validation = [
+        {"instruction": "Route the ticket.", "input": "my parcel never came", "output": "shipping"},
+        {"instruction": "Route the ticket.", "input": "charged twice again", "output": "billing"},
+        {"instruction": "Route the ticket.", "input": "reset my password", "output": "account"},
+    ]
+    workspace = _workspace(tmp_path, validation, train)
+    spec = _spec(tiny_model_dir, ["exactMatch"])
+    spec["evaluation"]["maxSamples"] = 3
+    baseline = ev.run_evaluation(spec, workspace, "baseline")
+    assert baseline["majorityClass"] == pytest.approx(1 / 3)  # billing, right once
+    # shipping and billing are found; account is in no training example.
+    assert baseline["nearestNeighbour"] == pytest.approx(2 / 3)
+
+
 def _manual_greedy(model: torch.nn.Module, prompt: list[int], steps: int, eos: int) -> list[int]:
     sequence = list(prompt)
     with torch.no_grad():
@@ -178,9 +278,16 @@ def test_a_model_that_memorised_the_answers_scores_full_exact_match(
     assert result["evalLoss"] < 0.5
 
 
-def _workspace(path: Path, validation: Sequence[dict[str, Any]]) -> Path:
+def _jsonl(rows: Sequence[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def _workspace(
+    path: Path, validation: Sequence[dict[str, Any]], train: Sequence[dict[str, Any]] = ROWS
+) -> Path:
     (path / "data").mkdir(parents=True)
-    (path / "data" / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in validation))
+    (path / "data" / "validation.jsonl").write_text(_jsonl(validation))
+    (path / "data" / "train.jsonl").write_text(_jsonl(train))
     return path
 
 
@@ -196,7 +303,14 @@ def _spec(model_dir: Path, metrics: list[str]) -> dict[str, Any]:
 def test_the_step_writes_only_the_requested_metrics(tiny_model_dir: Path, tmp_path: Path) -> None:
     workspace = _workspace(tmp_path, ROWS)
     result = ev.run_evaluation(_spec(tiny_model_dir, ["exactMatch", "perplexity"]), workspace, "baseline")
-    assert set(result) == {"exactMatch", "perplexity", "samples"}
+    assert set(result) == {
+        "exactMatch",
+        "lenientMatch",
+        "perplexity",
+        "samples",
+        "majorityClass",
+        "nearestNeighbour",
+    }
     assert json.loads((workspace / "evaluation" / "baseline.json").read_text()) == result
     predictions = (workspace / "evaluation" / "baseline-predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 2  # maxSamples
@@ -204,7 +318,6 @@ def test_the_step_writes_only_the_requested_metrics(tiny_model_dir: Path, tmp_pa
 
 def test_the_final_evaluation_loads_the_trained_model(tiny_model_dir: Path, tmp_path: Path) -> None:
     workspace = _workspace(tmp_path, ROWS)
-    (workspace / "data" / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     spec = _spec(tiny_model_dir, ["evalLoss"])
     spec["method"] = {"type": "lora", "lora": {"r": 4}}
     spec["training"].update(maxSteps=3, learningRate="1e-2")
