@@ -217,6 +217,143 @@ def _shared_options() -> argparse.ArgumentParser:
     return shared
 
 
+def _deployment_name(reference: str) -> str:
+    """``mdep/NAME`` (or ``modeldeployment/NAME``, or ``NAME``) -> NAME."""
+    kind, slash, name = reference.partition("/")
+    if not slash:
+        return reference
+    if kind.lower() not in ("mdep", "modeldeployment", "modeldeployments"):
+        raise ValueError(f"{reference!r}: keys and usage belong to a ModelDeployment: write mdep/NAME")
+    if not name:
+        raise ValueError(f"{reference!r}: the deployment's name is missing: write mdep/NAME")
+    return name
+
+
+def _key_file(args: argparse.Namespace) -> Path:
+    from kubetune.gateway.access.keys import KEY_FILE_NAME, access_directory
+
+    home = _settings(args).home
+    return access_directory(home, args.namespace, _deployment_name(args.deployment)) / KEY_FILE_NAME
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from kubetune.gateway.access.keys import create_key, parse_scopes
+
+    try:
+        scopes = parse_scopes(args.scopes)
+        path = _key_file(args)
+        created = create_key(path, args.tenant, scopes, args.description or "")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    record = created.record
+    if args.output == "json":
+        public = {k: v for k, v in record.to_json().items() if k not in ("salt", "hash")}
+        print(json.dumps({"token": created.token, **public}))
+        return 0
+    print(created.token)
+    print(
+        f"key {record.id} for tenant {record.tenant!r} with scopes {', '.join(sorted(record.scopes))}; "
+        f"shown once, only its hash is kept ({path}). The gateway requires keys from now on.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from kubetune.gateway.access.keys import read_key_file
+
+    try:
+        keys = read_key_file(_key_file(args))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    records = list(keys.records.values())
+    if args.output == "json":
+        public = [{k: v for k, v in r.to_json().items() if k not in ("salt", "hash")} for r in records]
+        print(json.dumps({"keys": public}, indent=2))
+        return 0
+    if not records:
+        print(f"No keys for mdep/{_deployment_name(args.deployment)}: its gateway is open on loopback.")
+        return 0
+    rows = [["ID", "TENANT", "SCOPES", "CREATED", "REVOKED"]] + [
+        [r.id, r.tenant, ",".join(sorted(r.scopes)), r.created, r.revoked or "-"] for r in records
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from kubetune.gateway.access.keys import revoke_key
+
+    try:
+        record = revoke_key(_key_file(args), args.key_id)
+    except (KeyError, ValueError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 1
+    print(f"key {record.id} revoked at {record.revoked}; every gateway replica refuses it within seconds")
+    return 0
+
+
+def _gateway_url(args: argparse.Namespace, name: str) -> str | None:
+    if args.gateway:
+        return str(args.gateway).rstrip("/")
+    from kubetune.local.store import LocalStore
+
+    obj = LocalStore(_settings(args).home).get("modeldeployments", name, args.namespace)
+    if obj is None:
+        print(f'error: ModelDeployment "{name}" not found (or pass --gateway URL)', file=sys.stderr)
+        return None
+    endpoint = (obj.get("status") or {}).get("endpoint")
+    if not endpoint:
+        print(
+            f"error: mdep/{name} has no gateway endpoint yet (is `kubetune up` serving it?)", file=sys.stderr
+        )
+        return None
+    return str(endpoint).removesuffix("/").removesuffix("/v1")
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    import httpx
+
+    from kubetune.gateway.access.usage import usage_rows, usage_table
+
+    try:
+        name = _deployment_name(args.deployment)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    url = _gateway_url(args, name)
+    if url is None:
+        return 1
+    try:
+        response = httpx.get(f"{url}/metrics", timeout=10, trust_env=False)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"error: cannot read {url}/metrics: {exc}", file=sys.stderr)
+        return 1
+    rows = usage_rows(response.text, name)
+    if args.output == "json":
+        print(
+            json.dumps({"deployment": name, "gateway": url, "usage": [r.to_json() for r in rows]}, indent=2)
+        )
+    elif not rows:
+        print(f"No usage of mdep/{name} recorded by {url} yet.")
+    else:
+        print(usage_table(rows))
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from kubetune.gateway.access.audit import verify
+
+    result = verify(Path(args.path))
+    print(result.summary(), file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
+
+
 def _subcommand(
     sub: argparse._SubParsersAction[argparse.ArgumentParser],
     name: str,
@@ -356,6 +493,81 @@ def build_parser() -> argparse.ArgumentParser:
     )
     operator.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     operator.set_defaults(func=cmd_operator)
+
+    keys = _subcommand(
+        sub,
+        "keys",
+        "Manage a ModelDeployment's API keys (create, list, revoke).",
+        ["kubetune keys create mdep/support-router --tenant team-a --scopes inference,feedback"],
+        "Keys are stored as salted hashes only. Locally, a deployment without keys is open on\n"
+        "loopback, and its first key turns authentication on without a restart.",
+    )
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    keys_create = _subcommand(
+        keys_sub,
+        "create",
+        "Create a key; its token is printed once (stdout), its hash kept.",
+        [
+            "kubetune keys create mdep/support-router --tenant team-a --scopes inference,feedback",
+            "kubetune keys create mdep/support-router --tenant ops --scopes admin -o json",
+        ],
+        "Scopes: inference (completions, chat, models), feedback, experiments (read), admin (all).",
+    )
+    keys_create.add_argument("deployment", help="mdep/NAME")
+    keys_create.add_argument("--tenant", required=True, help="the team or product the key belongs to")
+    keys_create.add_argument(
+        "--scopes", default="inference", help="comma-separated scopes (default: %(default)s)"
+    )
+    keys_create.add_argument("--description", help="a note kept with the key")
+    keys_create.set_defaults(func=cmd_keys_create)
+    keys_list = _subcommand(
+        keys_sub,
+        "list",
+        "List a deployment's keys (never their tokens).",
+        ["kubetune keys list mdep/support-router"],
+    )
+    keys_list.add_argument("deployment", help="mdep/NAME")
+    keys_list.set_defaults(func=cmd_keys_list)
+    keys_revoke = _subcommand(
+        keys_sub,
+        "revoke",
+        "Revoke a key by id; gateways refuse it within seconds.",
+        ["kubetune keys revoke mdep/support-router 3f9a1c0d2b7e"],
+    )
+    keys_revoke.add_argument("deployment", help="mdep/NAME")
+    keys_revoke.add_argument("key_id", help="the key's id (kubetune keys list)")
+    keys_revoke.set_defaults(func=cmd_keys_revoke)
+    for command in (keys_create, keys_list):
+        command.add_argument(
+            "-o", "--output", choices=["table", "json"], default="table", help="output format"
+        )
+    for command in (keys_create, keys_list, keys_revoke):
+        command.add_argument("-n", "--namespace", default="default", help="namespace (default: default)")
+
+    usage = _subcommand(
+        sub,
+        "usage",
+        "Show a ModelDeployment's usage per version, key and tenant: requests, tokens, cost.",
+        ["kubetune usage mdep/support-router", "kubetune usage mdep/support-router -o json"],
+        "Read from the gateway's /metrics (the local deployment's, or --gateway URL).",
+    )
+    usage.add_argument("deployment", help="mdep/NAME")
+    usage.add_argument("-n", "--namespace", default="default", help="namespace (default: default)")
+    usage.add_argument("--gateway", help="the gateway's base URL (default: the local deployment's)")
+    usage.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
+    usage.set_defaults(func=cmd_usage)
+
+    audit = _subcommand(sub, "audit", "Check a gateway's audit log.", ["kubetune audit verify audit.jsonl"])
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    audit_verify = _subcommand(
+        audit_sub,
+        "verify",
+        "Verify an audit log's hash chain (with its rotated files PATH.1, PATH.2, ...).",
+        ["kubetune audit verify ~/.kubetune/serving/default/support-router/audit.jsonl"],
+        "Prints OK, or names the first line that was altered, removed or reordered (exit 1).",
+    )
+    audit_verify.add_argument("path", help="the audit log file")
+    audit_verify.set_defaults(func=cmd_audit_verify)
 
     dev = _subcommand(sub, "dev", "Developer utilities.", ["kubetune dev tiny-base"])
     dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="COMMAND")

@@ -2,6 +2,11 @@
 port, reading a config file that is rewritten atomically when the weights change. The gateway
 reloads the file, so it and the version servers keep running (same processes) through a weight
 change; it is ready once its ``/healthz`` says it routes with the weights last written.
+
+Access: the gateway reads the deployment's key file under ``$KUBETUNE_HOME/access/<namespace>/
+<name>/`` (written by ``kubetune keys``; none means open on loopback, the first key turns
+authentication on, re-read within a second), signs response ids with the signing key kept there,
+and writes its hash-chained audit log next to its config (``audit.jsonl``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.common.supervision import Backoff, ManagedProcess, describe_exit, stop_processes
+from kubetune.gateway.access.keys import (
+    KEY_FILE_NAME,
+    SIGNING_KEY_FILE_NAME,
+    access_directory,
+    load_or_create_signing_key,
+)
 from kubetune.local.serving_host import LOOPBACK, ServingHost
 from kubetune.plan.versions import DeploymentRef, GatewayObservation
 
@@ -42,6 +53,27 @@ class GatewayProcess:
         return self.directory / "gateway.json"
 
     @property
+    def audit_log(self) -> Path:
+        return self.directory / "audit.jsonl"
+
+    @property
+    def access_directory(self) -> Path:
+        return access_directory(self.host.home, self.deployment.namespace, self.deployment.name)
+
+    def _with_local_access(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """``config`` with the local key file, signing key and audit log filled in where unset."""
+        access = dict(config.get("access") or {})
+        access.setdefault("keysFile", str(self.access_directory / KEY_FILE_NAME))
+        if "signingKeyFile" not in access:
+            signing_key = self.access_directory / SIGNING_KEY_FILE_NAME
+            load_or_create_signing_key(signing_key)
+            access["signingKeyFile"] = str(signing_key)
+        audit = dict(access.get("audit") or {})
+        audit.setdefault("path", str(self.audit_log))
+        access["audit"] = audit
+        return {**config, "access": access}
+
+    @property
     def log(self) -> Path:
         return self.directory / "gateway.log"
 
@@ -56,7 +88,7 @@ class GatewayProcess:
     def configure(self, config: Mapping[str, Any]) -> None:
         """Write ``config`` for the gateway when it changed; a running gateway is given a moment to
         reload it."""
-        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        text = json.dumps(self._with_local_access(config), indent=2, sort_keys=True) + "\n"
         if text == self.written:
             return
         self._write_config(text)
