@@ -37,6 +37,12 @@ CUSTOM_ERROR = "openai_value"
 """The error type of the rules written here; pydantic's own types name a JSON type mismatch."""
 
 
+HIDDEN_REASONING_FIELD = "kubetune_hidden_reasoning"
+"""kubetune's extension of a request body, sent by the gateway to a version whose prompt has
+``reasoning: {mode: hidden}``: ``{"open": "<think>", "close": "</think>"}``; the model server returns
+nothing the model writes between the markers and counts those tokens as reasoning tokens."""
+
+
 class RequestFieldError(ValueError):
     """A request body that breaks the protocol: ``param`` names the field, ``message`` starts with it."""
 

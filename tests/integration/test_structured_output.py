@@ -23,6 +23,7 @@ from kubetune.gateway.config import GatewayConfig
 from kubetune_components.dev import tinylm
 from kubetune_components.serving.openai_api import RuntimeSlot, ServingIdentity, create_app
 from kubetune_components.serving.runtime import ModelRuntime
+from kubetune_contract.openai import HIDDEN_REASONING_FIELD
 
 DEPLOYMENT = "support-bot"
 TICKET_SCHEMA: dict[str, Any] = {
@@ -35,7 +36,7 @@ TICKET_SCHEMA: dict[str, Any] = {
     },
     "required": ["queue", "urgent", "summary", "tags"],
 }
-WEATHER_TOOL: dict[str, Any] = {
+WEATHER_TOOL: Any = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -47,33 +48,40 @@ WEATHER_TOOL: dict[str, Any] = {
         },
     },
 }
+NAMED_CHOICE: Any = {"type": "function", "function": {"name": "get_weather"}}
 SEEDS = range(6)
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
-    """The official client against a gateway in front of one version serving the tiny model."""
+def version_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A model server (one version) serving the random tiny model."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model_dir = tinylm.build_random_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
     runtime = ModelRuntime.load(model_dir, device="cpu")
     slot = RuntimeSlot(ServingIdentity(DEPLOYMENT, "v1", DEPLOYMENT))
     slot.set_runtime(runtime)
-    with serve_app(create_app(slot)) as version_url:
-        config = GatewayConfig.model_validate(
-            {
-                "deployment": DEPLOYMENT,
-                "namespace": "default",
-                "versions": [{"name": "v1", "url": version_url, "weight": 100}],
-                "timeouts": {"firstByteSeconds": 60, "responseSeconds": 120, "streamIdleSeconds": 60},
-            }
-        )
-        with serve_app(create_gateway(config)) as gateway_url:
-            api = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0, timeout=120)
-            yield api
-            api.close()
+    with serve_app(create_app(slot)) as url:
+        yield url
     runtime.close()
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def client(version_url: str) -> Iterator[openai.OpenAI]:
+    """The official client against a gateway in front of that version."""
+    config = GatewayConfig.model_validate(
+        {
+            "deployment": DEPLOYMENT,
+            "namespace": "default",
+            "versions": [{"name": "v1", "url": version_url, "weight": 100}],
+            "timeouts": {"firstByteSeconds": 60, "responseSeconds": 120, "streamIdleSeconds": 60},
+        }
+    )
+    with serve_app(create_gateway(config)) as gateway_url:
+        api = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        yield api
+        api.close()
 
 
 def ask(client: openai.OpenAI, seed: int, **fields: Any) -> Any:
@@ -166,7 +174,7 @@ def test_a_named_tool_choice_streams_its_call_whole(client: openai.OpenAI) -> No
         model=DEPLOYMENT,
         messages=[{"role": "user", "content": "Oslo weather?"}],
         tools=[WEATHER_TOOL],
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        tool_choice=NAMED_CHOICE,
         stream=True,
         seed=3,
     )
@@ -225,3 +233,39 @@ def test_a_tool_message_must_answer_an_earlier_call(client: openai.OpenAI) -> No
             ],
         )
     assert refused.value.param == "messages[1].tool_call_id"
+
+
+def markers_in(text: str, hidden_length: int) -> tuple[str, str, int]:
+    """Three-character open and close markers that occur first ``hidden_length`` apart in ``text``."""
+    for start in range(len(text) - hidden_length - 3):
+        open_marker, close_marker = (
+            text[start : start + 3],
+            text[start + hidden_length - 3 : start + hidden_length],
+        )
+        if (
+            text.find(open_marker) == start
+            and text.find(close_marker, start + 3) == start + hidden_length - 3
+        ):
+            return open_marker, close_marker, start
+    raise AssertionError(f"no markers in {text!r}")
+
+
+def test_hidden_reasoning_never_reaches_the_client_and_is_counted(version_url: str) -> None:
+    """Sent to the version as the gateway sends it for a prompt with ``reasoning: {mode: hidden}``;
+    the markers are taken from what the model writes anyway (seeded), so the hidden text is real."""
+    version = openai.OpenAI(base_url=f"{version_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    plain = ask(version, 7, max_tokens=40).choices[0].message.content or ""
+    open_marker, close_marker, start = markers_in(plain, 15)
+    expected = plain[:start] + plain[start + 15 :]
+    hidden = {HIDDEN_REASONING_FIELD: {"open": open_marker, "close": close_marker}}
+
+    answer = ask(version, 7, max_tokens=40, extra_body=hidden)
+    assert answer.choices[0].message.content == expected
+    assert answer.usage is not None and answer.usage.completion_tokens == 40
+    details = answer.usage.completion_tokens_details
+    assert details is not None and details.reasoning_tokens is not None and details.reasoning_tokens > 0
+
+    chunks = list(ask(version, 7, max_tokens=40, extra_body=hidden, stream=True))
+    deltas = [chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices]
+    assert "".join(deltas) == expected
+    version.close()

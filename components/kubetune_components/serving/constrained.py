@@ -331,6 +331,8 @@ class RowConstraint:
         """Token ids allowed next; None when any token is."""
         if self.free:
             return None
+        if () not in self.enforcer.prefix_states:  # the enforcer takes its first call as the start
+            self.enforcer.get_allowed_tokens([])
         allowed = list(self.enforcer.get_allowed_tokens(list(generated)).allowed_tokens)
         excluded = self._excluded(generated)
         allowed = [token for token in allowed if token not in excluded]

@@ -5,7 +5,9 @@ per-request `torch.Generator` (so a seed gives the same text whatever else runs 
 row with an output constraint (`constrained`) has every token its grammar does not allow masked
 before that, so sampling and greedy decoding alike stay inside it. A
 stopping criterion sees every new token of every row, which is what streams text, applies stop
-sequences and per-row token limits, and notices cancelled requests.
+sequences and per-row token limits, hides a version's reasoning (`hide_reasoning`: deltas hold back
+a tail that may open a hidden section, so a marker split across tokens never leaks), and notices
+cancelled requests.
 """
 
 from __future__ import annotations
@@ -76,6 +78,35 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
+def reasoning_spans(text: str, open_marker: str, close_marker: str) -> list[tuple[int, int]]:
+    """The [start, end) ranges of ``text`` from an open marker through its close marker (an unclosed
+    one runs to the end)."""
+    spans: list[tuple[int, int]] = []
+    position = 0
+    while (start := text.find(open_marker, position)) >= 0:
+        end = text.find(close_marker, start + len(open_marker))
+        if end < 0:
+            spans.append((start, len(text)))
+            break
+        position = end + len(close_marker)
+        spans.append((start, position))
+    return spans
+
+
+def hide_reasoning(text: str, open_marker: str, close_marker: str) -> tuple[str, bool]:
+    """``text`` without its sections from ``open_marker`` to ``close_marker`` (markers included), and
+    whether it ends inside one that is not closed yet (which hides everything after its start)."""
+    kept: list[str] = []
+    position = 0
+    spans = reasoning_spans(text, open_marker, close_marker)
+    for start, end in spans:
+        kept.append(text[position:start])
+        position = end
+    kept.append(text[position:])
+    unclosed = bool(spans) and not text[: spans[-1][1]].endswith(close_marker)
+    return "".join(kept), unclosed
+
+
 class GenerationRow:
     """One request inside a (possibly batched) generate call: its limits, its text and its end."""
 
@@ -97,6 +128,10 @@ class GenerationRow:
         self.cancelled = cancelled or threading.Event()
         self.decoder = IncrementalDecoder(tokenizer)
         self.raw_text = ""
+        """Everything generated (hidden reasoning included)."""
+        self.reasoning_open = False
+        self.token_ends: list[int] = []
+        """len(raw_text) after each generated token: which text each token wrote."""
         self.sent = ""
         self.generated = 0
         self.finish_reason: FinishReason | None = None
@@ -123,17 +158,25 @@ class GenerationRow:
             if self.on_delta is not None:
                 self.on_delta(delta)
 
+    def _answer(self) -> str:
+        """The text generated so far without its hidden reasoning (an unclosed section hides the rest)."""
+        markers = self.params.hidden_reasoning
+        if markers is None:
+            return self.raw_text
+        visible, self.reasoning_open = hide_reasoning(self.raw_text, *markers)
+        return visible
+
     def _finish(self, reason: FinishReason) -> None:
         self.raw_text += self.decoder.flush()
-        visible = self.raw_text
-        stop_at = self._stop_position()
+        answer = self._answer()
+        stop_at = self._stop_position(answer)
         if stop_at is not None:
-            visible, reason = self.raw_text[:stop_at], "stop"
-        self._emit(visible)
+            answer, reason = answer[:stop_at], "stop"
+        self._emit(answer)
         self.finish_reason = reason
 
-    def _stop_position(self) -> int | None:
-        positions = [index for stop in self.params.stop if (index := self.raw_text.find(stop)) >= 0]
+    def _stop_position(self, answer: str) -> int | None:
+        positions = [index for stop in self.params.stop if (index := answer.find(stop)) >= 0]
         return min(positions) if positions else None
 
     def accept(self, token: int) -> bool:
@@ -149,17 +192,33 @@ class GenerationRow:
             return True
         self.generated += 1
         self.raw_text += self.decoder.add(token)
-        stop_at = self._stop_position()
+        self.token_ends.append(len(self.raw_text))
+        answer = self._answer()
+        stop_at = self._stop_position(answer)
         if stop_at is not None:
-            self._emit(self.raw_text[:stop_at])
+            self._emit(answer[:stop_at])
             self.finish_reason = "stop"
             return True
         if self.generated >= self.max_tokens:
             self._finish("length")
             return True
-        held = _held_back(self.raw_text, self.params.stop)
-        self._emit(self.raw_text[: len(self.raw_text) - held])
+        markers = self.params.hidden_reasoning
+        # held back: an end that may yet become a stop sequence or open a hidden section
+        held = _held_back(answer, (*self.params.stop, *(markers[:1] if markers else ())))
+        self._emit(answer[: len(answer) - held])
         return False
+
+    def reasoning_tokens(self) -> int:
+        """Generated tokens that wrote (part of) a hidden section."""
+        if self.params.hidden_reasoning is None:
+            return 0
+        spans = reasoning_spans(self.raw_text, *self.params.hidden_reasoning)
+        count, start = 0, 0
+        for end in self.token_ends:
+            if any(start < span_end and max(end, start + 1) > span_start for span_start, span_end in spans):
+                count += 1
+            start = end
+        return count
 
     def completion(self) -> Completion:
         if self.finish_reason is None:
@@ -171,6 +230,7 @@ class GenerationRow:
             prompt_tokens=len(self.prompt.token_ids),
             completion_tokens=self.generated,
             first_token_at=self.first_token_at,
+            reasoning_tokens=self.reasoning_tokens(),
         )
 
 

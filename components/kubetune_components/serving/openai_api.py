@@ -107,12 +107,15 @@ class RuntimeSlot:
 # Responses.
 
 
-def _usage(completion: Completion) -> dict[str, int]:
-    return {
+def _usage(completion: Completion, params: SamplingParams) -> dict[str, Any]:
+    usage: dict[str, Any] = {
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": completion.completion_tokens,
         "total_tokens": completion.prompt_tokens + completion.completion_tokens,
     }
+    if params.hidden_reasoning is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": completion.reasoning_tokens}
+    return usage
 
 
 def _sse(payload: Mapping[str, Any] | str) -> str:
@@ -206,9 +209,13 @@ class OpenAIApp:
             self._observe(endpoint, 500, started)
             return ApiError(500, f"generation failed: {type(error).__name__}: {error}").response()
         self._observe(endpoint, 200, started, completion)
-        return JSONResponse(self._body(completion, chat, asked.tool_use), headers=self._headers(prompt))
+        return JSONResponse(
+            self._body(completion, chat, asked.tool_use, params), headers=self._headers(prompt)
+        )
 
-    def _body(self, completion: Completion, chat: bool, tool_use: ToolUse) -> dict[str, Any]:
+    def _body(
+        self, completion: Completion, chat: bool, tool_use: ToolUse, params: SamplingParams
+    ) -> dict[str, Any]:
         model_id = self.slot.identity.model_id
         created = int(time.time())
         if chat:
@@ -226,7 +233,7 @@ class OpenAIApp:
                 "choices": [
                     {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
                 ],
-                "usage": _usage(completion),
+                "usage": _usage(completion, params),
             }
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -241,7 +248,7 @@ class OpenAIApp:
                     "finish_reason": completion.finish_reason,
                 }
             ],
-            "usage": _usage(completion),
+            "usage": _usage(completion, params),
         }
 
     def _stream(
@@ -319,7 +326,7 @@ class OpenAIApp:
                 if include_usage:
                     usage_chunk = chunk(None)
                     usage_chunk["choices"] = []
-                    usage_chunk["usage"] = _usage(completion)
+                    usage_chunk["usage"] = _usage(completion, params)
                     yield _sse(usage_chunk)
                 yield _sse("[DONE]")
                 code = 200

@@ -34,6 +34,7 @@ from kubetune_components.serving.constrained import (
 from kubetune_components.serving.requests import ROLES, ChatMessage, SamplingParams
 from kubetune_contract import openai
 from kubetune_contract.openai import (
+    HIDDEN_REASONING_FIELD,
     ChatCompletionRequest,
     CompletionRequest,
     RequestFieldError,
@@ -329,18 +330,34 @@ def output_constraint(request: ChatCompletionRequest, tools: ToolUse) -> OutputC
     return ToolCallOrText(calls)
 
 
+def hidden_reasoning(value: Any) -> tuple[str, str] | None:
+    """The markers of kubetune's hidden-reasoning extension (``HIDDEN_REASONING_FIELD``)."""
+    if value is None:
+        return None
+    markers = _object(value, HIDDEN_REASONING_FIELD)
+    for name in ("open", "close"):
+        if not isinstance(markers.get(name), str) or not markers[name]:
+            where = f"{HIDDEN_REASONING_FIELD}.{name}"
+            raise _bad(f"{where} must be a non-empty string", where)
+    return markers["open"], markers["close"]
+
+
 def parse_generation_request(body: dict[str, Any], *, chat: bool) -> GenerationRequest:
     """The request in ``body`` as this server can serve it; ApiError (400) naming the field otherwise."""
     model: type[ChatCompletionRequest | CompletionRequest] = (
         ChatCompletionRequest if chat else CompletionRequest
     )
+    body = dict(body)
+    reasoning = hidden_reasoning(body.pop(HIDDEN_REASONING_FIELD, None))
     _refuse_unknown(body, frozenset(model.model_fields))
     try:
         request = parse_request(model, body)
     except RequestFieldError as error:
         raise ApiError(400, error.message, param=error.param) from error
     _refuse_unsupported(request)
-    params = sampling_params(request, None if chat else DEFAULT_COMPLETION_MAX_TOKENS)
+    params = replace(
+        sampling_params(request, None if chat else DEFAULT_COMPLETION_MAX_TOKENS), hidden_reasoning=reasoning
+    )
     tools = ToolUse()
     if isinstance(request, ChatCompletionRequest):
         tools = tool_use(request)

@@ -41,6 +41,8 @@ class SamplingParams:
     seed: int | None = None
     constraint: OutputConstraint | None = None
     """What the reply must look like (constrained decoding); None: any text."""
+    hidden_reasoning: tuple[str, str] | None = None
+    """(open, close) markers: what the model writes between them is not returned."""
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -53,6 +55,8 @@ class SamplingParams:
             raise RequestError(f"top_p must be greater than 0 and at most 1, got {self.top_p}", param="top_p")
         if any(not stop for stop in self.stop):
             raise RequestError("stop sequences must not be empty", param="stop")
+        if self.hidden_reasoning is not None and not all(self.hidden_reasoning):
+            raise RequestError("reasoning markers must not be empty", param="hidden_reasoning")
 
 
 @dataclass(frozen=True)
@@ -74,3 +78,5 @@ class Completion:
     completion_tokens: int
     first_token_at: float | None = field(default=None, compare=False)
     """time.perf_counter() when the first token was generated (None when none was)."""
+    reasoning_tokens: int = 0
+    """Of completion_tokens, those spent on hidden reasoning."""
