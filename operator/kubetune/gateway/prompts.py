@@ -9,6 +9,10 @@ Completions (no roles): the template is applied to the prompt (to each prompt of
 message and the examples, when present, are put before it as plain text blocks separated by a blank
 line, each example as its user text, a newline and its assistant text.
 
+Few-shot selection (``fewshot``): the examples a prompt's pool gives a request come after the fixed
+examples, as many as fit the context window once the rest of the prompt is rendered
+(``render_chat_with_few_shot``, ``render_completion_with_few_shot``).
+
 Templates: ``{{input}}`` is the user's text; any other ``{{name}}`` comes from the request's
 ``metadata`` object, and a variable the request does not supply is a 400 naming it. Substitution is
 a single pass, so a value that itself contains ``{{...}}`` is inserted literally.
@@ -16,10 +20,32 @@ a single pass, so a value that itself contains ``{{...}}`` is inserted literally
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from kubetune.gateway.config import INPUT_VARIABLE, TEMPLATE_VARIABLE, PromptConfig
-from kubetune.gateway.errors import invalid_request
+from kubetune.gateway.errors import GatewayError, invalid_request
+from kubetune.gateway.fewshot import (
+    MESSAGE_OVERHEAD_TOKENS,
+    FewShotPoolError,
+    PoolCache,
+    PoolExample,
+    Selection,
+    select_examples,
+    upper_bound_tokens,
+)
+
+
+class FewShotSpec(Protocol):
+    """A prompt's ``fewShot`` (the contract's FewShotSelection, or the gateway config's copy)."""
+
+    @property
+    def uri(self) -> str: ...
+    @property
+    def k(self) -> int: ...
+    @property
+    def select(self) -> Selection: ...
+
 
 _SYSTEM_ROLES = ("system", "developer")
 
@@ -69,10 +95,20 @@ def _message_text(content: Any, param: str) -> str:
     raise invalid_request("content must be a string or an array of text parts", param)
 
 
+def _example_turns(prompt: PromptConfig, selected: Sequence[PoolExample]) -> list[tuple[str, str]]:
+    """(user, assistant) of the prompt's fixed examples, then of the ones selected from its pool."""
+    return [(e.user, e.assistant) for e in prompt.examples] + [(e.user, e.assistant) for e in selected]
+
+
 def render_chat_messages(
-    messages: list[dict[str, Any]], prompt: PromptConfig, version: str, metadata: Any
+    messages: list[dict[str, Any]],
+    prompt: PromptConfig,
+    version: str,
+    metadata: Any,
+    selected: Sequence[PoolExample] = (),
 ) -> list[dict[str, Any]]:
-    """The conversation with the version's prompt applied (a new list; ``messages`` is unchanged)."""
+    """The conversation with the version's prompt applied (a new list; ``messages`` is unchanged);
+    ``selected`` examples follow the prompt's fixed ones."""
     rendered = list(messages)
     if prompt.template is not None:
         values = template_values(prompt, version, metadata)
@@ -98,17 +134,23 @@ def render_chat_messages(
     if prompt.system is not None:
         prefix.append({"role": "system", "content": prompt.system})
     prefix.extend(rendered[:leading_system])
-    for example in prompt.examples:
-        prefix.append({"role": "user", "content": example.user})
-        prefix.append({"role": "assistant", "content": example.assistant})
+    for user, assistant in _example_turns(prompt, selected):
+        prefix.append({"role": "user", "content": user})
+        prefix.append({"role": "assistant", "content": assistant})
     return prefix + rendered[leading_system:]
 
 
-def render_completion_prompt(prompt_field: Any, prompt: PromptConfig, version: str, metadata: Any) -> Any:
+def render_completion_prompt(
+    prompt_field: Any,
+    prompt: PromptConfig,
+    version: str,
+    metadata: Any,
+    selected: Sequence[PoolExample] = (),
+) -> Any:
     """The completions ``prompt`` field with the version's prompt applied."""
     values = template_values(prompt, version, metadata) if prompt.template is not None else {}
     blocks = [] if prompt.system is None else [prompt.system]
-    blocks.extend(f"{example.user}\n{example.assistant}" for example in prompt.examples)
+    blocks.extend(f"{user}\n{assistant}" for user, assistant in _example_turns(prompt, selected))
 
     def render_one(text: str) -> str:
         body = render_template(prompt.template, text, values) if prompt.template is not None else text
@@ -127,3 +169,67 @@ def render_completion_prompt(prompt_field: Any, prompt: PromptConfig, version: s
         "or a non-empty array of strings (not tokens)",
         "prompt",
     )
+
+
+def _pool_examples(
+    few_shot: FewShotSpec, pools: PoolCache, query: str, used_tokens: int, max_prompt_tokens: int
+) -> list[PoolExample]:
+    try:
+        pool = pools.get(few_shot.uri)
+    except FewShotPoolError as error:
+        # the deployment's pool, not the request, is wrong: a server error, as for a broken upstream
+        raise GatewayError(
+            500, f"the prompt's few-shot pool cannot be read: {error}", error_type="server_error"
+        ) from error
+    room = max_prompt_tokens - used_tokens
+    return select_examples(pool, few_shot.select, few_shot.k, query, room)
+
+
+def last_user_text(messages: Sequence[dict[str, Any]]) -> str:
+    """The text few-shot examples are chosen for: the last user message's (empty if none)."""
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index].get("role") == "user":
+            return _message_text(messages[index].get("content"), f"messages[{index}].content")
+    return ""
+
+
+def render_chat_with_few_shot(
+    messages: list[dict[str, Any]],
+    prompt: PromptConfig,
+    version: str,
+    metadata: Any,
+    few_shot: FewShotSpec | None,
+    pools: PoolCache,
+    max_prompt_tokens: int,
+) -> tuple[list[dict[str, Any]], list[PoolExample]]:
+    """The conversation with the prompt and the pool's examples for it, and those examples."""
+    rendered = render_chat_messages(messages, prompt, version, metadata)
+    if few_shot is None:
+        return rendered, []
+    used = sum(
+        upper_bound_tokens(content) + MESSAGE_OVERHEAD_TOKENS
+        for message in rendered
+        if isinstance(content := message.get("content"), str)
+    )
+    selected = _pool_examples(few_shot, pools, last_user_text(messages), used, max_prompt_tokens)
+    return render_chat_messages(messages, prompt, version, metadata, selected), selected
+
+
+def render_completion_with_few_shot(
+    prompt_field: Any,
+    prompt: PromptConfig,
+    version: str,
+    metadata: Any,
+    few_shot: FewShotSpec | None,
+    pools: PoolCache,
+    max_prompt_tokens: int,
+) -> tuple[Any, list[PoolExample]]:
+    """The completions prompt with the prompt and the pool's examples for it, and those examples."""
+    rendered = render_completion_prompt(prompt_field, prompt, version, metadata)
+    if few_shot is None:
+        return rendered, []
+    texts = [rendered] if isinstance(rendered, str) else list(rendered)
+    query = prompt_field if isinstance(prompt_field, str) else prompt_field[0]
+    used = max(upper_bound_tokens(text) for text in texts)
+    selected = _pool_examples(few_shot, pools, query, used, max_prompt_tokens)
+    return render_completion_prompt(prompt_field, prompt, version, metadata, selected), selected
