@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
 PVC_MOUNT_ROOT = "/mnt/pvc"
 """Where every pod kubetune renders (steps, model servers, the operator) mounts a claim: <root>/<claim>."""
+WORKSPACE_REPORT_OUTPUT = "workspace_report"
+"""The output parameter in which every pipeline step hands on the whole :class:`WorkspaceReport` as it
+stands when the step ends (JSON), so a control plane that cannot mount the workspace reads it from KFP."""
+OBJECT_STORE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")
+"""Storage every pod reaches by URI alone; with ``pvc://`` the shared storage a cluster's steps can use."""
 
 
 class WorkspaceLayout:
@@ -104,3 +109,16 @@ class WorkspaceReport:
             measured_after=read_report(workspace, WorkspaceLayout.MEASURED_AFTER),
             quantize_report=read_report(workspace, WorkspaceLayout.QUANTIZE_REPORT),
         )
+
+    def to_json(self) -> str:
+        """The report as one JSON object, the files' names as keys (what a step publishes)."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkspaceReport:
+        """The report :meth:`to_json` wrote; raises ``ValueError`` for anything else."""
+        document = json.loads(text)
+        if not isinstance(document, dict):
+            raise ValueError("a workspace report is a JSON object")
+        known = {item.name for item in fields(cls)}
+        return cls(**{key: value for key, value in document.items() if key in known})

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from kubetune import __version__
 
@@ -22,6 +22,81 @@ RETIRE_AFTER_S = 150.0
 # long enough for a FineTuneJob applied right after its QuantizeJob, short enough to be noticed.
 MISSING_REFERENCE_GRACE_S = 300.0
 MISSING_REFERENCE_GRACE_ENV = "KUBETUNE_MISSING_REFERENCE_GRACE"
+
+
+KFP_NAMESPACE_MAP_ENV = "KUBETUNE_KFP_NAMESPACE_MAP"
+KFP_AUTH_ENV = "KUBETUNE_KFP_AUTH"
+KFP_TOKEN_PATH_ENV = "KUBETUNE_KFP_TOKEN_PATH"
+KFP_TOKEN_ENV = "KUBETUNE_KFP_TOKEN"
+# Where Kubeflow's docs (and kfp.client.KF_PIPELINES_SA_TOKEN_PATH) project a ServiceAccount token with
+# audience pipelines.kubeflow.org, which a multi-user KFP API server accepts as the caller's identity.
+KFP_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
+KfpAuthMode = Literal["serviceAccountToken", "token", "none"]
+
+
+@dataclass(frozen=True)
+class KfpNamespaceMap:
+    """Which Kubeflow namespace (a multi-user KFP's profile namespace) runs a resource's pipeline.
+
+    By default a resource's own namespace: there its steps find the workspace claim and the hub-token
+    Secret they mount by name. ``overrides`` sends a resource namespace elsewhere; ``default`` (``*``),
+    when set, every namespace without an override.
+    """
+
+    overrides: Mapping[str, str] = field(default_factory=dict)
+    default: str = ""
+
+    def for_resource(self, namespace: str) -> str:
+        return self.overrides.get(namespace) or self.default or namespace
+
+    @classmethod
+    def parse(cls, raw: str) -> KfpNamespaceMap:
+        """``team-a=ml-a,team-b=ml-b,*=ml``: comma-separated ``resource-namespace=kfp-namespace`` pairs."""
+        overrides: dict[str, str] = {}
+        default = ""
+        for entry in (part.strip() for part in raw.split(",")):
+            if not entry:
+                continue
+            source, separator, target = (text.strip() for text in entry.partition("="))
+            if not separator or not source or not target:
+                raise ValueError(
+                    f"{KFP_NAMESPACE_MAP_ENV}: {entry!r} is not NAMESPACE=KFP_NAMESPACE "
+                    "(e.g. team-a=ml-a,*=ml)"
+                )
+            if source in overrides or (source == "*" and default):
+                raise ValueError(f"{KFP_NAMESPACE_MAP_ENV}: {source!r} is mapped twice")
+            if source == "*":
+                default = target
+            else:
+                overrides[source] = target
+        return cls(overrides=overrides, default=default)
+
+
+@dataclass(frozen=True)
+class KfpAuth:
+    """How the operator authenticates to the KFP API: ``serviceAccountToken`` (a projected token file,
+    re-read on every request since the kubelet rotates it), ``token`` (a fixed bearer token) or ``none``
+    (a KFP without authentication; only when configured so)."""
+
+    mode: KfpAuthMode = "serviceAccountToken"
+    token_path: str = KFP_TOKEN_PATH
+    token: str = field(default="", repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> KfpAuth:
+        mode = env.get(KFP_AUTH_ENV, "").strip() or "serviceAccountToken"
+        if mode not in get_args(KfpAuthMode):
+            raise ValueError(
+                f"{KFP_AUTH_ENV} must be one of {', '.join(get_args(KfpAuthMode))}, not {mode!r}"
+            )
+        token = env.get(KFP_TOKEN_ENV, "").strip()
+        if mode == "token" and not token:
+            raise ValueError(f"{KFP_AUTH_ENV}=token needs the bearer token in {KFP_TOKEN_ENV}")
+        return cls(
+            mode=mode,  # type: ignore[arg-type]
+            token_path=env.get(KFP_TOKEN_PATH_ENV, "").strip() or KFP_TOKEN_PATH,
+            token=token,
+        )
 
 
 def _home(env: dict[str, str]) -> Path:
@@ -50,7 +125,9 @@ class OperatorConfig:
     workspace_root: str = ""
     kfp_host: str | None = None
     kfp_ui_url: str | None = None
-    kfp_namespace: str = "kubeflow"
+    # Named kfp_namespace for its callers; it maps each resource namespace to its KFP namespace.
+    kfp_namespace: KfpNamespaceMap = field(default_factory=KfpNamespaceMap)
+    kfp_auth: KfpAuth = field(default_factory=KfpAuth)
     runtime_image: str = RUNTIME_IMAGE
     reconcile_interval_s: float = 2.0
     max_run_attempts: int = 3
@@ -75,7 +152,8 @@ class OperatorConfig:
             workspace_root=env.get("KUBETUNE_WORKSPACE_ROOT", ""),
             kfp_host=env.get("KUBETUNE_KFP_HOST") or None,
             kfp_ui_url=env.get("KUBETUNE_KFP_UI_URL") or None,
-            kfp_namespace=env.get("KUBETUNE_KFP_NAMESPACE", "kubeflow"),
+            kfp_namespace=KfpNamespaceMap.parse(env.get(KFP_NAMESPACE_MAP_ENV, "")),
+            kfp_auth=KfpAuth.from_env(env),
             runtime_image=env.get("KUBETUNE_RUNTIME_IMAGE", RUNTIME_IMAGE),
             reconcile_interval_s=float(env.get("KUBETUNE_RECONCILE_INTERVAL", "2")),
             max_run_attempts=int(env.get("KUBETUNE_MAX_RUN_ATTEMPTS", "3")),

@@ -15,6 +15,14 @@ Endpoints (paths and parameters as in ``kfp_server_api.api.*``)::
     GET  /apis/v2beta1/runs/{run_id}
     POST /apis/v2beta1/runs/{run_id}:terminate     -> CANCELING, then ``terminate_state``
 
+Authentication and authorization follow a multi-user KFP: with ``tokens`` set, every call but healthz
+needs ``Authorization: Bearer <token>`` (missing or unknown: 401 Unauthenticated), and the token's
+identity must be allowed the namespace it touches (else 403 PermissionDenied), as KFP's TokenReview +
+SubjectAccessReview answer. Runs carry ``run_details.task_details``; a task's output parameters are
+``outputs.parameters[{parameter_key, value}]``, the shape of KFP's PipelineTaskDetail.outputs
+(kubeflow/pipelines master; KFP up to 2.5 leaves task outputs empty, kubeflow/pipelines#9858), set by
+tests with :meth:`KfpEmulator.set_task`.
+
 Semantics follow the KFP API server where the client can tell: JSON with proto field names, unset
 fields and empty lists left out (``{}`` for an empty list response), ``filter`` is a JSON
 ``Filter`` message read like protojson does (``string_value`` or ``stringValue``, operations by name
@@ -49,7 +57,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +86,7 @@ RUNTIME_STATES = frozenset(
 FINISHED_STATES = frozenset({"SUCCEEDED", "SKIPPED", "FAILED", "CANCELED"})
 
 # google.rpc.Code values, as the KFP API server (grpc-gateway) puts them into error bodies.
-_GRPC_CODES = {400: 3, 404: 5, 409: 6, 412: 9, 500: 13, 501: 12, 503: 14}
+_GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 409: 6, 412: 9, 500: 13, 501: 12, 503: 14}
 
 # filter.proto's Predicate.Operation, by number as kfp.Client sends them, and by name.
 _OPERATIONS = {
@@ -268,31 +276,50 @@ def _root_inputs(spec: Mapping[str, Any]) -> dict[str, Json]:
 class KfpEmulator:
     """The state of one emulated Kubeflow Pipelines deployment, and its ASGI app."""
 
-    def __init__(self, *, multi_user: bool = False, terminate_state: str = "CANCELED") -> None:
+    def __init__(
+        self,
+        *,
+        multi_user: bool = False,
+        terminate_state: str = "CANCELED",
+        tokens: Mapping[str, Collection[str] | None] | None = None,
+    ) -> None:
         self._lock = threading.RLock()
         self.url: str | None = None
         self.multi_user = False
         self.terminate_state = "CANCELED"
+        self.tokens: dict[str, frozenset[str] | None] = {}
         self.experiments: dict[str, Json] = {}
         self.runs: dict[str, Json] = {}
         self.calls: list[Call] = []
         self._faults: list[Fault] = []
-        self.reset(multi_user=multi_user, terminate_state=terminate_state)
+        self.reset(multi_user=multi_user, terminate_state=terminate_state, tokens=tokens)
         self.app = self._build_app()
 
     # ---- for tests ------------------------------------------------------------------------------
 
-    def reset(self, *, multi_user: bool = False, terminate_state: str = "CANCELED") -> None:
+    def reset(
+        self,
+        *,
+        multi_user: bool = False,
+        terminate_state: str = "CANCELED",
+        tokens: Mapping[str, Collection[str] | None] | None = None,
+    ) -> None:
         """Forget everything (experiments, runs, calls, pending faults) and set the deployment's mode.
 
         ``multi_user``: what healthz reports, and whether lists need and are scoped to a namespace.
         ``terminate_state``: where a terminated run ends up, CANCELED or (stuck in) CANCELING.
+        ``tokens``: the bearer tokens accepted, each with the namespaces its identity may use (None:
+        all); empty or None: no authentication, as a KFP without it.
         """
         if terminate_state not in ("CANCELING", "CANCELED"):
             raise ValueError("terminate_state is CANCELING or CANCELED")
         with self._lock:
             self.multi_user = multi_user
             self.terminate_state = terminate_state
+            self.tokens = {
+                token: None if namespaces is None else frozenset(namespaces)
+                for token, namespaces in (tokens or {}).items()
+            }
             self.experiments.clear()
             self.runs.clear()
             self.calls.clear()
@@ -328,6 +355,38 @@ class KfpEmulator:
             run = self.runs[run_id]
             self._transition(run, state, error)
 
+    def set_task(
+        self,
+        run_id: str,
+        display_name: str,
+        state: str = "SUCCEEDED",
+        *,
+        parameters: Mapping[str, str] | None = None,
+    ) -> None:
+        """Record (or update) a task of the run in its details, with the output parameters it published,
+        as KFP's persistence agent would once the task's pod ran."""
+        if state not in RUNTIME_STATES:
+            raise ValueError(f"unknown runtime state {state!r}")
+        with self._lock:
+            details = self.runs[run_id].setdefault("run_details", {"task_details": []})
+            tasks: list[Json] = details["task_details"]
+            task = next((t for t in tasks if t["display_name"] == display_name), None)
+            if task is None:
+                task = {"run_id": run_id, "task_id": str(uuid.uuid4()), "display_name": display_name}
+                task["create_time"] = task["start_time"] = _rfc3339(_now())
+                tasks.append(task)
+            task["state"] = state
+            if state in FINISHED_STATES:
+                # Microseconds: tasks of a run end in order within one second of a test.
+                task["end_time"] = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+            if parameters:
+                task["outputs"] = {
+                    "parameters": [
+                        {"parameter_key": key, "value": value, "type": "OUTPUT"}
+                        for key, value in sorted(parameters.items())
+                    ]
+                }
+
     def seed_run(
         self,
         display_name: str,
@@ -335,11 +394,14 @@ class KfpEmulator:
         state: str = "PENDING",
         error: str | None = None,
         experiment_id: str | None = None,
+        namespace: str = "",
         created_at: datetime.datetime | None = None,
     ) -> str:
         """Store a run as if some other client had created it; returns its id."""
         with self._lock:
-            experiment = self.experiments[experiment_id] if experiment_id else self._default_experiment("")
+            experiment = (
+                self.experiments[experiment_id] if experiment_id else self._default_experiment(namespace)
+            )
             run = self._new_run(display_name, experiment["experiment_id"], {}, {}, created_at or _now())
             self._transition(run, state, error)
             return str(run["run_id"])
@@ -447,6 +509,30 @@ class KfpEmulator:
             raise ApiError(400, "Invalid input error: namespace is required in multi-user mode")
         return namespace
 
+    def _authorize(self, request: Request, namespace: str) -> None:
+        """401 without an accepted bearer token; 403 when its identity may not use `namespace`."""
+        if not self.tokens:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(
+                401,
+                "Unauthenticated: Request header error: there is no user identity header and no "
+                "bearer token in Authorization",
+            )
+        if token.strip() not in self.tokens:
+            raise ApiError(
+                401, "Unauthenticated: Failed to authenticate token review: the token is not valid"
+            )
+        allowed = self.tokens[token.strip()]
+        if self.multi_user and allowed is not None and namespace not in allowed:
+            raise ApiError(
+                403,
+                f"PermissionDenied: Failed to authorize with API: User is not authorized to access "
+                f"resources in namespace {namespace!r}",
+            )
+
     # ---- endpoints ------------------------------------------------------------------------------
 
     def _healthz(self, request: Request, body: Any) -> Json:
@@ -455,6 +541,7 @@ class KfpEmulator:
     def _list_experiments(self, request: Request, body: Any) -> Json:
         query = dict(request.query_params)
         namespace = self._scope(query, required=True)
+        self._authorize(request, namespace or "")
         predicates = _parse_filter(query.get("filter"), _EXPERIMENT_KEYS)
         matched = [
             e
@@ -476,6 +563,7 @@ class KfpEmulator:
         namespace = str(body.get("namespace") or "")
         if self.multi_user and not namespace:
             raise ApiError(400, "Invalid input error: namespace is required in multi-user mode")
+        self._authorize(request, namespace)
         if self._find_experiment(name, namespace) is not None:
             raise ApiError(
                 409,
@@ -488,6 +576,7 @@ class KfpEmulator:
         experiment_id = request.path_params["experiment_id"]
         if experiment_id not in self.experiments:
             raise ApiError(404, f"Experiment {experiment_id} not found")
+        self._authorize(request, str(self.experiments[experiment_id].get("namespace", "")))
         return copy.deepcopy(self.experiments[experiment_id])
 
     def _list_runs(self, request: Request, body: Any) -> Json:
@@ -496,6 +585,10 @@ class KfpEmulator:
         if experiment_id and experiment_id not in self.experiments:
             raise ApiError(404, f"Experiment {experiment_id} not found")
         namespace = self._scope(query, required=not experiment_id)
+        if namespace is None and experiment_id:  # authorized against the experiment's namespace
+            self._authorize(request, str(self.experiments[experiment_id].get("namespace", "")))
+        else:
+            self._authorize(request, namespace or "")
         predicates = _parse_filter(query.get("filter"), _RUN_KEYS)
         matched = [
             r
@@ -551,7 +644,9 @@ class KfpEmulator:
         if experiment_id:
             if experiment_id not in self.experiments:
                 raise ApiError(404, f"Experiment {experiment_id} not found")
+            self._authorize(request, str(self.experiments[experiment_id].get("namespace", "")))
         else:
+            self._authorize(request, str(body.get("namespace") or ""))
             experiment_id = self._default_experiment(str(body.get("namespace") or ""))["experiment_id"]
         run = self._new_run(name, experiment_id, copy.deepcopy(dict(spec)), runtime_config, _now())
         for key in ("description", "service_account"):
@@ -564,6 +659,7 @@ class KfpEmulator:
         run_id = request.path_params["run_id"]
         if run_id not in self.runs:
             raise ApiError(404, f"Run {run_id} not found")
+        self._authorize(request, self._namespace_of(self.runs[run_id]))
         return copy.deepcopy(self.runs[run_id])
 
     def _terminate_run(self, request: Request, body: Any) -> Json:
@@ -571,6 +667,7 @@ class KfpEmulator:
         run = self.runs.get(run_id)
         if run is None:
             raise ApiError(404, f"Run {run_id} not found")
+        self._authorize(request, self._namespace_of(run))
         if run["state"] in FINISHED_STATES:
             raise ApiError(400, f"Failed to terminate run {run_id}: it is already {run['state']}")
         self._transition(run, "CANCELING", None)

@@ -81,3 +81,41 @@ cluster-wide operator needs on top of them.
 {{- define "kubetune.clusterRules" -}}
 {{- (include "kubetune.generatedRules" . | fromYaml).clusterwide | toYaml }}
 {{- end }}
+
+{{/* Where the operator finds its projected KFP token (kfp.client.KF_PIPELINES_SA_TOKEN_PATH's default). */}}
+{{- define "kubetune.kfpTokenDir" -}}
+/var/run/secrets/kubeflow/pipelines
+{{- end }}
+
+{{/* Whether the operator talks to Kubeflow Pipelines: it is the default executor or has an endpoint. */}}
+{{- define "kubetune.kfpEnabled" -}}
+{{- if or (eq .Values.defaultExecutor "kfp") .Values.kfp.host }}true{{ end }}
+{{- end }}
+
+{{/* kfp.namespaceMap as KUBETUNE_KFP_NAMESPACE_MAP: namespace=kfpNamespace pairs, sorted. */}}
+{{- define "kubetune.kfpNamespaceMap" -}}
+{{- $pairs := list }}
+{{- range $namespace, $target := .Values.kfp.namespaceMap }}
+{{- $pairs = append $pairs (printf "%s=%s" $namespace $target) }}
+{{- end }}
+{{- join "," $pairs }}
+{{- end }}
+
+{{/* What the kfp executor cannot run without, refused at install time with the value to set. */}}
+{{- define "kubetune.validateKfp" -}}
+{{- if eq .Values.defaultExecutor "kfp" }}
+{{- if not .Values.kfp.host }}
+{{- fail "kfp.host is required when defaultExecutor=kfp: the Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline.kubeflow:8888" }}
+{{- end }}
+{{- if not (hasPrefix "pvc://" .Values.workspaceRoot) }}
+{{- fail (printf "workspaceRoot is required when defaultExecutor=kfp and must be pvc://CLAIM/...: the kfp executor needs shared storage its steps mount in the user's namespace (got %q)" .Values.workspaceRoot) }}
+{{- end }}
+{{- $store := .Values.artifactStore }}
+{{- if not (or (hasPrefix "pvc://" $store) (hasPrefix "s3://" $store) (hasPrefix "gs://" $store) (hasPrefix "gcs://" $store) (hasPrefix "az://" $store) (hasPrefix "abfs://" $store)) }}
+{{- fail (printf "artifactStore is required when defaultExecutor=kfp: the kfp executor needs shared storage (pvc://CLAIM/... or s3://...) to publish models to (got %q)" $store) }}
+{{- end }}
+{{- end }}
+{{- if and (include "kubetune.kfpEnabled" .) (eq .Values.kfp.auth.mode "token") (not .Values.kfp.auth.tokenSecret.name) }}
+{{- fail "kfp.auth.tokenSecret.name is required when kfp.auth.mode=token: the Secret holding the KFP bearer token" }}
+{{- end }}
+{{- end }}

@@ -46,7 +46,7 @@ from kubetune_components.finetune.publish import run_publish
 from kubetune_components.finetune.signals import TrainingInterrupted
 from kubetune_components.finetune.train import run_finetune
 from kubetune_contract.common import as_float
-from kubetune_contract.workspace import WorkspaceLayout
+from kubetune_contract.workspace import WORKSPACE_REPORT_OUTPUT, WorkspaceLayout, WorkspaceReport
 
 EXIT_INTERRUPTED = 143
 """128 + SIGTERM: the step stopped on request after saving a checkpoint; running it again resumes."""
@@ -223,6 +223,13 @@ def add_step_arguments(parser: argparse.ArgumentParser, steps: Sequence[str], ki
     parser.add_argument(
         "--report", metavar="FILE", help="also write the report (printed when the step succeeds) to FILE"
     )
+    parser.add_argument(
+        "--workspace-report",
+        metavar="FILE",
+        help="when the step succeeds, write everything the workspace reports so far (progress, "
+        f"evaluations, gates, output, ...) as one JSON object to FILE (the {WORKSPACE_REPORT_OUTPUT!r} "
+        "output, which the operator reads from Kubeflow Pipelines)",
+    )
 
 
 def start_step_process(config_file: str | None, config_json: str | None = None) -> dict[str, Any] | None:
@@ -255,6 +262,13 @@ def finish_step(report: Mapping[str, Any], report_file: str | None) -> None:
     if report_file is not None:
         storage.atomic_write_text(Path(report_file), text)
     print(text, end="")
+
+
+def publish_workspace_report(workspace: str, workspace_report_file: str | None) -> None:
+    """Keep the whole workspace report as it stands after a successful step in `workspace_report_file`:
+    an operator that cannot mount the run's workspace (the claim is in another namespace) reads this."""
+    if workspace_report_file is not None:
+        storage.atomic_write_text(Path(workspace_report_file), WorkspaceReport.read(workspace).to_json())
 
 
 def evaluation_metrics(which: str, report: Mapping[str, Any]) -> dict[str, float]:
@@ -353,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if metrics_output is not None:
         metrics_output.log(evaluation_metrics(evaluated_model(args.step, args.which), result))
     finish_step(result, args.report)
+    publish_workspace_report(args.workspace, args.workspace_report)
     return 0
 
 

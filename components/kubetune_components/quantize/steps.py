@@ -53,6 +53,7 @@ from kubetune_components.common.progress import ProgressReporter, utc_now_iso
 from kubetune_components.finetune.steps import (
     add_step_arguments,
     finish_step,
+    publish_workspace_report,
     start_step_process,
     workspace_dir,
     write_jsonl,
@@ -478,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.step} failed ({error.reason}): {error.message}", file=sys.stderr)
         return 1
     finish_step(result, args.report)
+    publish_workspace_report(args.workspace, args.workspace_report)
     return 0
 
 

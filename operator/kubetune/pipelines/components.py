@@ -8,7 +8,10 @@ The runtime image has ``kubetune_components``, whose step modules have a command
 so on Kubeflow each step is a container component running that command line on the runtime image:
 nothing is embedded in the pipeline but the command. Its inputs are the job's resolved config
 (``config_json``), the run's workspace and, for ``evaluate-model``, ``which`` model; its output
-``report`` is what the step prints when it succeeds (shown in the Kubeflow UI and in the pod log).
+``report`` is what the step prints when it succeeds (shown in the Kubeflow UI and in the pod log), and
+``workspace_report`` everything the workspace reports once it is done (progress, evaluations, gates,
+output: a :class:`~kubetune_contract.workspace.WorkspaceReport` as JSON), which the operator reads from
+the run's details, since it cannot mount a workspace claim in the user's namespace.
 ``evaluate-model`` also has a ``metrics`` output (kfp's system.Metrics: ``baseline.evalLoss``,
 ``final.exactMatch``, ... in the UI): the step gets the task's executor input (``{{$}}``) and writes the
 artifact's metadata into the executor output file named there, which KFP's launcher reads back.
@@ -37,6 +40,8 @@ from kfp import dsl, local
 from kfp.dsl.placeholders import CommandLineElement
 from kfp.local.config import LocalExecutionConfig
 
+from kubetune_contract.workspace import WORKSPACE_REPORT_OUTPUT
+
 FINETUNE_STEPS_MODULE = "kubetune_components.finetune.steps"
 QUANTIZE_STEPS_MODULE = "kubetune_components.quantize.steps"
 
@@ -59,10 +64,15 @@ class StepCommand:
         report: CommandLineElement,
         which: CommandLineElement | None = None,
         executor_input: CommandLineElement | None = None,
+        workspace_report: CommandLineElement | None = None,
     ) -> list[CommandLineElement]:
         """The step's command line. Its arguments are values, or kfp placeholders when the command line
-        is a container component's; `executor_input` (KFP's ``{{$}}``) is where metrics are logged."""
+        is a container component's; `executor_input` (KFP's ``{{$}}``) is where metrics are logged,
+        `workspace_report` where the step publishes the workspace's report for the operator."""
         which_flag: list[CommandLineElement] = ["--which", which] if which is not None else []
+        workspace_report_flag: list[CommandLineElement] = (
+            ["--workspace-report", workspace_report] if workspace_report is not None else []
+        )
         metrics_flag: list[CommandLineElement] = (
             ["--kfp-executor-input", executor_input] if executor_input is not None else []
         )
@@ -77,6 +87,7 @@ class StepCommand:
             workspace,
             "--report",
             report,
+            *workspace_report_flag,
             *which_flag,
             *metrics_flag,
         ]
@@ -147,6 +158,7 @@ def container_component(step: StepCommand, image: str) -> Any:
         "workspace": str,
         **({"which": str} if step.takes_which else {}),
         "report": dsl.OutputPath(str),
+        WORKSPACE_REPORT_OUTPUT: dsl.OutputPath(str),
         **({"metrics": dsl.Output[dsl.Metrics]} if step.logs_metrics else {}),
     }
     parameters = [
@@ -164,6 +176,7 @@ def container_component(step: StepCommand, image: str) -> Any:
                 given["report"],
                 given.get("which"),
                 dsl.PIPELINE_TASK_EXECUTOR_INPUT_PLACEHOLDER if step.logs_metrics else None,
+                given[WORKSPACE_REPORT_OUTPUT],
             ),
         )
 

@@ -8,6 +8,9 @@ from kfp import dsl, kubernetes
 from kubetune.pipelines.components import make_component
 from kubetune_contract.workspace import PVC_MOUNT_ROOT
 
+FINAL_TASK = "publish"
+"""The last task of every kubetune pipeline: its outputs are the run's results."""
+
 
 @dataclass(frozen=True)
 class PipelineOptions:
@@ -60,7 +63,7 @@ def build_finetune_pipeline(options: PipelineOptions, name: str = "kubetune-fine
             options,
             "evaluate-final",
         ).after(train)
-        on_cluster(publish_op(config_json=config_json, workspace=workspace), options, "publish").after(
+        on_cluster(publish_op(config_json=config_json, workspace=workspace), options, FINAL_TASK).after(
             final, baseline
         )
 

@@ -5,7 +5,7 @@ from typing import Any
 from kfp import dsl
 
 from kubetune.pipelines.components import make_component
-from kubetune.pipelines.finetune import PipelineOptions, on_cluster
+from kubetune.pipelines.finetune import FINAL_TASK, PipelineOptions, on_cluster
 
 
 def build_quantize_pipeline(options: PipelineOptions, name: str = "kubetune-quantize") -> Any:
@@ -29,6 +29,6 @@ def build_quantize_pipeline(options: PipelineOptions, name: str = "kubetune-quan
         after = on_cluster(
             measure_quantized_op(config_json=config_json, workspace=workspace), options, "measure-quantized"
         ).after(quantized)
-        on_cluster(publish_op(config_json=config_json, workspace=workspace), options, "publish").after(after)
+        on_cluster(publish_op(config_json=config_json, workspace=workspace), options, FINAL_TASK).after(after)
 
     return quantize_pipeline

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from kubetune_contract.workspace import WorkspaceReport
+
 RunPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled", "Interrupted"]
 FINISHED_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "Cancelled"})
 
@@ -37,6 +39,9 @@ class RunStatus:
     reason: str = ""
     url: str | None = None
     attempt: int = 1
+    report: WorkspaceReport | None = None
+    """What the steps reported, when the backend reads it itself (kfp: from the run's task outputs,
+    since the operator cannot mount a workspace in another namespace); None: read the run's workspace."""
 
     @property
     def finished(self) -> bool:

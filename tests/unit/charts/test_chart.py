@@ -21,7 +21,7 @@ import yaml
 
 from kubetune.api.registry import all_definitions
 from kubetune.cli import build_parser
-from kubetune.config import OperatorConfig
+from kubetune.config import KFP_TOKEN_PATH, KfpAuth, KfpNamespaceMap, OperatorConfig
 from kubetune.handlers.metrics import port_from_env
 from kubetune.kube import permissions
 
@@ -39,7 +39,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "everything": {
         "watchNamespaces": ["team-a"],
         "defaultExecutor": "kfp",
-        "kfp": {"host": "http://ml-pipeline.kubeflow:8888", "uiUrl": "https://kfp.example.com"},
+        "kfp": {
+            "host": "http://ml-pipeline.kubeflow:8888",
+            "uiUrl": "https://kfp.example.com",
+            "namespaceMap": {"team-a": "ml-team-a"},
+        },
+        "workspaceRoot": "pvc://kubetune-workspace/runs",
+        "artifactStore": "s3://models/kubetune",
         "workspace": {"claim": "kubetune-workspace"},
         "metrics": {
             "port": 9191,
@@ -263,7 +269,12 @@ def test_workspace_claim_is_mounted_under_pvc_root(chart: helm.Chart) -> None:
 def test_configmap_is_read_by_operator_config(chart: helm.Chart) -> None:
     values = {
         "defaultExecutor": "kfp",
-        "kfp": {"host": "http://kfp:8888", "uiUrl": "https://kfp.example.com", "namespace": "pipelines"},
+        "kfp": {
+            "host": "http://kfp:8888",
+            "uiUrl": "https://kfp.example.com",
+            "namespaceMap": {"team-a": "ml-a", "*": "pipelines"},
+            "auth": {"mode": "serviceAccountToken", "audience": "pipelines.kubeflow.org"},
+        },
         "artifactStore": "s3://bucket/kubetune",
         "workspaceRoot": "pvc://ws/runs",
         "runtimeImage": "registry.example.com/runtime:1",
@@ -276,11 +287,9 @@ def test_configmap_is_read_by_operator_config(chart: helm.Chart) -> None:
     config = OperatorConfig.from_env(env)
     assert config.home == Path("/var/lib/kubetune")
     assert config.default_executor == "kfp"
-    assert (config.kfp_host, config.kfp_ui_url, config.kfp_namespace) == (
-        "http://kfp:8888",
-        "https://kfp.example.com",
-        "pipelines",
-    )
+    assert (config.kfp_host, config.kfp_ui_url) == ("http://kfp:8888", "https://kfp.example.com")
+    assert config.kfp_namespace == KfpNamespaceMap(overrides={"team-a": "ml-a"}, default="pipelines")
+    assert config.kfp_auth == KfpAuth(mode="serviceAccountToken", token_path=KFP_TOKEN_PATH)
     assert (config.artifact_store, config.workspace_root) == ("s3://bucket/kubetune", "pvc://ws/runs")
     assert config.runtime_image == "registry.example.com/runtime:1"
     assert (config.reconcile_interval_s, config.max_run_attempts) == (5.0, 7)
@@ -289,7 +298,8 @@ def test_configmap_is_read_by_operator_config(chart: helm.Chart) -> None:
     (default,) = by_kind(objects(render(chart)), "ConfigMap")
     config = OperatorConfig.from_env(default["data"])
     assert config.default_executor == "local"
-    assert config.kfp_host is None and config.kfp_namespace == "kubeflow"
+    assert config.kfp_host is None
+    assert config.kfp_namespace.for_resource("team-a") == "team-a"  # runs stay in their namespace
     assert config.artifact_store == "/var/lib/kubetune/artifacts"
     assert config.runtime_image == "ghcr.io/kubetune/runtime:0.1.0"
     assert (config.reconcile_interval_s, config.max_run_attempts) == (2.0, 3)

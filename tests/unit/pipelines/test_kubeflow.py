@@ -39,6 +39,7 @@ from kubetune.pipelines.standard import (
     resolve_quantize_job,
 )
 from kubetune_components.dev import tinylm
+from kubetune_contract.workspace import WorkspaceLayout, WorkspaceReport
 
 REPO = Path(__file__).resolve().parents[3]
 COMMITTED = REPO / "manifests" / "kubeflow"
@@ -181,10 +182,16 @@ def test_step_components_run_the_step_command_line_on_the_runtime_image() -> Non
                 "{{$.inputs.parameters['workspace']}}",
             ], path
             assert command[8:10] == ["--report", "{{$.outputs.parameters['report'].output_file}}"], path
+            # and the workspace's whole report where KFP collects `workspace_report`, which the operator
+            # reads from the run's details (it mounts no user's workspace).
+            assert command[10:12] == [
+                "--workspace-report",
+                "{{$.outputs.parameters['workspace_report'].output_file}}",
+            ], path
             # and nothing else (no embedded source, no kfp install): evaluate says which model, and logs
             # its numbers through the executor input.
             evaluate_flags = ["--which", "{{$.inputs.parameters['which']}}", "--kfp-executor-input", "{{$}}"]
-            assert command[10:] == (evaluate_flags if path.stem == "evaluate-model" else []), path
+            assert command[12:] == (evaluate_flags if path.stem == "evaluate-model" else []), path
 
 
 def test_a_step_pod_gets_the_config_as_an_argument_and_keeps_the_report(tmp_path: Path) -> None:
@@ -196,6 +203,7 @@ def test_a_step_pod_gets_the_config_as_an_argument_and_keeps_the_report(tmp_path
     assert (workspace / "starts.log").read_text() == "measure-source s3://models/router/v1\n"
     assert json.loads(pod.outputs["report"]) == {"step": "measure-source"}
     assert json.loads(pod.done.stdout) == {"step": "measure-source"}  # the report shows in the pod log too
+    assert WorkspaceReport.from_json(pod.outputs["workspace_report"]) == WorkspaceReport.read(str(workspace))
 
     pod = run_pod("evaluate-model", {**inputs, "which": "baseline"}, tmp_path / "evaluate")
     assert pod.done.returncode == 0, pod.done.stderr
@@ -243,6 +251,11 @@ def test_the_evaluate_pod_logs_the_evaluation_as_the_runs_metrics(tmp_path: Path
     evaluation = json.loads((Path(workspace) / "evaluation" / "baseline.json").read_text())
     report = json.loads(pod.outputs["report"])
     assert report == evaluation
+    # Every step publishes the workspace's report so far; the operator reads it from the run's details.
+    published = WorkspaceReport.from_json(pod.outputs["workspace_report"])
+    curation = json.loads((Path(workspace) / WorkspaceLayout.CURATION).read_text())
+    assert (published.baseline, published.curation) == (evaluation, curation)
+    assert WorkspaceReport.from_json(curate.outputs["workspace_report"]).curation == curation
     numbers = {key: value for key, value in report.items() if isinstance(value, int | float)}
     assert {"evalLoss", "perplexity", "exactMatch"} <= set(numbers)
     metrics = pod.outputs["metrics"]

@@ -1,6 +1,6 @@
 """The command line of the stand-in steps, the same as the real steps' (``python -m ... STEP --config
-FILE|- | --config-json JSON --workspace DIR [--report FILE] [--which baseline|final]
-[--kfp-executor-input JSON]``), so the pipelines run them unchanged."""
+FILE|- | --config-json JSON --workspace DIR [--report FILE] [--workspace-report FILE]
+[--which baseline|final] [--kfp-executor-input JSON]``), so the pipelines run them unchanged."""
 
 import argparse
 import json
@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from kubetune_contract.workspace import WorkspaceReport
 
 
 def run_command_line(
@@ -23,6 +25,7 @@ def run_command_line(
     config.add_argument("--config-json")
     parser.add_argument("--workspace", required=True)
     parser.add_argument("--report")
+    parser.add_argument("--workspace-report")
     if with_evaluate_flags:
         parser.add_argument("--which", choices=["baseline", "final"])
         # Accepted and left alone: logging the evaluation's metrics to KFP is the real step's work, tested
@@ -43,4 +46,6 @@ def run_command_line(
     if args.report:
         Path(args.report).write_text(text)
     print(text, end="")
+    if args.workspace_report:  # as the real steps publish it: the whole workspace's report
+        Path(args.workspace_report).write_text(WorkspaceReport.read(args.workspace).to_json())
     return 0
