@@ -1,8 +1,12 @@
 """`progress.json` in the run's workspace: what the step is doing right now, for the operator to show.
 
 The file is replaced atomically, so a reader never sees half of it. During training it is written
-at most once per `min_interval_s` (plus at phase changes and at the end), so reporting never slows
-the training loop down.
+at most once per `min_interval_s` (plus at phase changes, checkpoints and the end), so reporting never
+slows the training loop down.
+
+A training step that restarts after an interruption resumes from its newest checkpoint, not from the
+last step it reported: `checkpointStep` (the newest checkpoint written) lets the restarted step show
+where it will resume before the model is loaded, and `resumedFromStep` says so for the whole attempt.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class ProgressReporter:
             "trainLoss": None,
             "learningRate": None,
             "tokensSeen": 0,
+            "checkpointStep": None,
+            "resumedFromStep": None,
             "updatedAt": None,
         }
         if self.path.is_file():
@@ -57,7 +63,24 @@ class ProgressReporter:
         return dict(self._state)
 
     def set_phase(self, phase: Phase) -> None:
+        checkpoint_step = self._state["checkpointStep"]
+        if phase == "training" and self._state["phase"] == "training" and isinstance(checkpoint_step, int):
+            # A new process entering training where the last one was still training: it was interrupted,
+            # and this one resumes from the checkpoint, not from the step the killed one last reported.
+            # The loop confirms (or corrects) this once it has loaded the checkpoint.
+            self._state.update(step=checkpoint_step, resumedFromStep=checkpoint_step)
         self._state["phase"] = phase
+        self._write()
+
+    def training_started(self, resumed_from_step: int | None) -> None:
+        """This attempt trains from a checkpoint's step, or afresh (None); written with the next update."""
+        self._state["resumedFromStep"] = resumed_from_step
+        if resumed_from_step is None:
+            self._state["checkpointStep"] = None
+
+    def checkpoint_saved(self, step: int) -> None:
+        """A resumable checkpoint of `step` is on disk: a restart resumes from here."""
+        self._state["checkpointStep"] = step
         self._write()
 
     def training_update(

@@ -266,6 +266,8 @@ def train(
                 continue
             resumed_from = position.step
             break
+    if progress is not None:
+        progress.training_started(resumed_from)
 
     def autocast() -> contextlib.AbstractContextManager[Any]:
         return autocast_context(settings.precision, device)
@@ -293,7 +295,7 @@ def train(
 
     def checkpoint_now() -> Path:
         assert checkpoint_dir is not None
-        return save_checkpoint(
+        saved = save_checkpoint(
             checkpoint_dir,
             position,
             parameters,
@@ -307,6 +309,9 @@ def train(
                 "trainLoss": float(last_loss) if last_loss is not None else None,
             },
         )
+        if progress is not None:
+            progress.checkpoint_saved(position.step)
+        return saved
 
     report(force=True)
     while position.step < total_steps:

@@ -218,7 +218,12 @@ def progress_status(progress: dict[str, Any] | None, finished_ok: bool) -> Progr
         total_steps=total,
         epoch=round(float(progress.get("epoch") or 0.0), 3),
         percent=percent,
+        resumed_from_step=_step_or_none(progress.get("resumedFromStep")),
     )
+
+
+def _step_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def gate_status(gates: list[dict[str, Any]]) -> list[GateResult]:
@@ -239,8 +244,20 @@ def phase_message(report: WorkspaceReport) -> str:
     progress = report.progress or {}
     phase = str(progress.get("phase") or "starting")
     if phase in ("training", "quantizing") and progress.get("totalSteps"):
-        return f"{phase}: step {progress.get('step', 0)}/{progress['totalSteps']}"
+        step, total = progress.get("step", 0), progress["totalSteps"]
+        resumed_from = _step_or_none(progress.get("resumedFromStep"))
+        if resumed_from is None:
+            return f"{phase}: step {step}/{total}"
+        if step == resumed_from:
+            return f"{phase}: resuming from step {resumed_from} of {total}"
+        return f"{phase}: step {step}/{total} (resumed from step {resumed_from})"
     return phase.replace("-", " ")
+
+
+def resume_point(report: WorkspaceReport) -> str:
+    """Where an interrupted run will pick up: its newest checkpoint's step, when the steps reported one."""
+    checkpoint_step = _step_or_none((report.progress or {}).get("checkpointStep"))
+    return "the last checkpoint" if checkpoint_step is None else f"step {checkpoint_step}"
 
 
 def plan_job(
@@ -335,7 +352,7 @@ def plan_job(
 
     if run.phase == "Interrupted":
         if run.attempt < settings.max_run_attempts:
-            message = f"{run.message}; resuming from the last checkpoint (attempt {run.attempt + 1})"
+            message = f"{run.message}; resuming from {resume_point(report)} (attempt {run.attempt + 1})"
             return Decision(
                 action="resume",
                 status=ended(status, "Unknown", "Resuming", message, "Running"),

@@ -150,6 +150,53 @@ def test_interrupted_runs_are_resumed_until_the_attempt_limit(settings: Operator
     assert condition(exhausted.status)["reason"] == "BackoffLimitExceeded"
 
 
+def test_a_resumed_run_says_from_which_step(settings: OperatorConfig) -> None:
+    # Killed at step 7, newest checkpoint at step 5: the resume names step 5, not the stale 7.
+    killed = WorkspaceReport(progress={"phase": "training", "step": 7, "totalSteps": 10, "checkpointStep": 5})
+    resumed = plan_finetune(
+        job_body(),
+        Observed(run=run("Interrupted", attempt=1, message="the worker was terminated"), report=killed),
+        settings,
+        T0,
+    )
+    assert (
+        condition(resumed.status)["message"] == "the worker was terminated; resuming from step 5 (attempt 2)"
+    )
+
+    loading = WorkspaceReport(
+        progress={"phase": "training", "step": 5, "totalSteps": 10, "checkpointStep": 5, "resumedFromStep": 5}
+    )
+    decision = plan_finetune(job_body(), Observed(run=run("Running"), report=loading), settings, T1)
+    assert condition(decision.status)["message"] == "training: resuming from step 5 of 10"
+    assert decision.status["progress"]["resumedFromStep"] == 5
+
+    training = WorkspaceReport(
+        progress={"phase": "training", "step": 8, "totalSteps": 10, "resumedFromStep": 5}
+    )
+    decision = plan_finetune(job_body(), Observed(run=run("Running"), report=training), settings, T1)
+    assert condition(decision.status)["message"] == "training: step 8/10 (resumed from step 5)"
+    assert decision.status["progress"] == {
+        "step": 8,
+        "totalSteps": 10,
+        "epoch": 0.0,
+        "percent": 80,
+        "resumedFromStep": 5,
+    }
+
+
+def test_a_fresh_run_neither_resumes_nor_names_a_checkpoint(settings: OperatorConfig) -> None:
+    fresh = WorkspaceReport(
+        progress={"phase": "training", "step": 3, "totalSteps": 10, "resumedFromStep": None}
+    )
+    decision = plan_finetune(job_body(), Observed(run=run("Running"), report=fresh), settings, T1)
+    assert condition(decision.status)["message"] == "training: step 3/10"
+    assert "resumedFromStep" not in decision.status["progress"]
+    unknown = plan_finetune(
+        job_body(), Observed(run=run("Interrupted", attempt=1, message="stopped")), settings, T0
+    )
+    assert condition(unknown.status)["message"] == "stopped; resuming from the last checkpoint (attempt 2)"
+
+
 def test_a_finished_job_is_left_alone(settings: OperatorConfig) -> None:
     done = plan_finetune(job_body(), Observed(run=run("Succeeded")), settings, T0)
     again = plan_finetune({**job_body(), "status": done.status}, Observed(), settings, T1)

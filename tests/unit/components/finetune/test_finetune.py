@@ -341,6 +341,60 @@ def test_a_job_killed_mid_run_resumes_to_the_same_weights(tiny_model_dir: Path, 
     assert ft.run_finetune(spec, killed)["cached"] is True
 
 
+class HardKill(Exception):
+    """Stands for SIGKILL: training stops at once, without the checkpoint a graceful stop writes."""
+
+
+def test_a_restarted_step_reports_the_step_it_resumes_from(tiny_model_dir: Path, tmp_path: Path) -> None:
+    spec = job_spec(tiny_model_dir, {"type": "lora"}, maxSteps=6, checkpointEverySteps=2)
+    workspace = write_train_split(tmp_path)
+
+    def kill_at_step_3(step: int) -> bool:
+        if step == 3:
+            raise HardKill
+        return False
+
+    first = ProgressReporter(workspace, min_interval_s=0)
+    first.set_phase("training")
+    with pytest.raises(HardKill):
+        ft.run_finetune(spec, workspace, progress=first, on_step=kill_at_step_3)
+    killed = json.loads((workspace / "progress.json").read_text())
+    assert (killed["step"], killed["checkpointStep"], killed["resumedFromStep"]) == (3, 2, None)
+
+    # The restarted step shows where it resumes before it has loaded anything, not the killed step's 3.
+    restarted = ProgressReporter(workspace, min_interval_s=0)
+    restarted.set_phase("training")
+    waiting = json.loads((workspace / "progress.json").read_text())
+    assert (waiting["step"], waiting["resumedFromStep"]) == (2, 2)
+
+    written: list[dict[str, Any]] = []
+
+    def record_progress(step: int) -> bool:
+        written.append(json.loads((workspace / "progress.json").read_text()))
+        return False
+
+    result = ft.run_finetune(spec, workspace, progress=restarted, on_step=record_progress)
+    assert result["resumedFromStep"] == 2
+    assert [(state["step"], state["resumedFromStep"]) for state in written] == [
+        (3, 2),
+        (4, 2),
+        (5, 2),
+        (6, 2),
+    ]
+    finished = json.loads((workspace / "progress.json").read_text())
+    assert (finished["step"], finished["checkpointStep"], finished["resumedFromStep"]) == (6, 6, 2)
+
+
+def test_a_fresh_start_reports_no_resume(tiny_model_dir: Path, tmp_path: Path) -> None:
+    spec = job_spec(tiny_model_dir, {"type": "lora"}, maxSteps=2, checkpointEverySteps=1)
+    workspace = write_train_split(tmp_path)
+    progress = ProgressReporter(workspace, min_interval_s=0)
+    progress.set_phase("training")
+    ft.run_finetune(spec, workspace, progress=progress)
+    state = json.loads((workspace / "progress.json").read_text())
+    assert (state["step"], state["checkpointStep"], state["resumedFromStep"]) == (2, 2, None)
+
+
 def test_sigterm_saves_a_checkpoint_and_stops(tiny_model_dir: Path, tmp_path: Path) -> None:
     spec = job_spec(tiny_model_dir, {"type": "lora"}, maxSteps=10, checkpointEverySteps=100)
     workspace = write_train_split(tmp_path)
