@@ -383,7 +383,10 @@ def _defaults_above_limits(generation: object) -> list[BrokenRule]:
         default, limit = _number(default_value), _number(limit_value)
         if default is not None and limit is not None and default > limit:
             broken.append(
-                BrokenRule(f"defaults.{default_name} {default_value} is above its limit {limit_value}")
+                BrokenRule(
+                    f"defaults.{default_name} must not be above limits.{limit_name}, "
+                    f"got {default_value} > {limit_value}"
+                )
             )
     return broken
 
@@ -516,7 +519,11 @@ def _spec_rules_broken(spec: object) -> list[BrokenRule]:
         for version in versions:
             prompt, name = read_field(version, "prompt"), read_field(version, "name")
             if isinstance(prompt, str) and prompt not in prompt_names:
-                broken.append(BrokenRule(f"version {name} names prompt {prompt!r}, which is not in prompts"))
+                broken.append(
+                    BrokenRule(
+                        f"a version's prompt must name an entry of prompts: version {name} names {prompt!r}"
+                    )
+                )
     fallback = read_field(read_field(spec, "fallback"), "version")
     if isinstance(fallback, str) and all_named and versions:
         if fallback not in names:

@@ -282,7 +282,17 @@ def openapi_schema(definition: ResourceDefinition) -> JsonDict:
                 "description": "Kind is the REST resource this object represents.",
                 "type": "string",
             },
-            "metadata": {"type": "object"},
+            # Only name may be declared here; it gives the name-length rule a field to point at.
+            "metadata": {
+                "type": "object",
+                "properties": {
+                    "name": {
+                        "description": f"The name, unique in its namespace; at most "
+                        f"{definition.max_name_length} characters.",
+                        "type": "string",
+                    }
+                },
+            },
             "spec": spec,
             "status": status,
         },

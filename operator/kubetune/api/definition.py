@@ -57,9 +57,22 @@ class CelRule:
     path: str
     rule: str
     message: str
+    message_expression: str | None = None
+    """CEL building the message from the values, as ``kubetune validate`` words it (``message`` is the
+    fallback the API server shows if it cannot evaluate this). Only strings can go in: the API server's
+    cost estimate refuses ``string()`` of a number and ``join()`` of a list, so a message about those
+    states the rule alone, and validate's message adds the values after it."""
+    field_path: str | None = None
+    """The field the API server names in its error (``.validationSplit``), relative to ``path``, when
+    the rule judges one field of the node it is attached to."""
 
     def to_crd(self) -> dict[str, Any]:
-        return {"rule": self.rule, "message": self.message}
+        rule: dict[str, Any] = {"rule": self.rule, "message": self.message}
+        if self.message_expression is not None:
+            rule["messageExpression"] = self.message_expression
+        if self.field_path is not None:
+            rule["fieldPath"] = self.field_path
+        return rule
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,8 @@ class ResourceDefinition:
     printer_columns: tuple[PrinterColumn, ...] = ()
     rules: tuple[CelRule, ...] = ()
     immutable_spec: bool = True
+    max_name_length: int = 63
+    """Longest metadata.name: the names derived from it (children, run keys) must stay valid."""
     group: str = GROUP
     version: str = VERSION
     scope: Literal["Namespaced", "Cluster"] = "Namespaced"
@@ -95,13 +110,28 @@ class ResourceDefinition:
         """``<plural>.<group>``, the name of the CustomResourceDefinition."""
         return f"{self.plural}.{self.group}"
 
+    def name_length_message(self, length: int | None = None) -> str:
+        """What ``kubetune validate`` and the API server say of a name longer than ``max_name_length``."""
+        got = "" if length is None else f" (got {length})"
+        return f"must be at most {self.max_name_length} characters long{got}"
+
+    @property
+    def name_length_rule(self) -> CelRule:
+        limit = self.max_name_length
+        return CelRule(
+            "",
+            f"size(self.metadata.name) <= {limit}",
+            self.name_length_message(),
+            field_path=".metadata.name",
+        )
+
     @property
     def all_rules(self) -> tuple[CelRule, ...]:
-        """The declared rules plus the generated spec immutability rule."""
+        """The declared rules plus the generated name-length and spec immutability rules."""
         if not self.immutable_spec:
-            return self.rules
+            return (self.name_length_rule, *self.rules)
         immutable = CelRule("spec", "self == oldSelf", f"spec is immutable; create a new {self.kind}")
-        return (immutable, *self.rules)
+        return (immutable, self.name_length_rule, *self.rules)
 
     def names(self) -> tuple[str, ...]:
         """Every name the resource answers to, lower-cased (kind, plural, singular, short names)."""

@@ -8,6 +8,7 @@ models in kubetune_contract, add a definition here and to :data:`BUILTIN_KINDS`,
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Set
 from typing import Any, get_args
 
@@ -28,16 +29,38 @@ JOB_REASON_COLUMN = PrinterColumn(
     priority=1,
 )
 AGE_COLUMN = PrinterColumn("Age", ".metadata.creationTimestamp", "date")
-JOB_NAME_LENGTH_RULE = CelRule(
-    "", "self.metadata.name.size() <= 63", "metadata.name must be at most 63 characters"
-)
+
+
+def _text(value: str) -> str:
+    """A CEL string literal (JSON's escapes are CEL's)."""
+    return json.dumps(value)
+
+
+def _quoted(expression: str) -> str:
+    """CEL: a string value in double quotes, as ``kubetune validate`` shows one (``"7"``)."""
+    return f'"\\"" + {expression} + "\\""'
+
+
+def _python_repr(expression: str) -> str:
+    """CEL: a string value in single quotes, as the models' messages show a name (``'tuned'``)."""
+    return f'"\'" + {expression} + "\'"'
+
+
+def _indices(limit: int) -> str:
+    """CEL: ``[0, 1, ..., limit - 1]`` (standard CEL has no range; the schema bounds every list)."""
+    return "[" + ", ".join(str(i) for i in range(limit)) + "]"
 
 
 def _range_rule(path: str, bounds: DecimalRange) -> CelRule:
     """A decimal string within ``bounds``, compared as a double (as the code reads it, a float)."""
     low = f"double(self) {'>' if bounds.above_minimum else '>='} {float(bounds.minimum)!r}"
     high = f" && double(self) <= {float(bounds.maximum)!r}" if bounds.maximum is not None else ""
-    return CelRule(path, low + high, bounds.describe())
+    return CelRule(
+        path,
+        low + high,
+        bounds.describe(),
+        message_expression=f'{_text(bounds.describe() + " (got ")} + {_quoted("self")} + ")"',
+    )
 
 
 def _schema_nodes(
@@ -71,26 +94,67 @@ def _field_rules(model: type[BaseModel]) -> tuple[CelRule, ...]:
         if (bounds := DecimalRange.from_schema(node)) is not None:
             rules.append(_range_rule(path, bounds))
         if node.get(deployment.POSITIVE_DURATION_KEY):
-            rules.append(CelRule(path, 'duration(self) > duration("0s")', "must be longer than 0s"))
+            rules.append(
+                CelRule(
+                    path,
+                    'duration(self) > duration("0s")',
+                    "must be longer than 0s",
+                    message_expression=f'{_python_repr("self")} + " must be longer than 0s"',
+                )
+            )
     return tuple(rules)
 
 
 SPLIT_RULE = CelRule(
     "spec.dataset",
     "has(self.validationUri) || (double(self.validationSplit) > 0.0 && double(self.validationSplit) < 1.0)",
-    "validationSplit must be above 0 and below 1 when validationUri is not set",
+    "must be above 0 and below 1 when validationUri is not set",
+    message_expression=(
+        'double(self.validationSplit) <= 0.0 ? "must be above 0 when validationUri is not set (got " + '
+        f'{_quoted("self.validationSplit")} + ")" : "must be below 1 when validationUri is not set, to '
+        f'leave examples to train on (got " + {_quoted("self.validationSplit")} + ")"'
+    ),
+    field_path=".validationSplit",
 )
 
 
-def _method_block_rules() -> tuple[CelRule, ...]:
-    """Mirror ``Method._own_block_only``: only the block named by ``type`` may be set (it is optional)."""
+def _block_rules(blocks: Mapping[str, str | None]) -> tuple[CelRule, ...]:
+    """Mirror the methods' ``_own_block_only``: only the block named by ``type`` may be set (it is
+    optional); a method without options (no block) refuses every block. Messages as the models word them."""
+    allowed = {
+        method_type: f"only {block} may be set" if block else "it takes no options block"
+        for method_type, block in blocks.items()
+    }
     return tuple(
         CelRule(
             "spec.method",
             f'!has(self.{block}) || self.type == "{method_type}"',
             f"method.{block} may only be set when method.type is {method_type}",
+            message_expression=(
+                f'"{block} is set but type is " + {_python_repr("self.type")} + "; " + '
+                f"{json.dumps(allowed)}[self.type]"
+            ),
         )
-        for method_type, block in finetune.METHOD_BLOCKS.items()
+        for method_type, block in blocks.items()
+        if block is not None
+    )
+
+
+def _method_block_rules() -> tuple[CelRule, ...]:
+    return _block_rules(finetune.METHOD_BLOCKS)
+
+
+def _merge_rule() -> CelRule:
+    """Mirror ``FineTuneJobSpec._mergeable``: only some adapters can be folded into the base weights."""
+    unmergeable = sorted(finetune.PEFT_METHODS - finetune.MERGEABLE_METHODS)
+    return CelRule(
+        "spec",
+        f"!self.output.mergeAdapter || !(self.method.type in {json.dumps(unmergeable)})",
+        "output.mergeAdapter: only lora and ia3 adapters can be merged into the base weights",
+        message_expression=(
+            '"output.mergeAdapter: a " + self.method.type + " adapter cannot be merged into the base '
+            'weights; only lora and ia3 can"'
+        ),
     )
 
 
@@ -125,8 +189,8 @@ FINETUNEJOB = ResourceDefinition(
         JOB_REASON_COLUMN,
     ),
     rules=(
-        JOB_NAME_LENGTH_RULE,
         *_method_block_rules(),
+        _merge_rule(),
         CelRule(
             "spec.dataset.curation", "self.minTokens <= self.maxTokens", "minTokens must not exceed maxTokens"
         ),
@@ -146,15 +210,7 @@ def _quantize_block_rules() -> tuple[CelRule, ...]:
 
     Methods without options (``int8-weight-only``, ``int8-dynamic``) own no block, so every block is refused.
     """
-    return tuple(
-        CelRule(
-            "spec.method",
-            f'!has(self.{block}) || self.type == "{method_type}"',
-            f"method.{block} may only be set when method.type is {method_type}",
-        )
-        for method_type, block in quantize.METHOD_BLOCKS.items()
-        if block is not None
-    )
+    return _block_rules(quantize.METHOD_BLOCKS)
 
 
 def _cel_list(values: Set[str]) -> str:
@@ -244,7 +300,6 @@ QUANTIZEJOB = ResourceDefinition(
         JOB_REASON_COLUMN,
     ),
     rules=(
-        JOB_NAME_LENGTH_RULE,
         CelRule(
             "spec.model",
             "has(self.fineTuneJobRef) != has(self.uri)",
@@ -267,18 +322,28 @@ QUANTIZEJOB = ResourceDefinition(
 )
 
 
+_BUILTIN_METRICS = ", ".join(deployment.BUILTIN_METRICS)
+MAX_CANARY_STEPS: int = deployment.Rollout.model_json_schema()["properties"]["steps"]["maxItems"]
+
+
 def _default_within_limit_rules() -> tuple[CelRule, ...]:
     """Mirror ``Generation``'s rule: a default above its limit would make requests that omit it fail."""
     rules = []
     for default, limit in deployment.DEFAULTS_AND_LIMITS:
-        # maxTokens are integers; the sampling parameters are decimal strings.
-        number = "{}" if default == "maxTokens" else "double({})"
+        # maxTokens are integers, which a message cannot show (see CelRule.message_expression); the
+        # sampling parameters are decimal strings, which it can.
+        integers = default == "maxTokens"
+        number = "{}" if integers else "double({})"
+        rule = f"defaults.{default} must not be above limits.{limit}"
         rules.append(
             CelRule(
                 "spec.generation",
                 f"!has(self.defaults.{default}) || !has(self.limits.{limit}) || "
                 f"{number.format(f'self.defaults.{default}')} <= {number.format(f'self.limits.{limit}')}",
-                f"defaults.{default} must not be above limits.{limit}",
+                rule,
+                message_expression=None
+                if integers
+                else f'"{rule}, got " + self.defaults.{default} + " > " + self.limits.{limit}',
             )
         )
     return tuple(rules)
@@ -315,13 +380,22 @@ MODELDEPLOYMENT = ResourceDefinition(
             priority=1,
         ),
     ),
+    max_name_length=40,  # its children are named <name>-<version>-..., which must fit in 63
     rules=(
-        CelRule("", "self.metadata.name.size() <= 40", "metadata.name must be at most 40 characters"),
-        CelRule("spec", "self.versions.map(v, v.weight).sum() == 100", "versions weights must sum to 100"),
+        CelRule(
+            "spec",
+            "self.versions.map(v, v.weight).sum() == 100",
+            "versions weights must sum to 100",
+        ),
         CelRule(
             "spec",
             "self.versions.all(v, self.versions.exists_one(w, w.name == v.name))",
             "versions names must be unique",
+        ),
+        CelRule(
+            "spec",
+            "self.prompts.all(p, self.prompts.exists_one(q, q.name == p.name))",
+            "prompts names must be unique",
         ),
         CelRule(
             "spec.versions[*].model",
@@ -338,17 +412,31 @@ MODELDEPLOYMENT = ResourceDefinition(
             "spec",
             "!has(self.fallback) || self.versions.exists(v, v.name == self.fallback.version)",
             "fallback.version must be one of the versions",
+            message_expression=(
+                f'"fallback.version " + {_python_repr("self.fallback.version")} + '
+                '" is not one of the versions"'
+            ),
         ),
         CelRule(
             "spec",
             "!has(self.fallback) || self.versions.exists(v, v.name != self.fallback.version)",
             "fallback.version must name another version: a failed request would be retried on the "
             "version that just failed",
+            message_expression=(
+                f'"fallback.version must name another version: " + {_python_repr("self.fallback.version")} + '
+                '" is the only one, so a failed request would be retried on the version that just failed"'
+            ),
         ),
         CelRule(
             "spec",
             "!has(self.rollout) || self.versions.size() >= 2",
             "rollout needs at least two versions: the last one is the canary",
+        ),
+        CelRule(
+            "spec.rollout",
+            f"{_indices(MAX_CANARY_STEPS - 1)}.all(i, i + 1 >= size(self.steps) || "
+            "self.steps[i].weight < self.steps[i + 1].weight)",
+            "steps weights must increase",
         ),
         CelRule(
             "spec.routing",
@@ -362,8 +450,12 @@ MODELDEPLOYMENT = ResourceDefinition(
         ),
         CelRule(
             "spec.rollout.analysis.metrics[*]",
-            'has(self.query) || self.name in ["errorRate", "p95Latency", "timeToFirstToken", "feedback"]',
-            "name is not a built-in metric (errorRate, p95Latency, timeToFirstToken, feedback); set query",
+            f"has(self.query) || self.name in {json.dumps(list(deployment.BUILTIN_METRICS))}",
+            f"name is not a built-in metric ({_BUILTIN_METRICS}); set query",
+            message_expression=(
+                f"{_python_repr('self.name')} + "
+                f"{_text(f' is not a built-in metric ({_BUILTIN_METRICS}); set query for a custom one')}"
+            ),
         ),
         CelRule("spec.rollout.analysis", "self.skip || size(self.metrics) > 0", deployment.METRICS_OR_SKIP),
         CelRule(

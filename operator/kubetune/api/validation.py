@@ -150,6 +150,11 @@ def _check(
         issues.extend(validation_issues(exc, definition.model, kind=kind, name=name, source=source))
     metadata = body["metadata"]
     name_value = metadata.get("name") if isinstance(metadata, Mapping) else None
+    if isinstance(name_value, str) and len(name_value) > definition.max_name_length:
+        # The kind's own limit, worded as the API server's rule words it, instead of ObjectMeta's 63.
+        too_long = definition.name_length_message(len(name_value))
+        issues = [i for i in issues if not (i.path == "metadata.name" and "characters long" in i.message)]
+        issues.append(issue("metadata.name", too_long))
     if isinstance(name_value, str) and name_value and not _DNS_SUBDOMAIN.match(name_value):
         issues.append(issue("metadata.name", _DNS_SUBDOMAIN_MESSAGE))
     return (None if issues else obj), issues

@@ -18,7 +18,7 @@ import pytest
 from celpy.adapter import json_to_cel
 from celpy.evaluation import CELEvalError
 
-from kubetune.api.crd import build_crd
+from kubetune.api.crd import all_crds, build_crd
 from kubetune.api.definition import ResourceDefinition
 from kubetune.api.kinds import FINETUNEJOB
 from kubetune.api.registry import all_definitions
@@ -80,6 +80,22 @@ def apply_defaults(node: dict[str, Any], value: Any) -> Any:
     return value
 
 
+def _field(path: str, field_path: str | None) -> str:
+    """The field the API server names: the rule's node, or the field its ``fieldPath`` points at."""
+    full = f"{path}{field_path or ''}".lstrip(".")
+    return full or "<root>"
+
+
+def _message(rule: dict[str, Any], activation: dict[str, Any]) -> str:
+    """``messageExpression`` evaluated, as the API server does; ``message`` when it cannot be."""
+    if "messageExpression" in rule:
+        try:
+            return str(_program(rule["messageExpression"]).evaluate(activation))
+        except CELEvalError:
+            pass
+    return str(rule["message"])
+
+
 def rule_failures(node: dict[str, Any], value: Any, old: Any = None, path: str = "") -> list[str]:
     """`path: message` for every rule that evaluates to false (or errors) on `value`."""
     failures = []
@@ -95,7 +111,7 @@ def rule_failures(node: dict[str, Any], value: Any, old: Any = None, path: str =
             failures.append(f"{path or '<root>'}: error evaluating {rule['rule']!r}: {exc}")
             continue
         if not ok:
-            failures.append(f"{path or '<root>'}: {rule['message']}")
+            failures.append(f"{_field(path, rule.get('fieldPath'))}: {_message(rule, activation)}")
     if isinstance(value, dict):
         for name, sub in node.get("properties", {}).items():
             if name in value:
@@ -157,11 +173,27 @@ def all_rules(node: Any) -> list[str]:
     return []
 
 
+def all_message_expressions(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [
+            r["messageExpression"]
+            for r in node.get("x-kubernetes-validations", [])
+            if "messageExpression" in r
+        ]
+        return found + [r for v in node.values() for r in all_message_expressions(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in all_message_expressions(v)]
+    return []
+
+
 def test_every_rule_compiles() -> None:
     rules = all_rules(schema())
-    assert len(rules) == 10
+    assert len(rules) == 11
     for rule in rules:
         _program(rule)
+    for crd in all_crds():
+        for message_expression in all_message_expressions(crd):
+            _program(message_expression)
 
 
 @pytest.mark.parametrize("definition", all_definitions(), ids=lambda d: d.kind)
@@ -216,17 +248,15 @@ def test_defaults_do_not_count_as_a_change() -> None:
 def test_only_the_block_named_by_type() -> None:
     doc = quickstart()
     wrong = edit(doc, "spec.method", {"type": "lora", "prefixTuning": {"numVirtualTokens": 8}})
-    assert admit(wrong) == [
-        "spec.method: method.prefixTuning may only be set when method.type is prefix-tuning"
-    ]
+    assert admit(wrong) == ["spec.method: prefixTuning is set but type is 'lora'; only lora may be set"]
     both = edit(doc, "spec.method", {"type": "ia3", "ia3": {}, "lora": {}})
-    assert admit(both) == ["spec.method: method.lora may only be set when method.type is lora"]
+    assert admit(both) == ["spec.method: lora is set but type is 'ia3'; only ia3 may be set"]
     assert admit(edit(doc, "spec.method", {"type": "ia3", "ia3": {"targetModules": ["q"]}})) == []
     assert admit(edit(doc, "spec.method", {"type": "prefix-tuning"})) == []  # own block is optional
     # type defaults to lora, so a bare lora block is fine and a bare ia3 block is not
     assert admit(edit(doc, "spec.method", {"lora": {"r": 4}})) == []
     assert admit(edit(doc, "spec.method", {"ia3": {}})) == [
-        "spec.method: method.ia3 may only be set when method.type is ia3"
+        "spec.method: ia3 is set but type is 'lora'; only lora may be set"
     ]
 
 
@@ -251,16 +281,20 @@ def test_gate_needs_a_bound() -> None:
 
 def test_a_split_holds_something_out_unless_a_validation_file_is_given() -> None:
     """Evaluation needs held-out examples: a split of 0 (or 1) used to train fully and fail at evaluation."""
-    message = "spec.dataset: validationSplit must be above 0 and below 1 when validationUri is not set"
-    assert admit(edit(quickstart(), "spec.dataset.validationSplit", "0")) == [message]
-    assert admit(edit(quickstart(), "spec.dataset.validationSplit", "1.0")) == [message]
+    assert admit(edit(quickstart(), "spec.dataset.validationSplit", "0")) == [
+        'spec.dataset.validationSplit: must be above 0 when validationUri is not set (got "0")'
+    ]
+    assert admit(edit(quickstart(), "spec.dataset.validationSplit", "1.0")) == [
+        "spec.dataset.validationSplit: must be below 1 when validationUri is not set, to leave examples to "
+        'train on (got "1.0")'
+    ]
     with_file = edit(quickstart(), "spec.dataset.validationUri", "file:///data/held-out.jsonl")
     assert admit(edit(with_file, "spec.dataset.validationSplit", "0")) == []
 
 
 def test_name_length() -> None:
     assert admit(edit(quickstart(), "metadata.name", "x" * 64)) == [
-        "<root>: metadata.name must be at most 63 characters"
+        "metadata.name: must be at most 63 characters long"
     ]
 
 

@@ -167,7 +167,16 @@ def test_schema_shape() -> None:
     schema = ftj_schema()
     props = schema["properties"]
     assert schema["required"] == ["spec"]
-    assert props["metadata"] == {"type": "object"}
+    # Only the name is declared (the API server allows no other metadata field): the name rule points at it.
+    assert props["metadata"] == {
+        "type": "object",
+        "properties": {
+            "name": {
+                "description": "The name, unique in its namespace; at most 63 characters.",
+                "type": "string",
+            }
+        },
+    }
     assert props["spec"]["required"] == ["baseModel", "dataset"]
     spec = props["spec"]["properties"]
     # optionals are plain types, null defaults dropped, real defaults kept
@@ -194,7 +203,7 @@ def test_schema_shape() -> None:
     assert conditions["x-kubernetes-list-type"] == "map"
     assert conditions["x-kubernetes-list-map-keys"] == ["type"]
     immutable = {"rule": "self == oldSelf", "message": "spec is immutable; create a new FineTuneJob"}
-    assert props["spec"]["x-kubernetes-validations"] == [immutable]
+    assert props["spec"]["x-kubernetes-validations"][0] == immutable
 
 
 # -- structural schema checker -----------------------------------------------------------------------
@@ -279,7 +288,11 @@ def structural_problems(node: Any, path: str = "") -> list[str]:
             if prop is None or (key not in items.get("required", []) and "default" not in prop):
                 problems.append(f"{where}: list map key {key!r} must be a required or defaulted property")
     for rule in node.get("x-kubernetes-validations", []):
-        if set(rule) - {"rule", "message"} or not rule.get("rule") or not rule.get("message"):
+        if (
+            set(rule) - {"rule", "message", "messageExpression", "fieldPath"}
+            or not rule.get("rule")
+            or not rule.get("message")
+        ):
             problems.append(f"{where}: bad validation rule {rule!r}")
     for name, sub in node.get("properties", {}).items():
         problems += structural_problems(sub, f"{path}.{name}")

@@ -229,7 +229,10 @@ def test_pydantic_only_checks() -> None:
     zero_pause = edit(sample(), "spec.rollout.steps.0.pause", "0s")
     assert any("steps[0].pause: '0s' must be longer than 0s" in e for e in pydantic_errors(zero_pause))
     above_limit = edit(sample(), "spec.generation.defaults.temperature", "2")
-    assert any("defaults.temperature 2 is above its limit 1.5" in e for e in pydantic_errors(above_limit))
+    assert any(
+        "defaults.temperature must not be above limits.maxTemperature, got 2 > 1.5" in e
+        for e in pydantic_errors(above_limit)
+    )
 
 
 def test_durations() -> None:

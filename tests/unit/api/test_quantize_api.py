@@ -301,13 +301,13 @@ def test_gpu_only_pairs() -> None:
 def test_only_the_method_s_own_block() -> None:
     doc = sample()
     assert admit(edit(doc, "spec.method", {"type": "int8-dynamic", "pruning": {}})) == [
-        "spec.method: method.pruning may only be set when method.type is pruning"
+        "spec.method: pruning is set but type is 'int8-dynamic'; it takes no options block"
     ]
     assert admit(edit(doc, "spec.method", {"type": "qat", "int4WeightOnly": {"groupSize": 64}})) == [
-        "spec.method: method.int4WeightOnly may only be set when method.type is int4-weight-only"
+        "spec.method: int4WeightOnly is set but type is 'qat'; only qat may be set"
     ]
     assert admit(edit(doc, "spec.method", {"type": "int8-weight-only", "mixedPrecision": {}})) == [
-        "spec.method: method.mixedPrecision may only be set when method.type is mixed-precision"
+        "spec.method: mixedPrecision is set but type is 'int8-weight-only'; it takes no options block"
     ]
     assert (
         admit(edit(doc, "spec.method", {"type": "int4-weight-only", "int4WeightOnly": {"groupSize": 64}}))
@@ -332,7 +332,7 @@ def test_gate_needs_a_bound() -> None:
 
 def test_name_length_and_curation() -> None:
     assert admit(edit(sample(), "metadata.name", "q" * 64)) == [
-        "<root>: metadata.name must be at most 63 characters"
+        "metadata.name: must be at most 63 characters long"
     ]
     assert admit(edit(sample(), "spec.dataset.curation", {"minTokens": 4096})) == [
         "spec.dataset.curation: minTokens must not exceed maxTokens"
