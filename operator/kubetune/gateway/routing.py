@@ -97,6 +97,16 @@ class Router:
             [version.name for version in candidates], weights=[version.weight for version in candidates]
         )[0]
 
+    def another_by_weight(self, excluded: frozenset[str]) -> str | None:
+        """A version with a weight outside ``excluded``, at random by weight (where a request goes when
+        the version it was sent to could not be reached); None when there is none."""
+        candidates = [version for version in self._eligible if version.name not in excluded]
+        if not candidates:
+            return None
+        return self._rng.choices(
+            [version.name for version in candidates], weights=[version.weight for version in candidates]
+        )[0]
+
     def choose(
         self,
         key: str | None,

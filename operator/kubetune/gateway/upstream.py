@@ -1,9 +1,13 @@
-"""The gateway's side of the versions: one pooled HTTP client, and the retry on the fallback version.
+"""The gateway's side of the versions: one pooled HTTP client, and the retries on other versions.
 
-A connect error, a timeout or a 5xx from the chosen version is retried once on the fallback version
-(a stream only until its first chunk: after that bytes have reached the client); when that fails
-too, or there is no fallback, ``send_with_fallback`` raises the GatewayError the client gets: 503
-with Retry-After when the version could not be connected to, 504 when it ran out of time (the
+When the chosen version cannot be connected to (refused, or no connection within
+``timeouts.connectSeconds``: nothing of the request reached it), the request is re-sent once to
+another ready version chosen by weight (``RetryElsewhere``; the caller leaves it out for a request
+pinned to its version by the override header), and the answer names the first version in
+``x-kubetune-retried-from``. Then a connect error, a timeout or a 5xx is retried once on the fallback
+version (a stream only until its first chunk: after that bytes have reached the client); when that
+fails too, or there is no fallback, ``send_with_fallback`` raises the GatewayError the client gets:
+503 with Retry-After when the version could not be connected to, 504 when it ran out of time (the
 message names the setting), else 502.
 
 Every wait is bounded by a setting (``AttemptLimits``). What the client reads says what failed in
@@ -35,6 +39,8 @@ log = logging.getLogger(__name__)
 # the gateway never sends on a connection the server is closing as idle.
 UPSTREAM_CONNECTION_LIMIT = 512
 UPSTREAM_KEEPALIVE_SECONDS = 4.0
+RETRIED_FROM_HEADER = "x-kubetune-retried-from"
+"""On an answer from a version the request was re-sent to: the version that could not be reached."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,7 @@ class Attempt:
     first_chunk: bytes = b""
     started: float = 0.0
     duration: float = 0.0  # until the answer was read, or the stream's first chunk arrived
+    retried_from: str | None = None  # the unreachable version this request was first sent to
 
     @property
     def timed_out(self) -> bool:
@@ -291,6 +298,49 @@ SendAttempt = Callable[[str, dict[str, Any], AttemptLimits], Awaitable[Attempt]]
 """(version, body, limits) -> the attempt."""
 
 
+@dataclass(frozen=True)
+class RetryElsewhere:
+    """How a request whose version could not be connected to is re-sent once to another version.
+
+    Only when nothing reached the version (``Attempt.unreachable``): a request that reached it may
+    have been acted on, and is left to the fallback. Leave it out (None) for a request pinned to its
+    version by the override header: that client asked for that version, not for any.
+    """
+
+    choose: Callable[[frozenset[str]], str | None]
+    """Another version by weight, none of the given ones (the unreachable and the not ready); None
+    when there is none (e.g. ``Router.another_by_weight``)."""
+    on_retry: Callable[[str, str], None]
+    """(unreachable version, version asked instead), called once the other version is really asked:
+    count it."""
+
+
+async def _send_elsewhere(
+    retry: RetryElsewhere,
+    unreachable: Attempt,
+    body_for: Callable[[str], UpstreamBody],
+    send: SendAttempt,
+    limits: AttemptLimits,
+    unavailable: Callable[[], frozenset[str]],
+) -> tuple[Attempt, UpstreamBody] | None:
+    """The attempt on another version and what was sent to it; None when no other version can take it."""
+    other = retry.choose(frozenset({unreachable.version}) | unavailable())
+    if other is None:
+        return None
+    try:
+        other_upstream = body_for(other)
+    except GatewayError as error:  # e.g. its prompt does not fit: it cannot stand in for this request
+        log.warning(
+            "version %s is unreachable; %s cannot take its request: %s", unreachable.version, other, error
+        )
+        return None
+    retry.on_retry(unreachable.version, other)
+    log.warning("version %s is unreachable; re-sending the request to %s", unreachable.version, other)
+    attempt = await send(other, other_upstream.body, limits)
+    attempt.retried_from = unreachable.version
+    return attempt, other_upstream
+
+
 async def send_with_fallback(
     config: GatewayConfig,
     upstream: UpstreamBody,
@@ -298,17 +348,34 @@ async def send_with_fallback(
     send: SendAttempt,
     on_fallback: Callable[[str, str], None],
     unavailable: Callable[[], frozenset[str]],
+    retry_elsewhere: RetryElsewhere | None = None,
 ) -> tuple[Attempt, UpstreamBody]:
-    """Send ``upstream`` to its version, and when that fails, ``body_for(fallback)`` to the fallback
-    (unless the fallback is in ``unavailable()`` by then).
+    """Send ``upstream`` to its version; when it cannot be connected to and ``retry_elsewhere`` is
+    given, re-send the request once to another version it chooses; when that fails, send
+    ``body_for(fallback)`` to the fallback (unless the fallback is in ``unavailable()`` by then, or
+    is the version that failed).
 
     ``on_fallback(failed_version, fallback_version)`` is called once the fallback is really asked.
-    Both attempts are bounded by ``fallback.timeoutSeconds`` as well as the ``timeouts``. Returns the
+    Attempts are bounded by ``fallback.timeoutSeconds`` as well as the ``timeouts``. Returns the
     attempt that answered and what was sent to it; raises the GatewayError of :func:`failed` when no
     version could answer."""
     fallback = config.fallback.version if config.fallback is not None else None
     can_fall_back = fallback is not None and fallback != upstream.version
     first = await send(upstream.version, upstream.body, attempt_limits(config, fallback_bounds=can_fall_back))
+    if first.unreachable and retry_elsewhere is not None:
+        elsewhere = await _send_elsewhere(
+            retry_elsewhere,
+            first,
+            body_for,
+            send,
+            attempt_limits(config, fallback_bounds=fallback is not None),
+            unavailable,
+        )
+        if elsewhere is not None:
+            first, upstream = elsewhere
+            if first.failure is None:
+                return first, upstream
+            can_fall_back = fallback is not None and fallback not in (upstream.version, first.retried_from)
     if first.failure is None or fallback is None or not can_fall_back:
         if first.failure is not None:
             raise failed(config, first, None)
