@@ -117,6 +117,21 @@ class VersionModel(KubeModel):
         return self
 
 
+PRICE_RANGE = DecimalRange(0)
+BUDGET_RANGE = DecimalRange(0, above_minimum=True)
+
+
+class Pricing(KubeModel):
+    """A version's price per million tokens, which turns its usage into cost (usage, cost budgets)."""
+
+    input_per_million: Annotated[DecimalString, PRICE_RANGE] = Field(
+        default="0", description='Price of 1M prompt tokens, e.g. "0.50" (any currency, used consistently).'
+    )
+    output_per_million: Annotated[DecimalString, PRICE_RANGE] = Field(
+        default="0", description='Price of 1M completion tokens, e.g. "1.50".'
+    )
+
+
 class ModelVersion(KubeModel):
     """One served version and the share of traffic it gets."""
 
@@ -132,6 +147,9 @@ class ModelVersion(KubeModel):
     )
     prompt: str | None = Field(
         default=None, max_length=63, description="Name of a spec.prompts entry this version applies."
+    )
+    pricing: Pricing | None = Field(
+        default=None, description="The version's token prices; usage of an unpriced version costs 0."
     )
 
 
@@ -411,40 +429,6 @@ class FewShotExample(KubeModel):
     assistant: str = Field(max_length=16_384, description="The answer the model should give to it.")
 
 
-class PromptReasoning(KubeModel):
-    """Step-by-step thinking the model writes between two markers, kept from the client."""
-
-    mode: Literal["hidden"] = Field(
-        default="hidden",
-        description="hidden: nothing between the markers reaches the client, streamed or not; usage still "
-        "counts those tokens (completion_tokens_details.reasoning_tokens).",
-    )
-    open: str = Field(
-        default="<think>", min_length=1, max_length=64, description="Marker opening the reasoning."
-    )
-    close: str = Field(
-        default="</think>", min_length=1, max_length=64, description="Marker closing the reasoning."
-    )
-
-
-class FewShotSelection(KubeModel):
-    """Few-shot examples picked per request from a pool, instead of (or after) the fixed examples."""
-
-    uri: str = Field(
-        min_length=1,
-        max_length=2048,
-        description='A JSONL pool of examples, one {"user": ..., "assistant": ...} object a line (a path or '
-        "file:// URI the gateway reads).",
-    )
-    k: int = Field(default=3, ge=1, le=32, description="Most examples a request gets.")
-    select: Literal["similar", "random", "fixed"] = Field(
-        default="similar",
-        description="similar: the k examples nearest the request's last user message (BM25); random: k "
-        "drawn with the request as the seed (the same request gets the same examples); fixed: the "
-        "first k. Examples that would not fit the context window's maxPromptTokens are left out.",
-    )
-
-
 class PromptTemplate(KubeModel):
     """A versioned prompt: rolled out and A/B-tested with the model version that names it."""
 
@@ -462,13 +446,6 @@ class PromptTemplate(KubeModel):
         "from the request's metadata.",
     )
     examples: list[FewShotExample] = Field(default_factory=list, max_length=32, description="Few-shot turns.")
-    few_shot: FewShotSelection | None = Field(
-        default=None, description="Few-shot examples selected per request from a pool (after examples)."
-    )
-    reasoning: PromptReasoning | None = Field(
-        default=None, description="Reasoning the model writes between markers, hidden from the client."
-    )
-
 
     @model_validator(mode="after")
     def _keeps_the_input(self) -> PromptTemplate:
@@ -494,6 +471,83 @@ class Fallback(KubeModel):
     timeout: PositiveDuration = Field(default="30s", description="How long the chosen version may take.")
 
 
+class AccessLimits(KubeModel):
+    """Limits on one key, or on all keys of a tenant together; unset fields set no limit."""
+
+    requests_per_minute: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Requests a minute."
+    )
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="Prompt + completion tokens a minute, counted as generated (streams too).",
+    )
+    tokens_per_day: int | None = Field(default=None, ge=1, description="Token budget per UTC day.")
+    tokens_per_month: int | None = Field(default=None, ge=1, description="Token budget per UTC month.")
+    cost_per_day: Annotated[DecimalString, BUDGET_RANGE] | None = Field(
+        default=None, description="Cost budget per UTC day (the versions' pricing)."
+    )
+    cost_per_month: Annotated[DecimalString, BUDGET_RANGE] | None = Field(
+        default=None, description="Cost budget per UTC month (the versions' pricing)."
+    )
+
+
+class TenantLimits(KubeModel):
+    """Limits for one tenant that replace access.limits.perTenant for it."""
+
+    tenant: str = Field(min_length=1, max_length=253, description="The tenant a key was created for.")
+    limits: AccessLimits = Field(description="That tenant's limits (all its keys together).")
+
+
+class Limits(KubeModel):
+    """Rate limits and budgets; over one, a request gets 429 with Retry-After."""
+
+    per_key: AccessLimits = Field(default_factory=AccessLimits, description="Every key on its own.")
+    per_tenant: AccessLimits = Field(
+        default_factory=AccessLimits, description="All keys of a tenant together."
+    )
+    tenants: list[TenantLimits] = Field(
+        default_factory=list, max_length=1000, description="Per-tenant overrides of perTenant."
+    )
+
+
+class LimitStore(KubeModel):
+    """Where the gateway replicas share their counters."""
+
+    redis_url: str | None = Field(
+        default=None,
+        pattern=r"^(redis|rediss)://[^\s]+$",
+        max_length=2048,
+        description="Redis the gateway replicas share their counters in, e.g. "
+        "redis://kubetune-redis.kubetune-system:6379/0 (the chart's redis.enabled deploys one). Unset: each "
+        "replica counts on its own, so N replicas let up to N times a limit through.",
+    )
+    on_unavailable: Literal["failOpen", "failClosed"] = Field(
+        default="failClosed",
+        description="When Redis cannot be asked: failClosed answers 503, failOpen serves without limits; "
+        "either way it is logged, counted (kubetune_gateway_limit_store_failures_total) and shown.",
+    )
+
+
+class Audit(KubeModel):
+    """The hash-chained audit log: one JSON line per request, never the key or the text."""
+
+    enabled: bool = Field(default=True, description="Write the audit log (to the gateway's stdout).")
+
+
+class Access(KubeModel):
+    """Who may call the deployment's gateway and how much: API keys, scopes, limits, audit."""
+
+    auth: Literal["required", "disabled"] | None = Field(
+        default=None,
+        description="required: every request needs a key (Authorization: Bearer kt-...). disabled: none does "
+        "(explicit opt-out). Unset: required on a cluster; locally, required once the deployment has a key.",
+    )
+    limits: Limits = Field(default_factory=Limits)
+    store: LimitStore = Field(default_factory=LimitStore)
+    audit: Audit = Field(default_factory=Audit)
+
+
 class ModelDeploymentSpec(KubeModel):
     """Desired state of the ModelDeployment: the versions served, how traffic reaches them, and how."""
 
@@ -512,6 +566,7 @@ class ModelDeploymentSpec(KubeModel):
     )
     cache: Cache | None = Field(default=None, description="Response cache; off when unset.")
     fallback: Fallback | None = Field(default=None, description="Where failed requests are retried.")
+    access: Access = Field(default_factory=Access, description="API keys, scopes, limits, budgets and audit.")
 
     @model_validator(mode="wrap")
     @classmethod

@@ -557,8 +557,21 @@ class Gateway:
 
 
 def _signing_key(config: GatewayConfig) -> bytes | None:
+    """The configured signing key; None (a key of this process) when there is none or it is unreadable,
+    said in the log: then only this replica accepts feedback on its answers."""
     path = config.access.signing_key_file
-    return Path(path).read_bytes() if path is not None else None
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        log.warning(
+            "cannot read the signing key %s (%s): response ids are signed with a key of this process, "
+            "so other replicas refuse feedback on them",
+            path,
+            exc.strerror or exc,
+        )
+        return None
 
 
 def _check_model(model: str | None, deployment: str) -> None:

@@ -277,7 +277,11 @@ class AccessConfig(GatewayModel):
         description="required: every request needs a key; disabled: none does; whenKeysExist: keys "
         "are required once the key file holds one (local mode: open until the first key).",
     )
-    keys_file: str | None = Field(default=None, description="The key file (hashes only); reloaded on change.")
+    keys_file: str | None = Field(
+        default=None,
+        description="The key file (hashes only); reloaded on change. Absent or empty with auth "
+        "required: every request is refused (401), never let through.",
+    )
     signing_key_file: str | None = Field(
         default=None,
         description="HMAC key signing response ids, shared by replicas so any accepts feedback; "
@@ -286,12 +290,6 @@ class AccessConfig(GatewayModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     store: LimitStoreConfig = Field(default_factory=LimitStoreConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
-
-    @model_validator(mode="after")
-    def _keys_file_when_required(self) -> AccessConfig:
-        if self.auth == "required" and self.keys_file is None:
-            raise ValueError("keysFile is required when auth is 'required'")
-        return self
 
 
 class GatewayConfig(GatewayModel):

@@ -68,8 +68,11 @@ class GatewayProcess:
             signing_key = self.access_directory / SIGNING_KEY_FILE_NAME
             load_or_create_signing_key(signing_key)
             access["signingKeyFile"] = str(signing_key)
+        # locally the log is a file (stdout is the gateway's log file); spec.access.audit.enabled
+        # arrives as audit.stdout
         audit = dict(access.get("audit") or {})
-        audit.setdefault("path", str(self.audit_log))
+        if audit.pop("stdout", True):
+            audit.setdefault("path", str(self.audit_log))
         access["audit"] = audit
         return {**config, "access": access}
 

@@ -9,7 +9,7 @@ from typing import Any
 from kubetune.gateway.config import GatewayConfigError, parse_gateway_config
 from kubetune.rollout.weights import proportional
 from kubetune_contract.common import as_float
-from kubetune_contract.deployment import ModelDeployment, duration_seconds
+from kubetune_contract.deployment import AccessLimits, ModelDeployment, Pricing, duration_seconds
 
 
 def effective_weights(
@@ -32,6 +32,48 @@ def effective_weights(
 
 class GatewayConfigInvalid(ValueError):
     """The spec makes a gateway config the gateway would refuse (the message names the field)."""
+
+
+def _pricing(pricing: Pricing | None) -> dict[str, float] | None:
+    if pricing is None:
+        return None
+    return {
+        "inputPerMillion": as_float(pricing.input_per_million),
+        "outputPerMillion": as_float(pricing.output_per_million),
+    }
+
+
+def _limits(limits: AccessLimits) -> dict[str, Any]:
+    values = {
+        "requestsPerMinute": limits.requests_per_minute,
+        "tokensPerMinute": limits.tokens_per_minute,
+        "tokensPerDay": limits.tokens_per_day,
+        "tokensPerMonth": limits.tokens_per_month,
+        "costPerDay": as_float(limits.cost_per_day),
+        "costPerMonth": as_float(limits.cost_per_month),
+    }
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _access(deployment: ModelDeployment) -> dict[str, Any]:
+    """The gateway's ``access`` section from ``spec.access``. Where keys, the signing key and the audit
+    file live is the serving backend's to add (a Secret mount on a cluster, files locally), as is the
+    default of an unset ``auth`` (required on a cluster, open until the first key locally)."""
+    access = deployment.spec.access
+    rendered: dict[str, Any] = {
+        "limits": {
+            "perKey": _limits(access.limits.per_key),
+            "perTenant": _limits(access.limits.per_tenant),
+            "tenants": {entry.tenant: _limits(entry.limits) for entry in access.limits.tenants},
+        },
+        "store": {"onUnavailable": access.store.on_unavailable},
+        "audit": {"stdout": access.audit.enabled},
+    }
+    if access.auth is not None:
+        rendered["auth"] = access.auth
+    if access.store.redis_url is not None:
+        rendered["store"]["redisUrl"] = access.store.redis_url
+    return rendered
 
 
 def gateway_config(
@@ -57,6 +99,7 @@ def gateway_config(
             "url": urls[version.name],
             "weight": weights.get(version.name, 0),
             "prompt": version.prompt,
+            "pricing": _pricing(version.pricing),
         }
         for version in spec.versions
         if version.name in urls
@@ -121,6 +164,7 @@ def gateway_config(
             if spec.fallback is not None and spec.fallback.version in names
             else None
         ),
+        "access": _access(deployment),
     }
     try:
         parse_gateway_config(json.dumps(config), "gateway config")

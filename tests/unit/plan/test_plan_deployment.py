@@ -244,8 +244,8 @@ def test_gateway_config_follows_the_contract() -> None:
         "deployment": "support-bot",
         "namespace": "ml",
         "versions": [
-            {"name": "tuned", "url": "http://t:3000", "weight": 90, "prompt": "v1"},
-            {"name": "int8", "url": "http://i:3000", "weight": 10, "prompt": None},
+            {"name": "tuned", "url": "http://t:3000", "weight": 90, "prompt": "v1", "pricing": None},
+            {"name": "int8", "url": "http://i:3000", "weight": 10, "prompt": None, "pricing": None},
         ],
         "control": "tuned",
         "routing": {"stickyBy": "header", "header": "x-user-id", "overrideHeader": "x-kubetune-version"},
@@ -263,6 +263,12 @@ def test_gateway_config_follows_the_contract() -> None:
         ],
         "cache": {"enabled": True, "ttlSeconds": 300.0, "maxEntries": 64},
         "fallback": {"version": "tuned", "timeoutSeconds": 90.0},
+        # no spec.access: no limits, the audit log on, auth left to the serving backend's default
+        "access": {
+            "limits": {"perKey": {}, "perTenant": {}, "tenants": {}},
+            "store": {"onUnavailable": "failClosed"},
+            "audit": {"stdout": True},
+        },
     }
     parsed = parse_gateway_config(json.dumps(config))
     assert parsed.fallback is not None and parsed.fallback.timeout_seconds == 90
