@@ -28,7 +28,7 @@ import warnings
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from kubetune.config import KFP_AUTH_ENV, KfpAuth, KfpNamespaceMap
+from kubetune.config import KFP_AUTH_ENV, KfpAuth, KfpNamespaceMap, OperatorConfig
 from kubetune.plan.runs import BackendError, RunPhase, RunRequest, RunStatus
 from kubetune_contract.workspace import OBJECT_STORE_SCHEMES, WORKSPACE_REPORT_OUTPUT, WorkspaceReport
 
@@ -139,8 +139,8 @@ class KfpBackend:
         self._client = client
 
     @classmethod
-    def from_settings(cls, settings: Any) -> KfpBackend:
-        """The backend an :class:`~kubetune.config.OperatorConfig` describes."""
+    def from_settings(cls, settings: OperatorConfig) -> KfpBackend:
+        """The backend the operator's settings describe."""
         return cls(
             settings.kfp_host,
             ui_url=settings.kfp_ui_url,
