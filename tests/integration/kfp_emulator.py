@@ -19,9 +19,9 @@ Authentication and authorization follow a multi-user KFP: with ``tokens`` set, e
 needs ``Authorization: Bearer <token>`` (missing or unknown: 401 Unauthenticated), and the token's
 identity must be allowed the namespace it touches (else 403 PermissionDenied), as KFP's TokenReview +
 SubjectAccessReview answer. Runs carry ``run_details.task_details``; a task's output parameters are
-``outputs.parameters[{parameter_key, value}]``, the shape of KFP's PipelineTaskDetail.outputs
-(kubeflow/pipelines master; KFP up to 2.5 leaves task outputs empty, kubeflow/pipelines#9858), set by
-tests with :meth:`KfpEmulator.set_task`.
+``outputs.parameters[{parameter_key, value}]``, the shape of PipelineTaskDetail.outputs in
+kubeflow/pipelines' current v2beta1 API (released 2.x API servers list only artifact ids there, often
+none: kubeflow/pipelines#9858), set by tests with :meth:`KfpEmulator.set_task`.
 
 Semantics follow the KFP API server where the client can tell: JSON with proto field names, unset
 fields and empty lists left out (``{}`` for an empty list response), ``filter`` is a JSON

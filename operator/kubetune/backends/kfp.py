@@ -86,13 +86,6 @@ def shared_storage_problem(request: RunRequest) -> str | None:
     return None
 
 
-def _parameter_value(parameter: dict[str, Any]) -> str | None:
-    value = parameter.get("value")
-    if isinstance(value, dict):  # a protobuf Value written out as a message
-        value = value.get("string_value", value.get("stringValue"))
-    return value if isinstance(value, str) else None
-
-
 def _task_report(task: dict[str, Any]) -> WorkspaceReport | None:
     """The workspace report a task published as its output parameter, if it did and it reads."""
     outputs = task.get("outputs") or {}
@@ -100,9 +93,9 @@ def _task_report(task: dict[str, Any]) -> WorkspaceReport | None:
     for parameter in parameters or []:
         if not isinstance(parameter, dict) or parameter.get("parameter_key") != WORKSPACE_REPORT_OUTPUT:
             continue
-        value = _parameter_value(parameter)
+        value = parameter.get("value")  # a google.protobuf.Value: a string parameter is a JSON string
         try:
-            return WorkspaceReport.from_json(value) if value is not None else None
+            return WorkspaceReport.from_json(value) if isinstance(value, str) else None
         except (ValueError, TypeError):
             return None
     return None
