@@ -18,7 +18,10 @@ was truncated to fit the context window is answered with the header
 `response_format` and `tools` are honoured by constrained decoding (`openai_requests`,
 `constrained`). A reply that calls a tool comes back as OpenAI's `tool_calls` with finish_reason
 `tool_calls`; streamed, the call is sent whole in one chunk once it is complete, while a text
-reply streams as it is generated.
+reply streams as it is generated. With kubetune's `kubetune_hidden_reasoning: {"open", "close"}`
+(sent by the gateway for a prompt with hidden reasoning) nothing between the markers is returned,
+and usage says how many of the completion tokens were reasoning
+(`completion_tokens_details.reasoning_tokens`).
 """
 
 from __future__ import annotations
