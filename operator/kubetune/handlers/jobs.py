@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
@@ -32,6 +34,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         memo["backends"] = Backends(OperatorConfig.from_env())
     if "written_statuses" not in memo:  # one for all jobs: each object's memo is a shallow copy of this
         memo["written_statuses"] = WrittenStatuses()
+    if "pass_schedule" not in memo:
+        memo["pass_schedule"] = PassSchedule(_INTERVAL_S)
     # `kubetune operator` (main.py) puts the port in the memo; without one, no endpoint is served.
     port = int(memo.get("metrics_port") or 0)
     if port and memo.get("metrics_server") is None:
@@ -96,8 +100,9 @@ class WrittenStatuses:
             fresh["status"] = {key: value for key, value in status.items() if value is not None}
         return fresh
 
-    def write(self, decision: Decision, fresh: dict[str, Any], body: kopf.Body, patch: kopf.Patch) -> None:
-        """Patch what changed against the freshest status known, and post the decision's events."""
+    def write(self, decision: Decision, fresh: dict[str, Any], body: kopf.Body, patch: kopf.Patch) -> bool:
+        """Patch what changed against the freshest status known, and post the decision's events;
+        whether anything changed."""
         current = dict(fresh.get("status") or {})
         changed = {key: value for key, value in decision.status.items() if current.get(key) != value}
         for key, value in changed.items():
@@ -106,6 +111,7 @@ class WrittenStatuses:
             self._by_uid.setdefault(str(body.metadata.uid), {}).update(changed)
         for event in decision.events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1000])
+        return bool(changed or decision.events)
 
     def forget(self, uid: str | None) -> None:
         self._by_uid.pop(str(uid), None)
@@ -117,24 +123,84 @@ def _written_statuses(memo: kopf.Memo) -> WrittenStatuses:
     return written
 
 
-@kopf.timer(GROUP, VERSION, "finetunejobs", interval=_INTERVAL_S, initial_delay=0, when=_unfinished)
-def reconcile_finetunejob(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    written = _written_statuses(memo)
+class PassSchedule:
+    """When each unfinished job is next reconciled: every ``interval_s`` while passes change something,
+    backing off (doubling, up to ``max_factor`` times the interval) while they change nothing.
+
+    A run that waits in a queue, or a QuantizeJob that waits for its source, is then looked at a few
+    times a minute instead of every interval: with hundreds of jobs, passes that only confirm nothing
+    changed would otherwise take the operator's CPU and the backend's API from the passes that do work.
+    A new generation is due at once. A training run changes its progress on every pass, so it is
+    followed at the full rate.
+    """
+
+    def __init__(self, interval_s: float, max_factor: int = 8) -> None:
+        self.interval_s = interval_s
+        self.max_delay_s = interval_s * max_factor
+        self._next: dict[str, tuple[int | None, float, float]] = {}  # uid -> generation, due at, delay
+
+    def due(self, uid: str, generation: int | None, now: float) -> bool:
+        planned = self._next.get(uid)
+        return planned is None or planned[0] != generation or now >= planned[1]
+
+    def record(self, uid: str, generation: int | None, changed: bool, now: float) -> None:
+        previous = self._next.get(uid)
+        delay = self.interval_s
+        if not changed and previous is not None and previous[0] == generation:
+            delay = min(previous[2] * 2, self.max_delay_s)
+        # Kopf's timer ticks every interval: come back on the tick just before the delay is over.
+        self._next[uid] = (generation, now + delay - self.interval_s / 2, delay)
+
+    def forget(self, uid: str | None) -> None:
+        self._next.pop(str(uid), None)
+
+
+def _schedule(memo: kopf.Memo) -> PassSchedule:
+    schedule = memo["pass_schedule"]
+    assert isinstance(schedule, PassSchedule)
+    return schedule
+
+
+async def _reconcile(
+    kind: str,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    reconcile: Callable[[dict[str, Any]], Decision],
+) -> None:
+    """One timer tick: skipped until the job is due (cheaply, in the event loop); otherwise one pass
+    in a worker thread (it reads files and calls backends), its status patched and events posted."""
+    uid, generation = str(body.metadata.uid), body.metadata.get("generation")
+    schedule, written = _schedule(memo), _written_statuses(memo)
+    if not schedule.due(uid, generation, time.monotonic()):
+        return
     fresh = written.fresh(body)
-    if _unfinished(fresh):
-        with METRICS.reconcile("FineTuneJob"):
-            written.write(reconcile_finetune(fresh, _backends(memo)), fresh, body, patch)
+    if not _unfinished(fresh):
+        return
+
+    def one_pass() -> Decision:
+        with METRICS.reconcile(kind):
+            return reconcile(fresh)
+
+    decision = await asyncio.get_running_loop().run_in_executor(None, one_pass)
+    changed = written.write(decision, fresh, body, patch)
+    schedule.record(uid, generation, changed or decision.action != "none", time.monotonic())
+
+
+@kopf.timer(GROUP, VERSION, "finetunejobs", interval=_INTERVAL_S, initial_delay=0, when=_unfinished)
+async def reconcile_finetunejob(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    backends = _backends(memo)
+    await _reconcile("FineTuneJob", body, patch, memo, lambda fresh: reconcile_finetune(fresh, backends))
 
 
 @kopf.timer(GROUP, VERSION, "quantizejobs", interval=_INTERVAL_S, initial_delay=0, when=_unfinished)
-def reconcile_quantizejob(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **kwargs: Any) -> None:
+async def reconcile_quantizejob(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **kwargs: Any) -> None:
     # Kopf passes indexes as keyword arguments named after the index function.
     lookup = _lookup(kwargs["finetunejobs_by_name"])
-    written = _written_statuses(memo)
-    fresh = written.fresh(body)
-    if _unfinished(fresh):
-        with METRICS.reconcile("QuantizeJob"):
-            written.write(reconcile_quantize(fresh, _backends(memo), lookup), fresh, body, patch)
+    backends = _backends(memo)
+    await _reconcile(
+        "QuantizeJob", body, patch, memo, lambda fresh: reconcile_quantize(fresh, backends, lookup)
+    )
 
 
 @kopf.on.delete(GROUP, VERSION, "finetunejobs")
@@ -157,5 +223,6 @@ def count_jobs_by_state(
     if type == "DELETED":
         METRICS.forget_job(kind, namespace, name)
         _written_statuses(memo).forget(body.metadata.uid)
+        _schedule(memo).forget(body.metadata.uid)
     else:
         METRICS.observe_job(kind, namespace, name, (body.get("status") or {}).get("phase"))

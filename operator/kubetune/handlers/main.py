@@ -20,6 +20,15 @@ HANDLER_MODULES: tuple[str, ...] = (
 )
 
 
+class WithoutTimerSuccesses(logging.Filter):
+    """Drops Kopf's "Timer '...' succeeded." line: every unfinished job's timer ticks every reconcile
+    interval, so with many jobs those lines would bury everything else (failures are still logged)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Timer '") and message.endswith("' succeeded."))
+
+
 def run_operator(
     namespaces: list[str],
     liveness_port: int | None = 8080,
@@ -31,6 +40,8 @@ def run_operator(
     port = port_from_env(os.environ)
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("kubetune").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        logging.getLogger("kopf.objects").addFilter(WithoutTimerSuccesses())
     # lightkube's HTTP client logs every API call at INFO (a dozen lines per pass): only with --verbose.
     for client_logger in ("httpx", "httpx2"):
         logging.getLogger(client_logger).setLevel(logging.DEBUG if verbose else logging.WARNING)
