@@ -21,6 +21,8 @@ from kubetune_components.common import storage
 
 Phase = Literal["curating", "evaluating-baseline", "training", "evaluating", "publishing", "done"]
 PROGRESS_FILE = "progress.json"
+_UP_TO_TRAINING: frozenset[str] = frozenset({"curating", "evaluating-baseline", "training"})
+"""The phases before training has finished (a resumed run may redo the ones before training)."""
 
 
 def utc_now_iso() -> str:
@@ -64,10 +66,11 @@ class ProgressReporter:
 
     def set_phase(self, phase: Phase) -> None:
         checkpoint_step = self._state["checkpointStep"]
-        if phase == "training" and self._state["phase"] == "training" and isinstance(checkpoint_step, int):
-            # A new process entering training where the last one was still training: it was interrupted,
-            # and this one resumes from the checkpoint, not from the step the killed one last reported.
-            # The loop confirms (or corrects) this once it has loaded the checkpoint.
+        unfinished = self._state["phase"] in _UP_TO_TRAINING
+        if phase == "training" and unfinished and isinstance(checkpoint_step, int):
+            # Training again before it ever finished, with a checkpoint on disk: the run was interrupted,
+            # and this attempt resumes from the checkpoint, not from the step the stopped one last
+            # reported. The loop confirms (or corrects) this once it has loaded the checkpoint.
             self._state.update(step=checkpoint_step, resumedFromStep=checkpoint_step)
         self._state["phase"] = phase
         self._write()

@@ -385,6 +385,35 @@ def test_a_restarted_step_reports_the_step_it_resumes_from(tiny_model_dir: Path,
     assert (finished["step"], finished["checkpointStep"], finished["resumedFromStep"]) == (6, 6, 2)
 
 
+def progress_of(workspace: Path) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads((workspace / "progress.json").read_text())
+    return state
+
+
+def stopped_while_training(workspace: Path, *, checkpoint: int, reached: int) -> None:
+    stopped = ProgressReporter(workspace, min_interval_s=0)
+    stopped.set_phase("training")
+    stopped.checkpoint_saved(checkpoint)
+    stopped.training_update(
+        step=reached, total_steps=10, epoch=0.5, train_loss=1.0, learning_rate=1e-3, tokens_seen=99
+    )
+
+
+def test_a_resumed_run_that_redoes_the_steps_before_training_still_says_it_resumes(tmp_path: Path) -> None:
+    stopped_while_training(tmp_path, checkpoint=4, reached=5)
+    ProgressReporter(tmp_path).set_phase("curating")
+    ProgressReporter(tmp_path).set_phase("evaluating-baseline")
+    ProgressReporter(tmp_path).set_phase("training")
+    assert (progress_of(tmp_path)["step"], progress_of(tmp_path)["resumedFromStep"]) == (4, 4)
+
+
+def test_training_again_after_it_finished_is_no_resume(tmp_path: Path) -> None:
+    stopped_while_training(tmp_path, checkpoint=10, reached=10)
+    ProgressReporter(tmp_path).set_phase("evaluating")  # training had finished
+    ProgressReporter(tmp_path).set_phase("training")
+    assert (progress_of(tmp_path)["step"], progress_of(tmp_path)["resumedFromStep"]) == (10, None)
+
+
 def test_a_fresh_start_reports_no_resume(tiny_model_dir: Path, tmp_path: Path) -> None:
     spec = job_spec(tiny_model_dir, {"type": "lora"}, maxSteps=2, checkpointEverySteps=1)
     workspace = write_train_split(tmp_path)
