@@ -16,3 +16,13 @@ MODEL_ALIAS = "kubetune-model"
 """Alias under which a kubetune Bento references its model (`bentoml.models.get(MODEL_ALIAS)`)."""
 DEPLOYMENT_LABEL = "kubetune-deployment"
 VERSION_LABEL = "kubetune-version"
+
+# How the model-building init container of a version's pod tells the operator that the model cannot be
+# served (the path holds no model, its URI or configuration cannot be read): retrying cannot help.
+MODEL_INVALID_EXIT_CODE = 65
+"""Its exit status then (sysexits' EX_DATAERR). Any other failure (a download that broke) exits 1 and is
+retried with the kubelet's back-off; this one makes the operator mark the version ModelInvalid at once."""
+TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
+TERMINATION_LOG = "/dev/termination-log"
+"""Where it writes ``<Reason>: <message>`` before it exits (Kubernetes' default terminationMessagePath,
+so the message shows in the pod's status); TERMINATION_LOG_ENV overrides the path."""

@@ -54,7 +54,14 @@ import kubetune_components
 from kubetune_components.common import storage
 from kubetune_components.common.errors import ComponentError, ConfigError, ModelLoadError
 from kubetune_components.serving.artifacts import BUNDLED_BASE_DIR, inspect_model_dir
-from kubetune_contract.serving import DEPLOYMENT_LABEL, MODEL_ALIAS, VERSION_LABEL
+from kubetune_contract.serving import (
+    DEPLOYMENT_LABEL,
+    MODEL_ALIAS,
+    MODEL_INVALID_EXIT_CODE,
+    TERMINATION_LOG,
+    TERMINATION_LOG_ENV,
+    VERSION_LABEL,
+)
 
 SERVICE = "kubetune_components.serving.service:LLMService"
 PACKAGE = "kubetune_components"
@@ -170,6 +177,10 @@ def _package_dir() -> Path:
     return Path(kubetune_components.__file__).resolve().parent
 
 
+FETCH_FAILED_REASON = "ModelFetchFailed"
+"""A download from the hub that failed: retried, unlike a model that is not one."""
+
+
 def _local_dir(uri: str, scratch: Path, what: str) -> Path:
     """A local directory holding the tree at `uri` (object stores and the hub are downloaded)."""
     if uri.startswith("hf://"):
@@ -188,7 +199,9 @@ def _local_dir(uri: str, scratch: Path, what: str) -> Path:
                 )
             )
         except Exception as error:
-            raise ModelLoadError(f"cannot fetch the {what} {uri}: {error}") from error
+            raise ModelLoadError(
+                f"cannot fetch the {what} {uri}: {error}", reason=FETCH_FAILED_REASON
+            ) from error
     if storage.is_local(uri):
         path = storage.resolve_local_path(uri)
         if not path.is_dir():
@@ -358,8 +371,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(import_bento(args.archive, bentoml_home=args.bentoml_home))
     except ComponentError as error:
         print(f"{args.command} failed ({error.reason}): {error.message}", file=sys.stderr)
-        return 1
+        _write_termination_message(f"{error.reason}: {error.message}")
+        # A fetch may work next time; anything else is about the model itself (see MODEL_INVALID_EXIT_CODE).
+        return 1 if error.reason == FETCH_FAILED_REASON else MODEL_INVALID_EXIT_CODE
     return 0
+
+
+def _write_termination_message(message: str) -> None:
+    """Kubernetes shows the file's content in the pod's status; outside a pod there may be no such file."""
+    with contextlib.suppress(OSError):
+        Path(os.environ.get(TERMINATION_LOG_ENV) or TERMINATION_LOG).write_text(message, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ owned by another object) is reported as not ready with the reason, and its exist
 left as they are; the other versions go on. Server errors and timeouts raise, so the reconcile is
 retried.
 
+A version that is not ready is failed (``VersionObservation.failed``: the ModelDeployment goes Stalled
+with ModelInvalid at once, instead of crash-looping) when a pod of its current model says the model
+cannot be served: its model-building init container exited with ``MODEL_INVALID_EXIT_CODE``, now or
+the last time it ran; the message is the container's termination message (``<Reason>: <message>``).
+
 Every method is a coroutine over lightkube's AsyncClient: the reconcile pass awaits them on the
 operator's event loop.
 """
@@ -28,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lightkube import ApiError, AsyncClient
+from lightkube.resources.core_v1 import Pod
 
 from kubetune.config import RETIRE_AFTER_S
 from kubetune.kube import apply as kube
@@ -52,6 +58,7 @@ from kubetune.plan.versions import (
     VersionObservation,
     VersionServing,
 )
+from kubetune_contract.serving import MODEL_INVALID_EXIT_CODE
 
 VERSION_RESOURCES = (kube.DEPLOYMENTS, kube.SERVICES, kube.HORIZONTAL_POD_AUTOSCALERS)
 # Holds a version's replica count between kubetune's last apply that set it and the HPA's first scale
@@ -112,6 +119,28 @@ def _applies_replicas(stored: Mapping[str, Any], manager: str) -> bool:
         if "f:replicas" in ((entry.get("fieldsV1") or {}).get("f:spec") or {}):
             return True
     return False
+
+
+def model_invalid_message(pod: Mapping[str, Any], model_uri: str) -> str | None:
+    """What a pod's init container said when it exited with MODEL_INVALID_EXIT_CODE building
+    ``model_uri`` (a pod of a previous model, still being replaced, does not count); None otherwise."""
+    spec = pod.get("spec") or {}
+    builds_this_model = {
+        container["name"]
+        for container in spec.get("initContainers") or []
+        if model_uri in (container.get("args") or [])
+    }
+    for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        if status.get("name") not in builds_this_model:
+            continue
+        for state in (status.get("state"), status.get("lastState")):
+            terminated = (state or {}).get("terminated") or {}
+            if terminated.get("exitCode") == MODEL_INVALID_EXIT_CODE:
+                said = str(terminated.get("message") or "").strip()
+                said = said or f"it exited with status {MODEL_INVALID_EXIT_CODE}"
+                name = (pod.get("metadata") or {}).get("name", "")
+                return f"the model cannot be served: {said} (init container {status['name']} of pod {name})"
+    return None
 
 
 def _client_error(error: ApiError) -> bool:
@@ -209,7 +238,29 @@ class KubernetesServing:
             name = server["metadata"]["name"]
             server = await kube.merge_patch(self.client, kube.DEPLOYMENTS, deployment.namespace, name, patch)
         ready, message = rollout_state(server, _required_replicas(version, server))
-        return VersionObservation(url=version_url(deployment, version.name), ready=ready, message=message)
+        url = version_url(deployment, version.name)
+        if not ready and (invalid := await self._model_invalid(deployment.namespace, server, version)):
+            return VersionObservation(url=url, ready=False, message=invalid, failed=True)
+        return VersionObservation(url=url, ready=ready, message=message)
+
+    async def _model_invalid(
+        self, namespace: str, server: Mapping[str, Any], version: VersionServing
+    ) -> str | None:
+        """Why the version's model cannot be served, when one of its pods for this model says so."""
+        selector = ((server.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        if not selector:
+            return None
+        try:
+            async for found in self.client.list(Pod, namespace=namespace, labels=selector):
+                pod: dict[str, Any] = found.to_dict()
+                if (said := model_invalid_message(pod, version.model_uri)) is not None:
+                    return said
+        except ApiError as error:
+            if not _client_error(error):
+                raise
+            # e.g. RBAC from before pods were read: the version stays not ready, as it did then
+            return None
+        return None
 
     async def _hand_replicas_over(self, deployment: DeploymentRef, server: Mapping[str, Any]) -> None:
         """Keep the replica count when autoscaling is turned on.
