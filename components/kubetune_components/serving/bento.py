@@ -177,6 +177,19 @@ def _package_dir() -> Path:
     return Path(kubetune_components.__file__).resolve().parent
 
 
+def _not_a_directory(uri: str, what: str) -> str:
+    """Why a local model URI is no directory here; a claim this pod does not mount is named."""
+    if storage.scheme_of(uri) == "pvc":
+        claim = uri[len("pvc://") :].split("/", 1)[0]
+        mount = storage.pvc_root() / claim
+        if not mount.is_dir():
+            return (
+                f"the {what} {uri} is on PersistentVolumeClaim {claim}, which is not mounted here "
+                f"(nothing at {mount})"
+            )
+    return f"the {what} {uri} is not a directory"
+
+
 FETCH_FAILED_REASON = "ModelFetchFailed"
 """A download from the hub that failed: retried, unlike a model that is not one."""
 
@@ -205,7 +218,7 @@ def _local_dir(uri: str, scratch: Path, what: str) -> Path:
     if storage.is_local(uri):
         path = storage.resolve_local_path(uri)
         if not path.is_dir():
-            raise ModelLoadError(f"the {what} {uri} is not a directory")
+            raise ModelLoadError(_not_a_directory(uri, what))
         return path
     return storage.download_dir(uri, scratch / what.replace(" ", "-"))
 

@@ -276,7 +276,10 @@ def build_version_deployment(
         {"name": "bentoml-home", "mountPath": BENTOML_HOME},
         {"name": "tmp", "mountPath": TMP_DIR},
     ]
-    fetch_mounts = list(shared_mounts)
+    # The hub cache is mounted whatever holds the model: an adapter on a claim may name a hub base
+    # model, which the build downloads into HF_HOME (the root filesystem is read-only).
+    volumes.append({"name": "download-cache", "emptyDir": {}})
+    fetch_mounts = [*shared_mounts, {"name": "download-cache", "mountPath": DOWNLOAD_CACHE}]
     if claim is not None:
         volumes.append(
             {"name": "model-store", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
@@ -284,9 +287,6 @@ def build_version_deployment(
         fetch_mounts.append(
             {"name": "model-store", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True}
         )
-    else:
-        volumes.append({"name": "download-cache", "emptyDir": {}})
-        fetch_mounts.append({"name": "download-cache", "mountPath": DOWNLOAD_CACHE})
 
     pod_env = {
         "HOME": TMP_DIR,

@@ -213,6 +213,19 @@ def test_hub_model_is_downloaded_by_the_init_container_with_the_token_secret() -
     assert "HF_TOKEN" not in env_of(containers(without_token)["fetch-model"])
 
 
+def test_an_adapter_on_a_claim_can_download_its_hub_base_into_a_mounted_hf_home() -> None:
+    """The root filesystem is read-only: the build downloads an adapter's hub base model into HF_HOME,
+    which is a volume whatever holds the adapter (tests/sandbox runs this pod to prove it)."""
+    deployment = build_version_children(REF, version(uri="pvc://artifacts/team-a/support-lora/v1"), IMAGES)[0]
+    pod = deployment["spec"]["template"]["spec"]
+    fetch = containers(deployment)["fetch-model"]
+    assert fetch["securityContext"]["readOnlyRootFilesystem"] is True
+    cache = {m["mountPath"]: m["name"] for m in fetch["volumeMounts"]}[env_of(fetch)["HF_HOME"]]
+    assert {"name": cache, "emptyDir": {}} in pod["volumes"]
+    # The server is offline and loads the Bento's copy of the base: it needs no hub cache.
+    assert cache not in {m["name"] for m in containers(deployment)["serve"]["volumeMounts"]}
+
+
 @pytest.mark.parametrize("uri", ["file:///models/tuned", "/models/tuned", "models/tuned"])
 def test_a_local_model_path_is_refused_naming_the_version(uri: str) -> None:
     with pytest.raises(ValueError, match=r"version tuned: model URI .* local path"):
