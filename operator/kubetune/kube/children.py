@@ -28,6 +28,15 @@ The gateway of ``d``:
   weight change updates the ConfigMap and never restarts the gateway;
 * Service ``d`` (ClusterIP, port 8080): the OpenAI-compatible endpoint ``http://d.<ns>.svc:8080/v1``.
 
+Access on a cluster: the NetworkPolicy ``d-versions`` (with the gateway's objects) lets into every
+version pod of ``d`` only the deployment's gateway pods and, on the serving port, pods of namespaces
+labelled ``kubetune.dev/metrics-scraper: "true"`` (Prometheus), so the key check cannot be skipped by
+calling ``d-<version>`` directly. The
+gateway mounts the Secret ``d-gateway-access`` (keys ``keys.json``, the key hashes, and
+``signing.key``) read-only at ``/etc/kubetune/access``; it is optional, and without it a gateway whose
+``spec.access.auth`` is unset or ``required`` refuses every request (401). An unset ``auth`` is
+``required`` here, and the audit log goes to the gateway's stdout.
+
 Every object carries the ModelDeployment as its controller ownerReference (garbage-collected with
 it), the ``app.kubernetes.io/*`` labels and ``kubetune.dev/deployment`` (``kubetune.dev/version`` on
 a version's objects), by which the operator finds the children it no longer wants.
@@ -70,6 +79,10 @@ CONFIG_CHECKSUM_ANNOTATION = "kubetune.dev/gateway-config-sha256"
 MODEL_URI_ANNOTATION = "kubetune.dev/model-uri"
 RETIRED_AT_ANNOTATION = "kubetune.dev/retired-at"  # when a removed version's Deployment was retired
 DOWNLOAD_CACHE = "/var/cache/kubetune"
+ACCESS_DIR = "/etc/kubetune/access"
+ACCESS_KEYS_FILE = "keys.json"
+ACCESS_SIGNING_KEY_FILE = "signing.key"
+METRICS_SCRAPER_LABEL = "kubetune.dev/metrics-scraper"
 MAX_BENTO_NAME = 63  # kubetune_components.serving.bento.MAX_NAME_LENGTH
 
 
@@ -121,6 +134,11 @@ def gateway_config_map_name(deployment: str) -> str:
 def version_url(ref: DeploymentRef, version: str) -> str:
     """The base URL of a version's Service (what the gateway sends the version's requests to)."""
     return f"http://{version_child_name(ref.name, version)}.{ref.namespace}.svc:{SERVING_PORT}"
+
+
+def gateway_access_secret_name(deployment: str) -> str:
+    """The Secret holding a deployment's key hashes and signing key, mounted by its gateway only."""
+    return _dns_label(f"{deployment}-gateway-access")
 
 
 def gateway_endpoint(ref: DeploymentRef) -> str:
@@ -448,6 +466,31 @@ def build_version_autoscaler(ref: DeploymentRef, version: str, serving: Serving)
     }
 
 
+def versions_network_policy_name(deployment: str) -> str:
+    return _dns_label(f"{deployment}-versions")
+
+
+def build_versions_network_policy(ref: DeploymentRef) -> dict[str, Any]:
+    """Only the deployment's gateway pods, and metrics scrapers on the serving port, reach its version
+    pods: a caller without a key cannot go around the gateway."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(ref, versions_network_policy_name(ref.name), gateway_labels(ref.name)),
+        "spec": {
+            "podSelector": {"matchLabels": version_children_selector(ref.name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": gateway_selector(ref.name)}}]},
+                {
+                    "from": [{"namespaceSelector": {"matchLabels": {METRICS_SCRAPER_LABEL: "true"}}}],
+                    "ports": [{"protocol": "TCP", "port": SERVING_PORT}],
+                },
+            ],
+        },
+    }
+
+
 def build_version_children(
     ref: DeploymentRef, version: VersionServing, images: ChildImages
 ) -> list[dict[str, Any]]:
@@ -469,6 +512,16 @@ def gateway_config_text(config: Mapping[str, Any]) -> str:
 
 def config_checksum(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(gateway_config_text(config).encode()).hexdigest()
+
+
+def cluster_gateway_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with the cluster's access settings: keys and signing key from the mounted Secret,
+    authentication required unless the spec disabled it, the audit log to stdout."""
+    access = dict(config.get("access") or {})
+    access.setdefault("auth", "required")
+    access["keysFile"] = f"{ACCESS_DIR}/{ACCESS_KEYS_FILE}"
+    access["signingKeyFile"] = f"{ACCESS_DIR}/{ACCESS_SIGNING_KEY_FILE}"
+    return {**config, "access": access}
 
 
 def build_gateway_config_map(ref: DeploymentRef, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -499,6 +552,7 @@ def build_gateway_deployment(
         "securityContext": _container_security(),
         "volumeMounts": [
             {"name": "config", "mountPath": GATEWAY_CONFIG_DIR, "readOnly": True},
+            {"name": "access", "mountPath": ACCESS_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": TMP_DIR},
         ],
         "livenessProbe": _http_probe("/healthz", period=10, failures=3),
@@ -508,7 +562,17 @@ def build_gateway_deployment(
         "name": gateway_config_map_name(ref.name),
         "items": [{"key": GATEWAY_CONFIG_KEY, "path": GATEWAY_CONFIG_KEY}],
     }
-    volumes = [{"name": "config", "configMap": config_volume}, {"name": "tmp", "emptyDir": {}}]
+    # optional: without the Secret the gateway starts and refuses every request (no key can match)
+    access_volume = {
+        "secretName": gateway_access_secret_name(ref.name),
+        "optional": True,
+        "defaultMode": 0o440,
+    }
+    volumes = [
+        {"name": "config", "configMap": config_volume},
+        {"name": "access", "secret": access_volume},
+        {"name": "tmp", "emptyDir": {}},
+    ]
     return _deployment(
         metadata,
         gateway_selector(ref.name),
@@ -528,9 +592,12 @@ def build_gateway_service(ref: DeploymentRef) -> dict[str, Any]:
 def build_gateway_children(
     ref: DeploymentRef, config: Mapping[str, Any], images: ChildImages
 ) -> list[dict[str, Any]]:
-    """The gateway's ConfigMap, Deployment and Service (the ConfigMap first: the pods mount it)."""
+    """The gateway's ConfigMap, Deployment and Service (the ConfigMap first: the pods mount it), and
+    the NetworkPolicy that keeps everyone else from the version pods."""
+    config = cluster_gateway_config(config)
     return [
         build_gateway_config_map(ref, config),
         build_gateway_deployment(ref, config, images),
         build_gateway_service(ref),
+        build_versions_network_policy(ref),
     ]

@@ -50,8 +50,9 @@ class ChildResource:
 
 
 # What a ModelDeployment owns: one Deployment + Service per version, the gateway's Deployment, Service
-# and ConfigMap (gateway.json), and an optional HorizontalPodAutoscaler per version. The ModelDeployment
-# child builders import this to know what they may create; add a kind here and the rendered RBAC follows.
+# and ConfigMap (gateway.json), the NetworkPolicy of its version pods, and an optional
+# HorizontalPodAutoscaler per version. The ModelDeployment child builders import this to know what
+# they may create; add a kind here and the rendered RBAC follows.
 _OWNER = "ModelDeployment"
 CHILD_RESOURCES: Final[tuple[ChildResource, ...]] = (
     ChildResource("apps", "v1", "deployments", "Deployment", owner_kind=_OWNER),
@@ -60,6 +61,8 @@ CHILD_RESOURCES: Final[tuple[ChildResource, ...]] = (
     ChildResource(
         "autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", owner_kind=_OWNER
     ),
+    # one per deployment: only its gateway (and metrics scrapers) reach its version pods
+    ChildResource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", owner_kind=_OWNER),
 )
 
 KOPF_NAMESPACED_GRANTS: Final[tuple[Grant, ...]] = (("", "events", "create"),)

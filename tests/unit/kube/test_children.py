@@ -345,7 +345,7 @@ def test_pods_meet_the_restricted_pod_security_standard() -> None:
             assert security["capabilities"] == {"drop": ["ALL"]}
             # A read-only root needs writable scratch space: /tmp is an emptyDir.
             assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}
-        allowed = {"emptyDir", "persistentVolumeClaim", "configMap"}
+        allowed = {"emptyDir", "persistentVolumeClaim", "configMap", "secret"}  # the gateway's key Secret
         assert all((set(v) - {"name"}) <= allowed for v in pod["volumes"])
 
 
@@ -383,7 +383,7 @@ def test_names_are_dns_labels_and_distinct(deployment: str, version_name: str) -
 
 
 def test_gateway_runs_kubetune_gateway_with_the_config_map_mounted_as_a_directory() -> None:
-    config_map, deployment, service = build_gateway_children(REF, gateway_config(), IMAGES)
+    config_map, deployment, service, _policy = build_gateway_children(REF, gateway_config(), IMAGES)
     assert config_map["kind"] == "ConfigMap" and config_map["metadata"]["name"] == "support-bot-gateway"
     assert list(config_map["data"]) == [GATEWAY_CONFIG_KEY]
     gateway = containers(deployment)["gateway"]
