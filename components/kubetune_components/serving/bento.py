@@ -391,9 +391,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _write_termination_message(message: str) -> None:
-    """Kubernetes shows the file's content in the pod's status; outside a pod there may be no such file."""
-    with contextlib.suppress(OSError):
-        Path(os.environ.get(TERMINATION_LOG_ENV) or TERMINATION_LOG).write_text(message, encoding="utf-8")
+    """Kubernetes shows the file's content in the pod's status. The kubelet mounts the file into every
+    container; outside a pod there is none, and none is made (unless TERMINATION_LOG_ENV names one)."""
+    configured = os.environ.get(TERMINATION_LOG_ENV)
+    path = Path(configured or TERMINATION_LOG)
+    if configured or path.is_file():
+        with contextlib.suppress(OSError):
+            path.write_text(message, encoding="utf-8")
 
 
 if __name__ == "__main__":

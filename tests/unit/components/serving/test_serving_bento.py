@@ -36,7 +36,7 @@ from kubetune_components.serving.bento import (
     import_bento,
 )
 from kubetune_components.serving.service import resolve_model
-from kubetune_contract.serving import MODEL_ALIAS
+from kubetune_contract.serving import MODEL_ALIAS, MODEL_INVALID_EXIT_CODE
 
 SERVER_START_TIMEOUT_S = 60
 
@@ -121,7 +121,8 @@ def test_cli_builds_and_reports_errors(
     args = ["--bentoml-home", home, "build", "--model-dir", str(published_adapter), "--deployment", "bot"]
     assert bento_module.main([*args, "--version", "v1"]) == 0
     assert re.fullmatch(r"bot-v1:[0-9a-f]{16}\n", capsys.readouterr().out)
-    assert bento_module.main([*args, "--version", "no way"]) == 1
+    # a name that can never be built: the init container tells the operator not to retry it
+    assert bento_module.main([*args, "--version", "no way"]) == MODEL_INVALID_EXIT_CODE
     assert "version 'no way' must be lowercase letters" in capsys.readouterr().err
 
 
