@@ -214,7 +214,8 @@ def test_cross_field_problems_come_with_the_field_errors() -> None:
     assert pydantic_errors(doc) == [
         f'{subject}: spec.versions[0].weight: must be an integer (got "80")',
         f"{subject}: spec.generation.limits.maxTokens: must be at least 1 (got the number 0)",
-        f"{subject}: spec.generation: defaults.temperature must not be above limits.maxTemperature, got 1.8 > 1.5",
+        f"{subject}: spec.generation: defaults.temperature must not be above limits.maxTemperature, "
+        "got 1.8 > 1.5",
         f"{subject}: spec: a version's prompt must name an entry of prompts: version int8 names 'v2'",
         f"{subject}: spec: fallback.version 'stable' is not one of the versions",
     ]
