@@ -125,6 +125,7 @@ def init_status(**states: Any) -> dict[str, Any]:
 @pytest.fixture
 async def client(control_plane: ControlPlane) -> Any:
     config = KubeConfig.from_file(control_plane.kubeconfig).get()
+    assert config is not None
     api: AsyncClient = async_client(config)
     yield api
     await api.close()
