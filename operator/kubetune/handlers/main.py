@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib
 import logging
 import os
+import sys
 
 import kopf
 
@@ -29,12 +31,33 @@ class WithoutTimerSuccesses(logging.Filter):
         return not (message.startswith("Timer '") and message.endswith("' succeeded."))
 
 
+M_ARENA_MAX = -8  # glibc's <malloc.h>
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas (default: 8 per core) before any thread starts; whether it could.
+
+    Each thread that allocates (the handlers' worker threads, the API client's) otherwise gets an arena
+    of its own, and the short-lived objects of hundreds of jobs' passes leave each arena's pages
+    resident (benchmarks/operator_scale.py, 500 jobs: 335 MB peak without the cap, 236 MB with it).
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
+
 def run_operator(
     namespaces: list[str],
     liveness_port: int | None = 8080,
     verbose: bool = False,
 ) -> int:
     """Run until stopped, serving metrics on $KUBETUNE_METRICS_PORT (default 9090; 0: no metrics)."""
+    limit_malloc_arenas()
     for module in HANDLER_MODULES:
         importlib.import_module(module)
     port = port_from_env(os.environ)
