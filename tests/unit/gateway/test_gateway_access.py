@@ -168,3 +168,65 @@ def test_a_gateway_without_keys_is_open_and_its_first_key_turns_auth_on(
             by_caller[row.key, row.tenant] = (requests + row.requests, refused_count + row.refused)
         key_id = token.removeprefix("kt-").split("_")[0]
         assert by_caller == {("-", "-"): (1, 1), (key_id, "team-a"): (1, 0)}
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    captured = capsys.readouterr()
+    return int(exited.value.code or 0), captured.out, captured.err
+
+
+def test_keys_are_created_listed_and_revoked_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = ["--home", str(tmp_path)]
+    code, out, err = _cli(
+        [*home, "keys", "create", "mdep/support-bot", "--tenant", "team-a", "--scopes", "inference,feedback"],
+        capsys,
+    )
+    token = out.strip()
+    assert code == 0 and token.startswith("kt-") and "shown once" in err
+    key_id = token.removeprefix("kt-").split("_")[0]
+    key_file = tmp_path / "access" / "default" / "support-bot" / "keys.json"
+    assert read_key_file(key_file).lookup(token) is not None
+    code, out, _ = _cli([*home, "keys", "list", "mdep/support-bot", "-o", "json"], capsys)
+    (listed,) = json.loads(out)["keys"]
+    assert (listed["id"], listed["tenant"], listed["scopes"]) == (key_id, "team-a", ["feedback", "inference"])
+    assert "hash" not in listed and "salt" not in listed and token not in out
+    code, out, _ = _cli([*home, "keys", "revoke", "mdep/support-bot", key_id], capsys)
+    assert code == 0 and f"key {key_id} revoked" in out
+    assert read_key_file(key_file).lookup(token) is None
+    code, _, err = _cli([*home, "keys", "revoke", "mdep/support-bot", "nope"], capsys)
+    assert code == 1 and "no key 'nope'" in err
+    code, _, err = _cli([*home, "keys", "create", "ftj/job", "--tenant", "t"], capsys)
+    assert code == 2 and "mdep/NAME" in err
+    code, _, err = _cli([*home, "keys", "create", "mdep/x", "--tenant", "t", "--scopes", "root"], capsys)
+    assert code == 2 and "unknown scope(s) root" in err
+
+
+def test_usage_shows_tokens_and_cost_per_key_and_version(
+    tmp_path: Path,
+    stubs: dict[str, StubModelServer],
+    gateway_server: GatewayServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    keys_file = tmp_path / "keys.json"
+    token = create_key(keys_file, "team-a", [Scope.INFERENCE]).token
+    config = base_config(stubs, access={"keysFile": str(keys_file)})
+    config["versions"][0]["pricing"] = {"inputPerMillion": 1_000_000, "outputPerMillion": 2_000_000}
+    with gateway_server(config) as (url, _gateway), httpx.Client(base_url=url) as client:
+        headers = {"authorization": f"Bearer {token}", "x-kubetune-version": "alpha"}
+        answer = client.post("/v1/chat/completions", json=chat_body("two words"), headers=headers)
+        usage = answer.json()["usage"]
+        assert client.post("/v1/chat/completions", json=chat_body()).status_code == 401
+        code, out, _ = _cli(["usage", "mdep/support-bot", "--gateway", url, "-o", "json"], capsys)
+        table_code, table, _ = _cli(["usage", "mdep/support-bot", "--gateway", url], capsys)
+    key_id = token.removeprefix("kt-").split("_")[0]
+    rows = {(row["version"], row["key"]): row for row in json.loads(out)["usage"]}
+    served = rows["alpha", key_id]
+    assert (served["requests"], served["refused"], served["tenant"]) == (1, 0, "team-a")
+    assert (served["tokensIn"], served["tokensOut"]) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert served["cost"] == pytest.approx(usage["prompt_tokens"] * 1 + usage["completion_tokens"] * 2)
+    assert rows["-", "-"]["refused"] == 1
+    assert code == 0 and table_code == 0 and table.splitlines()[0].split()[:3] == ["VERSION", "KEY", "TENANT"]
