@@ -3,10 +3,10 @@
 Starts a fast stub model server, a real ``redis-server`` and two gateways in front of the same stub:
 *plain* (no key, no limits, no audit) and *guarded* (a key required, per-key requests-per-minute and
 tokens-per-minute limits and a daily token budget counted in Redis, the hash-chained audit log to a
-file). Requests go one at a time (concurrency 1), so the figures are per-request cost. The two
-gateways are measured in interleaved rounds (at least 5), so background load on a shared machine
-hits both alike; every round is printed, then the median and min-max of the p50 and p95 the guarded
-gateway adds. Target: under 1 ms added at p50. Not part of the test suite:
+file). Requests go one at a time (concurrency 1), so the figures are per-request cost. Each round (at
+least 5) alternates between the two gateways request by request, so background load on a shared
+machine hits both alike; every round is printed, then the median and min-max of the p50 and p95 the
+guarded gateway adds. Target: under 1 ms added at p50. Not part of the test suite:
 
     python benchmarks/gateway_access.py [--rounds 5] [--requests 300]
 
@@ -119,14 +119,25 @@ def gateway_config(stub_url: str, access: dict[str, Any] | None) -> dict[str, An
     return config
 
 
-def latencies(client: httpx.Client, url: str, count: int, headers: dict[str, str]) -> list[float]:
-    measured = []
+def latency(client: httpx.Client, url: str, index: int, headers: dict[str, str]) -> float:
+    started = time.perf_counter()
+    response = client.post(f"{url}/v1/chat/completions", json=request_body(index), headers=headers)
+    elapsed = time.perf_counter() - started
+    if response.status_code != 200:
+        raise RuntimeError(f"{url} answered {response.status_code}: {response.text}")
+    return elapsed
+
+
+def paired_latencies(
+    client: httpx.Client, urls: dict[str, str], headers: dict[str, dict[str, str]], count: int
+) -> dict[str, list[float]]:
+    """``count`` requests to each gateway, alternating request by request (which goes first alternates
+    too), so a burst of background load hits both sides alike."""
+    measured: dict[str, list[float]] = {name: [] for name in urls}
+    names = list(urls)
     for index in range(count):
-        started = time.perf_counter()
-        response = client.post(f"{url}/v1/chat/completions", json=request_body(index), headers=headers)
-        measured.append(time.perf_counter() - started)
-        if response.status_code != 200:
-            raise RuntimeError(f"{url} answered {response.status_code}: {response.text}")
+        for name in names if index % 2 else reversed(names):
+            measured[name].append(latency(client, urls[name], index, headers[name]))
     return measured
 
 
@@ -192,16 +203,16 @@ def main() -> int:
                 processes.append(process)
                 urls[name] = f"http://127.0.0.1:{port}"
                 wait_until_up(f"{urls[name]}/healthz", process, f"{name} gateway")
-            headers = {"plain": {}, "guarded": {"authorization": f"Bearer {token}"}}
+            headers: dict[str, dict[str, str]] = {
+                "plain": {},
+                "guarded": {"authorization": f"Bearer {token}"},
+            }
             with httpx.Client(timeout=30, trust_env=False) as client:
-                for name, url in urls.items():
-                    latencies(client, url, args.warmup, headers[name])
+                paired_latencies(client, urls, headers, args.warmup)
                 added_p50, added_p95 = [], []
                 for round_number in range(1, args.rounds + 1):
                     figures: dict[str, float] = {}
-                    order = ("plain", "guarded") if round_number % 2 else ("guarded", "plain")
-                    for name in order:
-                        measured = latencies(client, urls[name], args.requests, headers[name])
+                    for name, measured in paired_latencies(client, urls, headers, args.requests).items():
                         figures[f"{name}P50Ms"] = quantile(measured, 0.50) * 1000
                         figures[f"{name}P95Ms"] = quantile(measured, 0.95) * 1000
                     figures["addedP50Ms"] = figures["guardedP50Ms"] - figures["plainP50Ms"]
