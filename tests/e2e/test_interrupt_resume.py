@@ -64,3 +64,6 @@ def test_ctrl_c_then_up_again_resumes_from_the_checkpoint(project: Path, kubetun
     training = json.loads((workspace.parent / "trained" / "kubetune-training.json").read_text())
     assert training["resumedFromStep"] >= 10
     assert obj["status"]["progress"]["step"] == 400
+    # While it resumed, `up` said from where: the checkpoint's step, not the step the stopped run reached.
+    assert f"resuming from step {training['resumedFromStep']}" in result.stdout, result.stdout
+    assert obj["status"]["progress"]["resumedFromStep"] == training["resumedFromStep"]
