@@ -11,8 +11,9 @@ models of ``kubetune_contract.openai``, the ones the model server uses.
 The app (``app``: routes and per-process state) is built from ``upstream`` (the pooled client to
 the versions, the bounded waits and the retry on the fallback), ``health`` (which versions may take
 requests now), ``relay`` (streams passed on event by event),
-``feedback`` (which version answered each recent completion) and ``responses`` (headers, JSON and
-OpenAI-format errors).
+``feedback`` (response ids signed with the version that answered, so any replica takes feedback),
+``responses`` (headers, JSON and OpenAI-format errors) and ``access`` (API keys and scopes, rate
+limits and token/cost budgets in Redis or in process, usage metrics, the hash-chained audit log).
 
 Why a plain ASGI app (Starlette on uvicorn, aiohttp upstream) and not a BentoML service: the gateway
 runs no model, and a BentoML service is built around a model runner (workers, adaptive batching, a

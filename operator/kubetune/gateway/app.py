@@ -2,8 +2,8 @@
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming passes SSE through),
 ``GET /v1/models`` and ``GET /v1/models/{model}`` (the deployment is the one model),
-``POST /v1/feedback``, ``GET /v1/experiments``, ``GET /healthz`` and ``GET /metrics``. Other paths and
-methods get 404 / 405 errors in the OpenAI format.
+``POST /v1/feedback``, ``GET /v1/experiments``, ``GET /healthz``, ``GET /readyz`` and ``GET /metrics``.
+Other paths and methods get 404 / 405 errors in the OpenAI format.
 
 Every response carries ``x-request-id`` and ``x-kubetune-version``. On a completion ``x-request-id``
 is the response's ``id`` (the gateway assigns ids, rewriting the upstream's in the body and in every
@@ -18,7 +18,14 @@ variables and does not forward it. For streams it asks the upstream for a final 
 (``stream_options.include_usage``) when the client did not set ``stream_options`` — so token metrics
 cover streams — and drops that chunk before it reaches such a client.
 
-Feedback rates a completion by its id, once (``feedback``).
+Feedback rates a completion by its id, once (``feedback``); the id is signed and names its version.
+
+Access (``access.control``): every endpoint but ``/healthz`` and ``/metrics`` checks the caller's key
+(401 ``invalid_api_key``, 403 ``insufficient_permissions``: ``inference`` for completions and models,
+``feedback``, ``experiments``) when authentication is on, then the key's and tenant's limits (429
+``rate_limit_exceeded`` / ``insufficient_quota`` with Retry-After; 503 when the limit store is down
+and the config says failClosed). Tokens are charged from the answer's usage (a stream's before its
+end reaches the client), and each request is counted per key and written to the audit log.
 
 Readiness: requests go only to versions that are ready (the config's ``ready``, less versions the
 gateway could not connect to within the last ``health.markDownSeconds``); a sticky user whose
@@ -86,6 +93,7 @@ from kubetune.gateway.responses import (
     DefaultHeadersMiddleware,
     error_response,
     http_error,
+    json_bytes,
     json_response,
     nested_too_deeply,
     new_request_id,
@@ -538,18 +546,33 @@ class Gateway:
         return await self._guarded(request, Scope.EXPERIMENTS, answer)
 
     async def healthz(self, request: Request) -> Response:
+        return json_response(self._health_document())
+
+    def _health_document(self) -> dict[str, Any]:
         config = self.state.config
-        return json_response(
-            {
-                "status": "ok",
-                "deployment": config.deployment,
-                "versions": {version.name: version.weight for version in config.versions},
-                "notRouted": sorted(self.health.unavailable(config)),
-                "configError": self.reloader.last_error if self.reloader is not None else None,
-                "auth": "on" if self.access.auth_on else "off",
-                "limitStoreError": self.access.store_problem,
-                "keysError": self.access.keyring.error,
-            }
+        return {
+            "status": "ok",
+            "deployment": config.deployment,
+            "versions": {version.name: version.weight for version in config.versions},
+            "notRouted": sorted(self.health.unavailable(config)),
+            "configError": self.reloader.last_error if self.reloader is not None else None,
+            "auth": "on" if self.access.auth_on else "off",
+            "limitStoreError": self.access.store_problem,
+            "keysError": self.access.keyring.error,
+        }
+
+    async def readyz(self, request: Request) -> Response:
+        """``/healthz``'s document, answered 503 while the gateway refuses every limited request
+        because its limit store is unreachable (failClosed): a readiness probe then shows it in the
+        gateway's rollout, and so in the ModelDeployment's Ready condition."""
+        refusing = await self.access.limit_store_refuses()
+        document = self._health_document()
+        if refusing is None:
+            return json_response(document)
+        return Response(
+            json_bytes({**document, "status": "refusing", "refusing": refusing}),
+            status_code=503,
+            media_type="application/json",
         )
 
     async def metrics_endpoint(self, request: Request) -> Response:
@@ -620,6 +643,7 @@ def create_app(config_source: ConfigSource, reload_interval_seconds: float = 1.0
             Route("/v1/feedback", gateway.feedback, methods=["POST"]),
             Route("/v1/experiments", gateway.experiments_report, methods=["GET"]),
             Route("/healthz", gateway.healthz, methods=["GET"]),
+            Route("/readyz", gateway.readyz, methods=["GET"]),
             Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
         ],
         middleware=[Middleware(DefaultHeadersMiddleware)],

@@ -556,7 +556,8 @@ def build_gateway_deployment(
             {"name": "tmp", "mountPath": TMP_DIR},
         ],
         "livenessProbe": _http_probe("/healthz", period=10, failures=3),
-        "readinessProbe": _http_probe("/healthz", period=5, failures=3),
+        # /readyz fails while a failClosed limit store is unreachable: the rollout shows it
+        "readinessProbe": _http_probe("/readyz", period=5, failures=3),
     }
     config_volume = {
         "name": gateway_config_map_name(ref.name),

@@ -173,9 +173,10 @@ class GatewayProcess:
 
     def _step_health(self, process: ManagedProcess, now: float) -> GatewayObservation:
         endpoint = f"{self.url}/v1"
-        status, detail, response = self.host.get(f"{self.url}/healthz")
+        # /readyz: /healthz's document, 503 while a failClosed limit store is unreachable
+        status, detail, response = self.host.get(f"{self.url}/readyz")
         health: Any = None
-        if response is not None and status == 200:
+        if response is not None and status in (200, 503):
             with contextlib.suppress(ValueError):
                 health = response.json()
         if not isinstance(health, dict):
@@ -184,6 +185,12 @@ class GatewayProcess:
                 endpoint=endpoint,
                 ready=False,
                 message=f"not answering /healthz yet ({detail}; log: {self.log})",
+            )
+        if status == 503:
+            return GatewayObservation(
+                endpoint=endpoint,
+                ready=False,
+                message=f"it refuses requests: {health.get('refusing')} (log: {self.log})",
             )
         if health.get("configError"):
             return GatewayObservation(

@@ -1,5 +1,5 @@
 """Keys, the local limit store and the audit chain, on their own (the Redis and two-replica
-behaviour is in tests/integration/test_gateway_access.py)."""
+behaviour is in tests/integration/test_gateway_access_replicas.py)."""
 
 from __future__ import annotations
 

@@ -395,7 +395,7 @@ def test_gateway_runs_kubetune_gateway_with_the_config_map_mounted_as_a_director
     assert "subPath" not in mount  # a subPath mount would never see the ConfigMap change
     volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
     assert volume["configMap"]["name"] == "support-bot-gateway"
-    assert gateway["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert service["spec"]["ports"][0]["port"] == 8080 and service["metadata"]["name"] == "support-bot"
 
 

@@ -283,6 +283,25 @@ class AccessControl:
                 retry_after=1,
             )
 
+    async def limit_store_refuses(self) -> str | None:
+        """Why requests are refused for want of the limit store now (failClosed, Redis unreachable),
+        else None. Asks Redis itself while it is known to be failing, so the answer recovers without
+        traffic (an unready gateway gets none)."""
+        settings = self.settings
+        if not settings.limits.any or not isinstance(self.store, RedisLimitStore):
+            return None
+        if self.store_problem is not None:
+            try:
+                await self.store.ping()
+            except LimitStoreUnavailable as exc:
+                self.store_problem = str(exc)
+                self.metrics.child(self.metrics.limit_store_up, self.deployment).set(0)
+            else:
+                self._store_ok()
+        if self.store_problem is None or settings.store.on_unavailable != "failClosed":
+            return None
+        return f"{self.store_problem}; requests are refused until it answers (failClosed)"
+
     def _store_ok(self) -> None:
         if self.store_problem is not None:
             log.info("the limit store answers again")

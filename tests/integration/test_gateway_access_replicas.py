@@ -35,7 +35,7 @@ from kubetune.gateway.access.keys import (
     load_or_create_signing_key,
     revoke_key,
 )
-from redis_server import RedisServer, running_redis
+from redis_server import RedisServer, redis_binary, running_redis
 
 DEPLOYMENT = "support-bot"
 USAGE = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
@@ -301,6 +301,23 @@ def test_limits_fail_closed_when_redis_is_gone(tmp_path: Path, replicas: Callabl
         assert "Redis" in health["limitStoreError"]
         metrics = httpx.get(f"{pair.urls[0]}/metrics").text
         assert f'kubetune_gateway_limit_store_up{{deployment="{DEPLOYMENT}"}} 0.0' in metrics
+        # readiness shows it (on a cluster: the gateway's rollout, hence the Ready condition) ...
+        not_ready = httpx.get(f"{pair.urls[0]}/readyz")
+        assert not_ready.status_code == 503 and "(failClosed)" in not_ready.json()["refusing"]
+        # ... until Redis answers again, with no request needed to notice
+        restarted = subprocess.Popen(
+            [redis_binary(), "--port", str(own_redis.port), "--bind", "127.0.0.1", "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while httpx.get(f"{pair.urls[0]}/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the gateway did not notice Redis was back"
+                time.sleep(0.2)
+            _ask(pair.client(0, key))
+        finally:
+            restarted.terminate()
+            restarted.wait(timeout=10)
 
 
 def test_the_audit_log_of_a_replica_verifies(replicas: Callable[..., Replicas]) -> None:
