@@ -90,8 +90,9 @@ async def close_clients(memo: kopf.Memo, **_: Any) -> None:
 # ---- the jobs a version's model comes from ----------------------------------------------------------
 
 
+# Async, as the jobs' own index (handlers/jobs.py): no worker-thread hop for each watch event.
 @kopf.index(GROUP, VERSION, "finetunejobs")
-def mdep_finetunejobs(
+async def mdep_finetunejobs(
     namespace: str | None, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any
 ) -> dict[tuple[str | None, str], dict[str, Any]]:
     """FineTuneJobs by (namespace, name), for versions that serve their published model."""
@@ -99,7 +100,7 @@ def mdep_finetunejobs(
 
 
 @kopf.index(GROUP, VERSION, "quantizejobs")
-def mdep_quantizejobs(
+async def mdep_quantizejobs(
     namespace: str | None, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any
 ) -> dict[tuple[str | None, str], dict[str, Any]]:
     """QuantizeJobs by (namespace, name), for versions that serve their published model."""
