@@ -4,7 +4,8 @@
 repository, what ``huggingface_hub.snapshot_download`` asks the Hub for: the revision's info
 (``/api/models/<repo>/revision/<rev>``), its file tree (``/api/models/<repo>/tree/<rev>``) and each
 file (``HEAD``/``GET /<repo>/resolve/<rev>/<file>``, with the commit and ETag headers the client
-checks). Every request is logged to stdout, so a test can tell what was fetched.
+checks). Every request is logged to stdout, so a test can tell what was fetched. With ``--token T``
+a request without ``Authorization: Bearer T`` is refused (401), as the Hub refuses a gated model.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Repository:
 
 class MirrorHandler(BaseHTTPRequestHandler):
     repositories: dict[str, Repository] = {}
+    token: str | None = None
 
     def _send_json(self, value: Any) -> None:
         body = json.dumps(value).encode()
@@ -71,6 +73,12 @@ class MirrorHandler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _handle(self, with_body: bool) -> None:
+        if self.token is not None and self.headers.get("Authorization") != f"Bearer {self.token}":
+            self.send_response(401)
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
         parts = [unquote(part) for part in urlsplit(self.path).path.strip("/").split("/")]
         if parts[:2] == ["api", "models"]:
             found = self._find(parts[2:])
@@ -118,7 +126,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--repo", action="append", required=True, help="ORG/NAME=DIRECTORY")
+    parser.add_argument("--token", default=None, help="refuse requests without this bearer token")
     args = parser.parse_args()
+    MirrorHandler.token = args.token
     for spec in args.repo:
         repo_id, _, directory = spec.partition("=")
         MirrorHandler.repositories[repo_id] = Repository(repo_id, Path(directory))

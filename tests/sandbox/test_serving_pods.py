@@ -32,6 +32,7 @@ from kubetune.kube.children import (
 )
 from kubetune.plan.gateway import gateway_config
 from kubetune.plan.versions import DeploymentRef, VersionServing, serving_env
+from kubetune_contract.common import SecretKeyRef
 from kubetune_contract.deployment import ModelDeployment
 from sandbox.harness import (
     PodFailed,
@@ -51,6 +52,10 @@ REF = DeploymentRef(name="support-bot", namespace=NAMESPACE, uid="0b4c7a52-9d7e-
 # by its Dockerfile in manifests/images.
 IMAGES = ChildImages(serving="ghcr.io/kubetune/serving:0.1.0", gateway="ghcr.io/kubetune/operator:0.1.0")
 MIRROR_PORT = 5000
+HUB_ENV = {"HF_ENDPOINT": f"http://127.0.0.1:{MIRROR_PORT}"}  # the internet, stood in by the mirror
+HUB_SECRET = "hf-token"
+HUB_TOKEN = "hf_sandbox"
+HUB_TOKEN_REF = SecretKeyRef(name=HUB_SECRET, key="token")  # the version's model.tokenSecretRef
 SERVER_READY_S = 240  # loading torch and the model on a loaded two-core machine
 
 
@@ -69,13 +74,16 @@ def model_deployment(model_uri: str) -> ModelDeployment:
     return parse_resource(document, ModelDeployment)
 
 
-def version_serving(deployment: ModelDeployment, model_uri: str) -> VersionServing:
+def version_serving(
+    deployment: ModelDeployment, model_uri: str, token_secret: SecretKeyRef | None = None
+) -> VersionServing:
     return VersionServing(
         name="tuned",
         model_uri=model_uri,
         bento=f"{REF.name}-tuned",
         env=serving_env(deployment, "tuned"),
         serving=deployment.spec.serving,
+        token_secret=token_secret,
     )
 
 
@@ -85,11 +93,14 @@ def serving_container(pod_spec: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def start_version(
-    cluster: SandboxCluster, model_uri: str, extra_env: Mapping[str, str] | None = None
+    cluster: SandboxCluster,
+    model_uri: str,
+    extra_env: Mapping[str, str] | None = None,
+    token_secret: SecretKeyRef | None = None,
 ) -> tuple[RunningPod, Mapping[str, Any], int]:
     """The version's Deployment rendered and its pod run: (pod, pod spec, forwarded serving port)."""
     deployment = model_deployment(model_uri)
-    server = build_version_children(REF, version_serving(deployment, model_uri), IMAGES)[0]
+    server = build_version_children(REF, version_serving(deployment, model_uri, token_secret), IMAGES)[0]
     pod_spec = pod_spec_of(server)
     pod = cluster.run_pod("version-tuned", pod_spec, extra_env=extra_env)
     return pod, pod_spec, cluster.port_forward(SERVING_PORT)
@@ -115,7 +126,8 @@ def assert_serves(pod: RunningPod, pod_spec: Mapping[str, Any], port: int) -> No
 
 @pytest.fixture
 def hub_mirror(cluster: SandboxCluster, tiny_model: Path, tmp_path: Path) -> Iterator[Path]:
-    """The hub on the pod network, serving ``tiny_model`` as TINY_BASE_REPO; yields its request log."""
+    """The hub on the pod network, serving ``tiny_model`` as TINY_BASE_REPO to whoever sends HUB_TOKEN;
+    yields its request log."""
     log = tmp_path / "mirror.log"
     mirror = Path(__file__).with_name("hub_mirror.py")
     with log.open("wb") as out:
@@ -127,6 +139,8 @@ def hub_mirror(cluster: SandboxCluster, tiny_model: Path, tmp_path: Path) -> Ite
                 str(MIRROR_PORT),
                 "--repo",
                 f"{TINY_BASE_REPO}={tiny_model}",
+                "--token",
+                HUB_TOKEN,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -134,6 +148,9 @@ def hub_mirror(cluster: SandboxCluster, tiny_model: Path, tmp_path: Path) -> Ite
     try:
         forwarded = cluster.port_forward(MIRROR_PORT)
         wait_for_mirror(f"http://127.0.0.1:{forwarded}/api/models/{TINY_BASE_REPO}/revision/main", process)
+        cluster.apply(
+            {"kind": "Secret", "metadata": {"name": HUB_SECRET}, "stringData": {"token": HUB_TOKEN}}
+        )
         yield log
     finally:
         process.terminate()
@@ -144,7 +161,7 @@ def wait_for_mirror(url: str, process: subprocess.Popen[bytes]) -> None:
     for _ in range(100):
         assert process.poll() is None, "the hub mirror exited"
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            if httpx.get(url, headers={"Authorization": f"Bearer {HUB_TOKEN}"}, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -158,12 +175,26 @@ def test_a_lora_adapter_on_a_claim_whose_base_is_on_the_hub_is_served(
     """The base is downloaded into HF_HOME by the init container: it must be a mounted volume even
     though the adapter itself is on a claim (the root filesystem is read-only)."""
     shutil.copytree(hub_adapter, cluster.claim("artifacts") / "support-bot" / "v1")
-    pod, pod_spec, port = start_version(
-        cluster, "pvc://artifacts/support-bot/v1", {"HF_ENDPOINT": f"http://127.0.0.1:{MIRROR_PORT}"}
-    )
+    pod, pod_spec, port = start_version(cluster, "pvc://artifacts/support-bot/v1", HUB_ENV, HUB_TOKEN_REF)
     fetched = hub_mirror.read_text(encoding="utf-8")
     assert f"GET /{TINY_BASE_REPO}/resolve/" in fetched and "model.safetensors" in fetched
     assert_serves(pod, pod_spec, port)
+
+
+def test_a_hub_model_is_built_into_a_bento_by_the_init_container_with_the_token_secret(
+    cluster: SandboxCluster, hub_mirror: Path
+) -> None:
+    deployment = model_deployment(f"hf://{TINY_BASE_REPO}")
+    version = version_serving(deployment, f"hf://{TINY_BASE_REPO}", HUB_TOKEN_REF)
+    server = build_version_children(REF, version, IMAGES)[0]
+    init_only = {**pod_spec_of(server), "containers": []}
+    pod = cluster.run_pod("version-tuned", init_only, extra_env=HUB_ENV)
+    assert pod.init_logs["fetch-model"].strip().splitlines()[-1].startswith(f"{REF.name}-tuned:")
+    fetched = hub_mirror.read_text(encoding="utf-8")
+    requests = [line for line in fetched.splitlines() if line.startswith(("GET ", "HEAD "))]
+    model_requests = [line for line in requests if TINY_BASE_REPO in line]
+    assert any(line.startswith(f"GET /{TINY_BASE_REPO}/resolve/") for line in model_requests), fetched
+    assert all(line.endswith(" 200") for line in model_requests), fetched  # each sent the Secret's token
 
 
 def test_a_base_model_on_a_claim_the_pod_does_not_mount_fails_the_build_naming_the_claim(
