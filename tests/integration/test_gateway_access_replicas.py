@@ -192,12 +192,20 @@ def _ask(client: openai.OpenAI, stream: bool = False) -> Any:
 def test_a_per_key_request_limit_holds_across_both_replicas(replicas: Callable[..., Replicas]) -> None:
     pair = replicas(limits={"requestsPerMinute": 4})
     key = pair.key()
-    for turn in range(4):  # two on each replica
-        _ask(pair.client(turn % 2, key))
-    for replica in (0, 1):
-        with pytest.raises(openai.RateLimitError) as refused:
-            _ask(pair.client(replica, key))
-        error = refused.value
+    started = time.monotonic()
+    served, refusals = 0, []
+    for turn in range(8):  # alternating replicas
+        try:
+            _ask(pair.client(turn % 2, key))
+            served += 1
+        except openai.RateLimitError as refused:
+            refusals.append(refused)
+    elapsed = time.monotonic() - started
+    # a burst of 4, then one more request each 15 s (4 a minute), both replicas together: a slow
+    # machine may earn one back, but never 2 x 4
+    assert 4 <= served <= 4 + int(elapsed // 15), (served, elapsed)
+    assert len(refusals) == 8 - served
+    for error in refusals:
         assert error.status_code == 429 and error.code == "rate_limit_exceeded"
         assert error.type == "requests"
         assert int(error.response.headers["retry-after"]) >= 1
