@@ -237,7 +237,8 @@ def test_a_model_on_a_claim_is_served_and_the_gateway_pod_routes_to_it(
         )
         assert config is not None
         children = build_gateway_children(REF, config, IMAGES)
-        config_map, gateway = children[0], children[1]
+        config_map = next(child for child in children if child["kind"] == "ConfigMap")
+        gateway = next(child for child in children if child["kind"] == "Deployment")
         cluster.apply(config_map)
         gateway_spec = pod_spec_of(gateway)
         gateway_pod = cluster.run_pod("gateway", gateway_spec)

@@ -5,7 +5,9 @@ Per version ``v`` of ModelDeployment ``d``:
 * Deployment ``d-v``: the init container ``fetch-model`` runs ``python -m
   kubetune_components.serving.bento build`` on the version's model URI: a ``pvc://claim/path`` is
   mounted read-only at ``/mnt/pvc/<claim>`` (as in the pipeline steps), an ``hf://`` model is
-  downloaded (``HF_TOKEN`` from the version's token Secret); the build imports the model (with an
+  downloaded (``HF_TOKEN`` from the version's token Secret) into ``HF_HOME``, an emptyDir mounted
+  whatever holds the model, since an adapter on a claim may name a hub base model and the root
+  filesystem is read-only (tests/sandbox runs these pods); the build imports the model (with an
   adapter's base model) into BentoML's store in a shared emptyDir (``BENTOML_HOME``) and builds the
   Bento ``<deployment>-<version>``. The container ``serve`` runs ``bentoml serve`` of that Bento on
   port 3000, offline, configured by the contract's environment variables; it loads the Bento's own
