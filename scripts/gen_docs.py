@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Write the generated sections of README.md: the Helm values reference and the CRD reference.
+"""Write the generated sections of README.md: the Helm values and CRD references and the measured figures.
 
   values-reference  every key of charts/kubetune/values.schema.json: type (with its constraints),
                     default (from charts/kubetune/values.yaml) and description;
   crd-reference     every field of every kubetune kind (kubetune.api.registry), from the OpenAPI schema
                     the CRDs are generated from (kubetune.api.crd, itself generated from the pydantic
-                    models): path, type, default and description.
+                    models): path, type, default and description;
+  benchmarks        the fine-tune overhead and gateway figures, from benchmarks/results/{finetune-overhead,
+                    gateway}.json: each claimed ratio's median, min-max over rounds and target verdicts,
+                    the gateway's latency percentiles, and the machine, load, commit and date of the run;
+  quantize-methods  the QuantizeJob methods table, from benchmarks/results/quantize.json.
 
 Each section lives between `<!-- BEGIN GENERATED: <name> ... -->` and `<!-- END GENERATED: <name> -->`
 markers in README.md; nothing outside the markers is touched.
@@ -33,6 +37,7 @@ from kubetune.api.registry import all_definitions
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 CHART_DIR = REPO / "charts" / "kubetune"
+RESULTS_DIR = REPO / "benchmarks" / "results"
 COMMAND = "python scripts/gen_docs.py"
 
 Row = tuple[str, str, str, str]  # path, type, default, description
@@ -152,7 +157,7 @@ def crd_rows(definition: ResourceDefinition) -> list[Row]:
     return rows
 
 
-def _default_cell(node: dict[str, Any], required: bool) -> str:
+def _default_cell(node: Mapping[str, Any], required: bool) -> str:
     if "default" not in node:
         return "required" if required else "—"
     if node.get("properties"):
@@ -193,7 +198,161 @@ def crd_section() -> str:
     return "\n\n".join(parts)
 
 
-SECTIONS = {"values-reference": values_section, "crd-reference": crd_section}
+# --- benchmarks, quantize-methods (from benchmarks/results/*.json, written by benchmarks/_results.py) ------
+
+
+def _result(name: str) -> dict[str, Any] | None:
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.is_file():
+        return None
+    loaded: dict[str, Any] = json.loads(path.read_text())
+    return loaded
+
+
+def _missing(name: str, script: str) -> str:
+    return f"No recorded run: `python benchmarks/{script}` writes `benchmarks/results/{name}.json`."
+
+
+def _verdict(value: bool | None) -> str:
+    return "—" if value is None else ("yes" if value else "**no**")
+
+
+def _provenance(result: Mapping[str, Any]) -> str:
+    machine = result["machine"]
+    commit = result.get("commit") or "unknown"
+    dirty = " plus uncommitted changes" if result.get("dirty") else ""
+    before = ", ".join(f"{value:g}" for value in machine["loadAverageBefore"])
+    after = ", ".join(f"{value:g}" for value in machine["loadAverageAfter"])
+    return (
+        f"Recorded in `benchmarks/results/{result['benchmark']}.json`: `{result['command']}`, "
+        f"{result['date'][:10]}, commit `{commit[:10]}`{dirty}, {machine['cpus']} x {machine['cpuModel']}, "
+        f"load average (1, 5, 15 min) {before} before and {after} after, {result['durationSeconds']:.0f} s."
+    )
+
+
+def _ratio_rows(result: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for ratio in result["ratios"].values():
+        target = ratio["target"]
+        shown_target = "—"
+        if target is not None:
+            shown_target = f"{'≥' if target['higherIsBetter'] else '≤'} {target['threshold']:g}"
+        rows.append(
+            f"| {_cell(ratio['description'])} | {shown_target} | {ratio['median']:.3f} | "
+            f"{ratio['min']:.3f}..{ratio['max']:.3f} | {_verdict(ratio['metByMedian'])} | "
+            f"{_verdict(ratio['metByWorstRound'])} | {len(ratio['rounds'])} |"
+        )
+    return rows
+
+
+def _claims_table(result: Mapping[str, Any]) -> str:
+    header = [
+        "| figure | target | median | min..max | met by median | met by worst round | rounds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(header + _ratio_rows(result))
+
+
+def _gateway_phases(result: Mapping[str, Any]) -> str:
+    lines = [
+        "| load | target | requests/s | p50 ms | p90 ms | p99 ms | p99.9 ms | CPU ms / request | "
+        "wrk, share of a core | late starts |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for phase, by_target in result["phases"].items():
+        for target, figures in by_target.items():
+            latency = figures["latencyMs"]
+            cpu = figures["cpuMsPerRequest"]
+            own_cpu = cpu["stub"] if target == "direct" else cpu["gateway"] + cpu["stub"]
+            load = (
+                f"saturation ({result['settings']['connections']} connections)"
+                if phase == "saturation"
+                else f"{phase} offered (open loop)"
+            )
+            lines.append(
+                f"| {load} | {target} | {figures['throughput']:.0f} | {latency['50']:.2f} | "
+                f"{latency['90']:.2f} | {latency['99']:.2f} | {latency['99.9']:.2f} | {own_cpu:.3f} | "
+                f"{figures['generatorCoreShare']:.0%} | {figures['late']} |"
+            )
+    return "\n".join(lines)
+
+
+def _settings_line(result: Mapping[str, Any]) -> str:
+    if result["benchmark"] == "finetune-overhead":
+        settings = result["settings"]
+        return (
+            f"{settings['steps']} steps per run, batch {settings['batchSize']}, {settings['threads']} torch "
+            f"thread(s), tiny Llama of {settings['parameters']:,} parameters, LoRA r={settings['loraRank']}, "
+            f"{settings['examples']} examples."
+        )
+    if result["benchmark"] == "gateway":
+        settings, share = result["settings"], result["generatorCpuShare"]
+        return (
+            f"Load from {settings['generator']}, {settings['durationSeconds']} s per run; medians over "
+            f"{settings['rounds']} rounds. CPU ms / request: the stub's (direct) or the gateway's and the "
+            f"stub's (through the gateway). wrk used a median {share['median']:.0%} (at most "
+            f"{share['max']:.0%}) of the CPU time that wrk, the stub and the gateway used together."
+        )
+    return (
+        "Settings: " + ", ".join(f"{key} {_code(value)}" for key, value in result["settings"].items()) + "."
+    )
+
+
+def benchmarks_section() -> str:
+    """Every recorded benchmark but the quantize table (which the Methods section shows)."""
+    names = sorted(path.stem for path in RESULTS_DIR.glob("*.json") if path.stem != "quantize")
+    parts = []
+    for name in names or ["finetune-overhead", "gateway"]:
+        script = f"benchmarks/{name.replace('-', '_')}.py"
+        parts.append(f"**{name}** (`{script}`)")
+        result = _result(name)
+        if result is None:
+            parts.append(_missing(name, Path(script).name))
+            continue
+        parts.append(_settings_line(result) + "\n\n" + _claims_table(result))
+        if "phases" in result:
+            parts.append(_gateway_phases(result))
+        parts.append(_provenance(result))
+    return "\n\n".join(parts)
+
+
+def quantize_section() -> str:
+    result = _result("quantize")
+    if result is None:
+        return _missing("quantize", "quantize.py")
+    model = result["model"]
+    shape = model["shape"]
+    intro = (
+        f"The model: the dev tiny-base architecture ({model['parameters'] / 1e6:.2f}M parameters, hidden "
+        f"{shape['hidden_size']}, {shape['num_hidden_layers']} layers), trained {model['bestStep']} steps "
+        f"(the best held-out perplexity of {model['stepsRun']} run, {model['trainSeconds']:.0f} s) on "
+        f"{model['trainTokens']:,} tokens of the dev corpus ({', '.join(model['corpus'])}). Held-out "
+        f"perplexity ({model['heldOutTokens']:,} tokens of paragraphs never trained on): "
+        f"**{model['heldOutPerplexity']:.2f}**, against {model['unigramPerplexity']:.2f} for a unigram "
+        f"model of the training tokens. Every row is measured on the model reloaded from disk; latency "
+        f"per greedy token on CPU, batch 1, median and min..max of the per-round ratio to fp32 over "
+        f"{len(result['rounds'])} interleaved rounds."
+    )
+    lines = [
+        "| method | size ratio | CPU latency ratio / token | held-out perplexity | perplexity change |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["methods"]:
+        latency = row["latencyRatio"]
+        lines.append(
+            f"| {row['method']} | {row['sizeRatio']:.3f} | {latency['median']:.2f} "
+            f"({latency['min']:.2f}..{latency['max']:.2f}) | {row['perplexity']:.2f} | "
+            f"{row['perplexityChange'] * 100:+.2f}% |"
+        )
+    return intro + "\n\n" + "\n".join(lines) + "\n\n" + _provenance(result)
+
+
+SECTIONS = {
+    "values-reference": values_section,
+    "crd-reference": crd_section,
+    "benchmarks": benchmarks_section,
+    "quantize-methods": quantize_section,
+}
 
 
 # --- README --------------------------------------------------------------------------------------------

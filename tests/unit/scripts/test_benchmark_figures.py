@@ -1,0 +1,94 @@
+"""README's Benchmarks and Methods figures are those of the committed result files, and nothing else.
+
+scripts/gen_docs.py renders the `benchmarks` and `quantize-methods` sections from
+benchmarks/results/*.json (each written by a benchmark run through benchmarks/_results.py); these tests
+fail when README.md shows figures its result files do not hold.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+RESULTS = REPO / "benchmarks" / "results"
+FIGURE_SECTIONS = ("benchmarks", "quantize-methods")
+
+
+def _load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gen_docs", REPO / "scripts" / "gen_docs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gen_docs = _load_script()
+README = (REPO / "README.md").read_text()
+
+
+def section(name: str) -> str:
+    start = README.index(gen_docs.begin_marker(name))
+    return README[start : README.index(gen_docs.end_marker(name), start)]
+
+
+def result_files() -> list[Path]:
+    return sorted(RESULTS.glob("*.json"))
+
+
+def test_readme_figures_are_rendered_from_the_result_files() -> None:
+    stale = [name for name in gen_docs.stale_sections(README) if name in FIGURE_SECTIONS]
+    assert stale == [], (
+        "README's figures disagree with benchmarks/results/*.json: run python scripts/gen_docs.py"
+    )
+
+
+def test_every_result_file_is_shown_with_its_run() -> None:
+    files = result_files()
+    assert {path.stem for path in files} >= {"finetune-overhead", "gateway", "quantize"}
+    shown = section("benchmarks") + section("quantize-methods")
+    for path in files:
+        result = json.loads(path.read_text())
+        assert f"`benchmarks/results/{path.name}`" in shown
+        assert f"commit `{result['commit'][:10]}`" in shown
+        for ratio in result["ratios"].values():
+            assert len(ratio["rounds"]) >= 5, f"{path.name}: {ratio['description']} has fewer than 5 rounds"
+
+
+def test_every_claimed_ratio_shows_its_median_spread_and_verdicts() -> None:
+    shown = section("benchmarks")
+    for path in result_files():
+        if path.stem == "quantize":
+            continue
+        for ratio in json.loads(path.read_text())["ratios"].values():
+            assert f"{ratio['median']:.3f} | {ratio['min']:.3f}..{ratio['max']:.3f}" in shown
+
+
+def test_the_quantize_table_is_of_a_model_far_better_than_unigram() -> None:
+    model = json.loads((RESULTS / "quantize.json").read_text())["model"]
+    assert model["heldOutPerplexity"] < model["unigramPerplexity"] / 4
+    assert f"**{model['heldOutPerplexity']:.2f}**" in section("quantize-methods")
+
+
+@pytest.mark.parametrize("name", ["finetune-overhead", "gateway", "quantize"])
+def test_a_figure_changed_in_a_result_file_makes_readme_stale(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for path in result_files():
+        shutil.copy(path, tmp_path / path.name)
+    changed = tmp_path / f"{name}.json"
+    result = json.loads(changed.read_text())
+    if name == "quantize":
+        result["methods"][-1]["perplexity"] += 1.0
+    else:
+        first = next(iter(result["ratios"].values()))
+        first["median"] += 0.1
+    changed.write_text(json.dumps(result))
+    monkeypatch.setattr(gen_docs, "RESULTS_DIR", tmp_path)
+    stale = gen_docs.stale_sections(README)
+    assert ("quantize-methods" if name == "quantize" else "benchmarks") in stale
