@@ -33,7 +33,9 @@ def test_quickstart_finetune_beats_the_base_model(project: Path, kubetune: Kubet
     status = obj["status"]
     assert (succeeded(obj)["status"], succeeded(obj)["reason"]) == ("True", "Completed"), status
     baseline, final = status["evaluation"]["baseline"], status["evaluation"]["final"]
-    assert final["exactMatch"] - baseline["exactMatch"] >= 0.3, status["evaluation"]
+    # Held-out tickets share no sentence with training: the gate asks for well above chance (0.2).
+    assert final["exactMatch"] >= 0.35 > baseline["exactMatch"], status["evaluation"]
+    assert final["lenientMatch"] >= final["exactMatch"]
     assert final["evalLoss"] < baseline["evalLoss"]
     assert all(gate["passed"] for gate in status["evaluation"]["gates"])
     assert (
@@ -47,6 +49,10 @@ def test_quickstart_finetune_beats_the_base_model(project: Path, kubetune: Kubet
     data = Path("examples/quickstart/data/support-tickets.jsonl").read_bytes()
     assert manifest["dataset"]["sha256"] == hashlib.sha256(data).hexdigest()
     assert manifest["metrics"]["final"]["exactMatch"] == pytest.approx(final["exactMatch"])
+    # The trivial predictors the report reads the scores against, on the same held-out tickets.
+    reference = manifest["metrics"]["baseline"]
+    assert reference["majorityClass"] == pytest.approx(0.2)  # five teams, twelve tickets each
+    assert reference["majorityClass"] < reference["nearestNeighbour"] < 1
     for name, digest in manifest["artifact"]["files"].items():
         assert hashlib.sha256((published / name).read_bytes()).hexdigest() == digest
 

@@ -1,8 +1,10 @@
 """A tiny Llama, built offline and reproducibly, so the quickstart and the tests need no hub access.
 
 `build_tiny_base` trains a byte-level BPE tokenizer and pretrains a ~1M-parameter Llama on the
-committed corpus in `data/` (general prose plus unlabeled customer-support messages, as domain
-pretraining). `build_random_tiny` makes an untrained, even smaller model for fast tests.
+committed corpus in `corpus/` (general prose plus unlabeled customer-support messages, as domain
+pretraining; the messages come from the quickstart's training templates only, so none of its held-out
+tickets' sentences is pretraining text). `build_random_tiny` makes an untrained, even smaller model
+for fast tests.
 
     python -m kubetune_components.dev.tinylm --out DIR [--force]
 """
