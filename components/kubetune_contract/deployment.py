@@ -429,6 +429,40 @@ class FewShotExample(KubeModel):
     assistant: str = Field(max_length=16_384, description="The answer the model should give to it.")
 
 
+class PromptReasoning(KubeModel):
+    """Step-by-step thinking the model writes between two markers, kept from the client."""
+
+    mode: Literal["hidden"] = Field(
+        default="hidden",
+        description="hidden: nothing between the markers reaches the client, streamed or not; usage still "
+        "counts those tokens (completion_tokens_details.reasoning_tokens).",
+    )
+    open: str = Field(
+        default="<think>", min_length=1, max_length=64, description="Marker opening the reasoning."
+    )
+    close: str = Field(
+        default="</think>", min_length=1, max_length=64, description="Marker closing the reasoning."
+    )
+
+
+class FewShotSelection(KubeModel):
+    """Few-shot examples picked per request from a pool, instead of (or after) the fixed examples."""
+
+    uri: str = Field(
+        min_length=1,
+        max_length=2048,
+        description='A JSONL pool of examples, one {"user": ..., "assistant": ...} object a line (a path or '
+        "file:// URI the gateway reads).",
+    )
+    k: int = Field(default=3, ge=1, le=32, description="Most examples a request gets.")
+    select: Literal["similar", "random", "fixed"] = Field(
+        default="similar",
+        description="similar: the k examples nearest the request's last user message (BM25); random: k "
+        "drawn with the request as the seed (the same request gets the same examples); fixed: the "
+        "first k. Examples that would not fit the context window's maxPromptTokens are left out.",
+    )
+
+
 class PromptTemplate(KubeModel):
     """A versioned prompt: rolled out and A/B-tested with the model version that names it."""
 
@@ -446,6 +480,12 @@ class PromptTemplate(KubeModel):
         "from the request's metadata.",
     )
     examples: list[FewShotExample] = Field(default_factory=list, max_length=32, description="Few-shot turns.")
+    few_shot: FewShotSelection | None = Field(
+        default=None, description="Few-shot examples selected per request from a pool (after examples)."
+    )
+    reasoning: PromptReasoning | None = Field(
+        default=None, description="Reasoning the model writes between markers, hidden from the client."
+    )
 
     @model_validator(mode="after")
     def _keeps_the_input(self) -> PromptTemplate:
