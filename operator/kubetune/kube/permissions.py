@@ -13,6 +13,10 @@ Three sources, nothing else:
   disables scanning (``kubetune.handlers.main``), so a namespaced install needs no cluster-scoped rule.
   Kopf only lists/watches Namespaces for namespace *patterns*, which the chart does not offer.
 
+It also lists Pods (:data:`OBSERVED_GRANTS`, read-only): a version's init container that fails on a
+model that can never be served says so in its termination message, which the kube serving backend
+reads to stall the ModelDeployment with ModelInvalid at once instead of crash-looping.
+
 The operator reads no Secrets: a model's token secret is mounted into pipeline pods by Kubeflow
 Pipelines, not read by the operator. ``scripts/render_manifests.py`` writes :func:`rules_document` into
 the Helm chart (charts/kubetune/files/rbac-rules.yaml) and thereby into manifests/; its ``--check`` mode
@@ -66,6 +70,8 @@ CHILD_RESOURCES: Final[tuple[ChildResource, ...]] = (
 )
 
 KOPF_NAMESPACED_GRANTS: Final[tuple[Grant, ...]] = (("", "events", "create"),)
+# Read-only: the version pods' init-container termination messages (kubetune.kube.serving).
+OBSERVED_GRANTS: Final[tuple[Grant, ...]] = (("", "pods", "list"),)
 KOPF_CLUSTER_GRANTS: Final[tuple[Grant, ...]] = (
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
@@ -111,6 +117,7 @@ def grants(
     result = {grant for definition in kinds for grant in kind_grants(definition)}
     result |= set(child_grants(children, kinds))
     result |= set(KOPF_NAMESPACED_GRANTS)
+    result |= set(OBSERVED_GRANTS)
     if clusterwide:
         result |= set(KOPF_CLUSTER_GRANTS)
     return result

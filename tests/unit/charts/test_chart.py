@@ -427,9 +427,10 @@ def test_generated_grants_cover_the_registry_children_and_kopf() -> None:
         ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
     }
-    # Never: Secrets, Pods, RBAC itself, or anything cluster-scoped beyond CRD discovery.
+    # Never: Secrets, RBAC itself, or anything cluster-scoped beyond CRD discovery; Pods only listed.
     resources = {resource for _, resource, _ in CLUSTERWIDE}
-    assert not resources & {"secrets", "pods", "roles", "rolebindings", "namespaces"}
+    assert not resources & {"secrets", "roles", "rolebindings", "namespaces"}
+    assert {verb for _, resource, verb in CLUSTERWIDE if resource == "pods"} == {"list"}
 
 
 def test_child_resources_must_name_a_known_owner() -> None:
