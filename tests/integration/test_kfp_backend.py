@@ -27,6 +27,7 @@ from kubetune.config import KfpAuth, KfpNamespaceMap, OperatorConfig
 from kubetune.plan.finetune import build_request, plan_finetune
 from kubetune.plan.lifecycle import Observed
 from kubetune.plan.runs import BackendError, RunRequest
+from kubetune.reconcile.jobs import Backends, cancel_job, reconcile_finetune
 from kubetune_components.finetune.steps import publish_workspace_report
 from kubetune_contract.finetune import FineTuneJob
 from kubetune_contract.workspace import WORKSPACE_REPORT_OUTPUT, WorkspaceLayout, WorkspaceReport
@@ -101,7 +102,9 @@ def settings(tmp_path: Path, emulator: KfpEmulator, token_file: Path) -> Operato
 
 def make_backend(settings: OperatorConfig) -> KfpBackend:
     """As the control plane makes it (a fresh one is what an operator restart gets)."""
-    return KfpBackend.from_settings(settings)
+    backend = Backends(settings).get("kfp")
+    assert isinstance(backend, KfpBackend)
+    return backend
 
 
 def namespace_of(request: RunRequest) -> str:
@@ -887,3 +890,34 @@ def test_unhealthy_endpoint_fails_fast_with_the_http_status(
 
     assert sum(slept) <= 5, f"kfp.Client slept {sum(slept)}s before giving up"
     assert "503" in str(err.value), str(err.value)
+
+
+# ---- through the control plane's reconcile --------------------------------------------------------
+
+
+def test_reconcile_runs_a_job_in_its_namespace_and_reads_its_results_from_kfp(
+    emulator: KfpEmulator, settings: OperatorConfig, tmp_path: Path
+) -> None:
+    emulator.reset(multi_user=True, tokens={TOKEN: ["team-a"]})
+    backends = Backends(settings)
+    body = request_body(request_for(settings))
+
+    submitted = reconcile_finetune(body, backends, now="2026-01-01T00:00:00Z")
+
+    (run,) = emulator.runs.values()
+    experiment = emulator.experiment_named("kubetune-team-a", "team-a")
+    assert experiment is not None and run["experiment_id"] == experiment["experiment_id"]
+    assert submitted.status["pipelineRun"]["id"] == run["run_id"]
+    emulator.set_task(
+        run["run_id"],
+        "publish",
+        parameters={WORKSPACE_REPORT_OUTPUT: published_report(tmp_path, FINAL_FILES)},
+    )
+    emulator.set_state(run["run_id"], "SUCCEEDED")
+
+    finished = reconcile_finetune({**body, "status": submitted.status}, backends, now="2026-01-01T00:05:00Z")
+
+    assert finished.status["phase"] == "Succeeded"
+    assert finished.status["output"]["uri"] == f"{ARTIFACT_STORE}/team-a/demo/g1"
+    assert finished.status["evaluation"]["final"]["exactMatch"] == 0.5
+    assert cancel_job({**body, "status": finished.status}, backends) is None  # finished: nothing to stop

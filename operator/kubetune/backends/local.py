@@ -69,7 +69,8 @@ class LocalBackend:
     def run_dir(self, key: str) -> Path:
         return self.root / key
 
-    def find(self, key: str) -> RunStatus | None:
+    def find(self, key: str, namespace: str | None = None) -> RunStatus | None:
+        """The run under `key` (its directory; `namespace` plays no part: the key names the resource)."""
         state = read_json(self.run_dir(key) / STATE_FILE)
         if state is None:
             return None
@@ -106,7 +107,7 @@ class LocalBackend:
         write_json_atomically(run_dir / REQUEST_FILE, asdict(request))
         return self._start(request.key, attempt=1)
 
-    def resume(self, key: str) -> RunStatus:
+    def resume(self, key: str, namespace: str | None = None) -> RunStatus:
         current = self.find(key)
         if current is None:
             raise KeyError(f"no local run {key}")
@@ -114,7 +115,7 @@ class LocalBackend:
             return current
         return self._start(key, attempt=current.attempt + 1)
 
-    def cancel(self, key: str) -> None:
+    def cancel(self, key: str, namespace: str | None = None) -> None:
         state = read_json(self.run_dir(key) / STATE_FILE)
         if state is None or state.get("phase") in ("Succeeded", "Failed", "Cancelled"):
             return

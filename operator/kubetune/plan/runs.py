@@ -53,16 +53,17 @@ class Backend(Protocol):
     def name(self) -> Literal["kfp", "local"]:
         """Which executor this backend is."""
 
-    def find(self, key: str) -> RunStatus | None:
-        """The run submitted under this key, if any."""
+    def find(self, key: str, namespace: str | None = None) -> RunStatus | None:
+        """The run submitted under this key, if any. `namespace`: the resource's, for a backend that
+        keeps runs per namespace (kfp: each resource's runs execute in its namespace)."""
 
     def submit(self, request: RunRequest) -> RunStatus:
         """Start the run unless one exists under the same key; either way return it."""
 
-    def resume(self, key: str) -> RunStatus:
+    def resume(self, key: str, namespace: str | None = None) -> RunStatus:
         """Start another attempt of an interrupted run (steps resume from their checkpoints)."""
 
-    def cancel(self, key: str) -> None:
+    def cancel(self, key: str, namespace: str | None = None) -> None:
         """Stop the run; a no-op when it is finished or unknown."""
 
 

@@ -20,7 +20,7 @@ from kubetune.plan import quantize as quantize_plan
 from kubetune.plan.finetune import build_request, plan_finetune
 from kubetune.plan.lifecycle import Decision, Observed
 from kubetune.plan.quantize import FineTuneJobLookup, plan_quantize
-from kubetune.plan.runs import Backend, RunRequest
+from kubetune.plan.runs import Backend, RunRequest, RunStatus
 from kubetune_contract.finetune import FineTuneJob
 from kubetune_contract.quantize import QuantizeJob
 from kubetune_contract.workspace import WorkspaceReport
@@ -38,11 +38,7 @@ class Backends:
             if executor == "local":
                 self._made[executor] = LocalBackend(self.settings.home / "local-runs")
             elif executor == "kfp":
-                self._made[executor] = KfpBackend(
-                    self.settings.kfp_host,
-                    ui_url=self.settings.kfp_ui_url,
-                    namespace=self.settings.kfp_namespace,
-                )
+                self._made[executor] = KfpBackend.from_settings(self.settings)
             else:
                 raise ValueError(f"unknown executor {executor!r}")
         return self._made[executor]
@@ -50,6 +46,18 @@ class Backends:
     def local(self) -> LocalBackend | None:
         backend = self._made.get("local")
         return backend if isinstance(backend, LocalBackend) else None
+
+
+def resource_namespace(request: RunRequest) -> str:
+    return str(request.config["metadata"]["namespace"])
+
+
+def observed_report(run: RunStatus | None, request: RunRequest) -> WorkspaceReport:
+    """What the run's steps reported: carried by the run when its backend reads it (kfp: from the run's
+    task outputs, since a user's workspace claim is not mounted here), else read from its workspace."""
+    if run is None:
+        return WorkspaceReport()
+    return run.report if run.report is not None else WorkspaceReport.read(request.workspace)
 
 
 def _carry_out(
@@ -61,13 +69,14 @@ def _carry_out(
     if request is None:
         return plan(Observed())
     backend = backends.get(request.config["spec"]["executor"])
-    run = backend.find(request.key)
-    report = WorkspaceReport.read(request.workspace) if run is not None else WorkspaceReport()
+    namespace = resource_namespace(request)
+    run = backend.find(request.key, namespace)
+    report = observed_report(run, request)
     decision = plan(Observed(run=run, report=report))
     if decision.action == "submit" and decision.request is not None:
         run = backend.submit(decision.request)
     elif decision.action == "resume":
-        run = backend.resume(request.key)
+        run = backend.resume(request.key, namespace)
     else:
         return decision
     acted = plan(Observed(run=run, report=report))
@@ -148,8 +157,8 @@ def cancel_job(
     if request is None:
         return None
     backend = backends.get(request.config["spec"]["executor"])
-    run = backend.find(request.key)
+    run = backend.find(request.key, resource_namespace(request))
     if run is None or run.finished:
         return None
-    backend.cancel(request.key)
+    backend.cancel(request.key, resource_namespace(request))
     return run.id
