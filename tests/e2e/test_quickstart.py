@@ -36,6 +36,8 @@ def test_quickstart_finetune_beats_the_base_model(project: Path, kubetune: Kubet
     # Held-out tickets share no sentence with training: the gate asks for well above chance (0.2).
     assert final["exactMatch"] >= 0.35 > baseline["exactMatch"], status["evaluation"]
     assert final["lenientMatch"] >= final["exactMatch"]
+    assert status["evaluation"]["referenceBaselines"]["majorityClass"] == pytest.approx(0.2)
+    assert "exactMatch of trivial predictors on the same examples: majority class 0.2000" in result.stdout
     assert final["evalLoss"] < baseline["evalLoss"]
     assert all(gate["passed"] for gate in status["evaluation"]["gates"])
     assert (

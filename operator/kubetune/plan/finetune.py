@@ -35,6 +35,7 @@ from kubetune_contract.finetune import (
     EvaluationStatus,
     FineTuneJob,
     FineTuneJobStatus,
+    ReferenceBaselines,
     TrainMetrics,
 )
 from kubetune_contract.workspace import WorkspaceReport
@@ -76,7 +77,17 @@ def _eval_metrics(report: dict[str, Any] | None) -> EvalMetrics | None:
         eval_loss=finite_number(report.get("evalLoss")),
         perplexity=finite_number(report.get("perplexity")),
         exact_match=finite_number(report.get("exactMatch")),
+        lenient_match=finite_number(report.get("lenientMatch")),
     )
+
+
+def _reference_baselines(report: dict[str, Any] | None) -> ReferenceBaselines | None:
+    """The trivial predictors' scores, which the baseline evaluation writes beside the base model's."""
+    baselines = ReferenceBaselines(
+        majority_class=finite_number((report or {}).get("majorityClass")),
+        nearest_neighbour=finite_number((report or {}).get("nearestNeighbour")),
+    )
+    return baselines if baselines.to_wire() else None
 
 
 def fill_status(status: FineTuneJobStatus, report: WorkspaceReport, finished_ok: bool) -> FineTuneJobStatus:
@@ -91,6 +102,8 @@ def fill_status(status: FineTuneJobStatus, report: WorkspaceReport, finished_ok:
         evaluation["baseline"] = baseline
     if (final := _eval_metrics(report.final)) is not None:
         evaluation["final"] = final
+    if (reference := _reference_baselines(report.baseline)) is not None:
+        evaluation["reference_baselines"] = reference
     if report.gates:
         evaluation["gates"] = gate_status(report.gates)
     if evaluation:
