@@ -319,6 +319,14 @@ class Serving(KubeModel):
     """How each version's model server runs: replicas, autoscaling, resources and batching."""
 
     replicas: int = Field(default=1, ge=0, le=1000, description="Replicas per version, without autoscaling.")
+    gateway_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=20,
+        description="Replicas of the gateway on a cluster (locally one process serves). A "
+        "PodDisruptionBudget lets voluntary disruptions take at most one at a time; set "
+        "access.store.redisUrl so replicas share limits, budgets and experiment statistics.",
+    )
     autoscaling: Autoscaling | None = Field(
         default=None, description="A HorizontalPodAutoscaler per version."
     )

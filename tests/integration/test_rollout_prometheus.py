@@ -103,7 +103,7 @@ class LoopbackServing:
         }
 
     async def ensure_gateway(
-        self, deployment: DeploymentRef, config: Mapping[str, Any]
+        self, deployment: DeploymentRef, config: Mapping[str, Any], replicas: int = 1
     ) -> GatewayObservation:
         if not self.configs or self.configs[-1] != config:
             temporary = self.config_path.with_suffix(".tmp")

@@ -586,6 +586,16 @@ def build_gateway_deployment(
     )
 
 
+def build_gateway_disruption_budget(ref: DeploymentRef) -> dict[str, Any]:
+    """Voluntary disruptions (node drains) take at most one gateway pod at a time."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(ref, gateway_name(ref.name), gateway_labels(ref.name)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": gateway_selector(ref.name)}},
+    }
+
+
 def build_gateway_service(ref: DeploymentRef) -> dict[str, Any]:
     return _service(
         ref, gateway_name(ref.name), gateway_labels(ref.name), gateway_selector(ref.name), GATEWAY_PORT
@@ -593,14 +603,16 @@ def build_gateway_service(ref: DeploymentRef) -> dict[str, Any]:
 
 
 def build_gateway_children(
-    ref: DeploymentRef, config: Mapping[str, Any], images: ChildImages
+    ref: DeploymentRef, config: Mapping[str, Any], images: ChildImages, replicas: int = 1
 ) -> list[dict[str, Any]]:
-    """The gateway's ConfigMap, Deployment and Service (the ConfigMap first: the pods mount it), and
-    the NetworkPolicy that keeps everyone else from the version pods."""
+    """The gateway's ConfigMap, Deployment (``replicas`` pods), PodDisruptionBudget and Service (the
+    ConfigMap first: the pods mount it), and the NetworkPolicy that keeps everyone else from the
+    version pods."""
     config = cluster_gateway_config(config)
     return [
         build_gateway_config_map(ref, config),
-        build_gateway_deployment(ref, config, images),
+        build_gateway_deployment(ref, config, images, replicas=replicas),
+        build_gateway_disruption_budget(ref),
         build_gateway_service(ref),
         build_versions_network_policy(ref),
     ]

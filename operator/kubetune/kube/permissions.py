@@ -54,7 +54,7 @@ class ChildResource:
 
 
 # What a ModelDeployment owns: one Deployment + Service per version, the gateway's Deployment, Service
-# and ConfigMap (gateway.json), the NetworkPolicy of its version pods, and an optional
+# and ConfigMap (gateway.json) and PodDisruptionBudget, the NetworkPolicy of its version pods, and an optional
 # HorizontalPodAutoscaler per version. The ModelDeployment child builders import this to know what
 # they may create; add a kind here and the rendered RBAC follows.
 _OWNER = "ModelDeployment"
@@ -67,6 +67,7 @@ CHILD_RESOURCES: Final[tuple[ChildResource, ...]] = (
     ),
     # one per deployment: only its gateway (and metrics scrapers) reach its version pods
     ChildResource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", owner_kind=_OWNER),
+    ChildResource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", owner_kind=_OWNER),
 )
 
 KOPF_NAMESPACED_GRANTS: Final[tuple[Grant, ...]] = (("", "events", "create"),)

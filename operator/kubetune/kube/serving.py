@@ -288,12 +288,12 @@ class KubernetesServing:
         await kube.apply(self.client, handover, field_manager=HANDOVER_FIELD_MANAGER)
 
     async def ensure_gateway(
-        self, deployment: DeploymentRef, config: Mapping[str, Any]
+        self, deployment: DeploymentRef, config: Mapping[str, Any], replicas: int = 1
     ) -> GatewayObservation:
         try:
             stored = [
                 await kube.apply(self.client, child)
-                for child in build_gateway_children(deployment, config, self.images)
+                for child in build_gateway_children(deployment, config, self.images, replicas)
             ]
         except ChildConflict as error:
             return GatewayObservation(endpoint=None, ready=False, message=str(error))

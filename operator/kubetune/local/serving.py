@@ -215,8 +215,9 @@ class ServingOnTheLoop:
         return self.local.ensure_versions(deployment, versions)
 
     async def ensure_gateway(
-        self, deployment: DeploymentRef, config: Mapping[str, Any]
+        self, deployment: DeploymentRef, config: Mapping[str, Any], replicas: int = 1
     ) -> GatewayObservation:
+        # One gateway process on a laptop: replicas only matter where pods can be disrupted.
         return self.local.ensure_gateway(deployment, config)
 
     async def remove(self, deployment: DeploymentRef) -> None:

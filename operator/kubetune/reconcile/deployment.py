@@ -80,11 +80,13 @@ class ServingBackend(Protocol):
         ...
 
     async def ensure_gateway(
-        self, deployment: DeploymentRef, config: Mapping[str, Any]
+        self, deployment: DeploymentRef, config: Mapping[str, Any], replicas: int = 1
     ) -> GatewayObservation:
         """Make the deployment's gateway run with this config (the GatewayConfig JSON as a dict, camelCase
         keys; ConfigMap key ``gateway.json`` or a file). Only the config changes between calls as weights
         move: the gateway reloads it, so write it in place rather than restarting the gateway.
+        ``replicas`` is ``spec.serving.gatewayReplicas``; a backend that runs one gateway process may
+        ignore it.
 
         Called only once some version can take traffic; until then the deployment has no gateway.
         """
@@ -179,7 +181,9 @@ async def reconcile_deployment(
 
     gateway = GatewayObservation(endpoint=None, ready=False, message="no version is served yet")
     if plan.gateway_config is not None:
-        gateway = await serving.ensure_gateway(ref, plan.gateway_config)
+        gateway = await serving.ensure_gateway(
+            ref, plan.gateway_config, replicas=deployment.spec.serving.gateway_replicas
+        )
 
     status = deployment_status(
         deployment,

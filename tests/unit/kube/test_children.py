@@ -383,7 +383,7 @@ def test_names_are_dns_labels_and_distinct(deployment: str, version_name: str) -
 
 
 def test_gateway_runs_kubetune_gateway_with_the_config_map_mounted_as_a_directory() -> None:
-    config_map, deployment, service, _policy = build_gateway_children(REF, gateway_config(), IMAGES)
+    config_map, deployment, _budget, service, _policy = build_gateway_children(REF, gateway_config(), IMAGES)
     assert config_map["kind"] == "ConfigMap" and config_map["metadata"]["name"] == "support-bot-gateway"
     assert list(config_map["data"]) == [GATEWAY_CONFIG_KEY]
     gateway = containers(deployment)["gateway"]

@@ -60,7 +60,7 @@ def test_version_pods_admit_only_their_gateway_and_metrics_scrapers() -> None:
 
 
 def test_the_gateway_reads_its_own_key_secret_and_requires_keys_unless_the_spec_opts_out() -> None:
-    config_map, deployment, _service, _policy = build_gateway_children(REF, CONFIG, ChildImages())
+    config_map, deployment, _budget, _service, _policy = build_gateway_children(REF, CONFIG, ChildImages())
     pod = deployment["spec"]["template"]["spec"]
     secret_volume = next(v for v in pod["volumes"] if v["name"] == "access")["secret"]
     assert (
@@ -95,3 +95,14 @@ def test_the_operator_may_manage_network_policies_and_reads_no_secrets() -> None
     ]
     assert ("networking.k8s.io", "networkpolicies", "patch") in flattened
     assert not any(resource == "secrets" for _, resource, _ in flattened)
+
+
+def test_gateway_replicas_run_under_a_disruption_budget_of_one() -> None:
+    children = build_gateway_children(REF, CONFIG, ChildImages(), replicas=3)
+    deployment = next(c for c in children if c["kind"] == "Deployment")
+    budget = next(c for c in children if c["kind"] == "PodDisruptionBudget")
+    assert deployment["spec"]["replicas"] == 3
+    assert budget["apiVersion"] == "policy/v1"
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"] == deployment["spec"]["selector"]
+    assert budget["metadata"]["ownerReferences"][0]["uid"] == "uid-1"

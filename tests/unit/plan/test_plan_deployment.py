@@ -108,7 +108,7 @@ class FakeServing:
         }
 
     async def ensure_gateway(
-        self, deployment: DeploymentRef, config: Mapping[str, Any]
+        self, deployment: DeploymentRef, config: Mapping[str, Any], replicas: int = 1
     ) -> GatewayObservation:
         self.config = dict(config)
         return GatewayObservation(
