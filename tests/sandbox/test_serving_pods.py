@@ -75,7 +75,10 @@ def model_deployment(model_uri: str) -> ModelDeployment:
 
 
 def version_serving(
-    deployment: ModelDeployment, model_uri: str, token_secret: SecretKeyRef | None = None
+    deployment: ModelDeployment,
+    model_uri: str,
+    token_secret: SecretKeyRef | None = None,
+    base_model_uri: str | None = None,
 ) -> VersionServing:
     return VersionServing(
         name="tuned",
@@ -84,6 +87,7 @@ def version_serving(
         env=serving_env(deployment, "tuned"),
         serving=deployment.spec.serving,
         token_secret=token_secret,
+        base_model_uri=base_model_uri,
     )
 
 
@@ -97,10 +101,12 @@ def start_version(
     model_uri: str,
     extra_env: Mapping[str, str] | None = None,
     token_secret: SecretKeyRef | None = None,
+    base_model_uri: str | None = None,
 ) -> tuple[RunningPod, Mapping[str, Any], int]:
     """The version's Deployment rendered and its pod run: (pod, pod spec, forwarded serving port)."""
     deployment = model_deployment(model_uri)
-    server = build_version_children(REF, version_serving(deployment, model_uri, token_secret), IMAGES)[0]
+    version = version_serving(deployment, model_uri, token_secret, base_model_uri)
+    server = build_version_children(REF, version, IMAGES)[0]
     pod_spec = pod_spec_of(server)
     pod = cluster.run_pod("version-tuned", pod_spec, extra_env=extra_env)
     return pod, pod_spec, cluster.port_forward(SERVING_PORT)
@@ -197,23 +203,43 @@ def test_a_hub_model_is_built_into_a_bento_by_the_init_container_with_the_token_
     assert all(line.endswith(" 200") for line in model_requests), fetched  # each sent the Secret's token
 
 
-def test_a_base_model_on_a_claim_the_pod_does_not_mount_fails_the_build_naming_the_claim(
+ADAPTER_URI = "pvc://artifacts/support-bot/v1"
+BASE_ON_ANOTHER_CLAIM = "pvc://models/tiny-base"
+
+
+def publish_adapter_with_base_on_another_claim(cluster: SandboxCluster, adapter: Path, base: Path) -> None:
+    """The adapter at ADAPTER_URI, its base at BASE_ON_ANOTHER_CLAIM, as its lineage manifest says."""
+    published = cluster.claim("artifacts") / "support-bot" / "v1"
+    shutil.copytree(adapter, published)
+    shutil.copytree(base, cluster.claim("models") / "tiny-base")
+    manifest_path = published / "kubetune-manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["baseModel"] = {"uri": BASE_ON_ANOTHER_CLAIM, "kind": "local"}
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def test_a_lora_adapter_whose_base_is_on_another_claim_is_built_and_served(
     cluster: SandboxCluster, hub_adapter: Path, tiny_model: Path
 ) -> None:
-    """The operator does not know an adapter's base model, so it cannot mount the base's claim yet: the
-    build says which claim is missing instead of a bare 'not a directory'."""
-    adapter = cluster.claim("artifacts") / "support-bot" / "v1"
-    shutil.copytree(hub_adapter, adapter)
-    shutil.copytree(tiny_model, cluster.claim("models") / "tiny-base")
-    manifest_path = adapter / "kubetune-manifest.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    manifest["baseModel"] = {"uri": "pvc://models/tiny-base", "kind": "local"}
-    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    """A FineTuneJob's unmerged adapter on one claim, its base (the job's spec.baseModel.uri) on another:
+    the operator mounts both claims in the init container, which builds the Bento; the server answers."""
+    publish_adapter_with_base_on_another_claim(cluster, hub_adapter, tiny_model)
+    pod, pod_spec, port = start_version(cluster, ADAPTER_URI, base_model_uri=BASE_ON_ANOTHER_CLAIM)
+    assert pod.init_logs["fetch-model"].strip().splitlines()[-1].startswith(f"{REF.name}-tuned:")
+    assert_serves(pod, pod_spec, port)
+
+
+def test_an_adapter_whose_base_the_operator_does_not_know_fails_the_build_naming_the_claim(
+    cluster: SandboxCluster, hub_adapter: Path, tiny_model: Path
+) -> None:
+    """A ``uri`` version: the planner cannot read the adapter, so a base on another claim is not
+    mounted, and the build says which claim is missing instead of a bare 'not a directory'."""
+    publish_adapter_with_base_on_another_claim(cluster, hub_adapter, tiny_model)
     with pytest.raises(PodFailed) as failure:
-        start_version(cluster, "pvc://artifacts/support-bot/v1")
+        start_version(cluster, ADAPTER_URI)
     message = str(failure.value)
     assert "init container fetch-model exited" in message
-    assert "pvc://models/tiny-base" in message and "PersistentVolumeClaim models" in message
+    assert BASE_ON_ANOTHER_CLAIM in message and "PersistentVolumeClaim models" in message
 
 
 def test_a_model_on_a_claim_is_served_and_the_gateway_pod_routes_to_it(

@@ -4,8 +4,9 @@ Per version ``v`` of ModelDeployment ``d``:
 
 * Deployment ``d-v``: the init container ``fetch-model`` runs ``python -m
   kubetune_components.serving.bento build`` on the version's model URI: a ``pvc://claim/path`` is
-  mounted read-only at ``/mnt/pvc/<claim>`` (as in the pipeline steps), an ``hf://`` model is
-  downloaded (``HF_TOKEN`` from the version's token Secret) into ``HF_HOME``, an emptyDir mounted
+  mounted read-only at ``/mnt/pvc/<claim>`` (as in the pipeline steps), and so is the claim of an
+  adapter's base model when the operator knows it (``VersionServing.base_model_uri``); an ``hf://``
+  model is downloaded (``HF_TOKEN`` from the version's token Secret) into ``HF_HOME``, an emptyDir mounted
   whatever holds the model, since an adapter on a claim may name a hub base model and the root
   filesystem is read-only (tests/sandbox runs these pods); the build imports the model (with an
   adapter's base model) into BentoML's store in a shared emptyDir (``BENTOML_HOME``) and builds the
@@ -241,15 +242,21 @@ def _env(values: Mapping[str, str]) -> list[dict[str, Any]]:
 # ---- a version -------------------------------------------------------------------------------------
 
 
+def _claim_of(version: VersionServing, what: str, uri: str) -> str | None:
+    """The PersistentVolumeClaim of a pvc:// URI (checked), or None for any other URI."""
+    if not uri.startswith("pvc://"):
+        return None
+    claim, _, sub_path = uri[len("pvc://") :].partition("/")
+    if not _DNS_LABEL.match(claim) or ".." in sub_path.split("/"):
+        raise ValueError(f"version {version.name}: {what} {uri!r} must be pvc://<claim>/<path> without '..'")
+    return claim
+
+
 def _model_claim(version: VersionServing) -> str | None:
     """The PersistentVolumeClaim holding the version's model (pvc://), or None for a download."""
     uri = version.model_uri
-    if uri.startswith("pvc://"):
-        claim, _, sub_path = uri[len("pvc://") :].partition("/")
-        if not _DNS_LABEL.match(claim) or ".." in sub_path.split("/"):
-            raise ValueError(
-                f"version {version.name}: model URI {uri!r} must be pvc://<claim>/<path> without '..'"
-            )
+    claim = _claim_of(version, "model URI", uri)
+    if claim is not None:
         return claim
     scheme, separator, _ = uri.partition("://")
     if not separator or scheme == "file":
@@ -286,7 +293,12 @@ def build_version_deployment(
     _check_bento(ref, version)
     serving = version.serving
     name = version_child_name(ref.name, version.name)
-    claim = _model_claim(version)
+    # volume name by claim: the model's, then its base's when that is on another claim
+    claims = {claim: "model-store" for claim in [_model_claim(version)] if claim is not None}
+    if version.base_model_uri is not None:
+        base_claim = _claim_of(version, "base model URI", version.base_model_uri)
+        if base_claim is not None:
+            claims.setdefault(base_claim, "base-model-store")
 
     volumes: list[dict[str, Any]] = [
         {"name": "bentoml-home", "emptyDir": {}},
@@ -300,13 +312,11 @@ def build_version_deployment(
     # model, which the build downloads into HF_HOME (the root filesystem is read-only).
     volumes.append({"name": "download-cache", "emptyDir": {}})
     fetch_mounts = [*shared_mounts, {"name": "download-cache", "mountPath": DOWNLOAD_CACHE}]
-    if claim is not None:
-        volumes.append(
-            {"name": "model-store", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-        )
-        fetch_mounts.append(
-            {"name": "model-store", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True}
-        )
+    # The build reads an adapter's base where its URI says (under the contract's PVC mount root); the
+    # server loads the Bento's own copy of both, so only the init container mounts the claims.
+    for claim, volume in claims.items():
+        volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        fetch_mounts.append({"name": volume, "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
 
     pod_env = {
         "HOME": TMP_DIR,

@@ -16,6 +16,7 @@ from kubetune.common.uris import absolute
 from kubetune_contract.common import API_VERSION, SecretKeyRef
 from kubetune_contract.conditions import find_condition
 from kubetune_contract.deployment import KIND, ModelDeployment, ModelDeploymentSpec, Serving
+from kubetune_contract.finetune import PEFT_METHODS, Method, Output
 from kubetune_contract.serving import (
     CONTEXT_OVERFLOW_ENV,
     DEPLOYMENT_ENV,
@@ -70,6 +71,11 @@ class VersionServing:
     env: Mapping[str, str]
     serving: Serving  # replicas, autoscaling, resources, batching (spec.serving)
     token_secret: SecretKeyRef | None = None  # hub token for hf:// models, when the spec names one
+    base_model_uri: str | None = None
+    """The base model an adapter is served on, when the planner knows it (a FineTuneJob that publishes
+    its adapter unmerged): the backend makes it readable beside ``model_uri`` (a pvc:// base's claim
+    is mounted too). None for full weights and for ``uri`` versions, whose base must then be on the
+    adapter's own claim or on the hub."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,21 @@ class ResolvedVersion:
     model_uri: str | None = None
     reason: str | None = None  # WaitingForModel | ModelFailed
     message: str | None = None
+    base_model_uri: str | None = None  # an adapter's base model (see VersionServing.base_model_uri)
+
+
+def _adapter_base(kind: str, spec: Mapping[str, Any]) -> str | None:
+    """The base model a job's published model needs beside it: a FineTuneJob's spec.baseModel.uri when
+    it publishes an adapter (a PEFT method, output.mergeAdapter false). A QuantizeJob publishes full
+    weights (its step merges an adapter source into its base first), so it needs none."""
+    if kind != "FineTuneJob":
+        return None
+    method = (spec.get("method") or {}).get("type") or Method.model_fields["type"].default
+    merged = (spec.get("output") or {}).get("mergeAdapter", Output.model_fields["merge_adapter"].default)
+    if method not in PEFT_METHODS or merged:
+        return None
+    uri = (spec.get("baseModel") or {}).get("uri")
+    return str(uri) if uri else None
 
 
 def _resolve_job(name: str, kind: str, job_name: str, namespace: str, lookup: JobLookup) -> ResolvedVersion:
@@ -142,7 +163,8 @@ def _resolve_job(name: str, kind: str, job_name: str, namespace: str, lookup: Jo
             reason="ModelFailed",
             message=f"{kind}/{job_name} succeeded but published no output",
         )
-    return ResolvedVersion(name, "ready", model_uri=str(uri))
+    base = _adapter_base(kind, job.get("spec") or {})
+    return ResolvedVersion(name, "ready", model_uri=str(uri), base_model_uri=base)
 
 
 def resolve_versions(
@@ -187,20 +209,35 @@ def serving_env(deployment: ModelDeployment, version: str) -> dict[str, str]:
     }
 
 
-def version_servings(deployment: ModelDeployment, served: Mapping[str, str]) -> list[VersionServing]:
-    """What to serve: each version that has a model (``served``: version -> model URI), in spec order."""
-    return [
-        VersionServing(
-            name=version.name,
-            model_uri=served[version.name],
-            bento=bento_tag(deployment.metadata.name, version.name),
-            env=serving_env(deployment, version.name),
-            serving=deployment.spec.serving,
-            token_secret=version.model.token_secret_ref,
+def version_servings(
+    deployment: ModelDeployment,
+    served: Mapping[str, str],
+    resolved: Mapping[str, ResolvedVersion] | None = None,
+) -> list[VersionServing]:
+    """What to serve: each version that has a model (``served``: version -> model URI), in spec order.
+
+    A version served with its ``resolved`` model gets that model's base; one still served with a
+    previous model (see :func:`served_models`) gets none, as nothing recorded that model's base.
+    """
+    servings: list[VersionServing] = []
+    for version in deployment.spec.versions:
+        if version.name not in served:
+            continue
+        model_uri = served[version.name]
+        current = (resolved or {}).get(version.name)
+        base = current.base_model_uri if current is not None and current.model_uri == model_uri else None
+        servings.append(
+            VersionServing(
+                name=version.name,
+                model_uri=model_uri,
+                bento=bento_tag(deployment.metadata.name, version.name),
+                env=serving_env(deployment, version.name),
+                serving=deployment.spec.serving,
+                token_secret=version.model.token_secret_ref,
+                base_model_uri=base,
+            )
         )
-        for version in deployment.spec.versions
-        if version.name in served
-    ]
+    return servings
 
 
 def served_models(

@@ -61,6 +61,7 @@ def version(
     serving: Serving | None = None,
     token: SecretKeyRef | None = None,
     deployment: str = "support-bot",
+    base: str | None = None,
 ) -> VersionServing:
     return VersionServing(
         name=name,
@@ -69,6 +70,7 @@ def version(
         env={**CONTRACT_ENV, "KUBETUNE_DEPLOYMENT": deployment, "KUBETUNE_VERSION": name},
         serving=serving or Serving(),
         token_secret=token,
+        base_model_uri=base,
     )
 
 
@@ -224,6 +226,50 @@ def test_an_adapter_on_a_claim_can_download_its_hub_base_into_a_mounted_hf_home(
     assert {"name": cache, "emptyDir": {}} in pod["volumes"]
     # The server is offline and loads the Bento's copy of the base: it needs no hub cache.
     assert cache not in {m["name"] for m in containers(deployment)["serve"]["volumeMounts"]}
+
+
+def test_an_adapters_base_on_another_claim_is_mounted_read_only_beside_it_in_the_init_container() -> None:
+    """The build reads the base where its pvc:// URI says: /mnt/pvc/<claim> under KUBETUNE_PVC_ROOT
+    (tests/sandbox runs this pod to prove it)."""
+    adapter = version(uri="pvc://artifacts/team-a/support-lora/v1", base="pvc://models/tiny-base")
+    deployment = build_version_children(REF, adapter, IMAGES)[0]
+    pod = deployment["spec"]["template"]["spec"]
+    claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert sorted(claim["claimName"] for claim in claims.values()) == ["artifacts", "models"]
+    assert all(claim["readOnly"] is True for claim in claims.values())
+    fetch, serve = containers(deployment)["fetch-model"], containers(deployment)["serve"]
+    mounts = {m["mountPath"]: m for m in fetch["volumeMounts"] if m["name"] in claims}
+    assert set(mounts) == {"/mnt/pvc/artifacts", "/mnt/pvc/models"}
+    assert claims[mounts["/mnt/pvc/models"]["name"]]["claimName"] == "models"
+    assert all(mount["readOnly"] is True for mount in mounts.values())
+    assert not set(claims) & {m["name"] for m in serve["volumeMounts"]}  # the Bento holds the base
+
+
+@pytest.mark.parametrize(
+    "base",
+    ["pvc://artifacts/base-models/tiny", "hf://kubetune/tiny-base", None],
+    ids=["same-claim", "hub", "none"],
+)
+def test_a_base_on_the_adapters_claim_or_the_hub_adds_no_claim(base: str | None) -> None:
+    adapter = version(uri="pvc://artifacts/team-a/support-lora/v1", base=base)
+    pod = build_version_children(REF, adapter, IMAGES)[0]["spec"]["template"]["spec"]
+    claims = [v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == [{"claimName": "artifacts", "readOnly": True}]
+
+
+def test_a_hub_model_with_a_base_on_a_claim_mounts_only_the_base_claim() -> None:
+    adapter = version(uri="hf://acme/support-lora", base="pvc://models/tiny-base")
+    pod = build_version_children(REF, adapter, IMAGES)[0]["spec"]["template"]["spec"]
+    claims = [v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == [{"claimName": "models", "readOnly": True}]
+
+
+def test_a_malformed_base_model_pvc_uri_is_refused_naming_the_version() -> None:
+    adapter = version(uri="pvc://artifacts/team-a/support-lora/v1", base="pvc://models/../secrets")
+    with pytest.raises(
+        ValueError, match=re.escape("version tuned: base model URI 'pvc://models/../secrets'")
+    ):
+        build_version_children(REF, adapter, IMAGES)
 
 
 @pytest.mark.parametrize("uri", ["file:///models/tuned", "/models/tuned", "models/tuned"])
