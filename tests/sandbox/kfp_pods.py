@@ -5,11 +5,12 @@ the executor's container command with its placeholders resolved, the ``pvcMount`
 of the kubernetes platform spec, and no securityContext (so the runtime image's ``USER`` applies).
 :func:`task_pods` does that for every task, in an order that respects ``dependentTasks``.
 
-KFP's pods have a writable root filesystem (it sets no ``readOnlyRootFilesystem``); here the root stays
-read-only but for ``/tmp``, an emptyDir (``tmp``): the launcher writes each output parameter's file and
-the executor output under :data:`KFP_OUTPUTS_DIR` there, and the steps cannot start without a writable
-temp dir (torch's import asks ``tempfile`` for one; the image's ``HF_HOME`` is ``/tmp/huggingface``).
-Every other path outside the pipeline's claims is read-only.
+KFP's default pods have a writable root filesystem, but a hardened cluster may not: here the root stays
+read-only and only the platform spec's ``pvcMount`` and ``emptyDirMounts`` are writable. The pipeline
+mounts an emptyDir at ``/tmp`` on every task (kubetune.pipelines.finetune.on_cluster): the launcher
+writes each output parameter's file and the executor output under :data:`KFP_OUTPUTS_DIR` there, and
+the steps cannot start without a writable temp dir (torch's import asks ``tempfile`` for one; the
+image's ``HF_HOME`` is ``/tmp/huggingface``). A task without it fails here as it would on such a cluster.
 """
 
 from __future__ import annotations
@@ -92,8 +93,12 @@ def _platform_pod_parts(
     executor: Mapping[str, Any],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """(volumes, volumeMounts, env) of a task's kubernetes platform config."""
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
-    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    for empty_dir in executor.get("emptyDirMounts") or []:
+        volume = {key: value for key, value in empty_dir.items() if key in ("medium", "sizeLimit")}
+        volumes.append({"name": empty_dir["volumeName"], "emptyDir": volume})
+        mounts.append({"name": empty_dir["volumeName"], "mountPath": empty_dir["mountPath"]})
     for index, pvc in enumerate(executor.get("pvcMount") or []):
         claim = pvc.get("constant") or pvc["pvcNameParameter"]["runtimeValue"]["constant"]
         volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim}})
@@ -162,7 +167,7 @@ def task_pods(documents: list[Mapping[str, Any]]) -> list[TaskPod]:
                     "name": "kfp-launcher",
                     "image": container["image"],
                     "command": ["mkdir", "-p", *directories, f"{KFP_OUTPUTS_DIR}/artifacts"],
-                    "volumeMounts": mounts[:1],
+                    "volumeMounts": mounts,
                 }
             ],
             "containers": [

@@ -22,9 +22,16 @@ class PipelineOptions:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+STEP_TMP_VOLUME = "tmp"
+STEP_TMP_DIR = "/tmp"
+
+
 def on_cluster(task: Any, options: PipelineOptions, display_name: str) -> Any:
     task.set_display_name(display_name)
     task.set_caching_options(False)  # steps read and write the run's workspace: never skip one
+    # A hardened cluster may make the root filesystem read-only: torch's import needs a writable temp
+    # dir, the runtime image's HF_HOME is under /tmp and KFP's launcher writes the outputs there.
+    kubernetes.empty_dir_mount(task, volume_name=STEP_TMP_VOLUME, mount_path=STEP_TMP_DIR)
     for claim in options.pvc_claims:
         kubernetes.mount_pvc(task, pvc_name=claim, mount_path=f"{PVC_MOUNT_ROOT}/{claim}")
     if options.token_secret is not None:

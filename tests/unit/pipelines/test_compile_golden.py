@@ -78,4 +78,6 @@ def test_compiled_pipeline_is_runnable_on_a_cluster(tmp_path: Path) -> None:
             "/mnt/pvc/kubetune-workspace",
         }
         assert executor["secretAsEnv"][0]["keyToEnv"] == [{"envVar": "HF_TOKEN", "secretKey": "token"}]
+        # writable /tmp under a read-only root filesystem (torch's import, HF_HOME, KFP's outputs)
+        assert executor["emptyDirMounts"] == [{"mountPath": "/tmp", "volumeName": "tmp"}]
         assert executor["podMetadata"]["labels"]["kubetune.dev/name"] == "support-router"

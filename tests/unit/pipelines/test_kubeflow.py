@@ -102,7 +102,7 @@ def test_pipelines_take_what_a_user_fills_in_with_valid_examples(pipeline: str, 
             parse_resource(yaml.safe_load(parameter["defaultValue"]))  # the example itself is valid
 
 
-def test_steps_mount_the_workspace_claim_and_carry_ui_labels() -> None:
+def test_steps_mount_the_workspace_claim_and_a_writable_tmp_and_carry_ui_labels() -> None:
     docs = list(yaml.safe_load_all((COMMITTED / "pipelines" / "finetune-then-quantize.yaml").read_text()))
     executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert len(executors) == 11  # 2 resolvers, 5 fine-tune tasks (evaluate twice), 4 quantize tasks
@@ -110,6 +110,7 @@ def test_steps_mount_the_workspace_claim_and_carry_ui_labels() -> None:
         assert config["pvcMount"][0]["constant"] == "kubetune-workspace", name
         assert config["pvcMount"][0]["mountPath"] == "/mnt/pvc/kubetune-workspace", name
         assert config["podMetadata"]["labels"]["kubetune.dev/started-by"] == "kubeflow-ui", name
+        assert config["emptyDirMounts"] == [{"mountPath": "/tmp", "volumeName": "tmp"}], name
 
 
 # --- the step components run the steps' own command lines ------------------------------------------------
