@@ -164,7 +164,7 @@ async def reconcile_deployment(
     ref = DeploymentRef(meta.name, meta.namespace, meta.uid)
     resolved = resolve_versions(deployment.spec, meta.namespace, lookup, base_dir)
     served = served_models(resolved, previous_status)
-    observed = await serving.ensure_versions(ref, version_servings(deployment, served))
+    observed = await serving.ensure_versions(ref, version_servings(deployment, served, resolved))
     answering = {name: name in observed and observed[name].ready for name in served}
     current = {
         name: answering.get(name, False) and served.get(name) == version.model_uri

@@ -594,3 +594,16 @@ async def test_a_healthy_canary_is_promoted_through_the_controller() -> None:
         "RolloutComplete",
     )
     assert kstatus({**mdep(ROLLOUT_SPEC, generation=2), "status": status}) == "Current"
+
+
+async def test_the_serving_backend_is_told_the_base_model_of_an_unmerged_adapter() -> None:
+    """So a cluster's version pod can mount the base's claim beside the adapter's (kube/children.py)."""
+    serving = FakeServing()
+    adapter = job("True", uri="/store/ml/support-lora/v1")
+    adapter["spec"] = {"baseModel": {"uri": "pvc://models/tiny-base"}}
+    jobs = Jobs(**{"support-lora": adapter, "support-int8": DONE.jobs["support-int8"]})
+    await reconcile_deployment(mdep(), lookup=jobs, serving=serving, prometheus=None, now=T0)
+    assert {v.name: v.base_model_uri for v in serving.versions} == {
+        "tuned": "pvc://models/tiny-base",
+        "int8": None,  # a QuantizeJob publishes full weights
+    }
