@@ -78,6 +78,7 @@ from kubetune.gateway.feedback import (
     parse_feedback,
     unknown_completion,
 )
+from kubetune.gateway.fewshot import FEW_SHOT_HEADER, PoolCache, header_value
 from kubetune.gateway.generation import (
     CHAT_ENDPOINT,
     COMPLETIONS_ENDPOINT,
@@ -86,7 +87,7 @@ from kubetune.gateway.generation import (
 )
 from kubetune.gateway.health import UpstreamHealth
 from kubetune.gateway.metrics import GatewayMetrics
-from kubetune.gateway.prompts import render_chat_messages, render_completion_prompt
+from kubetune.gateway.prompts import render_chat_with_few_shot, render_completion_with_few_shot
 from kubetune.gateway.relay import RelayedStream, relay_stream
 from kubetune.gateway.responses import (
     NO_VERSION,
@@ -102,13 +103,16 @@ from kubetune.gateway.responses import (
 )
 from kubetune.gateway.routing import NoVersionAvailable, Router, UnknownVersionError
 from kubetune.gateway.upstream import (
+    RETRIED_FROM_HEADER,
     Attempt,
     AttemptLimits,
+    RetryElsewhere,
     UpstreamBody,
     UpstreamClient,
     WaitLimit,
     send_with_fallback,
 )
+from kubetune_contract.openai import HIDDEN_REASONING_FIELD
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +167,7 @@ class Gateway:
         self.response_ids = ResponseIds(_signing_key(config))
         self.upstream = UpstreamClient()
         self.health = UpstreamHealth()
+        self.few_shot_pools = PoolCache()
         self.started_at = int(time.time())
 
     def apply_config(self, config: GatewayConfig) -> None:
@@ -227,9 +232,12 @@ class Gateway:
             if chosen is not None and version != chosen:  # the fallback stands in for a version not ready
                 self._count_fallback(state, chosen, version)
             exchange.version = version
+            # a client that pinned its version asked for that one, not for any other
+            pinned = request.headers.get(state.config.routing.override_header) is not None
+            retry = None if pinned else self._retry_elsewhere(state)
             if parsed.stream:
-                return await self._stream(state, endpoint, exchange, upstream, body)
-            return await self._complete(state, endpoint, exchange, upstream, body)
+                return await self._stream(state, endpoint, exchange, upstream, body, retry)
+            return await self._complete(state, endpoint, exchange, upstream, body, retry)
         except GatewayError as error:
             exchange.refused(error)
             return error_response(error, request_id, version)
@@ -272,11 +280,37 @@ class Gateway:
         upstream = dict(body)
         metadata = upstream.pop("metadata", None)
         prompt = state.prompts[version]
+        few_shot_lines: str | None = None
         if prompt is not None:
+            max_prompt_tokens = state.config.generation.max_prompt_tokens
             if endpoint == CHAT_ENDPOINT:
-                upstream["messages"] = render_chat_messages(upstream["messages"], prompt, version, metadata)
+                upstream["messages"], selected = render_chat_with_few_shot(
+                    upstream["messages"],
+                    prompt,
+                    version,
+                    metadata,
+                    prompt.few_shot,
+                    self.few_shot_pools,
+                    max_prompt_tokens,
+                )
             else:
-                upstream["prompt"] = render_completion_prompt(upstream["prompt"], prompt, version, metadata)
+                upstream["prompt"], selected = render_completion_with_few_shot(
+                    upstream["prompt"],
+                    prompt,
+                    version,
+                    metadata,
+                    prompt.few_shot,
+                    self.few_shot_pools,
+                    max_prompt_tokens,
+                )
+            if prompt.few_shot is not None:
+                few_shot_lines = header_value(selected)
+            if prompt.reasoning is not None:
+                # the model server drops what the model writes between the markers
+                upstream[HIDDEN_REASONING_FIELD] = {
+                    "open": prompt.reasoning.open,
+                    "close": prompt.reasoning.close,
+                }
         added_usage = False
         if upstream.get("stream"):
             # usage is always asked for, so that limits and budgets count streamed tokens too
@@ -287,7 +321,15 @@ class Gateway:
             elif isinstance(options, dict) and not options.get("include_usage"):
                 upstream["stream_options"] = {**options, "include_usage": True}
                 added_usage = True
-        return UpstreamBody(version, upstream, added_usage)
+        return UpstreamBody(version, upstream, added_usage, few_shot_lines)
+
+    def _retry_elsewhere(self, state: GatewayState) -> RetryElsewhere:
+        deployment = state.config.deployment
+
+        def count_retry(unreachable: str, other: str) -> None:
+            self.metrics.child(self.metrics.connect_retries, deployment, unreachable, other).inc()
+
+        return RetryElsewhere(choose=state.router.another_by_weight, on_retry=count_retry)
 
     def _record_attempt(
         self, state: GatewayState, endpoint: str, version: str, code: int, duration: float
@@ -306,6 +348,7 @@ class Gateway:
         exchange: Exchange,
         upstream: UpstreamBody,
         body: dict[str, Any],
+        retry: RetryElsewhere | None,
     ) -> Response:
         request_id = exchange.request_id
         deployment, version = state.config.deployment, upstream.version
@@ -319,7 +362,8 @@ class Gateway:
                 self._record_attempt(state, endpoint, hit.version, 200, time.perf_counter() - started)
                 exchange.version = hit.version
                 await self.access.charge(exchange, hit.body.get("usage"))
-                return self._answer(exchange, hit.version, dict(hit.body))
+                # the key covers the body with its examples, so they are the ones this request has
+                return self._answer(exchange, hit.version, dict(hit.body), _answer_headers(upstream, None))
             self.metrics.child(self.metrics.cache_misses, deployment).inc()
 
         attempt, sent = await send_with_fallback(
@@ -329,6 +373,7 @@ class Gateway:
             functools.partial(self._post, state, endpoint, request_id),
             functools.partial(self._count_fallback, state),
             functools.partial(self._unavailable_now, state),
+            retry,
         )
         if attempt.code == 200:
             if attempt.version == version:
@@ -339,23 +384,26 @@ class Gateway:
                 self.cache.put(fallback_key, attempt.version, dict(attempt.body))
 
         exchange.version = attempt.version
+        extra_headers = _answer_headers(sent, attempt.retried_from)
         if not 200 <= attempt.code < 300:
             exchange.decision = "rejected"
             return Response(
                 attempt.raw,
                 status_code=attempt.code,
                 media_type=attempt.content_type,
-                headers=tracing_headers(request_id, attempt.version),
+                headers={**tracing_headers(request_id, attempt.version), **extra_headers},
             )
         self.metrics.record_usage(deployment, attempt.version, attempt.body.get("usage"))
         await self.access.charge(exchange, attempt.body.get("usage"))
-        return self._answer(exchange, attempt.version, attempt.body)
+        return self._answer(exchange, attempt.version, attempt.body, extra_headers)
 
-    def _answer(self, exchange: Exchange, version: str, body: dict[str, Any]) -> Response:
+    def _answer(
+        self, exchange: Exchange, version: str, body: dict[str, Any], extra_headers: dict[str, str]
+    ) -> Response:
         response_id = self.response_ids.sign(exchange.request_id, version)
         exchange.request_id = response_id
         body["id"] = response_id
-        return json_response(body, tracing_headers(response_id, version))
+        return json_response(body, {**tracing_headers(response_id, version), **extra_headers})
 
     async def _post(
         self,
@@ -391,6 +439,7 @@ class Gateway:
         exchange: Exchange,
         upstream: UpstreamBody,
         body: dict[str, Any],
+        retry: RetryElsewhere | None,
     ) -> Response:
         request_id = exchange.request_id
         attempt, sent = await send_with_fallback(
@@ -400,9 +449,11 @@ class Gateway:
             functools.partial(self._open_stream, state, endpoint, request_id),
             functools.partial(self._count_fallback, state),
             functools.partial(self._unavailable_now, state),
+            retry,
         )
         exchange.version = attempt.version
-        headers = tracing_headers(request_id, attempt.version)
+        extra_headers = _answer_headers(sent, attempt.retried_from)
+        headers = {**tracing_headers(request_id, attempt.version), **extra_headers}
         if attempt.stream is None:  # the upstream refused (4xx): pass its answer on
             exchange.decision = "rejected"
             return Response(
@@ -411,7 +462,7 @@ class Gateway:
         deployment, answering = state.config.deployment, attempt.version
         response_id = self.response_ids.sign(request_id, answering)
         exchange.request_id = response_id
-        headers = tracing_headers(response_id, answering)
+        headers = {**tracing_headers(response_id, answering), **extra_headers}
         reported: list[Any] = []
 
         def on_usage(usage: Any) -> None:
@@ -595,6 +646,17 @@ def _signing_key(config: GatewayConfig) -> bytes | None:
             exc.strerror or exc,
         )
         return None
+
+
+def _answer_headers(sent: UpstreamBody, retried_from: str | None) -> dict[str, str]:
+    """What the gateway says about how it answered: the pool lines of the few-shot examples it
+    added, and the version it could not connect to before this one answered."""
+    headers: dict[str, str] = {}
+    if sent.few_shot is not None:
+        headers[FEW_SHOT_HEADER] = sent.few_shot
+    if retried_from is not None:
+        headers[RETRIED_FROM_HEADER] = retried_from
+    return headers
 
 
 def _check_model(model: str | None, deployment: str) -> None:

@@ -28,12 +28,15 @@ import httpx
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from kubetune_contract.deployment import ContextWindow
+
 log = logging.getLogger(__name__)
 
 VERSION_NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 HEADER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 TEMPLATE_VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 INPUT_VARIABLE = "input"
+DEFAULT_MAX_PROMPT_TOKENS = ContextWindow().max_prompt_tokens
 
 
 class GatewayConfigError(ValueError):
@@ -128,6 +131,12 @@ class GenerationLimits(GatewayModel):
 class GenerationConfig(GatewayModel):
     defaults: GenerationDefaults = GenerationDefaults()
     limits: GenerationLimits = GenerationLimits()
+    max_prompt_tokens: int = Field(
+        default=DEFAULT_MAX_PROMPT_TOKENS,
+        ge=1,
+        description="Most prompt tokens sent to a version; few-shot examples from a pool are left out "
+        "rather than go past it.",
+    )
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> GenerationConfig:
@@ -147,6 +156,21 @@ class PromptExample(GatewayModel):
     assistant: str
 
 
+class FewShotConfig(GatewayModel):
+    """Examples chosen per request from a JSONL pool (the gateway's ``fewshot`` module)."""
+
+    uri: str = Field(min_length=1, description="A local path or file:// URI of the pool.")
+    k: int = Field(default=3, ge=1, description="Most examples a request gets.")
+    select: Literal["similar", "random", "fixed"] = "similar"
+
+
+class ReasoningConfig(GatewayModel):
+    """Markers around reasoning the version's model server keeps from the client."""
+
+    open: str = Field(min_length=1)
+    close: str = Field(min_length=1)
+
+
 class PromptConfig(GatewayModel):
     """A version's prompt: system message, few-shot examples and a template for the last user turn."""
 
@@ -158,6 +182,8 @@ class PromptConfig(GatewayModel):
         "from the request's metadata object.",
     )
     examples: list[PromptExample] = []
+    few_shot: FewShotConfig | None = None
+    reasoning: ReasoningConfig | None = None
 
     @model_validator(mode="after")
     def _template_uses_input(self) -> PromptConfig:

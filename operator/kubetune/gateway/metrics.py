@@ -72,6 +72,12 @@ class GatewayMetrics:
             ["deployment", "from_version", "to_version"],
             registry=self.registry,
         )
+        self.connect_retries = Counter(
+            "kubetune_gateway_connect_retries_total",
+            "Requests re-sent to another version because the chosen one could not be connected to.",
+            ["deployment", "from_version", "to_version"],
+            registry=self.registry,
+        )
         usage_labels = ["deployment", "version", "key", "tenant"]
         self.usage_requests = Counter(
             "kubetune_gateway_usage_requests_total",

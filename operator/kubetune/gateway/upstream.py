@@ -45,11 +45,13 @@ RETRIED_FROM_HEADER = "x-kubetune-retried-from"
 
 @dataclass(frozen=True)
 class UpstreamBody:
-    """The body sent to ``version`` and whether the gateway added the usage chunk to a stream."""
+    """The body sent to ``version``, whether the gateway added the usage chunk to a stream, and the
+    few-shot header naming the pool lines put in the prompt (None: the prompt has no pool)."""
 
     version: str
     body: dict[str, Any]
     added_usage: bool
+    few_shot: str | None = None
 
 
 @dataclass(frozen=True)

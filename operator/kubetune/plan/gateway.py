@@ -9,7 +9,13 @@ from typing import Any
 from kubetune.gateway.config import GatewayConfigError, parse_gateway_config
 from kubetune.rollout.weights import proportional
 from kubetune_contract.common import as_float
-from kubetune_contract.deployment import AccessLimits, ModelDeployment, Pricing, duration_seconds
+from kubetune_contract.deployment import (
+    AccessLimits,
+    ModelDeployment,
+    Pricing,
+    PromptTemplate,
+    duration_seconds,
+)
 
 
 def effective_weights(
@@ -73,6 +79,22 @@ def _access(deployment: ModelDeployment) -> dict[str, Any]:
         rendered["auth"] = access.auth
     if access.store.redis_url is not None:
         rendered["store"]["redisUrl"] = access.store.redis_url
+    return rendered
+
+
+def _prompt(prompt: PromptTemplate) -> dict[str, Any]:
+    rendered: dict[str, Any] = {
+        "name": prompt.name,
+        "system": prompt.system,
+        "template": prompt.template,
+        "examples": [{"user": e.user, "assistant": e.assistant} for e in prompt.examples],
+    }
+    if prompt.few_shot is not None:
+        few_shot = prompt.few_shot
+        rendered["fewShot"] = {"uri": few_shot.uri, "k": few_shot.k, "select": few_shot.select}
+    if prompt.reasoning is not None:
+        # mode is always hidden: the markers are what the model server needs to hide it
+        rendered["reasoning"] = {"open": prompt.reasoning.open, "close": prompt.reasoning.close}
     return rendered
 
 
@@ -140,16 +162,9 @@ def gateway_config(
                     "maxTokens": generation.limits.max_tokens,
                 }
             ),
+            "maxPromptTokens": generation.context_window.max_prompt_tokens,
         },
-        "prompts": [
-            {
-                "name": prompt.name,
-                "system": prompt.system,
-                "template": prompt.template,
-                "examples": [{"user": e.user, "assistant": e.assistant} for e in prompt.examples],
-            }
-            for prompt in spec.prompts
-        ],
+        "prompts": [_prompt(prompt) for prompt in spec.prompts],
         "cache": (
             {
                 "enabled": spec.cache.enabled,

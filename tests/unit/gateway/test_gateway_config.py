@@ -42,6 +42,7 @@ CONTRACT_EXAMPLE: dict[str, Any] = {
     "generation": {
         "defaults": {"temperature": 0.7, "topP": 1.0, "maxTokens": 128},
         "limits": {"maxTemperature": 1.5, "maxTopP": 1.0, "maxTokens": 512},
+        "maxPromptTokens": 2048,
     },
     "prompts": [
         {
@@ -49,6 +50,8 @@ CONTRACT_EXAMPLE: dict[str, Any] = {
             "system": "...",
             "template": "Ticket: {{input}}",
             "examples": [{"user": "...", "assistant": "..."}],
+            "fewShot": {"uri": "/etc/kubetune/pools/support.jsonl", "k": 3, "select": "similar"},
+            "reasoning": {"open": "<think>", "close": "</think>"},
         }
     ],
     "cache": {"enabled": True, "ttlSeconds": 300, "maxEntries": 1024},
@@ -169,6 +172,23 @@ def test_snake_case_names_are_accepted_too() -> None:
         ),
         (with_changes(generation={"defaults": {"topP": 1.5}}), "generation.defaults.topP"),
         (with_changes(versions=[]), "versions: List should have at least 1 item"),
+        (with_changes(generation={"maxPromptTokens": 0}), "generation.maxPromptTokens"),
+        (
+            with_changes(prompts=[{"name": "v1", "fewShot": {"uri": "p.jsonl", "select": "best"}}]),
+            "prompts.0.fewShot.select",
+        ),
+        (
+            with_changes(prompts=[{"name": "v1", "fewShot": {"uri": "p.jsonl", "k": 0}}]),
+            "prompts.0.fewShot.k",
+        ),
+        (
+            with_changes(prompts=[{"name": "v1", "fewShot": {"k": 2}}]),
+            "prompts.0.fewShot.uri: Field required",
+        ),
+        (
+            with_changes(prompts=[{"name": "v1", "reasoning": {"open": "", "close": "</t>"}}]),
+            "prompts.0.reasoning.open",
+        ),
     ],
 )
 def test_invalid_configs_name_the_field(document: dict[str, Any], expected: str) -> None:
