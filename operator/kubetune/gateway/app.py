@@ -33,13 +33,22 @@ version is not ready is served by another meanwhile. A request pinned to a versi
 ready, or one arriving while no weighted version is, goes to the fallback version when that is
 ready; otherwise the client gets a 503 with ``Retry-After`` (type ``service_unavailable``).
 
-Failures: a connect error, a timeout or a 5xx from the chosen version is retried once on the
-fallback version (never once a stream has sent its first byte); when that fails too, or there is no
-fallback, the client gets an OpenAI-format error: 503 with Retry-After when the version could not be
-connected to, 504 naming the timeout setting that ran out, else 502. Every wait is bounded by the
-config's ``timeouts`` (and ``fallback.timeoutSeconds``, for the chosen version and the fallback
-alike). A stream that breaks or stays silent after it started ends with an SSE ``error`` event,
-which OpenAI clients raise as an error. No client-facing message quotes an exception; the log does.
+Prompts: a version's prompt (``prompts``) is applied before the request goes upstream; examples a
+prompt's pool (``fewShot``) gives the request follow its fixed ones, as many as fit
+``generation.maxPromptTokens``, and ``x-kubetune-few-shot`` names their pool lines. For a prompt with
+``reasoning`` the version is asked to hide what the model writes between its markers.
+
+Failures: a request whose version could not be connected to (nothing of it reached the version) is
+re-sent once to another ready version by weight, unless the override header pinned it; the answer
+then names the first version in ``x-kubetune-retried-from`` and
+``kubetune_gateway_connect_retries_total`` counts it. A connect error, a timeout or a 5xx from the
+version is then retried once on the fallback version (never once a stream has sent its first byte);
+when that fails too, or there is no fallback, the client gets an OpenAI-format error: 503 with
+Retry-After when the version could not be connected to, 504 naming the timeout setting that ran out,
+else 502. Every wait is bounded by the config's ``timeouts`` (and ``fallback.timeoutSeconds``, for
+the chosen version and the fallback alike). A stream that breaks or stays silent after it started
+ends with an SSE ``error`` event, which OpenAI clients raise as an error. No client-facing message
+quotes an exception; the log does.
 """
 
 from __future__ import annotations
