@@ -252,6 +252,7 @@ def test_gateway_config_follows_the_contract() -> None:
         "generation": {
             "defaults": {"temperature": 0.7, "topP": 1.0, "maxTokens": 128},
             "limits": {"maxTemperature": 1.5, "maxTokens": 512},
+            "maxPromptTokens": 1024,
         },
         "prompts": [
             {
