@@ -15,14 +15,11 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-import torch
+from fixtures.model_server import tiny_model_server
 
 from asgi_server import serve_app
 from kubetune.gateway.app import create_app as create_gateway
 from kubetune.gateway.config import GatewayConfig
-from kubetune_components.dev import tinylm
-from kubetune_components.serving.openai_api import RuntimeSlot, ServingIdentity, create_app
-from kubetune_components.serving.runtime import ModelRuntime
 from kubetune_contract.openai import HIDDEN_REASONING_FIELD
 
 DEPLOYMENT = "support-bot"
@@ -55,16 +52,8 @@ SEEDS = range(6)
 @pytest.fixture(scope="module")
 def version_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A model server (one version) serving the random tiny model."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model_dir = tinylm.build_random_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
-    runtime = ModelRuntime.load(model_dir, device="cpu")
-    slot = RuntimeSlot(ServingIdentity(DEPLOYMENT, "v1", DEPLOYMENT))
-    slot.set_runtime(runtime)
-    with serve_app(create_app(slot)) as url:
+    with tiny_model_server(tmp_path_factory.mktemp("tiny"), DEPLOYMENT) as url:
         yield url
-    runtime.close()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
