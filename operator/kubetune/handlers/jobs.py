@@ -103,14 +103,21 @@ class WrittenStatuses:
         return fresh
 
     def write(self, decision: Decision, fresh: dict[str, Any], body: kopf.Body, patch: kopf.Patch) -> bool:
-        """Patch what changed against the freshest status known, and post the decision's events;
-        whether anything changed."""
-        current = dict(fresh.get("status") or {})
-        changed = {key: value for key, value in decision.status.items() if current.get(key) != value}
-        for key, value in changed.items():
+        """Patch what the stored status lacks, and post the decision's events; whether the decision
+        changed anything against the freshest status known.
+
+        The patch is computed against the body as stored, not as last written: a patch that failed
+        is sent again on the next pass instead of being taken as written forever. While the watch
+        lags, that repeats values the API server already holds, which is harmless.
+        """
+        known = dict(fresh.get("status") or {})
+        stored = dict(body.get("status") or {})
+        changed = {key: value for key, value in decision.status.items() if known.get(key) != value}
+        unstored = {key: value for key, value in decision.status.items() if stored.get(key) != value}
+        for key, value in unstored.items():
             patch.status[key] = value
-        if changed:
-            self._by_uid.setdefault(str(body.metadata.uid), {}).update(changed)
+        if unstored:
+            self._by_uid.setdefault(str(body.metadata.uid), {}).update(unstored)
         for event in decision.events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message[:1000])
         return bool(changed or decision.events)
