@@ -29,3 +29,13 @@ def test_no_module_imports_kopfs_private_modules() -> None:
                 if name.startswith("kopf._")
             ]
     assert offenders == []
+
+
+def test_test_modules_outside_packages_have_unique_names() -> None:
+    """pytest imports a test file that is not in a package by its basename: two such files with one
+    name break collection of the whole suite ("import file mismatch")."""
+    by_name: dict[str, list[str]] = {}
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        if not (path.parent / "__init__.py").exists():
+            by_name.setdefault(path.name, []).append(str(path.relative_to(REPO)))
+    assert {name: paths for name, paths in by_name.items() if len(paths) > 1} == {}
