@@ -46,6 +46,10 @@ MISSING_TOOLS = (
 # python:3.11-slim's PATH, which the Dockerfiles' `PATH=/opt/venv/bin:$PATH` extends.
 BASE_IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 IMAGE_VENV = "/opt/venv"
+# What stands in for the image's /opt/venv: this Python environment and the checkout its editable
+# install points at. In the image nothing a pod mounts hides /opt/venv; here a volume could (an emptyDir
+# at /tmp while the checkout lies under /tmp, as in a CI clone), so they are bound back on top.
+STAND_IN_PATHS = tuple(sorted({str(Path(sys.prefix).resolve()), str(REPO)}))
 FORWARDER = Path(__file__).with_name("forwarder.py")
 POD_IP = "10.244.0.2"
 """The address of eth0 on the pod network, where the Services in ``/etc/hosts`` point."""
@@ -162,6 +166,9 @@ def bwrap_arguments(mounts: Sequence[Mount], uid: int, gid: int, working_dir: st
         args += _shadow(parent)
     for mount in sorted(mounts, key=lambda mount: mount.target.count("/")):
         args += ["--ro-bind" if mount.read_only else "--bind", str(mount.source), mount.target]
+    for path in STAND_IN_PATHS:
+        if any(path.startswith(mount.target.rstrip("/") + "/") for mount in mounts):
+            args += ["--ro-bind", path, path]
     args += ["--ro-bind", str(hosts), "/etc/hosts"]  # after the shadows: /etc may be one
     for parent in shadowed:
         args += ["--remount-ro", parent]
