@@ -539,6 +539,62 @@ REFUSALS = {
         'must be between 0 and 1 (got "1.5")',
         ("spec.generation.limits.maxTopP", "must be between 0 and 1"),
     ),
+    "mdep a perKey costPerDay of 0": Refusal(
+        MD,
+        _set("spec.access.limits.perKey.costPerDay", "0"),
+        "spec.access.limits.perKey.costPerDay",
+        'must be greater than 0 (got "0")',
+        ("spec.access.limits.perKey.costPerDay", "must be greater than 0"),
+    ),
+    "mdep a perKey costPerMonth of 0": Refusal(
+        MD,
+        _set("spec.access.limits.perKey.costPerMonth", "0"),
+        "spec.access.limits.perKey.costPerMonth",
+        'must be greater than 0 (got "0")',
+        ("spec.access.limits.perKey.costPerMonth", "must be greater than 0"),
+    ),
+    "mdep a perTenant costPerDay of 0": Refusal(
+        MD,
+        _set("spec.access.limits.perTenant.costPerDay", "0"),
+        "spec.access.limits.perTenant.costPerDay",
+        'must be greater than 0 (got "0")',
+        ("spec.access.limits.perTenant.costPerDay", "must be greater than 0"),
+    ),
+    "mdep a perTenant costPerMonth of 0": Refusal(
+        MD,
+        _set("spec.access.limits.perTenant.costPerMonth", "0"),
+        "spec.access.limits.perTenant.costPerMonth",
+        'must be greater than 0 (got "0")',
+        ("spec.access.limits.perTenant.costPerMonth", "must be greater than 0"),
+    ),
+    "mdep a tenant's costPerDay of 0": Refusal(
+        MD,
+        _set("spec.access.limits.tenants", [{"tenant": "team-a", "limits": {"costPerDay": "0"}}]),
+        "spec.access.limits.tenants[0].limits.costPerDay",
+        'must be greater than 0 (got "0")',
+        ("spec.access.limits.tenants[*].limits.costPerDay", "must be greater than 0"),
+    ),
+    "mdep a tenant's costPerMonth of 0": Refusal(
+        MD,
+        _set("spec.access.limits.tenants", [{"tenant": "team-a", "limits": {"costPerMonth": "0"}}]),
+        "spec.access.limits.tenants[0].limits.costPerMonth",
+        'must be greater than 0 (got "0")',
+        ("spec.access.limits.tenants[*].limits.costPerMonth", "must be greater than 0"),
+    ),
+    "mdep a negative input price": Refusal(
+        MD,
+        _set("spec.versions.0.pricing", {"inputPerMillion": "-1"}),
+        "spec.versions[0].pricing.inputPerMillion",
+        'must not be negative (got "-1")',
+        ("spec.versions[*].pricing.inputPerMillion", "must not be negative"),
+    ),
+    "mdep a negative output price": Refusal(
+        MD,
+        _set("spec.versions.0.pricing", {"outputPerMillion": "-1"}),
+        "spec.versions[0].pricing.outputPerMillion",
+        'must not be negative (got "-1")',
+        ("spec.versions[*].pricing.outputPerMillion", "must not be negative"),
+    ),
 }
 
 
