@@ -122,9 +122,11 @@ def test_validate_refuses_a_resource_defined_in_two_files(
     code, _, err = run(capsys, "validate", "-f", str(tmp_path))
     assert code == 1
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    # a document is named by the line it starts on, after the file's leading comments
+    start = 1 + next(i for i, line in enumerate(text.splitlines()) if line.startswith("apiVersion:"))
     assert err.splitlines() == [
-        f"{second}:8: FineTuneJob/support-router: metadata.name: FineTuneJob default/support-router is also "
-        f"defined at {first}:8; define each resource once",
+        f"{second}:{start}: FineTuneJob/support-router: metadata.name: FineTuneJob default/support-router is "
+        f"also defined at {first}:{start}; define each resource once",
         "1 problem(s) found",
     ]
 
@@ -227,10 +229,14 @@ SUBCOMMANDS = dict(subcommands(build_parser()))
 
 
 def test_every_command_is_walked() -> None:
-    assert set(SUBCOMMANDS) == {
-        f"kubetune {name}"
-        for name in ("crds", "validate", "compile", "up", "gateway", "get", "delete", "operator", "dev")
-    } | {"kubetune dev tiny-base"}
+    top = ("crds", "validate", "compile", "up", "gateway", "get", "delete", "operator", "dev")
+    assert set(SUBCOMMANDS) == {f"kubetune {name}" for name in (*top, "keys", "usage", "audit")} | {
+        "kubetune dev tiny-base",
+        "kubetune keys create",
+        "kubetune keys list",
+        "kubetune keys revoke",
+        "kubetune audit verify",
+    }
 
 
 @pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
