@@ -23,10 +23,15 @@ spec:
   baseModel: {uri: ./.kubetune/models/tiny-base}
   dataset: {uri: examples/quickstart/data/support-tickets.jsonl, format: instruction, validationSplit: "0.05"}
   method: {type: lora, lora: {r: 4, alpha: 8}}
-  training: {maxSteps: 400, batchSize: 4, learningRate: "1e-3", checkpointEverySteps: 5, maxSeqLength: 96}
+  training: {maxSteps: 2000, batchSize: 4, learningRate: "1e-3", checkpointEverySteps: 10, maxSeqLength: 96}
   evaluation: {metrics: [evalLoss], maxSamples: 5}
   executor: local
 """
+
+
+# Long enough (about 40 s idle) that training cannot end before the test has seen it under way and its
+# SIGINT arrives, on a fast machine or a loaded one.
+TOTAL_STEPS = 2000
 
 
 def stored(project: Path) -> dict[str, Any]:
@@ -63,7 +68,7 @@ def test_ctrl_c_then_up_again_resumes_from_the_checkpoint(project: Path, kubetun
     assert obj["status"]["pipelineRun"]["id"] == run_id  # the same run, a second attempt
     training = json.loads((workspace.parent / "trained" / "kubetune-training.json").read_text())
     assert training["resumedFromStep"] >= 10
-    assert obj["status"]["progress"]["step"] == 400
+    assert obj["status"]["progress"]["step"] == TOTAL_STEPS
     # While it resumed, `up` said from where: the checkpoint's step, not the step the stopped run reached.
     assert f"resuming from step {training['resumedFromStep']}" in result.stdout, result.stdout
     assert obj["status"]["progress"]["resumedFromStep"] == training["resumedFromStep"]

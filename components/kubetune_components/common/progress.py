@@ -84,7 +84,8 @@ class ProgressReporter:
     def checkpoint_saved(self, step: int) -> None:
         """A resumable checkpoint of `step` is on disk: a restart resumes from here."""
         self._state["checkpointStep"] = step
-        self._write()
+        # Not a training update: frequent checkpoints must not hold back the throttled step counts.
+        self._write(restarts_throttle=False)
 
     def training_update(
         self,
@@ -116,7 +117,8 @@ class ProgressReporter:
         """Whether a non-forced update would be written now (lets callers skip computing its values)."""
         return time.monotonic() - self._last_write >= self.min_interval_s
 
-    def _write(self) -> None:
+    def _write(self, *, restarts_throttle: bool = True) -> None:
         self._state["updatedAt"] = utc_now_iso()
         storage.atomic_write_json(self.path, self._state)
-        self._last_write = time.monotonic()
+        if restarts_throttle:
+            self._last_write = time.monotonic()
