@@ -210,8 +210,11 @@ def test_up_serves_splits_reweights_in_place_restarts_and_stops_everything(
             ("int8", 20, True),
         ]
         assert status["versions"][1]["modelUri"].endswith("router-int8/v1")
+        # `up` stores the status, then prints how to use the endpoint: on a loaded machine the line can
+        # come a moment after the store says Ready.
+        try_it = f"curl -si {endpoint}/chat/completions"  # the ready message's last part
+        output = up.wait_for("the ready message", lambda: try_it in up.output() and up.output(), timeout_s=60)
         assert f"modeldeployment/{NAME} is ready: OpenAI-compatible endpoint {endpoint}" in output
-        assert f"curl -si {endpoint}/chat/completions" in output
         table = kubetune("get", "mdep", "-o", "wide").stdout.splitlines()
         assert table[0].split() == [
             "NAME",
