@@ -99,7 +99,7 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], what: str) -> None
     deadline = time.monotonic() + 60
     while True:
         try:
-            httpx.get(url, timeout=1)
+            httpx.get(url, timeout=1, trust_env=False)  # loopback: never through a proxy
             return
         except httpx.TransportError:
             if process.poll() is not None:

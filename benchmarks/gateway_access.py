@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,48 +29,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import BenchmarkRecord, Target
+from gateway import DEPLOYMENT, free_port, serve_stub, wait_until_up
 from kubetune.gateway.access.audit import verify
 from kubetune.gateway.access.keys import Scope, create_key, load_or_create_signing_key
 
-DEPLOYMENT = "bench"
 LIMITS = {"requestsPerMinute": 1_000_000, "tokensPerMinute": 100_000_000, "tokensPerDay": 1_000_000_000}
-STUB_ANSWER = json.dumps(
-    {
-        "id": "stub",
-        "object": "chat.completion",
-        "created": 1700000000,
-        "model": DEPLOYMENT,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "billing"}, "finish_reason": "stop"}
-        ],
-        "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13},
-    }
-).encode()
-
-
-async def stub_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """The fastest honest OpenAI stub: reads the request, answers a fixed completion."""
-    if scope["type"] != "http":
-        return
-    more_body = True
-    while more_body:
-        more_body = (await receive()).get("more_body", False)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(STUB_ANSWER)).encode())]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": STUB_ANSWER})
-
-
-def serve_stub(port: int) -> None:
-    import uvicorn
-
-    uvicorn.run(stub_app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def quantile(values: list[float], fraction: float) -> float:
@@ -86,20 +48,6 @@ def request_body(index: int) -> dict[str, Any]:
         "user": f"user-{index % 500}",
         "temperature": 0.7,
     }
-
-
-def wait_until_up(url: str, process: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(url, timeout=1, trust_env=False)
-            return
-        except httpx.TransportError:
-            if process.poll() is not None:
-                raise RuntimeError(f"the {what} exited with code {process.returncode}") from None
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the {what} did not come up at {url}") from None
-            time.sleep(0.1)
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
