@@ -7,34 +7,15 @@ fail when README.md shows figures its result files do not hold.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from readme_sections import README, REPO, gen_docs, section
 
-REPO = Path(__file__).resolve().parents[3]
 RESULTS = REPO / "benchmarks" / "results"
 FIGURE_SECTIONS = ("benchmarks", "quantize-methods")
-
-
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_docs", REPO / "scripts" / "gen_docs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen_docs = _load_script()
-README = (REPO / "README.md").read_text()
-
-
-def section(name: str) -> str:
-    start = README.index(gen_docs.begin_marker(name))
-    return README[start : README.index(gen_docs.end_marker(name), start)]
 
 
 def result_files() -> list[Path]:

@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from readme_sections import README, REPO, gen_docs, section
 
 from kubetune.api.crd import openapi_schema
 from kubetune.api.definition import ResourceDefinition
 from kubetune.api.registry import all_definitions
-
-REPO = Path(__file__).resolve().parents[3]
-
-
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_docs", REPO / "scripts" / "gen_docs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen_docs = _load_script()
-README = (REPO / "README.md").read_text()
-
-
-def section(name: str) -> str:
-    start = README.index(gen_docs.begin_marker(name))
-    return README[start : README.index(gen_docs.end_marker(name), start)]
 
 
 def leaf_paths(node: dict[str, object], path: str = "") -> list[str]:
