@@ -60,7 +60,10 @@ from fixtures.cluster import TEST_AGENT, Cluster, write_kubeconfig
 from fixtures.kmock_api import FastShutdownServer, KubeEmulator
 from fixtures.operator import OperatorRunner
 from fixtures.polling import wait_for
-from fixtures.resources import BUILTIN_RESOURCES, KUBETUNE_RESOURCES
+from fixtures.resources import BUILTIN_RESOURCES, KUBETUNE_RESOURCES, ResourceSpec
+from lightkube import AsyncClient
+
+from kubetune.kube.client import async_client, cluster_config
 
 
 @pytest.fixture
@@ -94,3 +97,23 @@ async def run_operator(k8s: Cluster) -> AsyncIterator[OperatorRunner]:
 def wait_for_fixture() -> Callable[..., Awaitable[Any]]:
     """The generic poller: ``await wait_for(probe, predicate, timeout=...)`` (see :func:`wait_for`)."""
     return wait_for
+
+
+@pytest.fixture
+async def cluster(k8s: Cluster) -> Cluster:
+    """The emulator, serving ModelDeployments too (before any operator starts: discovery)."""
+    try:
+        k8s.resource("modeldeployments")
+    except LookupError:
+        k8s.register(ResourceSpec("kubetune.dev", "v1alpha1", "modeldeployments", "ModelDeployment"))
+    return k8s
+
+
+@pytest.fixture
+async def api(cluster: Cluster) -> AsyncIterator[AsyncClient]:
+    """The client the operator makes, from the same kubeconfig (the k8s fixture's, for the emulator)."""
+    client = async_client(cluster_config())
+    try:
+        yield client
+    finally:
+        await client.close()

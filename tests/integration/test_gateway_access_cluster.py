@@ -4,15 +4,11 @@ pods' NetworkPolicy, the gateway's key Secret mount and an authentication-requir
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-import pytest
-from fixtures.resources import ResourceSpec
 from lightkube import AsyncClient
 
 from kubetune.kube.children import ACCESS_DIR, ChildImages
-from kubetune.kube.client import async_client, cluster_config
 from kubetune.kube.serving import KubernetesServing
 from kubetune.plan.versions import DeploymentRef
 
@@ -20,24 +16,6 @@ if TYPE_CHECKING:
     from fixtures.cluster import Cluster
 
 IMAGES = ChildImages(serving="registry.example/runtime:1", gateway="registry.example/operator:1")
-
-
-@pytest.fixture
-async def cluster(k8s: Cluster) -> Cluster:
-    try:
-        k8s.resource("modeldeployments")
-    except LookupError:
-        k8s.register(ResourceSpec("kubetune.dev", "v1alpha1", "modeldeployments", "ModelDeployment"))
-    return k8s
-
-
-@pytest.fixture
-async def api(cluster: Cluster) -> AsyncIterator[AsyncClient]:
-    client = async_client(cluster_config())
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def test_the_gateway_is_the_only_way_in_and_requires_keys(cluster: Cluster, api: AsyncClient) -> None:

@@ -13,21 +13,18 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import kmock
 import pytest
-from fixtures.resources import ResourceSpec
 from lightkube import AsyncClient
 
 from kubetune.kube import apply as kube
 from kubetune.kube import permissions
 from kubetune.kube.apply import ChildConflict
 from kubetune.kube.children import ChildImages, build_gateway_config_map
-from kubetune.kube.client import async_client, cluster_config
 from kubetune.kube.serving import KubernetesServing
 from kubetune.plan.versions import DeploymentRef, VersionServing
 from kubetune.reconcile.deployment import reconcile_deployment, remove_deployment
@@ -42,26 +39,6 @@ os.environ.setdefault("KUBETUNE_RECONCILE_INTERVAL", "0.5")
 
 HANDLERS = "kubetune.handlers.deployment"
 IMAGES = ChildImages(serving="registry.example/runtime:1", gateway="registry.example/operator:1")
-
-
-@pytest.fixture
-async def cluster(k8s: Cluster) -> Cluster:
-    """The emulator, serving ModelDeployments too (before any operator starts: discovery)."""
-    try:
-        k8s.resource("modeldeployments")
-    except LookupError:
-        k8s.register(ResourceSpec("kubetune.dev", "v1alpha1", "modeldeployments", "ModelDeployment"))
-    return k8s
-
-
-@pytest.fixture
-async def api(cluster: Cluster) -> AsyncIterator[AsyncClient]:
-    """The client the operator makes, from the same kubeconfig (the k8s fixture's, for the emulator)."""
-    client = async_client(cluster_config())
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def an_owner(cluster: Cluster, name: str = "support-bot") -> DeploymentRef:
