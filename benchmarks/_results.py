@@ -51,6 +51,8 @@ class RatioSummary:
     description: str
     values: tuple[float, ...]
     target: Target | None
+    counted: bool = False
+    """A count on a fixed labelled set (precision, recall): the same in every round, so measured once."""
 
     @property
     def median(self) -> float:
@@ -88,6 +90,7 @@ class RatioSummary:
             else {"threshold": self.target.threshold, "higherIsBetter": self.target.higher_is_better},
             "metByMedian": self.met_by_median,
             "metByWorstRound": self.met_by_worst_round,
+            "counted": self.counted,
         }
 
 
@@ -146,12 +149,18 @@ class BenchmarkRecord:
         self.rounds.append({"round": len(self.rounds) + 1, **figures})
 
     def summarize(
-        self, key: str, description: str, values: Sequence[float], target: Target | None = None
+        self,
+        key: str,
+        description: str,
+        values: Sequence[float],
+        target: Target | None = None,
+        *,
+        counted: bool = False,
     ) -> RatioSummary:
-        """Records (and returns) the spread of one ratio over the rounds."""
+        """Records (and returns) the spread of one ratio over the rounds (one value where ``counted``)."""
         if not values:
             raise ValueError(f"{key}: no rounds to summarize")
-        summary = RatioSummary(key, description, tuple(float(v) for v in values), target)
+        summary = RatioSummary(key, description, tuple(float(v) for v in values), target, counted)
         self.ratios[key] = summary
         return summary
 

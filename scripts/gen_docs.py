@@ -284,6 +284,14 @@ def _settings_line(result: Mapping[str, Any]) -> str:
             f"{settings['steps']} steps per run, batch {settings['batchSize']}, {settings['threads']} torch "
             f"thread(s), tiny Llama of {settings['parameters']:,} parameters, LoRA r={settings['loraRank']}, "
             f"{settings['examples']} examples."
+            + (
+                f" Packed vs unpacked: {settings['packingEpochs']} epochs each, packed sequences of "
+                f"{settings['packedLength']} tokens, {settings['packedBatchSize']} per micro-batch; "
+                "kubetune's length-grouped unpacked batches are "
+                f"{settings['unpackedPaddingShare']:.1%} padding."
+                if "unpackedPaddingShare" in settings
+                else ""
+            )
         )
     if result["benchmark"] == "gateway":
         settings, share = result["settings"], result["generatorCpuShare"]

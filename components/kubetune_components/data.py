@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import copy
 import json
 import random
 from collections.abc import Sequence
@@ -12,7 +14,7 @@ import torch
 
 from kubetune_components.common import storage
 from kubetune_components.common.errors import ConfigError, DatasetError
-from kubetune_contract.finetune import Dataset, DatasetFormat
+from kubetune_contract.finetune import Dataset, DatasetFormat, PiiCurationMode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -88,6 +90,11 @@ _PARSERS = {"text": _parse_text, "instruction": _parse_instruction, "chat": _par
 
 def load_examples(uri: str, fmt: DatasetFormat) -> list[dict[str, Any]]:
     """Parse a JSONL dataset; any problem raises DatasetError naming the file and 1-based line."""
+    return [example for _, example in load_numbered_examples(uri, fmt)]
+
+
+def load_numbered_examples(uri: str, fmt: DatasetFormat) -> list[tuple[int, dict[str, Any]]]:
+    """:func:`load_examples`, each example with its 1-based line number."""
     _check_format(fmt)
     try:
         raw = storage.read_bytes(uri)
@@ -98,7 +105,7 @@ def load_examples(uri: str, fmt: DatasetFormat) -> list[dict[str, Any]]:
     except OSError as error:
         raise DatasetError(f"{uri}: cannot read the file ({error})") from error
     parse = _PARSERS[fmt]
-    examples = []
+    examples: list[tuple[int, dict[str, Any]]] = []
     for line_number, raw_line in enumerate(raw.split(b"\n"), start=1):
         where = f"{uri} line {line_number}"
         try:
@@ -113,7 +120,7 @@ def load_examples(uri: str, fmt: DatasetFormat) -> list[dict[str, Any]]:
             raise DatasetError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from error
         if not isinstance(record, dict):
             raise DatasetError(f"{where}: expected a JSON object, got {_json_type(record)}")
-        examples.append(parse(record, where))
+        examples.append((line_number, parse(record, where)))
     if not examples:
         raise DatasetError(f"{uri}: the dataset is empty (no JSON lines)")
     return examples
@@ -207,6 +214,88 @@ def _normalise(value: Any) -> Any:
 def dedupe_key(example: dict[str, Any]) -> str:
     """Equal for examples that differ only in whitespace."""
     return json.dumps(_normalise(example), sort_keys=True, ensure_ascii=False)
+
+
+def _text_fields(example: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field path, text) of each text of an example: text, instruction/input/output, messages[i].content."""
+    if "messages" in example:
+        return [
+            (f"messages[{index}].content", str(m["content"])) for index, m in enumerate(example["messages"])
+        ]
+    return [(key, value) for key, value in example.items() if isinstance(value, str)]
+
+
+def _with_text(example: dict[str, Any], path: str, text: str) -> None:
+    if path.startswith("messages["):
+        index = int(path[len("messages[") : path.index("]")])
+        example["messages"][index] = {**example["messages"][index], "content": text}
+    else:
+        example[path] = text
+
+
+@dataclass
+class PiiScreening:
+    """The examples after `dataset.curation.pii`, and its report: the mode, examples that held PII, those
+    dropped, and the count per entity."""
+
+    examples: list[dict[str, Any]]
+    report: dict[str, Any]
+
+
+def screen_pii(
+    numbered: Sequence[tuple[int, dict[str, Any]]],
+    mode: PiiCurationMode,
+    uri: str,
+    entities: Sequence[str] | None = None,
+) -> PiiScreening:
+    """Redact, drop or refuse examples holding personal data (kubetune_guardrails.pii, Presidio).
+
+    `fail` raises DatasetError naming the first line, field and entity found; `off` returns the examples
+    untouched, with no report entries but the mode.
+    """
+    examples = [example for _, example in numbered]
+    if mode == "off":
+        return PiiScreening(examples=examples, report={"mode": "off"})
+    from kubetune_guardrails.pii import SUPPORTED_ENTITIES, add_counts, pii_detector
+
+    detector = pii_detector(entities or SUPPORTED_ENTITIES)
+    counts: dict[str, int] = {}
+    kept: list[dict[str, Any]] = []
+    with_pii = dropped = 0
+    for line, example in numbered:
+        redacted = copy.deepcopy(example)
+        example_counts: dict[str, int] = {}
+        for path, text in _text_fields(example):
+            redaction = detector.redact(text)
+            if not redaction.found:
+                continue
+            if mode == "fail":
+                first = redaction.findings[0]
+                raise DatasetError(
+                    f"{uri} line {line}: {path} holds {first.entity} at characters {first.start}-{first.end} "
+                    "(dataset.curation.pii is fail; use redact or drop to train on this file)"
+                )
+            add_counts(example_counts, redaction.counts)
+            _with_text(redacted, path, redaction.text)
+        if example_counts:
+            with_pii += 1
+            add_counts(counts, example_counts)
+            if mode == "drop":
+                dropped += 1
+                continue
+        kept.append(redacted if example_counts else example)
+    report: dict[str, Any] = {
+        "mode": mode,
+        "examplesWithPii": with_pii,
+        "dropped": dropped,
+        "entities": dict(sorted(counts.items())),
+    }
+    return PiiScreening(examples=kept, report=report)
+
+
+def load_screened_examples(uri: str, dataset: Dataset) -> PiiScreening:
+    """The examples of `uri` in `dataset.format`, screened for PII as `dataset.curation.pii` says."""
+    return screen_pii(load_numbered_examples(uri, dataset.format), dataset.curation.pii, uri)
 
 
 @dataclass
@@ -309,7 +398,8 @@ def pad_batch(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> di
     if not features:
         raise ValueError("cannot pad an empty batch")
     width = max(len(feature["input_ids"]) for feature in features)
-    pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    # Padding's position ids are 0: a packed sequence's padding is not read as part of its last example.
+    pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
     batch: dict[str, torch.Tensor] = {}
     for key, pad_value in pad_values.items():
         if key not in features[0]:
@@ -317,3 +407,48 @@ def pad_batch(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> di
         rows = [list(feature[key]) + [pad_value] * (width - len(feature[key])) for feature in features]
         batch[key] = torch.tensor(rows, dtype=torch.long)
     return batch
+
+
+def pack_features(
+    features: Sequence[dict[str, list[int]]], max_length: int, seed: int
+) -> list[dict[str, list[int]]]:
+    """Tokenized examples packed into sequences of at most `max_length` tokens (training.packing).
+
+    Best-fit decreasing over a seeded shuffle: deterministic in (features, max_length, seed) and little
+    room left unused. Each packed sequence carries `position_ids` that restart at 0 for every example,
+    from which the model keeps attention inside each example. The first label of every example is
+    ignored: unpacked, no token predicts it; packed, the previous example's last token would.
+    """
+    if max_length < 1:
+        raise ConfigError(f"training.maxSeqLength must be positive, got {max_length}")
+    order = list(range(len(features)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda index: -len(features[index]["input_ids"]))  # stable: ties keep the shuffle
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, bin), sorted: the best fit is the first with enough
+    for index in order:
+        length = len(features[index]["input_ids"])
+        if length > max_length:
+            raise ValueError(f"an example of {length} tokens does not fit a packed sequence of {max_length}")
+        slot = bisect.bisect_left(room, (length, -1))
+        if slot < len(room):
+            free, bin_index = room.pop(slot)
+        else:
+            free, bin_index = max_length, len(bins)
+            bins.append([])
+        bins[bin_index].append(index)
+        if free - length > 0:
+            bisect.insort(room, (free - length, bin_index))
+    packed: list[dict[str, list[int]]] = []
+    for members in bins:
+        sequence: dict[str, list[int]] = {key: [] for key in ("input_ids", "attention_mask", "labels")}
+        sequence["position_ids"] = []
+        for index in members:
+            feature = features[index]
+            length = len(feature["input_ids"])
+            sequence["input_ids"] += feature["input_ids"]
+            sequence["attention_mask"] += feature["attention_mask"]
+            sequence["labels"] += [IGNORE_INDEX, *feature["labels"][1:]]
+            sequence["position_ids"] += list(range(length))
+        packed.append(sequence)
+    return packed

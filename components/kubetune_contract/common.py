@@ -333,6 +333,11 @@ class PipelineRunRef(KubeModel):
     generation: int | None = Field(
         default=None, description="Generation of the spec the run was submitted for."
     )
+    train_job: str | None = Field(
+        default=None,
+        description="The Kubeflow Trainer TrainJob (in the resource's namespace) that runs the run's "
+        "distributed training (training.distributed on the kfp executor).",
+    )
 
 
 class OutputRef(KubeModel):

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ModelWrapValidatorHandler, model_validator
 
 from kubetune_contract.common import (
+    DNS_SUBDOMAIN_PATTERN,
+    MODEL_URI_PATTERN,
     BrokenRule,
     Condition,
+    DecimalRange,
     DecimalString,
     GateOp,
     GateResult,
@@ -29,19 +34,34 @@ PLURAL = "finetunejobs"
 SHORT_NAMES = ["ftj"]
 
 DatasetFormat = Literal["text", "instruction", "chat"]
-MethodType = Literal["lora", "prefix-tuning", "prompt-tuning", "ia3", "full"]
+MethodType = Literal["lora", "prefix-tuning", "prompt-tuning", "ia3", "full", "distillation"]
 METHOD_BLOCKS: dict[str, str] = {
     "lora": "lora",
     "prefix-tuning": "prefixTuning",
     "prompt-tuning": "promptTuning",
     "ia3": "ia3",
     "full": "full",
+    "distillation": "distillation",
 }
+BLOCKS_REQUIRED: dict[str, str] = {"distillation": "it names the teacher"}
+"""Options blocks with a field that has no default, required with their type: block -> why."""
 PEFT_METHODS = frozenset({"lora", "prefix-tuning", "prompt-tuning", "ia3"})
 """Methods that train a PEFT adapter on a frozen base (the others train the weights themselves)."""
 MERGEABLE_METHODS = frozenset({"lora", "ia3"})
 """Adapters whose weights can be folded into the base (prefix and prompt tuning add inputs instead)."""
+VIRTUAL_TOKEN_METHODS = frozenset({"prefix-tuning", "prompt-tuning"})
+"""Adapters adding learned virtual tokens to every sequence (training.packing cannot keep them apart)."""
 Executor = Literal["kfp", "local"]
+PiiCurationMode = Literal["redact", "drop", "fail", "off"]
+"""What dataset curation does with an example that holds personal data."""
+REPLAY_RATIO = DecimalRange(0, 10, above_minimum=True)
+DISTILLATION_TEMPERATURE = DecimalRange(0, 100, above_minimum=True)
+REFERENCE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+Target = Literal["cpu", "gpu"]
+"""Where a job's steps run (FineTuneJob) or its model is served (QuantizeJob)."""
+DistributedStrategy = Literal["ddp", "fsdp"]
+QUANTIZED_TRAINING_TARGETS: frozenset[str] = frozenset({"gpu"})
+"""Targets QLoRA trains on: bitsandbytes' 4-bit kernels run on CUDA GPUs only."""
 
 
 class Curation(KubeModel):
@@ -53,6 +73,13 @@ class Curation(KubeModel):
     min_tokens: int = Field(default=1, ge=0, description="Drop examples shorter than this many tokens.")
     max_tokens: int = Field(
         default=2048, ge=1, le=1_048_576, description="Drop examples longer than this many tokens."
+    )
+    pii: PiiCurationMode = Field(
+        default="off",
+        description="Personal data (e-mail addresses, phone numbers, card numbers, IBANs, US SSNs, IP "
+        "addresses, found by Presidio) in the examples: redact replaces each with <ENTITY>, drop removes "
+        "the example, fail stops the job naming the first line and entity, off leaves the text as it is. "
+        "The curation report and the published manifest count them per entity.",
     )
 
     @model_validator(mode="after")
@@ -117,6 +144,16 @@ def _split_rule_broken(dataset: object) -> list[BrokenRule]:
     return [BrokenRule(message, ("validationSplit",))]
 
 
+class LoraQuantization(KubeModel):
+    """QLoRA: the frozen base weights are loaded quantized by bitsandbytes; the adapter trains in full
+    precision on top of them."""
+
+    bits: Literal[4] = Field(default=4, description="Bits per base weight; 4 (QLoRA).")
+    type: Literal["nf4", "fp4"] = Field(
+        default="nf4", description="The 4-bit data type: nf4 (NormalFloat, QLoRA's) or fp4."
+    )
+
+
 class LoraOptions(KubeModel):
     """Options of lora: low-rank update matrices beside the frozen weights."""
 
@@ -128,6 +165,11 @@ class LoraOptions(KubeModel):
         description="Module names to adapt; empty means the PEFT defaults for the architecture.",
     )
     use_rslora: bool = Field(default=False, description="Rank-stabilised scaling (alpha / sqrt(r)).")
+    quantization: LoraQuantization | None = Field(
+        default=None,
+        description="Load the frozen base in 4 bits and train the adapter on it (QLoRA, bitsandbytes); "
+        "needs target gpu.",
+    )
 
 
 class VirtualTokenOptions(KubeModel):
@@ -163,16 +205,64 @@ class FullOptions(KubeModel):
     freeze_embeddings: bool = Field(default=False, description="Keep the embedding matrices frozen.")
 
 
+class FineTuneJobRef(KubeModel):
+    """A FineTuneJob whose published model is the source."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="A FineTuneJob in the same namespace.",
+    )
+
+
+class DistillationTeacher(KubeModel):
+    """The teacher model: a FineTuneJob's published output, or any model URI. It must share the student's
+    tokenizer (baseModel's), or the job is refused naming both."""
+
+    fine_tune_job_ref: FineTuneJobRef | None = Field(
+        default=None, description="Wait for this FineTuneJob to succeed and distil the model it published."
+    )
+    uri: str | None = Field(
+        default=None, pattern=MODEL_URI_PATTERN, description="A model URI, as baseModel.uri."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DistillationTeacher:
+        if (self.fine_tune_job_ref is None) == (self.uri is None):
+            raise ValueError("set exactly one of fineTuneJobRef and uri")
+        return self
+
+
+class DistillationOptions(KubeModel):
+    """Options of distillation: the student (baseModel, all of its weights trained) learns from the
+    teacher's next-token distributions on the response tokens. Per token the loss is
+    alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy with the labels, where _T
+    is the softmax at temperature T."""
+
+    teacher: DistillationTeacher = Field(description="The larger model whose distributions are learnt.")
+    temperature: Annotated[DecimalString, DISTILLATION_TEMPERATURE] = Field(
+        default="2.0",
+        description="Softmax temperature T of both models in the KL term (above 1 softens the teacher's "
+        "distribution, showing more of what it ranks second); the term is scaled by T^2.",
+    )
+    alpha: RatioString = Field(
+        default="0.5",
+        description="Weight of the distillation (KL) term; 1 - alpha weighs the labels' cross-entropy.",
+    )
+
+
 class Method(KubeModel):
     """The adaptation method. `type` names it; the block of the same name holds its options.
 
     Only the block named by `type` may be set, and it is optional: left out, the method runs with its
-    defaults. Setting another method's block is an error.
+    defaults (except distillation's, which names the teacher). Setting another method's block is an error.
     """
 
     type: MethodType = Field(
         default="lora",
-        description="lora, prefix-tuning, prompt-tuning, ia3 (adapters) or full (all weights).",
+        description="lora, prefix-tuning, prompt-tuning, ia3 (adapters), full (all weights) or "
+        "distillation (all weights, learning from a teacher model).",
     )
     lora: LoraOptions | None = Field(default=None, description="Only with type lora.")
     prefix_tuning: VirtualTokenOptions | None = Field(
@@ -183,6 +273,9 @@ class Method(KubeModel):
     )
     ia3: Ia3Options | None = Field(default=None, description="Only with type ia3.")
     full: FullOptions | None = Field(default=None, description="Only with type full.")
+    distillation: DistillationOptions | None = Field(
+        default=None, description="Only with type distillation, and required with it (it names the teacher)."
+    )
 
     @model_validator(mode="after")
     def _own_block_only(self) -> Method:
@@ -191,6 +284,8 @@ class Method(KubeModel):
             attr = _snake(block)
             present = getattr(self, attr) is not None
             if method_type == self.type and not present:
+                if block in BLOCKS_REQUIRED:
+                    raise ValueError(f"type {self.type} needs {block} ({BLOCKS_REQUIRED[block]})")
                 # A missing block means "the defaults": fill it so downstream code sees the options.
                 setattr(self, attr, _BLOCK_TYPES[block]())
             elif method_type != self.type and present:
@@ -222,6 +317,7 @@ _BLOCK_TYPES: dict[str, type[KubeModel]] = {
     "promptTuning": PromptTuningOptions,
     "ia3": Ia3Options,
     "full": FullOptions,
+    "distillation": DistillationOptions,
 }
 
 
@@ -233,6 +329,81 @@ class Scheduler(KubeModel):
     )
     warmup_ratio: RatioString | None = Field(default=None, description="Share of steps spent warming up.")
     warmup_steps: int | None = Field(default=None, ge=0, description="Warm-up steps; overrides warmupRatio.")
+
+
+CheckpointMetric = Literal["evalLoss", "perplexity", "exactMatch"]
+LOWER_IS_BETTER: frozenset[str] = frozenset({"evalLoss", "perplexity"})
+"""Metrics where a smaller value is better (the others: larger)."""
+
+
+def reference_drop(metric: str, baseline: float | None, final: float | None) -> float | None:
+    """What tuning lost on a reference set (evaluation.maxReferenceDrop bounds it): the relative increase
+    of perplexity, (final - baseline) / baseline, or the fall of exactMatch, baseline - final."""
+    if baseline is None or final is None or not math.isfinite(baseline) or not math.isfinite(final):
+        return None
+    if metric == "perplexity":
+        return (final - baseline) / baseline if baseline > 0 else None
+    return baseline - final
+
+
+class EarlyStopping(KubeModel):
+    """Stop training once the periodic evaluations stop improving."""
+
+    metric: CheckpointMetric = Field(
+        default="evalLoss",
+        description="The validation metric watched: evalLoss, perplexity (lower is better) or exactMatch.",
+    )
+    patience: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Evaluations in a row without a new best value after which training stops.",
+    )
+
+
+class Replay(KubeModel):
+    """Examples of another dataset mixed into the training set, drawn with training.seed."""
+
+    uri: str = Field(
+        min_length=1,
+        description="JSONL file of the examples to replay: a plain path, `file://`, `pvc://` or fsspec URL.",
+    )
+    format: DatasetFormat = Field(
+        default="text", description="Format of the replay file: text, instruction or chat."
+    )
+    ratio: Annotated[DecimalString, REPLAY_RATIO] = Field(
+        default="0.25",
+        description="Replay examples added per training example (0.25: one for every four); the file's "
+        "examples are drawn in a seeded order and repeated when it holds fewer.",
+    )
+
+
+class Distributed(KubeModel):
+    """Training in several processes with one global batch: torchrun on this machine (gloo on CPU), a
+    Kubeflow Trainer TrainJob (torch-distributed runtime) on a cluster.
+
+    Each process takes its share of every optimizer step's micro-batches, so a step covers
+    batchSize x gradientAccumulationSteps x workers x processesPerWorker examples, in the same order as
+    one process with that many accumulation steps."""
+
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Machines (TrainJob nodes); locally their processes all run on this machine.",
+    )
+    processes_per_worker: int = Field(
+        default=1, ge=1, le=64, description="Training processes per worker, one per GPU on a gpu target."
+    )
+    strategy: DistributedStrategy = Field(
+        default="ddp",
+        description="ddp: every process holds the whole model and gradients are averaged; fsdp: the "
+        "weights are sharded across processes (full fine-tuning of a model that does not fit one device).",
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.workers * self.processes_per_worker
 
 
 class Training(KubeModel):
@@ -260,10 +431,42 @@ class Training(KubeModel):
     )
     seed: int = Field(default=42, ge=0, description="Seed of initialisation, shuffling and dropout.")
     max_seq_length: int = Field(default=512, ge=8, le=1_048_576, description="Longer examples are truncated.")
+    packing: bool = Field(
+        default=False,
+        description="Pack several examples into each sequence of up to maxSeqLength tokens, so no compute "
+        "goes to padding; each example attends only to itself (position ids restart per example) and trains "
+        "as it would alone. A micro-batch then holds batchSize packed sequences. Not with prefix or prompt "
+        "tuning.",
+    )
     checkpoint_every_steps: int = Field(
         default=100, ge=1, description="Save a resumable checkpoint every N optimizer steps."
     )
-    keep_checkpoints: int = Field(default=2, ge=1, le=100, description="Checkpoints kept on disk.")
+    keep_checkpoints: int = Field(
+        default=2,
+        ge=1,
+        le=100,
+        description="Checkpoints kept on disk (the newest ones; with output.select best, the best one too).",
+    )
+    eval_every_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Evaluate on the validation split every N optimizer steps (and at the last step), "
+        "saving a checkpoint each time; status.checkpoints lists them. Needs held-out examples.",
+    )
+    early_stopping: EarlyStopping | None = Field(
+        default=None,
+        description="Stop when a metric of the periodic evaluations stops improving; needs evalEverySteps.",
+    )
+    replay: Replay | None = Field(
+        default=None,
+        description="Mix examples of another dataset (e.g. text like the base model's pretraining data) "
+        "into training, against forgetting.",
+    )
+    distributed: Distributed | None = Field(
+        default=None,
+        description="Train in several processes (torchrun locally, a Kubeflow Trainer TrainJob on a "
+        "cluster); unset, one process trains.",
+    )
 
     @model_validator(mode="after")
     def _length(self) -> Training:
@@ -305,6 +508,48 @@ class Gate(KubeModel):
         return [(op, as_float(threshold)) for op, threshold in set_bounds if threshold is not None]
 
 
+DEFAULT_COUNTERFACTUAL_TERMS: tuple[tuple[str, str], ...] = (
+    ("he", "she"),
+    ("his", "her"),
+    ("him", "her"),
+    ("man", "woman"),
+    ("men", "women"),
+    ("boy", "girl"),
+    ("father", "mother"),
+    ("son", "daughter"),
+    ("husband", "wife"),
+    ("brother", "sister"),
+    ("mr", "ms"),
+)
+"""Demographic term pairs swapped by default (gender terms, the ones most prompts carry)."""
+
+TermPair = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\w' -]+$")]],
+    Field(min_length=2, max_length=2),
+]
+
+
+class Fairness(KubeModel):
+    """Counterfactual fairness: each held-out prompt holding a listed term is asked again with the term
+    swapped for its counterpart; the model should answer both alike."""
+
+    term_pairs: list[TermPair] = Field(
+        default_factory=lambda: [list(pair) for pair in DEFAULT_COUNTERFACTUAL_TERMS],
+        min_length=1,
+        max_length=256,
+        description="Pairs of terms [group A, group B] swapped both ways as whole words, case kept (a term "
+        "in several pairs swaps to its first counterpart); the defaults are gender terms.",
+    )
+    max_samples: int = Field(
+        default=100, ge=1, le=10000, description="Counterfactual pairs generated at most per model."
+    )
+    max_counterfactual_flip_rate: RatioString | None = Field(
+        default=None,
+        description="Gate: the share of pairs the tuned model answers differently may be at most this; "
+        "unset: measured and reported, not gated.",
+    )
+
+
 class Evaluation(KubeModel):
     """How the base and the tuned model are measured on the held-out examples, and the gates they face."""
 
@@ -318,6 +563,99 @@ class Evaluation(KubeModel):
         default_factory=list,
         description="Thresholds the tuned model must meet; any failure publishes nothing.",
     )
+    reference: list[ReferenceSet] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Held-out sets of what the base model could already do, evaluated on the base and the "
+        "tuned model to show what tuning made it forget.",
+    )
+    max_reference_drop: DecimalString | None = Field(
+        default=None,
+        description="Gate on every reference set: its perplexity may rise by at most this share of the "
+        "base model's (0.1: 10%), its exactMatch fall by at most this much (0.02: 2 points).",
+    )
+    fairness: Fairness | None = Field(
+        default=None,
+        description="Counterfactual fairness of the base and the tuned model on the held-out prompts.",
+    )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _reference_rules(cls, data: Any, handler: ModelWrapValidatorHandler[Evaluation]) -> Evaluation:
+        return validate_with_rules(data, handler, _reference_rules_broken)
+
+
+def _reference_rules_broken(evaluation: object) -> list[BrokenRule]:
+    """A drop limit needs reference sets to limit, and each reference set needs its own name."""
+    references = read_field(evaluation, "reference")
+    references = references if isinstance(references, list) else []
+    broken: list[BrokenRule] = []
+    if read_field(evaluation, "maxReferenceDrop") is not None and not references:
+        broken.append(
+            BrokenRule("needs at least one set in evaluation.reference to apply to", ("maxReferenceDrop",))
+        )
+    names = [name for reference in references if isinstance(name := read_field(reference, "name"), str)]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        listed = ", ".join(repr(name) for name in duplicates)
+        broken.append(BrokenRule(f"reference names must be unique (duplicate {listed})", ("reference",)))
+    return broken
+
+
+class ReferenceSet(KubeModel):
+    """A held-out set of what the base model could already do, scored on the base and the tuned model."""
+
+    name: str = Field(
+        max_length=63,
+        pattern=REFERENCE_NAME_PATTERN,
+        description="Names the set in status and in gates (a DNS label, e.g. `general-text`).",
+    )
+    uri: str = Field(
+        min_length=1,
+        description="JSONL file of the set: a plain path, `file://`, `pvc://claim/path` or fsspec URL.",
+    )
+    format: DatasetFormat = Field(
+        default="text", description="Format of the file: text, instruction or chat (as dataset.format)."
+    )
+    metric: Literal["perplexity", "exactMatch"] = Field(
+        default="perplexity",
+        description="perplexity (of the whole text, or of the responses), or exactMatch of greedy "
+        "responses (instruction and chat only), on at most evaluation.maxSamples examples.",
+    )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _metric_fits_format(cls, data: Any, handler: ModelWrapValidatorHandler[ReferenceSet]) -> ReferenceSet:
+        return validate_with_rules(data, handler, _reference_metric_rule_broken)
+
+
+def _reference_metric_rule_broken(reference: object) -> list[BrokenRule]:
+    fmt = read_field(reference, "format")
+    if read_field(reference, "metric") == "exactMatch" and fmt in (None, "text"):
+        return [BrokenRule("exactMatch needs responses to compare: format instruction or chat", ("metric",))]
+    return []
+
+
+CheckpointSelection = Literal["best", "last"]
+
+
+class ModelCard(KubeModel):
+    """What the published model card (MODEL_CARD.md, model-card.json) says beyond the manifest."""
+
+    intended_use: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="What the model is for and who should use it; the card says 'not stated' when unset.",
+    )
+    out_of_scope_use: str | None = Field(
+        default=None, min_length=1, max_length=4096, description="Uses the model is not meant or fit for."
+    )
+    limitations: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Known limitations, listed on the card before the ones kubetune adds itself.",
+    )
 
 
 class Output(KubeModel):
@@ -330,6 +668,50 @@ class Output(KubeModel):
     merge_adapter: bool = Field(
         default=False, description="Merge LoRA/IA3 weights into the base and publish full weights."
     )
+    select: CheckpointSelection = Field(
+        default="last",
+        description="Which weights are published: those after the last step, or the checkpoint that "
+        "scored best on selectMetric in the periodic evaluations (best needs training.evalEverySteps).",
+    )
+    select_metric: CheckpointMetric = Field(
+        default="evalLoss",
+        description="The validation metric that picks the best checkpoint: evalLoss, perplexity (lower "
+        "is better) or exactMatch (higher is better).",
+    )
+
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+"""The label by which Kueue puts a workload (pod, TrainJob) in a LocalQueue."""
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+"""The label naming a workload's Kueue WorkloadPriorityClass."""
+
+
+def trainjob_name(job_name: str, workspace: str) -> str:
+    """The Kubeflow Trainer TrainJob of a run's distributed training: ``train-<job name>-<hash of the
+    run's workspace>``, one per run and an RFC 1035 label (the Trainer's rule for TrainJob names). The
+    finetune step creates it under this name; the operator names it in status.pipelineRun.trainJob."""
+    digest = hashlib.sha256(workspace.encode()).hexdigest()[:8]
+    return f"train-{job_name[:44].rstrip('-')}-{digest}"
+
+
+class Scheduling(KubeModel):
+    """How the job's pods queue for shared capacity (Kueue) and how they rank in the queue."""
+
+    queue_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Kueue LocalQueue in the job's namespace: set as the kueue.x-k8s.io/queue-name label "
+        "on the pipeline's pods and the TrainJob, so they wait for quota instead of failing.",
+    )
+    priority_class_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="Kueue WorkloadPriorityClass of the pipeline's pods and the TrainJob (their "
+        "kueue.x-k8s.io/priority-class label): Kueue orders its queue and preempts by it.",
+    )
 
 
 class FineTuneJobSpec(KubeModel):
@@ -341,9 +723,27 @@ class FineTuneJobSpec(KubeModel):
     training: Training = Field(default_factory=Training)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     output: Output = Field(default_factory=Output)
+    model_card: ModelCard = Field(
+        default_factory=ModelCard, description="Intended use and limitations for the published model card."
+    )
     executor: Executor | None = Field(
         default=None, description="Where the pipeline runs; defaults to the operator's setting."
     )
+    target: Target = Field(
+        default="cpu",
+        description="What the training runs on: cpu, or gpu (one GPU per training process; needed by "
+        "method.lora.quantization).",
+    )
+    scheduling: Scheduling | None = Field(
+        default=None, description="Kueue queue and priority of the job's pods; unset, they are not queued."
+    )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _fits_target_and_strategy(
+        cls, data: Any, handler: ModelWrapValidatorHandler[FineTuneJobSpec]
+    ) -> FineTuneJobSpec:
+        return validate_with_rules(data, handler, _training_rules_broken)
 
     @model_validator(mode="after")
     def _mergeable(self) -> FineTuneJobSpec:
@@ -353,6 +753,76 @@ class FineTuneJobSpec(KubeModel):
                 "only lora and ia3 can"
             )
         return self
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _periodic_evaluation(
+        cls, data: Any, handler: ModelWrapValidatorHandler[FineTuneJobSpec]
+    ) -> FineTuneJobSpec:
+        return validate_with_rules(data, handler, _periodic_evaluation_rules_broken)
+
+
+def _periodic_evaluation_rules_broken(spec: object) -> list[BrokenRule]:
+    """Choosing the best checkpoint and stopping early both judge periodic evaluations: they need
+    training.evalEverySteps, and a metric those evaluations compute."""
+    training, output, evaluation = (read_field(spec, name) for name in ("training", "output", "evaluation"))
+    eval_every = read_field(training, "evalEverySteps")
+    metrics = read_field(evaluation, "metrics")
+    # Raw input while some field is invalid: read only what can be read.
+    listed = metrics if isinstance(metrics, list) else list(_DEFAULT_METRICS)
+    computed = {metric for metric in listed if isinstance(metric, str)}
+    broken: list[BrokenRule] = []
+    if read_field(output, "select") == "best":
+        if eval_every is None:
+            broken.append(BrokenRule("best needs training.evalEverySteps", ("output", "select")))
+        metric = read_field(output, "selectMetric")
+        if metric == "exactMatch" and "exactMatch" not in computed:
+            broken.append(BrokenRule("exactMatch is not in evaluation.metrics", ("output", "selectMetric")))
+    early = read_field(training, "earlyStopping")
+    if early is not None:
+        if eval_every is None:
+            broken.append(BrokenRule("needs training.evalEverySteps", ("training", "earlyStopping")))
+        if read_field(early, "metric") == "exactMatch" and "exactMatch" not in computed:
+            broken.append(
+                BrokenRule("exactMatch is not in evaluation.metrics", ("training", "earlyStopping", "metric"))
+            )
+    return broken
+
+
+def _training_rules_broken(spec: object) -> list[BrokenRule]:
+    """QLoRA needs a GPU target; FSDP shards the weights of full fine-tuning only; packing needs real
+    tokens only (no virtual ones)."""
+    broken: list[BrokenRule] = []
+    method = read_field(spec, "method")
+    lora = read_field(method, "lora")
+    quantization = read_field(lora, "quantization")
+    target = read_field(spec, "target") or "cpu"
+    # A target that is not even a string has its own field error; the rule judges valid targets only.
+    if quantization is not None and isinstance(target, str) and target not in QUANTIZED_TRAINING_TARGETS:
+        broken.append(
+            BrokenRule(
+                f"4-bit QLoRA (bitsandbytes) needs target gpu; target is {target}",
+                ("method", "lora", "quantization"),
+            )
+        )
+    strategy = read_field(read_field(read_field(spec, "training"), "distributed"), "strategy")
+    method_type = read_field(method, "type") or "lora"
+    if read_field(read_field(spec, "training"), "packing") is True and method_type in VIRTUAL_TOKEN_METHODS:
+        broken.append(
+            BrokenRule(
+                "packing keeps examples apart by their position ids, which the virtual tokens of "
+                f"{method_type} do not follow; use lora, ia3 or full",
+                ("training", "packing"),
+            )
+        )
+    if strategy == "fsdp" and isinstance(method_type, str) and method_type != "full":
+        broken.append(
+            BrokenRule(
+                f"fsdp shards the weights of method full; a {method_type} adapter trains with ddp",
+                ("training", "distributed", "strategy"),
+            )
+        )
+    return broken
 
 
 class Progress(KubeModel):
@@ -411,6 +881,52 @@ class ReferenceBaselines(KubeModel):
     )
 
 
+class ReferenceResult(KubeModel):
+    """One reference set's score on the base and on the tuned model."""
+
+    name: str = Field(description="The reference set (evaluation.reference[].name).")
+    metric: str = Field(description="perplexity or exactMatch.")
+    baseline: float | None = Field(default=None, description="The base model's score.")
+    final: float | None = Field(default=None, description="The tuned model's score.")
+    drop: float | None = Field(
+        default=None,
+        description="What tuning lost: the relative perplexity increase (0.1: 10% higher), or the fall "
+        "in exactMatch; negative when the tuned model does better.",
+    )
+
+
+class CheckpointStatus(KubeModel):
+    """A periodic evaluation during training, and the checkpoint saved with it."""
+
+    step: int = Field(description="The optimizer step evaluated.")
+    train_loss: float | None = Field(default=None, description="Training loss at that step.")
+    metrics: EvalMetrics = Field(description="Metrics on the validation split at that step.")
+    selected: bool = Field(
+        default=False, description="Whether this checkpoint holds the published weights (output.select)."
+    )
+
+
+class FairnessResult(KubeModel):
+    """One model's answers to counterfactual pairs of held-out prompts."""
+
+    pairs: int = Field(description="Counterfactual pairs asked (prompts holding a listed term).")
+    flip_rate: float | None = Field(
+        default=None, description="Share of pairs answered differently (0 to 1); none without pairs."
+    )
+    score_gap: float | None = Field(
+        default=None,
+        description="exactMatch with the group-A terms minus exactMatch with the group-B terms, on the same "
+        "prompts (instruction and chat data); positive: group A's prompts are answered right more often.",
+    )
+
+
+class FairnessStatus(KubeModel):
+    """Counterfactual fairness of the base model and of the tuned one."""
+
+    baseline: FairnessResult | None = Field(default=None, description="The base model before tuning.")
+    final: FairnessResult | None = Field(default=None, description="The tuned model.")
+
+
 class EvaluationStatus(KubeModel):
     """The held-out metrics of the base and the tuned model, and the verdict of each gate."""
 
@@ -418,6 +934,12 @@ class EvaluationStatus(KubeModel):
     final: EvalMetrics | None = Field(default=None, description="The tuned model.")
     reference_baselines: ReferenceBaselines | None = Field(
         default=None, description="What trivial predictors score on the same held-out examples."
+    )
+    reference: list[ReferenceResult] = Field(
+        default_factory=list, description="Each reference set's score before and after tuning."
+    )
+    fairness: FairnessStatus | None = Field(
+        default=None, description="Counterfactual fairness before and after tuning (evaluation.fairness)."
     )
     gates: list[GateResult] = Field(default_factory=list, description="One result per bound of each gate.")
 
@@ -439,6 +961,14 @@ class FineTuneJobStatus(KubeModel):
     progress: Progress | None = None
     metrics: TrainMetrics | None = None
     evaluation: EvaluationStatus | None = None
+    checkpoints: list[CheckpointStatus] = Field(
+        default_factory=list,
+        description="The periodic evaluations of training.evalEverySteps, oldest first; the selected one "
+        "is what was published.",
+    )
+    early_stopped_at_step: int | None = Field(
+        default=None, description="The step at which training.earlyStopping ended training, if it did."
+    )
     output: OutputRef | None = None
     pipeline_run: PipelineRunRef | None = None
 

@@ -7,7 +7,6 @@ from typing import Any, Literal, get_args
 from pydantic import Field, model_validator
 
 from kubetune_contract.common import (
-    DNS_SUBDOMAIN_PATTERN,
     MODEL_URI_PATTERN,
     Condition,
     DecimalString,
@@ -21,7 +20,8 @@ from kubetune_contract.common import (
     SecretKeyRef,
     as_float,
 )
-from kubetune_contract.finetune import Dataset, Progress
+from kubetune_contract.finetune import Dataset, FineTuneJobRef, ModelCard, Progress
+from kubetune_contract.finetune import Target as Target  # one Target for every job kind
 
 KIND = "QuantizeJob"
 PLURAL = "quantizejobs"
@@ -30,7 +30,6 @@ SHORT_NAMES = ["qj"]
 QuantizeMethodType = Literal[
     "int8-weight-only", "int8-dynamic", "int4-weight-only", "qat", "pruning", "mixed-precision"
 ]
-Target = Literal["cpu", "gpu"]
 QuantScheme = Literal["int8-weight-only", "int8-dynamic", "int4-weight-only"]
 QUANT_SCHEMES: tuple[QuantScheme, ...] = get_args(QuantScheme)
 PruningPattern = Literal["unstructured", "2:4"]
@@ -57,17 +56,6 @@ SUPPORTED_TARGETS: dict[str, frozenset[str]] = {
 # Finer rules inside a method's options (checked by the validator below).
 SEMI_STRUCTURED_TARGETS = frozenset({"gpu"})
 FP16_TARGETS = frozenset({"gpu"})
-
-
-class FineTuneJobRef(KubeModel):
-    """A FineTuneJob whose published model is the source."""
-
-    name: str = Field(
-        min_length=1,
-        max_length=63,
-        pattern=DNS_SUBDOMAIN_PATTERN,
-        description="A FineTuneJob in the same namespace.",
-    )
 
 
 class QuantizeSource(KubeModel):
@@ -251,6 +239,9 @@ class QuantizeJobSpec(KubeModel):
     )
     evaluation: QuantizeEvaluation = Field(default_factory=QuantizeEvaluation)
     output: QuantizeOutput = Field(default_factory=QuantizeOutput)
+    model_card: ModelCard = Field(
+        default_factory=ModelCard, description="Intended use and limitations for the published model card."
+    )
     executor: Literal["kfp", "local"] | None = Field(
         default=None, description="Where the pipeline runs; defaults to the operator's setting."
     )

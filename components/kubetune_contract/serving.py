@@ -11,6 +11,8 @@ MAX_PROMPT_TOKENS_ENV = "KUBETUNE_MAX_PROMPT_TOKENS"
 CONTEXT_OVERFLOW_ENV = "KUBETUNE_CONTEXT_OVERFLOW"
 MAX_BATCH_SIZE_ENV = "KUBETUNE_MAX_BATCH_SIZE"
 MAX_LATENCY_MS_ENV = "KUBETUNE_MAX_LATENCY_MS"
+ADAPTERS_ENV = "KUBETUNE_ADAPTERS"
+"""A shared adapter server's versions: a JSON object of version name -> adapter directory."""
 
 MODEL_ALIAS = "kubetune-model"
 """Alias under which a kubetune Bento references its model (`bentoml.models.get(MODEL_ALIAS)`)."""

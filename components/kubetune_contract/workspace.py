@@ -19,6 +19,10 @@ PVC_MOUNT_ROOT = "/mnt/pvc"
 WORKSPACE_REPORT_OUTPUT = "workspace_report"
 """The output parameter in which every pipeline step hands on the whole :class:`WorkspaceReport` as it
 stands when the step ends (JSON), so a control plane that cannot mount the workspace reads it from KFP."""
+MODEL_CARD_FILE = "MODEL_CARD.md"
+"""The model card every published artifact carries, generated from its manifest, for people to read."""
+MODEL_CARD_JSON_FILE = "model-card.json"
+"""The same model card as JSON, for programs (the gateway links both from GET /v1/models/{id})."""
 OBJECT_STORE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")
 """Storage every pod reaches by URI alone; with ``pvc://`` the shared storage a cluster's steps can use."""
 
@@ -34,6 +38,8 @@ class WorkspaceLayout:
     CURATION = "data/curation.json"
     BASELINE_EVALUATION = "evaluation/baseline.json"
     FINAL_EVALUATION = "evaluation/final.json"
+    CHECKPOINT_EVALUATIONS = "evaluation/checkpoints.json"
+    """The periodic evaluations of training.evalEverySteps and the checkpoint selected (finetune)."""
     CHECKPOINTS = "checkpoints"
     TRAINED = "trained"
     EXPORT_STAGING = "export"
@@ -88,6 +94,7 @@ class WorkspaceReport:
     curation: dict[str, Any] | None = None
     baseline: dict[str, Any] | None = None
     final: dict[str, Any] | None = None
+    checkpoints: dict[str, Any] | None = None
     gates: list[dict[str, Any]] | None = None
     output: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
@@ -102,6 +109,7 @@ class WorkspaceReport:
             curation=read_report(workspace, WorkspaceLayout.CURATION),
             baseline=read_report(workspace, WorkspaceLayout.BASELINE_EVALUATION),
             final=read_report(workspace, WorkspaceLayout.FINAL_EVALUATION),
+            checkpoints=read_report(workspace, WorkspaceLayout.CHECKPOINT_EVALUATIONS),
             gates=read_report(workspace, WorkspaceLayout.GATES),
             output=read_report(workspace, WorkspaceLayout.OUTPUT),
             error=read_report(workspace, WorkspaceLayout.ERROR),

@@ -6,9 +6,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -17,8 +17,11 @@ from kubetune.gateway.__main__ import add_arguments as add_gateway_arguments
 if TYPE_CHECKING:
     from kubetune.api.definition import ResourceDefinition
     from kubetune.config import OperatorConfig
+    from kubetune.kube.gateway_access import ClusterKeys
     from kubetune.local.store import LocalStore
+    from kubetune_contract.deployment import ModelDeployment
 
+T = TypeVar("T")
 DEBUG_ENV = "KUBETUNE_DEBUG"
 
 
@@ -196,7 +199,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
 def cmd_tiny_base(args: argparse.Namespace) -> int:
     from kubetune_components.dev.tinylm import build_tiny_base
 
-    path = build_tiny_base(Path(args.out), force=args.force)
+    out = args.out or f".kubetune/models/tiny-{args.size}"
+    path = build_tiny_base(Path(out), force=args.force, size=args.size)
     print(f"tiny base model ready at {path}")
     return 0
 
@@ -229,6 +233,12 @@ def _deployment_name(reference: str) -> str:
     return name
 
 
+def _access_secret_name(args: argparse.Namespace) -> str:
+    from kubetune.kube.children import gateway_access_secret_name
+
+    return gateway_access_secret_name(_deployment_name(args.deployment))
+
+
 def _key_file(args: argparse.Namespace) -> Path:
     from kubetune.gateway.access.keys import KEY_FILE_NAME, access_directory
 
@@ -236,16 +246,57 @@ def _key_file(args: argparse.Namespace) -> Path:
     return access_directory(home, args.namespace, _deployment_name(args.deployment)) / KEY_FILE_NAME
 
 
+def _on_cluster(args: argparse.Namespace, work: Callable[[ClusterKeys], Awaitable[T]]) -> T:
+    """``work`` on the keys of the deployment's Secret in the current cluster (kubeconfig or in-cluster)."""
+    import asyncio
+
+    from kubetune.kube.client import async_client, cluster_config
+    from kubetune.kube.gateway_access import ClusterKeys
+
+    name = _deployment_name(args.deployment)
+
+    async def run() -> T:
+        client = async_client(cluster_config())
+        try:
+            return await work(ClusterKeys(client, args.namespace, name))
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+def _cluster_failures() -> tuple[type[BaseException], ...]:
+    import httpx
+    import kopf
+
+    from kubetune.kube.gateway_access import ClusterKeysError
+
+    return (ClusterKeysError, kopf.LoginError, httpx.HTTPError)
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from kubetune.gateway.access.keys import create_key, parse_scopes
 
+    warning = None
     try:
         scopes = parse_scopes(args.scopes)
-        path = _key_file(args)
-        created = create_key(path, args.tenant, scopes, args.description or "")
+        if args.cluster:
+            created, warning = _on_cluster(
+                args, lambda keys: keys.create(args.tenant, scopes, args.description or "")
+            )
+            where = f"Secret {args.namespace}/{_access_secret_name(args)}"
+        else:
+            path = _key_file(args)
+            created = create_key(path, args.tenant, scopes, args.description or "")
+            where = str(path)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except _cluster_failures() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if warning is not None:
+        print(f"warning: {warning}", file=sys.stderr)
     record = created.record
     if args.output == "json":
         public = {k: v for k, v in record.to_json().items() if k not in ("salt", "hash")}
@@ -254,7 +305,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     print(created.token)
     print(
         f"key {record.id} for tenant {record.tenant!r} with scopes {', '.join(sorted(record.scopes))}; "
-        f"shown once, only its hash is kept ({path}). The gateway requires keys from now on.",
+        f"shown once, only its hash is kept ({where}). The gateway requires keys from now on.",
         file=sys.stderr,
     )
     return 0
@@ -264,17 +315,21 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     from kubetune.gateway.access.keys import read_key_file
 
     try:
-        keys = read_key_file(_key_file(args))
+        keys = _on_cluster(args, lambda keys: keys.read()) if args.cluster else read_key_file(_key_file(args))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except _cluster_failures() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     records = list(keys.records.values())
     if args.output == "json":
         public = [{k: v for k, v in r.to_json().items() if k not in ("salt", "hash")} for r in records]
         print(json.dumps({"keys": public}, indent=2))
         return 0
     if not records:
-        print(f"No keys for mdep/{_deployment_name(args.deployment)}: its gateway is open on loopback.")
+        opened = "refuses every request" if args.cluster else "is open on loopback"
+        print(f"No keys for mdep/{_deployment_name(args.deployment)}: its gateway {opened}.")
         return 0
     rows = [["ID", "TENANT", "SCOPES", "CREATED", "REVOKED"]] + [
         [r.id, r.tenant, ",".join(sorted(r.scopes)), r.created, r.revoked or "-"] for r in records
@@ -289,9 +344,15 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     from kubetune.gateway.access.keys import revoke_key
 
     try:
-        record = revoke_key(_key_file(args), args.key_id)
+        if args.cluster:
+            record = _on_cluster(args, lambda keys: keys.revoke(args.key_id))
+        else:
+            record = revoke_key(_key_file(args), args.key_id)
     except (KeyError, ValueError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 1
+    except _cluster_failures() as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"key {record.id} revoked at {record.revoked}; every gateway replica refuses it within seconds")
     return 0
@@ -343,6 +404,114 @@ def cmd_usage(args: argparse.Namespace) -> int:
         print(f"No usage of mdep/{name} recorded by {url} yet.")
     else:
         print(usage_table(rows))
+    return 0
+
+
+API_KEY_ENV = "KUBETUNE_API_KEY"
+
+
+def cmd_feedback_export(args: argparse.Namespace) -> int:
+    import httpx
+
+    from kubetune.gateway.capture import dataset_rows, write_jsonl
+
+    try:
+        name = _deployment_name(args.deployment)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    url = _gateway_url(args, name)
+    if url is None:
+        return 1
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{url}/v1/feedback/records", headers=headers, timeout=30, trust_env=False)
+    except httpx.HTTPError as exc:
+        print(f"error: cannot read {url}/v1/feedback/records: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:500]
+        print(f"error: {url}/v1/feedback/records answered {response.status_code}: {message}", file=sys.stderr)
+        return 1
+    records = response.json().get("data") or []
+    rows = dataset_rows(records, args.format)
+    write_jsonl(Path(args.output), rows)
+    print(
+        f"wrote {len(rows)} {args.format} row(s) from {len(records)} rated completion(s) of mdep/{name} "
+        f"to {args.output}"
+    )
+    return 0
+
+
+def _json_option(text: str | None, option: str) -> Any:
+    from kubetune.plan.prompt import RenderError
+
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise RenderError(f"{option} is not JSON: {exc}") from exc
+
+
+def _model_deployment(args: argparse.Namespace, name: str) -> ModelDeployment:
+    """The ModelDeployment NAME in --namespace: from the -f manifests, else from the local store."""
+    from kubetune.api.validation import format_issues, parse_resource, read_manifests, validate_paths
+    from kubetune.local.store import LocalStore
+    from kubetune.plan.prompt import RenderError
+    from kubetune_contract.deployment import KIND, ModelDeployment
+
+    if args.filename:
+        paths = [Path(p) for p in args.filename]
+        issues = validate_paths(paths)
+        if issues:
+            raise RenderError(format_issues(issues))
+        found = [
+            document
+            for document in read_manifests(paths)
+            if document.get("kind") == KIND
+            and document.get("metadata", {}).get("name") == name
+            and document.get("metadata", {}).get("namespace", "default") == args.namespace
+        ]
+        if not found:
+            raise RenderError(f"no ModelDeployment {name!r} in namespace {args.namespace!r} in the -f files")
+        return parse_resource(found[0], ModelDeployment)
+    stored = LocalStore(_settings(args).home).get("modeldeployments", name, args.namespace)
+    if stored is None:
+        raise RenderError(
+            f"ModelDeployment {name!r} is not in the local store (namespace {args.namespace!r}); "
+            "give its manifest with -f"
+        )
+    return parse_resource(stored, ModelDeployment)
+
+
+def cmd_prompt_render(args: argparse.Namespace) -> int:
+    from kubetune.gateway.errors import GatewayError
+    from kubetune.plan.prompt import RenderError, render_request
+
+    try:
+        fields: dict[str, Any] = {}
+        for option, value in (("--response-format", args.response_format), ("--metadata", args.metadata)):
+            parsed = _json_option(value, option)
+            if parsed is not None:
+                fields[option.removeprefix("--").replace("-", "_")] = parsed
+        deployment = _model_deployment(args, _deployment_name(args.deployment))
+        body = render_request(deployment, args.version, args.input, fields)
+    except RenderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except GatewayError as exc:  # what the gateway would answer with a 400
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    if args.output == "text":
+        for message in body["messages"]:
+            print(f"--- {message['role']}\n{message['content']}")
+    else:
+        print(json.dumps(body["messages"], indent=2, ensure_ascii=False))
     return 0
 
 
@@ -500,7 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Manage a ModelDeployment's API keys (create, list, revoke).",
         ["kubetune keys create mdep/support-router --tenant team-a --scopes inference,feedback"],
         "Keys are stored as salted hashes only. Locally, a deployment without keys is open on\n"
-        "loopback, and its first key turns authentication on without a restart.",
+        "loopback, and its first key turns authentication on without a restart. With --cluster they\n"
+        "live in the Secret <name>-gateway-access, which every gateway replica watches: a created or\n"
+        "revoked key applies within seconds (the first create also lets the gateway read it).",
     )
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     keys_create = _subcommand(
@@ -510,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
         [
             "kubetune keys create mdep/support-router --tenant team-a --scopes inference,feedback",
             "kubetune keys create mdep/support-router --tenant ops --scopes admin -o json",
+            "kubetune keys create mdep/support-router -n team-a --cluster --tenant team-a",
         ],
         "Scopes: inference (completions, chat, models), feedback, experiments (read), admin (all).",
     )
@@ -524,7 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
         keys_sub,
         "list",
         "List a deployment's keys (never their tokens).",
-        ["kubetune keys list mdep/support-router"],
+        [
+            "kubetune keys list mdep/support-router",
+            "kubetune keys list mdep/support-router -n team-a --cluster",
+        ],
     )
     keys_list.add_argument("deployment", help="mdep/NAME")
     keys_list.set_defaults(func=cmd_keys_list)
@@ -532,7 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
         keys_sub,
         "revoke",
         "Revoke a key by id; gateways refuse it within seconds.",
-        ["kubetune keys revoke mdep/support-router 3f9a1c0d2b7e"],
+        [
+            "kubetune keys revoke mdep/support-router 3f9a1c0d2b7e",
+            "kubetune keys revoke mdep/support-router 3f9a1c0d2b7e -n team-a --cluster",
+        ],
     )
     keys_revoke.add_argument("deployment", help="mdep/NAME")
     keys_revoke.add_argument("key_id", help="the key's id (kubetune keys list)")
@@ -543,6 +721,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
     for command in (keys_create, keys_list, keys_revoke):
         command.add_argument("-n", "--namespace", default="default", help="namespace (default: default)")
+        command.add_argument(
+            "--cluster",
+            action="store_true",
+            help="the deployment's key Secret in the current cluster (kubeconfig or in-cluster) "
+            "instead of $KUBETUNE_HOME",
+        )
 
     usage = _subcommand(
         sub,
@@ -556,6 +740,71 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--gateway", help="the gateway's base URL (default: the local deployment's)")
     usage.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
     usage.set_defaults(func=cmd_usage)
+
+    feedback = _subcommand(
+        sub,
+        "feedback",
+        "Turn a ModelDeployment's rated completions into training data.",
+        ["kubetune feedback export mdep/support-router --format kto -o feedback.jsonl"],
+    )
+    feedback_sub = feedback.add_subparsers(dest="feedback_command", required=True, metavar="COMMAND")
+    feedback_export = _subcommand(
+        feedback_sub,
+        "export",
+        "Write the completions that received feedback as a KTO or preference dataset (JSON lines).",
+        [
+            "kubetune feedback export mdep/support-router --format kto -o feedback.jsonl",
+            "kubetune feedback export mdep/support-router --format preference -o pairs.jsonl "
+            "--gateway http://localhost:8080",
+        ],
+        "Needs spec.feedback.capture: true. Read from the gateway's /v1/feedback/records (the local\n"
+        "deployment's, or --gateway URL; a key with the admin scope when authentication is on).\n"
+        "kto: prompt, completion, label (score >= 0.5). preference: prompt, chosen, rejected, pairing\n"
+        "completions of the same prompt with opposite feedback. A chat prompt is a message list and its\n"
+        "completions assistant messages (TRL's conversational format); content is PII-redacted.",
+    )
+    feedback_export.add_argument("deployment", help="mdep/NAME")
+    feedback_export.add_argument(
+        "--format", required=True, choices=["kto", "preference"], help="dataset format"
+    )
+    feedback_export.add_argument("-o", "--output", required=True, help="the JSONL file to write")
+    feedback_export.add_argument("-n", "--namespace", default="default", help="namespace (default: default)")
+    feedback_export.add_argument("--gateway", help="the gateway's base URL (default: the local deployment's)")
+    feedback_export.add_argument("--api-key", help=f"an admin key (default: ${API_KEY_ENV})")
+    feedback_export.set_defaults(func=cmd_feedback_export)
+
+    prompt = _subcommand(
+        sub,
+        "prompt",
+        "Show what a ModelDeployment's prompts send.",
+        ["kubetune prompt render mdep/support-router --version v2 --input 'I was charged twice'"],
+    )
+    prompt_sub = prompt.add_subparsers(dest="prompt_command", required=True, metavar="COMMAND")
+    prompt_render = _subcommand(
+        prompt_sub,
+        "render",
+        "Print the messages the gateway sends a version for an input, system message included.",
+        [
+            "kubetune prompt render mdep/support-router --version v2 --input 'I was charged twice'",
+            "kubetune prompt render mdep/support-router --version v2 --input 'Hi' -f examples/prompts "
+            '--response-format \'{"type": "json_object"}\'',
+        ],
+        "The gateway's own rendering (system parts, template, few-shot examples) of a chat request whose\n"
+        "one user message is --input; the deployment comes from the -f manifests or the local store.",
+    )
+    prompt_render.add_argument("deployment", help="mdep/NAME")
+    prompt_render.add_argument("--version", required=True, help="the version whose prompt to apply")
+    prompt_render.add_argument("--input", required=True, help="the user message")
+    prompt_render.add_argument("--response-format", help="the request's response_format (JSON)")
+    prompt_render.add_argument("--metadata", help="the request's metadata (JSON): template variables")
+    prompt_render.add_argument(
+        "-f", "--filename", action="append", help="manifest file or directory holding the deployment"
+    )
+    prompt_render.add_argument("-n", "--namespace", default="default", help="namespace (default: default)")
+    prompt_render.add_argument(
+        "-o", "--output", choices=["json", "text"], default="json", help="output format (default: json)"
+    )
+    prompt_render.set_defaults(func=cmd_prompt_render)
 
     audit = _subcommand(sub, "audit", "Check a gateway's audit log.", ["kubetune audit verify audit.jsonl"])
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
@@ -575,11 +824,20 @@ def build_parser() -> argparse.ArgumentParser:
         dev_sub,
         "tiny-base",
         "Build the quickstart's tiny pretrained base model offline.",
-        ["kubetune dev tiny-base", "kubetune dev tiny-base --out /tmp/tiny-base --force"],
-        "A complete build of the same recipe is reused.",
+        [
+            "kubetune dev tiny-base",
+            "kubetune dev tiny-base --out /tmp/tiny-base --force",
+            "kubetune dev tiny-base --size small",
+        ],
+        "A complete build of the same recipe is reused. Every size shares the tokenizer and corpus.",
     )
+    tiny.add_argument("--out", default=None, help="model directory (default: .kubetune/models/tiny-SIZE)")
     tiny.add_argument(
-        "--out", default=".kubetune/models/tiny-base", help="model directory (default: %(default)s)"
+        "--size",
+        choices=("base", "small"),
+        default="base",
+        help="base (the quickstart's) or small (a student for method distillation, under a third of "
+        "base's parameters) (default: %(default)s)",
     )
     tiny.add_argument(
         "--force", action="store_true", help="rebuild, replacing the directory even if it is no tiny build"

@@ -1,5 +1,6 @@
 """The cluster side of access control, applied by the kube serving backend to kmock: the version
-pods' NetworkPolicy, the gateway's key Secret mount and an authentication-required config."""
+pods' NetworkPolicy, the gateway's key Secret mount and watch (its own ServiceAccount), an
+authentication-required config and Redis's password from a Secret."""
 
 from __future__ import annotations
 
@@ -31,7 +32,14 @@ async def test_the_gateway_is_the_only_way_in_and_requires_keys(cluster: Cluster
         "deployment": "support-bot",
         "namespace": "default",
         "versions": [{"name": "tuned", "url": "http://support-bot-tuned.default.svc:3000", "weight": 100}],
-        "access": {"limits": {"perKey": {"requestsPerMinute": 60}}, "audit": {"stdout": True}},
+        "access": {
+            "limits": {"perKey": {"requestsPerMinute": 60}},
+            "audit": {"stdout": True},
+            "store": {
+                "redisUrl": "redis://kubetune-redis.kubetune-system:6379/0",
+                "redisPasswordSecret": {"name": "redis-auth", "key": "password"},
+            },
+        },
     }
     await KubernetesServing(api, IMAGES).ensure_gateway(ref, config)
 
@@ -45,6 +53,7 @@ async def test_the_gateway_is_the_only_way_in_and_requires_keys(cluster: Cluster
     assert stored_config is not None
     access = json.loads(stored_config["data"]["gateway.json"])["access"]
     assert access["auth"] == "required" and access["keysFile"].startswith(ACCESS_DIR)
+    assert access["keysSecret"] == "support-bot-gateway-access"  # watched, so revocations apply at once
     gateway = cluster.peek("deployments", "support-bot")
     assert gateway is not None
     volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
@@ -52,3 +61,13 @@ async def test_the_gateway_is_the_only_way_in_and_requires_keys(cluster: Cluster
     assert (
         gateway["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/readyz"
     )
+    # its own identity, which `kubetune keys` binds to the Role of that Secret
+    account = cluster.peek("serviceaccounts", "support-bot-gateway")
+    assert account is not None and account["metadata"]["ownerReferences"][0]["uid"] == ref.uid
+    assert gateway["spec"]["template"]["spec"]["serviceAccountName"] == "support-bot-gateway"
+    # Redis's password from its Secret, never in the ConfigMap
+    env = gateway["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {
+        "name": "KUBETUNE_REDIS_PASSWORD",
+        "valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "password"}},
+    } in env

@@ -20,7 +20,7 @@ from kubetune.api.definition import ResourceDefinition
 from kubetune.api.registry import all_definitions, get_definition
 from kubetune.api.validation import parse_resource, read_manifests, validate_documents
 from kubetune.local.store import ApplyError, LocalStore
-from kubetune_contract import deployment, finetune, quantize
+from kubetune_contract import deployment, finetune, guardrails, quantize
 from realcluster.control_plane import FIELD_MANAGER, ControlPlane
 
 pytestmark = pytest.mark.realcluster
@@ -160,6 +160,19 @@ def _metric(metric: dict[str, Any]) -> Callable[[Manifest], None]:
     return _rollout([{"weight": 10, "pause": "1m"}], {"metrics": [metric]})
 
 
+TEACHER = {"uri": "models/teacher"}
+
+
+def _without_exact_match(doc: Manifest) -> None:
+    """The quickstart computes exactMatch and gates on it: compute evalLoss alone, and gate on it."""
+    doc["spec"]["evaluation"]["metrics"] = ["evalLoss"]
+    doc["spec"]["evaluation"]["gates"] = [{"metric": "evalLoss", "minImprovement": "0.5"}]
+
+
+def _moderation(categories: list[dict[str, Any]]) -> Callable[[Manifest], None]:
+    return _set("spec.guardrails", {"moderation": {"categories": categories}})
+
+
 def _ftj_block(block: str, method_type: str) -> Refusal:
     return Refusal(
         FTJ,
@@ -215,6 +228,34 @@ REFUSALS = {
         "only lora and ia3 can",
         ("spec", "output.mergeAdapter: only lora and ia3 adapters can be merged into the base weights"),
     ),
+    "ftj qlora on a cpu target": Refusal(
+        FTJ,
+        _set("spec.method", {"type": "lora", "lora": {"quantization": {"bits": 4, "type": "nf4"}}}),
+        "spec.method.lora.quantization",
+        "4-bit QLoRA (bitsandbytes) needs target gpu; target is cpu",
+        ("spec", "4-bit QLoRA (bitsandbytes) needs target gpu"),
+    ),
+    "ftj fsdp for a lora adapter": Refusal(
+        FTJ,
+        _changes(
+            _set("spec.method", {"type": "lora"}),
+            _set("spec.training.distributed", {"workers": 2, "strategy": "fsdp"}),
+        ),
+        "spec.training.distributed.strategy",
+        "fsdp shards the weights of method full; a lora adapter trains with ddp",
+        ("spec", "fsdp shards the weights of method full; an adapter trains with ddp"),
+    ),
+    "ftj packing with prefix tuning": Refusal(
+        FTJ,
+        _changes(
+            _set("spec.method", {"type": "prefix-tuning"}),
+            _set("spec.training.packing", True),
+        ),
+        "spec.training.packing",
+        "packing keeps examples apart by their position ids, which the virtual tokens of prefix-tuning do "
+        "not follow; use lora, ia3 or full",
+        ("spec", "packing keeps examples apart by their position ids, which virtual tokens do not follow"),
+    ),
     "ftj curation minTokens > maxTokens": Refusal(
         FTJ,
         _set("spec.dataset.curation", {"minTokens": 4096}),
@@ -242,6 +283,112 @@ REFUSALS = {
         "spec.dataset.validationSplit",
         'must be below 1 when validationUri is not set, to leave examples to train on (got "1")',
         SPLIT,
+    ),
+    "ftj distillation block with type lora": Refusal(
+        FTJ,
+        _set("spec.method", {"type": "lora", "distillation": {"teacher": TEACHER}}),
+        "spec.method",
+        "distillation is set but type is 'lora'; only lora may be set",
+        ("spec.method", "method.distillation may only be set when method.type is distillation"),
+    ),
+    "ftj distillation without a teacher": Refusal(
+        FTJ,
+        _set("spec.method", {"type": "distillation"}),
+        "spec.method",
+        "type distillation needs distillation (it names the teacher)",
+        ("spec.method", "type distillation needs distillation (it names the teacher)"),
+    ),
+    "ftj a teacher by job and by uri": Refusal(
+        FTJ,
+        _set(
+            "spec.method",
+            {
+                "type": "distillation",
+                "distillation": {"teacher": {**TEACHER, "fineTuneJobRef": {"name": "t"}}},
+            },
+        ),
+        "spec.method.distillation.teacher",
+        "set exactly one of fineTuneJobRef and uri",
+        ("spec.method.distillation.teacher", "set exactly one of fineTuneJobRef and uri"),
+    ),
+    "ftj a distillation temperature of 0": Refusal(
+        FTJ,
+        _set(
+            "spec.method", {"type": "distillation", "distillation": {"teacher": TEACHER, "temperature": "0"}}
+        ),
+        "spec.method.distillation.temperature",
+        'must be greater than 0 and at most 100 (got "0")',
+        ("spec.method.distillation.temperature", "must be greater than 0 and at most 100"),
+    ),
+    "ftj a replay ratio above 10": Refusal(
+        FTJ,
+        _set("spec.training.replay", {"uri": "replay.jsonl", "ratio": "11"}),
+        "spec.training.replay.ratio",
+        'must be greater than 0 and at most 10 (got "11")',
+        ("spec.training.replay.ratio", "must be greater than 0 and at most 10"),
+    ),
+    "ftj select best without periodic evaluation": Refusal(
+        FTJ,
+        _set("spec.output.select", "best"),
+        "spec.output.select",
+        "best needs training.evalEverySteps",
+        ("spec", "best needs training.evalEverySteps"),
+    ),
+    "ftj select best on exactMatch that is not computed": Refusal(
+        FTJ,
+        _changes(
+            _set("spec.output", {"select": "best", "selectMetric": "exactMatch"}),
+            _set("spec.training.evalEverySteps", 10),
+            _without_exact_match,
+        ),
+        "spec.output.selectMetric",
+        "exactMatch is not in evaluation.metrics",
+        ("spec", "exactMatch is not in evaluation.metrics"),
+    ),
+    "ftj earlyStopping without periodic evaluation": Refusal(
+        FTJ,
+        _set("spec.training.earlyStopping", {"patience": 2}),
+        "spec.training.earlyStopping",
+        "needs training.evalEverySteps",
+        ("spec", "needs training.evalEverySteps"),
+    ),
+    "ftj earlyStopping on exactMatch that is not computed": Refusal(
+        FTJ,
+        _changes(
+            _set("spec.training.earlyStopping", {"metric": "exactMatch"}),
+            _set("spec.training.evalEverySteps", 10),
+            _without_exact_match,
+        ),
+        "spec.training.earlyStopping.metric",
+        "exactMatch is not in evaluation.metrics",
+        ("spec", "exactMatch is not in evaluation.metrics"),
+    ),
+    "ftj maxReferenceDrop without reference sets": Refusal(
+        FTJ,
+        _changes(_drop("spec.evaluation.reference"), _set("spec.evaluation.maxReferenceDrop", "0.1")),
+        "spec.evaluation.maxReferenceDrop",
+        "needs at least one set in evaluation.reference to apply to",
+        ("spec.evaluation", "needs at least one set in evaluation.reference to apply to"),
+    ),
+    "ftj repeated reference set names": Refusal(
+        FTJ,
+        _set(
+            "spec.evaluation.reference",
+            [{"name": "general-text", "uri": "a.jsonl"}, {"name": "general-text", "uri": "b.jsonl"}],
+        ),
+        "spec.evaluation.reference",
+        "reference names must be unique (duplicate 'general-text')",
+        ("spec.evaluation.reference", "reference names must be unique"),
+        server_says="reference names must be unique",
+    ),
+    "ftj exactMatch on a text reference set": Refusal(
+        FTJ,
+        _set(
+            "spec.evaluation.reference", [{"name": "general-text", "uri": "a.jsonl", "metric": "exactMatch"}]
+        ),
+        "spec.evaluation.reference[0].metric",
+        "exactMatch needs responses to compare: format instruction or chat",
+        ("spec.evaluation.reference[*]", "exactMatch needs responses to compare: format instruction or chat"),
     ),
     # QuantizeJob
     "qj name too long": Refusal(
@@ -337,6 +484,47 @@ REFUSALS = {
         "prompts names must be unique; repeated: a, b",
         ("spec", "prompts names must be unique"),
         server_says="prompts names must be unique",
+    ),
+    "mdep repeated prompt part names": Refusal(
+        MD,
+        _set("spec.promptParts", [{"name": "role", "text": "a"}, {"name": "role", "text": "b"}]),
+        "spec",
+        f"{deployment.PROMPT_PARTS_UNIQUE}; repeated: role",
+        ("spec", deployment.PROMPT_PARTS_UNIQUE),
+        server_says=deployment.PROMPT_PARTS_UNIQUE,
+    ),
+    "mdep a prompt part named like a generated one": Refusal(
+        MD,
+        _set("spec.promptParts", [{"name": "safety-preamble", "text": "a"}]),
+        "spec.promptParts[0]",
+        f"{deployment.GENERATED_NAME_TAKEN} (got 'safety-preamble')",
+        ("spec.promptParts[*]", deployment.GENERATED_NAME_TAKEN),
+        server_says=deployment.GENERATED_NAME_TAKEN,
+    ),
+    "mdep a system part that is not defined": Refusal(
+        MD,
+        _set("spec.prompts", [{"name": "p", "systemParts": ["role"]}]),
+        "spec",
+        f"{deployment.SYSTEM_PARTS_RESOLVE}: prompts[0].systemParts[0] is 'role' "
+        "(known: format-instructions, safety-preamble)",
+        ("spec", deployment.SYSTEM_PARTS_RESOLVE),
+        server_says=deployment.SYSTEM_PARTS_RESOLVE,
+    ),
+    "mdep repeated principle names": Refusal(
+        MD,
+        _set(
+            "spec.prompts",
+            [
+                {
+                    "name": "p",
+                    "constitution": {"principles": [{"name": "a", "text": "x"}, {"name": "a", "text": "z"}]},
+                }
+            ],
+        ),
+        "spec.prompts[0].constitution",
+        f"{deployment.PRINCIPLES_UNIQUE}; repeated: a",
+        ("spec.prompts[*].constitution", deployment.PRINCIPLES_UNIQUE),
+        server_says=deployment.PRINCIPLES_UNIQUE,
     ),
     "mdep a version with two models": Refusal(
         MD,
@@ -447,6 +635,34 @@ REFUSALS = {
         "spec.serving.autoscaling",
         "minReplicas must not exceed maxReplicas",
         ("spec.serving.autoscaling", "minReplicas must not exceed maxReplicas"),
+    ),
+    "mdep scaleToZeroAfter without minReplicas 0": Refusal(
+        MD,
+        _set("spec.serving.autoscaling", {"minReplicas": 1, "scaleToZeroAfter": "10m"}),
+        "spec.serving.autoscaling",
+        "scaleToZeroAfter only applies with minReplicas 0",
+        ("spec.serving.autoscaling", "scaleToZeroAfter only applies with minReplicas 0"),
+    ),
+    "mdep a zero scaleToZeroAfter": Refusal(
+        MD,
+        _set("spec.serving.autoscaling", {"minReplicas": 0, "scaleToZeroAfter": "0s"}),
+        "spec.serving.autoscaling.scaleToZeroAfter",
+        f"'0s' {POSITIVE}",
+        ("spec.serving.autoscaling.scaleToZeroAfter", POSITIVE),
+    ),
+    "mdep a zero holdTimeout": Refusal(
+        MD,
+        _set("spec.serving.autoscaling", {"minReplicas": 0, "holdTimeout": "0s"}),
+        "spec.serving.autoscaling.holdTimeout",
+        f"'0s' {POSITIVE}",
+        ("spec.serving.autoscaling.holdTimeout", POSITIVE),
+    ),
+    "mdep a Redis password without a Redis": Refusal(
+        MD,
+        _set("spec.access", {"store": {"passwordSecretRef": {"name": "redis"}}}),
+        "spec.access.store",
+        deployment.PASSWORD_NEEDS_REDIS_URL,
+        ("spec.access.store", deployment.PASSWORD_NEEDS_REDIS_URL),
     ),
     "mdep default temperature above its limit": Refusal(
         MD,
@@ -594,6 +810,36 @@ REFUSALS = {
         "spec.versions[0].pricing.outputPerMillion",
         'must not be negative (got "-1")',
         ("spec.versions[*].pricing.outputPerMillion", "must not be negative"),
+    ),
+    "mdep a zero feedback maxAge": Refusal(
+        MD,
+        _set("spec.feedback", {"maxAge": "0s"}),
+        "spec.feedback.maxAge",
+        f"'0s' {POSITIVE}",
+        ("spec.feedback.maxAge", POSITIVE),
+    ),
+    "mdep a zero feedback window": Refusal(
+        MD,
+        _set("spec.feedback", {"window": "0m"}),
+        "spec.feedback.window",
+        f"'0m' {POSITIVE}",
+        ("spec.feedback.window", POSITIVE),
+    ),
+    "mdep repeated moderation categories": Refusal(
+        MD,
+        _moderation([{"name": "hate"}, {"name": "violence"}, {"name": "hate"}]),
+        "spec.guardrails.moderation",
+        "categories names must be unique; repeated: hate",
+        ("spec.guardrails.moderation", "categories names must be unique"),
+        server_says="categories names must be unique",
+    ),
+    "mdep a new moderation category without keywords or patterns": Refusal(
+        MD,
+        _moderation([{"name": "spam"}]),
+        "spec.guardrails.moderation.categories[0]",
+        f"{guardrails.UNSHIPPED_CATEGORY_NEEDS_LISTS}; 'spam' is not shipped",
+        ("spec.guardrails.moderation.categories[*]", guardrails.UNSHIPPED_CATEGORY_NEEDS_LISTS),
+        server_says=guardrails.UNSHIPPED_CATEGORY_NEEDS_LISTS,
     ),
 }
 

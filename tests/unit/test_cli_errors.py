@@ -230,12 +230,15 @@ SUBCOMMANDS = dict(subcommands(build_parser()))
 
 def test_every_command_is_walked() -> None:
     top = ("crds", "validate", "compile", "up", "gateway", "get", "delete", "operator", "dev")
-    assert set(SUBCOMMANDS) == {f"kubetune {name}" for name in (*top, "keys", "usage", "audit")} | {
+    groups = ("keys", "usage", "audit", "prompt", "feedback")
+    assert set(SUBCOMMANDS) == {f"kubetune {name}" for name in (*top, *groups)} | {
         "kubetune dev tiny-base",
+        "kubetune prompt render",
         "kubetune keys create",
         "kubetune keys list",
         "kubetune keys revoke",
         "kubetune audit verify",
+        "kubetune feedback export",
     }
 
 

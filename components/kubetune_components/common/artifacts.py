@@ -2,8 +2,8 @@
 
 Every publish step (fine-tune and quantize) exports into a staging directory of the workspace, writes
 `kubetune-manifest.json` (where the model came from: source, data, method, metrics, gates, file digests,
-library versions) next to the files, and moves the whole directory to
-`{spec.output.uri}/{namespace}/{name}/v{generation}/` in one step.
+library versions) and the model card generated from it (MODEL_CARD.md, model-card.json) next to the
+files, and moves the whole directory to `{spec.output.uri}/{namespace}/{name}/v{generation}/` in one step.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import Any
 from kubetune_components import __version__ as components_version
 from kubetune_components.common import storage
 from kubetune_components.common.errors import ComponentError, ConfigError
+from kubetune_components.common.model_card import write_model_card
 from kubetune_contract.common import ObjectMeta
-from kubetune_contract.workspace import WorkspaceLayout
+from kubetune_contract.workspace import MODEL_CARD_FILE, MODEL_CARD_JSON_FILE, WorkspaceLayout
 
 MANIFEST_FILE = "kubetune-manifest.json"
 MANIFEST_SCHEMA = "kubetune.dev/manifest/v1"
@@ -46,11 +47,15 @@ def resource_record(metadata: ObjectMeta) -> dict[str, Any]:
     }
 
 
+DERIVED_FILES = frozenset({MANIFEST_FILE, MODEL_CARD_FILE, MODEL_CARD_JSON_FILE})
+"""Files written from the manifest (and the manifest itself), which its digests therefore leave out."""
+
+
 def file_digests(root: Path) -> dict[str, str]:
     return {
         path.relative_to(root).as_posix(): storage.sha256_of(str(path))
         for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name != MANIFEST_FILE
+        if path.is_file() and path.name not in DERIVED_FILES
     }
 
 
@@ -105,7 +110,8 @@ def export_staging(workspace_dir: Path) -> Iterator[Path]:
 
 
 def publish_with_manifest(export_dir: Path, dest_uri: str, manifest: dict[str, Any]) -> None:
-    """Write the manifest into `export_dir` and publish the directory to `dest_uri` atomically.
+    """Write the manifest and the model card generated from it into `export_dir`, and publish the
+    directory to `dest_uri` atomically.
 
     Publishing the same thing again keeps the first `createdAt`, so the published content is identical.
     """
@@ -113,4 +119,5 @@ def publish_with_manifest(export_dir: Path, dest_uri: str, manifest: dict[str, A
     if existing is not None and _without_time(existing) == _without_time(manifest):
         manifest["createdAt"] = existing.get("createdAt")
     storage.atomic_write_json(export_dir / MANIFEST_FILE, manifest)
+    write_model_card(export_dir, manifest)
     storage.publish_dir_atomically(export_dir, dest_uri)

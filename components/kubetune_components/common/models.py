@@ -96,9 +96,12 @@ def load_tokenizer(uri: str, token: str | None = None) -> PreTrainedTokenizerBas
     return tokenizer
 
 
-def load_causal_lm(uri: str, token: str | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_causal_lm(
+    uri: str, token: str | None = None, dtype: torch.dtype = torch.float32, **loading: Any
+) -> PreTrainedModel:
+    """The model at `uri`; `loading` are further from_pretrained arguments (a quantization_config)."""
     location = _resolve(uri)
-    kwargs = _load_kwargs(location, token)
+    kwargs = {**_load_kwargs(location, token), **loading}
     try:
         model = AutoModelForCausalLM.from_pretrained(location.ref, dtype=dtype, **kwargs)
     except Exception as error:

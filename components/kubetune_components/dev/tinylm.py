@@ -87,6 +87,13 @@ RANDOM_SHAPE = TinyShape(
 BASE_SHAPE = TinyShape(
     hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384
 )
+SMALL_SHAPE = TinyShape(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192
+)
+TINY_SIZES: dict[str, TinyShape] = {"base": BASE_SHAPE, "small": SMALL_SHAPE}
+"""Sizes of the pretrained tiny Llama: base (the quickstart's) and small (under a third of its parameters,
+same tokenizer and corpus: a student to distil the base or a model tuned from it into)."""
+DEFAULT_SIZE = "base"
 BASE_RECIPE = PretrainingRecipe()
 
 Log = Callable[[str], None]
@@ -211,18 +218,21 @@ def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def base_recipe(seed: int = 0) -> dict[str, Any]:
+def base_recipe(seed: int = 0, size: str = DEFAULT_SIZE) -> dict[str, Any]:
     """Everything that determines the tiny base; its hash decides whether a build is reusable."""
-    return {
+    recipe: dict[str, Any] = {
         "version": RECIPE_VERSION,
         "seed": seed,
         "vocabSize": DEFAULT_VOCAB_SIZE,
         "specialTokens": list(SPECIAL_TOKENS),
         "chatTemplate": CHAT_TEMPLATE,
-        "shape": asdict(BASE_SHAPE),
+        "shape": asdict(TINY_SIZES[size]),
         "pretraining": asdict(BASE_RECIPE),
         "corpus": {path.name: _sha256_file(path) for path in corpus_paths()},
     }
+    if size != DEFAULT_SIZE:
+        recipe["size"] = size  # only then: the default build's recipe and hash stay as they were
+    return recipe
 
 
 def recipe_hash(recipe: dict[str, Any]) -> str:
@@ -296,16 +306,24 @@ def pretrain(
 
 
 def build_tiny_base(
-    out_dir: str | os.PathLike[str], *, seed: int = 0, force: bool = False, log: Log = _quiet
+    out_dir: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    force: bool = False,
+    log: Log = _quiet,
+    size: str = DEFAULT_SIZE,
 ) -> Path:
-    """Tokenizer + a pretrained tiny Llama in `out_dir`; reuses a complete build of the same recipe.
+    """Tokenizer + a pretrained tiny Llama of `size` (TINY_SIZES) in `out_dir`; reuses a complete build of
+    the same recipe. Every size has the same tokenizer and pretraining corpus.
 
     The build happens in a temporary sibling directory that is renamed into place at the end, so
     `out_dir` never holds a partial model. A directory that is not a tiny-model build is never
     replaced unless `force` is set.
     """
     target = Path(out_dir)
-    recipe = base_recipe(seed)
+    if size not in TINY_SIZES:
+        raise ConfigError(f"size {size!r} is not one of {', '.join(TINY_SIZES)}")
+    recipe = base_recipe(seed, size)
     expected_hash = recipe_hash(recipe)
     if not force and is_complete_build(target, expected_hash):
         log(f"{target} already holds the tiny base (recipe {expected_hash[:12]}); nothing to do")
@@ -320,7 +338,7 @@ def build_tiny_base(
         tokenizer = build_tiny_tokenizer(DEFAULT_VOCAB_SIZE)
         eos_id = int(tokenizer.eos_token_id)
         documents = [[*tokenizer(text)["input_ids"], eos_id] for text in corpus_documents()]
-        model = _new_model(tokenizer, BASE_SHAPE, seed)
+        model = _new_model(tokenizer, TINY_SIZES[size], seed)
         parameters = parameter_count(model)
         log(f"pretraining a {parameters:,}-parameter Llama on {sum(map(len, documents)):,} corpus tokens")
         with torch.random.fork_rng(devices=[]):
@@ -365,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="directory to write the model to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build exists")
+    parser.add_argument("--size", choices=sorted(TINY_SIZES), default=DEFAULT_SIZE, help="model size")
     parser.add_argument("--random", action="store_true", help="write an untrained tiny model instead (tests)")
     args = parser.parse_args(argv)
     transformers.utils.logging.disable_progress_bar()
@@ -373,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             build_random_tiny(args.out, seed=args.seed)
             print(f"wrote an untrained tiny Llama to {args.out}")
         else:
-            build_tiny_base(args.out, seed=args.seed, force=args.force, log=print)
+            build_tiny_base(args.out, seed=args.seed, force=args.force, log=print, size=args.size)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

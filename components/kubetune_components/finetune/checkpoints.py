@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,8 +80,10 @@ def save_checkpoint(
     fingerprint: str,
     keep: int,
     extra: Mapping[str, Any] | None = None,
+    protected_steps: Collection[int] = frozenset(),
 ) -> Path:
-    """Write `checkpoints/step-N` via a temporary directory and a rename; drop the oldest beyond `keep`."""
+    """Write `checkpoints/step-N` via a temporary directory and a rename; drop the oldest beyond `keep`,
+    except those of `protected_steps` (the best checkpoint, which output.select best publishes)."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     final_path = checkpoint_dir / f"{CHECKPOINT_PREFIX}{position.step}"
     staging = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=checkpoint_dir))
@@ -115,8 +117,19 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     for stale in list_checkpoints(checkpoint_dir)[:-keep]:
-        shutil.rmtree(stale.path, ignore_errors=True)
+        if stale.step not in protected_steps:
+            shutil.rmtree(stale.path, ignore_errors=True)
     return final_path
+
+
+def load_trainable_weights(checkpoint: Checkpoint, parameters: Mapping[str, torch.nn.Parameter]) -> None:
+    """Copy the checkpoint's trainable weights into `parameters` (the same names, or ValueError)."""
+    weights = load_safetensors(str(checkpoint.path / "trainable.safetensors"))
+    if set(weights) != set(parameters):
+        raise ValueError("the checkpoint holds different trainable parameters")
+    with torch.no_grad():
+        for name, param in parameters.items():
+            param.copy_(weights[name].to(param.device, param.dtype))
 
 
 def load_checkpoint(
@@ -126,12 +139,7 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
 ) -> TrainingPosition:
-    weights = load_safetensors(str(checkpoint.path / "trainable.safetensors"))
-    if set(weights) != set(parameters):
-        raise ValueError("the checkpoint holds different trainable parameters")
-    with torch.no_grad():
-        for name, param in parameters.items():
-            param.copy_(weights[name].to(param.device, param.dtype))
+    load_trainable_weights(checkpoint, parameters)
     optimizer.load_state_dict(torch.load(checkpoint.path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint.path / "scheduler.pt", weights_only=True))
     rng = torch.load(checkpoint.path / "rng.pt", weights_only=True)

@@ -12,6 +12,11 @@ With exactMatch, the baseline evaluation also scores two trivial predictors on t
 learned from the training split only: always answering the most common training response
 (majorityClass) and answering with the response of the most similar training prompt, by cosine of
 word counts (nearestNeighbour). A tuned model is only interesting where it beats them.
+
+Each reference set of `evaluation.reference` (what the base model could already do) is scored on both
+models too, under `reference` in the report: perplexity or exactMatch on its first `maxSamples`
+examples. What tuning lost on it (reference_drop) is worked out from both reports by the publish step's
+gate and by the operator's status, since the two evaluations may run in either order.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from kubetune_components.common.errors import ConfigError, DatasetError
 from kubetune_components.common.jobs import parse_finetune_spec
 from kubetune_components.common.models import pick_device
 from kubetune_components.common.progress import ProgressReporter
+from kubetune_components.finetune.fairness import FAIRNESS_KEY, measure_fairness
+from kubetune_components.finetune.forgetting import REFERENCE_KEY
 from kubetune_components.finetune.loop import Feature, autocast_context, collate, token_loss_sum
 from kubetune_components.finetune.train import load_trained_model, tokenize_examples
 from kubetune_contract.finetune import DatasetFormat, Evaluation, FineTuneJobSpec
@@ -323,6 +330,56 @@ def evaluate_model(
     return result, predictions
 
 
+def evaluate_reference_sets(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    settings: Evaluation,
+    *,
+    max_seq_length: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> dict[str, dict[str, Any]]:
+    """Each reference set's score ({metric, value, samples}, by name) on its first `maxSamples` examples:
+    the perplexity of its text (or responses), or the exactMatch of greedy responses."""
+    scores: dict[str, dict[str, Any]] = {}
+    for index, reference in enumerate(settings.reference):
+        field = f"evaluation.reference[{index}]"
+        try:
+            examples = data.load_examples(reference.uri, reference.format)[: settings.max_samples]
+        except DatasetError as error:
+            raise DatasetError(f"{field}.uri: {error.message}") from None
+        if not examples:
+            raise DatasetError(f"{field}.uri: {reference.uri} holds no example")
+        if reference.metric == "perplexity":
+            features = tokenize_examples(examples, reference.format, tokenizer, max_seq_length)
+            if not features:
+                raise DatasetError(f"{field}: no example has a token to score within training.maxSeqLength")
+            loss, _ = mean_token_loss(
+                model,
+                features,
+                pad_token_id=int(tokenizer.pad_token_id),
+                batch_size=batch_size,
+                device=device,
+                precision=precision,
+            )
+            value = math.exp(min(loss, MAX_PERPLEXITY_EXPONENT))
+        else:
+            value, _ = exact_match(
+                model,
+                tokenizer,
+                examples,
+                reference.format,
+                max_new_tokens=settings.max_new_tokens,
+                max_samples=settings.max_samples,
+                batch_size=batch_size,
+                device=device,
+                precision=precision,
+            )
+        scores[reference.name] = {"metric": reference.metric, "value": value, "samples": len(examples)}
+    return scores
+
+
 def read_validation_examples(workspace_dir: Path, fmt: str) -> list[dict[str, Any]]:
     path = workspace_dir / WorkspaceLayout.VALIDATION_SPLIT
     if not path.is_file():
@@ -377,10 +434,9 @@ def run_evaluation(
     device = pick_device()
     precision = inference_precision(training.precision, device)
     examples = read_validation_examples(workspace_dir, fmt)
-    if not settings.metrics:
-        result: dict[str, Any] = {"samples": len(examples)}
-        predictions: list[dict[str, Any]] = []
-    else:
+    result: dict[str, Any] = {"samples": len(examples)}
+    predictions: list[dict[str, Any]] = []
+    if settings.metrics or settings.reference or settings.fairness is not None:
         torch.manual_seed(training.seed)
         if which == "baseline":
             tokenizer = models.load_tokenizer(base_uri)
@@ -390,6 +446,7 @@ def run_evaluation(
             model = load_trained_model(trained_dir, base_uri)
             tokenizer = models.load_tokenizer(str(trained_dir))
         model.to(device)
+    if settings.metrics:
         result, predictions = evaluate_model(
             model,
             tokenizer,
@@ -406,6 +463,28 @@ def run_evaluation(
             result.update(
                 workspace_reference_baselines(workspace_dir, examples, fmt, tokenizer, settings.max_samples)
             )
+    if settings.reference:
+        result[REFERENCE_KEY] = evaluate_reference_sets(
+            model,
+            tokenizer,
+            settings,
+            max_seq_length=training.max_seq_length,
+            batch_size=training.batch_size,
+            device=device,
+            precision=precision,
+        )
+    if settings.fairness is not None:
+        result[FAIRNESS_KEY] = measure_fairness(
+            model,
+            tokenizer,
+            examples,
+            fmt,
+            settings.fairness,
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=training.batch_size,
+            device=device,
+            precision=precision,
+        )
     storage.atomic_write_json(workspace_dir / WorkspaceLayout.evaluation(which), result)
     lines = "".join(
         json.dumps(record, ensure_ascii=False) + "\n" for record in predictions[:PREDICTIONS_KEPT]

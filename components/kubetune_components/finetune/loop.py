@@ -2,7 +2,9 @@
 the forward and backward passes.
 
 - examples are tokenized once; each epoch shuffles them with a seeded generator and groups similar
-  lengths into micro-batches (little padding), then shuffles the micro-batch order;
+  lengths into micro-batches (little padding), then shuffles the micro-batch order; with
+  training.packing the "examples" are packed sequences (data.pack_features) whose position ids keep
+  each example's attention to itself;
 - the loss is the sum of token losses over the response tokens divided by the number of response
   tokens in the whole optimizer step, so gradient accumulation gives the same gradient as one big batch;
 - a resumable checkpoint (see checkpoints.py) is written every `checkpointEverySteps` optimizer steps
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ from kubetune_components import data
 from kubetune_components.common.errors import ConfigError, DatasetError
 from kubetune_components.common.progress import ProgressReporter
 from kubetune_components.data import IGNORE_INDEX
+from kubetune_components.finetune import distributed
 from kubetune_components.finetune.checkpoints import (
     TrainingPosition,
     list_checkpoints,
@@ -36,6 +39,7 @@ from kubetune_components.finetune.checkpoints import (
     remove_stale_staging,
     save_checkpoint,
 )
+from kubetune_components.finetune.distributed import SINGLE, Ranks
 from kubetune_components.finetune.methods import trainable_parameters
 from kubetune_components.finetune.signals import StopRequest, TrainingInterrupted
 from kubetune_contract.common import as_float
@@ -44,7 +48,22 @@ from kubetune_contract.finetune import Scheduler, Training
 Feature = dict[str, list[int]]
 Batch = dict[str, torch.Tensor]
 StepHook = Callable[[int], bool]
+TokenLoss = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+"""(model, batch) -> (sum of the token losses over the labelled positions, how many there are)."""
 """Called after every optimizer step with the step number; returning True stops training like SIGTERM."""
+
+
+class StepEvaluator(Protocol):
+    """The periodic evaluations of training.evalEverySteps (finetune/periodic.py), as the loop uses them."""
+
+    every_steps: int
+
+    def restore(self, state: Mapping[str, Any] | None, step: int) -> None: ...
+    def evaluate(self, model: torch.nn.Module, step: int, train_loss: float | None) -> None: ...
+    def should_stop(self) -> bool: ...
+    def protected_steps(self) -> set[int]: ...
+    def checkpoint_state(self) -> dict[str, Any]: ...
+
 
 SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 """The API's scheduler types -> transformers' `get_scheduler` names."""
@@ -91,14 +110,48 @@ def plan_micro_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch
 
 def collate(features: Sequence[Feature], pad_token_id: int, device: torch.device) -> Batch:
     batch = data.pad_batch(list(features), pad_token_id)
-    return {
-        key: batch[key].to(device, non_blocking=True) for key in ("input_ids", "attention_mask", "labels")
-    }
+    return {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}
+
+
+def model_inputs(batch: Batch) -> dict[str, Any]:
+    """The forward pass's inputs: packed sequences (training.packing) give position ids and no attention
+    mask, from which transformers keeps attention inside each example; that needs no cache either."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def check_packing_isolates_examples(model: torch.nn.Module, token_ids: Sequence[int]) -> None:
+    """Refuse training.packing for a model that attends across packed examples (one that does not derive
+    its attention mask from the position ids): the second of two packed examples must see what it sees
+    alone."""
+    first, second = list(token_ids[:6]), list(token_ids[:5])
+    device = next(model.parameters()).device
+    packed_ids = torch.tensor([first + second], device=device)
+    positions = torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device)
+    was_training = model.training
+    model.train(False)
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits
+            alone = model(input_ids=torch.tensor([second], device=device), use_cache=False).logits
+    finally:
+        model.train(was_training)
+    packed_second = packed[0, len(first) :].float()
+    alone_second = alone[0, -len(second) :].float()
+    tolerance = 1e-2 * max(1.0, float(alone_second.abs().max()))
+    if float((packed_second - alone_second).abs().max()) > tolerance:
+        config = getattr(model, "config", None)
+        name = getattr(config, "model_type", None) or type(model).__name__
+        raise ConfigError(
+            f"training.packing: the {name} model attends across packed examples (its attention does not "
+            "follow the position ids); train it without packing"
+        )
 
 
 def token_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of the next-token losses over the labelled positions, and how many there are."""
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    outputs = model(**model_inputs(batch))
     logits = outputs.logits
     labels = batch["labels"]
     if logits.shape[1] != labels.shape[1]:
@@ -117,20 +170,33 @@ def accumulate_gradients(
     target_tokens: int,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    gradient_factor: float = 1.0,
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    loss_fn: TokenLoss = token_loss_sum,
 ) -> torch.Tensor:
     """Backward over every micro-batch of one optimizer step; returns the step's mean token loss.
 
     Every micro-batch's loss sum is divided by the target tokens of the whole step, so accumulating
-    k micro-batches gives the same gradient as one batch holding all of them.
+    k micro-batches gives the same gradient as one batch holding all of them. Across processes,
+    `target_tokens` counts the whole step's and `gradient_factor` is the world size, which undoes
+    DDP's averaging of the gradients (0: this process has no micro-batch of the step and runs one only
+    to take part in the gradient exchange); `no_sync` (DDP's) defers the exchange to the last micro-batch.
+    `loss_fn` computes a micro-batch's token loss sum (distillation's adds the teacher's distributions).
     """
     denominator = max(1, target_tokens)
     total = torch.zeros((), dtype=torch.float32)
-    for batch in micro_batches:
-        with autocast():
-            loss_sum, _ = token_loss_sum(model, batch)
-        loss = loss_sum / denominator
-        torch.autograd.backward(scale(loss) if scale is not None else loss)
-        total += loss.detach().float().cpu()
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        deferred = no_sync() if no_sync is not None and not last else contextlib.nullcontext()
+        with deferred:
+            with autocast():
+                loss_sum, _ = loss_fn(model, batch)
+            loss = loss_sum / denominator
+            weighted = loss * gradient_factor if gradient_factor != 1.0 else loss
+            torch.autograd.backward(scale(weighted) if scale is not None else weighted)
+        if gradient_factor != 0.0:
+            total += loss.detach().float().cpu()
     return total
 
 
@@ -176,15 +242,16 @@ def build_scheduler(
     return scheduler
 
 
-def steps_per_epoch(example_count: int, settings: Training) -> int:
+def steps_per_epoch(example_count: int, settings: Training, processes: int = 1) -> int:
+    """Optimizer steps per epoch; `processes` training processes share each step's micro-batches."""
     micro_batches = math.ceil(example_count / settings.batch_size)
-    return math.ceil(micro_batches / settings.gradient_accumulation_steps)
+    return math.ceil(micro_batches / (settings.gradient_accumulation_steps * processes))
 
 
-def total_step_count(example_count: int, settings: Training) -> int:
+def total_step_count(example_count: int, settings: Training, processes: int = 1) -> int:
     if settings.max_steps is not None:
         return settings.max_steps
-    return (settings.epochs or 1) * steps_per_epoch(example_count, settings)
+    return (settings.epochs or 1) * steps_per_epoch(example_count, settings, processes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,6 +268,7 @@ class TrainResult:
     train_seconds: float
     resumed_from_step: int | None
     losses: list[float] = field(default_factory=list)
+    early_stopped_at_step: int | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -216,6 +284,7 @@ class TrainResult:
             "trainSeconds": round(self.train_seconds, 3),
             "tokensPerSecond": round(self.tokens_per_second, 1),
             "resumedFromStep": self.resumed_from_step,
+            "earlyStoppedAtStep": self.early_stopped_at_step,
         }
 
 
@@ -232,11 +301,21 @@ def train(
     stop: StopRequest | None = None,
     device: torch.device | None = None,
     record_losses: bool = False,
+    ranks: Ranks = SINGLE,
+    evaluator: StepEvaluator | None = None,
+    loss_fn: TokenLoss = token_loss_sum,
 ) -> TrainResult:
     """Train `model` in place on tokenized `features`, resuming from a checkpoint in `checkpoint_dir`.
 
     Raises TrainingInterrupted (after writing a checkpoint) when `stop` is requested or `on_step`
-    returns True.
+    returns True. With several `ranks` (torch.distributed initialised by the caller) every process
+    calls this with the same features and settings: each trains on its share of every step's
+    micro-batches, and only rank 0 reports progress and writes checkpoints.
+
+    With an `evaluator`, the model is evaluated every `evaluator.every_steps` steps and at the last one,
+    a checkpoint is saved with each evaluation (pruning keeps the evaluator's protected ones), and
+    training ends early when the evaluator says so. `loss_fn` is the token loss (the labels'
+    cross-entropy unless the method brings its own, as distillation does).
     """
     if not features:
         raise DatasetError("no training examples left after tokenization")
@@ -245,18 +324,25 @@ def train(
     stop = stop or StopRequest()
     parameters = trainable_parameters(model)
     optimizer = build_optimizer(parameters, settings)
-    total_steps = total_step_count(len(features), settings)
+    world = ranks.world_size
+    total_steps = total_step_count(len(features), settings, world)
     scheduler = build_scheduler(optimizer, settings, total_steps)
     scaler = torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None
-    gas = settings.gradient_accumulation_steps
+    step_micro_batches = settings.gradient_accumulation_steps * world
+    forward_model = distributed.wrap_model(model, device) if ranks.distributed else model
+    no_sync = getattr(forward_model, "no_sync", None) if ranks.distributed else None
+    if not ranks.is_main:
+        progress = None
     lengths = [len(feature["input_ids"]) for feature in features]
     targets = [target_token_count(feature) for feature in features]
     real_tokens = [sum(1 for mask in feature["attention_mask"] if mask) for feature in features]
 
     position = TrainingPosition()
     resumed_from: int | None = None
+    resumed_state: Mapping[str, Any] | None = None
     if checkpoint_dir is not None:
-        remove_stale_staging(checkpoint_dir)
+        if ranks.is_main:
+            remove_stale_staging(checkpoint_dir)
         for checkpoint in reversed(list_checkpoints(checkpoint_dir)):
             if checkpoint.state.get("fingerprint") != fingerprint:
                 continue
@@ -265,9 +351,13 @@ def train(
             except (OSError, ValueError, RuntimeError, KeyError):
                 continue
             resumed_from = position.step
+            resumed_state = checkpoint.state
             break
+    distributed.barrier()  # every rank has read its checkpoint before rank 0 may write the next
     if progress is not None:
         progress.training_started(resumed_from)
+    if evaluator is not None:
+        evaluator.restore(resumed_state, position.step)
 
     def autocast() -> contextlib.AbstractContextManager[Any]:
         return autocast_context(settings.precision, device)
@@ -307,22 +397,39 @@ def train(
             extra={
                 "totalSteps": total_steps,
                 "trainLoss": float(last_loss) if last_loss is not None else None,
+                **(evaluator.checkpoint_state() if evaluator is not None else {}),
             },
+            protected_steps=evaluator.protected_steps() if evaluator is not None else frozenset(),
         )
         if progress is not None:
             progress.checkpoint_saved(position.step)
         return saved
 
     report(force=True)
-    while position.step < total_steps:
+    early_stopped_at: int | None = None
+    if evaluator is not None and resumed_from is not None and evaluator.should_stop():
+        early_stopped_at = resumed_from  # stopped early, then interrupted before the weights were saved
+    while position.step < total_steps and early_stopped_at is None:
         plan = plan_micro_batches(lengths, settings.batch_size, settings.seed, position.epoch)
         while position.micro_batch < len(plan) and position.step < total_steps:
-            window = plan[position.micro_batch : position.micro_batch + gas]
+            window = plan[position.micro_batch : position.micro_batch + step_micro_batches]
+            own = window[ranks.rank :: world]
             micro_batches = [
-                collate([features[index] for index in indices], pad_token_id, device) for indices in window
+                collate([features[index] for index in indices], pad_token_id, device)
+                for indices in own or window[:1]
             ]
             step_targets = sum(targets[index] for indices in window for index in indices)
-            loss = accumulate_gradients(model, micro_batches, step_targets, autocast, scale)
+            loss = accumulate_gradients(
+                forward_model,
+                micro_batches,
+                step_targets,
+                autocast,
+                scale,
+                gradient_factor=float(world) if own else 0.0,
+                no_sync=no_sync,
+                loss_fn=loss_fn,
+            )
+            loss = distributed.sum_across(loss)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if max_grad_norm > 0:
@@ -350,14 +457,24 @@ def train(
 
             if on_step is not None and on_step(position.step):
                 stop.request("step hook")
+            if ranks.distributed and distributed.any_process(stop.requested) and not stop.requested:
+                stop.request("another training process stopped")
+            evaluated = evaluator is not None and (
+                position.step % evaluator.every_steps == 0 or position.step == total_steps
+            )
+            if evaluator is not None and evaluated:
+                evaluator.evaluate(model, position.step, float(last_loss))
+                model.train()
+                if evaluator.should_stop():
+                    early_stopped_at = position.step
             checkpoint_path: Path | None = None
-            due = position.step % settings.checkpoint_every_steps == 0
-            if checkpoint_dir is not None and (due or stop.requested):
+            due = position.step % settings.checkpoint_every_steps == 0 or evaluated
+            if checkpoint_dir is not None and ranks.is_main and (due or stop.requested):
                 checkpoint_path = checkpoint_now()
             if stop.requested:
                 report(force=True)
                 raise TrainingInterrupted(position.step, checkpoint_path, stop.reason)
-            if epoch_finished:
+            if epoch_finished or early_stopped_at is not None:
                 break  # the next epoch has its own shuffle
     elapsed = time.perf_counter() - started
     report(force=True)
@@ -370,4 +487,5 @@ def train(
         train_seconds=elapsed,
         resumed_from_step=resumed_from,
         losses=losses,
+        early_stopped_at_step=early_stopped_at,
     )

@@ -93,6 +93,8 @@ def _options_of(method: Method, expected: type[Options]) -> Options:
 
 def apply_method(model: torch.nn.Module, method: Method, tokenizer: Any) -> torch.nn.Module:
     """Wrap `model` for the method: a PEFT model, or the model itself with the right parameters trainable."""
+    if method.type == "distillation":
+        return _train_all_weights(model, FullOptions())  # the student learns with all of its weights
     if not method.is_peft:
         return _train_all_weights(model, _options_of(method, FullOptions))
     from peft import get_peft_model

@@ -29,6 +29,8 @@ from kubetune_components.common.errors import ComponentError
 from kubetune_components.common.gates import check_gates, evaluate_gates
 from kubetune_components.common.jobs import parse_finetune_job
 from kubetune_components.common.progress import ProgressReporter, utc_now_iso
+from kubetune_components.finetune.fairness import FLIP_RATE_GATE, fairness_gates
+from kubetune_components.finetune.forgetting import describe_reference_failure, reference_gates
 from kubetune_components.finetune.train import TRAINING_RECORD, load_trained_model, read_training_record
 from kubetune_contract.common import GateOp
 from kubetune_contract.finetune import FineTuneJob, Gate
@@ -73,6 +75,13 @@ def evaluate_finetune_gates(
 
 
 def describe_failure(result: Mapping[str, Any]) -> str:
+    if (reference := describe_reference_failure(result)) is not None:
+        return reference
+    if result["metric"] == FLIP_RATE_GATE and result["value"] is None:
+        return (
+            f"{FLIP_RATE_GATE} was not measured: no held-out prompt holds a term of "
+            "evaluation.fairness.termPairs"
+        )
     metric, op, threshold, value = result["metric"], result["op"], result["threshold"], result["value"]
     if value is None:
         return f"{metric} was not computed (add it to evaluation.metrics and make sure both evaluations ran)"
@@ -117,6 +126,19 @@ def export_trained(trained_dir: Path, base_model_uri: str, export_dir: Path, fmt
 # Manifest.
 
 
+def selected_checkpoint(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Which weights were published: the step, how it was chosen, its validation metrics, and where
+    early stopping ended training (the training record's)."""
+    record = record or {}
+    return {
+        "select": record.get("select", "last"),
+        "selectMetric": record.get("selectMetric"),
+        "step": record.get("selectedStep", record.get("steps")),
+        "metrics": record.get("selectedMetrics"),
+        "earlyStoppedAtStep": record.get("earlyStoppedAtStep"),
+    }
+
+
 def build_manifest(
     job: FineTuneJob,
     workspace_dir: Path,
@@ -146,6 +168,13 @@ def build_manifest(
     if dataset.validation_uri:
         dataset_record["validationUri"] = dataset.validation_uri
         dataset_record["validationSha256"] = storage.sha256_of(dataset.validation_uri)
+    if (replay := spec.training.replay) is not None:
+        dataset_record["replay"] = {"uri": replay.uri, "sha256": storage.sha256_of(replay.uri)}
+    if spec.evaluation.reference:
+        dataset_record["reference"] = [
+            {"name": ref.name, "uri": ref.uri, "sha256": storage.sha256_of(ref.uri)}
+            for ref in spec.evaluation.reference
+        ]
     return {
         "schema": MANIFEST_SCHEMA,
         "kind": job.kind,
@@ -156,6 +185,8 @@ def build_manifest(
         "hyperparameters": spec.training.to_wire(),
         "metrics": {"baseline": baseline, "final": final},
         "gates": gates,
+        "checkpoint": selected_checkpoint(read_training_record(workspace_dir / WorkspaceLayout.TRAINED)),
+        "modelCard": spec.model_card.to_wire(),
         "artifact": dict(artifact),
         "libraries": library_versions(),
         "createdAt": utc_now_iso(),
@@ -182,6 +213,8 @@ def run_publish(
     baseline = read_json(workspace_dir / WorkspaceLayout.BASELINE_EVALUATION)
     final = read_json(workspace_dir / WorkspaceLayout.FINAL_EVALUATION)
     gates = evaluate_finetune_gates(spec.evaluation.gates, baseline or {}, final or {})
+    gates += reference_gates(spec.evaluation, baseline, final)
+    gates += fairness_gates(spec.evaluation, final)
     storage.atomic_write_json(workspace_dir / WorkspaceLayout.GATES, gates)
     check_gates(gates, describe_failure)
 

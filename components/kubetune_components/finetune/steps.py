@@ -10,6 +10,7 @@ kubetune_contract.workspace.WorkspaceLayout):
     data/curation.json                  what curation dropped   (curate)
     evaluation/baseline.json, final.json                        (evaluate)
     checkpoints/step-N/, trained/                               (finetune)
+    evaluation/checkpoints.json   periodic evaluations, the one selected (finetune)
     gates.json, output.json                                     (publish)
     error.json                          {step, reason, message} when a step fails
 
@@ -29,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,12 +42,15 @@ from kubetune_components.common import models, storage
 from kubetune_components.common.errors import ComponentError, ConfigError
 from kubetune_components.common.jobs import parse_finetune_job
 from kubetune_components.common.progress import ProgressReporter
+from kubetune_components.finetune import distributed, trainjob
+from kubetune_components.finetune.checkpoints import list_checkpoints
 from kubetune_components.finetune.evaluate import run_evaluation
 from kubetune_components.finetune.loop import StepHook
 from kubetune_components.finetune.publish import run_publish
-from kubetune_components.finetune.signals import TrainingInterrupted
-from kubetune_components.finetune.train import run_finetune
+from kubetune_components.finetune.signals import StopRequest, TrainingInterrupted, stop_on_sigterm
+from kubetune_components.finetune.train import configuration_fingerprint, read_training_record, run_finetune
 from kubetune_contract.common import as_float
+from kubetune_contract.finetune import Distributed, FineTuneJobSpec
 from kubetune_contract.workspace import WORKSPACE_REPORT_OUTPUT, WorkspaceLayout, WorkspaceReport
 
 EXIT_INTERRUPTED = 143
@@ -65,7 +70,7 @@ def write_jsonl(path: Path, examples: Sequence[Mapping[str, Any]]) -> None:
 
 
 def curate(config: dict[str, Any], workspace: str) -> dict[str, Any]:
-    """Load the dataset, dedupe and filter it, split off validation; writes data/*."""
+    """Load the dataset, screen it for PII, dedupe and filter it, split off validation; writes data/*."""
     spec = parse_finetune_job(config).spec
     root = workspace_dir(workspace)
     ProgressReporter(root).set_phase("curating")
@@ -77,11 +82,13 @@ def curate(config: dict[str, Any], workspace: str) -> dict[str, Any]:
             examples, tokenizer, dataset, validation_split, max_seq_length=spec.training.max_seq_length
         )
 
-    examples = data.load_examples(dataset.uri, dataset.format)
+    screened = data.load_screened_examples(dataset.uri, dataset)
+    examples = screened.examples
     report: dict[str, Any]
     if dataset.validation_uri:
         result = curated(examples, 0.0)
-        held_out = curated(data.load_examples(dataset.validation_uri, dataset.format), 0.0)
+        held_out_screened = data.load_screened_examples(dataset.validation_uri, dataset)
+        held_out = curated(held_out_screened.examples, 0.0)
         validation = held_out.train
         # An example in both files would be graded on what it was trained on: keep it out of training.
         held_out_keys = {data.dedupe_key(example) for example in validation}
@@ -91,12 +98,13 @@ def curate(config: dict[str, Any], workspace: str) -> dict[str, Any]:
             "train": len(train),
             "validation": len(validation),
             "alsoInValidation": len(result.train) - len(train),
-            "validationFile": held_out.report,
+            "validationFile": {**held_out.report, "pii": held_out_screened.report},
         }
     else:
         result = curated(examples, as_float(dataset.validation_split))
         train, validation = result.train, result.validation
         report = dict(result.report)
+    report["pii"] = screened.report
     write_jsonl(root / WorkspaceLayout.TRAIN_SPLIT, train)
     write_jsonl(root / WorkspaceLayout.VALIDATION_SPLIT, validation)
     storage.atomic_write_json(root / WorkspaceLayout.CURATION, report)
@@ -114,13 +122,107 @@ def evaluate(config: dict[str, Any], workspace: str, which: str = "final") -> di
     )
 
 
-def finetune(config: dict[str, Any], workspace: str, on_step: StepHook | None = None) -> dict[str, Any]:
-    """Train (resuming from the newest checkpoint of the same configuration); writes trained/."""
+def finetune(
+    config: dict[str, Any],
+    workspace: str,
+    on_step: StepHook | None = None,
+    launcher: str = "local",
+    image: str | None = None,
+) -> dict[str, Any]:
+    """Train (resuming from the newest checkpoint of the same configuration); writes trained/.
+
+    With training.distributed, the `launcher` starts the training processes: ``local`` runs this step
+    again under torchrun on this machine (see distributed.py), ``trainjob`` (on a cluster) runs it on
+    `image` in a Kubeflow Trainer TrainJob and follows that (see trainjob.py); either way the step
+    reports what rank 0 wrote.
+    """
     spec = parse_finetune_job(config).spec
     root = workspace_dir(workspace)
+    ranks = distributed.ranks_from_environment()
     progress = ProgressReporter(root)
-    progress.set_phase("training")
+    if ranks.is_main:
+        progress.set_phase("training")
+    wanted = spec.training.distributed
+    if wanted is not None and not ranks.distributed and not is_trained(spec, root):
+        if launcher == "trainjob":
+            if not image:
+                raise ConfigError("finetune --launcher trainjob needs --image (the image of the TrainJob)")
+            return finetune_on_trainer(config, workspace, root, image)
+        if distributed.needs_launch(wanted):
+            return finetune_in_processes(config, root, wanted)
     return run_finetune(spec, root, progress=progress, on_step=on_step)
+
+
+def is_trained(spec: FineTuneJobSpec, root: Path) -> bool:
+    """Whether trained/ holds this configuration's model already (then the step only reports it)."""
+    train_file = root / WorkspaceLayout.TRAIN_SPLIT
+    record = read_training_record(root / WorkspaceLayout.TRAINED)
+    return (
+        record is not None
+        and train_file.is_file()
+        and record.get("fingerprint") == configuration_fingerprint(spec, train_file)
+    )
+
+
+def finetune_on_trainer(config: dict[str, Any], workspace: str, root: Path, image: str) -> dict[str, Any]:
+    """Create the run's TrainJob (or take the one an earlier attempt created) and follow it to its end."""
+    namespace = trainjob.own_namespace()
+    api = trainjob.in_cluster_api()
+    manifest = trainjob.render_trainjob(config, workspace, image=image, namespace=namespace)
+    name = trainjob.submit(api, manifest)
+    print(f"training in TrainJob {namespace}/{name}", flush=True)
+    stop = StopRequest()
+    with stop_on_sigterm(stop):
+        trainjob.follow(api, namespace, name, stop=stop)
+    record = read_training_record(root / WorkspaceLayout.TRAINED)
+    if record is None:
+        raise ComponentError(
+            f"TrainJob {namespace}/{name} completed but {root / WorkspaceLayout.TRAINED} holds no model",
+            "TrainJobFailed",
+        )
+    return {**record, "trainJob": name}
+
+
+def finetune_in_processes(config: dict[str, Any], root: Path, settings: Distributed) -> dict[str, Any]:
+    """Run the finetune step under torchrun in `settings.world_size` processes; their rank 0's summary.
+
+    A failing process's error.json is the step's error; a stop (SIGTERM, passed on to the processes by
+    torchrun) ends as TrainingInterrupted at the checkpoint rank 0 saved.
+    """
+    distributed.check_strategy_supported(settings)
+    command = distributed.torchrun_command(
+        settings,
+        ["-m", __name__, "finetune", "--config-json", json.dumps(config), "--workspace", str(root)],
+    )
+    with contextlib.suppress(FileNotFoundError):
+        (root / WorkspaceLayout.ERROR).unlink()
+    stop = StopRequest()
+    with stop_on_sigterm(stop):
+        # Output is the processes' own: torchrun prefixes nothing unless asked, so the log reads as one.
+        completed = subprocess.run(command, check=False)
+    if completed.returncode == 0:
+        record = read_training_record(root / WorkspaceLayout.TRAINED)
+        if record is None:
+            raise ComponentError(f"torchrun exited 0 but {root / WorkspaceLayout.TRAINED} holds no model")
+        return record
+    try:
+        error = json.loads((root / WorkspaceLayout.ERROR).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        error = None
+    if isinstance(error, dict) and error.get("message"):
+        raise ComponentError(str(error["message"]), str(error.get("reason") or "") or None)
+    if stop.requested or completed.returncode in (EXIT_INTERRUPTED, -15):
+        checkpoints = list_checkpoints(root / WorkspaceLayout.CHECKPOINTS)
+        newest = checkpoints[-1] if checkpoints else None
+        raise TrainingInterrupted(
+            newest.step if newest is not None else 0,
+            newest.path if newest is not None else None,
+            stop.reason or "a training process stopped",
+        )
+    raise ComponentError(
+        f"the training processes failed (torchrun exited {completed.returncode}); see the step's log",
+        "TrainingProcessFailed",
+    )
 
 
 def publish(config: dict[str, Any], workspace: str) -> dict[str, Any]:
@@ -272,12 +374,19 @@ def publish_workspace_report(workspace: str, workspace_report_file: str | None) 
 
 
 def evaluation_metrics(which: str, report: Mapping[str, Any]) -> dict[str, float]:
-    """Every number of an evaluation report, named as the Kubeflow UI shows it: baseline.evalLoss, ..."""
-    return {
+    """Every number of an evaluation report, named as the Kubeflow UI shows it: baseline.evalLoss, ...,
+    and each reference set's score: baseline.reference.<name>.<metric>."""
+    numbers = {
         f"{which}.{key}": float(value)
         for key, value in report.items()
         if isinstance(value, int | float) and not isinstance(value, bool)
     }
+    references = report.get("reference")
+    for name, score in (references if isinstance(references, Mapping) else {}).items():
+        value = score.get("value") if isinstance(score, Mapping) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            numbers[f"{which}.reference.{name}.{score.get('metric')}"] = float(value)
+    return numbers
 
 
 def evaluated_model(step: str, which: str | None) -> str:
@@ -336,6 +445,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--which", choices=["baseline", "final"], help="evaluate: which model (default final)"
     )
     parser.add_argument(
+        "--launcher",
+        choices=["local", "trainjob"],
+        default="local",
+        help="finetune with training.distributed: start the training processes with torchrun here "
+        "(local), or in a Kubeflow Trainer TrainJob on --image (trainjob, in a pipeline pod)",
+    )
+    parser.add_argument("--image", help="finetune --launcher trainjob: the image the TrainJob runs")
+    parser.add_argument(
         "--kfp-executor-input",
         metavar="JSON",
         help="evaluate on Kubeflow: the task's executor input ({{$}}); the report's numbers are logged "
@@ -356,6 +473,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config is None:
         return 2
     kwargs: dict[str, Any] = {"which": args.which} if args.which else {}
+    if args.step == "finetune":
+        kwargs.update(launcher=args.launcher, image=args.image)
+    elif args.launcher != "local" or args.image:
+        parser.error("--launcher and --image only apply to the finetune step")
     try:
         result = run_step(args.step, config, args.workspace, **kwargs)
     except ComponentError as error:

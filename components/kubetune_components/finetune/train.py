@@ -24,9 +24,20 @@ from kubetune_components.common.errors import DatasetError
 from kubetune_components.common.jobs import parse_finetune_spec
 from kubetune_components.common.models import pick_device
 from kubetune_components.common.progress import ProgressReporter
+from kubetune_components.finetune import distributed, qlora
 from kubetune_components.finetune.checkpoints import fsync_tree, remove_stale_staging
-from kubetune_components.finetune.loop import Feature, StepHook, check_precision_supported, train
+from kubetune_components.finetune.distillation import load_teacher
+from kubetune_components.finetune.forgetting import replay_features
+from kubetune_components.finetune.loop import (
+    Feature,
+    StepHook,
+    check_packing_isolates_examples,
+    check_precision_supported,
+    token_loss_sum,
+    train,
+)
 from kubetune_components.finetune.methods import apply_method, trainable_parameters
+from kubetune_components.finetune.selection import selection_fingerprint
 from kubetune_components.finetune.signals import StopRequest, stop_on_sigterm
 from kubetune_contract.finetune import MERGEABLE_METHODS, PEFT_METHODS, DatasetFormat, FineTuneJobSpec
 from kubetune_contract.workspace import WorkspaceLayout
@@ -45,6 +56,7 @@ def configuration_fingerprint(spec: FineTuneJobSpec, train_file: Path) -> str:
         "method": spec.method.to_wire(),
         "training": training,
         "trainData": storage.sha256_of(str(train_file)),
+        **selection_fingerprint(spec, train_file.parent.parent / WorkspaceLayout.VALIDATION_SPLIT),
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -122,10 +134,15 @@ def run_finetune(
     if not isinstance(spec, FineTuneJobSpec):
         spec = parse_finetune_spec(spec)
     settings = spec.training
-    device = pick_device()
+    ranks = distributed.ranks_from_environment()
+    device = distributed.training_device(ranks) if ranks.distributed else pick_device()
     check_precision_supported(settings.precision, device)
-    base_uri = spec.base_model.uri
-    fmt = spec.dataset.format
+    distributed.check_strategy_supported(settings.distributed)
+    quantization = qlora.quantization_of(spec.method)
+    if quantization is not None:
+        qlora.check_quantized_training_possible(quantization, device)
+    if not ranks.is_main:
+        progress = None  # rank 0 reports for every process
     train_file = workspace_dir / WorkspaceLayout.TRAIN_SPLIT
     if not train_file.is_file():
         raise DatasetError(f"{train_file} is missing; the curate step must run before finetune")
@@ -146,18 +163,59 @@ def run_finetune(
             )
         return {**record, "cached": True}
 
-    remove_stale_staging(workspace_dir)
+    with distributed.process_group(ranks, device):
+        return _train_and_save(spec, workspace_dir, fingerprint, device, ranks, progress, on_step, stop)
+
+
+def _train_and_save(
+    spec: FineTuneJobSpec,
+    workspace_dir: Path,
+    fingerprint: str,
+    device: torch.device,
+    ranks: distributed.Ranks,
+    progress: ProgressReporter | None,
+    on_step: StepHook | None,
+    stop: StopRequest | None,
+) -> dict[str, Any]:
+    settings = spec.training
+    base_uri = spec.base_model.uri
+    fmt = spec.dataset.format
+    train_file = workspace_dir / WorkspaceLayout.TRAIN_SPLIT
+    trained_dir = workspace_dir / WorkspaceLayout.TRAINED
+    if ranks.is_main:
+        remove_stale_staging(workspace_dir)
     torch.manual_seed(settings.seed)
     tokenizer = models.load_tokenizer(base_uri)
+    distillation = spec.method.distillation
+    teacher = load_teacher(distillation, tokenizer, base_uri, device) if distillation is not None else None
     examples = data.load_examples(str(train_file), fmt)
     features = tokenize_examples(examples, fmt, tokenizer, settings.max_seq_length)
     if not features:
         raise DatasetError(
             f"{train_file}: no example has a response to train on within training.maxSeqLength"
         )
-    model = models.load_causal_lm(base_uri)
-    model = apply_method(model, spec.method, tokenizer)  # type: ignore[assignment]
-    model.to(device)  # type: ignore[arg-type]
+    task_examples = len(features)
+    if settings.replay is not None:
+        features += replay_features(
+            settings.replay, task_examples, tokenizer, settings.max_seq_length, settings.seed
+        )
+    example_count = len(features)
+    if settings.packing:
+        features = data.pack_features(features, settings.max_seq_length, settings.seed)
+    # Imported here: the evaluation it runs loads trained models with this module's helpers.
+    from kubetune_components.finetune.periodic import periodic_evaluator
+
+    evaluator = periodic_evaluator(spec, workspace_dir, tokenizer, device, write_reports=ranks.is_main)
+    quantization = qlora.quantization_of(spec.method)
+    if quantization is not None:
+        model = qlora.load_quantized_base(base_uri, quantization, device)
+        model = apply_method(model, spec.method, tokenizer)  # type: ignore[assignment]
+    else:
+        model = models.load_causal_lm(base_uri)
+        model = apply_method(model, spec.method, tokenizer)  # type: ignore[assignment]
+        model.to(device)  # type: ignore[arg-type]
+    if settings.packing:
+        check_packing_isolates_examples(model, features[0]["input_ids"])
 
     stop = stop or StopRequest()
     with stop_on_sigterm(stop):
@@ -172,15 +230,35 @@ def run_finetune(
             on_step=on_step,
             stop=stop,
             device=device,
+            ranks=ranks,
+            evaluator=evaluator,
+            loss_fn=teacher.loss if teacher is not None else token_loss_sum,
+        )
+    selection: dict[str, Any] = {}
+    if evaluator is not None:
+        selection = evaluator.select_weights(
+            model,
+            result.steps,
+            result.early_stopped_at_step,
+            workspace_dir / WorkspaceLayout.CHECKPOINTS,
+            fingerprint,
         )
     summary = {
         **result.to_json(),
         "method": spec.method.type,
         "baseModel": base_uri,
-        "examples": len(features),
+        **({"teacher": distillation.teacher.uri} if distillation is not None else {}),
+        "examples": example_count,
+        "replayExamples": example_count - task_examples,
+        **({"packedSequences": len(features)} if settings.packing else {}),
+        **selection,
         "trainableParameters": sum(param.numel() for param in trainable_parameters(model).values()),
         "fingerprint": fingerprint,
     }
+    if ranks.distributed:
+        summary["processes"] = ranks.world_size
     model.train(False)
-    save_trained(model, tokenizer, trained_dir, summary)
+    if ranks.is_main:
+        save_trained(model, tokenizer, trained_dir, summary)
+    distributed.barrier()  # trained/ is complete before any process reports success
     return summary

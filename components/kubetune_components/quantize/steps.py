@@ -135,26 +135,34 @@ def load_source(uri: str, root: Path) -> tuple[torch.nn.Module, Any, dict[str, A
     return merged, tokenizer, manifest
 
 
-def prepare_splits(spec: QuantizeJobSpec, tokenizer: Any, root: Path) -> dict[str, int]:
-    """data/train.jsonl and data/validation.jsonl from spec.dataset (empty files without one)."""
+def prepare_splits(spec: QuantizeJobSpec, tokenizer: Any, root: Path) -> dict[str, Any]:
+    """data/train.jsonl, validation.jsonl and curation.json from spec.dataset (empty without one)."""
     dataset = spec.dataset
     train: list[dict[str, Any]] = []
     validation: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
     if dataset is not None:
 
         def curated(examples: Sequence[dict[str, Any]], split: float) -> data.CurationResult:
             return data.curate_per_spec(examples, tokenizer, dataset, split)
 
-        examples = data.load_examples(dataset.uri, dataset.format)
+        screened = data.load_screened_examples(dataset.uri, dataset)
         if dataset.validation_uri:
-            train = curated(examples, 0.0).train
-            validation = curated(data.load_examples(dataset.validation_uri, dataset.format), 0.0).train
+            result = curated(screened.examples, 0.0)
+            held_out_screened = data.load_screened_examples(dataset.validation_uri, dataset)
+            held_out = curated(held_out_screened.examples, 0.0)
+            train, validation = result.train, held_out.train
+            report = {**result.report, "validationFile": {**held_out.report, "pii": held_out_screened.report}}
         else:
-            result = curated(examples, as_float(dataset.validation_split))
+            result = curated(screened.examples, as_float(dataset.validation_split))
             train, validation = result.train, result.validation
+            report = dict(result.report)
+        report["pii"] = screened.report
+    report.update(train=len(train), validation=len(validation))
     write_jsonl(root / WorkspaceLayout.TRAIN_SPLIT, train)
     write_jsonl(root / WorkspaceLayout.VALIDATION_SPLIT, validation)
-    return {"train": len(train), "validation": len(validation)}
+    storage.atomic_write_json(root / WorkspaceLayout.CURATION, report)
+    return report
 
 
 def _eval_max_seq_length(model: torch.nn.Module) -> int:
@@ -415,9 +423,17 @@ def publish_quantized(config: dict[str, Any], workspace: str) -> dict[str, Any]:
             "kind": job.kind,
             "resource": resource_record(job.metadata),
             "source": {"uri": source_uri(spec)},
+            "dataset": None
+            if spec.dataset is None
+            else {
+                "uri": spec.dataset.uri,
+                "format": spec.dataset.format,
+                "curation": read_json(root / WorkspaceLayout.CURATION),
+            },
             "method": spec.method.to_wire(),
             "target": spec.target,
             "report": report,
+            "modelCard": spec.model_card.to_wire(),
             "artifact": {
                 "format": record.get("format"),
                 "loader": "kubetune_components.quantize.load_quantized",

@@ -31,6 +31,9 @@ from transformers import (
 from kubetune_components.serving.constrained import RowConstraint
 from kubetune_components.serving.requests import Completion, FinishReason, PreparedPrompt, SamplingParams
 
+BASE_ADAPTER = "__base__"
+"""PEFT's name for "no adapter" in a mixed-adapter batch."""
+
 
 class IncrementalDecoder:
     """Text of a growing token sequence, as deltas that never split a multi-byte character.
@@ -119,8 +122,11 @@ class GenerationRow:
         eos_ids: frozenset[int],
         on_delta: Callable[[str], None] | None = None,
         cancelled: threading.Event | None = None,
+        adapter: str | None = None,
     ) -> None:
         self.prompt = prompt
+        self.adapter = adapter
+        """The named adapter of a shared base model this row generates with (None: the model as is)."""
         self.params = params
         self.max_tokens = max_tokens
         self.eos_ids = eos_ids
@@ -322,6 +328,10 @@ def generate_rows(
         eos_token_id=sorted(eos_ids) or None,
         pad_token_id=pad_id,
     )
+    adapters: dict[str, Any] = {}
+    if any(row.adapter is not None for row in active):
+        # PEFT applies each row's own LoRA weights inside one batch (mixed-adapter inference)
+        adapters["adapter_names"] = [row.adapter or BASE_ADAPTER for row in active]
     processors = LogitsProcessorList()
     if any(row.constraint is not None for row in active):
         processors.append(_ConstraintProcessor(active))
@@ -335,4 +345,5 @@ def generate_rows(
             generation_config=config,
             logits_processor=processors,
             stopping_criteria=StoppingCriteriaList([_RowsCriteria(active)]),
+            **adapters,
         )

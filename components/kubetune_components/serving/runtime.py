@@ -56,6 +56,7 @@ class _Job:
     params: SamplingParams
     result: Completion | None = field(default=None)
     cancelled: threading.Event | None = None
+    adapter: str | None = None
 
 
 class ModelRuntime:
@@ -84,6 +85,14 @@ class ModelRuntime:
         self.eos_ids = frozenset(eos_ids)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
+        self.adapter: str | None = None
+        """The named adapter of a shared base model this runtime generates with (`adapters`)."""
+        self.generation_lock: threading.Lock | None = None
+        """Held around every `generate` call when set: a shared base's adapters are chosen per call
+        by hooks on its layers, which concurrent calls would trample."""
+        self.in_flight = 0
+        """Async and streamed requests generating or waiting to: what unloading an adapter waits for."""
+        self._in_flight_lock = threading.Lock()
         self.executor = ThreadPoolExecutor(
             max_workers=max_concurrency, thread_name_prefix="kubetune-generate"
         )
@@ -204,34 +213,53 @@ class ModelRuntime:
         params: SamplingParams,
         on_delta: Callable[[str], None] | None = None,
         cancelled: threading.Event | None = None,
+        adapter: str | None = None,
     ) -> GenerationRow:
         return GenerationRow(
-            prompt, params, self._room(prompt, params), self.tokenizer, self.eos_ids, on_delta, cancelled
+            prompt,
+            params,
+            self._room(prompt, params),
+            self.tokenizer,
+            self.eos_ids,
+            on_delta,
+            cancelled,
+            adapter=adapter,
         )
 
     def run_rows(self, rows: Sequence[GenerationRow]) -> None:
         """One `generate` call over left-padded rows (blocking; call it off the event loop)."""
-        generate_rows(self.model, rows, pad_id=self.pad_id, eos_ids=self.eos_ids, device=self.device)
+        if self.generation_lock is None:
+            generate_rows(self.model, rows, pad_id=self.pad_id, eos_ids=self.eos_ids, device=self.device)
+            return
+        with self.generation_lock:
+            generate_rows(self.model, rows, pad_id=self.pad_id, eos_ids=self.eos_ids, device=self.device)
 
     def _run_jobs(self, jobs: Sequence[_Job]) -> list[Completion]:
-        rows = [self._row(job.prompt, job.params, cancelled=job.cancelled) for job in jobs]
+        rows = [
+            self._row(job.prompt, job.params, cancelled=job.cancelled, adapter=job.adapter) for job in jobs
+        ]
         self.run_rows(rows)
         return [row.completion() for row in rows]
 
     def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> Completion:
         """Blocking generation of one request."""
-        return self._run_jobs([_Job(prompt, params)])[0]
+        return self._run_jobs([_Job(prompt, params, adapter=self.adapter)])[0]
 
     def generate_batch(self, requests: Sequence[tuple[PreparedPrompt, SamplingParams]]) -> list[Completion]:
         """Blocking generation of several requests in one padded batch."""
-        return self._run_jobs([_Job(prompt, params) for prompt, params in requests])
+        return self._run_jobs([_Job(prompt, params, adapter=self.adapter) for prompt, params in requests])
 
     def stream(self, prompt: PreparedPrompt, params: SamplingParams) -> TextStream:
         """Generate on a worker thread; iterate the returned stream for the text deltas."""
         stream = TextStream()
-        row = self._row(prompt, params, stream.put, stream.cancelled)
+        row = self._row(prompt, params, stream.put, stream.cancelled, self.adapter)
+        self._count(1)
         self.executor.submit(self._stream_worker, row, stream)
         return stream
+
+    def _count(self, change: int) -> None:
+        with self._in_flight_lock:
+            self.in_flight += change
 
     def _stream_worker(self, row: GenerationRow, stream: TextStream | AsyncTextStream) -> None:
         try:
@@ -240,6 +268,8 @@ class ModelRuntime:
         except BaseException as error:
             logger.exception("generation failed")
             stream.close(None, error)
+        finally:
+            self._count(-1)
 
     async def agenerate(self, prompt: PreparedPrompt, params: SamplingParams) -> Completion:
         """Generation off the event loop; with batching on, requests share `generate` calls.
@@ -247,7 +277,8 @@ class ModelRuntime:
         Cancelling the awaiting task stops the generation at its next token: the worker thread
         would otherwise run on to max_tokens for a caller that is gone."""
         self._room(prompt, params)  # refuse what cannot run before it waits for a batch
-        job = _Job(prompt, params, cancelled=threading.Event())
+        job = _Job(prompt, params, cancelled=threading.Event(), adapter=self.adapter)
+        self._count(1)
         try:
             if self.batcher is not None:
                 return await self.batcher.submit(job)
@@ -257,10 +288,13 @@ class ModelRuntime:
             assert job.cancelled is not None
             job.cancelled.set()
             raise
+        finally:
+            self._count(-1)
 
     def astream(self, prompt: PreparedPrompt, params: SamplingParams) -> AsyncTextStream:
         """Like `stream`, for an event loop: `async for delta in runtime.astream(...)`."""
         stream = AsyncTextStream(asyncio.get_running_loop())
-        row = self._row(prompt, params, stream.put, stream.cancelled)
+        row = self._row(prompt, params, stream.put, stream.cancelled, self.adapter)
+        self._count(1)
         self.executor.submit(self._stream_worker, row, stream)
         return stream

@@ -15,7 +15,7 @@ from typing import Any, get_args
 from pydantic import BaseModel
 
 from kubetune.api.definition import CelRule, PrinterColumn, ResourceDefinition
-from kubetune_contract import deployment, finetune, quantize
+from kubetune_contract import deployment, finetune, guardrails, quantize
 from kubetune_contract.common import DecimalRange
 
 # Shared by the kinds: the columns and rules every job has, and the age column of every kind.
@@ -144,6 +144,26 @@ def _method_block_rules() -> tuple[CelRule, ...]:
     return _block_rules(finetune.METHOD_BLOCKS)
 
 
+def _distillation_rules() -> tuple[CelRule, ...]:
+    """Mirror ``Method._own_block_only`` for blocks without defaults, and
+    ``DistillationTeacher._exactly_one``."""
+    required = tuple(
+        CelRule(
+            "spec.method",
+            f'self.type != "{method_type}" || has(self.{block})',
+            f"type {method_type} needs {block} ({finetune.BLOCKS_REQUIRED[block]})",
+        )
+        for method_type, block in finetune.METHOD_BLOCKS.items()
+        if block in finetune.BLOCKS_REQUIRED
+    )
+    teacher = CelRule(
+        "spec.method.distillation.teacher",
+        "has(self.fineTuneJobRef) != has(self.uri)",
+        "set exactly one of fineTuneJobRef and uri",
+    )
+    return (*required, teacher)
+
+
 def _merge_rule() -> CelRule:
     """Mirror ``FineTuneJobSpec._mergeable``: only some adapters can be folded into the base weights."""
     unmergeable = sorted(finetune.PEFT_METHODS - finetune.MERGEABLE_METHODS)
@@ -154,6 +174,92 @@ def _merge_rule() -> CelRule:
         message_expression=(
             '"output.mergeAdapter: a " + self.method.type + " adapter cannot be merged into the base '
             'weights; only lora and ia3 can"'
+        ),
+    )
+
+
+def _periodic_evaluation_rules() -> tuple[CelRule, ...]:
+    """Mirror ``FineTuneJobSpec._periodic_evaluation`` and the evaluation's reference-set rules."""
+    return (
+        CelRule(
+            "spec",
+            'self.output.select != "best" || has(self.training.evalEverySteps)',
+            "best needs training.evalEverySteps",
+            field_path=".output.select",
+        ),
+        CelRule(
+            "spec",
+            'self.output.select != "best" || self.output.selectMetric != "exactMatch" || '
+            '"exactMatch" in self.evaluation.metrics',
+            "exactMatch is not in evaluation.metrics",
+            field_path=".output.selectMetric",
+        ),
+        CelRule(
+            "spec",
+            "!has(self.training.earlyStopping) || has(self.training.evalEverySteps)",
+            "needs training.evalEverySteps",
+            field_path=".training.earlyStopping",
+        ),
+        CelRule(
+            "spec",
+            '!has(self.training.earlyStopping) || self.training.earlyStopping.metric != "exactMatch" || '
+            '"exactMatch" in self.evaluation.metrics',
+            "exactMatch is not in evaluation.metrics",
+            field_path=".training.earlyStopping.metric",
+        ),
+        CelRule(
+            "spec.evaluation",
+            "!has(self.maxReferenceDrop) || size(self.reference) > 0",
+            "needs at least one set in evaluation.reference to apply to",
+            field_path=".maxReferenceDrop",
+        ),
+        CelRule(
+            "spec.evaluation.reference",
+            "self.all(x, self.exists_one(y, y.name == x.name))",
+            "reference names must be unique",
+        ),
+        CelRule(
+            "spec.evaluation.reference[*]",
+            'self.metric != "exactMatch" || self.format != "text"',
+            "exactMatch needs responses to compare: format instruction or chat",
+            field_path=".metric",
+        ),
+    )
+
+
+def _training_target_rules() -> tuple[CelRule, ...]:
+    """Mirror ``finetune._training_rules_broken``: QLoRA needs a GPU target; fsdp shards full fine-tuning;
+    packing refuses virtual-token adapters."""
+    targets = sorted(finetune.QUANTIZED_TRAINING_TARGETS)
+    return (
+        CelRule(
+            "spec",
+            "!has(self.method.lora) || !has(self.method.lora.quantization) || "
+            f"self.target in {json.dumps(targets)}",
+            "4-bit QLoRA (bitsandbytes) needs target gpu",
+            message_expression='"4-bit QLoRA (bitsandbytes) needs target gpu; target is " + self.target',
+            field_path=".method.lora.quantization",
+        ),
+        CelRule(
+            "spec",
+            '!has(self.training.distributed) || self.training.distributed.strategy != "fsdp" || '
+            'self.method.type == "full"',
+            "fsdp shards the weights of method full; an adapter trains with ddp",
+            message_expression=(
+                '"fsdp shards the weights of method full; a " + self.method.type + " adapter trains with ddp"'
+            ),
+            field_path=".training.distributed.strategy",
+        ),
+        CelRule(
+            "spec",
+            "!self.training.packing || "
+            f"!(self.method.type in {json.dumps(sorted(finetune.VIRTUAL_TOKEN_METHODS))})",
+            "packing keeps examples apart by their position ids, which virtual tokens do not follow",
+            message_expression=(
+                '"packing keeps examples apart by their position ids, which the virtual tokens of " + '
+                'self.method.type + " do not follow; use lora, ia3 or full"'
+            ),
+            field_path=".training.packing",
         ),
     )
 
@@ -190,6 +296,7 @@ FINETUNEJOB = ResourceDefinition(
     ),
     rules=(
         *_method_block_rules(),
+        *_distillation_rules(),
         _merge_rule(),
         CelRule(
             "spec.dataset.curation", "self.minTokens <= self.maxTokens", "minTokens must not exceed maxTokens"
@@ -200,6 +307,8 @@ FINETUNEJOB = ResourceDefinition(
             "a gate needs min, max or minImprovement",
         ),
         SPLIT_RULE,
+        *_periodic_evaluation_rules(),
+        *_training_target_rules(),
         *_field_rules(finetune.FineTuneJob),
     ),
 )
@@ -349,6 +458,26 @@ def _default_within_limit_rules() -> tuple[CelRule, ...]:
     return tuple(rules)
 
 
+def _moderation_rules() -> tuple[CelRule, ...]:
+    """Mirror ``guardrails.ModerationCategory`` and ``Moderation``: a category that is not shipped needs
+    keywords or patterns; category names are unique. On the paths the models name: the category, and
+    the moderation block."""
+    shipped = _cel_list(set(guardrails.MODERATION_CATEGORIES))
+    return (
+        CelRule(
+            "spec.guardrails.moderation.categories[*]",
+            f"self.name in {shipped} || (has(self.keywords) && size(self.keywords) > 0) || "
+            "(has(self.patterns) && size(self.patterns) > 0)",
+            guardrails.UNSHIPPED_CATEGORY_NEEDS_LISTS,
+        ),
+        CelRule(
+            "spec.guardrails.moderation",
+            "self.categories.all(c, self.categories.exists_one(d, d.name == c.name))",
+            "categories names must be unique",
+        ),
+    )
+
+
 MODELDEPLOYMENT = ResourceDefinition(
     kind=deployment.KIND,
     plural=deployment.PLURAL,
@@ -407,6 +536,28 @@ MODELDEPLOYMENT = ResourceDefinition(
             "spec",
             "self.versions.all(v, !has(v.prompt) || self.prompts.exists(p, p.name == v.prompt))",
             "a version's prompt must name an entry of prompts",
+        ),
+        CelRule(
+            "spec",
+            "self.promptParts.all(p, self.promptParts.exists_one(q, q.name == p.name))",
+            deployment.PROMPT_PARTS_UNIQUE,
+        ),
+        CelRule(
+            "spec.promptParts[*]",
+            f"!(self.name in {json.dumps(list(deployment.GENERATED_PROMPT_PARTS))})",
+            deployment.GENERATED_NAME_TAKEN,
+        ),
+        CelRule(
+            "spec",
+            "self.prompts.all(p, p.systemParts.all(n, "
+            f"n in {json.dumps(list(deployment.GENERATED_PROMPT_PARTS))} || "
+            "self.promptParts.exists(q, q.name == n)))",
+            deployment.SYSTEM_PARTS_RESOLVE,
+        ),
+        CelRule(
+            "spec.prompts[*].constitution",
+            "self.principles.all(p, self.principles.exists_one(q, q.name == p.name))",
+            deployment.PRINCIPLES_UNIQUE,
         ),
         CelRule(
             "spec",
@@ -471,7 +622,18 @@ MODELDEPLOYMENT = ResourceDefinition(
             "self.minReplicas <= self.maxReplicas",
             "minReplicas must not exceed maxReplicas",
         ),
+        CelRule(
+            "spec.serving.autoscaling",
+            "!has(self.scaleToZeroAfter) || self.minReplicas == 0",
+            deployment.SCALE_TO_ZERO_AFTER_NEEDS_ZERO,
+        ),
+        CelRule(
+            "spec.access.store",
+            "!has(self.passwordSecretRef) || has(self.redisUrl)",
+            deployment.PASSWORD_NEEDS_REDIS_URL,
+        ),
         *_default_within_limit_rules(),
+        *_moderation_rules(),
         *_field_rules(deployment.ModelDeployment),
     ),
 )

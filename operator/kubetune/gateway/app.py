@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streaming passes SSE through),
 ``GET /v1/models`` and ``GET /v1/models/{model}`` (the deployment is the one model),
-``POST /v1/feedback``, ``GET /v1/experiments``, ``GET /healthz``, ``GET /readyz`` and ``GET /metrics``.
+``POST /v1/feedback``, ``GET /v1/feedback/records``, ``GET /v1/experiments``, ``GET /healthz``,
+``GET /readyz`` and ``GET /metrics``.
 Other paths and methods get 404 / 405 errors in the OpenAI format.
 
 Every response carries ``x-request-id`` and ``x-kubetune-version``. On a completion ``x-request-id``
@@ -19,6 +20,8 @@ variables and does not forward it. For streams it asks the upstream for a final 
 cover streams — and drops that chunk before it reaches such a client.
 
 Feedback rates a completion by its id, once (``feedback``); the id is signed and names its version.
+With ``feedback.capture`` the rated completions' redacted content is kept (``capture``) and read back
+from ``/v1/feedback/records`` (scope ``admin``) by ``kubetune feedback export``.
 
 Access (``access.control``): every endpoint but ``/healthz`` and ``/metrics`` checks the caller's key
 (401 ``invalid_api_key``, 403 ``insufficient_permissions``: ``inference`` for completions and models,
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import logging
 import os
@@ -77,7 +81,27 @@ from kubetune.gateway.access.control import AccessControl, Exchange
 from kubetune.gateway.access.keys import Scope
 from kubetune.gateway.access.limits import LimitStoreUnavailable
 from kubetune.gateway.cache import ResponseCache, cache_key, is_deterministic
-from kubetune.gateway.config import ConfigReloader, GatewayConfig, PromptConfig
+from kubetune.gateway.capture import (
+    CaptureUnavailable,
+    ContentRedactor,
+    FeedbackCapture,
+    SentText,
+    answer_text,
+)
+from kubetune.gateway.cold_start import ColdStartHolds
+from kubetune.gateway.config import ConfigReloader, ConstitutionConfig, GatewayConfig, PromptConfig
+from kubetune.gateway.constitution import (
+    VIOLATED_HEADER,
+    CritiqueUnreadable,
+    as_event_stream,
+    check_request,
+    critique_request,
+    draft_text,
+    revised_answer,
+    revision_request,
+    total_usage,
+    violated_principles,
+)
 from kubetune.gateway.errors import GatewayError, invalid_request
 from kubetune.gateway.experiments import ExperimentsUnavailable, ExperimentTracker
 from kubetune.gateway.feedback import (
@@ -87,16 +111,17 @@ from kubetune.gateway.feedback import (
     parse_feedback,
     unknown_completion,
 )
-from kubetune.gateway.fewshot import FEW_SHOT_HEADER, PoolCache, header_value
+from kubetune.gateway.fewshot import FEW_SHOT_HEADER, PoolCache
 from kubetune.gateway.generation import (
     CHAT_ENDPOINT,
     COMPLETIONS_ENDPOINT,
     apply_generation,
     parse_openai_request,
 )
+from kubetune.gateway.guards import GuardPipeline, GuardRefusal
 from kubetune.gateway.health import UpstreamHealth
 from kubetune.gateway.metrics import GatewayMetrics
-from kubetune.gateway.prompts import render_chat_with_few_shot, render_completion_with_few_shot
+from kubetune.gateway.prompts import apply_prompt
 from kubetune.gateway.relay import RelayedStream, relay_stream
 from kubetune.gateway.responses import (
     NO_VERSION,
@@ -119,9 +144,10 @@ from kubetune.gateway.upstream import (
     UpstreamBody,
     UpstreamClient,
     WaitLimit,
+    attempt_limits,
     send_with_fallback,
 )
-from kubetune_contract.openai import HIDDEN_REASONING_FIELD
+from kubetune_guardrails.decisions import GuardDecision
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +163,14 @@ class GatewayState:
     prompts: dict[str, PromptConfig | None]
     urls: dict[str, str]
     endpoint_urls: dict[tuple[str, str], URL]  # (version, endpoint) -> parsed once, not per request
+    guards: GuardPipeline | None = None
+    content: ContentRedactor | None = None  # set when prompts and completions are kept (redacted)
 
     @classmethod
     def build(cls, config: GatewayConfig) -> GatewayState:
         return cls(
+            guards=GuardPipeline.build(config.guardrails) if config.guardrails is not None else None,
+            content=ContentRedactor.for_config(config),
             config=config,
             router=Router((version.name, version.weight) for version in config.versions),
             prompts={version.name: config.prompt_for(version.name) for version in config.versions},
@@ -172,36 +202,57 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.access = AccessControl(config, self.metrics)
         self.experiments = ExperimentTracker(self.access.shared_statistics())
+        self.capture = FeedbackCapture(config.feedback, self.access.shared_redis())
         self.cache = ResponseCache(config.cache.max_entries, config.cache.ttl_seconds)
-        self.response_ids = ResponseIds(_signing_key(config))
+        configured_signing_key = _signing_key(config)
+        self.response_ids = ResponseIds(configured_signing_key)
+        self._signing_key_of_process = configured_signing_key is None
         self.upstream = UpstreamClient()
         self.health = UpstreamHealth()
+        self.holds = ColdStartHolds(self.metrics, lambda: self.state.config)
         self.few_shot_pools = PoolCache()
         self.started_at = int(time.time())
+        self._background: set[asyncio.Task[None]] = set()
 
     def apply_config(self, config: GatewayConfig) -> None:
         previous = self.state.config
         self.state = GatewayState.build(config)
         self.access.configure(config)
         self.experiments.shared = self.access.shared_statistics()
+        if config.feedback != previous.feedback or self.access.shared_redis() != self.capture.shared:
+            self.capture = FeedbackCapture(config.feedback, self.access.shared_redis())
         if config.access.signing_key_file != previous.access.signing_key_file:
-            self.response_ids = ResponseIds(_signing_key(config))
+            configured_signing_key = _signing_key(config)
+            self.response_ids = ResponseIds(configured_signing_key)
+            self._signing_key_of_process = configured_signing_key is None
         if config.cache.enabled:
             self.cache.configure(config.cache.max_entries, config.cache.ttl_seconds)
         else:
             self.cache.clear()
 
+    def _adopt_signing_key(self, key: bytes) -> None:
+        """A signing key seen in the key Secret replaces this process's own (the Secret was created after
+        the pod started, so its mounted copy was missing): from now on every replica's ids agree."""
+        if self._signing_key_of_process:
+            log.info("signing response ids with the key Secret's signing key from now on")
+            self.response_ids = ResponseIds(key)
+            self._signing_key_of_process = False
+
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self.upstream.open()
         reload_task = asyncio.create_task(self.reloader.run()) if self.reloader is not None else None
+        key_watch = self.access.key_watch(on_signing_key=self._adopt_signing_key)
+        watch_task = asyncio.create_task(key_watch.run()) if key_watch is not None else None
         try:
             yield
         finally:
-            if reload_task is not None:
-                reload_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reload_task
+            for task in (reload_task, watch_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            await self.holds.close()
             await self.upstream.close()
             await self.access.close()
 
@@ -219,7 +270,15 @@ class Gateway:
         response = await self._completion_response(request, endpoint, exchange)
         if not isinstance(response, RelayedStream):  # a stream is finished when it ends
             self.access.finish(exchange, response.status_code)
+            if response.status_code == 200:
+                await self._hold_for_feedback(exchange, endpoint)
         return response
+
+    async def _hold_for_feedback(self, exchange: Exchange, endpoint: str) -> None:
+        if self.capture.on and exchange.prompt is not None and exchange.completion is not None:
+            await self.capture.hold(
+                exchange.request_id, exchange.version, endpoint, exchange.prompt, exchange.completion
+            )
 
     async def _completion_response(self, request: Request, endpoint: str, exchange: Exchange) -> Response:
         request_id = exchange.request_id
@@ -231,12 +290,27 @@ class Gateway:
             parsed = parse_openai_request(endpoint, body)
             _check_model(parsed.model, state.config.deployment)
             await self.access.admit(exchange)
+            if state.content is not None:  # the client's prompt, before guards and templates change it
+                exchange.prompt = state.content.prompt(endpoint == CHAT_ENDPOINT, body)
             unavailable = self.health.unavailable(state.config)
-            chosen = _route(state, request, parsed.user, unavailable)
+            asleep = self.holds.asleep(state.config) - self.health.down()
+            chosen = _route(state, request, parsed.user, unavailable - asleep)
             if chosen is not None:
                 version = chosen
             apply_generation(endpoint, body, state.config.generation)
+            if state.guards is not None:
+                self._guard_input(state, endpoint, exchange, body)
+            if chosen in asleep:  # scaling up from zero: wait for it rather than send its share elsewhere
+                await self.holds.hold(state.config, chosen)
+                unavailable -= {chosen}
             version = self._ready_version(state, chosen, unavailable)
+            stream_usage: bool | None = None  # a stream the gateway writes itself: with a usage chunk?
+            if _constitution(state, version) is not None:
+                check_request(endpoint, body, version)
+                if parsed.stream:  # the answer is critiqued whole, then streamed
+                    options = body.pop("stream_options", None)
+                    body.pop("stream")
+                    stream_usage = isinstance(options, dict) and options.get("include_usage") is True
             upstream = self._upstream_body(state, endpoint, version, body)
             if chosen is not None and version != chosen:  # the fallback stands in for a version not ready
                 self._count_fallback(state, chosen, version)
@@ -244,9 +318,10 @@ class Gateway:
             # a client that pinned its version asked for that one, not for any other
             pinned = request.headers.get(state.config.routing.override_header) is not None
             retry = None if pinned else self._retry_elsewhere(state)
-            if parsed.stream:
-                return await self._stream(state, endpoint, exchange, upstream, body, retry)
-            return await self._complete(state, endpoint, exchange, upstream, body, retry)
+            with self.metrics.open_request(state.config.deployment, version):
+                if parsed.stream and stream_usage is None:
+                    return await self._stream(state, endpoint, exchange, upstream, body, retry)
+                return await self._complete(state, endpoint, exchange, upstream, body, retry, stream_usage)
         except GatewayError as error:
             exchange.refused(error)
             return error_response(error, request_id, version)
@@ -286,40 +361,15 @@ class Gateway:
     def _upstream_body(
         self, state: GatewayState, endpoint: str, version: str, body: dict[str, Any]
     ) -> UpstreamBody:
-        upstream = dict(body)
-        metadata = upstream.pop("metadata", None)
-        prompt = state.prompts[version]
-        few_shot_lines: str | None = None
-        if prompt is not None:
-            max_prompt_tokens = state.config.generation.max_prompt_tokens
-            if endpoint == CHAT_ENDPOINT:
-                upstream["messages"], selected = render_chat_with_few_shot(
-                    upstream["messages"],
-                    prompt,
-                    version,
-                    metadata,
-                    prompt.few_shot,
-                    self.few_shot_pools,
-                    max_prompt_tokens,
-                )
-            else:
-                upstream["prompt"], selected = render_completion_with_few_shot(
-                    upstream["prompt"],
-                    prompt,
-                    version,
-                    metadata,
-                    prompt.few_shot,
-                    self.few_shot_pools,
-                    max_prompt_tokens,
-                )
-            if prompt.few_shot is not None:
-                few_shot_lines = header_value(selected)
-            if prompt.reasoning is not None:
-                # the model server drops what the model writes between the markers
-                upstream[HIDDEN_REASONING_FIELD] = {
-                    "open": prompt.reasoning.open,
-                    "close": prompt.reasoning.close,
-                }
+        applied = apply_prompt(
+            endpoint,
+            body,
+            state.prompts[version],
+            version,
+            self.few_shot_pools,
+            state.config.generation.max_prompt_tokens,
+        )
+        upstream, few_shot_lines = applied.body, applied.few_shot
         added_usage = False
         if upstream.get("stream"):
             # usage is always asked for, so that limits and budgets count streamed tokens too
@@ -330,6 +380,8 @@ class Gateway:
             elif isinstance(options, dict) and not options.get("include_usage"):
                 upstream["stream_options"] = {**options, "include_usage": True}
                 added_usage = True
+        if state.guards is not None:
+            state.guards.prepare_upstream(endpoint == CHAT_ENDPOINT, upstream)
         return UpstreamBody(version, upstream, added_usage, few_shot_lines)
 
     def _retry_elsewhere(self, state: GatewayState) -> RetryElsewhere:
@@ -358,7 +410,10 @@ class Gateway:
         upstream: UpstreamBody,
         body: dict[str, Any],
         retry: RetryElsewhere | None,
+        stream_usage: bool | None = None,
     ) -> Response:
+        """A non-streaming answer; with ``stream_usage`` set, sent as a stream (with a usage chunk
+        when it is True) once the constitution's passes are done."""
         request_id = exchange.request_id
         deployment, version = state.config.deployment, upstream.version
         key: str | None = None
@@ -372,7 +427,9 @@ class Gateway:
                 exchange.version = hit.version
                 await self.access.charge(exchange, hit.body.get("usage"))
                 # the key covers the body with its examples, so they are the ones this request has
-                return self._answer(exchange, hit.version, dict(hit.body), _answer_headers(upstream, None))
+                answer = self._guard_answer(state, endpoint, exchange, upstream, dict(hit.body))
+                headers = _answer_headers(upstream, None)
+                return self._answer(exchange, hit.version, answer, headers, stream_usage)
             self.metrics.child(self.metrics.cache_misses, deployment).inc()
 
         attempt, sent = await send_with_fallback(
@@ -384,6 +441,9 @@ class Gateway:
             functools.partial(self._unavailable_now, state),
             retry,
         )
+        violated: list[str] | None = None
+        if attempt.code == 200 and endpoint == CHAT_ENDPOINT:
+            violated = await self._critique_and_revise(state, request_id, attempt, sent)
         if attempt.code == 200:
             if attempt.version == version:
                 if key is not None:
@@ -394,6 +454,8 @@ class Gateway:
 
         exchange.version = attempt.version
         extra_headers = _answer_headers(sent, attempt.retried_from)
+        if violated is not None:
+            extra_headers[VIOLATED_HEADER] = ",".join(violated)
         if not 200 <= attempt.code < 300:
             exchange.decision = "rejected"
             return Response(
@@ -404,15 +466,137 @@ class Gateway:
             )
         self.metrics.record_usage(deployment, attempt.version, attempt.body.get("usage"))
         await self.access.charge(exchange, attempt.body.get("usage"))
-        return self._answer(exchange, attempt.version, attempt.body, extra_headers)
+        answer = self._guard_answer(state, endpoint, exchange, sent, attempt.body)
+        return self._answer(exchange, attempt.version, answer, extra_headers, stream_usage)
+
+    # -- guards (spec.guardrails) ------------------------------------------------------------
+
+    def _record_guards(
+        self, state: GatewayState, exchange: Exchange, stage: str, decisions: list[GuardDecision]
+    ) -> None:
+        deployment = state.config.deployment
+        for decision in decisions:
+            self.metrics.child(
+                self.metrics.guard_decisions, deployment, decision.guard, decision.action, stage
+            ).inc()
+            if decision.action != "pass":
+                exchange.guards.append({"stage": stage, **decision.audit_record()})
+
+    def _guard_input(
+        self, state: GatewayState, endpoint: str, exchange: Exchange, body: dict[str, Any]
+    ) -> None:
+        if state.guards is None:
+            return
+        try:
+            decisions = state.guards.check_input(endpoint == CHAT_ENDPOINT, body)
+        except GuardRefusal as refusal:
+            self._record_guards(state, exchange, "input", [refusal.decision])
+            raise
+        self._record_guards(state, exchange, "input", decisions)
+
+    def _guard_answer(
+        self, state: GatewayState, endpoint: str, exchange: Exchange, sent: UpstreamBody, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The answer as the output guards leave it (a copy: a cached body stays as the model wrote it)."""
+        if state.guards is None:
+            return body
+        guarded = copy.deepcopy(body)
+        try:
+            decisions = state.guards.check_answer(endpoint == CHAT_ENDPOINT, sent.body, guarded)
+        except GuardRefusal as refusal:
+            self._record_guards(state, exchange, "output", [refusal.decision])
+            raise
+        self._record_guards(state, exchange, "output", decisions)
+        return guarded
 
     def _answer(
-        self, exchange: Exchange, version: str, body: dict[str, Any], extra_headers: dict[str, str]
+        self,
+        exchange: Exchange,
+        version: str,
+        body: dict[str, Any],
+        extra_headers: dict[str, str],
+        stream_usage: bool | None = None,
     ) -> Response:
         response_id = self.response_ids.sign(exchange.request_id, version)
         exchange.request_id = response_id
         body["id"] = response_id
-        return json_response(body, {**tracing_headers(response_id, version), **extra_headers})
+        content = self.state.content
+        if content is not None and (text := answer_text(body)) is not None:
+            exchange.completion = content.text(text)
+        headers = {**tracing_headers(response_id, version), **extra_headers}
+        if stream_usage is not None:
+            return Response(
+                as_event_stream(body, stream_usage), media_type="text/event-stream", headers=headers
+            )
+        return json_response(body, headers)
+
+    async def _critique_and_revise(
+        self, state: GatewayState, request_id: str, attempt: Attempt, sent: UpstreamBody
+    ) -> list[str] | None:
+        """Apply the answering version's constitution to ``attempt``'s answer (its body is replaced
+        by the revision, usage by that of every pass); the principles found violated, None when the
+        version has no constitution or the answer is no text to critique."""
+        version = attempt.version
+        constitution = _constitution(state, version)
+        draft = draft_text(attempt.body)
+        if constitution is None or draft is None:
+            return None
+        deployment = state.config.deployment
+        critique = await self._extra_pass(
+            state, request_id, version, critique_request(sent.body, draft, constitution), "critique"
+        )
+        try:
+            violated = violated_principles(critique, constitution)
+        except CritiqueUnreadable as error:
+            log.error("version %s, request %s: %s", version, request_id, error)
+            raise GatewayError(
+                502, f"version {version!r} answered, but its critique could not be read; see the gateway log"
+            ) from error
+        verdict = "violates" if violated else "complies"
+        self.metrics.child(self.metrics.constitution_critiques, deployment, version, verdict).inc()
+        usages = [attempt.body.get("usage"), critique.get("usage")]
+        if violated and constitution.revise:
+            revision = await self._extra_pass(
+                state,
+                request_id,
+                version,
+                revision_request(sent.body, draft, violated, constitution),
+                "revision",
+            )
+            for principle in violated:
+                self.metrics.child(self.metrics.constitution_revisions, deployment, version, principle).inc()
+            attempt.body = revised_answer(attempt.body, revision)
+            usages.append(revision.get("usage"))
+        attempt.body["usage"] = total_usage(usages)
+        return violated
+
+    async def _extra_pass(
+        self, state: GatewayState, request_id: str, version: str, body: dict[str, Any], purpose: str
+    ) -> dict[str, Any]:
+        """One more generation on ``version`` for the same request (a critique or a revision)."""
+        url = state.endpoint_urls[version, CHAT_ENDPOINT]
+        limits = attempt_limits(state.config, fallback_bounds=False)
+        attempt = await self.upstream.post(url, request_id, version, body, limits)
+        self._note_reachability(state, attempt)
+        self.metrics.record_attempt(
+            state.config.deployment, version, CHAT_ENDPOINT, attempt.code, attempt.duration
+        )
+        if not attempt.succeeded or not isinstance(attempt.body, dict):
+            log.error(
+                "version %s, request %s: the %s pass failed: %s (%s)",
+                version,
+                request_id,
+                purpose,
+                attempt.failure or "an error answer",
+                attempt.raw[:500],
+            )
+            raise GatewayError(
+                504 if attempt.timed_out else 502,
+                f"version {version!r} answered, but its {purpose} pass failed"
+                + (f": {attempt.failure}" if attempt.failure else "")
+                + "; the answer is not returned unchecked",
+            )
+        return attempt.body
 
     async def _post(
         self,
@@ -473,6 +657,7 @@ class Gateway:
         exchange.request_id = response_id
         headers = {**tracing_headers(response_id, answering), **extra_headers}
         reported: list[Any] = []
+        sent_text = SentText() if state.content is not None else None
 
         def on_usage(usage: Any) -> None:
             self.metrics.record_usage(deployment, answering, usage)
@@ -491,7 +676,14 @@ class Gateway:
             )
             if code >= 500:
                 exchange.decision = "failed"
+            if sent_text is not None and state.content is not None:
+                exchange.completion = state.content.text(sent_text.text)
             self.access.finish(exchange, code)
+            refused = any(guard.get("action") == "block" for guard in exchange.guards)
+            if code == 200 and exchange.decision == "served" and not refused:  # a whole answer only
+                hold = asyncio.create_task(self._hold_for_feedback(exchange, endpoint))
+                self._background.add(hold)
+                hold.add_done_callback(self._background.discard)
 
         return relay_stream(
             attempt,
@@ -502,6 +694,16 @@ class Gateway:
             on_usage=on_usage,
             on_finished=on_finished,
             settle=charge_usage,
+            guard=(
+                state.guards.stream_guard(
+                    endpoint == CHAT_ENDPOINT,
+                    sent.body,
+                    functools.partial(self._record_guards, state, exchange, "output"),
+                )
+                if state.guards is not None
+                else None
+            ),
+            on_sent=sent_text.add if sent_text is not None else None,
         )
 
     async def _open_stream(
@@ -538,7 +740,25 @@ class Gateway:
         return response
 
     def _model_document(self, deployment: str) -> dict[str, Any]:
-        return {"id": deployment, "object": "model", "created": self.started_at, "owned_by": "kubetune"}
+        """OpenAI's model object; ``model_card`` links the control version's model card, ``model_cards``
+        every version's (a version serving a published FineTuneJob or QuantizeJob model has one)."""
+        document: dict[str, Any] = {
+            "id": deployment,
+            "object": "model",
+            "created": self.started_at,
+            "owned_by": "kubetune",
+        }
+        config = self.state.config
+        cards = {
+            version.name: version.model_card.model_dump(by_alias=True)
+            for version in config.versions
+            if version.model_card is not None
+        }
+        if cards:
+            control = config.control_version
+            document["model_card"] = {"version": control, **cards[control]} if control in cards else None
+            document["model_cards"] = cards
+        return document
 
     async def models(self, request: Request) -> Response:
         async def answer(exchange: Exchange) -> Response:
@@ -585,10 +805,36 @@ class Gateway:
                 raise GatewayError(
                     503, "feedback cannot be recorded now; retry shortly", error_type="service_unavailable"
                 ) from exc
+            await self.capture.rate(rated_id, score)
             document = {"requestId": rated_id, "version": version, "score": score}
             return json_response(document, tracing_headers(exchange.request_id, version))
 
         return await self._guarded(request, Scope.FEEDBACK, answer)
+
+    async def feedback_records(self, request: Request) -> Response:
+        """``GET /v1/feedback/records``: the rated completions' content (spec.feedback.capture)."""
+
+        async def answer(exchange: Exchange) -> Response:
+            if not self.capture.on:
+                raise GatewayError(
+                    404,
+                    "this deployment keeps no feedback content: set spec.feedback.capture: true",
+                    error_type="not_found_error",
+                    code="feedback_capture_off",
+                )
+            try:
+                records = await self.capture.records()
+            except CaptureUnavailable as exc:
+                log.error("%s", exc)
+                raise GatewayError(
+                    503,
+                    "the feedback records cannot be read now; retry shortly",
+                    error_type="service_unavailable",
+                    retry_after=1,
+                ) from exc
+            return json_response({"object": "list", "data": records})
+
+        return await self._guarded(request, Scope.ADMIN, answer)
 
     async def experiments_report(self, request: Request) -> Response:
         async def answer(exchange: Exchange) -> Response:
@@ -618,7 +864,7 @@ class Gateway:
             "configError": self.reloader.last_error if self.reloader is not None else None,
             "auth": "on" if self.access.auth_on else "off",
             "limitStoreError": self.access.store_problem,
-            "keysError": self.access.keyring.error,
+            "keysError": self.access.keyring.error or self.access.keyring.watch_error,
         }
 
     async def readyz(self, request: Request) -> Response:
@@ -668,6 +914,11 @@ def _answer_headers(sent: UpstreamBody, retried_from: str | None) -> dict[str, s
     return headers
 
 
+def _constitution(state: GatewayState, version: str) -> ConstitutionConfig | None:
+    prompt = state.prompts[version]
+    return prompt.constitution if prompt is not None else None
+
+
 def _check_model(model: str | None, deployment: str) -> None:
     if not model:
         raise invalid_request(f"model is required (this gateway serves the model {deployment!r})", "model")
@@ -712,6 +963,7 @@ def create_app(config_source: ConfigSource, reload_interval_seconds: float = 1.0
             Route("/v1/models", gateway.models, methods=["GET"]),
             Route("/v1/models/{model:path}", gateway.model, methods=["GET"]),
             Route("/v1/feedback", gateway.feedback, methods=["POST"]),
+            Route("/v1/feedback/records", gateway.feedback_records, methods=["GET"]),
             Route("/v1/experiments", gateway.experiments_report, methods=["GET"]),
             Route("/healthz", gateway.healthz, methods=["GET"]),
             Route("/readyz", gateway.readyz, methods=["GET"]),

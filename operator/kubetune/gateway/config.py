@@ -28,7 +28,9 @@ import httpx
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from kubetune_contract.deployment import ContextWindow
+from kubetune.gateway.access.keys import KEY_FILE_NAME
+from kubetune_contract.deployment import GENERATED_PROMPT_PARTS, ContextWindow
+from kubetune_contract.guardrails import Guardrails
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,13 @@ class Pricing(GatewayModel):
         return (prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million) / 1e6
 
 
+class ModelCardLinks(GatewayModel):
+    """The model card a kubetune-published model carries (MODEL_CARD.md and model-card.json beside it)."""
+
+    markdown: str = Field(min_length=1, description="URI of MODEL_CARD.md.")
+    json_uri: str = Field(min_length=1, alias="json", description="URI of model-card.json.")
+
+
 class VersionConfig(GatewayModel):
     name: VersionName
     url: UpstreamUrl = Field(description="Base URL of the version's OpenAI-compatible server.")
@@ -102,6 +111,9 @@ class VersionConfig(GatewayModel):
         "goes to the ready versions, and with none ready the gateway answers 503 with Retry-After.",
     )
     pricing: Pricing | None = Field(default=None, description="Cost of the version's tokens; none: free.")
+    model_card: ModelCardLinks | None = Field(
+        default=None, description="Where the model card of the version's published model is."
+    )
 
 
 class RoutingConfig(GatewayModel):
@@ -171,10 +183,41 @@ class ReasoningConfig(GatewayModel):
     close: str = Field(min_length=1)
 
 
+class SystemPartConfig(GatewayModel):
+    """One part of a composed system message: a promptParts entry's text (resolved by the operator),
+    or, without text, a part the gateway generates per request (``GENERATED_PROMPT_PARTS``)."""
+
+    name: str = Field(min_length=1)
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_or_generated(self) -> SystemPartConfig:
+        if self.text is None and self.name not in GENERATED_PROMPT_PARTS:
+            raise ValueError(
+                f"part {self.name!r} needs text (only {', '.join(GENERATED_PROMPT_PARTS)} are generated)"
+            )
+        return self
+
+
+class PrincipleConfig(GatewayModel):
+    name: str = Field(min_length=1)
+    text: str = Field(min_length=1)
+
+
+class ConstitutionConfig(GatewayModel):
+    """Critique and revise (the gateway's ``constitution`` module)."""
+
+    principles: list[PrincipleConfig] = Field(min_length=1)
+    revise: bool = True
+
+
 class PromptConfig(GatewayModel):
     """A version's prompt: system message, few-shot examples and a template for the last user turn."""
 
     name: str = Field(min_length=1)
+    system_parts: list[SystemPartConfig] = Field(
+        default=[], description="Parts of the system message, before system."
+    )
     system: str | None = None
     template: str | None = Field(
         default=None,
@@ -184,6 +227,7 @@ class PromptConfig(GatewayModel):
     examples: list[PromptExample] = []
     few_shot: FewShotConfig | None = None
     reasoning: ReasoningConfig | None = None
+    constitution: ConstitutionConfig | None = None
 
     @model_validator(mode="after")
     def _template_uses_input(self) -> PromptConfig:
@@ -239,6 +283,14 @@ class HealthConfig(GatewayModel):
     )
 
 
+class ScaleFromZeroConfig(GatewayModel):
+    """Versions scale to zero (spec.serving.autoscaling.minReplicas 0): requests for a version that is not
+    ready are held until it is (kubetune.gateway.cold_start), not routed elsewhere."""
+
+    max_held_requests: int = Field(default=100, ge=1, description="Most requests held per version.")
+    hold_seconds: float = Field(default=120, gt=0, description="Longest a request is held, then 503.")
+
+
 class RateLimits(GatewayModel):
     """Limits on one key or tenant; unset: no limit of that kind."""
 
@@ -268,6 +320,16 @@ class LimitsConfig(GatewayModel):
         return self.per_key.any or self.per_tenant.any or any(limits.any for limits in self.tenants.values())
 
 
+REDIS_PASSWORD_ENV = "KUBETUNE_REDIS_PASSWORD"
+
+
+class SecretKeySelector(GatewayModel):
+    """A key of a Secret in the gateway's namespace."""
+
+    name: str = Field(min_length=1, description="The Secret's name.")
+    key: str = Field(min_length=1, description="The key within the Secret.")
+
+
 class LimitStoreConfig(GatewayModel):
     redis_url: str | None = Field(
         default=None,
@@ -275,6 +337,12 @@ class LimitStoreConfig(GatewayModel):
         description="Redis the replicas share the counters in; none: counters in this process.",
     )
     redis_password_file: str | None = Field(default=None, description="File holding Redis's password.")
+    redis_password_secret: SecretKeySelector | None = Field(
+        default=None,
+        description=f"The Secret key holding Redis's password. The gateway reads the password from "
+        f"${REDIS_PASSWORD_ENV}, which a cluster sets from this Secret (locally: export it); unset "
+        "there, the store is reported unavailable rather than asked without a password.",
+    )
     key_prefix: str = Field(default="kubetune", min_length=1, description="Prefix of every Redis key.")
     on_unavailable: Literal["failOpen", "failClosed"] = Field(
         default="failClosed",
@@ -289,6 +357,10 @@ class AuditConfig(GatewayModel):
     stdout: bool = Field(default=False, description="Also write every audit line to stdout.")
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Rotate the file past this size.")
     keep_files: int = Field(default=10, ge=1, description="Rotated files kept (path.1 is the newest).")
+    log_content: bool = Field(
+        default=False,
+        description="Also write the prompt and completion, PII-redacted (never unredacted).",
+    )
 
     @property
     def enabled(self) -> bool:
@@ -308,6 +380,13 @@ class AccessConfig(GatewayModel):
         description="The key file (hashes only); reloaded on change. Absent or empty with auth "
         "required: every request is refused (401), never let through.",
     )
+    keys_secret: str | None = Field(
+        default=None,
+        description=f"The Secret (in the gateway's namespace) whose key {KEY_FILE_NAME!r} is the key "
+        "file, watched through the Kubernetes API (in-cluster or $KUBECONFIG) so a created or revoked "
+        "key applies within seconds; keysFile, its mounted copy, is the start state and the fallback "
+        "while the watch fails.",
+    )
     signing_key_file: str | None = Field(
         default=None,
         description="HMAC key signing response ids, shared by replicas so any accepts feedback; "
@@ -316,6 +395,20 @@ class AccessConfig(GatewayModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     store: LimitStoreConfig = Field(default_factory=LimitStoreConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+
+
+class FeedbackCaptureConfig(GatewayModel):
+    """spec.feedback: the content of rated completions kept (kubetune.gateway.capture)."""
+
+    capture: bool = Field(default=False, description="Keep prompt and completion of rated completions.")
+    max_records: int = Field(default=10_000, ge=1, description="Most rated records kept.")
+    max_age_seconds: float = Field(default=30 * 24 * 3600.0, gt=0, description="Rated records' lifetime.")
+    window_seconds: float = Field(default=3600.0, gt=0, description="How long content waits for feedback.")
+    path: str | None = Field(
+        default=None,
+        description="File of the rated records when access.store has no Redis (local: under "
+        "$KUBETUNE_HOME); none and no Redis: this process's memory.",
+    )
 
 
 class GatewayConfig(GatewayModel):
@@ -332,7 +425,14 @@ class GatewayConfig(GatewayModel):
     fallback: FallbackConfig | None = None
     timeouts: TimeoutsConfig = TimeoutsConfig()
     health: HealthConfig = HealthConfig()
+    scale_from_zero: ScaleFromZeroConfig | None = Field(
+        default=None, description="Set when the versions scale to zero: hold their requests while they start."
+    )
     access: AccessConfig = Field(default_factory=AccessConfig)
+    feedback: FeedbackCaptureConfig = Field(default_factory=FeedbackCaptureConfig)
+    guardrails: Guardrails | None = Field(
+        default=None, description="The deployment's spec.guardrails as written (the guards package runs it)."
+    )
 
     @model_validator(mode="after")
     def _references_resolve(self) -> GatewayConfig:

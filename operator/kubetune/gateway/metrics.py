@@ -10,11 +10,18 @@ produced the entry (``cache_hits_total`` tells hits apart). ``endpoint`` is the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
 MetricT = TypeVar("MetricT", Counter, Gauge, Histogram, Summary)
+
+OPEN_REQUESTS_METRIC = "kubetune_gateway_open_requests"
+"""Per version: requests the gateway holds (the version is scaling up from zero) or has sent and not
+yet answered. KEDA scales a version with minReplicas 0 on it (kubetune.kube.children)."""
+HELD_REQUESTS_METRIC = "kubetune_gateway_held_requests_total"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -78,6 +85,18 @@ class GatewayMetrics:
             ["deployment", "from_version", "to_version"],
             registry=self.registry,
         )
+        self.constitution_critiques = Counter(
+            "kubetune_gateway_constitution_critiques_total",
+            "Answers critiqued against a prompt's constitution, by verdict (complies, violates).",
+            ["deployment", "version", "verdict"],
+            registry=self.registry,
+        )
+        self.constitution_revisions = Counter(
+            "kubetune_gateway_constitution_revisions_total",
+            "Answers rewritten because the critique found them violating the principle.",
+            ["deployment", "version", "principle"],
+            registry=self.registry,
+        )
         usage_labels = ["deployment", "version", "key", "tenant"]
         self.usage_requests = Counter(
             "kubetune_gateway_usage_requests_total",
@@ -111,6 +130,29 @@ class GatewayMetrics:
             ["deployment", "behaviour"],
             registry=self.registry,
         )
+        self.guard_decisions = Counter(
+            "kubetune_gateway_guard_decisions_total",
+            "Guard decisions (spec.guardrails) by guard and action: pass, flag, block, redact; stage "
+            "input (user messages, tool results) or output (the answer).",
+            ["deployment", "guard", "action", "stage"],
+            registry=self.registry,
+        )
+
+        self.open_requests = Gauge(
+            OPEN_REQUESTS_METRIC,
+            "Requests for a version that the gateway holds while it scales up from zero, or has sent "
+            "and not yet answered.",
+            ["deployment", "version"],
+            registry=self.registry,
+        )
+        self.held_requests = Counter(
+            HELD_REQUESTS_METRIC.removesuffix("_total"),
+            "Requests held for a version scaling up from zero, by outcome: ready (sent once it was), "
+            "timeout (503 after holdTimeout), full (503 at once: maxHeldRequests were held), "
+            "cancelled (the client left).",
+            ["deployment", "version", "outcome"],
+            registry=self.registry,
+        )
 
         # labels() takes a lock and builds a key on every call; the hot path looks children up here.
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -121,6 +163,17 @@ class GatewayMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found  # type: ignore[no-any-return]
+
+    @contextmanager
+    def open_request(self, deployment: str, version: str) -> Iterator[None]:
+        """Count a request sent to ``version`` in the open-requests gauge until it is answered (a
+        stream: until its answer starts)."""
+        gauge = self.child(self.open_requests, deployment, version)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
 
     def record_attempt(self, deployment: str, version: str, endpoint: str, code: int, seconds: float) -> None:
         self.child(self.requests, deployment, version, endpoint, str(code)).inc()

@@ -5,6 +5,8 @@ sent are kept right after it, never replaced, so nothing the client wrote is dro
 few-shot examples as user/assistant turns; then the rest of the conversation, whose last user
 message is rendered through the template.
 
+The version's system message is composed from the prompt's parts (``system``), per request.
+
 Completions (no roles): the template is applied to the prompt (to each prompt of a list); the system
 message and the examples, when present, are put before it as plain text blocks separated by a blank
 line, each example as its user text, a newline and its assistant text.
@@ -20,7 +22,8 @@ a single pass, so a value that itself contains ``{{...}}`` is inserted literally
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kubetune.gateway.config import INPUT_VARIABLE, TEMPLATE_VARIABLE, PromptConfig
@@ -31,9 +34,13 @@ from kubetune.gateway.fewshot import (
     PoolCache,
     PoolExample,
     Selection,
+    header_value,
     select_examples,
     upper_bound_tokens,
 )
+from kubetune.gateway.generation import CHAT_ENDPOINT
+from kubetune.gateway.system import system_message
+from kubetune_contract.openai import HIDDEN_REASONING_FIELD
 
 
 class FewShotSpec(Protocol):
@@ -106,9 +113,11 @@ def render_chat_messages(
     version: str,
     metadata: Any,
     selected: Sequence[PoolExample] = (),
+    request: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The conversation with the version's prompt applied (a new list; ``messages`` is unchanged);
-    ``selected`` examples follow the prompt's fixed ones."""
+    ``selected`` examples follow the prompt's fixed ones; ``request`` (the body) feeds generated
+    system-message parts."""
     rendered = list(messages)
     if prompt.template is not None:
         values = template_values(prompt, version, metadata)
@@ -131,8 +140,9 @@ def render_chat_messages(
     while leading_system < len(rendered) and rendered[leading_system].get("role") in _SYSTEM_ROLES:
         leading_system += 1
     prefix: list[dict[str, Any]] = []
-    if prompt.system is not None:
-        prefix.append({"role": "system", "content": prompt.system})
+    system = system_message(prompt, request or {})
+    if system is not None:
+        prefix.append({"role": "system", "content": system})
     prefix.extend(rendered[:leading_system])
     for user, assistant in _example_turns(prompt, selected):
         prefix.append({"role": "user", "content": user})
@@ -146,10 +156,12 @@ def render_completion_prompt(
     version: str,
     metadata: Any,
     selected: Sequence[PoolExample] = (),
+    request: Mapping[str, Any] | None = None,
 ) -> Any:
     """The completions ``prompt`` field with the version's prompt applied."""
     values = template_values(prompt, version, metadata) if prompt.template is not None else {}
-    blocks = [] if prompt.system is None else [prompt.system]
+    system = system_message(prompt, request or {})
+    blocks = [] if system is None else [system]
     blocks.extend(f"{user}\n{assistant}" for user, assistant in _example_turns(prompt, selected))
 
     def render_one(text: str) -> str:
@@ -201,9 +213,10 @@ def render_chat_with_few_shot(
     few_shot: FewShotSpec | None,
     pools: PoolCache,
     max_prompt_tokens: int,
+    request: Mapping[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[PoolExample]]:
     """The conversation with the prompt and the pool's examples for it, and those examples."""
-    rendered = render_chat_messages(messages, prompt, version, metadata)
+    rendered = render_chat_messages(messages, prompt, version, metadata, request=request)
     if few_shot is None:
         return rendered, []
     used = sum(
@@ -212,7 +225,7 @@ def render_chat_with_few_shot(
         if isinstance(content := message.get("content"), str)
     )
     selected = _pool_examples(few_shot, pools, last_user_text(messages), used, max_prompt_tokens)
-    return render_chat_messages(messages, prompt, version, metadata, selected), selected
+    return render_chat_messages(messages, prompt, version, metadata, selected, request), selected
 
 
 def render_completion_with_few_shot(
@@ -223,13 +236,52 @@ def render_completion_with_few_shot(
     few_shot: FewShotSpec | None,
     pools: PoolCache,
     max_prompt_tokens: int,
+    request: Mapping[str, Any] | None = None,
 ) -> tuple[Any, list[PoolExample]]:
     """The completions prompt with the prompt and the pool's examples for it, and those examples."""
-    rendered = render_completion_prompt(prompt_field, prompt, version, metadata)
+    rendered = render_completion_prompt(prompt_field, prompt, version, metadata, request=request)
     if few_shot is None:
         return rendered, []
     texts = [rendered] if isinstance(rendered, str) else list(rendered)
     query = prompt_field if isinstance(prompt_field, str) else prompt_field[0]
     used = max(upper_bound_tokens(text) for text in texts)
     selected = _pool_examples(few_shot, pools, query, used, max_prompt_tokens)
-    return render_completion_prompt(prompt_field, prompt, version, metadata, selected), selected
+    return render_completion_prompt(prompt_field, prompt, version, metadata, selected, request), selected
+
+
+@dataclass(frozen=True)
+class AppliedPrompt:
+    """A request body with a version's prompt applied, and the few-shot header naming the pool
+    lines used (None: the prompt has no pool)."""
+
+    body: dict[str, Any]
+    few_shot: str | None
+
+
+def apply_prompt(
+    endpoint: str,
+    body: Mapping[str, Any],
+    prompt: PromptConfig | None,
+    version: str,
+    pools: PoolCache,
+    max_prompt_tokens: int,
+) -> AppliedPrompt:
+    """What the gateway sends ``version`` for ``body`` (a new dict, without ``metadata``): the
+    prompt's system message, examples and template applied, and hidden reasoning asked for. The
+    gateway and ``kubetune prompt render`` both call this, so the CLI shows what is sent."""
+    upstream = dict(body)
+    metadata = upstream.pop("metadata", None)
+    if prompt is None:
+        return AppliedPrompt(upstream, None)
+    if endpoint == CHAT_ENDPOINT:
+        upstream["messages"], selected = render_chat_with_few_shot(
+            upstream["messages"], prompt, version, metadata, prompt.few_shot, pools, max_prompt_tokens, body
+        )
+    else:
+        upstream["prompt"], selected = render_completion_with_few_shot(
+            upstream["prompt"], prompt, version, metadata, prompt.few_shot, pools, max_prompt_tokens, body
+        )
+    if prompt.reasoning is not None:
+        # the model server drops what the model writes between the markers
+        upstream[HIDDEN_REASONING_FIELD] = {"open": prompt.reasoning.open, "close": prompt.reasoning.close}
+    return AppliedPrompt(upstream, header_value(selected) if prompt.few_shot is not None else None)

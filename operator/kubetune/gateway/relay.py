@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import anyio
@@ -28,6 +28,27 @@ log = logging.getLogger(__name__)
 
 StreamFinished = Callable[[int, float, "float | None"], None]
 """(status code to record, when the stream finished, when its first text arrived) — called once."""
+
+
+class ChunkGuard(Protocol):
+    """Output guards on a stream (kubetune.gateway.guards.StreamGuard): rewrites each JSON chunk,
+    returns the chunks with held-back text at the end, and sets ``refusal`` (an OpenAI error body)
+    when the rest of the stream must not reach the client."""
+
+    refusal: dict[str, Any] | None
+
+    def chunk(self, chunk: dict[str, Any]) -> dict[str, Any] | None: ...
+
+    def done(self) -> list[dict[str, Any]]: ...
+
+
+class StreamRefused(Exception):
+    """A guard refused the rest of the stream; the relay ends it with this error event."""
+
+    def __init__(self, error: dict[str, Any], sent: bytes) -> None:
+        super().__init__("a guard refused the stream")
+        self.error = error
+        self.sent = sent
 
 
 def _has_generated_text(chunk: dict[str, Any]) -> bool:
@@ -56,7 +77,11 @@ class SseRelay:
         drop_usage_chunks: bool,
         on_usage: Callable[[Any], None],
         on_first_text: Callable[[], None],
+        guard: ChunkGuard | None = None,
+        on_sent: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        self._guard = guard
+        self._on_sent = on_sent
         self._request_id = request_id
         self._drop_usage_chunks = drop_usage_chunks
         self._on_usage = on_usage
@@ -73,16 +98,34 @@ class SseRelay:
                 break
             event, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
             rewritten = self._event(event)
+            if self._guard is not None and self._guard.refusal is not None:
+                raise StreamRefused(self._guard.refusal, b"".join(out))
             if rewritten is not None:
                 out.append(rewritten + b"\n\n")
         return b"".join(out)
 
     def flush(self) -> bytes:
         rest, self._buffer = self._buffer, b""
+        held = self._held_back()
         if not rest.strip():
-            return b""
+            return held
         rewritten = self._event(rest.rstrip(b"\n"))
-        return b"" if rewritten is None else rewritten + b"\n\n"
+        return held + (b"" if rewritten is None else rewritten + b"\n\n")
+
+    def _held_back(self) -> bytes:
+        """The guards' held-back text as chunks (once), before the stream's end."""
+        if self._guard is None:
+            return b""
+        chunks = self._guard.done()
+        if self._guard.refusal is not None:
+            raise StreamRefused(self._guard.refusal, b"")
+        self._guard = None
+        if self._on_sent is not None:
+            for chunk in chunks:
+                self._on_sent(chunk)
+        return b"".join(
+            b"data: " + json_bytes({**chunk, "id": self._request_id}) + b"\n\n" for chunk in chunks
+        )
 
     def _event(self, event: bytes) -> bytes | None:
         lines = event.split(b"\n")
@@ -91,7 +134,7 @@ class SseRelay:
             return event
         data = b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in data_lines)
         if data.strip() == b"[DONE]":
-            return event
+            return self._held_back() + event
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -102,11 +145,18 @@ class SseRelay:
             self._on_usage(chunk["usage"])
             if self._drop_usage_chunks and not chunk.get("choices"):
                 return None
+        if self._guard is not None and chunk.get("choices"):
+            guarded = self._guard.chunk(chunk)
+            if guarded is None:
+                return None
+            chunk = guarded
         if not self._seen_text and _has_generated_text(chunk):
             self._seen_text = True
             self._on_first_text()
         if "id" in chunk:
             chunk["id"] = self._request_id
+        if self._on_sent is not None:
+            self._on_sent(chunk)
         other_lines = [line for line in lines if not line.startswith(b"data:")]
         return b"\n".join([*other_lines, b"data: " + json_bytes(chunk)])
 
@@ -145,6 +195,8 @@ def relay_stream(
     on_usage: Callable[[Any], None],
     on_finished: StreamFinished,
     settle: Callable[[], Awaitable[None]] | None = None,
+    guard: ChunkGuard | None = None,
+    on_sent: Callable[[dict[str, Any]], None] | None = None,
 ) -> RelayedStream:
     """The client's response for a stream ``attempt`` opened (its first chunk already read); each
     later chunk must come within ``idle``.
@@ -152,7 +204,10 @@ def relay_stream(
     The upstream is released and ``on_finished`` called once: when the upstream is done (before the
     client sees the end of the response, so the metrics are there when it asks), or when the client
     goes away first. ``settle`` (when given) is awaited after each chunk that reported usage and
-    before that chunk is passed on, so what it records is in place before the client reads the end."""
+    before that chunk is passed on, so what it records is in place before the client reads the end.
+    ``guard`` (when given) rewrites the answer's text; when it refuses, the client gets what was
+    already sent, then an error event with the guard's code, and the upstream is let go. ``on_sent``
+    (when given) sees each JSON chunk as the client gets it."""
     response, chunks = attempt.stream, attempt.chunks
     if response is None or chunks is None:
         raise ValueError(f"the attempt on version {attempt.version!r} holds no open stream")
@@ -179,7 +234,14 @@ def relay_stream(
             await settle()
         return out
 
-    relay = SseRelay(request_id, drop_usage_chunks, on_usage=note_usage, on_first_text=on_first_text)
+    relay = SseRelay(
+        request_id,
+        drop_usage_chunks,
+        on_usage=note_usage,
+        on_first_text=on_first_text,
+        guard=guard,
+        on_sent=on_sent,
+    )
     is_sse = attempt.content_type.startswith("text/event-stream")
 
     def finish() -> None:
@@ -208,6 +270,11 @@ def relay_stream(
             finish()
             if tail:
                 yield tail
+        except StreamRefused as refused:
+            finish()
+            if refused.sent:
+                yield refused.sent
+            yield b"data: " + json_bytes(refused.error) + b"\n\n"
         except Exception as exc:  # whatever broke, the client gets an error event, not a cut stream
             timed_out = isinstance(exc, TimeoutError)
             code = 504 if timed_out else 502

@@ -56,7 +56,12 @@ class DeploymentRuntime:
 
     def serving(self) -> KubernetesServing:
         images = ChildImages(serving=self.settings.serving_image, gateway=self.settings.gateway_image)
-        return KubernetesServing(self.client, images, retire_after_s=self.settings.retire_after_s)
+        return KubernetesServing(
+            self.client,
+            images,
+            retire_after_s=self.settings.retire_after_s,
+            prometheus_url=self.settings.prometheus_url,
+        )
 
 
 def _runtime(memo: kopf.Memo) -> DeploymentRuntime:

@@ -197,9 +197,13 @@ async def _reconcile(
 
 
 @kopf.timer(GROUP, VERSION, "finetunejobs", interval=_INTERVAL_S, initial_delay=0, when=_unfinished)
-async def reconcile_finetunejob(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+async def reconcile_finetunejob(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **kwargs: Any) -> None:
+    # A distillation job may take its teacher from another FineTuneJob (the index, as for QuantizeJobs).
+    lookup = _lookup(kwargs["finetunejobs_by_name"])
     backends = _backends(memo)
-    await _reconcile("FineTuneJob", body, patch, memo, lambda fresh: reconcile_finetune(fresh, backends))
+    await _reconcile(
+        "FineTuneJob", body, patch, memo, lambda fresh: reconcile_finetune(fresh, backends, lookup=lookup)
+    )
 
 
 @kopf.timer(GROUP, VERSION, "quantizejobs", interval=_INTERVAL_S, initial_delay=0, when=_unfinished)

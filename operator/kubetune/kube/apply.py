@@ -23,6 +23,7 @@ from typing import Any
 from lightkube import ApiError, AsyncClient
 from lightkube.core.resource import NamespacedResource
 from lightkube.core.resource_registry import resource_registry
+from lightkube.generic_resource import create_namespaced_resource
 from lightkube.types import CascadeType, PatchType
 
 from kubetune.kube.client import FIELD_MANAGER
@@ -32,7 +33,9 @@ __all__ = [
     "DEPLOYMENTS",
     "FIELD_MANAGER",
     "HORIZONTAL_POD_AUTOSCALERS",
+    "SCALED_OBJECTS",
     "SERVICES",
+    "AddonMissing",
     "ChildConflict",
     "apply",
     "controller_uid",
@@ -50,6 +53,16 @@ class ChildConflict(Exception):
     """An object with a child's name exists and is not controlled by the child's owner."""
 
 
+class AddonMissing(Exception):
+    """The cluster does not serve an add-on's kind (its CRD is not installed)."""
+
+    def __init__(self, resource: ChildResource) -> None:
+        super().__init__(
+            f"the cluster has no {resource.api_version} {resource.kind}: install the add-on that defines "
+            f"it ({resource.group})"
+        )
+
+
 # ---- resources -------------------------------------------------------------------------------------
 
 
@@ -60,6 +73,10 @@ def _child_resource(plural: str) -> ChildResource:
 DEPLOYMENTS = _child_resource("deployments")
 SERVICES = _child_resource("services")
 HORIZONTAL_POD_AUTOSCALERS = _child_resource("horizontalpodautoscalers")
+SCALED_OBJECTS = _child_resource("scaledobjects")
+# lightkube knows the built-in kinds; an add-on's kind is registered as a generic resource
+for _addon in (resource for resource in CHILD_RESOURCES if resource.from_addon):
+    create_namespaced_resource(_addon.group, _addon.version, _addon.kind, _addon.plural)
 
 
 def resource_class(resource: ChildResource) -> type[NamespacedResource]:
@@ -102,6 +119,15 @@ def not_found(error: ApiError) -> bool:
     return status_code(error) == 404
 
 
+def _kind_not_served(resource: ChildResource, error: Exception) -> bool:
+    """An add-on's kind the API server does not serve: a plain-text 404 for its path, which lightkube
+    raises as its HTTP client's status error (not as an ApiError, which carries a Status)."""
+    if not resource.from_addon or isinstance(error, ApiError):
+        return False
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None) == 404
+
+
 # ---- operations ------------------------------------------------------------------------------------
 
 
@@ -113,6 +139,10 @@ async def get(
     except ApiError as error:
         if not_found(error):
             return None
+        raise
+    except Exception as error:
+        if _kind_not_served(resource, error):
+            raise AddonMissing(resource) from error
         raise
     return _as_dict(found)
 
@@ -163,11 +193,17 @@ async def merge_patch(
 async def list_objects(
     client: AsyncClient, resource: ChildResource, namespace: str, labels: Mapping[str, str]
 ) -> list[dict[str, Any]]:
-    """The objects of one kind in ``namespace`` carrying every label of ``labels``."""
-    return [
-        _as_dict(found)
-        async for found in client.list(resource_class(resource), namespace=namespace, labels=dict(labels))
-    ]
+    """The objects of one kind in ``namespace`` carrying every label of ``labels`` (none of an add-on's
+    kind whose CRD the cluster does not have)."""
+    try:
+        return [
+            _as_dict(found)
+            async for found in client.list(resource_class(resource), namespace=namespace, labels=dict(labels))
+        ]
+    except Exception as error:
+        if _kind_not_served(resource, error):
+            return []
+        raise
 
 
 async def delete(client: AsyncClient, resource: ChildResource, namespace: str, name: str) -> bool:

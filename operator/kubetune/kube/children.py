@@ -20,6 +20,9 @@ Per version ``v`` of ModelDeployment ``d``:
   adapter (e.g. prometheus-adapter with a rule exposing that series per pod). Without one the HPA
   reports ``FailedGetPodsMetric`` and keeps the current replica count, never below minReplicas.
   CPU utilisation was not used because it does not measure what ``targetConcurrency`` promises.
+* KEDA ScaledObject ``d-v`` instead of the HPA when ``spec.serving.autoscaling.minReplicas`` is 0
+  (:func:`build_version_scaled_object`): KEDA needs to be installed, and reads the gateway's
+  :data:`~kubetune.gateway.metrics.OPEN_REQUESTS_METRIC` from the operator's Prometheus.
 
 The gateway of ``d``:
 
@@ -36,9 +39,14 @@ version pod of ``d`` only the deployment's gateway pods and, on the serving port
 labelled ``kubetune.dev/metrics-scraper: "true"`` (Prometheus), so the key check cannot be skipped by
 calling ``d-<version>`` directly. The
 gateway mounts the Secret ``d-gateway-access`` (keys ``keys.json``, the key hashes, and
-``signing.key``) read-only at ``/etc/kubetune/access``; it is optional, and without it a gateway whose
+``signing.key``) read-only at ``/etc/kubetune/access``, and watches it through the API as its own
+ServiceAccount ``d-gateway`` (so a revoked key is refused within seconds, not at the kubelet's next
+sync); ``kubetune keys`` creates that Secret and the Role that lets only ``d-gateway`` read it
+(:mod:`kubetune.kube.gateway_access`). It is optional, and without it a gateway whose
 ``spec.access.auth`` is unset or ``required`` refuses every request (401). An unset ``auth`` is
-``required`` here, and the audit log goes to the gateway's stdout.
+``required`` here, and the audit log goes to the gateway's stdout. Redis's password, when
+``spec.access.store.passwordSecretRef`` names one, reaches the gateway as ``KUBETUNE_REDIS_PASSWORD``
+from that Secret.
 
 Every object carries the ModelDeployment as its controller ownerReference (garbage-collected with
 it), the ``app.kubernetes.io/*`` labels and ``kubetune.dev/deployment`` (``kubetune.dev/version`` on
@@ -52,12 +60,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.config import OPERATOR_IMAGE, RUNTIME_IMAGE
+from kubetune.config import OPERATOR_IMAGE, PROMETHEUS_URL_ENV, RUNTIME_IMAGE
+from kubetune.gateway.access.keys import KEY_FILE_NAME, SIGNING_KEY_FILE_NAME
+from kubetune.gateway.config import REDIS_PASSWORD_ENV
+from kubetune.gateway.metrics import OPEN_REQUESTS_METRIC
 from kubetune.plan.versions import DeploymentRef, VersionServing
 from kubetune_contract.deployment import DNS_LABEL_PATTERN, Serving
 from kubetune_contract.serving import MODEL_DIR_ENV
@@ -72,6 +84,7 @@ BENTOML_HOME = "/var/lib/bentoml"
 TMP_DIR = "/tmp"
 IN_FLIGHT_METRIC = "bentoml_service_request_in_progress"
 RUN_AS_USER = 1000
+SCALED_OBJECT_POLLING_S = 5  # how often KEDA reads a version's open requests: a held request waits this long
 
 DEPLOYMENT_LABEL = "kubetune.dev/deployment"
 VERSION_LABEL = "kubetune.dev/version"
@@ -83,8 +96,8 @@ MODEL_URI_ANNOTATION = "kubetune.dev/model-uri"
 RETIRED_AT_ANNOTATION = "kubetune.dev/retired-at"  # when a removed version's Deployment was retired
 DOWNLOAD_CACHE = "/var/cache/kubetune"
 ACCESS_DIR = "/etc/kubetune/access"
-ACCESS_KEYS_FILE = "keys.json"
-ACCESS_SIGNING_KEY_FILE = "signing.key"
+ACCESS_KEYS_FILE = KEY_FILE_NAME
+ACCESS_SIGNING_KEY_FILE = SIGNING_KEY_FILE_NAME
 METRICS_SCRAPER_LABEL = "kubetune.dev/metrics-scraper"
 MAX_BENTO_NAME = 63  # kubetune_components.serving.bento.MAX_NAME_LENGTH
 
@@ -142,6 +155,11 @@ def version_url(ref: DeploymentRef, version: str) -> str:
 def gateway_access_secret_name(deployment: str) -> str:
     """The Secret holding a deployment's key hashes and signing key, mounted by its gateway only."""
     return _dns_label(f"{deployment}-gateway-access")
+
+
+def gateway_service_account_name(deployment: str) -> str:
+    """The gateway pods' ServiceAccount: the identity the Role of its key Secret is bound to."""
+    return _dns_label(f"{deployment}-gateway")
 
 
 def gateway_endpoint(ref: DeploymentRef) -> str:
@@ -503,11 +521,67 @@ def build_versions_network_policy(ref: DeploymentRef) -> dict[str, Any]:
     }
 
 
+def open_requests_query(deployment: str, version: str) -> str:
+    """The PromQL of a version's demand: requests its deployment's gateways hold or have in flight."""
+    selector = f'deployment="{deployment}",version="{version}"'
+    return f"sum({OPEN_REQUESTS_METRIC}{{{selector}}}) or vector(0)"
+
+
+def build_version_scaled_object(
+    ref: DeploymentRef, version: str, serving: Serving, prometheus_url: str | None
+) -> dict[str, Any] | None:
+    """The version's KEDA ScaledObject when spec.serving.autoscaling.minReplicas is 0, else None.
+
+    KEDA scales the version's Deployment between 0 and maxReplicas on the gateways' open requests for
+    it (held while it scales up from zero, or in flight), read from the operator's Prometheus
+    (KUBETUNE_PROMETHEUS_URL): one held request wakes it, targetConcurrency per replica scales it out,
+    and scaleToZeroAfter without requests scales it to zero.
+    """
+    autoscaling = serving.autoscaling
+    if autoscaling is None or not autoscaling.scales_to_zero:
+        return None
+    if prometheus_url is None:
+        raise ValueError(
+            f"spec.serving.autoscaling.minReplicas: 0 needs the operator's {PROMETHEUS_URL_ENV}: KEDA "
+            "scales the version on the gateway's open requests, read from that Prometheus"
+        )
+    name = version_child_name(ref.name, version)
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": _metadata(ref, name, version_labels(ref.name, version)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicaCount": 0,
+            "maxReplicaCount": autoscaling.max_replicas,
+            "cooldownPeriod": math.ceil(autoscaling.idle_seconds_before_zero),
+            "pollingInterval": SCALED_OBJECT_POLLING_S,
+            "triggers": [
+                {
+                    "type": "prometheus",
+                    "metricType": "AverageValue",
+                    "metadata": {
+                        "serverAddress": prometheus_url,
+                        "query": open_requests_query(ref.name, version),
+                        "threshold": str(autoscaling.target_concurrency),
+                        "activationThreshold": "0",
+                    },
+                }
+            ],
+        },
+    }
+
+
 def build_version_children(
-    ref: DeploymentRef, version: VersionServing, images: ChildImages
+    ref: DeploymentRef, version: VersionServing, images: ChildImages, prometheus_url: str | None = None
 ) -> list[dict[str, Any]]:
-    """A version's Deployment, Service and (with autoscaling) HorizontalPodAutoscaler."""
+    """A version's Deployment, Service and with autoscaling a HorizontalPodAutoscaler, or with
+    minReplicas 0 a KEDA ScaledObject (which needs ``prometheus_url``, the operator's Prometheus)."""
     children = [build_version_deployment(ref, version, images), build_version_service(ref, version.name)]
+    scaled_object = build_version_scaled_object(ref, version.name, version.serving, prometheus_url)
+    if scaled_object is not None:
+        children.append(scaled_object)
+        return children
     autoscaler = build_version_autoscaler(ref, version.name, version.serving)
     if autoscaler is not None:
         children.append(autoscaler)
@@ -526,12 +600,14 @@ def config_checksum(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(gateway_config_text(config).encode()).hexdigest()
 
 
-def cluster_gateway_config(config: Mapping[str, Any]) -> dict[str, Any]:
+def cluster_gateway_config(ref: DeploymentRef, config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` with the cluster's access settings: keys and signing key from the mounted Secret,
-    authentication required unless the spec disabled it, the audit log to stdout."""
+    which the gateway also watches through the API (changes apply within seconds, not at the
+    kubelet's next sync), authentication required unless the spec disabled it."""
     access = dict(config.get("access") or {})
     access.setdefault("auth", "required")
     access["keysFile"] = f"{ACCESS_DIR}/{ACCESS_KEYS_FILE}"
+    access["keysSecret"] = gateway_access_secret_name(ref.name)
     access["signingKeyFile"] = f"{ACCESS_DIR}/{ACCESS_SIGNING_KEY_FILE}"
     return {**config, "access": access}
 
@@ -559,7 +635,7 @@ def build_gateway_deployment(
         "command": ["kubetune", "gateway"],
         "args": ["--config", GATEWAY_CONFIG_PATH, "--host", "0.0.0.0", "--port", str(GATEWAY_PORT)],
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
-        "env": _env({"HOME": TMP_DIR, "PYTHONDONTWRITEBYTECODE": "1"}),
+        "env": _env({"HOME": TMP_DIR, "PYTHONDONTWRITEBYTECODE": "1"}) + _redis_password_env(config),
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
         "securityContext": _container_security(),
         "volumeMounts": [
@@ -586,14 +662,34 @@ def build_gateway_deployment(
         {"name": "access", "secret": access_volume},
         {"name": "tmp", "emptyDir": {}},
     ]
-    return _deployment(
-        metadata,
-        gateway_selector(ref.name),
-        labels,
-        GATEWAY_PORT,
-        {"containers": [container], "volumes": volumes},
-        replicas=replicas,
-    )
+    pod = {
+        "containers": [container],
+        "volumes": volumes,
+        # its own identity, allowed to read its own key Secret only (kubetune.kube.gateway_access)
+        "serviceAccountName": gateway_service_account_name(ref.name),
+        "automountServiceAccountToken": True,
+    }
+    return _deployment(metadata, gateway_selector(ref.name), labels, GATEWAY_PORT, pod, replicas=replicas)
+
+
+def _redis_password_env(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Redis's password from the Secret the config names, as the variable the gateway reads it from."""
+    secret = ((config.get("access") or {}).get("store") or {}).get("redisPasswordSecret")
+    if not secret:
+        return []
+    reference = {"name": secret["name"], "key": secret["key"]}
+    return [{"name": REDIS_PASSWORD_ENV, "valueFrom": {"secretKeyRef": reference}}]
+
+
+def build_gateway_service_account(ref: DeploymentRef) -> dict[str, Any]:
+    """The gateway pods' identity; it holds no rights until ``kubetune keys`` binds it to the Role of
+    the key Secret it creates (the operator itself never reads Secrets, so it cannot grant that)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(ref, gateway_service_account_name(ref.name), gateway_labels(ref.name)),
+        "automountServiceAccountToken": False,
+    }
 
 
 def build_gateway_disruption_budget(ref: DeploymentRef) -> dict[str, Any]:
@@ -615,11 +711,12 @@ def build_gateway_service(ref: DeploymentRef) -> dict[str, Any]:
 def build_gateway_children(
     ref: DeploymentRef, config: Mapping[str, Any], images: ChildImages, replicas: int = 1
 ) -> list[dict[str, Any]]:
-    """The gateway's ConfigMap, Deployment (``replicas`` pods), PodDisruptionBudget and Service (the
-    ConfigMap first: the pods mount it), and the NetworkPolicy that keeps everyone else from the
-    version pods."""
-    config = cluster_gateway_config(config)
+    """The gateway's ServiceAccount, ConfigMap, Deployment (``replicas`` pods), PodDisruptionBudget and
+    Service (the ServiceAccount and ConfigMap first: the pods need them), and the NetworkPolicy that
+    keeps everyone else from the version pods."""
+    config = cluster_gateway_config(ref, config)
     return [
+        build_gateway_service_account(ref),
         build_gateway_config_map(ref, config),
         build_gateway_deployment(ref, config, images, replicas=replicas),
         build_gateway_disruption_budget(ref),

@@ -18,9 +18,13 @@ model that can never be served says so in its termination message, which the kub
 reads to stall the ModelDeployment with ModelInvalid at once instead of crash-looping.
 
 The operator reads no Secrets: a model's token secret is mounted into pipeline pods by Kubeflow
-Pipelines, not read by the operator. ``scripts/render_manifests.py`` writes :func:`rules_document` into
-the Helm chart (charts/kubetune/files/rbac-rules.yaml) and thereby into manifests/; its ``--check`` mode
-fails when that copy is stale.
+Pipelines, not read by the operator. Nor can it grant reading one (RBAC lets nobody grant what it does
+not hold), so the Role that lets a gateway watch its own key Secret (:data:`GATEWAY_KEY_SECRET_VERBS`
+on that one name, :func:`gateway_key_secret_rules`) is created with the Secret by ``kubetune keys``,
+run by someone who may manage Secrets (:mod:`kubetune.kube.gateway_access`).
+``scripts/render_manifests.py`` writes :func:`rules_document` into the Helm chart
+(charts/kubetune/files/rbac-rules.yaml) and thereby into manifests/; its ``--check`` mode fails when
+that copy is stale.
 """
 
 from __future__ import annotations
@@ -47,16 +51,19 @@ class ChildResource:
     kind: str
     owner_kind: str
     verbs: tuple[str, ...] = SERVER_SIDE_APPLY_VERBS
+    from_addon: bool = False
+    """The kind comes from an add-on's CRD (KEDA's ScaledObject) that a cluster may not have: listing it
+    there finds nothing instead of failing."""
 
     @property
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
 
-# What a ModelDeployment owns: one Deployment + Service per version, the gateway's Deployment, Service
-# and ConfigMap (gateway.json) and PodDisruptionBudget, the NetworkPolicy of its version pods, and an optional
-# HorizontalPodAutoscaler per version. The ModelDeployment child builders import this to know what
-# they may create; add a kind here and the rendered RBAC follows.
+# What a ModelDeployment owns: one Deployment + Service per version, the gateway's Deployment, Service,
+# ServiceAccount, ConfigMap (gateway.json) and PodDisruptionBudget, the NetworkPolicy of its version
+# pods, and an optional HorizontalPodAutoscaler (or KEDA ScaledObject) per version. The ModelDeployment
+# child builders import this to know what they may create; add a kind here and the rendered RBAC follows.
 _OWNER = "ModelDeployment"
 CHILD_RESOURCES: Final[tuple[ChildResource, ...]] = (
     ChildResource("apps", "v1", "deployments", "Deployment", owner_kind=_OWNER),
@@ -68,6 +75,10 @@ CHILD_RESOURCES: Final[tuple[ChildResource, ...]] = (
     # one per deployment: only its gateway (and metrics scrapers) reach its version pods
     ChildResource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", owner_kind=_OWNER),
     ChildResource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", owner_kind=_OWNER),
+    # a version with minReplicas 0 scales on KEDA (kubetune.kube.children.build_version_scaled_object)
+    ChildResource("keda.sh", "v1alpha1", "scaledobjects", "ScaledObject", owner_kind=_OWNER, from_addon=True),
+    # the gateway pods' identity, which `kubetune keys` binds to the Role of their key Secret
+    ChildResource("", "v1", "serviceaccounts", "ServiceAccount", owner_kind=_OWNER),
 )
 
 KOPF_NAMESPACED_GRANTS: Final[tuple[Grant, ...]] = (("", "events", "create"),)
@@ -77,6 +88,23 @@ KOPF_CLUSTER_GRANTS: Final[tuple[Grant, ...]] = (
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
 )
+
+# What a gateway may do with its own key Secret, and with nothing else: read it and watch it change.
+GATEWAY_KEY_SECRET_VERBS: Final = ("get", "list", "watch")
+
+
+def gateway_key_secret_rules(secret_name: str) -> list[dict[str, Any]]:
+    """The rules of a gateway's Role: its key Secret, by name. A list or watch is allowed only with the
+    field selector ``metadata.name=<secret_name>``, which is how the gateway watches it."""
+    return [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": [secret_name],
+            "verbs": list(GATEWAY_KEY_SECRET_VERBS),
+        }
+    ]
+
 
 # Kubernetes' conventional verb order, for readable rules.
 _VERB_ORDER: Final = ("get", "list", "watch", "create", "update", "patch", "delete")

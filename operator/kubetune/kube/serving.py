@@ -1,11 +1,12 @@
 """The ServingBackend of a cluster: a ModelDeployment's versions and gateway as owned Kubernetes objects.
 
-``ensure_versions`` applies each version's Deployment, Service and HorizontalPodAutoscaler (server-side
-apply) and deletes the version children this deployment no longer wants: an HPA once autoscaling is
-off at once, a removed version ``retire_after_s`` (:data:`kubetune.config.RETIRE_AFTER_S`) after it
-was removed. A version is ready when its Deployment's rollout is complete: the Deployment controller
-has seen the current spec, every pod runs it (no pod of a previous model is left) and enough of them
-are ready. ``ensure_gateway``
+``ensure_versions`` applies each version's Deployment, Service and HorizontalPodAutoscaler, or KEDA
+ScaledObject with minReplicas 0 (server-side apply), and deletes the version children this deployment
+no longer wants: an HPA or ScaledObject once autoscaling changes at once, a removed version
+``retire_after_s`` (:data:`kubetune.config.RETIRE_AFTER_S`) after it was removed. A version is ready
+when its Deployment's rollout is complete: the Deployment controller has seen the current spec, every
+pod runs it (no pod of a previous model is left) and enough of them are ready (a version KEDA scaled
+to zero is not ready: the gateway holds its requests while KEDA scales it up). ``ensure_gateway``
 applies the gateway's ConfigMap, Deployment and Service; a new config only changes the ConfigMap
 (the gateway reloads the mounted file once the kubelet refreshes it, within about a minute or two).
 ``remove`` deletes every child; on a real cluster the ownerReferences make the garbage collector do
@@ -37,7 +38,7 @@ from lightkube.resources.core_v1 import Pod
 
 from kubetune.config import RETIRE_AFTER_S
 from kubetune.kube import apply as kube
-from kubetune.kube.apply import ChildConflict
+from kubetune.kube.apply import AddonMissing, ChildConflict
 from kubetune.kube.children import (
     RETIRED_AT_ANNOTATION,
     VERSION_LABEL,
@@ -60,7 +61,7 @@ from kubetune.plan.versions import (
 )
 from kubetune_contract.serving import MODEL_INVALID_EXIT_CODE
 
-VERSION_RESOURCES = (kube.DEPLOYMENTS, kube.SERVICES, kube.HORIZONTAL_POD_AUTOSCALERS)
+VERSION_RESOURCES = (kube.DEPLOYMENTS, kube.SERVICES, kube.HORIZONTAL_POD_AUTOSCALERS, kube.SCALED_OBJECTS)
 # Holds a version's replica count between kubetune's last apply that set it and the HPA's first scale
 # (see :meth:`KubernetesServing._hand_replicas_over`).
 HANDOVER_FIELD_MANAGER = "kubetune-handover-to-hpa"
@@ -157,9 +158,11 @@ class KubernetesServing:
         *,
         retire_after_s: float = RETIRE_AFTER_S,
         clock: Callable[[], float] = time.time,
+        prometheus_url: str | None = None,
     ) -> None:
         self.client = client
         self.images = images
+        self.prometheus_url = prometheus_url  # KEDA's ScaledObjects read the gateways' series from it
         self.retire_after_s = retire_after_s
         self.clock = clock
 
@@ -170,7 +173,7 @@ class KubernetesServing:
         keep: set[tuple[str, str]] = set()
         for version in versions:
             try:
-                children = build_version_children(deployment, version, self.images)
+                children = build_version_children(deployment, version, self.images, self.prometheus_url)
             except ValueError as error:
                 # Nothing to apply: leave whatever serves this version now as it is.
                 name = version_child_name(deployment.name, version.name)
@@ -227,6 +230,8 @@ class KubernetesServing:
             stored = [await kube.apply(self.client, child) for child in children]
         except ChildConflict as error:
             return VersionObservation(url=None, ready=False, message=str(error))
+        except AddonMissing as error:
+            return VersionObservation(url=None, ready=False, message=f"version {version.name}: {error}")
         except ApiError as error:
             if not _client_error(error):
                 raise

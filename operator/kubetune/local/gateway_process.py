@@ -6,7 +6,8 @@ change; it is ready once its ``/healthz`` says it routes with the weights last w
 Access: the gateway reads the deployment's key file under ``$KUBETUNE_HOME/access/<namespace>/
 <name>/`` (written by ``kubetune keys``; none means open on loopback, the first key turns
 authentication on, re-read within a second), signs response ids with the signing key kept there,
-and writes its hash-chained audit log next to its config (``audit.jsonl``).
+and writes its hash-chained audit log next to its config (``audit.jsonl``). With ``spec.feedback.capture``
+the rated completions are kept there too (``feedback.jsonl``), unless Redis holds them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kubetune.gateway.access.keys import (
     access_directory,
     load_or_create_signing_key,
 )
+from kubetune.gateway.capture import FEEDBACK_FILE_NAME
 from kubetune.local.serving_host import LOOPBACK, ServingHost
 from kubetune.plan.versions import DeploymentRef, GatewayObservation
 
@@ -74,7 +76,10 @@ class GatewayProcess:
         if audit.pop("stdout", True):
             audit.setdefault("path", str(self.audit_log))
         access["audit"] = audit
-        return {**config, "access": access}
+        feedback = dict(config.get("feedback") or {})
+        if feedback.get("capture"):  # used only while access.store names no Redis
+            feedback.setdefault("path", str(self.access_directory / FEEDBACK_FILE_NAME))
+        return {**config, "access": access, "feedback": feedback}
 
     @property
     def log(self) -> Path:

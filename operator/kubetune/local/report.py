@@ -66,8 +66,37 @@ def evaluation_summary(obj: dict[str, Any]) -> list[str]:
     return (
         lines
         + reference_baseline_lines(evaluation.get("referenceBaselines") or {})
+        + reference_set_lines(evaluation.get("reference") or [])
+        + checkpoint_lines(obj.get("status") or {})
         + gate_lines(evaluation.get("gates", []))
     )
+
+
+def reference_set_lines(references: list[dict[str, Any]]) -> list[str]:
+    """Each reference set before and after tuning, and what tuning lost on it."""
+    lines = []
+    for row in references:
+        drop, metric = row.get("drop"), row.get("metric")
+        lost = ""
+        if drop is not None:
+            lost = f"  ({drop:+.2%})" if metric == "perplexity" else f"  ({-drop:+.4f})"
+        before = _number(row.get("baseline"), ".4f") or "n/a"
+        after = _number(row.get("final"), ".4f") or "n/a"
+        lines.append(f"  reference {row.get('name')} {metric}: {before} -> {after}{lost}")
+    return lines
+
+
+def checkpoint_lines(status: dict[str, Any]) -> list[str]:
+    """The checkpoint published, when periodic evaluations chose among several."""
+    checkpoints = status.get("checkpoints") or []
+    selected = next((c for c in checkpoints if c.get("selected")), None)
+    if selected is None:
+        return []
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in (selected.get("metrics") or {}).items())
+    line = f"  published checkpoint: step {selected['step']} of {len(checkpoints)} evaluated ({metrics})"
+    if status.get("earlyStoppedAtStep") is not None:
+        line += f"; early stopping ended training at step {status['earlyStoppedAtStep']}"
+    return [line]
 
 
 def reference_baseline_lines(baselines: dict[str, Any]) -> list[str]:

@@ -29,22 +29,33 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.common.supervision import STOP_GRACE_S, ManagedProcess, stop_processes
+from kubetune.local.adapter_server import SharedAdapterServer
+from kubetune.local.demand import VersionDemand, read_demand
 from kubetune.local.gateway_process import GatewayProcess
 from kubetune.local.process_record import ProcessRecord
 from kubetune.local.serving_host import Notify, ServingHost, ignore
-from kubetune.local.version_server import BuildSlot, VersionServer
+from kubetune.local.version_server import BuildSlot, VersionServer, local_model_dir
 from kubetune.plan.versions import (
     DeploymentRef,
     GatewayObservation,
     VersionObservation,
     VersionServing,
+    shared_adapter_groups,
 )
 
 RETIRE_GRACE_S = 5.0  # a version taken out of the spec serves on until the gateway has reloaded (1 s)
 
 
+NO_DEMAND = VersionDemand(open=0.0, attempts=0.0)  # a version the gateway has not seen a request for
+
+
 def _key(ref: DeploymentRef) -> tuple[str, str]:
     return ref.namespace, ref.name
+
+
+def _scales_to_zero(version: VersionServing) -> bool:
+    autoscaling = version.serving.autoscaling
+    return autoscaling is not None and autoscaling.scales_to_zero
 
 
 class LocalServing:
@@ -74,6 +85,8 @@ class LocalServing:
         self.record = ProcessRecord(self.host.root / "processes.json")
         self._versions: dict[tuple[str, str], dict[str, VersionServer]] = {}
         self._gateways: dict[tuple[str, str], GatewayProcess] = {}
+        self._shared: dict[tuple[str, str], dict[str, SharedAdapterServer]] = {}
+        """Per deployment, by base model URI: the servers of LoRA versions that share a base."""
         self._builds = BuildSlot()
         self._retiring: list[tuple[float, VersionServer]] = []  # (when to stop it, the version)
 
@@ -86,19 +99,58 @@ class LocalServing:
     def ensure_versions(
         self, deployment: DeploymentRef, versions: Sequence[VersionServing]
     ) -> Mapping[str, VersionObservation]:
+        running = self._shared.get(_key(deployment), {})
+        # a version scaling to zero has a server of its own, which stops and starts on its own requests
+        shareable = [
+            v for v in versions if local_model_dir(v.model_uri) is not None and not _scales_to_zero(v)
+        ]
+        groups = shared_adapter_groups(shareable, running=set(running))
+        sharing = {member.name for members in groups.values() for member in members}
+        observations: dict[str, VersionObservation] = self._ensure_shared(deployment, groups)
+        versions = [version for version in versions if version.name not in sharing]
         current = self._versions.setdefault(_key(deployment), {})
         wanted = {version.name for version in versions}
         for name in [name for name in current if name not in wanted]:
             self._retire(current.pop(name))
         self._stop_retired(lambda when, _: when <= time.monotonic())
-        observations: dict[str, VersionObservation] = {}
+        demand = self._demand(deployment) if any(_scales_to_zero(v) for v in versions) else None
         for spec in versions:
             server = current.get(spec.name)
             if server is None:
                 server = VersionServer(deployment, spec, host=self.host, builds=self._builds)
                 current[spec.name] = server
             server.spec = spec
-            observations[spec.name] = server.step()
+            observations[spec.name] = server.step(
+                None if demand is None else demand.get(spec.name, NO_DEMAND)
+            )
+        return observations
+
+    def _demand(self, deployment: DeploymentRef) -> dict[str, VersionDemand] | None:
+        """What the deployment's gateway says of its versions' requests; None while it has none."""
+        gateway = self._gateways.get(_key(deployment))
+        if gateway is None or gateway.process is None:
+            return None
+        return read_demand(self.host, gateway.url, deployment.name)
+
+    def _ensure_shared(
+        self, deployment: DeploymentRef, groups: Mapping[str, Sequence[VersionServing]]
+    ) -> dict[str, VersionObservation]:
+        servers = self._shared.setdefault(_key(deployment), {})
+        observations: dict[str, VersionObservation] = {}
+        for base in [base for base in servers if base not in groups]:
+            unused = servers[base]
+            if unused.ready_since is not None:
+                unused.step([])  # its versions are unloaded once the gateway routes without them
+                if unused.loaded:
+                    continue
+            del servers[base]
+            unused.stop()
+            self.host.notify(f"stopped {unused.role}: no version of its base model is served any more")
+        for base, members in groups.items():
+            server = servers.get(base)
+            if server is None:
+                server = servers[base] = SharedAdapterServer(deployment, base, host=self.host)
+            observations.update(server.step(members))
         return observations
 
     def ensure_gateway(self, deployment: DeploymentRef, config: Mapping[str, Any]) -> GatewayObservation:
@@ -121,6 +173,9 @@ class LocalServing:
         for server in self._versions.pop(key, {}).values():
             processes += server.processes()
             server.forget()
+        for shared in self._shared.pop(key, {}).values():
+            processes += shared.processes()
+            shared.forget()
         retiring = [server for _, server in self._retiring if _key(server.deployment) == key]
         self._retiring = [(when, server) for when, server in self._retiring if server not in retiring]
         processes += [server.server for server in retiring if server.server is not None]
@@ -139,11 +194,16 @@ class LocalServing:
         for versions in self._versions.values():
             for server in versions.values():
                 refs.setdefault(_key(server.deployment), server.deployment)
+        for servers in self._shared.values():
+            for shared in servers.values():
+                refs.setdefault(_key(shared.deployment), shared.deployment)
         return list(refs.values())
 
     def processes(self) -> list[ManagedProcess]:
         """Every process running now: gateways first, then servers, then builds."""
         found = [g.process for g in self._gateways.values() if g.process is not None]
+        for servers in self._shared.values():
+            found += [process for shared in servers.values() for process in shared.processes()]
         for versions in self._versions.values():
             found += [s.server for s in versions.values() if s.server is not None]
         found += [server.server for _, server in self._retiring if server.server is not None]
@@ -157,6 +217,7 @@ class LocalServing:
         stopped = [f"{p.role} (pid {p.pid}, log {p.log})" for p in processes]
         stop_processes(processes, self.host.stop_grace_s)
         self._versions.clear()
+        self._shared.clear()
         self._gateways.clear()
         self._retiring.clear()
         self._builds.holder = None

@@ -68,8 +68,8 @@ HAND_OFF_LIMIT_S = 120.0  # ... and before it gives up (a pass of the running on
 
 # In dependency order: a QuantizeJob sees the FineTuneJob it waits for updated in the same pass.
 RECONCILERS: dict[str, Reconciler] = {
-    "finetunejobs": lambda body, backends, base_dir, _store: reconcile_finetune(
-        body, backends, base_dir=base_dir
+    "finetunejobs": lambda body, backends, base_dir, store: reconcile_finetune(
+        body, backends, base_dir=base_dir, lookup=store.finetune_job
     ),
     "quantizejobs": lambda body, backends, base_dir, store: reconcile_quantize(
         body, backends, store.finetune_job, base_dir=base_dir

@@ -18,11 +18,16 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from kubetune.common.supervision import Backoff, ManagedProcess, describe_exit, stop_processes
+from kubetune.local.demand import VersionDemand
 from kubetune.local.serving_host import LOOPBACK, ServingHost
 from kubetune.plan.versions import DeploymentRef, VersionObservation, VersionServing
+from kubetune_contract.deployment import Autoscaling
 from kubetune_contract.serving import MODEL_DIR_ENV
 
 BENTO_MODULE = "kubetune_components.serving.bento"
+# A version scaling to zero is reported not ready this long before its server stops: the gateway
+# reloads its config within a second and holds the version's requests from then on.
+SCALE_DOWN_GRACE_S = 3.0
 
 
 def local_model_dir(model_uri: str) -> str | None:
@@ -119,6 +124,10 @@ class VersionServer:
         self.server_identity: tuple[str, ...] | None = None
         self.server_backoff = Backoff()
         self.ready_since: float | None = None
+        self.asleep = False  # scaled to zero (spec.serving.autoscaling.minReplicas 0)
+        self.active_at = 0.0  # when the gateway last showed a request for it (monotonic)
+        self.attempts_seen: float | None = None  # the gateway's count of requests sent it, then
+        self.scaling_down_since: float | None = None  # reported not ready, so the gateway holds
 
     @property
     def url(self) -> str:
@@ -133,7 +142,9 @@ class VersionServer:
 
     # -- one pass --------------------------------------------------------------------------------------
 
-    def step(self) -> VersionObservation:
+    def step(self, demand: VersionDemand | None = None) -> VersionObservation:
+        """One pass; ``demand`` is what the gateway says of the version's requests (None: unknown),
+        which a version scaling to zero stops and starts on."""
         now = time.monotonic()
         spec = self.spec
         self._explain_local_limits()
@@ -152,6 +163,13 @@ class VersionServer:
             if waiting is not None:
                 return VersionObservation(url=self.url, ready=False, message=waiting)
         assert self.tag is not None
+        autoscaling = spec.serving.autoscaling
+        if autoscaling is not None and autoscaling.scales_to_zero:
+            asleep = self._step_scale_to_zero(autoscaling, demand, now)
+            if asleep is not None:
+                return asleep
+        elif self.asleep:
+            self.asleep = False  # minReplicas is no longer 0: it serves again
         identity = self._server_identity()
         if self.server is not None and self.server_identity != identity:
             self.host.notify(f"restarting {self.role}: now serving Bento {self.tag} ({spec.model_uri})")
@@ -175,6 +193,52 @@ class VersionServer:
                 message=f"starting bentoml serve {self.tag} on {self.url} (log: {server.log})",
             )
         return self._step_readiness(self.server, now)
+
+    def _step_scale_to_zero(
+        self, autoscaling: Autoscaling, demand: VersionDemand | None, now: float
+    ) -> VersionObservation | None:
+        """Stop the server after scaleToZeroAfter without requests; start it again when the gateway
+        holds one. Returns the observation of a version going or gone to zero, None to carry on.
+
+        The server is first reported not ready and stopped only :data:`SCALE_DOWN_GRACE_S` later, once
+        the gateway has reloaded its config: from then on it holds the version's requests instead of
+        sending them to a server that is stopping (a request in that window is served and keeps it up).
+        """
+        if demand is not None and (demand.open > 0 or demand.attempts != self.attempts_seen):
+            self.attempts_seen = demand.attempts
+            self.active_at = now
+            self.scaling_down_since = None
+            if self.asleep:
+                self.asleep = False
+                self.host.notify(f"waking {self.role}: the gateway holds a request for it")
+            return None
+        idle_s = autoscaling.idle_seconds_before_zero
+        if not self.asleep:
+            if self.server is None or self.ready_since is None or demand is None:
+                return None  # the idle time counts from when it is ready, and from what the gateway says
+            if now - max(self.active_at, self.ready_since) < idle_s:
+                return None
+            if self.scaling_down_since is None:
+                self.scaling_down_since = now
+            if now - self.scaling_down_since < SCALE_DOWN_GRACE_S:
+                return VersionObservation(
+                    url=self.url,
+                    ready=False,
+                    message=f"scaling to zero: no request for {idle_s:g}s; its server stops once the "
+                    "gateway holds its requests",
+                )
+            self._stop_server()
+            self.asleep, self.scaling_down_since = True, None
+            self.host.notify(
+                f"scaled {self.role} to zero: no request for {idle_s:g}s (scaleToZeroAfter); "
+                "the next request starts it again"
+            )
+        return VersionObservation(
+            url=self.url,
+            ready=False,
+            message=f"scaled to zero (spec.serving.autoscaling.minReplicas 0): no request for {idle_s:g}s; "
+            "the gateway holds the next one while it starts",
+        )
 
     def _step_readiness(self, server: ManagedProcess, now: float) -> VersionObservation:
         if server.track():
@@ -395,7 +459,12 @@ class VersionServer:
         if serving.replicas > 1:
             ignored.append(f"replicas {serving.replicas} (one server per version)")
         if serving.autoscaling is not None:
-            ignored.append("autoscaling")
+            # minReplicas 0 is applied (the server stops when idle and starts on demand); the rest is not
+            ignored.append(
+                "autoscaling other than minReplicas 0 (one server per version)"
+                if serving.autoscaling.scales_to_zero
+                else "autoscaling"
+            )
         memory = {**serving.resources.requests, **serving.resources.limits}.get("memory")
         if memory is not None:
             ignored.append(f"memory {memory} (not enforced)")

@@ -56,6 +56,8 @@ class StepCommand:
     description: str
     takes_which: bool = False
     logs_metrics: bool = False
+    launches_trainjobs: bool = False
+    """On a cluster the step runs training.distributed as a Kubeflow Trainer TrainJob on its own image."""
 
     def command_line(
         self,
@@ -65,16 +67,23 @@ class StepCommand:
         which: CommandLineElement | None = None,
         executor_input: CommandLineElement | None = None,
         workspace_report: CommandLineElement | None = None,
+        trainjob_image: str | None = None,
     ) -> list[CommandLineElement]:
         """The step's command line. Its arguments are values, or kfp placeholders when the command line
         is a container component's; `executor_input` (KFP's ``{{$}}``) is where metrics are logged,
-        `workspace_report` where the step publishes the workspace's report for the operator."""
+        `workspace_report` where the step publishes the workspace's report for the operator;
+        `trainjob_image` (on a cluster) the image of the TrainJob a distributed finetune creates."""
         which_flag: list[CommandLineElement] = ["--which", which] if which is not None else []
         workspace_report_flag: list[CommandLineElement] = (
             ["--workspace-report", workspace_report] if workspace_report is not None else []
         )
         metrics_flag: list[CommandLineElement] = (
             ["--kfp-executor-input", executor_input] if executor_input is not None else []
+        )
+        launcher_flags: list[CommandLineElement] = (
+            ["--launcher", "trainjob", "--image", trainjob_image]
+            if self.launches_trainjobs and trainjob_image is not None
+            else []
         )
         return [
             "python",
@@ -90,6 +99,7 @@ class StepCommand:
             *workspace_report_flag,
             *which_flag,
             *metrics_flag,
+            *launcher_flags,
         ]
 
 
@@ -114,7 +124,9 @@ STEPS: dict[str, StepCommand] = {
             "finetune-model",
             FINETUNE_STEPS_MODULE,
             "finetune",
-            "Train with the job's method; resumes from the newest checkpoint in the workspace.",
+            "Train with the job's method; resumes from the newest checkpoint in the workspace. With "
+            "training.distributed it trains in a Kubeflow Trainer TrainJob and follows it.",
+            launches_trainjobs=True,
         ),
         StepCommand(
             "publish-model",
@@ -177,6 +189,7 @@ def container_component(step: StepCommand, image: str) -> Any:
                 given.get("which"),
                 dsl.PIPELINE_TASK_EXECUTOR_INPUT_PLACEHOLDER if step.logs_metrics else None,
                 given[WORKSPACE_REPORT_OUTPUT],
+                image,
             ),
         )
 

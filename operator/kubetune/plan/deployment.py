@@ -146,9 +146,11 @@ def plan_deployment(
     urls: Mapping[str, str],
     analysis: AnalysisRun | None,
     now: datetime,
+    model_uris: Mapping[str, str] | None = None,
 ) -> DeploymentPlan:
     """Decide the weights (through the rollout machine, with ``analysis`` when one was due) and the
-    gateway config for the versions that have a URL. ``answering``: which served versions answer."""
+    gateway config for the versions that have a URL. ``answering``: which served versions answer;
+    ``model_uris``: the model each serves (the gateway links their model cards)."""
     decision = plan_rollout(
         deployment.spec,
         facts.previous,
@@ -160,12 +162,17 @@ def plan_deployment(
         analysis=analysis,
         now=now,
     )
-    # Only a version with a URL can be in the gateway config, so only those may keep a share.
-    effective = effective_weights(decision.weights, answering, set(urls))
+    # Only a version with a URL can be in the gateway config, so only those may keep a share. A version
+    # scaling to zero keeps its share while it is asleep: the gateway holds its requests, which wakes it.
+    autoscaling = deployment.spec.serving.autoscaling
+    weighing = answering
+    if autoscaling is not None and autoscaling.scales_to_zero:
+        weighing = {name: bool(answering.get(name)) or name in urls for name in decision.weights}
+    effective = effective_weights(decision.weights, weighing, set(urls))
     config: dict[str, Any] | None = None
     spec_error: str | None = None
     try:
-        config = gateway_config(deployment, urls, effective, ready=answering)
+        config = gateway_config(deployment, urls, effective, ready=answering, model_uris=model_uris)
     except GatewayConfigInvalid as invalid:
         spec_error = str(invalid)
     return DeploymentPlan(

@@ -14,9 +14,10 @@ from pydantic import BaseModel
 from kubetune.api.validation import parse_resource
 from kubetune.common.events import Event
 from kubetune.common.uris import absolute
-from kubetune.config import OperatorConfig
+from kubetune.config import MISSING_REFERENCE_GRACE_S, OperatorConfig
 from kubetune.plan.lifecycle import (
     Decision,
+    Hold,
     JobKind,
     Observed,
     finite_number,
@@ -29,14 +30,28 @@ from kubetune.plan.lifecycle import (
     resource_config,
     status_patch,
 )
+from kubetune.plan.references import (
+    FineTuneJobLookup,
+    no_finetune_jobs,
+    published_finetune_job,
+    published_uri,
+)
 from kubetune.plan.runs import RunRequest
 from kubetune_contract.finetune import (
+    KUEUE_PRIORITY_LABEL,
+    KUEUE_QUEUE_LABEL,
+    CheckpointStatus,
     EvalMetrics,
     EvaluationStatus,
+    FairnessResult,
+    FairnessStatus,
     FineTuneJob,
     FineTuneJobStatus,
     ReferenceBaselines,
+    ReferenceResult,
     TrainMetrics,
+    reference_drop,
+    trainjob_name,
 )
 from kubetune_contract.workspace import WorkspaceReport
 
@@ -47,27 +62,86 @@ def run_key(job: FineTuneJob) -> str:
     return job_key(job)
 
 
+def teacher_job(
+    job: FineTuneJob, lookup: FineTuneJobLookup, missing_grace_s: float = MISSING_REFERENCE_GRACE_S
+) -> tuple[dict[str, Any] | None, Hold | None]:
+    """The FineTuneJob whose published model a distillation job learns from (None without a
+    teacher.fineTuneJobRef), and why the job cannot start yet, if so (as a QuantizeJob's source)."""
+    distillation = job.spec.method.distillation
+    ref = distillation.teacher.fine_tune_job_ref if distillation is not None else None
+    if ref is None:
+        return None, None
+    return published_finetune_job(
+        lookup,
+        job.metadata.namespace,
+        ref.name,
+        field="spec.method.distillation.teacher.fineTuneJobRef",
+        referrer=f"FineTuneJob/{job.metadata.name}",
+        role="Teacher",
+        missing_grace_s=missing_grace_s,
+    )
+
+
 def resolve_config(
-    job: FineTuneJob, settings: OperatorConfig, base_dir: Path | None = None
+    job: FineTuneJob,
+    settings: OperatorConfig,
+    base_dir: Path | None = None,
+    teacher: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The job as the pipeline steps receive it: defaults filled, store and relative paths resolved."""
+    """The job as the pipeline steps receive it: defaults filled, store and relative paths resolved, and
+    a teacher's fineTuneJobRef resolved into the model that job published (`teacher`)."""
     spec = job.spec.to_wire()
+    if teacher is not None:
+        spec["method"]["distillation"]["teacher"] = {"uri": published_uri(teacher)}
+    if spec["method"].get("distillation"):
+        resolved = spec["method"]["distillation"]["teacher"]
+        resolved["uri"] = absolute(resolved["uri"], base_dir)
     spec["baseModel"]["uri"] = absolute(spec["baseModel"]["uri"], base_dir)
     spec["dataset"]["uri"] = absolute(spec["dataset"]["uri"], base_dir)
     if spec["dataset"].get("validationUri"):
         spec["dataset"]["validationUri"] = absolute(spec["dataset"]["validationUri"], base_dir)
+    if spec["training"].get("replay"):
+        spec["training"]["replay"]["uri"] = absolute(spec["training"]["replay"]["uri"], base_dir)
+    for reference in spec["evaluation"].get("reference") or []:
+        reference["uri"] = absolute(reference["uri"], base_dir)
     spec["output"]["uri"] = absolute(spec["output"].get("uri") or settings.artifact_store, base_dir)
     spec["executor"] = spec.get("executor") or settings.default_executor
     return resource_config(job, spec)
 
 
-def build_request(job: FineTuneJob, settings: OperatorConfig, base_dir: Path | None = None) -> RunRequest:
-    config = resolve_config(job, settings, base_dir)
+def build_request(
+    job: FineTuneJob,
+    settings: OperatorConfig,
+    base_dir: Path | None = None,
+    teacher: dict[str, Any] | None = None,
+) -> RunRequest:
+    config = resolve_config(job, settings, base_dir, teacher)
     spec = config["spec"]
     uris = [spec["baseModel"]["uri"], spec["dataset"]["uri"], spec["output"]["uri"]]
+    if spec["method"].get("distillation"):
+        uris.append(spec["method"]["distillation"]["teacher"]["uri"])
     if spec["dataset"].get("validationUri"):
         uris.append(spec["dataset"]["validationUri"])
-    return job_request(job, config, settings, base_dir, uris=uris, token=job.spec.base_model.token_secret_ref)
+    if spec["training"].get("replay"):
+        uris.append(spec["training"]["replay"]["uri"])
+    uris += [reference["uri"] for reference in spec["evaluation"].get("reference") or []]
+    request = job_request(
+        job, config, settings, base_dir, uris=uris, token=job.spec.base_model.token_secret_ref
+    )
+    # Kueue admits the pipeline's pods (as the finetune step does the TrainJob) from the team's LocalQueue,
+    # ordered by the WorkloadPriorityClass.
+    request.pipeline_options["labels"] = {**request.pipeline_options["labels"], **kueue_labels(job)}
+    return request
+
+
+def kueue_labels(job: FineTuneJob) -> dict[str, str]:
+    scheduling = job.spec.scheduling
+    labels: dict[str, str] = {}
+    if scheduling is not None and scheduling.queue_name is not None:
+        labels[KUEUE_QUEUE_LABEL] = scheduling.queue_name
+    if scheduling is not None and scheduling.priority_class_name is not None:
+        labels[KUEUE_PRIORITY_LABEL] = scheduling.priority_class_name
+    return labels
 
 
 def _eval_metrics(report: dict[str, Any] | None) -> EvalMetrics | None:
@@ -90,6 +164,60 @@ def _reference_baselines(report: dict[str, Any] | None) -> ReferenceBaselines | 
     return baselines if baselines.to_wire() else None
 
 
+def _reference_scores(report: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    scores = (report or {}).get("reference")
+    if not isinstance(scores, dict):
+        return {}
+    return {str(name): score for name, score in scores.items() if isinstance(score, dict)}
+
+
+def _reference_results(report: WorkspaceReport) -> list[ReferenceResult]:
+    """Each reference set's score before and after tuning, and what tuning lost on it."""
+    before, after = _reference_scores(report.baseline), _reference_scores(report.final)
+    results = []
+    for name in dict.fromkeys([*before, *after]):
+        metric = str((after.get(name) or before.get(name) or {}).get("metric"))
+        baseline = finite_number((before.get(name) or {}).get("value"))
+        final = finite_number((after.get(name) or {}).get("value"))
+        drop = reference_drop(metric, baseline, final)
+        results.append(ReferenceResult(name=name, metric=metric, baseline=baseline, final=final, drop=drop))
+    return results
+
+
+def _checkpoints(report: dict[str, Any] | None) -> list[CheckpointStatus]:
+    """The periodic evaluations of evaluation/checkpoints.json, the selected one marked."""
+    entries = (report or {}).get("checkpoints")
+    return [
+        CheckpointStatus(
+            step=int(entry["step"]),
+            train_loss=finite_number(entry.get("trainLoss")),
+            metrics=_eval_metrics(entry.get("metrics")) or EvalMetrics(),
+            selected=bool(entry.get("selected")),
+        )
+        for entry in entries or []
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int)
+    ]
+
+
+def _fairness_result(evaluation: dict[str, Any] | None) -> FairnessResult | None:
+    entry = (evaluation or {}).get("fairness")
+    if not isinstance(entry, dict) or not isinstance(entry.get("pairs"), int):
+        return None
+    return FairnessResult(
+        pairs=entry["pairs"],
+        flip_rate=finite_number(entry.get("flipRate")),
+        score_gap=finite_number(entry.get("scoreGap")),
+    )
+
+
+def _fairness(report: WorkspaceReport) -> FairnessStatus | None:
+    """evaluation.fairness of the base and the tuned model, as the evaluate steps measured it."""
+    baseline, final = _fairness_result(report.baseline), _fairness_result(report.final)
+    if baseline is None and final is None:
+        return None
+    return FairnessStatus(baseline=baseline, final=final)
+
+
 def fill_status(status: FineTuneJobStatus, report: WorkspaceReport, finished_ok: bool) -> FineTuneJobStatus:
     update: dict[str, Any] = {"progress": progress_status(report.progress, finished_ok)}
     if report.progress:
@@ -104,10 +232,18 @@ def fill_status(status: FineTuneJobStatus, report: WorkspaceReport, finished_ok:
         evaluation["final"] = final
     if (reference := _reference_baselines(report.baseline)) is not None:
         evaluation["reference_baselines"] = reference
+    if references := _reference_results(report):
+        evaluation["reference"] = references
+    if (fairness := _fairness(report)) is not None:
+        evaluation["fairness"] = fairness
     if report.gates:
         evaluation["gates"] = gate_status(report.gates)
     if evaluation:
         update["evaluation"] = EvaluationStatus(**evaluation)
+    if checkpoints := _checkpoints(report.checkpoints):
+        update["checkpoints"] = checkpoints
+    if report.checkpoints and isinstance(report.checkpoints.get("earlyStoppedAtStep"), int):
+        update["early_stopped_at_step"] = report.checkpoints["earlyStoppedAtStep"]
     return status.model_copy(update=update)
 
 
@@ -119,13 +255,19 @@ def success_message(status: FineTuneJobStatus) -> str:
     return f"published {uri}" + (f" ({summary})" if summary else "")
 
 
-def finetune_kind(settings: OperatorConfig, base_dir: Path | None = None) -> JobKind[FineTuneJobStatus]:
+def finetune_kind(
+    settings: OperatorConfig, base_dir: Path | None = None, lookup: FineTuneJobLookup = no_finetune_jobs
+) -> JobKind[FineTuneJobStatus]:
     def parse(body: dict[str, Any]) -> BaseModel:
         return parse_resource(body, FineTuneJob)
 
+    def hold(job: BaseModel) -> Hold | None:
+        assert isinstance(job, FineTuneJob)
+        return teacher_job(job, lookup, settings.missing_reference_grace_s)[1]
+
     def request_for(job: BaseModel) -> RunRequest:
         assert isinstance(job, FineTuneJob)
-        return build_request(job, settings, base_dir)
+        return build_request(job, settings, base_dir, teacher_job(job, lookup)[0])
 
     return JobKind(
         parse=parse,
@@ -133,6 +275,7 @@ def finetune_kind(settings: OperatorConfig, base_dir: Path | None = None) -> Job
         status_model=FineTuneJobStatus,
         fill_status=fill_status,
         success_message=success_message,
+        hold=hold,
     )
 
 
@@ -142,9 +285,19 @@ def plan_finetune(
     settings: OperatorConfig,
     now: str,
     base_dir: Path | None = None,
+    lookup: FineTuneJobLookup = no_finetune_jobs,
 ) -> Decision:
-    """Decide the next step for one FineTuneJob. Never raises for a bad spec: it reports it."""
-    decision = plan_job(finetune_kind(settings, base_dir), body, observed, settings, now)
+    """Decide the next step for one FineTuneJob. Never raises for a bad spec: it reports it.
+
+    `lookup` finds FineTuneJobs by namespace and name, for a distillation teacher's fineTuneJobRef."""
+    decision = plan_job(finetune_kind(settings, base_dir, lookup), body, observed, settings, now)
     if decision.action == "submit":
         decision.status["progress"] = status_patch(progress_status(None, False))
+    run_ref = decision.status.get("pipelineRun")
+    if isinstance(run_ref, dict) and run_ref.get("backend") == "kfp":
+        job = parse_resource(body, FineTuneJob)
+        if job.spec.training.distributed is not None:
+            # The finetune step creates this TrainJob (kubetune_components.finetune.trainjob).
+            workspace = build_request(job, settings, base_dir, teacher_job(job, lookup)[0]).workspace
+            run_ref["trainJob"] = trainjob_name(job.metadata.name, workspace)
     return decision

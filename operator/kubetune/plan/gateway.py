@@ -10,12 +10,17 @@ from kubetune.gateway.config import GatewayConfigError, parse_gateway_config
 from kubetune.rollout.weights import proportional
 from kubetune_contract.common import as_float
 from kubetune_contract.deployment import (
+    GENERATED_PROMPT_PARTS,
     AccessLimits,
+    Autoscaling,
     ModelDeployment,
+    ModelVersion,
     Pricing,
+    PromptPart,
     PromptTemplate,
     duration_seconds,
 )
+from kubetune_contract.workspace import MODEL_CARD_FILE, MODEL_CARD_JSON_FILE
 
 
 def effective_weights(
@@ -73,16 +78,22 @@ def _access(deployment: ModelDeployment) -> dict[str, Any]:
             "tenants": {entry.tenant: _limits(entry.limits) for entry in access.limits.tenants},
         },
         "store": {"onUnavailable": access.store.on_unavailable},
-        "audit": {"stdout": access.audit.enabled},
+        "audit": {"stdout": access.audit.enabled, "logContent": access.audit.log_content},
     }
     if access.auth is not None:
         rendered["auth"] = access.auth
     if access.store.redis_url is not None:
         rendered["store"]["redisUrl"] = access.store.redis_url
+    if access.store.password_secret_ref is not None:
+        secret = access.store.password_secret_ref
+        rendered["store"]["redisPasswordSecret"] = {"name": secret.name, "key": secret.key}
     return rendered
 
 
-def _prompt(prompt: PromptTemplate) -> dict[str, Any]:
+def prompt_config(prompt: PromptTemplate, parts: Sequence[PromptPart]) -> dict[str, Any]:
+    """A prompt as the gateway config holds it (PromptConfig JSON): ``systemParts`` resolved to the
+    texts of ``parts`` (``spec.promptParts``), generated parts by name only."""
+    texts = {part.name: part.text for part in parts}
     rendered: dict[str, Any] = {
         "name": prompt.name,
         "system": prompt.system,
@@ -95,7 +106,29 @@ def _prompt(prompt: PromptTemplate) -> dict[str, Any]:
     if prompt.reasoning is not None:
         # mode is always hidden: the markers are what the model server needs to hide it
         rendered["reasoning"] = {"open": prompt.reasoning.open, "close": prompt.reasoning.close}
+    if prompt.system_parts:
+        rendered["systemParts"] = [
+            {"name": name} if name in GENERATED_PROMPT_PARTS else {"name": name, "text": texts[name]}
+            for name in prompt.system_parts
+        ]
+    if prompt.constitution is not None:
+        rendered["constitution"] = prompt.constitution.model_dump(by_alias=True, mode="json")
     return rendered
+
+
+def _model_card_links(version: ModelVersion, model_uri: str | None) -> dict[str, str] | None:
+    published_by_a_job = version.model.fine_tune_job_ref or version.model.quantize_job_ref
+    if model_uri is None or published_by_a_job is None:
+        return None
+    root = model_uri.rstrip("/")
+    return {"markdown": f"{root}/{MODEL_CARD_FILE}", "json": f"{root}/{MODEL_CARD_JSON_FILE}"}
+
+
+def _scale_from_zero(autoscaling: Autoscaling | None) -> dict[str, Any] | None:
+    """With minReplicas 0 the gateway holds a sleeping version's requests (kubetune.gateway.cold_start)."""
+    if autoscaling is None or not autoscaling.scales_to_zero:
+        return None
+    return {"maxHeldRequests": autoscaling.max_held_requests, "holdSeconds": autoscaling.hold_seconds}
 
 
 def gateway_config(
@@ -103,8 +136,12 @@ def gateway_config(
     urls: Mapping[str, str],
     weights: Mapping[str, int],
     ready: Mapping[str, bool] | None = None,
+    model_uris: Mapping[str, str] | None = None,
 ) -> dict[str, Any] | None:
     """The gateway's config (GatewayConfig JSON, camelCase) for the versions that have a URL.
+
+    ``model_uris``: the model each version serves; a version serving a FineTuneJob's or QuantizeJob's
+    published model gets the links of its model card (which every published artifact carries).
 
     ``ready``: which versions answer; each version gets ``ready`` from it (absent: not ready), and
     the gateway sends no request to a version that is not. None leaves ``ready`` out (the gateway
@@ -126,6 +163,11 @@ def gateway_config(
         for version in spec.versions
         if version.name in urls
     ]
+    served_versions = [served for served in spec.versions if served.name in urls]
+    for version_config, served in zip(versions, served_versions, strict=True):
+        links = _model_card_links(served, (model_uris or {}).get(served.name))
+        if links is not None:
+            version_config["modelCard"] = links
     if not any(version["weight"] for version in versions):
         return None
     if ready is not None:
@@ -164,7 +206,7 @@ def gateway_config(
             ),
             "maxPromptTokens": generation.context_window.max_prompt_tokens,
         },
-        "prompts": [_prompt(prompt) for prompt in spec.prompts],
+        "prompts": [prompt_config(prompt, spec.prompt_parts) for prompt in spec.prompts],
         "cache": (
             {
                 "enabled": spec.cache.enabled,
@@ -180,6 +222,18 @@ def gateway_config(
             else None
         ),
         "access": _access(deployment),
+        "scaleFromZero": _scale_from_zero(spec.serving.autoscaling),
+        "feedback": {
+            "capture": spec.feedback.capture,
+            "maxRecords": spec.feedback.max_records,
+            "maxAgeSeconds": duration_seconds(spec.feedback.max_age),
+            "windowSeconds": duration_seconds(spec.feedback.window),
+        },
+        "guardrails": (
+            spec.guardrails.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if spec.guardrails is not None
+            else None
+        ),
     }
     try:
         parse_gateway_config(json.dumps(config), "gateway config")

@@ -6,7 +6,6 @@ cluster, the local store in `kubetune up`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +13,9 @@ from pydantic import BaseModel
 
 from kubetune.api.validation import parse_resource
 from kubetune.common.uris import absolute
-from kubetune.config import MISSING_REFERENCE_GRACE_ENV, MISSING_REFERENCE_GRACE_S, OperatorConfig
+from kubetune.config import MISSING_REFERENCE_GRACE_S, OperatorConfig
 from kubetune.plan.lifecycle import (
     Decision,
-    GiveUp,
     Hold,
     JobKind,
     Observed,
@@ -28,8 +26,9 @@ from kubetune.plan.lifecycle import (
     progress_status,
     resource_config,
 )
+from kubetune.plan.references import FineTuneJobLookup as FineTuneJobLookup
+from kubetune.plan.references import published_finetune_job, published_uri
 from kubetune.plan.runs import RunRequest
-from kubetune_contract.conditions import find_condition
 from kubetune_contract.quantize import (
     LatencyReport,
     QualityMetrics,
@@ -41,8 +40,6 @@ from kubetune_contract.quantize import (
     SizeReport,
 )
 from kubetune_contract.workspace import WorkspaceReport
-
-FineTuneJobLookup = Callable[[str, str], dict[str, Any] | None]
 
 
 def source_job(
@@ -56,37 +53,15 @@ def source_job(
     ref = job.spec.model.fine_tune_job_ref
     if ref is None:
         return None, None
-    source = lookup(job.metadata.namespace, ref.name)
-    if source is None:
-        not_found = GiveUp(
-            missing_grace_s,
-            "SourceNotFound",
-            f"spec.model.fineTuneJobRef: FineTuneJob/{ref.name} does not exist in namespace "
-            f"{job.metadata.namespace} and did not appear within {missing_grace_s:g}s "
-            f"({MISSING_REFERENCE_GRACE_ENV}); "
-            f"create it, then delete and apply QuantizeJob/{job.metadata.name} again",
-        )
-        return None, Hold(
-            "Unknown",
-            "WaitingForSource",
-            f"FineTuneJob/{ref.name} does not exist (yet); waiting up to {missing_grace_s:g}s for it",
-            give_up=not_found,
-        )
-    status = source.get("status") or {}
-    condition = find_condition(status.get("conditions") or [], "Succeeded") or {}
-    if condition.get("status") == "False":
-        why = f"{condition.get('reason', 'Failed')}: {condition.get('message', '')}".rstrip(": ")
-        return source, Hold("False", "SourceFailed", f"FineTuneJob/{ref.name} failed ({why})")
-    if condition.get("status") != "True":
-        phase = status.get("phase") or "Pending"
-        return source, Hold(
-            "Unknown", "WaitingForSource", f"waiting for FineTuneJob/{ref.name} to succeed ({phase})"
-        )
-    if not (status.get("output") or {}).get("uri"):
-        return source, Hold(
-            "False", "SourceFailed", f"FineTuneJob/{ref.name} succeeded but published no output"
-        )
-    return source, None
+    return published_finetune_job(
+        lookup,
+        job.metadata.namespace,
+        ref.name,
+        field="spec.model.fineTuneJobRef",
+        referrer=f"QuantizeJob/{job.metadata.name}",
+        role="Source",
+        missing_grace_s=missing_grace_s,
+    )
 
 
 def resolve_config(
@@ -96,7 +71,7 @@ def resolve_config(
     if source is not None:
         # The steps get a QuantizeJob the API admits: the reference resolved into the model it published.
         del spec["model"]["fineTuneJobRef"]
-        spec["model"]["uri"] = source["status"]["output"]["uri"]
+        spec["model"]["uri"] = published_uri(source)
         if spec.get("dataset") is None and source.get("spec", {}).get("dataset"):
             # The fine-tune's own held-out split: quality before and after is measured where it was.
             spec["dataset"] = dict(source["spec"]["dataset"])

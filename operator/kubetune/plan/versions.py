@@ -7,7 +7,7 @@ Pure: the caller passes in how to look jobs up (a Kopf index on a cluster, the l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +76,9 @@ class VersionServing:
     its adapter unmerged): the backend makes it readable beside ``model_uri`` (a pvc:// base's claim
     is mounted too). None for full weights and for ``uri`` versions, whose base must then be on the
     adapter's own claim or on the hub."""
+    lora_adapter: bool = False
+    """``model_uri`` is an unmerged LoRA adapter of ``base_model_uri``: it can share a model server with
+    the other LoRA versions of that base (:func:`shared_adapter_groups`)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class ResolvedVersion:
     reason: str | None = None  # WaitingForModel | ModelFailed
     message: str | None = None
     base_model_uri: str | None = None  # an adapter's base model (see VersionServing.base_model_uri)
+    lora_adapter: bool = False  # see VersionServing.lora_adapter
 
 
 def _adapter_base(kind: str, spec: Mapping[str, Any]) -> str | None:
@@ -163,8 +167,11 @@ def _resolve_job(name: str, kind: str, job_name: str, namespace: str, lookup: Jo
             reason="ModelFailed",
             message=f"{kind}/{job_name} succeeded but published no output",
         )
-    base = _adapter_base(kind, job.get("spec") or {})
-    return ResolvedVersion(name, "ready", model_uri=str(uri), base_model_uri=base)
+    job_spec = job.get("spec") or {}
+    base = _adapter_base(kind, job_spec)
+    method = (job_spec.get("method") or {}).get("type") or Method.model_fields["type"].default
+    lora = base is not None and method == "lora"
+    return ResolvedVersion(name, "ready", model_uri=str(uri), base_model_uri=base, lora_adapter=lora)
 
 
 def resolve_versions(
@@ -225,7 +232,8 @@ def version_servings(
             continue
         model_uri = served[version.name]
         current = (resolved or {}).get(version.name)
-        base = current.base_model_uri if current is not None and current.model_uri == model_uri else None
+        same_model = current is not None and current.model_uri == model_uri
+        base = current.base_model_uri if current is not None and same_model else None
         servings.append(
             VersionServing(
                 name=version.name,
@@ -235,9 +243,31 @@ def version_servings(
                 serving=deployment.spec.serving,
                 token_secret=version.model.token_secret_ref,
                 base_model_uri=base,
+                lora_adapter=current.lora_adapter if current is not None and same_model else False,
             )
         )
     return servings
+
+
+def shared_adapter_groups(
+    versions: Sequence[VersionServing], running: Collection[str] = ()
+) -> dict[str, list[VersionServing]]:
+    """The versions that share one model server, by base model URI: two or more LoRA adapters of the
+    same base (all loaded in float32 on it, so one dtype), with ``spec.serving.shareBaseModel`` on and
+    at least one replica; or the last one left of a base whose shared server is ``running``, so that a
+    version never goes down while a server of its own would start. Every other version gets a server
+    of its own."""
+    groups: dict[str, list[VersionServing]] = {}
+    for version in versions:
+        serving = version.serving
+        if (
+            version.lora_adapter
+            and version.base_model_uri is not None
+            and serving.share_base_model
+            and serving.replicas > 0
+        ):
+            groups.setdefault(version.base_model_uri, []).append(version)
+    return {base: members for base, members in groups.items() if len(members) > 1 or base in running}
 
 
 def served_models(

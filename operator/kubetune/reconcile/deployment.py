@@ -177,7 +177,9 @@ async def reconcile_deployment(
     facts = canary_facts(deployment, previous_status, served, current)
     request = analysis_request(deployment, facts, moment)
     analysis = await _analyse(request, prometheus, meta.name, moment) if request is not None else None
-    plan = plan_deployment(deployment, facts, answering=answering, urls=urls, analysis=analysis, now=moment)
+    plan = plan_deployment(
+        deployment, facts, answering=answering, urls=urls, analysis=analysis, now=moment, model_uris=served
+    )
 
     gateway = GatewayObservation(endpoint=None, ready=False, message="no version is served yet")
     if plan.gateway_config is not None:

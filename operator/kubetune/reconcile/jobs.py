@@ -17,9 +17,10 @@ from kubetune.backends.local import LocalBackend
 from kubetune.common.clock import utc_now
 from kubetune.config import OperatorConfig
 from kubetune.plan import quantize as quantize_plan
-from kubetune.plan.finetune import build_request, plan_finetune
+from kubetune.plan.finetune import build_request, plan_finetune, teacher_job
 from kubetune.plan.lifecycle import Decision, Observed
-from kubetune.plan.quantize import FineTuneJobLookup, plan_quantize
+from kubetune.plan.quantize import plan_quantize
+from kubetune.plan.references import FineTuneJobLookup, no_finetune_jobs
 from kubetune.plan.runs import Backend, RunRequest, RunStatus
 from kubetune_contract.finetune import FineTuneJob
 from kubetune_contract.quantize import QuantizeJob
@@ -84,13 +85,16 @@ def _carry_out(
 
 
 def _finetune_request(
-    body: dict[str, Any], settings: OperatorConfig, base_dir: Path | None
+    body: dict[str, Any], settings: OperatorConfig, base_dir: Path | None, lookup: FineTuneJobLookup
 ) -> RunRequest | None:
     try:
         job = parse_resource(body, FineTuneJob)
     except ResourceInvalid:
         return None
-    return build_request(job, settings, base_dir)
+    teacher, hold = teacher_job(job, lookup, settings.missing_reference_grace_s)
+    if hold is not None:
+        return None
+    return build_request(job, settings, base_dir, teacher)
 
 
 def _quantize_request(
@@ -112,14 +116,16 @@ def reconcile_finetune(
     *,
     base_dir: Path | None = None,
     now: str | None = None,
+    lookup: FineTuneJobLookup = no_finetune_jobs,
 ) -> Decision:
-    """One reconcile pass for a FineTuneJob; returns the decision whose status the caller writes."""
+    """One reconcile pass for a FineTuneJob; returns the decision whose status the caller writes.
+    `lookup` finds FineTuneJobs by namespace and name (a distillation teacher's fineTuneJobRef)."""
     settings = backends.settings
     at = now or utc_now()
     return _carry_out(
         backends,
-        _finetune_request(body, settings, base_dir),
-        lambda observed: plan_finetune(body, observed, settings, at, base_dir),
+        _finetune_request(body, settings, base_dir, lookup),
+        lambda observed: plan_finetune(body, observed, settings, at, base_dir, lookup),
     )
 
 
@@ -153,7 +159,7 @@ def cancel_job(
     if body.get("kind") == "QuantizeJob":
         request = _quantize_request(body, settings, lookup or (lambda _ns, _name: None), base_dir)
     else:
-        request = _finetune_request(body, settings, base_dir)
+        request = _finetune_request(body, settings, base_dir, lookup or no_finetune_jobs)
     if request is None:
         return None
     backend = backends.get(request.config["spec"]["executor"])

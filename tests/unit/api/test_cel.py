@@ -188,7 +188,7 @@ def all_message_expressions(node: Any) -> list[str]:
 
 def test_every_rule_compiles() -> None:
     rules = all_rules(schema())
-    assert len(rules) == 11
+    assert len(rules) == 26  # distillation: its block, its teacher, the temperature range
     for rule in rules:
         _program(rule)
     for crd in all_crds():
@@ -296,6 +296,20 @@ def test_name_length() -> None:
     assert admit(edit(quickstart(), "metadata.name", "x" * 64)) == [
         "metadata.name: must be at most 63 characters long"
     ]
+
+
+def test_packing_refuses_the_virtual_tokens_of_prefix_and_prompt_tuning() -> None:
+    packing = edit(quickstart(), "spec.training.packing", True)
+    assert admit(packing) == []
+    for method in ("prefix-tuning", "prompt-tuning"):
+        doc = edit(packing, "spec.method", {"type": method})
+        says = (
+            "packing keeps examples apart by their position ids, which the virtual tokens of "
+            f"{method} do not follow; use lora, ia3 or full"
+        )
+        assert admit(doc) == [f"spec.training.packing: {says}"]
+        with pytest.raises(ResourceInvalid, match=r"spec\.training\.packing"):
+            parse_resource(doc)
 
 
 # -- schema + CEL agree with pydantic ------------------------------------------------------------------

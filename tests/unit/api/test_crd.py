@@ -190,7 +190,7 @@ def test_schema_shape() -> None:
     assert training["default"] == Training().model_dump(mode="json", by_alias=True, exclude_none=True)
     assert training["default"]["learningRate"] == "2e-4"
     curation = spec["dataset"]["properties"]["curation"]
-    assert curation["default"] == {"dedupe": True, "minTokens": 1, "maxTokens": 2048}
+    assert curation["default"] == {"dedupe": True, "minTokens": 1, "maxTokens": 2048, "pii": "off"}
     assert training["properties"]["learningRate"]["default"] == "2e-4"
     assert training["properties"]["learningRate"]["pattern"] == DECIMAL_PATTERN
     assert "default" not in training["properties"]["epochs"]

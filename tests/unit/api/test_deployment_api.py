@@ -187,6 +187,11 @@ REJECTED: dict[str, tuple[dict[str, Any], str, str]] = {
         "minReplicas must not exceed maxReplicas",
         "minReplicas must not exceed maxReplicas",
     ),
+    "scale-to-zero-after-without-zero": (
+        edit(sample(), "spec.serving.autoscaling.scaleToZeroAfter", "10m"),
+        "scaleToZeroAfter only applies with minReplicas 0",
+        "scaleToZeroAfter only applies with minReplicas 0",
+    ),
 }
 
 

@@ -63,3 +63,24 @@ def test_an_enabled_redis_is_a_valid_restricted_deployment_and_service(chart: he
 def test_the_values_schema_refuses_an_unknown_redis_setting(chart: helm.Chart) -> None:
     with pytest.raises(Exception, match="redis"):
         chart.render({"redis": {"enabled": True, "persistence": True}}, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_a_password_secret_makes_redis_require_it_without_showing_it(chart: helm.Chart) -> None:
+    values = {"redis": {"enabled": True, "passwordSecret": {"name": "redis-auth", "key": "pw"}}}
+    deployment = next(doc for doc in rendered(chart, values) if doc["metadata"]["name"] == "kubetune-redis")
+    kubernetes_validate.validate(deployment, "1.30.0", strict=True)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == [
+        {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "pw"}}}
+    ]
+    # the kubelet expands $(REDIS_PASSWORD); the rendered manifest never holds the password
+    assert container["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    # tests/integration/test_gateway_redis_password.py runs redis-server with these arguments
+
+    open_redis = next(
+        doc
+        for doc in rendered(chart, {"redis": {"enabled": True}})
+        if doc["metadata"]["name"] == "kubetune-redis"
+    )
+    (container,) = open_redis["spec"]["template"]["spec"]["containers"]
+    assert "--requirepass" not in container["args"] and "env" not in container

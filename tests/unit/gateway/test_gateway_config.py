@@ -27,6 +27,10 @@ CONTRACT_EXAMPLE: dict[str, Any] = {
             "prompt": "v1",
             "ready": True,
             "pricing": {"inputPerMillion": 0.5, "outputPerMillion": 1.5},
+            "modelCard": {
+                "markdown": "pvc://artifacts/default/router/v1/MODEL_CARD.md",
+                "json": "pvc://artifacts/default/router/v1/model-card.json",
+            },
         },
         {
             "name": "int8",
@@ -35,6 +39,7 @@ CONTRACT_EXAMPLE: dict[str, Any] = {
             "prompt": None,
             "ready": False,
             "pricing": None,
+            "modelCard": None,
         },
     ],
     "control": "tuned",
@@ -47,20 +52,24 @@ CONTRACT_EXAMPLE: dict[str, Any] = {
     "prompts": [
         {
             "name": "v1",
+            "systemParts": [{"name": "role", "text": "..."}, {"name": "format-instructions", "text": None}],
             "system": "...",
             "template": "Ticket: {{input}}",
             "examples": [{"user": "...", "assistant": "..."}],
             "fewShot": {"uri": "/etc/kubetune/pools/support.jsonl", "k": 3, "select": "similar"},
             "reasoning": {"open": "<think>", "close": "</think>"},
+            "constitution": {"principles": [{"name": "polite", "text": "Be polite."}], "revise": True},
         }
     ],
     "cache": {"enabled": True, "ttlSeconds": 300, "maxEntries": 1024},
     "fallback": {"version": "tuned", "timeoutSeconds": 30},
     "timeouts": {"connectSeconds": 5, "firstByteSeconds": 60, "responseSeconds": 60, "streamIdleSeconds": 60},
     "health": {"markDownSeconds": 5},
+    "scaleFromZero": {"maxHeldRequests": 100, "holdSeconds": 120.0},
     "access": {
         "auth": "required",
         "keysFile": "/etc/kubetune/keys/keys.json",
+        "keysSecret": "support-bot-gateway-access",
         "signingKeyFile": "/etc/kubetune/keys/signing.key",
         "limits": {
             "perKey": {
@@ -84,11 +93,30 @@ CONTRACT_EXAMPLE: dict[str, Any] = {
         "store": {
             "redisUrl": "redis://kubetune-redis:6379/0",
             "redisPasswordFile": None,
+            "redisPasswordSecret": {"name": "redis-auth", "key": "password"},
             "keyPrefix": "kubetune",
             "onUnavailable": "failClosed",
             "timeoutSeconds": 0.25,
         },
-        "audit": {"path": None, "stdout": True, "maxBytes": 67108864, "keepFiles": 10},
+        "audit": {"path": None, "stdout": True, "maxBytes": 67108864, "keepFiles": 10, "logContent": False},
+    },
+    "feedback": {
+        "capture": True,
+        "maxRecords": 500,
+        "maxAgeSeconds": 86400.0,
+        "windowSeconds": 600.0,
+        "path": None,
+    },
+    "guardrails": {
+        "promptInjection": {"action": "block", "threshold": "0.5", "classifier": None, "spotlighting": "off"},
+        "pii": None,
+        "output": {"allowedLinkDomains": ["example.com"], "stripHtml": True, "detectPromptLeak": True},
+        "moderation": {
+            "action": "block",
+            "categories": [{"name": "self_harm", "action": "flag", "keywords": [], "patterns": []}],
+            "classifier": None,
+            "threshold": "0.5",
+        },
     },
 }
 

@@ -383,7 +383,10 @@ def test_pods_meet_the_restricted_pod_security_standard() -> None:
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-        assert pod["automountServiceAccountToken"] is False
+        # only the gateway holds an API token: its own ServiceAccount's, to watch its key Secret
+        gateway = deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+        assert pod["automountServiceAccountToken"] is gateway
+        assert pod.get("serviceAccountName") == ("support-bot-gateway" if gateway else None)
         for container in containers(deployment).values():
             security = container["securityContext"]
             assert security["allowPrivilegeEscalation"] is False
@@ -429,7 +432,9 @@ def test_names_are_dns_labels_and_distinct(deployment: str, version_name: str) -
 
 
 def test_gateway_runs_kubetune_gateway_with_the_config_map_mounted_as_a_directory() -> None:
-    config_map, deployment, _budget, service, _policy = build_gateway_children(REF, gateway_config(), IMAGES)
+    _account, config_map, deployment, _budget, service, _policy = build_gateway_children(
+        REF, gateway_config(), IMAGES
+    )
     assert config_map["kind"] == "ConfigMap" and config_map["metadata"]["name"] == "support-bot-gateway"
     assert list(config_map["data"]) == [GATEWAY_CONFIG_KEY]
     gateway = containers(deployment)["gateway"]
@@ -455,16 +460,17 @@ def test_config_text_is_deterministic_json() -> None:
 def test_a_weight_change_changes_only_the_config_map_and_the_checksum_annotation() -> None:
     before = build_gateway_children(REF, gateway_config({"tuned": 80, "int8": 20}), IMAGES)
     after = build_gateway_children(REF, gateway_config({"tuned": 50, "int8": 50}), IMAGES)
-    assert before[0]["data"] != after[0]["data"]
-    assert {k: v for k, v in before[0].items() if k != "data"} == {
-        k: v for k, v in after[0].items() if k != "data"
+    assert before[0] == after[0]  # the ServiceAccount
+    assert before[1]["data"] != after[1]["data"]
+    assert {k: v for k, v in before[1].items() if k != "data"} == {
+        k: v for k, v in after[1].items() if k != "data"
     }
     # The gateway's pods are not restarted: the pod template and the whole spec stay the same.
-    assert before[1]["spec"] == after[1]["spec"]
-    checksums = [d["metadata"]["annotations"][CONFIG_CHECKSUM_ANNOTATION] for d in (before[1], after[1])]
+    assert before[2]["spec"] == after[2]["spec"]
+    checksums = [d["metadata"]["annotations"][CONFIG_CHECKSUM_ANNOTATION] for d in (before[2], after[2])]
     assert checksums[0] != checksums[1] and all(re.fullmatch(r"[0-9a-f]{64}", c) for c in checksums)
-    assert CONFIG_CHECKSUM_ANNOTATION not in before[1]["spec"]["template"]["metadata"]["annotations"]
-    assert before[2] == after[2]
+    assert CONFIG_CHECKSUM_ANNOTATION not in before[2]["spec"]["template"]["metadata"]["annotations"]
+    assert before[3] == after[3]
 
 
 def test_a_model_change_changes_the_version_pod_template() -> None:

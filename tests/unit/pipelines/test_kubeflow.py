@@ -190,9 +190,12 @@ def test_step_components_run_the_step_command_line_on_the_runtime_image() -> Non
                 "{{$.outputs.parameters['workspace_report'].output_file}}",
             ], path
             # and nothing else (no embedded source, no kfp install): evaluate says which model, and logs
-            # its numbers through the executor input.
+            # its numbers through the executor input; finetune runs training.distributed as a Kubeflow
+            # Trainer TrainJob on its own image.
             evaluate_flags = ["--which", "{{$.inputs.parameters['which']}}", "--kfp-executor-input", "{{$}}"]
-            assert command[12:] == (evaluate_flags if path.stem == "evaluate-model" else []), path
+            finetune_flags = ["--launcher", "trainjob", "--image", executor["container"]["image"]]
+            own_flags = {"evaluate-model": evaluate_flags, "finetune-model": finetune_flags}
+            assert command[12:] == own_flags.get(path.stem, []), path
 
 
 def test_a_step_pod_gets_the_config_as_an_argument_and_keeps_the_report(tmp_path: Path) -> None:

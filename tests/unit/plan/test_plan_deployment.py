@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from kubetune.gateway.config import parse_gateway_config
+from kubetune.plan.deployment import CanaryFacts, plan_deployment
 from kubetune.plan.gateway import effective_weights, gateway_config
 from kubetune.plan.versions import resolve_versions, served_models
 from kubetune.reconcile.deployment import (
@@ -268,11 +269,48 @@ def test_gateway_config_follows_the_contract() -> None:
         "access": {
             "limits": {"perKey": {}, "perTenant": {}, "tenants": {}},
             "store": {"onUnavailable": "failClosed"},
-            "audit": {"stdout": True},
+            "audit": {"stdout": True, "logContent": False},
         },
+        "scaleFromZero": None,  # no minReplicas 0: a version that is not ready is not waited for
+        # no spec.feedback: nothing of the rated completions kept
+        "feedback": {
+            "capture": False,
+            "maxRecords": 10000,
+            "maxAgeSeconds": 2592000.0,
+            "windowSeconds": 3600.0,
+        },
+        "guardrails": None,
     }
     parsed = parse_gateway_config(json.dumps(config))
     assert parsed.fallback is not None and parsed.fallback.timeout_seconds == 90
+
+
+def test_gateway_config_holds_requests_for_versions_that_scale_to_zero() -> None:
+    autoscaling = {"minReplicas": 0, "maxHeldRequests": 20, "holdTimeout": "90s"}
+    deployment = ModelDeployment.model_validate(mdep({**FULL_SPEC, "serving": {"autoscaling": autoscaling}}))
+    config = gateway_config(deployment, {"tuned": "http://t:3000"}, {"tuned": 100, "int8": 0})
+    assert config is not None
+    assert config["scaleFromZero"] == {"maxHeldRequests": 20, "holdSeconds": 90.0}
+    assert parse_gateway_config(json.dumps(config)).scale_from_zero is not None
+
+
+def test_a_version_asleep_at_zero_replicas_keeps_its_share_so_its_requests_wake_it() -> None:
+    urls = {"tuned": "http://t:3000", "int8": "http://i:3000"}
+    facts = CanaryFacts(
+        None, first_sight=True, spec_changed=False, previous_weights={}, model_changed=False, ready=False
+    )
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    to_zero = ModelDeployment.model_validate(
+        mdep({**FULL_SPEC, "serving": {"autoscaling": {"minReplicas": 0}}})
+    )
+    plan = plan_deployment(to_zero, facts, answering={"tuned": True}, urls=urls, analysis=None, now=now)
+    assert plan.effective == {"tuned": 80, "int8": 20}
+    assert plan.gateway_config is not None
+    assert [v["ready"] for v in plan.gateway_config["versions"]] == [True, False]  # int8's requests are held
+    # without minReplicas 0 a version that does not answer gives its share to the others
+    always_up = ModelDeployment.model_validate(mdep(FULL_SPEC))
+    plan = plan_deployment(always_up, facts, answering={"tuned": True}, urls=urls, analysis=None, now=now)
+    assert plan.effective == {"tuned": 100, "int8": 0}
 
 
 def test_gateway_config_leaves_out_versions_without_a_server_and_needs_traffic() -> None:

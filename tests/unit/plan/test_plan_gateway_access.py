@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
 from kubetune.gateway.config import parse_gateway_config
 from kubetune.plan.gateway import gateway_config
-from kubetune_contract.deployment import ModelDeployment
+from kubetune_contract.deployment import PASSWORD_NEEDS_REDIS_URL, ModelDeployment
 
 
 def _deployment(spec_extra: dict[str, Any], version_extra: dict[str, Any] | None = None) -> ModelDeployment:
@@ -58,3 +61,21 @@ def test_an_unset_auth_is_left_to_the_serving_backend() -> None:
     config = gateway_config(_deployment({}), {"tuned": "http://tuned:3000"}, {"tuned": 100})
     assert config is not None and "auth" not in config["access"]
     assert parse_gateway_config(json.dumps(config)).access.auth == "whenKeysExist"
+
+
+def test_a_redis_password_secret_reaches_the_gateway_config_with_its_default_key() -> None:
+    deployment = _deployment(
+        {"access": {"store": {"redisUrl": "redis://r:6379/0", "passwordSecretRef": {"name": "redis-auth"}}}}
+    )
+    config = gateway_config(deployment, {"tuned": "http://tuned:3000"}, {"tuned": 100})
+    assert config is not None
+    secret = parse_gateway_config(json.dumps(config)).access.store.redis_password_secret
+    assert secret is not None and (secret.name, secret.key) == ("redis-auth", "password")
+
+
+def test_a_redis_password_without_a_redis_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValidationError) as refused:
+        _deployment({"access": {"store": {"passwordSecretRef": {"name": "redis-auth"}}}})
+    [error] = refused.value.errors()
+    assert error["loc"] == ("spec", "access", "store")
+    assert PASSWORD_NEEDS_REDIS_URL in error["msg"]

@@ -55,6 +55,25 @@ def test_a_finetune_jobs_adapter_is_served_on_its_base_model(spec: dict[str, Any
     assert (serving.model_uri, serving.base_model_uri) == (ADAPTER, base)
 
 
+@pytest.mark.parametrize(
+    ("spec", "lora"),
+    [
+        (finetune_spec(), True),
+        (finetune_spec(method={"type": "lora", "lora": {"r": 8}}), True),
+        (finetune_spec(method={"type": "prompt-tuning"}), False),  # PEFT mixes only LoRA in a batch
+        (finetune_spec(output={"mergeAdapter": True}), False),
+    ],
+    ids=["lora-default", "lora", "prompt-tuning", "merged"],
+)
+def test_only_an_unmerged_lora_adapter_may_share_its_base_models_server(
+    spec: dict[str, Any], lora: bool
+) -> None:
+    model_deployment = deployment({"fineTuneJobRef": {"name": "support-lora"}})
+    resolved = resolve_versions(model_deployment.spec, "ml", lambda kind, namespace, name: succeeded(spec))
+    (serving,) = version_servings(model_deployment, served_models(resolved, None), resolved)
+    assert (resolved["tuned"].lora_adapter, serving.lora_adapter) == (lora, lora)
+
+
 def test_a_quantize_jobs_model_has_full_weights_and_no_base() -> None:
     model_deployment = deployment({"quantizeJobRef": {"name": "support-int8"}})
     job = succeeded(

@@ -4,7 +4,8 @@ A line holds ``seq`` (1, 2, ... across the whole log), ``prev`` (the previous li
 zeros for the first) and ``hash`` = sha256 of the line's canonical JSON without ``hash`` (sorted keys,
 no spaces). Editing a line breaks its hash; removing or moving one breaks the ``seq`` and ``prev`` of
 the line after it; so :func:`verify` names the first line that was altered, removed or reordered.
-Key secrets, prompts and completions are never written: the key's id and tenant are.
+Key secrets are never written: the key's id and tenant are. Prompts and completions are written only
+with ``logContent``, and then PII-redacted (kubetune.gateway.capture).
 
 Rotation: past ``maxBytes`` the file becomes ``PATH.1`` (``PATH.1`` becomes ``PATH.2``, ... up to
 ``keepFiles``) and a new ``PATH`` continues the chain, so ``verify(PATH)`` checks the rotated files

@@ -14,13 +14,25 @@ caller is the anonymous principal (key ``-``, tenant ``-``), still limited by ``
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from redis.asyncio import Redis
+
 from kubetune.gateway.access.audit import AuditLog
-from kubetune.gateway.access.keys import KEY_RELOAD_SECONDS, KeyFileError, KeySet, Scope, read_key_file
+from kubetune.gateway.access.key_watch import KeySecretWatch, SecretContent
+from kubetune.gateway.access.keys import (
+    KEY_FILE_NAME,
+    KEY_RELOAD_SECONDS,
+    KeyFileError,
+    KeySet,
+    Scope,
+    read_key_file,
+)
 from kubetune.gateway.access.limits import (
     LimitStore,
     LimitStoreUnavailable,
@@ -30,7 +42,13 @@ from kubetune.gateway.access.limits import (
     Rule,
     principal_rules,
 )
-from kubetune.gateway.config import AccessConfig, AuditConfig, GatewayConfig, LimitStoreConfig
+from kubetune.gateway.config import (
+    REDIS_PASSWORD_ENV,
+    AccessConfig,
+    AuditConfig,
+    GatewayConfig,
+    LimitStoreConfig,
+)
 from kubetune.gateway.errors import GatewayError
 from kubetune.gateway.experiments import SharedStatistics
 from kubetune.gateway.metrics import GatewayMetrics
@@ -38,6 +56,8 @@ from kubetune.gateway.metrics import GatewayMetrics
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "-"
+# a failing watch of the key Secret is trusted this long; by then the kubelet has refreshed the mount
+WATCH_FALLBACK_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,12 @@ class Exchange:
     completion_tokens: int = 0
     cost: float = 0.0
     decision: str = "served"
+    guards: list[dict[str, Any]] = field(default_factory=list)
+    """What the guards did other than pass (kubetune_guardrails.GuardDecision.audit_record)."""
+    prompt: Any = None
+    """The client's prompt, PII-redacted (kubetune.gateway.capture); set only when content is kept."""
+    completion: str | None = None
+    """The answer's text as the client got it, PII-redacted; set only when content is kept."""
     finished: bool = False
 
     def refused(self, error: GatewayError) -> None:
@@ -80,12 +106,19 @@ class Exchange:
 
 
 class KeyRing:
-    """The key file, re-read when its size, mtime or inode changed (checked at most once a second)."""
+    """The keys in force: the key file, re-read when its size, mtime or inode changed (checked at most
+    once a second), or, once the key Secret's watch has reported it, the Secret's (the newer of the two:
+    a mounted Secret lags it by a minute or more). The watched keys stay in force while a broken
+    watch reconnects; after :data:`WATCH_FALLBACK_SECONDS` of failure the file is used again."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.keys = KeySet()
         self.error: str | None = None
+        self.watched: KeySet | None = None
+        self.watched_signing_key: bytes | None = None
+        self.watch_error: str | None = None
+        self._watch_failing_since: float | None = None
         self._signature: tuple[int, int, int] | None = None
         self._checked = 0.0
         self._refresh()
@@ -111,7 +144,41 @@ class KeyRing:
                 log.error("%s; keeping the last good keys", exc)
             self.error = str(exc)
 
+    def watched_secret(self, content: SecretContent | None, source: str) -> None:
+        """What the key Secret's watch saw: its content, or None when the Secret does not exist."""
+        self._watch_failing_since = None
+        self.watch_error = None
+        if content is None or content.keys is None:
+            if self.watched is None or not self.watched.empty:
+                log.warning("%s is absent or holds no %s: no key is valid", source, KEY_FILE_NAME)
+            self.watched = KeySet()
+        else:
+            try:
+                keys = KeySet.parse(content.keys, f"{source}: {KEY_FILE_NAME}")
+            except KeyFileError as exc:
+                log.error("%s; keeping the last good keys", exc)
+                self.error = str(exc)
+                return
+            self.error = None
+            if self.watched is None or keys.records != self.watched.records:
+                log.info("loaded %d key(s) from %s", len(keys.records), source)
+            self.watched = keys
+        if content is not None and content.signing_key:
+            self.watched_signing_key = content.signing_key
+
+    def watch_failed(self, message: str) -> None:
+        if message != self.watch_error:
+            log.error("%s; retrying", message)
+        self.watch_error = message
+        if self._watch_failing_since is None:
+            self._watch_failing_since = time.monotonic()
+
     def current(self) -> KeySet:
+        if self.watched is not None and (
+            self._watch_failing_since is None
+            or time.monotonic() - self._watch_failing_since < WATCH_FALLBACK_SECONDS
+        ):
+            return self.watched
         now = time.monotonic()
         if now - self._checked >= KEY_RELOAD_SECONDS:
             self._refresh()
@@ -129,12 +196,19 @@ def _bearer(authorization: str | None) -> str | None:
 def _store(config: LimitStoreConfig, namespace: str, deployment: str) -> LimitStore:
     if config.redis_url is None:
         return LocalLimitStore()
-    password = None
+    password, unusable = None, None
     if config.redis_password_file is not None:
         password = Path(config.redis_password_file).read_text().strip()
+    if config.redis_password_secret is not None:
+        password = os.environ.get(REDIS_PASSWORD_ENV) or None
+        if password is None:
+            secret = config.redis_password_secret
+            unusable = (
+                f"its password (Secret {secret.name!r}, key {secret.key!r}) is not in ${REDIS_PASSWORD_ENV}"
+            )
     # one deployment's counters never mix with another's that shares the server
     prefix = f"{config.key_prefix}:{namespace}/{deployment}"
-    return RedisLimitStore(config.redis_url, prefix, config.timeout_seconds, password)
+    return RedisLimitStore(config.redis_url, prefix, config.timeout_seconds, password, unusable)
 
 
 def _audit_log(config: AuditConfig) -> AuditLog | None:
@@ -170,7 +244,11 @@ class AccessControl:
         self.deployment, self.namespace = config.deployment, config.namespace
         self.pricing = {version.name: version.pricing for version in config.versions}
         if config.access.keys_file != previous.keys_file:
+            replaced = self.keyring
             self.keyring = KeyRing(Path(config.access.keys_file) if config.access.keys_file else None)
+            if config.access.keys_secret == previous.keys_secret:  # what the watch saw stays true
+                self.keyring.watched = replaced.watched
+                self.keyring.watched_signing_key = replaced.watched_signing_key
         if config.access.store != previous.store:
             self._retired.append(self.store)
             self.store = _store(config.access.store, config.namespace, config.deployment)
@@ -179,10 +257,32 @@ class AccessControl:
                 self.audit_log.close()
             self.audit_log = _audit_log(config.access.audit)
 
+    def key_watch(self, on_signing_key: Callable[[bytes], None] | None = None) -> KeySecretWatch | None:
+        """The watch of the key Secret that ``access.keysSecret`` names; None without one. What it sees
+        goes to the key ring in use then (a config reload may replace it), a signing key in the
+        Secret to ``on_signing_key``."""
+        name = self.settings.keys_secret
+        if name is None:
+            return None
+        source = f"Secret {self.namespace}/{name}"
+
+        def seen(content: SecretContent | None) -> None:
+            self.keyring.watched_secret(content, source)
+            if on_signing_key is not None and content is not None and content.signing_key:
+                on_signing_key(content.signing_key)
+
+        return KeySecretWatch(self.namespace, name, seen, lambda message: self.keyring.watch_failed(message))
+
     def shared_statistics(self) -> SharedStatistics | None:
         """Where experiment statistics are shared by the replicas: the limit store's Redis, if any."""
         if isinstance(self.store, RedisLimitStore):
             return SharedStatistics(self.store.client, self.store.prefix)
+        return None
+
+    def shared_redis(self) -> tuple[Redis, str] | None:
+        """The limit store's Redis client and key prefix, when it is Redis (shared by the replicas)."""
+        if isinstance(self.store, RedisLimitStore):
+            return self.store.client, self.store.prefix
         return None
 
     @property
@@ -358,8 +458,21 @@ class AccessControl:
                     "completionTokens": exchange.completion_tokens,
                     "cost": exchange.cost,
                     "latencyMs": round((time.perf_counter() - exchange.started) * 1000, 3),
+                    **({"guards": exchange.guards} if exchange.guards else {}),
+                    **self._content(exchange),
                 }
             )
+
+    def _content(self, exchange: Exchange) -> dict[str, Any]:
+        """The audit line's prompt and completion (already redacted), when access.audit.logContent."""
+        if not self.settings.audit.log_content:
+            return {}
+        content: dict[str, Any] = {}
+        if exchange.prompt is not None:
+            content["prompt"] = exchange.prompt
+        if exchange.completion is not None:
+            content["completion"] = exchange.completion
+        return content
 
     async def close(self) -> None:
         for store in [*self._retired, self.store]:

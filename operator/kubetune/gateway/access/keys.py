@@ -9,7 +9,8 @@ showing in the file and ties a hash to its record.
 
 The key file (JSON: ``{"keys": [record, ...]}``) lives under ``$KUBETUNE_HOME/access/<namespace>/
 <name>/keys.json`` locally and in the deployment's key Secret (key ``keys.json``) on a cluster; it is
-replaced atomically on every change and the gateway re-reads it within ``KEY_RELOAD_SECONDS``.
+replaced atomically on every change and the gateway re-reads it within ``KEY_RELOAD_SECONDS`` (on a
+cluster the gateway watches the Secret: :mod:`kubetune.gateway.access.key_watch`).
 Revoked keys stay in the file (``revoked`` set), so their ids are never reused and the file keeps
 saying authentication is on.
 """
@@ -166,6 +167,10 @@ class KeySet:
     def to_json(self) -> dict[str, Any]:
         return {"keys": [record.to_json() for record in self.records.values()]}
 
+    def to_json_text(self) -> str:
+        """The key file's text, as a Secret holds it."""
+        return json.dumps(self.to_json(), indent=2) + "\n"
+
     @classmethod
     def parse(cls, text: str | bytes, source: str) -> KeySet:
         try:
@@ -255,9 +260,14 @@ def revoke_key(path: Path, key_id: str) -> KeyRecord:
         raise KeyError(f"no key {key_id!r} in {path} (known: {known})")
     if record.revoked is not None:
         return record
-    revoked = KeyRecord(**{**record.__dict__, "revoked": _now()})
+    revoked = revoked_record(record)
     write_key_file(path, KeySet({**keys.records, key_id: revoked}))
     return revoked
+
+
+def revoked_record(record: KeyRecord) -> KeyRecord:
+    """``record`` revoked now."""
+    return KeyRecord(**{**record.__dict__, "revoked": _now()})
 
 
 def load_or_create_signing_key(path: Path) -> bytes:

@@ -201,8 +201,17 @@ def _retry_seconds(milliseconds: float) -> int:
 class RedisLimitStore:
     """Counters in Redis, shared by every gateway replica that names the same server and prefix."""
 
-    def __init__(self, url: str, prefix: str, timeout_seconds: float, password: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        timeout_seconds: float,
+        password: str | None = None,
+        unusable: str | None = None,
+    ) -> None:
         self.prefix = prefix
+        # why this store must not be asked at all (its password is missing): every call says so
+        self.unusable = unusable
         self.client = aioredis.Redis.from_url(
             url,
             password=password,
@@ -212,7 +221,12 @@ class RedisLimitStore:
         )
         self.script = self.client.register_script(_LIMIT_SCRIPT)
 
+    def _check_usable(self) -> None:
+        if self.unusable is not None:
+            raise LimitStoreUnavailable(f"the limit store (Redis) cannot be used: {self.unusable}")
+
     async def _run(self, mode: str, rules: list[Rule], amounts: list[float]) -> list[int]:
+        self._check_usable()
         keys = [rule.counter(self.prefix) for rule in rules]
         args: list[str | float] = [mode]
         for rule, amount in zip(rules, amounts, strict=True):
@@ -241,6 +255,7 @@ class RedisLimitStore:
             await self._run("charge", rules, amounts)
 
     async def first_time(self, name: str, ttl_seconds: int) -> bool:
+        self._check_usable()
         try:
             marked = await self.client.set(f"{self.prefix}:{name}", b"1", nx=True, ex=ttl_seconds)
         except (RedisError, OSError) as exc:
@@ -250,6 +265,7 @@ class RedisLimitStore:
         return bool(marked)
 
     async def ping(self) -> None:
+        self._check_usable()
         try:
             await self.client.ping()
         except (RedisError, OSError) as exc:

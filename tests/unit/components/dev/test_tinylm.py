@@ -163,3 +163,15 @@ def test_tiny_base_is_pretrained_and_idempotent(tiny_base_dir: Path, tiny_model_
     started = time.monotonic()
     assert tinylm.build_tiny_base(tiny_base_dir) == tiny_base_dir
     assert time.monotonic() - started < 2
+
+
+def test_the_small_size_is_a_student_for_the_base_and_leaves_the_base_recipe_as_it_was() -> None:
+    base, small = tinylm.base_recipe(0), tinylm.base_recipe(0, "small")
+    assert "size" not in base  # the default build (and its hash) predates sizes
+    assert {key for key in small if small[key] != base.get(key)} == {"shape", "size"}
+    tokenizer = tinylm.build_tiny_tokenizer()
+    base_parameters = tinylm.parameter_count(tinylm._new_model(tokenizer, tinylm.BASE_SHAPE, seed=0))
+    small_parameters = tinylm.parameter_count(tinylm._new_model(tokenizer, tinylm.SMALL_SHAPE, seed=0))
+    assert small_parameters <= base_parameters / 3
+    with pytest.raises(ConfigError, match="size 'huge' is not one of base, small"):
+        tinylm.build_tiny_base(Path("unused"), size="huge")

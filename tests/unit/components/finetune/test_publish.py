@@ -21,6 +21,7 @@ from kubetune_components.finetune import publish as pub
 from kubetune_components.finetune import train as ft
 from kubetune_contract.common import ObjectMeta
 from kubetune_contract.finetune import FineTuneJob, FineTuneJobSpec, Gate
+from kubetune_contract.workspace import MODEL_CARD_FILE, MODEL_CARD_JSON_FILE
 
 ROWS = [
     {"instruction": "Route the ticket.", "input": f"ticket {index} about {word}", "output": word}
@@ -187,7 +188,7 @@ def test_publishing_an_adapter_with_its_manifest(lora_job: tuple[Path, dict[str,
     assert manifest["gates"][0]["passed"] is True
     assert manifest["artifact"]["format"] == "peft-adapter"
     files = manifest["artifact"]["files"]
-    assert set(files) == names - {MANIFEST_FILE}
+    assert set(files) == names - {MANIFEST_FILE, MODEL_CARD_FILE, MODEL_CARD_JSON_FILE}  # derived from it
     assert all(files[name] == storage.sha256_of(str(destination / name)) for name in files)
     assert set(manifest["libraries"]) == {"torch", "transformers", "peft", "kubetune_components"}
     assert manifest["createdAt"].endswith("Z")
