@@ -28,16 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _finetune_runs import tune_from
 from _results import REPO, BenchmarkRecord, Target
 from kubetune_components.dev import tinylm
 from kubetune_components.finetune import steps
@@ -148,18 +147,13 @@ def job_config(
 
 
 def tune_and_score(config: dict[str, Any], prepared: Path, workspace: Path) -> dict[str, Any]:
-    shutil.copytree(prepared, workspace)
-    started = time.monotonic()
-    steps.run_step("finetune", config, str(workspace))
-    steps.run_step("evaluate-final", config, str(workspace))
-    final = json.loads((workspace / WorkspaceLayout.FINAL_EVALUATION).read_text())
-    training = json.loads((workspace / WorkspaceLayout.TRAINED / "kubetune-training.json").read_text())
+    run = tune_from(config, prepared, workspace)
     return {
-        "exactMatch": final["exactMatch"],
-        "evalLoss": final["evalLoss"],
-        "parameters": training["trainableParameters"],
-        "steps": training["steps"],
-        "seconds": round(time.monotonic() - started, 1),
+        "exactMatch": run.final["exactMatch"],
+        "evalLoss": run.final["evalLoss"],
+        "parameters": run.training["trainableParameters"],
+        "steps": run.training["steps"],
+        "seconds": run.seconds,
     }
 
 

@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +32,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _finetune_runs import read_json, tune_from
 from _results import REPO, BenchmarkRecord, Target
 from kubetune_components.finetune import steps
 from kubetune_contract.finetune import reference_drop
@@ -70,29 +68,19 @@ def with_replay(config: dict[str, Any], ratio: str) -> dict[str, Any]:
     return replayed
 
 
-def read(workspace: Path, relative: str) -> dict[str, Any]:
-    value: dict[str, Any] = json.loads((workspace / relative).read_text())
-    return value
-
-
 def tune_and_score(config: dict[str, Any], prepared: Path, workspace: Path) -> dict[str, Any]:
     """Fine-tune and evaluate in `workspace`, starting from the curated data and baseline of `prepared`."""
-    shutil.copytree(prepared, workspace)
-    started = time.monotonic()
-    steps.run_step("finetune", config, str(workspace))
-    steps.run_step("evaluate-final", config, str(workspace))
-    final = read(workspace, WorkspaceLayout.FINAL_EVALUATION)
-    reference = final["reference"][REFERENCE_NAME]
-    before = read(workspace, WorkspaceLayout.BASELINE_EVALUATION)["reference"][REFERENCE_NAME]
-    training = read(workspace, f"{WorkspaceLayout.TRAINED}/kubetune-training.json")
+    run = tune_from(config, prepared, workspace)
+    reference = run.final["reference"][REFERENCE_NAME]
+    before = read_json(workspace, WorkspaceLayout.BASELINE_EVALUATION)["reference"][REFERENCE_NAME]
     return {
         "referencePerplexity": reference["value"],
         "referenceRise": reference_drop("perplexity", before["value"], reference["value"]),
-        "exactMatch": final["exactMatch"],
-        "evalLoss": final["evalLoss"],
-        "steps": training["steps"],
-        "replayExamples": training.get("replayExamples", 0),
-        "seconds": round(time.monotonic() - started, 1),
+        "exactMatch": run.final["exactMatch"],
+        "evalLoss": run.final["evalLoss"],
+        "steps": run.training["steps"],
+        "replayExamples": run.training.get("replayExamples", 0),
+        "seconds": run.seconds,
     }
 
 
@@ -101,7 +89,7 @@ def run_round(base_model: Path, seed: int, ratio: str, scratch: Path) -> dict[st
     prepared = scratch / f"seed-{seed}-prepared"
     steps.run_step("curate", config, str(prepared))
     steps.run_step("evaluate-baseline", config, str(prepared))
-    baseline = read(prepared, WorkspaceLayout.BASELINE_EVALUATION)
+    baseline = read_json(prepared, WorkspaceLayout.BASELINE_EVALUATION)
     plain = tune_and_score(config, prepared, scratch / f"seed-{seed}-plain")
     replayed = tune_and_score(with_replay(config, ratio), prepared, scratch / f"seed-{seed}-replay")
     return {

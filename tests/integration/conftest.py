@@ -26,6 +26,8 @@ Fixtures (function-scoped; everything async -- ``asyncio_mode=auto``):
 
 ``wait_for`` -> the generic poller :func:`wait_for`: ``await wait_for(probe, predicate, timeout=...)``.
 
+``redis`` (module-scoped) -> a real ``redis-server`` without a password (:mod:`redis_server`).
+
 Example::
 
     async def test_it(k8s: Cluster, run_operator: OperatorRunner) -> None:
@@ -49,7 +51,7 @@ owns everything there. Sync handlers run in kopf's thread pool, which is shut do
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,7 @@ from fixtures.resources import BUILTIN_RESOURCES, KUBETUNE_RESOURCES, ResourceSp
 from lightkube import AsyncClient
 
 from kubetune.kube.client import async_client, cluster_config
+from redis_server import RedisServer, running_redis
 
 
 @pytest.fixture
@@ -91,6 +94,13 @@ async def run_operator(k8s: Cluster) -> AsyncIterator[OperatorRunner]:
     finally:
         for operator in runner.created:
             await operator.stop()
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real ``redis-server`` (no password) shared by the tests of one module."""
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture(name="wait_for")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,17 +17,14 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
-from asgi_server import free_port, serve_app
+from gateway_processes import USAGE, chat_completion, serve_chat_completions, start_gateway
 from kubetune.gateway.access.keys import load_or_create_signing_key
-from redis_server import RedisServer, running_redis
+from redis_server import RedisServer
 
 DEPLOYMENT = "support-bot"
-USAGE = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
 GOOD, BAD = "Refunded; write to billing@example.com if not.", "Cannot help."
 
 
@@ -37,18 +33,7 @@ async def _chat(request: Request) -> Response:
     body = await request.json()
     answer = GOOD if not body.get("temperature") else BAD
     if not body.get("stream"):
-        return JSONResponse(
-            {
-                "id": "upstream",
-                "object": "chat.completion",
-                "created": 1,
-                "model": body["model"],
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
-                ],
-                "usage": USAGE,
-            }
-        )
+        return JSONResponse(chat_completion(body["model"], answer))
 
     async def events() -> AsyncIterator[bytes]:
         head = {"id": "u", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
@@ -63,37 +48,8 @@ async def _chat(request: Request) -> Response:
 
 @pytest.fixture(scope="module")
 def model_server() -> Iterator[str]:
-    with serve_app(Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])) as url:
+    with serve_chat_completions(_chat) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 120  # building the PII analyzer takes seconds on a loaded machine
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gateway exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"gateway {url} not healthy: {log.read_text()[-2000:]}")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture
@@ -118,17 +74,9 @@ def replicas(tmp_path: Path, model_server: str, redis: RedisServer) -> Iterator[
             }
             config_path = tmp_path / f"gateway-{index}.json"
             config_path.write_text(json.dumps(config))
-            port = free_port()
             log = tmp_path / f"gateway-{index}.log"
-            process = subprocess.Popen(
-                [sys.executable, "-m", "kubetune.gateway", "--config", str(config_path), "--port", str(port)],
-                stdout=log.open("wb"),
-                stderr=subprocess.STDOUT,
-            )
-            stack.callback(_stop, process)
-            url = f"http://127.0.0.1:{port}"
-            _wait_healthy(url, process, log)
-            urls.append(url)
+            # building the PII analyzer takes seconds on a loaded machine
+            urls.append(start_gateway(stack, config_path, log, healthy_within_s=120))
             audit_logs.append(audit)
         yield urls, audit_logs
 

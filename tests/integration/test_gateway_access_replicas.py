@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
@@ -21,12 +20,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
-from asgi_server import free_port, serve_app
+from gateway_processes import USAGE, chat_completion, serve_chat_completions, start_gateway
 from kubetune.gateway.access.audit import verify
 from kubetune.gateway.access.keys import (
     KEY_RELOAD_SECONDS,
@@ -38,23 +35,12 @@ from kubetune.gateway.access.keys import (
 from redis_server import RedisServer, redis_binary, running_redis
 
 DEPLOYMENT = "support-bot"
-USAGE = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
 
 
 async def _chat(request: Request) -> Response:
     body = await request.json()
     if not body.get("stream"):
-        message = {"role": "assistant", "content": "four words of answer"}
-        return JSONResponse(
-            {
-                "id": "upstream",
-                "object": "chat.completion",
-                "created": 1,
-                "model": body["model"],
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                "usage": USAGE,
-            }
-        )
+        return JSONResponse(chat_completion(body["model"], "four words of answer"))
 
     async def events() -> AsyncIterator[bytes]:
         for text in ("four ", "words"):
@@ -71,14 +57,8 @@ async def _chat(request: Request) -> Response:
 
 @pytest.fixture(scope="module")
 def model_server() -> Iterator[str]:
-    with serve_app(Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])) as url:
+    with serve_chat_completions(_chat) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with running_redis(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 @dataclass
@@ -101,20 +81,6 @@ class Replicas:
         return openai.OpenAI(
             base_url=url, api_key=key or "none", default_headers=headers, max_retries=0, timeout=20
         )
-
-
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gateway exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"gateway {url} not healthy: {log.read_text()[-2000:]}")
 
 
 @pytest.fixture
@@ -152,30 +118,11 @@ def replicas(
             }
             config_path = tmp_path / f"gateway-{index}.json"
             config_path.write_text(json.dumps(config))
-            port = free_port()
-            log = tmp_path / f"gateway-{index}.log"
-            process = subprocess.Popen(
-                [sys.executable, "-m", "kubetune.gateway", "--config", str(config_path), "--port", str(port)],
-                stdout=log.open("wb"),
-                stderr=subprocess.STDOUT,
-            )
-            stack.callback(_stop, process)
-            url = f"http://127.0.0.1:{port}"
-            _wait_healthy(url, process, log)
-            urls.append(url)
+            urls.append(start_gateway(stack, config_path, tmp_path / f"gateway-{index}.log"))
             audit_logs.append(audit)
         return Replicas(urls, keys_file, audit_logs)
 
     return start
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _ask(client: openai.OpenAI, stream: bool = False) -> Any:

@@ -21,12 +21,9 @@ import httpx
 import pytest
 import redis as redis_client
 import yaml
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from asgi_server import serve_app
+from gateway_processes import serve_chat_completions
 from kubetune.api.validation import parse_resource
 from kubetune.gateway.app import create_app
 from kubetune.gateway.config import REDIS_PASSWORD_ENV, parse_gateway_config
@@ -42,24 +39,9 @@ REDIS_SECRET_DATA = {"password": "a-long-redis-password-for-the-test"}  # what t
 REF = DeploymentRef(name="support-bot", namespace="team-a", uid="uid-1")
 
 
-async def _chat(request: Request) -> JSONResponse:
-    body = await request.json()
-    message = {"role": "assistant", "content": "an answer"}
-    return JSONResponse(
-        {
-            "id": "upstream",
-            "object": "chat.completion",
-            "created": 1,
-            "model": body["model"],
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
-        }
-    )
-
-
 @pytest.fixture(scope="module")
 def model_server() -> Iterator[str]:
-    with serve_app(Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])) as url:
+    with serve_chat_completions() as url:
         yield url
 
 

@@ -21,12 +21,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
-from asgi_server import free_port, serve_app
+from gateway_processes import serve_chat_completions, start_gateway
 from kubetune.kube.children import (
     GATEWAY_CONFIG_KEY,
     ChildImages,
@@ -44,24 +40,9 @@ DEPLOYMENT = "bot"
 SECONDS_TO_APPLY = 5.0  # "within seconds": what a created or revoked key may take on every replica
 
 
-async def _chat(request: Request) -> JSONResponse:
-    body = await request.json()
-    message = {"role": "assistant", "content": "an answer"}
-    return JSONResponse(
-        {
-            "id": "upstream",
-            "object": "chat.completion",
-            "created": 1,
-            "model": body["model"],
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
-        }
-    )
-
-
 @pytest.fixture(scope="module")
 def model_server() -> Iterator[str]:
-    with serve_app(Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"])])) as url:
+    with serve_chat_completions() as url:
         yield url
 
 
@@ -88,6 +69,19 @@ def keys_cli(control_plane: ControlPlane, namespace: str, *args: str) -> subproc
     )
 
 
+def apply_deployment(control_plane: ControlPlane, namespace: str) -> None:
+    """ModelDeployment bot in ``namespace`` (server-side apply, as the cluster's admin)."""
+    control_plane.kubectl(
+        "apply",
+        "--server-side",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        stdin=yaml.safe_dump(modeldeployment(DEPLOYMENT)),
+    )
+
+
 def rendered_gateway_config(namespace: str, uid: str, model_url: str, tmp_path: Path) -> dict[str, Any]:
     """The gateway.json the operator renders for mdep/bot, its version at ``model_url``; the Secret's
     mounted copy (keysFile, signingKeyFile) points at files that do not exist."""
@@ -108,44 +102,16 @@ def rendered_gateway_config(namespace: str, uid: str, model_url: str, tmp_path: 
     return rendered
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def start_gateways(
     stack: ExitStack, config: dict[str, Any], kubeconfig: Path, tmp_path: Path, count: int = 2
 ) -> list[str]:
     config_path = tmp_path / "gateway.json"
     config_path.write_text(json.dumps(config))
-    urls = []
-    for index in range(count):
-        port = free_port()
-        log = tmp_path / f"gateway-{index}.log"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kubetune.gateway", "--config", str(config_path), "--port", str(port)],
-            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        stack.callback(_stop, process)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, f"gateway exited: {log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"gateway {url} not healthy: {log.read_text()[-3000:]}"
-            time.sleep(0.1)
-        urls.append(url)
-    return urls
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    return [
+        start_gateway(stack, config_path, tmp_path / f"gateway-{index}.log", env=env, healthy_within_s=90)
+        for index in range(count)
+    ]
 
 
 def status_of(url: str, token: str) -> int:
@@ -170,15 +136,7 @@ def seconds_until(condition: Callable[[], bool], timeout_s: float = 60.0) -> flo
 def test_keys_created_and_revoked_with_the_cli_apply_on_both_gateways_within_seconds(
     control_plane: ControlPlane, kubetune_crds: list[str], namespace: str, model_server: str, tmp_path: Path
 ) -> None:
-    control_plane.kubectl(
-        "apply",
-        "--server-side",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        stdin=yaml.safe_dump(modeldeployment(DEPLOYMENT)),
-    )
+    apply_deployment(control_plane, namespace)
     uid = control_plane.kubectl(
         "get", "modeldeployment", DEPLOYMENT, "-n", namespace, "-o", "jsonpath={.metadata.uid}"
     ).stdout
@@ -268,15 +226,7 @@ def test_keys_cli_names_a_missing_deployment(
 def test_concurrent_creates_lose_no_key(
     control_plane: ControlPlane, kubetune_crds: list[str], namespace: str
 ) -> None:
-    control_plane.kubectl(
-        "apply",
-        "--server-side",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        stdin=yaml.safe_dump(modeldeployment(DEPLOYMENT)),
-    )
+    apply_deployment(control_plane, namespace)
     creates = [
         subprocess.Popen(
             keys_command(namespace, "create", "--tenant", f"team-{index}"),

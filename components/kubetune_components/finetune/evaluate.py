@@ -87,6 +87,39 @@ def mean_token_loss(
     return loss_total / token_total, token_total
 
 
+def examples_loss(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, Any]],
+    fmt: str,
+    *,
+    max_seq_length: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    when_nothing_to_score: str,
+) -> float:
+    """Mean loss per target token of `examples` (tokenized as in training); a DatasetError saying
+    `when_nothing_to_score` when no example keeps a target token within `max_seq_length`."""
+    features = tokenize_examples(examples, fmt, tokenizer, max_seq_length)
+    if not features:
+        raise DatasetError(when_nothing_to_score)
+    loss, _ = mean_token_loss(
+        model,
+        features,
+        pad_token_id=int(tokenizer.pad_token_id),
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+    )
+    return loss
+
+
+def perplexity_from_loss(loss: float) -> float:
+    """exp(loss), capped below float overflow."""
+    return math.exp(min(loss, MAX_PERPLEXITY_EXPONENT))
+
+
 def _is_prompt_learning(model: torch.nn.Module) -> bool:
     config = getattr(model, "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))
@@ -170,6 +203,32 @@ def greedy_responses(
     return responses
 
 
+def greedy_answers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, Any]],
+    fmt: DatasetFormat,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Each example's (prompt, reference) as training renders it, and the greedy response to each prompt."""
+    rendered = [data.render_prompt_and_response(dict(example), fmt, tokenizer) for example in examples]
+    prompts = [data.prompt_token_ids(prompt, fmt, tokenizer) for prompt, _ in rendered]
+    responses = greedy_responses(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+    )
+    return rendered, responses
+
+
 def exact_match(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -187,14 +246,11 @@ def exact_match(
     chosen = list(examples)[:max_samples]
     if not chosen:
         raise DatasetError("the validation set is empty; exactMatch needs held-out examples")
-    rendered = [
-        data.render_prompt_and_response(dict(example), dataset_format, tokenizer) for example in chosen
-    ]
-    prompts = [data.prompt_token_ids(prompt, dataset_format, tokenizer) for prompt, _ in rendered]
-    predictions = greedy_responses(
+    rendered, predictions = greedy_answers(
         model,
         tokenizer,
-        prompts,
+        chosen,
+        dataset_format,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         device=device,
@@ -299,21 +355,21 @@ def evaluate_model(
     result: dict[str, Any] = {"samples": len(examples)}
     predictions: list[dict[str, Any]] = []
     if {"evalLoss", "perplexity"} & set(settings.metrics):
-        features = tokenize_examples(examples, fmt, tokenizer, max_seq_length)
-        if not features:
-            raise DatasetError("no validation example has a response token within training.maxSeqLength")
-        loss, _ = mean_token_loss(
+        loss = examples_loss(
             model,
-            features,
-            pad_token_id=int(tokenizer.pad_token_id),
+            tokenizer,
+            examples,
+            fmt,
+            max_seq_length=max_seq_length,
             batch_size=batch_size,
             device=device,
             precision=precision,
+            when_nothing_to_score="no validation example has a response token within training.maxSeqLength",
         )
         if "evalLoss" in settings.metrics:
             result["evalLoss"] = loss
         if "perplexity" in settings.metrics:
-            result["perplexity"] = math.exp(min(loss, MAX_PERPLEXITY_EXPONENT))
+            result["perplexity"] = perplexity_from_loss(loss)
     if "exactMatch" in settings.metrics:
         result["exactMatch"], predictions = exact_match(
             model,
@@ -352,18 +408,20 @@ def evaluate_reference_sets(
         if not examples:
             raise DatasetError(f"{field}.uri: {reference.uri} holds no example")
         if reference.metric == "perplexity":
-            features = tokenize_examples(examples, reference.format, tokenizer, max_seq_length)
-            if not features:
-                raise DatasetError(f"{field}: no example has a token to score within training.maxSeqLength")
-            loss, _ = mean_token_loss(
+            loss = examples_loss(
                 model,
-                features,
-                pad_token_id=int(tokenizer.pad_token_id),
+                tokenizer,
+                examples,
+                reference.format,
+                max_seq_length=max_seq_length,
                 batch_size=batch_size,
                 device=device,
                 precision=precision,
+                when_nothing_to_score=(
+                    f"{field}: no example has a token to score within training.maxSeqLength"
+                ),
             )
-            value = math.exp(min(loss, MAX_PERPLEXITY_EXPONENT))
+            value = perplexity_from_loss(loss)
         else:
             value, _ = exact_match(
                 model,

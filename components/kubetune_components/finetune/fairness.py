@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from kubetune_components import data
 from kubetune_contract.common import GateResult, as_float, within_bound
 from kubetune_contract.finetune import DatasetFormat, Evaluation, Fairness
 
@@ -118,19 +117,16 @@ def measure_fairness(
     precision: str = "fp32",
 ) -> dict[str, Any]:
     """{pairs, flipRate, scoreGap} of `model` on the counterfactual pairs of `examples`."""
-    from kubetune_components.finetune.evaluate import greedy_responses
+    from kubetune_components.finetune.evaluate import greedy_answers
 
     pairs = counterfactual_examples(examples, fmt, fairness)
     if not pairs:
         return {"pairs": 0, "flipRate": None, "scoreGap": None}
-    rendered = [
-        data.render_prompt_and_response(example, fmt, tokenizer) for pair in pairs for example in pair
-    ]
-    prompts = [data.prompt_token_ids(prompt, fmt, tokenizer) for prompt, _ in rendered]
-    answers = greedy_responses(
+    rendered, answers = greedy_answers(
         model,
         tokenizer,
-        prompts,
+        [example for pair in pairs for example in pair],
+        fmt,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         device=device,
