@@ -7,6 +7,7 @@ a fresh copy and returns what they wrote.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import time
@@ -14,9 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from _results import REPO
 from kubetune_components.finetune import steps
 from kubetune_components.finetune.train import TRAINING_RECORD
 from kubetune_contract.workspace import WorkspaceLayout
+
+DEFAULT_BASE = REPO / ".kubetune" / "models" / "tiny-base"
 
 
 @dataclass(frozen=True)
@@ -43,3 +49,18 @@ def tune_from(config: dict[str, Any], prepared: Path, workspace: Path) -> TunedR
         training=read_json(workspace, f"{WorkspaceLayout.TRAINED}/{TRAINING_RECORD}"),
         seconds=seconds,
     )
+
+
+def add_base_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--threads (torch's CPU threads) and --base-model (tiny-base unless given)."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--base-model", type=Path, default=DEFAULT_BASE)
+
+
+def use_base_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop with a usage error when --base-model holds no model; set torch's threads to --threads."""
+    if not (args.base_model / "config.json").is_file():
+        parser.error(
+            f"{args.base_model} holds no model: run `kubetune dev tiny-base --out {args.base_model}`"
+        )
+    torch.set_num_threads(args.threads)

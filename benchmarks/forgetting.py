@@ -28,11 +28,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _finetune_runs import read_json, tune_from
+from _finetune_runs import add_base_model_arguments, read_json, tune_from, use_base_model
 from _results import REPO, BenchmarkRecord, Target
 from kubetune_components.finetune import steps
 from kubetune_contract.finetune import reference_drop
@@ -43,7 +42,6 @@ DATA = REPO / "examples" / "quickstart" / "data"
 REFERENCE_FILE = DATA / "general-reference.jsonl"
 REPLAY_FILE = DATA / "general-replay.jsonl"
 REFERENCE_NAME = "general-text"
-DEFAULT_BASE = REPO / ".kubetune" / "models" / "tiny-base"
 FIRST_SEED = 42
 
 
@@ -131,14 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=5, help="rounds, one training seed each (42, 43, ...)")
     parser.add_argument("--ratio", default="0.05", help="training.replay.ratio of the replay run")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--base-model", type=Path, default=DEFAULT_BASE)
+    add_base_model_arguments(parser)
     args = parser.parse_args(argv)
-    if not (args.base_model / "config.json").is_file():
-        parser.error(
-            f"{args.base_model} holds no model: run `kubetune dev tiny-base --out {args.base_model}`"
-        )
-    torch.set_num_threads(args.threads)
+    use_base_model(parser, args)
     record = BenchmarkRecord(
         "forgetting",
         Path(__file__),

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 FORMATS: tuple[str, ...] = get_args(DatasetFormat)
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
+LOSS_UNITS = "loss_units"
+"""A feature's own count of what its loss averages over, when that is not its response tokens (a
+preference row counts one)."""
 
 INSTRUCTION_HEADER = "### Instruction:\n"
 INPUT_HEADER = "### Input:\n"
@@ -85,7 +88,87 @@ def _parse_chat(record: dict[str, Any], where: str) -> dict[str, Any]:
     return {"messages": messages}
 
 
-_PARSERS = {"text": _parse_text, "instruction": _parse_instruction, "chat": _parse_chat}
+def _parse_messages(value: Any, where: str, name: str) -> list[dict[str, str]]:
+    if not value:
+        raise DatasetError(f'{where}: "{name}" is empty')
+    messages = []
+    for index, message in enumerate(value):
+        label = f"{name}[{index}]"
+        if not isinstance(message, dict):
+            raise DatasetError(f"{where}: {label} must be an object, got {_json_type(message)}")
+        role = _require_string(message, "role", where, f"{label}.role")
+        if role not in ROLES:
+            raise DatasetError(f"{where}: {label}.role must be one of {', '.join(ROLES)}")
+        messages.append(
+            {"role": role, "content": _require_string(message, "content", where, f"{label}.content")}
+        )
+    return messages
+
+
+def _rows_hold(fmt: str) -> str:
+    fields = {"preference": "prompt, chosen, rejected", "feedback": "prompt, completion, label"}[fmt]
+    return f"dataset.format {fmt} rows hold {fields}"
+
+
+def _preference_prompt(record: dict[str, Any], where: str, fmt: str) -> str | list[dict[str, str]]:
+    """A string prompt (used as it is) or a message list (rendered by the chat template)."""
+    if "prompt" not in record:
+        raise DatasetError(f'{where}: "prompt" is missing ({_rows_hold(fmt)})')
+    prompt = record["prompt"]
+    if isinstance(prompt, list):
+        return _parse_messages(prompt, where, "prompt")
+    if not isinstance(prompt, str):
+        raise DatasetError(f'{where}: "prompt" must be a string or a message list, got {_json_type(prompt)}')
+    return prompt
+
+
+def _completion_text(record: dict[str, Any], key: str, where: str, fmt: str) -> str:
+    """A completion: a string, or TRL's conversational form [{role: assistant, content}]."""
+    if key not in record:
+        raise DatasetError(f'{where}: "{key}" is missing ({_rows_hold(fmt)})')
+    value = record[key]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        messages = _parse_messages(value, where, key)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise DatasetError(f'{where}: "{key}" as a message list must hold one assistant message')
+        return messages[0]["content"]
+    raise DatasetError(f'{where}: "{key}" must be a string or a message list, got {_json_type(value)}')
+
+
+def _parse_preference(record: dict[str, Any], where: str) -> dict[str, Any]:
+    prompt = _preference_prompt(record, where, "preference")
+    chosen = _completion_text(record, "chosen", where, "preference")
+    rejected = _completion_text(record, "rejected", where, "preference")
+    if chosen == rejected:
+        raise DatasetError(f'{where}: "chosen" and "rejected" are the same text; the pair teaches nothing')
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _parse_feedback(record: dict[str, Any], where: str) -> dict[str, Any]:
+    prompt = _preference_prompt(record, where, "feedback")
+    completion = _completion_text(record, "completion", where, "feedback")
+    if "label" not in record:
+        raise DatasetError(f'{where}: "label" is missing ({_rows_hold("feedback")})')
+    label = record["label"]
+    if not isinstance(label, bool):
+        raise DatasetError(
+            f'{where}: "label" must be a boolean (true: a desirable completion), got {_json_type(label)}'
+        )
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
+PREFERENCE_FORMATS = ("preference", "feedback")
+"""Formats of rows that compare completions (methods dpo and kto) rather than show one response."""
+
+_PARSERS = {
+    "text": _parse_text,
+    "instruction": _parse_instruction,
+    "chat": _parse_chat,
+    "preference": _parse_preference,
+    "feedback": _parse_feedback,
+}
 
 
 def load_examples(uri: str, fmt: DatasetFormat) -> list[dict[str, Any]]:
@@ -133,11 +216,44 @@ def render_instruction_prompt(instruction: str, input_text: str | None = None) -
     return prompt + RESPONSE_HEADER
 
 
+def render_preference_prompt(prompt: str | list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> str:
+    """A preference or feedback row's prompt as the model reads it: a string as it is, a message list
+    through the chat template with the generation prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    return _chat_prompt(prompt, tokenizer)
+
+
+def _chat_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ConfigError(
+            f"the tokenizer {name} has no chat_template, which message-list prompts need; "
+            "use a chat model or string prompts"
+        )
+    chat_prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if not isinstance(chat_prompt, str):
+        raise ConfigError(f"the chat_template of {tokenizer.name_or_path} did not render to text")
+    return chat_prompt
+
+
+def preference_completions(example: dict[str, Any], fmt: DatasetFormat) -> list[str]:
+    """The completions a preference row (chosen, rejected) or a feedback row (completion) compares."""
+    if fmt == "preference":
+        return [str(example["chosen"]), str(example["rejected"])]
+    return [str(example["completion"])]
+
+
 def render_prompt_and_response(
     example: dict[str, Any], fmt: DatasetFormat, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[str, str]:
-    """Split an example into the text the model is given and the text it must produce."""
+    """Split an example into the text the model is given and the text it must produce.
+
+    A preference row's response is its chosen completion, a feedback row's its completion (desirable
+    or not: evaluation scores the desirable ones only)."""
     _check_format(fmt)
+    if fmt in PREFERENCE_FORMATS:
+        return render_preference_prompt(example["prompt"], tokenizer), preference_completions(example, fmt)[0]
     if fmt == "text":
         return "", str(example["text"])
     if fmt == "instruction":
@@ -162,7 +278,10 @@ def prompt_token_ids(prompt: str, fmt: DatasetFormat, tokenizer: PreTrainedToken
     Chat templates write their own special tokens (bos included), so only the other formats let
     the tokenizer add them.
     """
-    encoded = tokenizer(prompt, add_special_tokens=fmt != "chat")["input_ids"]
+    # A chat-rendered preference prompt starts with the template's bos: do not add a second one.
+    bos = getattr(tokenizer, "bos_token", None)
+    templated = fmt in PREFERENCE_FORMATS and bool(bos) and prompt.startswith(str(bos))
+    encoded = tokenizer(prompt, add_special_tokens=fmt != "chat" and not templated)["input_ids"]
     return list(encoded)
 
 
@@ -222,13 +341,19 @@ def _text_fields(example: dict[str, Any]) -> list[tuple[str, str]]:
         return [
             (f"messages[{index}].content", str(m["content"])) for index, m in enumerate(example["messages"])
         ]
-    return [(key, value) for key, value in example.items() if isinstance(value, str)]
+    fields = [(key, value) for key, value in example.items() if isinstance(value, str)]
+    if isinstance(example.get("prompt"), list):  # a preference or feedback row's message-list prompt
+        fields += [
+            (f"prompt[{index}].content", str(m["content"])) for index, m in enumerate(example["prompt"])
+        ]
+    return fields
 
 
 def _with_text(example: dict[str, Any], path: str, text: str) -> None:
-    if path.startswith("messages["):
-        index = int(path[len("messages[") : path.index("]")])
-        example["messages"][index] = {**example["messages"][index], "content": text}
+    if path.startswith(("messages[", "prompt[")):
+        key = path[: path.index("[")]
+        index = int(path[len(key) + 1 : path.index("]")])
+        example[key][index] = {**example[key][index], "content": text}
     else:
         example[path] = text
 
@@ -394,16 +519,27 @@ def curate_per_spec(
 
 
 def pad_batch(features: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenized examples into tensors; padded labels are ignored by the loss."""
+    """Right-pad a list of tokenized examples into tensors; padded labels are ignored by the loss.
+
+    A preference row's rejected completion is padded to its own width."""
     if not features:
         raise ValueError("cannot pad an empty batch")
-    width = max(len(feature["input_ids"]) for feature in features)
     # Padding's position ids are 0: a packed sequence's padding is not read as part of its last example.
-    pad_values = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
+    pad_values = {
+        "input_ids": pad_token_id,
+        "attention_mask": 0,
+        "labels": IGNORE_INDEX,
+        "position_ids": 0,
+        "rejected_input_ids": pad_token_id,
+        "rejected_labels": IGNORE_INDEX,
+        "desirable": 0,
+        LOSS_UNITS: 0,
+    }
     batch: dict[str, torch.Tensor] = {}
     for key, pad_value in pad_values.items():
         if key not in features[0]:
             continue
+        width = max(len(feature[key]) for feature in features)
         rows = [list(feature[key]) + [pad_value] * (width - len(feature[key])) for feature in features]
         batch[key] = torch.tensor(rows, dtype=torch.long)
     return batch

@@ -33,8 +33,8 @@ KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
 SHORT_NAMES = ["ftj"]
 
-DatasetFormat = Literal["text", "instruction", "chat"]
-MethodType = Literal["lora", "prefix-tuning", "prompt-tuning", "ia3", "full", "distillation"]
+DatasetFormat = Literal["text", "instruction", "chat", "preference", "feedback"]
+MethodType = Literal["lora", "prefix-tuning", "prompt-tuning", "ia3", "full", "distillation", "dpo", "kto"]
 METHOD_BLOCKS: dict[str, str] = {
     "lora": "lora",
     "prefix-tuning": "prefixTuning",
@@ -42,7 +42,11 @@ METHOD_BLOCKS: dict[str, str] = {
     "ia3": "ia3",
     "full": "full",
     "distillation": "distillation",
+    "dpo": "dpo",
+    "kto": "kto",
 }
+PREFERENCE_FORMATS: dict[str, str] = {"dpo": "preference", "kto": "feedback"}
+"""Preference-tuning methods -> the dataset.format each trains on (and the only method each format trains)."""
 BLOCKS_REQUIRED: dict[str, str] = {"distillation": "it names the teacher"}
 """Options blocks with a field that has no default, required with their type: block -> why."""
 PEFT_METHODS = frozenset({"lora", "prefix-tuning", "prompt-tuning", "ia3"})
@@ -55,6 +59,8 @@ Executor = Literal["kfp", "local"]
 PiiCurationMode = Literal["redact", "drop", "fail", "off"]
 """What dataset curation does with an example that holds personal data."""
 REPLAY_RATIO = DecimalRange(0, 10, above_minimum=True)
+PREFERENCE_BETA = DecimalRange(0, 100, above_minimum=True)
+KTO_WEIGHT = DecimalRange(0, 100, above_minimum=True)
 DISTILLATION_TEMPERATURE = DecimalRange(0, 100, above_minimum=True)
 REFERENCE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 Target = Literal["cpu", "gpu"]
@@ -100,7 +106,10 @@ class Dataset(KubeModel):
         default="instruction",
         description=(
             "`text`: {text}; `instruction`: {instruction, input?, output}; "
-            "`chat`: {messages: [{role, content}]}. Loss is masked to the response for instruction and chat."
+            "`chat`: {messages: [{role, content}]}; `preference` (method dpo): {prompt, chosen, rejected}; "
+            "`feedback` (method kto): {prompt, completion, label: boolean}. In the last two a prompt is a "
+            "string used as it is or a message list rendered by the chat template, a completion a string "
+            "or [{role: assistant, content}]. Loss is masked to the response for all but text."
         ),
     )
     validation_split: RatioString = Field(
@@ -252,6 +261,55 @@ class DistillationOptions(KubeModel):
     )
 
 
+class PreferenceOptions(KubeModel):
+    """Options shared by dpo and kto: which weights learn, and how far from the base model they may move.
+    The reference model of both losses is the base model: with weights lora, the same model with the
+    adapter disabled (no second copy); with weights full, a frozen copy of the base."""
+
+    weights: Literal["lora", "full"] = Field(
+        default="lora",
+        description="What trains: lora (an adapter on the frozen base, options in lora) or full (every "
+        "weight, with a frozen copy of the base as the reference model).",
+    )
+    lora: LoraOptions | None = Field(
+        default=None,
+        description="The adapter's options, as method.lora's (without quantization); only with weights lora.",
+    )
+    beta: Annotated[DecimalString, PREFERENCE_BETA] = Field(
+        default="0.1",
+        description="How strongly the loss holds the tuned model to the reference (TRL's beta, default "
+        "0.1): larger stays closer to the base model.",
+    )
+
+    @model_validator(mode="after")
+    def _adapter_options(self) -> PreferenceOptions:
+        if self.lora is not None and self.weights != "lora":
+            raise ValueError(f"lora is set but weights is {self.weights!r}; it needs weights lora")
+        if self.lora is not None and self.lora.quantization is not None:
+            raise ValueError("lora.quantization: 4-bit bases are not supported with preference tuning")
+        return self
+
+
+class DpoOptions(PreferenceOptions):
+    """Options of dpo (Direct Preference Optimization, TRL's sigmoid loss): on rows {prompt, chosen,
+    rejected} the model learns to raise chosen's log-probability over rejected's, relative to the base."""
+
+
+class KtoOptions(PreferenceOptions):
+    """Options of kto (Kahneman-Tversky Optimization, TRL's loss): on rows {prompt, completion, label}
+    desirable completions (label true) are made likelier and undesirable ones less likely, relative to
+    the base and to a KL estimate from mismatched prompt/completion pairs of the same micro-batch."""
+
+    desirable_weight: Annotated[DecimalString, KTO_WEIGHT] = Field(
+        default="1.0",
+        description="Weight of the desirable rows' losses (TRL's desirable_weight); raise it when they are "
+        "fewer than the undesirable ones.",
+    )
+    undesirable_weight: Annotated[DecimalString, KTO_WEIGHT] = Field(
+        default="1.0", description="Weight of the undesirable rows' losses (TRL's undesirable_weight)."
+    )
+
+
 class Method(KubeModel):
     """The adaptation method. `type` names it; the block of the same name holds its options.
 
@@ -261,8 +319,10 @@ class Method(KubeModel):
 
     type: MethodType = Field(
         default="lora",
-        description="lora, prefix-tuning, prompt-tuning, ia3 (adapters), full (all weights) or "
-        "distillation (all weights, learning from a teacher model).",
+        description="lora, prefix-tuning, prompt-tuning, ia3 (adapters), full (all weights), "
+        "distillation (all weights, learning from a teacher model), dpo (pairs of a chosen and a "
+        "rejected completion, dataset.format preference) or kto (completions labelled desirable or not, "
+        "dataset.format feedback).",
     )
     lora: LoraOptions | None = Field(default=None, description="Only with type lora.")
     prefix_tuning: VirtualTokenOptions | None = Field(
@@ -276,6 +336,8 @@ class Method(KubeModel):
     distillation: DistillationOptions | None = Field(
         default=None, description="Only with type distillation, and required with it (it names the teacher)."
     )
+    dpo: DpoOptions | None = Field(default=None, description="Only with type dpo.")
+    kto: KtoOptions | None = Field(default=None, description="Only with type kto.")
 
     @model_validator(mode="after")
     def _own_block_only(self) -> Method:
@@ -306,6 +368,18 @@ class Method(KubeModel):
     def is_peft(self) -> bool:
         return self.type in PEFT_METHODS
 
+    @property
+    def preference(self) -> PreferenceOptions | None:
+        """The options of dpo or kto; None for the other methods."""
+        options = self.dpo if self.type == "dpo" else self.kto if self.type == "kto" else None
+        return options
+
+    @property
+    def trains_adapter(self) -> bool:
+        """Whether training produces a PEFT adapter (on the frozen base) rather than whole weights."""
+        preference = self.preference
+        return self.is_peft or (preference is not None and preference.weights == "lora")
+
 
 def _snake(camel: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in camel)
@@ -318,6 +392,8 @@ _BLOCK_TYPES: dict[str, type[KubeModel]] = {
     "ia3": Ia3Options,
     "full": FullOptions,
     "distillation": DistillationOptions,
+    "dpo": DpoOptions,
+    "kto": KtoOptions,
 }
 
 
@@ -475,25 +551,25 @@ class Training(KubeModel):
         return self
 
 
-GateMetric = Literal["evalLoss", "perplexity", "exactMatch"]
+GateMetric = Literal["evalLoss", "perplexity", "exactMatch", "preferenceAccuracy"]
 _DEFAULT_METRICS: tuple[GateMetric, ...] = ("evalLoss", "perplexity", "exactMatch")
 
 
-class Gate(KubeModel):
-    """A threshold the tuned model must meet before it is published."""
+class GateBounds(KubeModel):
+    """The bounds of a gate: at least one of min, max and minImprovement."""
 
-    metric: GateMetric = Field(description="The held-out metric checked: evalLoss, perplexity or exactMatch.")
     min: DecimalString | None = Field(default=None, description="The metric must be at least this.")
     max: DecimalString | None = Field(default=None, description="The metric must be at most this.")
     min_improvement: DecimalString | None = Field(
         default=None,
         description=(
-            "The metric must beat the base model by at least this (lower for losses, higher for exactMatch)."
+            "The metric must beat the base model by at least this (lower for losses, higher for exactMatch "
+            "and scores)."
         ),
     )
 
     @model_validator(mode="after")
-    def _one_bound(self) -> Gate:
+    def _one_bound(self) -> GateBounds:
         if self.min is None and self.max is None and self.min_improvement is None:
             raise ValueError("a gate needs min, max or minImprovement")
         return self
@@ -506,6 +582,14 @@ class Gate(KubeModel):
             ("minImprovement", self.min_improvement),
         ]
         return [(op, as_float(threshold)) for op, threshold in set_bounds if threshold is not None]
+
+
+class Gate(GateBounds):
+    """A threshold the tuned model must meet before it is published."""
+
+    metric: GateMetric = Field(
+        description="The held-out metric checked: evalLoss, perplexity, exactMatch or preferenceAccuracy."
+    )
 
 
 DEFAULT_COUNTERFACTUAL_TERMS: tuple[tuple[str, str], ...] = (
@@ -550,6 +634,102 @@ class Fairness(KubeModel):
     )
 
 
+MAX_FOLDS = 20
+CROSS_VALIDATION_NOT_DISTRIBUTED = (
+    "each fold trains on one machine in its own pipeline task; drop training.distributed, or cross-validate "
+    "without it"
+)
+"""Why evaluation.crossValidation refuses training.distributed (kubetune validate and the CRD's CEL rule)."""
+
+
+class CrossValidation(KubeModel):
+    """k-fold cross-validation: the curated training examples are dealt into `folds` parts (shuffled with
+    dataset.seed); each fold trains the job's recipe on the other parts and evaluates on its own."""
+
+    folds: int = Field(
+        ge=2,
+        le=MAX_FOLDS,
+        description="How many parts (k); each fold holds one out. At most as many as the curated training "
+        "examples, which curation checks.",
+    )
+
+    def fold_indices(self) -> list[int]:
+        """The folds, as the pipeline fans out over them."""
+        return list(range(self.folds))
+
+
+HARNESS_TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+HARNESS_METRIC_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.,-]*$"
+HARNESS_TASKS_UNIQUE = "task names must be unique"
+HARNESS_GATE_TASK_UNKNOWN = "a gate's task must be one of evaluation.harness.tasks"
+
+
+class HarnessTask(KubeModel):
+    """An lm-evaluation-harness task defined by a task YAML that comes with the job."""
+
+    name: str = Field(
+        max_length=128,
+        pattern=HARNESS_TASK_NAME_PATTERN,
+        description="The task's name, as the `task:` key of its YAML says.",
+    )
+    uri: str = Field(
+        min_length=1,
+        description="The task YAML, or a directory of task YAMLs (not searched below it), with the data "
+        "files they name: a plain path, `file://` or `pvc://claim/path`. Data must be local (dataset_path "
+        "json, csv, parquet, arrow or text with dataset_kwargs.data_files, read next to the YAML): "
+        "nothing is downloaded.",
+    )
+
+
+class HarnessGate(GateBounds):
+    """A bound on one score of a harness task, checked on the tuned model like evaluation.gates."""
+
+    task: str = Field(max_length=128, description="The task (one of evaluation.harness.tasks[].name).")
+    metric: str = Field(
+        max_length=128,
+        pattern=HARNESS_METRIC_PATTERN,
+        description="The task's metric as lm-eval reports it (e.g. acc, acc_norm, exact_match); with a "
+        "filter other than none, `metric,filter` (e.g. exact_match,strict-match).",
+    )
+
+
+class Harness(KubeModel):
+    """lm-evaluation-harness tasks scored on the base and on the tuned model."""
+
+    tasks: list[HarnessTask] = Field(
+        min_length=1, max_length=32, description="The tasks, each defined by a local task YAML."
+    )
+    gates: list[HarnessGate] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Bounds on the tuned model's task scores; any failure publishes nothing.",
+    )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _names_resolve(cls, data: Any, handler: ModelWrapValidatorHandler[Harness]) -> Harness:
+        return validate_with_rules(data, handler, _harness_rules_broken)
+
+
+def _harness_rules_broken(harness: object) -> list[BrokenRule]:
+    """Task names are unique, and every gate names one of them."""
+    tasks = read_field(harness, "tasks")
+    tasks = tasks if isinstance(tasks, list) else []
+    names = [name for task in tasks if isinstance(name := read_field(task, "name"), str)]
+    broken: list[BrokenRule] = []
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        listed = ", ".join(repr(name) for name in duplicates)
+        broken.append(BrokenRule(f"{HARNESS_TASKS_UNIQUE} (duplicate {listed})", ("tasks",)))
+    gates = read_field(harness, "gates")
+    gated = [read_field(gate, "task") for gate in (gates if isinstance(gates, list) else [])]
+    unknown = [task for task in dict.fromkeys(t for t in gated if isinstance(t, str)) if task not in names]
+    if unknown:
+        listed = ", ".join(repr(task) for task in unknown)
+        broken.append(BrokenRule(f"{HARNESS_GATE_TASK_UNKNOWN} (not {listed})", ("gates",)))
+    return broken
+
+
 class Evaluation(KubeModel):
     """How the base and the tuned model are measured on the held-out examples, and the gates they face."""
 
@@ -577,6 +757,16 @@ class Evaluation(KubeModel):
     fairness: Fairness | None = Field(
         default=None,
         description="Counterfactual fairness of the base and the tuned model on the held-out prompts.",
+    )
+    harness: Harness | None = Field(
+        default=None,
+        description="lm-evaluation-harness tasks, defined locally, scored on the base and the tuned model "
+        "(at most maxSamples documents each); their scores can be gated.",
+    )
+    cross_validation: CrossValidation | None = Field(
+        default=None,
+        description="k-fold cross-validation of the training recipe on the curated training examples, "
+        "besides the published model (which trains on all of them).",
     )
 
     @model_validator(mode="wrap")
@@ -756,10 +946,88 @@ class FineTuneJobSpec(KubeModel):
 
     @model_validator(mode="wrap")
     @classmethod
+    def _format_fits_method(
+        cls, data: Any, handler: ModelWrapValidatorHandler[FineTuneJobSpec]
+    ) -> FineTuneJobSpec:
+        return validate_with_rules(data, handler, _preference_rules_broken)
+
+    @model_validator(mode="wrap")
+    @classmethod
     def _periodic_evaluation(
         cls, data: Any, handler: ModelWrapValidatorHandler[FineTuneJobSpec]
     ) -> FineTuneJobSpec:
         return validate_with_rules(data, handler, _periodic_evaluation_rules_broken)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _cross_validation(
+        cls, data: Any, handler: ModelWrapValidatorHandler[FineTuneJobSpec]
+    ) -> FineTuneJobSpec:
+        return validate_with_rules(data, handler, _cross_validation_rules_broken)
+
+
+def _cross_validation_rules_broken(spec: object) -> list[BrokenRule]:
+    """Each fold trains in its own pipeline task on one machine; a job spread over several would need a
+    TrainJob per fold."""
+    cross_validation = read_field(read_field(spec, "evaluation"), "crossValidation")
+    distributed = read_field(read_field(spec, "training"), "distributed")
+    if cross_validation is not None and distributed is not None:
+        return [BrokenRule(CROSS_VALIDATION_NOT_DISTRIBUTED, ("evaluation", "crossValidation"))]
+    return []
+
+
+def _preference_rules_broken(spec: object) -> list[BrokenRule]:
+    """dpo trains on preference rows and kto on feedback rows, and those rows train nothing else; their
+    pairs are not sequences to pack, and replayed plain examples have no pairs; preferenceAccuracy scores
+    pairs, which only those formats hold."""
+    method_type = read_field(read_field(spec, "method"), "type") or "lora"
+    dataset = read_field(spec, "dataset")
+    fmt = read_field(dataset, "format") or "instruction"
+    training = read_field(spec, "training")
+    broken: list[BrokenRule] = []
+    if not isinstance(method_type, str) or not isinstance(fmt, str):
+        return broken  # their own field errors say what is wrong
+    wanted = PREFERENCE_FORMATS.get(method_type)
+    if wanted is not None and fmt != wanted:
+        broken.append(
+            BrokenRule(
+                f"method.type {method_type} trains on format {wanted}, not {fmt}", ("dataset", "format")
+            )
+        )
+    trainers = [method for method, its_format in PREFERENCE_FORMATS.items() if its_format == fmt]
+    if trainers and method_type not in trainers:
+        broken.append(
+            BrokenRule(
+                f"dataset.format {fmt} trains with method {trainers[0]}, not {method_type}",
+                ("method", "type"),
+            )
+        )
+    if wanted is not None and read_field(training, "packing") is True:
+        broken.append(
+            BrokenRule(
+                f"{method_type} compares whole completions; it cannot pack them", ("training", "packing")
+            )
+        )
+    if wanted is not None and read_field(training, "replay") is not None:
+        broken.append(
+            BrokenRule(
+                f"{method_type} learns from {wanted} rows; replayed examples have none",
+                ("training", "replay"),
+            )
+        )
+    metrics = read_field(read_field(spec, "evaluation"), "metrics")
+    if (
+        isinstance(metrics, list)
+        and "preferenceAccuracy" in metrics
+        and fmt not in PREFERENCE_FORMATS.values()
+    ):
+        broken.append(
+            BrokenRule(
+                f"preferenceAccuracy needs dataset.format preference or feedback, not {fmt}",
+                ("evaluation", "metrics"),
+            )
+        )
+    return broken
 
 
 def _periodic_evaluation_rules_broken(spec: object) -> list[BrokenRule]:
@@ -787,6 +1055,12 @@ def _periodic_evaluation_rules_broken(spec: object) -> list[BrokenRule]:
                 BrokenRule("exactMatch is not in evaluation.metrics", ("training", "earlyStopping", "metric"))
             )
     return broken
+
+
+FSDP_WITHOUT_PERIODIC_EVALUATION = (
+    "fsdp does not run the periodic evaluations of training.evalEverySteps (they read whole weights); "
+    "use ddp or unset evalEverySteps"
+)
 
 
 def _training_rules_broken(spec: object) -> list[BrokenRule]:
@@ -822,6 +1096,8 @@ def _training_rules_broken(spec: object) -> list[BrokenRule]:
                 ("training", "distributed", "strategy"),
             )
         )
+    if strategy == "fsdp" and read_field(read_field(spec, "training"), "evalEverySteps") is not None:
+        broken.append(BrokenRule(FSDP_WITHOUT_PERIODIC_EVALUATION, ("training", "distributed", "strategy")))
     return broken
 
 
@@ -855,6 +1131,12 @@ class EvalMetrics(KubeModel):
     perplexity: float | None = Field(default=None, description="exp(evalLoss).")
     exact_match: float | None = Field(
         default=None, description="Share of greedy generations equal to the reference (0 to 1)."
+    )
+    preference_accuracy: float | None = Field(
+        default=None,
+        description="Share of held-out pairs where the model gives the chosen (desirable) completion a "
+        "higher log-probability than the rejected (undesirable) one (0 to 1); feedback rows pair up by "
+        "prompt.",
     )
     lenient_match: float | None = Field(
         default=None,
@@ -893,6 +1175,17 @@ class ReferenceResult(KubeModel):
         description="What tuning lost: the relative perplexity increase (0.1: 10% higher), or the fall "
         "in exactMatch; negative when the tuned model does better.",
     )
+
+
+class HarnessResult(KubeModel):
+    """One score of an lm-evaluation-harness task on the base and on the tuned model."""
+
+    task: str = Field(description="The task (evaluation.harness.tasks[].name).")
+    metric: str = Field(description="The metric as lm-eval reports it (`metric` or `metric,filter`).")
+    baseline: float | None = Field(default=None, description="The base model's score.")
+    final: float | None = Field(default=None, description="The tuned model's score.")
+    higher_is_better: bool = Field(default=True, description="Whether a higher score is better (lm-eval's).")
+    samples: int | None = Field(default=None, description="Documents of the task scored.")
 
 
 class CheckpointStatus(KubeModel):
@@ -941,7 +1234,31 @@ class EvaluationStatus(KubeModel):
     fairness: FairnessStatus | None = Field(
         default=None, description="Counterfactual fairness before and after tuning (evaluation.fairness)."
     )
+    harness: list[HarnessResult] = Field(
+        default_factory=list,
+        description="Each lm-evaluation-harness score before and after tuning (evaluation.harness).",
+    )
+    cross_validation: CrossValidationStatus | None = Field(
+        default=None, description="The folds' held-out metrics (evaluation.crossValidation)."
+    )
     gates: list[GateResult] = Field(default_factory=list, description="One result per bound of each gate.")
+
+
+class FoldMetric(KubeModel):
+    """One metric across the folds of a cross-validation."""
+
+    mean: float = Field(description="Mean over the folds.")
+    std: float = Field(description="Standard deviation over the folds (population: divided by k).")
+    per_fold: list[float] = Field(description="Each fold's value on its held-out part, in fold order.")
+
+
+class CrossValidationStatus(KubeModel):
+    """What k-fold cross-validation measured: each model trained on k-1 parts, graded on the part left out."""
+
+    folds: int = Field(description="How many folds were trained and evaluated.")
+    metrics: dict[str, FoldMetric] = Field(
+        default_factory=dict, description="Each held-out metric (evalLoss, exactMatch, ...) across the folds."
+    )
 
 
 class FineTuneJobStatus(KubeModel):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, ModelWrapValidatorHandler, model_validator
 
 from kubetune_contract.common import (
     MODEL_URI_PATTERN,
+    BrokenRule,
     Condition,
     DecimalString,
     GateOp,
@@ -19,8 +20,10 @@ from kubetune_contract.common import (
     RatioString,
     SecretKeyRef,
     as_float,
+    read_field,
+    validate_with_rules,
 )
-from kubetune_contract.finetune import Dataset, FineTuneJobRef, ModelCard, Progress
+from kubetune_contract.finetune import PREFERENCE_FORMATS, Dataset, FineTuneJobRef, ModelCard, Progress
 from kubetune_contract.finetune import Target as Target  # one Target for every job kind
 
 KIND = "QuantizeJob"
@@ -254,6 +257,26 @@ class QuantizeJobSpec(KubeModel):
         if self.method.type == "qat" and self.dataset is None and self.model.fine_tune_job_ref is None:
             raise ValueError("qat trains: set dataset (or take the model from a fineTuneJobRef)")
         return self
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _calibration_format(
+        cls, data: Any, handler: ModelWrapValidatorHandler[QuantizeJobSpec]
+    ) -> QuantizeJobSpec:
+        return validate_with_rules(data, handler, _pair_formats_broken)
+
+
+PAIR_FORMATS_NOT_CALIBRATION = (
+    "preference and feedback rows are dpo/kto pairs, not calibration text: use text, instruction or chat"
+)
+
+
+def _pair_formats_broken(spec: object) -> list[BrokenRule]:
+    """Calibration, QAT and quality measurements read sequences; preference and feedback rows hold pairs."""
+    fmt = read_field(read_field(spec, "dataset"), "format")
+    if isinstance(fmt, str) and fmt in PREFERENCE_FORMATS.values():
+        return [BrokenRule(PAIR_FORMATS_NOT_CALIBRATION, ("dataset", "format"))]
+    return []
 
 
 def target_problem(method: QuantizeMethod, target: Target) -> str | None:

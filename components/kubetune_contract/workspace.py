@@ -40,6 +40,10 @@ class WorkspaceLayout:
     FINAL_EVALUATION = "evaluation/final.json"
     CHECKPOINT_EVALUATIONS = "evaluation/checkpoints.json"
     """The periodic evaluations of training.evalEverySteps and the checkpoint selected (finetune)."""
+    CROSS_VALIDATION = "evaluation/cross-validation.json"
+    """The folds' held-out metrics, each one's mean and standard deviation (evaluation.crossValidation)."""
+    FOLDS = "folds"
+    """Each fold of a cross-validation is a workspace of its own, with these same files, under here."""
     CHECKPOINTS = "checkpoints"
     TRAINED = "trained"
     EXPORT_STAGING = "export"
@@ -57,6 +61,11 @@ class WorkspaceLayout:
     @classmethod
     def evaluation(cls, which: Literal["baseline", "final"]) -> str:
         return cls.BASELINE_EVALUATION if which == "baseline" else cls.FINAL_EVALUATION
+
+    @classmethod
+    def fold(cls, index: int) -> str:
+        """The workspace of fold `index` (0-based): data/, checkpoints/, trained/, evaluation/final.json."""
+        return f"{cls.FOLDS}/fold-{index}"
 
     @classmethod
     def predictions(cls, which: Literal["baseline", "final"]) -> str:
@@ -95,6 +104,7 @@ class WorkspaceReport:
     baseline: dict[str, Any] | None = None
     final: dict[str, Any] | None = None
     checkpoints: dict[str, Any] | None = None
+    cross_validation: dict[str, Any] | None = None
     gates: list[dict[str, Any]] | None = None
     output: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
@@ -110,6 +120,7 @@ class WorkspaceReport:
             baseline=read_report(workspace, WorkspaceLayout.BASELINE_EVALUATION),
             final=read_report(workspace, WorkspaceLayout.FINAL_EVALUATION),
             checkpoints=read_report(workspace, WorkspaceLayout.CHECKPOINT_EVALUATIONS),
+            cross_validation=read_report(workspace, WorkspaceLayout.CROSS_VALIDATION),
             gates=read_report(workspace, WorkspaceLayout.GATES),
             output=read_report(workspace, WorkspaceLayout.OUTPUT),
             error=read_report(workspace, WorkspaceLayout.ERROR),

@@ -36,7 +36,8 @@ TOKEN = "projected-sa-token-of-the-operator"
 WORKSPACE_ROOT = "pvc://kubetune-workspace/runs"
 ARTIFACT_STORE = "pvc://kubetune-workspace/artifacts"
 
-TASKS = {"curate", "evaluate-baseline", "finetune", "evaluate-final", "publish"}
+TASKS = {"curate", "evaluate-baseline", "finetune", "evaluate-final", "for-loop-1", "publish"}
+"""The pipeline's tasks; for-loop-1 runs a crossvalidate-fold task per fold of evaluation.crossValidation."""
 TERMINATE = r"^/apis/v2beta1/runs/[^/]+:terminate$"
 CREATE_RUN = r"^/apis/v2beta1/runs$"
 EXPERIMENTS = r"^/apis/v2beta1/experiments$"
@@ -158,7 +159,8 @@ def test_submit_creates_one_run_named_after_the_key_in_the_namespace_experiment(
     assert len(emulator.calls_to("POST", EXPERIMENTS)) == 1
 
     parameters = run["runtime_config"]["parameters"]
-    assert set(parameters) == {"config_json", "workspace"}
+    assert set(parameters) == {"config_json", "workspace", "folds"}
+    assert parameters["folds"] == []  # no evaluation.crossValidation
     assert parameters["workspace"] == request.workspace
     assert json.loads(parameters["config_json"]) == request.config
     assert json.loads(parameters["config_json"])["metadata"]["namespace"] == "team-a"
@@ -174,8 +176,8 @@ def test_submit_sends_the_compiled_finetune_pipeline(emulator: KfpEmulator, sett
     tasks = spec["root"]["dag"]["tasks"]
     by_name = {task["taskInfo"]["name"]: task for task in tasks.values()}
     ids = {task["taskInfo"]["name"]: task_id for task_id, task in tasks.items()}
-    assert set(by_name) == TASKS and len(tasks) == 5
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"config_json", "workspace"}
+    assert set(by_name) == TASKS and len(tasks) == 6
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"config_json", "workspace", "folds"}
 
     def after(name: str) -> set[str]:
         return set(by_name[name].get("dependentTasks", []))
@@ -183,19 +185,22 @@ def test_submit_sends_the_compiled_finetune_pipeline(emulator: KfpEmulator, sett
     assert after("curate") == set()
     assert after("evaluate-baseline") == after("finetune") == {ids["curate"]}
     assert after("evaluate-final") == {ids["finetune"]}
-    assert after("publish") == {ids["evaluate-baseline"], ids["evaluate-final"]}
+    assert after("for-loop-1") == {ids["curate"]}
+    assert after("publish") == {ids["evaluate-baseline"], ids["evaluate-final"], ids["for-loop-1"]}
     # Caching is off for every task (enable_caching=False; proto3 JSON leaves false out).
     assert all(not task.get("cachingOptions", {}).get("enableCache", False) for task in tasks.values())
-    for task in tasks.values():
+    fold_tasks = spec["components"][by_name["for-loop-1"]["componentRef"]["name"]]["dag"]["tasks"]
+    for task in [*(task for name, task in by_name.items() if name != "for-loop-1"), *fold_tasks.values()]:
         inputs = task["inputs"]["parameters"]
-        assert inputs["config_json"]["componentInputParameter"] == "config_json"
-        assert inputs["workspace"]["componentInputParameter"] == "workspace"
+        prefix = "pipelinechannel--" if task in fold_tasks.values() else ""
+        assert inputs["config_json"]["componentInputParameter"] == prefix + "config_json"
+        assert inputs["workspace"]["componentInputParameter"] == prefix + "workspace"
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {settings.runtime_image}
     # Each step runs its own command line from the runtime image; nothing is embedded in the spec.
     assert {" ".join(e["container"]["command"][:4]) for e in executors.values()} == {
         f"python -m kubetune_components.finetune.steps {step}"
-        for step in ("curate", "evaluate", "finetune", "publish")
+        for step in ("curate", "evaluate", "finetune", "crossvalidate", "publish")
     }
     pods = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert set(pods) == set(executors)

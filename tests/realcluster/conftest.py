@@ -7,15 +7,19 @@
     ``manifests/crds`` applied server-side, each Established.
 ``namespace`` -> a fresh namespace name per test (nothing deletes namespaces without the
     controller-manager; the whole cluster goes away with the session).
+``client`` -> a lightkube ``AsyncClient`` of the control plane (the operator's, from ``async_client``),
+    closed after the test.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
+from lightkube import AsyncClient, KubeConfig
 
+from kubetune.kube.client import async_client
 from realcluster.control_plane import (
     FIELD_MANAGER,
     BinariesUnavailable,
@@ -93,3 +97,12 @@ def controller_manager(control_plane: ControlPlane, kubetune_crds: list[str]) ->
         return control_plane.start_controller_manager()
     except BinariesUnavailable as exc:  # e.g. setup-envtest's assets: an API server and etcd only
         pytest.skip(f"real-cluster tests of garbage collection skipped: {exc}")
+
+
+@pytest.fixture
+async def client(control_plane: ControlPlane) -> AsyncIterator[AsyncClient]:
+    config = KubeConfig.from_file(control_plane.kubeconfig).get()
+    assert config is not None
+    api: AsyncClient = async_client(config)
+    yield api
+    await api.close()

@@ -161,12 +161,24 @@ def _metric(metric: dict[str, Any]) -> Callable[[Manifest], None]:
 
 
 TEACHER = {"uri": "models/teacher"}
+HARNESS_TASK = {"name": "ticket-routing", "uri": "examples/harness/tasks"}
 
 
 def _without_exact_match(doc: Manifest) -> None:
     """The quickstart computes exactMatch and gates on it: compute evalLoss alone, and gate on it."""
     doc["spec"]["evaluation"]["metrics"] = ["evalLoss"]
     doc["spec"]["evaluation"]["gates"] = [{"metric": "evalLoss", "minImprovement": "0.5"}]
+
+
+def _preference(method: str, options: dict[str, Any] | None = None) -> Callable[[Manifest], None]:
+    """Preference tuning on the rows it needs (dpo: preference, kto: feedback), gated on evalLoss alone."""
+
+    def change(doc: Manifest) -> None:
+        _without_exact_match(doc)
+        doc["spec"]["dataset"]["format"] = finetune.PREFERENCE_FORMATS[method]
+        doc["spec"]["method"] = {"type": method, **({method: options} if options is not None else {})}
+
+    return change
 
 
 def _moderation(categories: list[dict[str, Any]]) -> Callable[[Manifest], None]:
@@ -245,6 +257,22 @@ REFUSALS = {
         "fsdp shards the weights of method full; a lora adapter trains with ddp",
         ("spec", "fsdp shards the weights of method full; an adapter trains with ddp"),
     ),
+    "ftj fsdp with periodic evaluations": Refusal(
+        FTJ,
+        _changes(
+            _set("spec.method", {"type": "full"}),
+            _set("spec.training.distributed", {"workers": 2, "strategy": "fsdp"}),
+            _set("spec.training.evalEverySteps", 5),
+        ),
+        "spec.training.distributed.strategy",
+        "fsdp does not run the periodic evaluations of training.evalEverySteps (they read whole weights); "
+        "use ddp or unset evalEverySteps",
+        (
+            "spec",
+            "fsdp does not run the periodic evaluations of training.evalEverySteps "
+            "(they read whole weights); use ddp or unset evalEverySteps",
+        ),
+    ),
     "ftj packing with prefix tuning": Refusal(
         FTJ,
         _changes(
@@ -256,6 +284,91 @@ REFUSALS = {
         "not follow; use lora, ia3 or full",
         ("spec", "packing keeps examples apart by their position ids, which virtual tokens do not follow"),
     ),
+    "ftj cross-validation with distributed training": Refusal(
+        FTJ,
+        _changes(
+            _set("spec.evaluation.crossValidation", {"folds": 3}),
+            _set("spec.training.distributed", {"workers": 2}),
+        ),
+        "spec.evaluation.crossValidation",
+        finetune.CROSS_VALIDATION_NOT_DISTRIBUTED,
+        ("spec", finetune.CROSS_VALIDATION_NOT_DISTRIBUTED),
+    ),
+    "ftj dpo block with type lora": _ftj_block("dpo", "lora"),
+    "ftj kto block with type full": _ftj_block("kto", "full"),
+    "ftj dpo on instruction data": Refusal(
+        FTJ,
+        _set("spec.method", {"type": "dpo"}),
+        "spec.dataset.format",
+        "method.type dpo trains on format preference, not instruction",
+        ("spec", "method.type dpo trains on format preference, kto on format feedback"),
+    ),
+    "ftj feedback data with lora": Refusal(
+        FTJ,
+        _set("spec.dataset.format", "feedback"),
+        "spec.method.type",
+        "dataset.format feedback trains with method kto, not lora",
+        ("spec", "dataset.format preference trains with method dpo, feedback with method kto"),
+    ),
+    "ftj dpo with packing": Refusal(
+        FTJ,
+        _changes(_preference("dpo"), _set("spec.training.packing", True)),
+        "spec.training.packing",
+        "dpo compares whole completions; it cannot pack them",
+        ("spec", "dpo and kto compare whole completions; they cannot pack them"),
+    ),
+    "ftj kto with replay": Refusal(
+        FTJ,
+        _changes(_preference("kto"), _set("spec.training.replay", {"uri": "data/general.jsonl"})),
+        "spec.training.replay",
+        "kto learns from feedback rows; replayed examples have none",
+        ("spec", "dpo and kto learn from preference or feedback rows; replayed examples have none"),
+    ),
+    "ftj preferenceAccuracy on instruction data": Refusal(
+        FTJ,
+        _set("spec.evaluation.metrics", ["evalLoss", "exactMatch", "preferenceAccuracy"]),
+        "spec.evaluation.metrics",
+        "preferenceAccuracy needs dataset.format preference or feedback, not instruction",
+        ("spec", "preferenceAccuracy needs dataset.format preference or feedback"),
+    ),
+    **{
+        f"ftj {method} lora options with weights full": Refusal(
+            FTJ,
+            _preference(method, {"weights": "full", "lora": {"r": 4}}),
+            f"spec.method.{method}",
+            "lora is set but weights is 'full'; it needs weights lora",
+            (f"spec.method.{method}", "lora is set but weights is not lora; it needs weights lora"),
+        )
+        for method in ("dpo", "kto")
+    },
+    **{
+        f"ftj {method} on a 4-bit base": Refusal(
+            FTJ,
+            _preference(method, {"lora": {"quantization": {"bits": 4}}}),
+            f"spec.method.{method}",
+            "lora.quantization: 4-bit bases are not supported with preference tuning",
+            (
+                f"spec.method.{method}",
+                "lora.quantization: 4-bit bases are not supported with preference tuning",
+            ),
+        )
+        for method in ("dpo", "kto")
+    },
+    **{
+        f"ftj a {method} {option} of {value}": Refusal(
+            FTJ,
+            _preference(method, {option: value}),
+            f"spec.method.{method}.{option}",
+            f'must be greater than 0 and at most 100 (got "{value}")',
+            (f"spec.method.{method}.{option}", "must be greater than 0 and at most 100"),
+        )
+        for method, option, value in (
+            ("dpo", "beta", "0"),
+            ("kto", "beta", "101"),
+            ("kto", "desirableWeight", "0"),
+            ("kto", "undesirableWeight", "-1"),
+        )
+    },
     "ftj curation minTokens > maxTokens": Refusal(
         FTJ,
         _set("spec.dataset.curation", {"minTokens": 4096}),
@@ -381,6 +494,35 @@ REFUSALS = {
         ("spec.evaluation.reference", "reference names must be unique"),
         server_says="reference names must be unique",
     ),
+    "ftj repeated harness task names": Refusal(
+        FTJ,
+        _set("spec.evaluation.harness", {"tasks": [HARNESS_TASK, {**HARNESS_TASK, "uri": "other/tasks"}]}),
+        "spec.evaluation.harness.tasks",
+        "task names must be unique (duplicate 'ticket-routing')",
+        ("spec.evaluation.harness.tasks", "task names must be unique"),
+        server_says="task names must be unique",
+    ),
+    "ftj harness gate on an unlisted task": Refusal(
+        FTJ,
+        _set(
+            "spec.evaluation.harness",
+            {"tasks": [HARNESS_TASK], "gates": [{"task": "hellaswag", "metric": "acc", "min": "0.5"}]},
+        ),
+        "spec.evaluation.harness.gates",
+        "a gate's task must be one of evaluation.harness.tasks (not 'hellaswag')",
+        ("spec.evaluation.harness", "a gate's task must be one of evaluation.harness.tasks"),
+        server_says="a gate's task must be one of evaluation.harness.tasks",
+    ),
+    "ftj harness gate without a bound": Refusal(
+        FTJ,
+        _set(
+            "spec.evaluation.harness",
+            {"tasks": [HARNESS_TASK], "gates": [{"task": "ticket-routing", "metric": "acc"}]},
+        ),
+        "spec.evaluation.harness.gates[0]",
+        "a gate needs min, max or minImprovement",
+        ("spec.evaluation.harness.gates[*]", "a gate needs min, max or minImprovement"),
+    ),
     "ftj exactMatch on a text reference set": Refusal(
         FTJ,
         _set(
@@ -437,6 +579,13 @@ REFUSALS = {
         "spec.dataset.curation",
         "minTokens must not exceed maxTokens",
         ("spec.dataset.curation", "minTokens must not exceed maxTokens"),
+    ),
+    "qj preference rows as calibration data": Refusal(
+        QJ,
+        _set("spec.dataset", {"uri": "data.jsonl", "format": "preference"}),
+        "spec.dataset.format",
+        quantize.PAIR_FORMATS_NOT_CALIBRATION,
+        ("spec.dataset", quantize.PAIR_FORMATS_NOT_CALIBRATION),
     ),
     "qj gate without a bound": Refusal(
         QJ,
@@ -649,6 +798,31 @@ REFUSALS = {
         "spec.serving.autoscaling.scaleToZeroAfter",
         f"'0s' {POSITIVE}",
         ("spec.serving.autoscaling.scaleToZeroAfter", POSITIVE),
+    ),
+    "mdep engine vllm on a cpu target": Refusal(
+        MD,
+        _set("spec.serving.engine", "vllm"),
+        "spec.serving.engine",
+        "engine vllm needs target gpu; target is cpu",
+        ("spec.serving", deployment.VLLM_NEEDS_GPU),
+    ),
+    "mdep vllm options with engine transformers": Refusal(
+        MD,
+        _set("spec.serving.vllm", {"dtype": "bfloat16"}),
+        "spec.serving.vllm",
+        "vllm only applies with engine vllm; engine is transformers",
+        ("spec.serving", deployment.VLLM_OPTIONS_NEED_VLLM),
+    ),
+    "mdep a gpuMemoryUtilization above 1": Refusal(
+        MD,
+        _changes(
+            _set("spec.serving.target", "gpu"),
+            _set("spec.serving.engine", "vllm"),
+            _set("spec.serving.vllm", {"gpuMemoryUtilization": "1.5"}),
+        ),
+        "spec.serving.vllm.gpuMemoryUtilization",
+        'must be greater than 0 and at most 1 (got "1.5")',
+        ("spec.serving.vllm.gpuMemoryUtilization", "must be greater than 0 and at most 1"),
     ),
     "mdep a zero holdTimeout": Refusal(
         MD,

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,18 @@ class TrainingPosition:
     micro_batch: int = 0
     """Index of the next micro-batch of `epoch` to train on."""
     tokens_seen: int = 0
+
+
+@dataclass(frozen=True)
+class GatheredState:
+    """Whole trainable weights and optimizer state gathered from the shards of every process."""
+
+    weights: Mapping[str, torch.Tensor]
+    optimizer: Mapping[str, Any]
+
+
+RestoreSharded = Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], None]
+"""(whole trainable weights, whole optimizer state) -> None: every process keeps its own shards."""
 
 
 @dataclass(frozen=True)
@@ -81,18 +93,26 @@ def save_checkpoint(
     keep: int,
     extra: Mapping[str, Any] | None = None,
     protected_steps: Collection[int] = frozenset(),
+    *,
+    gathered: GatheredState | None = None,
 ) -> Path:
     """Write `checkpoints/step-N` via a temporary directory and a rename; drop the oldest beyond `keep`,
-    except those of `protected_steps` (the best checkpoint, which output.select best publishes)."""
+    except those of `protected_steps` (the best checkpoint, which output.select best publishes).
+
+    `gathered`: the whole weights and optimizer state of sharded training (fsdp.py), written instead of
+    `parameters` and `optimizer`'s own, which hold this process's shards only."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     final_path = checkpoint_dir / f"{CHECKPOINT_PREFIX}{position.step}"
     staging = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=checkpoint_dir))
     try:
-        save_safetensors(
-            {name: param.detach().contiguous().cpu() for name, param in parameters.items()},
-            str(staging / "trainable.safetensors"),
+        weights = (
+            gathered.weights
+            if gathered is not None
+            else {name: param.detach().contiguous().cpu() for name, param in parameters.items()}
         )
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        save_safetensors(dict(weights), str(staging / "trainable.safetensors"))
+        optimizer_state = gathered.optimizer if gathered is not None else optimizer.state_dict()
+        torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -138,9 +158,17 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
+    *,
+    restore_sharded: RestoreSharded | None = None,
 ) -> TrainingPosition:
-    load_trainable_weights(checkpoint, parameters)
-    optimizer.load_state_dict(torch.load(checkpoint.path / "optimizer.pt", weights_only=True))
+    """Restore the training state of `checkpoint`; `restore_sharded` (fsdp.py) takes the whole weights and
+    optimizer state in place of `parameters` and `optimizer` when training is sharded."""
+    optimizer_state = torch.load(checkpoint.path / "optimizer.pt", weights_only=True)
+    if restore_sharded is not None:
+        restore_sharded(load_safetensors(str(checkpoint.path / "trainable.safetensors")), optimizer_state)
+    else:
+        load_trainable_weights(checkpoint, parameters)
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(checkpoint.path / "scheduler.pt", weights_only=True))
     rng = torch.load(checkpoint.path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])

@@ -9,7 +9,8 @@ master's address) and the same command line starts torchrun on every node.
 
 Inside, the loop (loop.py) keeps one global batch: each optimizer step takes the next
 gradientAccumulationSteps x world-size micro-batches of the one seeded plan, and process r trains on every
-world-size-th of them from the r-th; DDP averages the gradients across processes.
+world-size-th of them from the r-th; DDP averages the gradients across processes, or, with strategy
+fsdp (full fine-tuning), FSDP2 shards the weights, gradients and optimizer state (fsdp.py).
 So a step sees the examples one process would see with world-size times the accumulation, and rank 0
 alone writes checkpoints, progress and ``trained/``.
 """
@@ -18,15 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from kubetune_components.common.errors import ConfigError
 from kubetune_contract.finetune import Distributed
 
 TORCHRUN_MODULE = "torch.distributed.run"
@@ -134,18 +136,28 @@ def any_process(flag: bool) -> bool:
     return bool(sum_across(torch.tensor([1.0 if flag else 0.0])).item() > 0)
 
 
-def check_strategy_supported(settings: Distributed | None) -> None:
-    if settings is not None and settings.strategy == "fsdp":
-        raise ConfigError(
-            "training.distributed.strategy: fsdp is not implemented by kubetune's training loop yet "
-            "(its checkpoints save whole, unsharded weights); use ddp"
-        )
-
-
-def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The model as DDP shares it between the training processes (gradients averaged); itself alone."""
+def wrap_model(model: torch.nn.Module, device: torch.device, settings: Distributed | None) -> torch.nn.Module:
+    """The model as the training processes share it: DDP (gradients averaged) or, with strategy fsdp,
+    sharded in place (fsdp.py; build the optimizer from its parameters afterwards); itself alone."""
     if not active():
         return model
+    if settings is not None and settings.strategy == "fsdp":
+        from kubetune_components.finetune import fsdp
+
+        return fsdp.shard_model(model, device, dist.get_world_size())
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def gradient_sync_deferral(
+    model: torch.nn.Module,
+) -> Callable[[], contextlib.AbstractContextManager[Any]] | None:
+    """What defers the exchange of gradients to a step's last micro-batch: DDP's no_sync, FSDP's
+    counterpart; None for one process."""
+    from kubetune_components.finetune import fsdp
+
+    if fsdp.is_sharded(model):
+        return functools.partial(fsdp.gradient_sync_deferred, model)
+    no_sync = getattr(model, "no_sync", None)
+    return no_sync if callable(no_sync) else None

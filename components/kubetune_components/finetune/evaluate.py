@@ -6,7 +6,10 @@
 - exactMatch: the share of (up to `maxSamples`) validation examples whose greedy generation of
   the response, stripped, equals the stripped reference response;
 - lenientMatch: the share whose generation's first line contains the reference as a whole word,
-  ignoring case, so a base model that answers right in its own words is credited.
+  ignoring case, so a base model that answers right in its own words is credited;
+- preferenceAccuracy (preference and feedback data): the share of held-out pairs whose chosen
+  (desirable) completion the model gives a higher sequence log-probability than the rejected one
+  (finetune/preference.py). With feedback data, evalLoss and exactMatch score the desirable rows only.
 
 With exactMatch, the baseline evaluation also scores two trivial predictors on the same examples,
 learned from the training split only: always answering the most common training response
@@ -38,8 +41,10 @@ from kubetune_components.common.errors import ConfigError, DatasetError
 from kubetune_components.common.jobs import parse_finetune_spec
 from kubetune_components.common.models import pick_device
 from kubetune_components.common.progress import ProgressReporter
+from kubetune_components.finetune import preference
 from kubetune_components.finetune.fairness import FAIRNESS_KEY, measure_fairness
 from kubetune_components.finetune.forgetting import REFERENCE_KEY
+from kubetune_components.finetune.harness import HARNESS_KEY, resolve_harness, run_harness
 from kubetune_components.finetune.loop import Feature, autocast_context, collate, token_loss_sum
 from kubetune_components.finetune.train import load_trained_model, tokenize_examples
 from kubetune_contract.finetune import DatasetFormat, Evaluation, FineTuneJobSpec
@@ -354,6 +359,21 @@ def evaluate_model(
         )
     result: dict[str, Any] = {"samples": len(examples)}
     predictions: list[dict[str, Any]] = []
+    if "preferenceAccuracy" in settings.metrics:
+        measured = preference.preference_accuracy(
+            model,
+            tokenizer,
+            list(examples)[: settings.max_samples],
+            cast(DatasetFormat, fmt),
+            max_seq_length=max_seq_length,
+            batch_size=batch_size,
+            device=device,
+            autocast=lambda: autocast_context(precision, device),
+        )
+        result["preferenceAccuracy"] = measured.accuracy
+        result["preferencePairs"] = measured.pairs
+    if fmt == "feedback":  # loss and generations score the desirable completions only
+        examples = [example for example in examples if example["label"]]
     if {"evalLoss", "perplexity"} & set(settings.metrics):
         loss = examples_loss(
             model,
@@ -463,7 +483,9 @@ def workspace_reference_baselines(
 
     def pairs(chosen: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
         return [
-            data.render_prompt_and_response(dict(example), dataset_format, tokenizer) for example in chosen
+            data.render_prompt_and_response(dict(example), dataset_format, tokenizer)
+            for example in chosen
+            if example.get("label") is not False  # feedback rows: the desirable answers only
         ]
 
     return reference_baselines(
@@ -494,7 +516,10 @@ def run_evaluation(
     examples = read_validation_examples(workspace_dir, fmt)
     result: dict[str, Any] = {"samples": len(examples)}
     predictions: list[dict[str, Any]] = []
-    if settings.metrics or settings.reference or settings.fairness is not None:
+    if settings.harness is not None:
+        resolve_harness(settings.harness)  # a bad task or gate fails here, before any model loads
+    measured = settings.metrics or settings.reference
+    if measured or settings.fairness is not None or settings.harness is not None:
         torch.manual_seed(training.seed)
         if which == "baseline":
             tokenizer = models.load_tokenizer(base_uri)
@@ -542,6 +567,15 @@ def run_evaluation(
             batch_size=training.batch_size,
             device=device,
             precision=precision,
+        )
+    if settings.harness is not None:
+        result[HARNESS_KEY] = run_harness(
+            model,
+            tokenizer,
+            settings.harness,
+            limit=settings.max_samples,
+            batch_size=training.batch_size,
+            seed=training.seed,
         )
     storage.atomic_write_json(workspace_dir / WorkspaceLayout.evaluation(which), result)
     lines = "".join(

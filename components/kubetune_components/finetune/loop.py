@@ -31,7 +31,7 @@ from kubetune_components import data
 from kubetune_components.common.errors import ConfigError, DatasetError
 from kubetune_components.common.progress import ProgressReporter
 from kubetune_components.data import IGNORE_INDEX
-from kubetune_components.finetune import distributed
+from kubetune_components.finetune import distributed, fsdp
 from kubetune_components.finetune.checkpoints import (
     TrainingPosition,
     list_checkpoints,
@@ -91,7 +91,10 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
 
 
 def target_token_count(feature: Feature) -> int:
-    """Tokens that carry a loss: labels other than -100, after the shift by one."""
+    """Tokens that carry a loss: labels other than -100, after the shift by one; or the feature's own
+    loss units (a preference row's loss is one per row, finetune/preference.py)."""
+    if data.LOSS_UNITS in feature:
+        return sum(feature[data.LOSS_UNITS])
     return sum(1 for label in feature["labels"][1:] if label != IGNORE_INDEX)
 
 
@@ -322,15 +325,20 @@ def train(
     device = device or next(model.parameters()).device
     check_precision_supported(settings.precision, device)
     stop = stop or StopRequest()
+    # With fsdp the model is sharded in place, its parameters replaced by shards: wrap it first.
+    forward_model = model
+    if ranks.distributed:
+        forward_model = distributed.wrap_model(model, device, settings.distributed)
+    sharded = fsdp.is_sharded(forward_model)
     parameters = trainable_parameters(model)
     optimizer = build_optimizer(parameters, settings)
+    sharded_state = fsdp.ShardedTrainingState(model, optimizer, list(parameters)) if sharded else None
     world = ranks.world_size
     total_steps = total_step_count(len(features), settings, world)
     scheduler = build_scheduler(optimizer, settings, total_steps)
     scaler = torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None
     step_micro_batches = settings.gradient_accumulation_steps * world
-    forward_model = distributed.wrap_model(model, device) if ranks.distributed else model
-    no_sync = getattr(forward_model, "no_sync", None) if ranks.distributed else None
+    no_sync = distributed.gradient_sync_deferral(forward_model) if ranks.distributed else None
     if not ranks.is_main:
         progress = None
     lengths = [len(feature["input_ids"]) for feature in features]
@@ -347,7 +355,14 @@ def train(
             if checkpoint.state.get("fingerprint") != fingerprint:
                 continue
             try:
-                position = load_checkpoint(checkpoint, parameters, optimizer, scheduler, scaler)
+                position = load_checkpoint(
+                    checkpoint,
+                    parameters,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    restore_sharded=sharded_state.restore if sharded_state is not None else None,
+                )
             except (OSError, ValueError, RuntimeError, KeyError):
                 continue
             resumed_from = position.step
@@ -383,8 +398,12 @@ def train(
             force=True,
         )
 
-    def checkpoint_now() -> Path:
+    def checkpoint_now() -> Path | None:
         assert checkpoint_dir is not None
+        # Sharded: every process takes part in gathering the whole state; rank 0 alone writes it.
+        gathered = sharded_state.gather() if sharded_state is not None else None
+        if not ranks.is_main:
+            return None
         saved = save_checkpoint(
             checkpoint_dir,
             position,
@@ -400,6 +419,7 @@ def train(
                 **(evaluator.checkpoint_state() if evaluator is not None else {}),
             },
             protected_steps=evaluator.protected_steps() if evaluator is not None else frozenset(),
+            gathered=gathered,
         )
         if progress is not None:
             progress.checkpoint_saved(position.step)
@@ -418,6 +438,8 @@ def train(
                 collate([features[index] for index in indices], pad_token_id, device)
                 for indices in own or window[:1]
             ]
+            if sharded:  # every process runs as many forwards (collectives) as the others
+                micro_batches = fsdp.pad_micro_batches(micro_batches, math.ceil(len(window) / world))
             step_targets = sum(targets[index] for indices in window for index in indices)
             loss = accumulate_gradients(
                 forward_model,
@@ -469,7 +491,7 @@ def train(
                     early_stopped_at = position.step
             checkpoint_path: Path | None = None
             due = position.step % settings.checkpoint_every_steps == 0 or evaluated
-            if checkpoint_dir is not None and ranks.is_main and (due or stop.requested):
+            if checkpoint_dir is not None and (ranks.is_main or sharded) and (due or stop.requested):
                 checkpoint_path = checkpoint_now()
             if stop.requested:
                 report(force=True)

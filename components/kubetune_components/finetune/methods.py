@@ -95,19 +95,31 @@ def apply_method(model: torch.nn.Module, method: Method, tokenizer: Any) -> torc
     """Wrap `model` for the method: a PEFT model, or the model itself with the right parameters trainable."""
     if method.type == "distillation":
         return _train_all_weights(model, FullOptions())  # the student learns with all of its weights
+    preference = method.preference
+    if preference is not None:  # dpo, kto: an adapter, or every weight
+        if preference.weights == "full":
+            return _train_all_weights(model, FullOptions())
+        adapter: torch.nn.Module = _wrap_peft(
+            model, _lora_config(preference.lora or LoraOptions()), f"{method.block}.lora"
+        )
+        return adapter
     if not method.is_peft:
         return _train_all_weights(model, _options_of(method, FullOptions))
-    from peft import get_peft_model
-
-    try:
-        peft_model = get_peft_model(model, PEFT_CONFIG_BUILDERS[method.type](method.options()))
-    except ValueError as error:
-        raise ConfigError(f"method.{method.block}: {error}") from error
+    peft_model = _wrap_peft(model, PEFT_CONFIG_BUILDERS[method.type](method.options()), method.block)
     prompt_tuning = method.prompt_tuning
     if method.type == "prompt-tuning" and prompt_tuning is not None and prompt_tuning.init_text:
         _init_prompt_from_text(peft_model, tokenizer, prompt_tuning.init_text)
     wrapped: torch.nn.Module = peft_model
     return wrapped
+
+
+def _wrap_peft(model: torch.nn.Module, config: Any, block: str) -> Any:
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise ConfigError(f"method.{block}: {error}") from error
 
 
 def _init_prompt_from_text(peft_model: Any, tokenizer: Any, init_text: str) -> None:

@@ -31,6 +31,7 @@ from kubetune_components.common.jobs import parse_finetune_job
 from kubetune_components.common.progress import ProgressReporter, utc_now_iso
 from kubetune_components.finetune.fairness import FLIP_RATE_GATE, fairness_gates
 from kubetune_components.finetune.forgetting import describe_reference_failure, reference_gates
+from kubetune_components.finetune.harness import describe_harness_failure, harness_gates
 from kubetune_components.finetune.train import TRAINING_RECORD, load_trained_model, read_training_record
 from kubetune_contract.common import GateOp
 from kubetune_contract.finetune import FineTuneJob, Gate
@@ -77,6 +78,8 @@ def evaluate_finetune_gates(
 def describe_failure(result: Mapping[str, Any]) -> str:
     if (reference := describe_reference_failure(result)) is not None:
         return reference
+    if (harness := describe_harness_failure(result)) is not None:
+        return harness
     if result["metric"] == FLIP_RATE_GATE and result["value"] is None:
         return (
             f"{FLIP_RATE_GATE} was not measured: no held-out prompt holds a term of "
@@ -97,7 +100,12 @@ def describe_failure(result: Mapping[str, Any]) -> str:
 
 
 def artifact_format(job: FineTuneJob) -> str:
-    """full, merged or peft-adapter (the API has already refused merging an adapter that cannot be)."""
+    """full, merged or peft-adapter (the API has already refused merging an adapter that cannot be).
+
+    dpo and kto publish whole weights: their LoRA adapter is merged into the base, so servers and the
+    operator see the same kind of model whatever weights trained."""
+    if job.spec.method.preference is not None:
+        return "merged" if job.spec.method.trains_adapter else "full"
     if not job.spec.method.is_peft:
         return "full"
     return "merged" if job.spec.output.merge_adapter else "peft-adapter"
@@ -186,6 +194,7 @@ def build_manifest(
         "metrics": {"baseline": baseline, "final": final},
         "gates": gates,
         "checkpoint": selected_checkpoint(read_training_record(workspace_dir / WorkspaceLayout.TRAINED)),
+        "crossValidation": read_json(workspace_dir / WorkspaceLayout.CROSS_VALIDATION),
         "modelCard": spec.model_card.to_wire(),
         "artifact": dict(artifact),
         "libraries": library_versions(),
@@ -215,6 +224,7 @@ def run_publish(
     gates = evaluate_finetune_gates(spec.evaluation.gates, baseline or {}, final or {})
     gates += reference_gates(spec.evaluation, baseline, final)
     gates += fairness_gates(spec.evaluation, final)
+    gates += harness_gates(spec.evaluation.harness, baseline, final)
     storage.atomic_write_json(workspace_dir / WorkspaceLayout.GATES, gates)
     check_gates(gates, describe_failure)
 

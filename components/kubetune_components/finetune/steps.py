@@ -11,6 +11,8 @@ kubetune_contract.workspace.WorkspaceLayout):
     evaluation/baseline.json, final.json                        (evaluate)
     checkpoints/step-N/, trained/                               (finetune)
     evaluation/checkpoints.json   periodic evaluations, the one selected (finetune)
+    folds/fold-N/                 fold N's own data/, trained/, evaluation/final.json (crossvalidate)
+    evaluation/cross-validation.json   the folds' metrics: mean, std, per fold (publish)
     gates.json, output.json                                     (publish)
     error.json                          {step, reason, message} when a step fails
 
@@ -44,6 +46,11 @@ from kubetune_components.common.jobs import parse_finetune_job
 from kubetune_components.common.progress import ProgressReporter
 from kubetune_components.finetune import distributed, trainjob
 from kubetune_components.finetune.checkpoints import list_checkpoints
+from kubetune_components.finetune.crossvalidation import (
+    check_fold_count,
+    run_fold,
+    write_cross_validation_summary,
+)
 from kubetune_components.finetune.evaluate import run_evaluation
 from kubetune_components.finetune.loop import StepHook
 from kubetune_components.finetune.publish import run_publish
@@ -105,6 +112,8 @@ def curate(config: dict[str, Any], workspace: str) -> dict[str, Any]:
         train, validation = result.train, result.validation
         report = dict(result.report)
     report["pii"] = screened.report
+    if spec.evaluation.cross_validation is not None:
+        check_fold_count(spec.evaluation.cross_validation.folds, len(train))
     write_jsonl(root / WorkspaceLayout.TRAIN_SPLIT, train)
     write_jsonl(root / WorkspaceLayout.VALIDATION_SPLIT, validation)
     storage.atomic_write_json(root / WorkspaceLayout.CURATION, report)
@@ -189,10 +198,18 @@ def finetune_in_processes(config: dict[str, Any], root: Path, settings: Distribu
     A failing process's error.json is the step's error; a stop (SIGTERM, passed on to the processes by
     torchrun) ends as TrainingInterrupted at the checkpoint rank 0 saved.
     """
-    distributed.check_strategy_supported(settings)
     command = distributed.torchrun_command(
         settings,
-        ["-m", __name__, "finetune", "--config-json", json.dumps(config), "--workspace", str(root)],
+        # The module by name: run as ``python -m`` (KFP, a TrainJob), this module's __name__ is __main__.
+        [
+            "-m",
+            trainjob.STEPS_MODULE,
+            "finetune",
+            "--config-json",
+            json.dumps(config),
+            "--workspace",
+            str(root),
+        ],
     )
     with contextlib.suppress(FileNotFoundError):
         (root / WorkspaceLayout.ERROR).unlink()
@@ -225,10 +242,19 @@ def finetune_in_processes(config: dict[str, Any], root: Path, settings: Distribu
     )
 
 
+def crossvalidate(config: dict[str, Any], workspace: str, fold: int) -> dict[str, Any]:
+    """Train fold `fold` of evaluation.crossValidation on the other parts of the curated training examples
+    and evaluate it on its own part; writes folds/fold-<fold>/ (see crossvalidation.py)."""
+    spec = parse_finetune_job(config).spec
+    return run_fold(spec, workspace_dir(workspace), fold)
+
+
 def publish(config: dict[str, Any], workspace: str) -> dict[str, Any]:
-    """Check the gates, then export and publish the model and its manifest; writes gates.json, output.json."""
+    """Summarize the folds of a cross-validation (evaluation/cross-validation.json), check the gates, then
+    export and publish the model and its manifest; writes gates.json, output.json."""
     job = parse_finetune_job(config)
     root = workspace_dir(workspace)
+    write_cross_validation_summary(job.spec, root)
     return run_publish(job, root, progress=ProgressReporter(root))
 
 
@@ -236,6 +262,7 @@ STEPS: dict[str, Callable[..., dict[str, Any]]] = {
     "curate": curate,
     "evaluate": evaluate,
     "finetune": finetune,
+    "crossvalidate": crossvalidate,
     "publish": publish,
 }
 
@@ -452,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(local), or in a Kubeflow Trainer TrainJob on --image (trainjob, in a pipeline pod)",
     )
     parser.add_argument("--image", help="finetune --launcher trainjob: the image the TrainJob runs")
+    parser.add_argument("--fold", type=int, help="crossvalidate: which fold (0 to folds - 1)")
     parser.add_argument(
         "--kfp-executor-input",
         metavar="JSON",
@@ -477,6 +505,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         kwargs.update(launcher=args.launcher, image=args.image)
     elif args.launcher != "local" or args.image:
         parser.error("--launcher and --image only apply to the finetune step")
+    if args.step == "crossvalidate":
+        if args.fold is None:
+            parser.error("crossvalidate needs --fold")
+        kwargs["fold"] = args.fold
+    elif args.fold is not None:
+        parser.error("--fold only applies to the crossvalidate step")
     try:
         result = run_step(args.step, config, args.workspace, **kwargs)
     except ComponentError as error:

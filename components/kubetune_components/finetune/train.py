@@ -24,7 +24,7 @@ from kubetune_components.common.errors import DatasetError
 from kubetune_components.common.jobs import parse_finetune_spec
 from kubetune_components.common.models import pick_device
 from kubetune_components.common.progress import ProgressReporter
-from kubetune_components.finetune import distributed, qlora
+from kubetune_components.finetune import distributed, fsdp, preference, qlora
 from kubetune_components.finetune.checkpoints import fsync_tree, remove_stale_staging
 from kubetune_components.finetune.distillation import load_teacher
 from kubetune_components.finetune.forgetting import replay_features
@@ -83,13 +83,22 @@ def read_training_record(trained_dir: Path) -> dict[str, Any] | None:
 
 
 def save_trained(
-    model: torch.nn.Module, tokenizer: Any, trained_dir: Path, record: Mapping[str, Any]
+    model: torch.nn.Module,
+    tokenizer: Any,
+    trained_dir: Path,
+    record: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write the adapter (PEFT) or the full model, the tokenizer and the training record, atomically."""
+    """Write the adapter (PEFT) or the full model, the tokenizer and the training record, atomically.
+
+    `state_dict`: the whole weights of a sharded model (fsdp.py), saved in place of its shards."""
     trained_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{trained_dir.name}.", suffix=".tmp", dir=trained_dir.parent))
     try:
-        model.save_pretrained(str(staging))  # type: ignore[operator]
+        if state_dict is not None:
+            model.save_pretrained(str(staging), state_dict=dict(state_dict))  # type: ignore[operator]
+        else:
+            model.save_pretrained(str(staging))  # type: ignore[operator]
         tokenizer.save_pretrained(str(staging))
         storage.atomic_write_json(staging / TRAINING_RECORD, dict(record))
         fsync_tree(staging)
@@ -107,13 +116,14 @@ def load_trained_model(trained_dir: Path, base_model_uri: str, *, merge: bool = 
     if record is None:
         raise DatasetError(f"{trained_dir} holds no trained model; run the finetune step first")
     method = str(record.get("method", "lora"))
-    if method not in PEFT_METHODS:
+    adapter = record.get("adapter") == "lora"  # dpo and kto with weights lora
+    if method not in PEFT_METHODS and not adapter:
         return models.load_causal_lm(str(trained_dir))
     from peft import PeftModel
 
     base = models.load_causal_lm(base_model_uri)
     peft_model = PeftModel.from_pretrained(base, str(trained_dir))
-    if merge and method in MERGEABLE_METHODS:
+    if merge and (method in MERGEABLE_METHODS or adapter):
         merged: torch.nn.Module = peft_model.merge_and_unload()
         return merged
     return peft_model
@@ -137,7 +147,6 @@ def run_finetune(
     ranks = distributed.ranks_from_environment()
     device = distributed.training_device(ranks) if ranks.distributed else pick_device()
     check_precision_supported(settings.precision, device)
-    distributed.check_strategy_supported(settings.distributed)
     quantization = qlora.quantization_of(spec.method)
     if quantization is not None:
         qlora.check_quantized_training_possible(quantization, device)
@@ -189,7 +198,10 @@ def _train_and_save(
     distillation = spec.method.distillation
     teacher = load_teacher(distillation, tokenizer, base_uri, device) if distillation is not None else None
     examples = data.load_examples(str(train_file), fmt)
-    features = tokenize_examples(examples, fmt, tokenizer, settings.max_seq_length)
+    if spec.method.preference is not None:
+        features = preference.tokenize_preference_rows(examples, fmt, tokenizer, settings.max_seq_length)
+    else:
+        features = tokenize_examples(examples, fmt, tokenizer, settings.max_seq_length)
     if not features:
         raise DatasetError(
             f"{train_file}: no example has a response to train on within training.maxSeqLength"
@@ -216,6 +228,10 @@ def _train_and_save(
         model.to(device)  # type: ignore[arg-type]
     if settings.packing:
         check_packing_isolates_examples(model, features[0]["input_ids"])
+    loss_fn = teacher.loss if teacher is not None else token_loss_sum
+    if spec.method.preference is not None:
+        reference = preference.reference_model(model, spec.method.preference)
+        loss_fn = preference.preference_loss(model, spec.method, int(tokenizer.pad_token_id), reference)
 
     stop = stop or StopRequest()
     with stop_on_sigterm(stop):
@@ -232,7 +248,7 @@ def _train_and_save(
             device=device,
             ranks=ranks,
             evaluator=evaluator,
-            loss_fn=teacher.loss if teacher is not None else token_loss_sum,
+            loss_fn=loss_fn,
         )
     selection: dict[str, Any] = {}
     if evaluator is not None:
@@ -248,6 +264,7 @@ def _train_and_save(
         "method": spec.method.type,
         "baseModel": base_uri,
         **({"teacher": distillation.teacher.uri} if distillation is not None else {}),
+        **({"adapter": "lora"} if spec.method.preference is not None and spec.method.trains_adapter else {}),
         "examples": example_count,
         "replayExamples": example_count - task_examples,
         **({"packedSequences": len(features)} if settings.packing else {}),
@@ -257,8 +274,13 @@ def _train_and_save(
     }
     if ranks.distributed:
         summary["processes"] = ranks.world_size
+        if settings.distributed is not None:
+            summary["strategy"] = settings.distributed.strategy
+        summary["parameterBytesPerProcess"] = fsdp.parameter_bytes_held(model)
     model.train(False)
+    # Sharded (fsdp): every process takes part in gathering the whole weights for rank 0 to save.
+    whole_weights = fsdp.full_model_state(model) if fsdp.is_sharded(model) else None
     if ranks.is_main:
-        save_trained(model, tokenizer, trained_dir, summary)
+        save_trained(model, tokenizer, trained_dir, summary, whole_weights)
     distributed.barrier()  # trained/ is complete before any process reports success
     return summary

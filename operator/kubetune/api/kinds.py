@@ -227,6 +227,28 @@ def _periodic_evaluation_rules() -> tuple[CelRule, ...]:
     )
 
 
+def _harness_rules() -> tuple[CelRule, ...]:
+    """Mirror ``finetune._harness_rules_broken``: unique task names, gates on declared tasks."""
+    return (
+        CelRule(
+            "spec.evaluation.harness.gates[*]",
+            "has(self.min) || has(self.max) || has(self.minImprovement)",
+            "a gate needs min, max or minImprovement",
+        ),
+        CelRule(
+            "spec.evaluation.harness.tasks",
+            "self.all(x, self.exists_one(y, y.name == x.name))",
+            finetune.HARNESS_TASKS_UNIQUE,
+        ),
+        CelRule(
+            "spec.evaluation.harness",
+            "self.gates.all(g, self.tasks.exists(t, t.name == g.task))",
+            finetune.HARNESS_GATE_TASK_UNKNOWN,
+            field_path=".gates",
+        ),
+    )
+
+
 def _training_target_rules() -> tuple[CelRule, ...]:
     """Mirror ``finetune._training_rules_broken``: QLoRA needs a GPU target; fsdp shards full fine-tuning;
     packing refuses virtual-token adapters."""
@@ -252,6 +274,13 @@ def _training_target_rules() -> tuple[CelRule, ...]:
         ),
         CelRule(
             "spec",
+            '!has(self.training.distributed) || self.training.distributed.strategy != "fsdp" || '
+            "!has(self.training.evalEverySteps)",
+            finetune.FSDP_WITHOUT_PERIODIC_EVALUATION,
+            field_path=".training.distributed.strategy",
+        ),
+        CelRule(
+            "spec",
             "!self.training.packing || "
             f"!(self.method.type in {json.dumps(sorted(finetune.VIRTUAL_TOKEN_METHODS))})",
             "packing keeps examples apart by their position ids, which virtual tokens do not follow",
@@ -262,6 +291,91 @@ def _training_target_rules() -> tuple[CelRule, ...]:
             field_path=".training.packing",
         ),
     )
+
+
+def _preference_rules() -> tuple[CelRule, ...]:
+    """Mirror ``finetune._preference_rules_broken`` and ``PreferenceOptions._adapter_options``."""
+    methods = json.dumps(sorted(finetune.PREFERENCE_FORMATS))
+    formats = json.dumps(sorted(finetune.PREFERENCE_FORMATS.values()))
+    format_of = json.dumps(finetune.PREFERENCE_FORMATS)
+    method_of = json.dumps({fmt: method for method, fmt in finetune.PREFERENCE_FORMATS.items()})
+    options = tuple(
+        rule
+        for block in sorted(finetune.PREFERENCE_FORMATS)
+        for rule in (
+            CelRule(
+                f"spec.method.{block}",
+                '!has(self.lora) || self.weights == "lora"',
+                "lora is set but weights is not lora; it needs weights lora",
+                message_expression=(
+                    '"lora is set but weights is \'" + self.weights + "\'; it needs weights lora"'
+                ),
+            ),
+            CelRule(
+                f"spec.method.{block}",
+                "!has(self.lora) || !has(self.lora.quantization)",
+                "lora.quantization: 4-bit bases are not supported with preference tuning",
+            ),
+        )
+    )
+    return (
+        CelRule(
+            "spec",
+            f"!(self.method.type in {methods}) || self.dataset.format == {format_of}[self.method.type]",
+            "method.type dpo trains on format preference, kto on format feedback",
+            message_expression=(
+                '"method.type " + self.method.type + " trains on format " + '
+                f'{format_of}[self.method.type] + ", not " + self.dataset.format'
+            ),
+            field_path=".dataset.format",
+        ),
+        CelRule(
+            "spec",
+            f"!(self.dataset.format in {formats}) || self.method.type == {method_of}[self.dataset.format]",
+            "dataset.format preference trains with method dpo, feedback with method kto",
+            message_expression=(
+                '"dataset.format " + self.dataset.format + " trains with method " + '
+                f'{method_of}[self.dataset.format] + ", not " + self.method.type'
+            ),
+            field_path=".method.type",
+        ),
+        CelRule(
+            "spec",
+            f"!self.training.packing || !(self.method.type in {methods})",
+            "dpo and kto compare whole completions; they cannot pack them",
+            message_expression='self.method.type + " compares whole completions; it cannot pack them"',
+            field_path=".training.packing",
+        ),
+        CelRule(
+            "spec",
+            f"!has(self.training.replay) || !(self.method.type in {methods})",
+            "dpo and kto learn from preference or feedback rows; replayed examples have none",
+            message_expression=(
+                'self.method.type + " learns from " + '
+                f'{format_of}[self.method.type] + " rows; replayed examples have none"'
+            ),
+            field_path=".training.replay",
+        ),
+        CelRule(
+            "spec",
+            f'!("preferenceAccuracy" in self.evaluation.metrics) || self.dataset.format in {formats}',
+            "preferenceAccuracy needs dataset.format preference or feedback",
+            message_expression=(
+                '"preferenceAccuracy needs dataset.format preference or feedback, not " + self.dataset.format'
+            ),
+            field_path=".evaluation.metrics",
+        ),
+        *options,
+    )
+
+
+CROSS_VALIDATION_RULE = CelRule(
+    "spec",
+    "!has(self.evaluation.crossValidation) || !has(self.training.distributed)",
+    finetune.CROSS_VALIDATION_NOT_DISTRIBUTED,
+    field_path=".evaluation.crossValidation",
+)
+"""Mirror ``FineTuneJobSpec._cross_validation``."""
 
 
 FINETUNEJOB = ResourceDefinition(
@@ -309,6 +423,9 @@ FINETUNEJOB = ResourceDefinition(
         SPLIT_RULE,
         *_periodic_evaluation_rules(),
         *_training_target_rules(),
+        *_preference_rules(),
+        CROSS_VALIDATION_RULE,
+        *_harness_rules(),
         *_field_rules(finetune.FineTuneJob),
     ),
 )
@@ -424,6 +541,12 @@ QUANTIZEJOB = ResourceDefinition(
         CelRule(
             "spec.dataset.curation", "self.minTokens <= self.maxTokens", "minTokens must not exceed maxTokens"
         ),
+        CelRule(
+            "spec.dataset",
+            f"!(self.format in {json.dumps(sorted(finetune.PREFERENCE_FORMATS.values()))})",
+            quantize.PAIR_FORMATS_NOT_CALIBRATION,
+            field_path=".format",
+        ),
         CelRule("spec.evaluation.gates[*]", "has(self.min) || has(self.max)", "a gate needs min or max"),
         SPLIT_RULE,
         *_field_rules(quantize.QuantizeJob),
@@ -474,6 +597,26 @@ def _moderation_rules() -> tuple[CelRule, ...]:
             "spec.guardrails.moderation",
             "self.categories.all(c, self.categories.exists_one(d, d.name == c.name))",
             "categories names must be unique",
+        ),
+    )
+
+
+def _serving_engine_rules() -> tuple[CelRule, ...]:
+    """Mirror ``deployment._serving_rules_broken``: vllm needs a GPU target; its options need it."""
+    return (
+        CelRule(
+            "spec.serving",
+            f'self.engine != "vllm" || self.target in {json.dumps(sorted(deployment.VLLM_TARGETS))}',
+            deployment.VLLM_NEEDS_GPU,
+            message_expression=f"{_text(deployment.VLLM_NEEDS_GPU + '; target is ')} + self.target",
+            field_path=".engine",
+        ),
+        CelRule(
+            "spec.serving",
+            '!has(self.vllm) || self.engine == "vllm"',
+            deployment.VLLM_OPTIONS_NEED_VLLM,
+            message_expression=f"{_text(deployment.VLLM_OPTIONS_NEED_VLLM + '; engine is ')} + self.engine",
+            field_path=".vllm",
         ),
     )
 
@@ -632,6 +775,7 @@ MODELDEPLOYMENT = ResourceDefinition(
             "!has(self.passwordSecretRef) || has(self.redisUrl)",
             deployment.PASSWORD_NEEDS_REDIS_URL,
         ),
+        *_serving_engine_rules(),
         *_default_within_limit_rules(),
         *_moderation_rules(),
         *_field_rules(deployment.ModelDeployment),

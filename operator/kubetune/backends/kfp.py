@@ -332,17 +332,14 @@ class KfpBackend:
         existing = self.find(request.key, resource_namespace)
         if existing is not None:
             return existing
-        from kubetune.pipelines.registry import build_pipeline, options_from_dict
+        from kubetune.pipelines.registry import build_pipeline, options_from_dict, pipeline_arguments
 
         pipeline = build_pipeline(request.kind, options_from_dict(request.pipeline_options))
         try:
             experiment_id = self._experiment_id(resource_namespace, create=True)
             result = self.client.create_run_from_pipeline_func(
                 pipeline,
-                arguments={
-                    "config_json": json.dumps(request.config, sort_keys=True),
-                    "workspace": request.workspace,
-                },
+                arguments=pipeline_arguments(request.kind, request.config, request.workspace),
                 run_name=request.key,
                 experiment_id=experiment_id,
                 namespace=self.kfp_namespace(resource_namespace),

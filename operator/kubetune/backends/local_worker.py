@@ -5,7 +5,6 @@ Usage: python -m kubetune.backends.local_worker RUN_DIR ATTEMPT
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -64,7 +63,7 @@ def run(run_dir: Path, attempt: int) -> int:
         logging.getLogger("kfp").setLevel(logging.WARNING)
         from kfp import local
 
-        from kubetune.pipelines.registry import build_pipeline, options_from_dict
+        from kubetune.pipelines.registry import build_pipeline, options_from_dict, pipeline_arguments
 
         local.init(
             runner=local.SubprocessRunner(use_venv=False),
@@ -72,7 +71,7 @@ def run(run_dir: Path, attempt: int) -> int:
             raise_on_error=True,
         )
         pipeline = build_pipeline(request["kind"], options_from_dict(request.get("pipeline_options", {})))
-        pipeline(config_json=json.dumps(request["config"], sort_keys=True), workspace=str(workspace))
+        pipeline(**pipeline_arguments(request["kind"], request["config"], str(workspace)))
     except _Terminated:
         state.update(phase="Interrupted", message="the worker was terminated", finishedAt=utc_now())
         write_json_atomically(run_dir / STATE_FILE, state)

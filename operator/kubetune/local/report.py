@@ -54,10 +54,10 @@ def progress_signature(obj: dict[str, Any]) -> tuple[Any, ...]:
 def evaluation_summary(obj: dict[str, Any]) -> list[str]:
     evaluation = (obj.get("status") or {}).get("evaluation") or {}
     baseline, final = evaluation.get("baseline") or {}, evaluation.get("final") or {}
-    if not baseline and not final:
+    if not baseline and not final and not evaluation.get("harness"):
         return []
     lines = [f"  {'metric':<12} {'baseline':>10} {'final':>10}"]
-    for metric in ("evalLoss", "perplexity", "exactMatch", "lenientMatch"):
+    for metric in ("evalLoss", "perplexity", "exactMatch", "lenientMatch", "preferenceAccuracy"):
         if metric in baseline or metric in final:
             b, f = baseline.get(metric), final.get(metric)
             lines.append(
@@ -67,6 +67,8 @@ def evaluation_summary(obj: dict[str, Any]) -> list[str]:
         lines
         + reference_baseline_lines(evaluation.get("referenceBaselines") or {})
         + reference_set_lines(evaluation.get("reference") or [])
+        + harness_lines(evaluation.get("harness") or [])
+        + cross_validation_lines(evaluation.get("crossValidation") or {})
         + checkpoint_lines(obj.get("status") or {})
         + gate_lines(evaluation.get("gates", []))
     )
@@ -84,6 +86,25 @@ def reference_set_lines(references: list[dict[str, Any]]) -> list[str]:
         after = _number(row.get("final"), ".4f") or "n/a"
         lines.append(f"  reference {row.get('name')} {metric}: {before} -> {after}{lost}")
     return lines
+
+
+def harness_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Each lm-evaluation-harness score (evaluation.harness) before and after tuning."""
+    return [
+        f"  harness {row.get('task')} {row.get('metric')}: "
+        f"{_number(row.get('baseline'), '.4f') or 'n/a'} -> {_number(row.get('final'), '.4f') or 'n/a'}"
+        for row in rows
+    ]
+
+
+def cross_validation_lines(summary: dict[str, Any]) -> list[str]:
+    """Each metric's mean and standard deviation across the folds (evaluation.crossValidation)."""
+    metrics = summary.get("metrics") or {}
+    return [
+        f"  cross-validation ({summary.get('folds')} folds) {name}: {row['mean']:.4f} +/- {row['std']:.4f} "
+        f"(folds: {', '.join(f'{value:.4f}' for value in row.get('perFold') or [])})"
+        for name, row in metrics.items()
+    ]
 
 
 def checkpoint_lines(status: dict[str, Any]) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -25,7 +24,7 @@ def compile_resource(resource: BaseModel, settings: OperatorConfig, output: Path
 
     from kfp import compiler
 
-    from kubetune.pipelines.registry import build_pipeline, options_from_dict
+    from kubetune.pipelines.registry import build_pipeline, options_from_dict, pipeline_arguments
     from kubetune.plan.finetune import build_request
 
     request = build_request(resource, settings)
@@ -37,8 +36,5 @@ def compile_resource(resource: BaseModel, settings: OperatorConfig, output: Path
             pipeline,
             str(output),
             pipeline_name=f"kubetune-finetune-{resource.metadata.name}",
-            pipeline_parameters={
-                "config_json": json.dumps(request.config, sort_keys=True),
-                "workspace": request.workspace,
-            },
+            pipeline_parameters=pipeline_arguments(request.kind, request.config, request.workspace),
         )

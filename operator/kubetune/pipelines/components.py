@@ -7,7 +7,8 @@ The runtime image has ``kubetune_components``, whose step modules have a command
 
 so on Kubeflow each step is a container component running that command line on the runtime image:
 nothing is embedded in the pipeline but the command. Its inputs are the job's resolved config
-(``config_json``), the run's workspace and, for ``evaluate-model``, ``which`` model; its output
+(``config_json``), the run's workspace and, for ``evaluate-model``, ``which`` model (for
+``crossvalidate-fold``, which ``fold``); its output
 ``report`` is what the step prints when it succeeds (shown in the Kubeflow UI and in the pod log), and
 ``workspace_report`` everything the workspace reports once it is done (progress, evaluations, gates,
 output: a :class:`~kubetune_contract.workspace.WorkspaceReport` as JSON), which the operator reads from
@@ -55,6 +56,8 @@ class StepCommand:
     step: str
     description: str
     takes_which: bool = False
+    takes_fold: bool = False
+    """The step works on one fold of evaluation.crossValidation: a ``fold`` input, ``--fold`` on its line."""
     logs_metrics: bool = False
     launches_trainjobs: bool = False
     """On a cluster the step runs training.distributed as a Kubeflow Trainer TrainJob on its own image."""
@@ -68,12 +71,14 @@ class StepCommand:
         executor_input: CommandLineElement | None = None,
         workspace_report: CommandLineElement | None = None,
         trainjob_image: str | None = None,
+        fold: CommandLineElement | None = None,
     ) -> list[CommandLineElement]:
         """The step's command line. Its arguments are values, or kfp placeholders when the command line
         is a container component's; `executor_input` (KFP's ``{{$}}``) is where metrics are logged,
         `workspace_report` where the step publishes the workspace's report for the operator;
         `trainjob_image` (on a cluster) the image of the TrainJob a distributed finetune creates."""
         which_flag: list[CommandLineElement] = ["--which", which] if which is not None else []
+        fold_flag: list[CommandLineElement] = ["--fold", fold] if self.takes_fold and fold is not None else []
         workspace_report_flag: list[CommandLineElement] = (
             ["--workspace-report", workspace_report] if workspace_report is not None else []
         )
@@ -98,6 +103,7 @@ class StepCommand:
             report,
             *workspace_report_flag,
             *which_flag,
+            *fold_flag,
             *metrics_flag,
             *launcher_flags,
         ]
@@ -127,6 +133,14 @@ STEPS: dict[str, StepCommand] = {
             "Train with the job's method; resumes from the newest checkpoint in the workspace. With "
             "training.distributed it trains in a Kubeflow Trainer TrainJob and follows it.",
             launches_trainjobs=True,
+        ),
+        StepCommand(
+            "crossvalidate-fold",
+            FINETUNE_STEPS_MODULE,
+            "crossvalidate",
+            "One fold of evaluation.crossValidation: train on the other parts of the curated training "
+            "examples, evaluate on this fold's own part.",
+            takes_fold=True,
         ),
         StepCommand(
             "publish-model",
@@ -169,6 +183,7 @@ def container_component(step: StepCommand, image: str) -> Any:
         "config_json": str,
         "workspace": str,
         **({"which": str} if step.takes_which else {}),
+        **({"fold": int} if step.takes_fold else {}),
         "report": dsl.OutputPath(str),
         WORKSPACE_REPORT_OUTPUT: dsl.OutputPath(str),
         **({"metrics": dsl.Output[dsl.Metrics]} if step.logs_metrics else {}),
@@ -190,6 +205,7 @@ def container_component(step: StepCommand, image: str) -> Any:
                 dsl.PIPELINE_TASK_EXECUTOR_INPUT_PLACEHOLDER if step.logs_metrics else None,
                 given[WORKSPACE_REPORT_OUTPUT],
                 image,
+                given.get("fold"),
             ),
         )
 
@@ -205,8 +221,10 @@ def run_step_command(
     workspace: str,
     which: str,
     report: dsl.OutputPath(str),  # type: ignore[valid-type]
+    fold: int = -1,
 ) -> None:
-    """A step's command line in a child process: its container component's stand-in locally."""
+    """A step's command line in a child process: its container component's stand-in locally. `fold` is
+    the crossvalidate-fold step's (the other steps take none)."""
     import shlex
     import signal
     import subprocess
@@ -214,9 +232,9 @@ def run_step_command(
 
     from kubetune.pipelines.components import STEPS
 
-    command = STEPS[step].command_line(config_json, workspace, report, which or None)
+    command = STEPS[step].command_line(config_json, workspace, report, which or None, fold=str(fold))
     # The config is a page of JSON: the log line names it instead.
-    shown = STEPS[step].command_line("CONFIG_JSON", workspace, report, which or None)
+    shown = STEPS[step].command_line("CONFIG_JSON", workspace, report, which or None, fold=str(fold))
     print("running", shlex.join(str(part) for part in shown), flush=True)
     # `kubetune up` stops a run with SIGTERM to the worker's process group, which the step gets too: wait
     # for it to save a checkpoint and exit rather than die first. (A Python handler, unlike SIG_IGN, is

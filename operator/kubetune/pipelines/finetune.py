@@ -1,11 +1,17 @@
-"""The FineTuneJob pipeline: curate -> (baseline eval | fine-tune) -> final eval -> gates + publish."""
+"""The FineTuneJob pipeline: curate -> (baseline eval | fine-tune | folds) -> final eval -> gates + publish.
+
+With evaluation.crossValidation, the ``folds`` argument lists the folds (``[0, 1, ..., k - 1]``; ``[]``
+without) and a ``dsl.ParallelFor`` over it runs one ``crossvalidate-fold`` task per fold beside the
+fine-tune of the published model; publish waits for them all and summarizes them. On a cluster the folds
+run in parallel; kfp's local runner runs them one after the other, since they share this machine.
+"""
 
 from dataclasses import dataclass, field
 from typing import Any
 
 from kfp import dsl, kubernetes
 
-from kubetune.pipelines.components import make_component
+from kubetune.pipelines.components import make_component, runs_on_subprocess_runner
 from kubetune_contract.workspace import PVC_MOUNT_ROOT
 
 FINAL_TASK = "publish"
@@ -49,14 +55,18 @@ def build_finetune_pipeline(options: PipelineOptions, name: str = "kubetune-fine
     curate_op = make_component("curate-dataset", options.image)
     evaluate_op = make_component("evaluate-model", options.image)
     finetune_op = make_component("finetune-model", options.image)
+    fold_op = make_component("crossvalidate-fold", options.image)
     publish_op = make_component("publish-model", options.image)
+    # 0: as many at once as the cluster schedules.
+    fold_parallelism = 1 if runs_on_subprocess_runner() else 0
 
     @dsl.pipeline(
         name=name,
         description="kubetune FineTuneJob: curate the dataset, evaluate the base model, fine-tune, "
-        "evaluate the tuned model, and publish it only if every evaluation gate passes.",
+        "evaluate the tuned model, and publish it only if every evaluation gate passes; with "
+        "evaluation.crossValidation, also train and evaluate each fold (folds: [0, ..., k-1]) in parallel.",
     )
-    def finetune_pipeline(config_json: str, workspace: str) -> None:
+    def finetune_pipeline(config_json: str, workspace: str, folds: list[int]) -> None:
         curate = on_cluster(curate_op(config_json=config_json, workspace=workspace), options, "curate")
         baseline = on_cluster(
             evaluate_op(config_json=config_json, workspace=workspace, which="baseline"),
@@ -70,8 +80,14 @@ def build_finetune_pipeline(options: PipelineOptions, name: str = "kubetune-fine
             options,
             "evaluate-final",
         ).after(train)
+        with dsl.ParallelFor(folds, parallelism=fold_parallelism) as fold:
+            cross_validated = on_cluster(
+                fold_op(config_json=config_json, workspace=workspace, fold=fold),
+                options,
+                "crossvalidate-fold",
+            ).after(curate)
         on_cluster(publish_op(config_json=config_json, workspace=workspace), options, FINAL_TASK).after(
-            final, baseline
+            final, baseline, cross_validated
         )
 
     return finetune_pipeline

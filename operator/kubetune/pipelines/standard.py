@@ -93,8 +93,9 @@ def resolve_finetune_job(
     artifact_store: str,
     workspace_root: str,
     run_id: str,
-) -> NamedTuple("Outputs", [("config_json", str), ("workspace", str)]):  # type: ignore[valid-type]
-    """Validate a FineTuneJob (YAML or JSON) and resolve it the way the operator does."""
+) -> NamedTuple("Outputs", [("config_json", str), ("workspace", str), ("folds", list)]):  # type: ignore[valid-type]
+    """Validate a FineTuneJob (YAML or JSON) and resolve it the way the operator does; `folds` lists the
+    folds of its evaluation.crossValidation ([] without), which the pipeline fans out over."""
     import json
     from pathlib import Path
 
@@ -114,7 +115,9 @@ def resolve_finetune_job(
         raise ValueError("job is invalid: " + "; ".join(str(issue) for issue in invalid.issues)) from None
     settings = OperatorConfig(home=Path("/tmp/kubetune"), artifact_store=artifact_store)
     config = resolve_config(resource, settings)
-    return json.dumps(config, sort_keys=True), f"{workspace_root.rstrip('/')}/{run_id}/finetune"
+    cross_validation = resource.spec.evaluation.cross_validation
+    folds = cross_validation.fold_indices() if cross_validation is not None else []
+    return json.dumps(config, sort_keys=True), f"{workspace_root.rstrip('/')}/{run_id}/finetune", folds
 
 
 def resolve_quantize_job(
@@ -236,7 +239,9 @@ def _job_runner(kind: str, options: PipelineOptions, image: str) -> Callable[...
         )
         if after is not None:
             resolved.after(after)
-        nested = inner(config_json=resolved.outputs["config_json"], workspace=resolved.outputs["workspace"])
+        outputs = resolved.outputs
+        folds = {"folds": outputs["folds"]} if kind == "finetune" else {}
+        nested = inner(config_json=outputs["config_json"], workspace=outputs["workspace"], **folds)
         return resolved, nested.set_caching_options(False)
 
     return run

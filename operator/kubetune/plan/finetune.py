@@ -41,12 +41,15 @@ from kubetune_contract.finetune import (
     KUEUE_PRIORITY_LABEL,
     KUEUE_QUEUE_LABEL,
     CheckpointStatus,
+    CrossValidationStatus,
     EvalMetrics,
     EvaluationStatus,
     FairnessResult,
     FairnessStatus,
     FineTuneJob,
     FineTuneJobStatus,
+    FoldMetric,
+    HarnessResult,
     ReferenceBaselines,
     ReferenceResult,
     TrainMetrics,
@@ -104,6 +107,8 @@ def resolve_config(
         spec["training"]["replay"]["uri"] = absolute(spec["training"]["replay"]["uri"], base_dir)
     for reference in spec["evaluation"].get("reference") or []:
         reference["uri"] = absolute(reference["uri"], base_dir)
+    for task in (spec["evaluation"].get("harness") or {}).get("tasks") or []:
+        task["uri"] = absolute(task["uri"], base_dir)
     spec["output"]["uri"] = absolute(spec["output"].get("uri") or settings.artifact_store, base_dir)
     spec["executor"] = spec.get("executor") or settings.default_executor
     return resource_config(job, spec)
@@ -152,6 +157,7 @@ def _eval_metrics(report: dict[str, Any] | None) -> EvalMetrics | None:
         perplexity=finite_number(report.get("perplexity")),
         exact_match=finite_number(report.get("exactMatch")),
         lenient_match=finite_number(report.get("lenientMatch")),
+        preference_accuracy=finite_number(report.get("preferenceAccuracy")),
     )
 
 
@@ -218,6 +224,66 @@ def _fairness(report: WorkspaceReport) -> FairnessStatus | None:
     return FairnessStatus(baseline=baseline, final=final)
 
 
+def _fold_metric(entry: object) -> FoldMetric | None:
+    if not isinstance(entry, dict):
+        return None
+    mean, std = finite_number(entry.get("mean")), finite_number(entry.get("std"))
+    raw = entry.get("perFold")
+    per_fold = [finite_number(value) for value in raw] if isinstance(raw, list) else []
+    if mean is None or std is None or not per_fold:
+        return None
+    values = [value for value in per_fold if value is not None]
+    return FoldMetric(mean=mean, std=std, per_fold=values) if len(values) == len(per_fold) else None
+
+
+def _cross_validation(summary: dict[str, Any] | None) -> CrossValidationStatus | None:
+    """evaluation/cross-validation.json, which publish writes from the folds' evaluations."""
+    if not summary or not isinstance(summary.get("folds"), int):
+        return None
+    entries = summary.get("metrics")
+    metrics = {
+        str(name): metric
+        for name, entry in (entries.items() if isinstance(entries, dict) else [])
+        if (metric := _fold_metric(entry)) is not None
+    }
+    return CrossValidationStatus(folds=summary["folds"], metrics=metrics)
+
+
+def _harness_scores(report: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    scores = (report or {}).get("harness")
+    if not isinstance(scores, dict):
+        return {}
+    return {str(task): entry for task, entry in scores.items() if isinstance(entry, dict)}
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _harness_results(report: WorkspaceReport) -> list[HarnessResult]:
+    """Every lm-evaluation-harness score (evaluation.harness) on the base and the tuned model."""
+    before, after = _harness_scores(report.baseline), _harness_scores(report.final)
+    results = []
+    for task in dict.fromkeys([*before, *after]):
+        entry_before, entry_after = before.get(task) or {}, after.get(task) or {}
+        scores_before = _dict(entry_before.get("metrics"))
+        scores_after = _dict(entry_after.get("metrics"))
+        directions = _dict(entry_after.get("higherIsBetter")) or _dict(entry_before.get("higherIsBetter"))
+        samples = entry_after.get("samples", entry_before.get("samples"))
+        for metric in dict.fromkeys([*scores_before, *scores_after]):
+            results.append(
+                HarnessResult(
+                    task=task,
+                    metric=str(metric),
+                    baseline=finite_number(scores_before.get(metric)),
+                    final=finite_number(scores_after.get(metric)),
+                    higher_is_better=bool(directions.get(str(metric).partition(",")[0], True)),
+                    samples=samples if isinstance(samples, int) else None,
+                )
+            )
+    return results
+
+
 def fill_status(status: FineTuneJobStatus, report: WorkspaceReport, finished_ok: bool) -> FineTuneJobStatus:
     update: dict[str, Any] = {"progress": progress_status(report.progress, finished_ok)}
     if report.progress:
@@ -236,6 +302,10 @@ def fill_status(status: FineTuneJobStatus, report: WorkspaceReport, finished_ok:
         evaluation["reference"] = references
     if (fairness := _fairness(report)) is not None:
         evaluation["fairness"] = fairness
+    if harness := _harness_results(report):
+        evaluation["harness"] = harness
+    if (cross_validation := _cross_validation(report.cross_validation)) is not None:
+        evaluation["cross_validation"] = cross_validation
     if report.gates:
         evaluation["gates"] = gate_status(report.gates)
     if evaluation:

@@ -22,7 +22,7 @@ from kubetune.api.crd import all_crds, build_crd
 from kubetune.api.definition import ResourceDefinition
 from kubetune.api.kinds import FINETUNEJOB
 from kubetune.api.registry import all_definitions
-from kubetune.api.validation import ResourceInvalid, parse_resource
+from kubetune.api.validation import ResourceInvalid, parse_resource, validate_documents
 
 _ENV = celpy.Environment()
 
@@ -140,6 +140,33 @@ def admit_to(s: dict[str, Any], doc: dict[str, Any], old: dict[str, Any] | None 
     return errors or rule_failures(s, doc, old)
 
 
+def finetune_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """A FineTuneJob ``demo`` in namespace default with ``spec``."""
+    return {
+        "apiVersion": "kubetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "demo", "namespace": "default"},
+        "spec": spec,
+    }
+
+
+def tiny_job(**spec: Any) -> dict[str, Any]:
+    """A 20-step FineTuneJob of tiny-base; each keyword is merged into the spec's block of that name."""
+    base: dict[str, Any] = {
+        "baseModel": {"uri": "./models/tiny-base"},
+        "dataset": {"uri": "data/tickets.jsonl", "validationSplit": "0.2"},
+        "training": {"maxSteps": 20},
+    }
+    for key, value in spec.items():
+        base[key] = {**base.get(key, {}), **value}
+    return finetune_job(base)
+
+
+def validate(doc: dict[str, Any]) -> list[str]:
+    """What `kubetune validate` says about a document (empty list: valid)."""
+    return [str(issue) for issue in validate_documents([copy.deepcopy(doc)])]
+
+
 def _strip_extensions(node: Any) -> Any:
     if isinstance(node, dict):
         return {k: _strip_extensions(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
@@ -188,7 +215,9 @@ def all_message_expressions(node: Any) -> list[str]:
 
 def test_every_rule_compiles() -> None:
     rules = all_rules(schema())
-    assert len(rules) == 26  # distillation: its block, its teacher, the temperature range
+    # distillation: its block, its teacher, the temperature range; dpo and kto: their blocks, the
+    # method/format pairing both ways, packing, replay, preferenceAccuracy, the lora options, 4 ranges (15)
+    assert len(rules) == 46
     for rule in rules:
         _program(rule)
     for crd in all_crds():

@@ -3,43 +3,19 @@ CRD's CEL rules refuse, each naming the field, and what they accept."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
-from test_cel import admit
-
-from kubetune.api.validation import validate_documents
-
-
-def job(**spec: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "baseModel": {"uri": "./models/tiny-base"},
-        "dataset": {"uri": "data/tickets.jsonl", "validationSplit": "0.2"},
-        "training": {"maxSteps": 20},
-    }
-    for key, value in spec.items():
-        base[key] = {**base.get(key, {}), **value}
-    return {
-        "apiVersion": "kubetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "demo", "namespace": "default"},
-        "spec": base,
-    }
-
-
-def validate(doc: dict[str, Any]) -> list[str]:
-    return [str(issue) for issue in validate_documents([copy.deepcopy(doc)])]
-
+from test_cel import admit, tiny_job, validate
 
 REFERENCE = {"name": "general-text", "uri": "data/general.jsonl"}
 
 ACCEPTED = {
-    "select best, early stopping": job(
+    "select best, early stopping": tiny_job(
         training={"evalEverySteps": 5, "earlyStopping": {"metric": "evalLoss", "patience": 2}},
         output={"select": "best", "selectMetric": "exactMatch"},
     ),
-    "reference sets with a drop gate": job(
+    "reference sets with a drop gate": tiny_job(
         evaluation={
             "reference": [
                 REFERENCE,
@@ -48,7 +24,7 @@ ACCEPTED = {
             "maxReferenceDrop": "0.1",
         }
     ),
-    "replay": job(training={"replay": {"uri": "data/general.jsonl", "ratio": "0.5"}}),
+    "replay": tiny_job(training={"replay": {"uri": "data/general.jsonl", "ratio": "0.5"}}),
 }
 
 
@@ -60,15 +36,15 @@ def test_accepted_by_validate_and_by_the_api_server(doc: dict[str, Any]) -> None
 
 REFUSED = [
     (
-        job(output={"select": "best"}),
+        tiny_job(output={"select": "best"}),
         "spec.output.select: best needs training.evalEverySteps",
     ),
     (
-        job(training={"earlyStopping": {"patience": 3}}),
+        tiny_job(training={"earlyStopping": {"patience": 3}}),
         "spec.training.earlyStopping: needs training.evalEverySteps",
     ),
     (
-        job(
+        tiny_job(
             training={"evalEverySteps": 10},
             output={"select": "best", "selectMetric": "exactMatch"},
             evaluation={"metrics": ["evalLoss"]},
@@ -76,23 +52,23 @@ REFUSED = [
         "spec.output.selectMetric: exactMatch is not in evaluation.metrics",
     ),
     (
-        job(
+        tiny_job(
             training={"evalEverySteps": 10, "earlyStopping": {"metric": "exactMatch"}},
             evaluation={"metrics": ["evalLoss", "perplexity"]},
         ),
         "spec.training.earlyStopping.metric: exactMatch is not in evaluation.metrics",
     ),
     (
-        job(evaluation={"maxReferenceDrop": "0.1"}),
+        tiny_job(evaluation={"maxReferenceDrop": "0.1"}),
         "spec.evaluation.maxReferenceDrop: needs at least one set in evaluation.reference to apply to",
     ),
     (
-        job(evaluation={"reference": [{**REFERENCE, "metric": "exactMatch"}]}),
+        tiny_job(evaluation={"reference": [{**REFERENCE, "metric": "exactMatch"}]}),
         "spec.evaluation.reference[0].metric: exactMatch needs responses to compare: "
         "format instruction or chat",
     ),
     (
-        job(training={"replay": {"uri": "g.jsonl", "ratio": "0"}}),
+        tiny_job(training={"replay": {"uri": "g.jsonl", "ratio": "0"}}),
         'spec.training.replay.ratio: must be greater than 0 and at most 10 (got "0")',
     ),
 ]
@@ -107,7 +83,7 @@ def test_refused_naming_the_field_by_validate_and_by_the_api_server(
 
 
 def test_reference_names_are_unique() -> None:
-    doc = job(evaluation={"reference": [REFERENCE, {**REFERENCE, "uri": "other.jsonl"}]})
+    doc = tiny_job(evaluation={"reference": [REFERENCE, {**REFERENCE, "uri": "other.jsonl"}]})
     assert validate(doc) == [
         "FineTuneJob/demo: spec.evaluation.reference: reference names must be unique "
         "(duplicate 'general-text')"
@@ -116,6 +92,6 @@ def test_reference_names_are_unique() -> None:
 
 
 def test_a_reference_name_is_a_dns_label() -> None:
-    doc = job(evaluation={"reference": [{**REFERENCE, "name": "General Text"}]})
+    doc = tiny_job(evaluation={"reference": [{**REFERENCE, "name": "General Text"}]})
     [issue] = validate(doc)
     assert issue.startswith("FineTuneJob/demo: spec.evaluation.reference[0].name: ")

@@ -264,7 +264,7 @@ def test_every_field_in_the_spec_is_described() -> None:
 
 def test_every_rule_compiles() -> None:
     rules = all_rules(schema())
-    assert len(rules) == len(QUANTIZEJOB.all_rules) == 13
+    assert len(rules) == len(QUANTIZEJOB.all_rules) == 14
     for rule in rules:
         _program(rule)
 

@@ -75,8 +75,8 @@ def test_valid_document_has_no_issues() -> None:
         (
             "spec.method.type",
             "qlora",
-            "spec.method.type: must be one of: lora, prefix-tuning, prompt-tuning, ia3, full, distillation "
-            '(got "qlora")',
+            "spec.method.type: must be one of: lora, prefix-tuning, prompt-tuning, ia3, full, distillation, "
+            'dpo, kto (got "qlora")',
         ),
         (
             "spec.training.learningrate",
@@ -140,7 +140,7 @@ def test_several_issues_in_field_order() -> None:
     assert messages(doc) == [
         "FineTuneJob/demo: spec.dataset: required field is missing",
         "FineTuneJob/demo: spec.method.type: "
-        'must be one of: lora, prefix-tuning, prompt-tuning, ia3, full, distillation (got "qlora")',
+        'must be one of: lora, prefix-tuning, prompt-tuning, ia3, full, distillation, dpo, kto (got "qlora")',
         "FineTuneJob/demo: spec.training.learningRate: "
         'must be a decimal number as a string, e.g. "3e-4" (got "fast")',
     ]
@@ -264,7 +264,7 @@ def test_validate_paths(tmp_path: Path) -> None:
         'must be a decimal number as a string, e.g. "3e-4" (got the number 0.0003; put it in quotes)',
         "jobs/broken.yml: invalid YAML: expected ',' or ']', but got '<stream end>' (line 2, column 1)",
         "jobs/job.json: FineTuneJob/in-json: spec.method.type: "
-        'must be one of: lora, prefix-tuning, prompt-tuning, ia3, full, distillation (got "qlora")',
+        'must be one of: lora, prefix-tuning, prompt-tuning, ia3, full, distillation, dpo, kto (got "qlora")',
         "missing.yaml: no such file or directory",
     ]
     assert (result.files, result.resources, result.invalid, result.skipped) == (3, 3, 2, 1)

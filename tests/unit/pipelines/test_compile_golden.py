@@ -26,7 +26,10 @@ JOB = {
         "dataset": {"uri": "s3://datasets/support.jsonl", "format": "instruction"},
         "method": {"type": "lora", "lora": {"r": 8}},
         "training": {"epochs": 2, "learningRate": "3e-3"},
-        "evaluation": {"gates": [{"metric": "exactMatch", "minImprovement": "0.3"}]},
+        "evaluation": {
+            "gates": [{"metric": "exactMatch", "minImprovement": "0.3"}],
+            "crossValidation": {"folds": 3},
+        },
         "executor": "kfp",
     },
 }
@@ -61,13 +64,23 @@ def test_compiled_pipeline_is_runnable_on_a_cluster(tmp_path: Path) -> None:
         "evaluate-baseline",
         "finetune",
         "evaluate-final",
+        "for-loop-1",
         "publish",
     }
-    assert all(
-        t["cachingOptions"] == {} or not t["cachingOptions"].get("enableCache") for t in tasks.values()
-    )
-    assert set(tasks["publish-model"]["dependentTasks"]) == {"evaluate-model", "evaluate-model-2"}
+    assert all(not t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
+    assert set(tasks["publish-model"]["dependentTasks"]) == {
+        "evaluate-model",
+        "evaluate-model-2",
+        "for-loop-1",
+    }
+    # evaluation.crossValidation: one crossvalidate-fold task per fold, in parallel (no parallelism limit)
+    loop = tasks["for-loop-1"]
+    assert loop["dependentTasks"] == ["curate-dataset"]
+    assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--folds"}
+    assert "iteratorPolicy" not in loop
+    assert list(spec["components"]["comp-for-loop-1"]["dag"]["tasks"]) == ["crossvalidate-fold"]
     params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["folds"]["defaultValue"] == [0, 1, 2]
     assert params["workspace"]["defaultValue"].startswith(
         "pvc://kubetune-workspace/runs/ml/support-router/g3-"
     )

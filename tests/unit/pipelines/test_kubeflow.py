@@ -105,7 +105,7 @@ def test_pipelines_take_what_a_user_fills_in_with_valid_examples(pipeline: str, 
 def test_steps_mount_the_workspace_claim_and_a_writable_tmp_and_carry_ui_labels() -> None:
     docs = list(yaml.safe_load_all((COMMITTED / "pipelines" / "finetune-then-quantize.yaml").read_text()))
     executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert len(executors) == 11  # 2 resolvers, 5 fine-tune tasks (evaluate twice), 4 quantize tasks
+    assert len(executors) == 12  # 2 resolvers, 6 fine-tune tasks (evaluate twice, folds), 4 quantize tasks
     for name, config in executors.items():
         assert config["pvcMount"][0]["constant"] == "kubetune-workspace", name
         assert config["pvcMount"][0]["mountPath"] == "/mnt/pvc/kubetune-workspace", name
@@ -191,10 +191,15 @@ def test_step_components_run_the_step_command_line_on_the_runtime_image() -> Non
             ], path
             # and nothing else (no embedded source, no kfp install): evaluate says which model, and logs
             # its numbers through the executor input; finetune runs training.distributed as a Kubeflow
-            # Trainer TrainJob on its own image.
+            # Trainer TrainJob on its own image; crossvalidate-fold says which fold.
             evaluate_flags = ["--which", "{{$.inputs.parameters['which']}}", "--kfp-executor-input", "{{$}}"]
             finetune_flags = ["--launcher", "trainjob", "--image", executor["container"]["image"]]
-            own_flags = {"evaluate-model": evaluate_flags, "finetune-model": finetune_flags}
+            fold_flags = ["--fold", "{{$.inputs.parameters['fold']}}"]
+            own_flags = {
+                "evaluate-model": evaluate_flags,
+                "finetune-model": finetune_flags,
+                "crossvalidate-fold": fold_flags,
+            }
             assert command[12:] == own_flags.get(path.stem, []), path
 
 
@@ -237,7 +242,7 @@ def test_the_evaluate_pod_logs_the_evaluation_as_the_runs_metrics(tmp_path: Path
     job = yaml.safe_load(EXAMPLE_FINETUNE_JOB)
     job["spec"]["baseModel"]["uri"] = str(tinylm.build_random_tiny(tmp_path / "model", seed=0))
     job["spec"]["dataset"] = {"uri": str(dataset), "format": "instruction", "validationSplit": "0.25"}
-    config_json, workspace = resolve_finetune_job(
+    config_json, workspace, _ = resolve_finetune_job(
         json.dumps(job), str(tmp_path / "store"), str(tmp_path), "r1"
     )
     inputs = {"config_json": config_json, "workspace": workspace}
@@ -276,12 +281,22 @@ def test_the_evaluate_pod_logs_the_evaluation_as_the_runs_metrics(tmp_path: Path
 
 
 def test_resolve_finetune_job() -> None:
-    config_json, workspace = resolve_finetune_job(EXAMPLE_FINETUNE_JOB, "s3://store", "pvc://ws/runs/", "r1")
+    config_json, workspace, folds = resolve_finetune_job(
+        EXAMPLE_FINETUNE_JOB, "s3://store", "pvc://ws/runs/", "r1"
+    )
     config = json.loads(config_json)
     assert (config["kind"], config["metadata"]["name"]) == ("FineTuneJob", "support-router")
     assert config["spec"]["output"]["uri"] == "s3://store"
     assert config["spec"]["training"]["batchSize"] >= 1  # defaults filled in
     assert workspace == "pvc://ws/runs/r1/finetune"
+    assert folds == []  # no evaluation.crossValidation: the pipeline's fold loop runs nothing
+
+
+def test_resolve_finetune_job_lists_the_folds_the_pipeline_fans_out_over() -> None:
+    job = json.loads(EXAMPLE_FINETUNE_JOB)
+    job["spec"]["evaluation"]["crossValidation"] = {"folds": 4}
+    _, _, folds = resolve_finetune_job(json.dumps(job), "s3://store", "pvc://ws", "r1")
+    assert folds == [0, 1, 2, 3]
 
 
 def test_resolve_reports_invalid_jobs_by_field() -> None:
@@ -302,7 +317,7 @@ def test_resolve_quantize_job_alone_and_after_a_finetune(tmp_path: Path) -> None
     with pytest.raises(ValueError, match=r"fineTuneJobRef \(support-router\) is resolved by the operator"):
         resolve_quantize_job(EXAMPLE_CHAINED_QUANTIZE_JOB, "s3://store", "pvc://ws", "r1")
 
-    finetune_config, finetune_ws = resolve_finetune_job(
+    finetune_config, finetune_ws, _ = resolve_finetune_job(
         EXAMPLE_FINETUNE_JOB, "s3://store", str(tmp_path), "r1"
     )
     with pytest.raises(ValueError, match="published nothing"):
@@ -369,17 +384,23 @@ import warnings
 warnings.simplefilter("ignore")
 from kfp import local
 from kubetune.pipelines.standard import build_finetune_then_quantize_ui_pipeline as build
-from kubetune.pipelines.standard import EXAMPLE_CHAINED_QUANTIZE_JOB, EXAMPLE_FINETUNE_JOB
+from kubetune.pipelines.standard import EXAMPLE_CHAINED_QUANTIZE_JOB
 local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root={root!r}, raise_on_error=True)
-build()(finetune_job=EXAMPLE_FINETUNE_JOB, quantize_job=EXAMPLE_CHAINED_QUANTIZE_JOB,
+build()(finetune_job={finetune_job!r}, quantize_job=EXAMPLE_CHAINED_QUANTIZE_JOB,
         artifact_store={store!r}, workspace_root={workspaces!r})
 """
 
 
 def test_finetune_then_quantize_runs_and_quantizes_what_the_finetune_published(tmp_path: Path) -> None:
     workspaces = tmp_path / "runs"
+    # A pasted job with evaluation.crossValidation: the resolver's folds drive the nested fold loop.
+    finetune_job = json.loads(EXAMPLE_FINETUNE_JOB)
+    finetune_job["spec"]["evaluation"]["crossValidation"] = {"folds": 2}
     script = RUN.format(
-        root=str(tmp_path / "root"), store=str(tmp_path / "store"), workspaces=str(workspaces)
+        root=str(tmp_path / "root"),
+        store=str(tmp_path / "store"),
+        workspaces=str(workspaces),
+        finetune_job=json.dumps(finetune_job),
     )
     env = {**os.environ, "PYTHONPATH": str(FAKE_STEPS)}
     result = subprocess.run(
@@ -389,6 +410,11 @@ def test_finetune_then_quantize_runs_and_quantizes_what_the_finetune_published(t
     (run,) = workspaces.iterdir()  # <workspace_root>/<run id>/{finetune,quantize}
     finetune_steps = (run / "finetune" / "starts.log").read_text().split()
     assert finetune_steps[0] == "curate" and finetune_steps[-1] == "publish"
+    # one task per fold, after curation and before publish (kfp's local runner runs them one at a time)
+    assert sorted(step for step in finetune_steps if step.startswith("crossvalidate")) == [
+        "crossvalidate-0",
+        "crossvalidate-1",
+    ]
     published = json.loads((run / "finetune" / "output.json").read_text())["uri"]
     quantize_steps = (run / "quantize" / "starts.log").read_text().splitlines()
     assert [line.split()[0] for line in quantize_steps] == [

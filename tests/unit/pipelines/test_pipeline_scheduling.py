@@ -31,7 +31,8 @@ def pod_labels_of_every_step(job: dict[str, Any], tmp_path: Path) -> list[dict[s
     compile_resource(parse_resource(job, FineTuneJob), settings, out)
     platform = list(yaml.safe_load_all(out.read_text()))[1]
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert len(executors) == 5  # curate, evaluate-baseline, finetune, evaluate-final, publish
+    # curate, evaluate-baseline, finetune, evaluate-final, crossvalidate-fold, publish
+    assert len(executors) == 6
     return [executor["podMetadata"]["labels"] for executor in executors.values()]
 
 

@@ -71,7 +71,10 @@ def test_crd_reference_has_every_field_of_every_kind(definition: ResourceDefinit
 def test_crd_reference_shows_types_defaults_and_required_fields() -> None:
     text = section("crd-reference")
     assert "| `spec.baseModel.uri` | string | required |" in text
-    assert "| `spec.dataset.format` | one of `text`, `instruction`, `chat` | `instruction` |" in text
+    assert (
+        "| `spec.dataset.format` | one of `text`, `instruction`, `chat`, `preference`, `feedback` "
+        "| `instruction` |" in text
+    )
 
 
 def test_check_mode_detects_drift_and_missing_markers(

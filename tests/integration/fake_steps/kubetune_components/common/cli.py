@@ -1,6 +1,6 @@
 """The command line of the stand-in steps, the same as the real steps' (``python -m ... STEP --config
 FILE|- | --config-json JSON --workspace DIR [--report FILE] [--workspace-report FILE]
-[--which baseline|final] [--kfp-executor-input JSON]``), so the pipelines run them unchanged."""
+[--which baseline|final] [--fold N] [--kfp-executor-input JSON]``), so the pipelines run them unchanged."""
 
 import argparse
 import json
@@ -31,12 +31,15 @@ def run_command_line(
         # Accepted and left alone: logging the evaluation's metrics to KFP is the real step's work, tested
         # with the real step in tests/unit/components/finetune/test_step_cli.py.
         parser.add_argument("--kfp-executor-input")
+        parser.add_argument("--fold", type=int)  # crossvalidate: which fold
     args = parser.parse_args(argv)
     if args.config_json is not None:
         config = json.loads(args.config_json)
     else:
         config = json.loads(sys.stdin.read() if args.config == "-" else Path(args.config).read_text())
     options = {"which": args.which} if getattr(args, "which", None) else {}
+    if getattr(args, "fold", None) is not None:
+        options["fold"] = args.fold
     try:
         report = run(args.step, config, args.workspace, **options)
     except RuntimeError as error:

@@ -23,7 +23,7 @@ def run_step(name: str, config: dict[str, Any], workspace: str, **kwargs: Any) -
     ws = resolve_local_path(workspace)
     ws.mkdir(parents=True, exist_ok=True)
     with (ws / "starts.log").open("a") as log:
-        log.write(f"{name}\n")
+        log.write(f"{name}-{kwargs['fold']}\n" if "fold" in kwargs else f"{name}\n")
     if os.environ.get("FAKE_FAIL_STEP") == name:
         _write(
             ws / "error.json",
