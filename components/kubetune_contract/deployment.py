@@ -362,6 +362,46 @@ class Batching(KubeModel):
     )
 
 
+ServingEngine = Literal["transformers", "vllm"]
+ServingTarget = Literal["cpu", "gpu"]
+VLLM_TARGETS: frozenset[str] = frozenset({"gpu"})
+"""vLLM's engine runs on CUDA GPUs only (its CPU build is another install, not served by kubetune)."""
+GPU_RESOURCE = "nvidia.com/gpu"
+"""The extended resource a gpu target's server container asks for (NVIDIA's device plugin)."""
+VLLM_NEEDS_GPU = "engine vllm needs target gpu"
+VLLM_OPTIONS_NEED_VLLM = "vllm only applies with engine vllm"
+GPU_MEMORY_UTILIZATION = DecimalRange(0, 1, above_minimum=True)
+
+
+class VllmOptions(KubeModel):
+    """vLLM's engine arguments for each version's server (with engine vllm)."""
+
+    dtype: Literal["auto", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Weights and activations dtype (vLLM's --dtype); auto takes the model config's "
+        "torch_dtype (float32 models run in float16).",
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        le=1_048_576,
+        description="Longest prompt plus completion in tokens (vLLM's --max-model-len); unset, the "
+        "model's own context length.",
+    )
+    gpu_memory_utilization: Annotated[DecimalString, GPU_MEMORY_UTILIZATION] = Field(
+        default="0.9",
+        description="Share of the GPU's memory vLLM may take for weights and KV cache "
+        "(--gpu-memory-utilization).",
+    )
+    max_loras: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="LoRA versions one server holds in a batch at once (--max-loras); a LoRA version "
+        "is served with --enable-lora and --lora-modules <version>=<adapter>.",
+    )
+
+
 class Serving(KubeModel):
     """How each version's model server runs: replicas, autoscaling, resources and batching."""
 
@@ -382,13 +422,50 @@ class Serving(KubeModel):
     batching: Batching = Field(default_factory=Batching)
     share_base_model: bool = Field(
         default=True,
-        description="kubetune up serves the versions that are LoRA adapters of the same base model "
-        "(FineTuneJobs publishing unmerged LoRA adapters of one baseModel.uri, stored locally) from one "
-        "model server: the base is loaded once and each request is generated with its version's "
-        "adapter. False gives every version a server of its own, and so does autoscaling.minReplicas "
-        "0 (each version's server then stops and starts on its own requests). On a cluster every "
-        "version has its own Deployment for now.",
+        description="Serve the versions that are LoRA adapters of the same base model (FineTuneJobs "
+        "publishing unmerged LoRA adapters of one baseModel.uri) from one model server: the base is "
+        "loaded once and each request is generated with its version's adapter; versions join and leave "
+        "it without a restart. On a cluster (adapters on pvc:// claims) that is one Deployment per base, "
+        "autoscaled as a whole; in kubetune up (adapters stored locally) one process, except for "
+        "autoscaling.minReplicas 0, where each version's server stops and starts on its own requests. "
+        "False gives every version a server of its own.",
     )
+    target: ServingTarget = Field(
+        default="cpu",
+        description=f"What each version's server runs on: cpu, or gpu (its container asks for one "
+        f"{GPU_RESOURCE} unless resources name a count; needed by engine vllm).",
+    )
+    engine: ServingEngine = Field(
+        default="transformers",
+        description="The model server's engine: transformers (kubetune's own, CPU or GPU), or vllm "
+        "(vLLM's engine in the version's Bento, target gpu only; serves full and merged models, "
+        "mixed-precision and pruning QuantizeJobs, and LoRA adapters through vLLM's LoRA support).",
+    )
+    vllm: VllmOptions | None = Field(
+        default=None, description="vLLM's engine arguments; only with engine vllm (defaults when unset)."
+    )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _engine_fits_target(cls, data: Any, handler: ModelWrapValidatorHandler[Serving]) -> Serving:
+        return validate_with_rules(data, handler, _serving_rules_broken)
+
+    @property
+    def vllm_options(self) -> VllmOptions:
+        """The vLLM engine arguments in effect (the defaults when spec.serving.vllm is unset)."""
+        return self.vllm if self.vllm is not None else VllmOptions()
+
+
+def _serving_rules_broken(serving: object) -> list[BrokenRule]:
+    """engine vllm needs a GPU target; vllm options need engine vllm."""
+    broken: list[BrokenRule] = []
+    engine = read_field(serving, "engine") or "transformers"
+    target = read_field(serving, "target") or "cpu"
+    if engine == "vllm" and isinstance(target, str) and target not in VLLM_TARGETS:
+        broken.append(BrokenRule(f"{VLLM_NEEDS_GPU}; target is {target}", ("engine",)))
+    if read_field(serving, "vllm") is not None and isinstance(engine, str) and engine != "vllm":
+        broken.append(BrokenRule(f"{VLLM_OPTIONS_NEED_VLLM}; engine is {engine}", ("vllm",)))
+    return broken
 
 
 # The ranges the model server accepts in a request (OpenAI's): a default outside them would fail every

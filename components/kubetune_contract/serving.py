@@ -13,6 +13,14 @@ MAX_BATCH_SIZE_ENV = "KUBETUNE_MAX_BATCH_SIZE"
 MAX_LATENCY_MS_ENV = "KUBETUNE_MAX_LATENCY_MS"
 ADAPTERS_ENV = "KUBETUNE_ADAPTERS"
 """A shared adapter server's versions: a JSON object of version name -> adapter directory."""
+ADAPTERS_PATH = "/adapters"
+"""Where a shared adapter server answers each version: ``<server>/adapters/<version>/v1/...``."""
+ADAPTERS_FILE_ENV = "KUBETUNE_ADAPTERS_FILE"
+"""Instead of ADAPTERS_ENV on a cluster: a file holding that JSON object (a mounted ConfigMap), which the
+server watches, loading and unloading versions as it changes, without a restart."""
+
+VLLM_OPTIONS_ENV = "KUBETUNE_VLLM_OPTIONS"
+"""The vLLM engine's arguments for a version's server: spec.serving.vllm as JSON (wire names)."""
 
 MODEL_ALIAS = "kubetune-model"
 """Alias under which a kubetune Bento references its model (`bentoml.models.get(MODEL_ALIAS)`)."""

@@ -14,6 +14,8 @@ ExecutorName = Literal["kfp", "local"]
 
 RUNTIME_IMAGE = f"ghcr.io/kubetune/runtime:{__version__}"
 OPERATOR_IMAGE = f"ghcr.io/kubetune/operator:{__version__}"
+VLLM_SERVING_IMAGE = f"ghcr.io/kubetune/runtime-vllm:{__version__}"
+"""Serves versions with spec.serving.engine vllm: the runtime plus vLLM (and the CUDA torch it needs)."""
 PROMETHEUS_URL_ENV = "KUBETUNE_PROMETHEUS_URL"
 # The kubelet refreshes a mounted ConfigMap within its sync period plus its cache's TTL (1 minute
 # each by default): a removed version serves that long after the gateway config dropped it.
@@ -166,12 +168,14 @@ class DeploymentSettings:
     """What the operator's ModelDeployment handlers read from its environment.
 
     KUBETUNE_SERVING_IMAGE (default: the runtime image, KUBETUNE_RUNTIME_IMAGE) runs each version's
-    server, KUBETUNE_GATEWAY_IMAGE (default: the operator's image) the gateway; KUBETUNE_PROMETHEUS_URL
+    server, KUBETUNE_VLLM_SERVING_IMAGE that of a version with engine vllm, KUBETUNE_GATEWAY_IMAGE
+    (default: the operator's image) the gateway; KUBETUNE_PROMETHEUS_URL
     answers the canary analyses (unset: they are recorded as inconclusive); KUBETUNE_RETIRE_GRACE_SECONDS
     is how long a version removed from the spec keeps serving while the gateways reload.
     """
 
     serving_image: str = RUNTIME_IMAGE
+    vllm_serving_image: str = VLLM_SERVING_IMAGE
     gateway_image: str = OPERATOR_IMAGE
     prometheus_url: str | None = None
     retire_after_s: float = RETIRE_AFTER_S
@@ -186,6 +190,7 @@ class DeploymentSettings:
         return cls(
             serving_image=env.get("KUBETUNE_SERVING_IMAGE", "").strip()
             or OperatorConfig.from_env(env).runtime_image,
+            vllm_serving_image=env.get("KUBETUNE_VLLM_SERVING_IMAGE", "").strip() or VLLM_SERVING_IMAGE,
             gateway_image=env.get("KUBETUNE_GATEWAY_IMAGE", "").strip() or OPERATOR_IMAGE,
             prometheus_url=url,
             retire_after_s=retire_after_s,

@@ -122,6 +122,7 @@ def test_an_idle_version_stops_and_the_next_request_waits_for_it_to_start_and_is
         # No request for scaleToZeroAfter: the server stops, and the version says why.
         observed, _ = reconcile_until(serving, spec, lambda seen, _: ASLEEP in (seen.message or ""), "asleep")
         assert not observed.ready and server_pids(serving) == []
+        assert observed.scaled_to_zero  # asleep, not failing: the ModelDeployment stays Ready (ScaledToZero)
         assert any("to zero" in line for line in said), said
 
         # The next request is held by the gateway, wakes the version, and is answered.

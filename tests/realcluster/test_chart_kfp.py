@@ -81,9 +81,18 @@ def token_review(plane: ControlPlane, token: str, audience: str) -> dict[str, An
     return status
 
 
-def kfp_allows(plane: ControlPlane, user: str, verb: str, resource: str, namespace: str) -> bool:
+def kfp_allows(
+    plane: ControlPlane,
+    user: str,
+    verb: str,
+    resource: str,
+    namespace: str,
+    group: str = "pipelines.kubeflow.org",
+) -> bool:
     """What KFP's SubjectAccessReview answers for ``user`` doing ``verb`` on ``resource`` in ``namespace``
-    (KFP's API server asks exactly this; no pipelines.kubeflow.org resource needs to be served)."""
+    (KFP's API server asks exactly this; no pipelines.kubeflow.org resource needs to be served). The
+    same review of ``group`` trainer.kubeflow.org is what the API server asks when the pipeline's step
+    creates a TrainJob."""
     review = {
         "apiVersion": "authorization.k8s.io/v1",
         "kind": "SubjectAccessReview",
@@ -91,7 +100,7 @@ def kfp_allows(plane: ControlPlane, user: str, verb: str, resource: str, namespa
             "user": user,
             "groups": ["system:serviceaccounts", "system:authenticated"],
             "resourceAttributes": {
-                "group": "pipelines.kubeflow.org",
+                "group": group,
                 "resource": resource,
                 "verb": verb,
                 "namespace": namespace,
@@ -157,6 +166,15 @@ def test_namespaced_the_operator_may_use_kfp_only_where_its_runs_execute(
     assert kfp_allows(control_plane, user, "create", "runs", mapped)  # where `moved`'s runs go
     assert not kfp_allows(control_plane, user, "create", "runs", moved)
     assert not kfp_allows(control_plane, user, "create", "runs", other)
+
+    # the pipeline's steps, as the runner ServiceAccount of the namespace they run in, follow TrainJobs
+    for runs_in in (watched, mapped):
+        runner = f"system:serviceaccount:{runs_in}:pipeline-runner"
+        for verb in ("create", "get", "list", "watch", "delete"):
+            assert kfp_allows(control_plane, runner, verb, "trainjobs", runs_in, "trainer.kubeflow.org"), verb
+        assert not kfp_allows(control_plane, runner, "update", "trainjobs", runs_in, "trainer.kubeflow.org")
+    elsewhere = f"system:serviceaccount:{other}:pipeline-runner"
+    assert not kfp_allows(control_plane, elsewhere, "create", "trainjobs", other, "trainer.kubeflow.org")
 
 
 def test_a_fixed_token_install_reads_it_from_a_secret(

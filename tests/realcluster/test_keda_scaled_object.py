@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-from lightkube import AsyncClient, KubeConfig
+from lightkube import AsyncClient
 
 from kubetune.kube import apply as kube
 from kubetune.kube.children import ChildImages, build_version_scaled_object
-from kubetune.kube.client import async_client
 from kubetune.kube.serving import KubernetesServing
 from kubetune.plan.versions import DeploymentRef, VersionServing
 from kubetune_contract.deployment import Autoscaling, Serving
@@ -32,15 +30,6 @@ IMAGES = ChildImages(serving="registry.example/runtime:1", gateway="registry.exa
 PROMETHEUS = "http://prometheus.monitoring.svc:9090"
 TO_ZERO = Serving(autoscaling=Autoscaling(min_replicas=0, max_replicas=3, scale_to_zero_after="10m"))
 AT_LEAST_ONE = Serving(autoscaling=Autoscaling(min_replicas=1, max_replicas=3))
-
-
-@pytest.fixture
-async def client(control_plane: ControlPlane) -> Any:
-    config = KubeConfig.from_file(control_plane.kubeconfig).get()
-    assert config is not None
-    api: AsyncClient = async_client(config)
-    yield api
-    await api.close()
 
 
 async def owner(plane: ControlPlane, namespace: str) -> DeploymentRef:
@@ -109,6 +98,12 @@ async def test_the_rendered_scaled_object_is_stored_whole_and_swaps_with_the_hpa
     assert kinds_of(control_plane, namespace) == {"deployment", "service", "scaledobject.keda.sh"}
     deployment = await kube.get(client, kube.DEPLOYMENTS, namespace, "support-bot-tuned")
     assert deployment is not None
+
+    # KEDA scales the idle version to zero: it sleeps, which is not a failure (Ready stays True)
+    control_plane.kubectl("scale", "deployment", "support-bot-tuned", "-n", namespace, "--replicas=0")
+    asleep = (await serving.ensure_versions(ref, [tuned(TO_ZERO)]))["tuned"]
+    assert asleep.scaled_to_zero and not asleep.ready and not asleep.failed
+    assert asleep.message is not None and "scaled to zero by KEDA" in asleep.message
 
     # minReplicas 1: the HPA takes over and the ScaledObject goes; back to 0: the other way round.
     await serving.ensure_versions(ref, [tuned(AT_LEAST_ONE)])

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lightkube import AsyncClient, KubeConfig
+from lightkube import AsyncClient
 
 from kubetune.kube.children import ChildImages
-from kubetune.kube.client import async_client
 from kubetune.kube.serving import KubernetesServing
 from kubetune.plan.versions import DeploymentRef, VersionServing
 from kubetune_contract.deployment import Serving
@@ -120,15 +119,6 @@ def init_status(**states: Any) -> dict[str, Any]:
         "state": states.get("state", {"waiting": {"reason": "CrashLoopBackOff"}}),
         "lastState": states.get("last", {}),
     }
-
-
-@pytest.fixture
-async def client(control_plane: ControlPlane) -> Any:
-    config = KubeConfig.from_file(control_plane.kubeconfig).get()
-    assert config is not None
-    api: AsyncClient = async_client(config)
-    yield api
-    await api.close()
 
 
 async def test_a_version_whose_init_container_refused_the_model_is_failed_at_once(

@@ -53,6 +53,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "ghcr.io/kubetune/serving:%s" .Chart.AppVersion) .Values.servingImage }}
 {{- end }}
 
+{{- define "kubetune.vllmServingImage" -}}
+{{- default (printf "ghcr.io/kubetune/runtime-vllm:%s" .Chart.AppVersion) .Values.vllmServingImage }}
+{{- end }}
+
 {{- define "kubetune.gatewayImage" -}}
 {{- default (printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag)) .Values.gatewayImage }}
 {{- end }}

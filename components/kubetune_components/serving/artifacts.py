@@ -118,6 +118,14 @@ def inspect_model_dir(path: str | Path) -> ModelArtifact:
     )
 
 
+def quantization_format(artifact: ModelArtifact) -> str | None:
+    """The format a quantized model was saved in (its quantization record's), None for other models."""
+    if artifact.kind != "quantized":
+        return None
+    record = _read_json_object(artifact.path / quantize.QUANTIZATION_RECORD) or {}
+    return str(record.get("format") or "") or None
+
+
 def load_model(artifact: ModelArtifact, device: torch.device) -> torch.nn.Module:
     """The model of `artifact` on `device`, in eval mode."""
     model: Any

@@ -53,7 +53,8 @@ from bentoml.exceptions import BentoMLException, NotFound
 import kubetune_components
 from kubetune_components.common import storage
 from kubetune_components.common.errors import ComponentError, ConfigError, ModelLoadError
-from kubetune_components.serving.artifacts import BUNDLED_BASE_DIR, inspect_model_dir
+from kubetune_components.serving.artifacts import BUNDLED_BASE_DIR, inspect_model_dir, quantization_format
+from kubetune_components.serving.vllm_engine import check_servable
 from kubetune_contract.serving import (
     DEPLOYMENT_LABEL,
     MODEL_ALIAS,
@@ -64,6 +65,9 @@ from kubetune_contract.serving import (
 )
 
 SERVICE = "kubetune_components.serving.service:LLMService"
+VLLM_SERVICE = "kubetune_components.serving.vllm_service:VLLMService"
+SERVICES = {"transformers": SERVICE, "vllm": VLLM_SERVICE}
+"""The Bento's service per spec.serving.engine (a vllm Bento needs vllm in the image that serves it)."""
 PACKAGE = "kubetune_components"
 RUNTIME_REQUIREMENTS = (
     "torch",
@@ -81,6 +85,7 @@ NAME_PATTERN = re.compile(r"^[a-z0-9]([-._a-z0-9]*[a-z0-9])?$")
 MAX_NAME_LENGTH = 63
 VERSION_ID_LENGTH = 16
 FORMAT_LABEL = "kubetune-format"
+ENGINE_LABEL = "kubetune-engine"
 _HOME_LOCK = threading.RLock()
 
 
@@ -262,9 +267,15 @@ def build_bento(
     version: str,
     *,
     bentoml_home: str | os.PathLike[str] | None = None,
+    engine: str = "transformers",
 ) -> str:
-    """Import the published model and build its Bento; returns the tag `<deployment>-<version>:<id>`."""
+    """Import the published model and build its Bento; returns the tag `<deployment>-<version>:<id>`.
+
+    `engine` chooses the Bento's service (SERVICES): the same model with another engine is another Bento.
+    """
     name = bento_name(deployment, version)
+    if engine not in SERVICES:
+        raise ConfigError(f"engine must be one of {', '.join(SERVICES)}, got {engine!r}")
     with (
         tempfile.TemporaryDirectory(prefix="kubetune-bento-") as scratch_dir,
         bentoml_home_context(bentoml_home),
@@ -272,6 +283,8 @@ def build_bento(
         scratch = Path(scratch_dir)
         source = _local_dir(str(model_dir), scratch, "model")
         artifact = inspect_model_dir(source)
+        if engine == "vllm":  # refused here, the init container exits MODEL_INVALID_EXIT_CODE
+            check_servable(source, artifact.kind, quantization_format(artifact))
         base: Path | None = None
         if artifact.kind == "peft-adapter":
             assert artifact.base_uri is not None
@@ -290,6 +303,7 @@ def build_bento(
                 "code": tree_digest(context),
                 "requirements": requirements,
                 "bentoml": bentoml.__version__,
+                **({"engine": engine} if engine != "transformers" else {}),
             }
         )[:VERSION_ID_LENGTH]
         tag = f"{name}:{version_id}"
@@ -301,10 +315,10 @@ def build_bento(
         try:
             with aliases.patch(dict(aliases.get())):
                 bento = bentoml.bentos.build(
-                    SERVICE,
+                    SERVICES[engine],
                     name=name,
                     version=version_id,
-                    labels=labels,
+                    labels={**labels, ENGINE_LABEL: engine},
                     description=(
                         f"kubetune model server for version {version} of ModelDeployment {deployment} "
                         f"({artifact.kind} model {model_tag})."
@@ -369,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--model-dir", required=True)
     build.add_argument("--deployment", required=True)
     build.add_argument("--version", required=True)
+    build.add_argument(
+        "--engine", choices=sorted(SERVICES), default="transformers", help="the Bento's service"
+    )
     export = commands.add_parser("export", help="write a Bento as an archive; prints the path")
     export.add_argument("--tag", required=True)
     export.add_argument("--out", required=True)
@@ -377,7 +394,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
-            print(build_bento(args.model_dir, args.deployment, args.version, bentoml_home=args.bentoml_home))
+            tag = build_bento(
+                args.model_dir,
+                args.deployment,
+                args.version,
+                bentoml_home=args.bentoml_home,
+                engine=args.engine,
+            )
+            print(tag)
         elif args.command == "export":
             print(export_bento(args.tag, args.out, bentoml_home=args.bentoml_home))
         else:

@@ -8,6 +8,8 @@ kubetune_serving_* series are labelled with the version)::
     POST   /adapters/<version>/v1/completions        the OpenAI API of one version
     POST   /adapters/<version>/v1/chat/completions
     GET    /adapters/<version>/v1/models
+    GET    /adapters/<version>/readyz                200 once the version is loaded (the gateway's probe
+                                                     of a version waking from zero), else 503
     GET    /adapters                                 {"baseModel", "adapters": [versions]}
     PUT    /adapters/<version>   {"modelDir": DIR}   load (or replace) a version's adapter
     DELETE /adapters/<version>                       unload it
@@ -147,6 +149,11 @@ def create_shared_app(slot: SharedSlot) -> Starlette:
             return ApiError(404, f"version {version!r} is not loaded", code="model_not_found").response()
         return JSONResponse({"unloaded": version, "adapters": shared.versions})
 
+    async def version_ready(request: Request) -> Response:
+        shared = slot.shared
+        loaded = shared is not None and shared.runtime(request.path_params["version"]) is not None
+        return Response(status_code=200 if loaded else 503)
+
     async def unknown_path(request: Request) -> Response:
         method, path = request.method, request.url.path
         loaded = ", ".join(slot.shared.versions) if slot.shared is not None else "none"
@@ -165,6 +172,7 @@ def create_shared_app(slot: SharedSlot) -> Starlette:
         ),
         Route(prefix + MODELS, per_version(lambda app, r: app.models(r)), methods=["GET"]),
         Route(ADAPTERS_PATH, list_adapters, methods=["GET"]),
+        Route(prefix + "/readyz", version_ready, methods=["GET"]),
         Route(prefix, put_adapter, methods=["PUT"]),
         Route(prefix, delete_adapter, methods=["DELETE"]),
         # Mounted in BentoML, only paths that match a route reach this app: catch the rest of /v1 here.

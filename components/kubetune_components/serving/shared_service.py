@@ -7,42 +7,41 @@
 Each version answers under ``/adapters/<version>/v1/...``; ``PUT``/``DELETE /adapters/<version>``
 load and unload versions while the others serve. The base and the first adapters load on a
 background thread: /livez answers at once, /readyz once they are loaded.
+
+On a cluster ``KUBETUNE_ADAPTERS_FILE`` names a file holding that JSON object instead (the group's
+mounted ConfigMap): the server loads what it names at start and then follows its changes
+(`adapters_file`), so the operator adds and removes versions without restarting the pods.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
+from pathlib import Path
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 
 import bentoml
 
-from kubetune_components.common.errors import ComponentError, ConfigError
+from kubetune_components.common.errors import ComponentError
 from kubetune_components.serving.adapters import SharedAdapters
+from kubetune_components.serving.adapters_file import AdaptersFileWatch, parse_adapters, read_adapters_file
 from kubetune_components.serving.config import ServingSettings
 from kubetune_components.serving.service import GENERATION_TIMEOUT_S
 from kubetune_components.serving.shared_api import SharedSlot, create_shared_app
-from kubetune_contract.serving import ADAPTERS_ENV
+from kubetune_contract.serving import ADAPTERS_ENV, ADAPTERS_FILE_ENV
 
 logger = logging.getLogger(__name__)
 
 
 def adapters_from_env(env: dict[str, str]) -> dict[str, str]:
-    """The versions to load at start (version -> adapter directory); ConfigError names the variable."""
-    raw = env.get(ADAPTERS_ENV, "").strip()
-    try:
-        value = json.loads(raw) if raw else None
-    except ValueError as error:
-        raise ConfigError(f"{ADAPTERS_ENV} is not valid JSON: {error}") from error
-    if not isinstance(value, dict) or not value:
-        raise ConfigError(f"{ADAPTERS_ENV} must be a JSON object of version name -> adapter directory")
-    for version, directory in value.items():
-        if not isinstance(directory, str) or not directory:
-            raise ConfigError(f"{ADAPTERS_ENV}: version {version!r} needs an adapter directory")
-    return {str(version): str(directory) for version, directory in value.items()}
+    """The versions to load at start (version -> adapter directory), from KUBETUNE_ADAPTERS_FILE when it
+    is set, else KUBETUNE_ADAPTERS; ConfigError names the variable or the file."""
+    path = env.get(ADAPTERS_FILE_ENV, "").strip()
+    if path:
+        return read_adapters_file(Path(path))
+    return parse_adapters(env.get(ADAPTERS_ENV, ""), ADAPTERS_ENV)
 
 
 settings = ServingSettings.from_env()
@@ -62,6 +61,7 @@ class SharedAdapterService:
             logger.error("cannot serve: %s", error.message)
             slot.set_error(error.message)
             return
+        self.stop_watching = threading.Event()
         threading.Thread(target=self._load, name="kubetune-model-loader", daemon=True).start()
 
     def _load(self) -> None:
@@ -77,6 +77,11 @@ class SharedAdapterService:
             return
         slot.set_shared(shared)
         logger.info("serving %s on %s", ", ".join(shared.versions), shared.base_uri)
+        if path := os.environ.get(ADAPTERS_FILE_ENV, "").strip():
+            watch = AdaptersFileWatch(Path(path), shared, self.adapters)
+            threading.Thread(
+                target=watch.run, args=(self.stop_watching,), name="kubetune-adapters-watch", daemon=True
+            ).start()
 
     def __is_ready__(self) -> bool:
         return slot.ready
@@ -86,5 +91,7 @@ class SharedAdapterService:
 
     @bentoml.on_shutdown
     def close(self) -> None:
+        if hasattr(self, "stop_watching"):
+            self.stop_watching.set()
         if slot.shared is not None:
             slot.shared.close()

@@ -41,8 +41,11 @@ prompt's pool (``fewShot``) gives the request follow its fixed ones, as many as 
 ``generation.maxPromptTokens``, and ``x-kubetune-few-shot`` names their pool lines. For a prompt with
 ``reasoning`` the version is asked to hide what the model writes between its markers.
 
-Failures: a request whose version could not be connected to (nothing of it reached the version) is
-re-sent once to another ready version by weight, unless the override header pinned it; the answer
+Failures: with ``scaleFromZero`` (minReplicas 0) a request whose version could not be connected to
+is held until the version answers again (it was scaled to zero before the config said so; see
+kubetune.gateway.cold_start), then sent to it once more. Otherwise a request whose version could not
+be connected to (nothing of it reached the version) is re-sent once to another ready version by
+weight, unless the override header pinned it; the answer
 then names the first version in ``x-kubetune-retried-from`` and
 ``kubetune_gateway_connect_retries_total`` counts it. A connect error, a timeout or a 5xx from the
 version is then retried once on the fallback version (never once a stream has sent its first byte);
@@ -440,6 +443,7 @@ class Gateway:
             functools.partial(self._count_fallback, state),
             functools.partial(self._unavailable_now, state),
             retry,
+            functools.partial(self.holds.wake, state.config),
         )
         violated: list[str] | None = None
         if attempt.code == 200 and endpoint == CHAT_ENDPOINT:
@@ -618,7 +622,9 @@ class Gateway:
         return attempt
 
     def _note_reachability(self, state: GatewayState, attempt: Attempt) -> None:
-        if attempt.unreachable:
+        if attempt.unreachable and state.config.scale_from_zero is not None:
+            self.holds.found_asleep(attempt.version)  # scaled to zero before the config says so
+        elif attempt.unreachable:
             seconds = state.config.health.mark_down_seconds
             log.warning("version %s is unreachable; no traffic goes to it for %gs", attempt.version, seconds)
             self.health.mark_down(attempt.version, seconds)
@@ -643,6 +649,7 @@ class Gateway:
             functools.partial(self._count_fallback, state),
             functools.partial(self._unavailable_now, state),
             retry,
+            functools.partial(self.holds.wake, state.config),
         )
         exchange.version = attempt.version
         extra_headers = _answer_headers(sent, attempt.retried_from)

@@ -6,6 +6,13 @@ config (the operator marks it ready) or sooner from the version itself (its ``/r
 probed every :data:`PROBE_INTERVAL_S` by one task per version, whoever holds). A version the gateway
 could not connect to lately (``UpstreamHealth``) is not held for: its share goes elsewhere as ever.
 
+A version the config still marks ready may already be at zero: KEDA scaled it down and the gateway's
+config (refreshed by the kubelet) does not say so yet. With ``scaleFromZero`` a request that cannot
+connect to its version (refused, no endpoints, connect timeout: nothing reached it) is therefore not
+answered 503 but held like any request for a sleeping version (:meth:`ColdStartHolds.wake`), then sent
+again once the version answers ``/readyz``; the version counts as asleep (later requests are held
+too, not routed elsewhere) until its ``/readyz`` answers, whatever the config says.
+
 At most ``maxHeldRequests`` wait per version; one more is answered 503 at once, and a request that
 waited ``holdSeconds`` gets 503; both with Retry-After and the OpenAI error body. Every held request is
 counted in ``kubetune_gateway_held_requests_total{outcome}`` (ready, timeout, full, cancelled), and
@@ -42,6 +49,8 @@ class ColdStartHolds:
         self._held: dict[str, int] = {}
         self._ready: dict[str, asyncio.Event] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self._found_asleep: set[str] = set()
+        """Versions the config marks ready that could not be connected to: asleep until /readyz answers."""
 
     def held(self, version: str) -> int:
         return self._held.get(version, 0)
@@ -50,10 +59,31 @@ class ColdStartHolds:
         """The versions to hold requests for: not ready per the config, when it scales from zero."""
         if config.scale_from_zero is None:
             return frozenset()
-        return frozenset(version.name for version in config.versions if not version.ready)
+        return frozenset(
+            version.name
+            for version in config.versions
+            if not version.ready or version.name in self._found_asleep
+        )
 
-    async def hold(self, config: GatewayConfig, version: str) -> None:
-        """Return once ``version`` is ready; raise the 503 to answer when the hold is full or times out."""
+    def found_asleep(self, version: str) -> None:
+        """``version`` could not be connected to: take it as scaled to zero until its /readyz answers."""
+        if version not in self._found_asleep:
+            log.warning("version %s cannot be connected to: taking it as scaled to zero", version)
+            self._found_asleep.add(version)
+
+    async def wake(self, config: GatewayConfig, version: str) -> bool:
+        """Hold a request that could not connect to ``version`` until it is ready again; False (at once)
+        without ``scaleFromZero``: such a version is unreachable, not asleep. Raises the hold's 503."""
+        if config.scale_from_zero is None:
+            return False
+        self.found_asleep(version)
+        # the request is already counted in the open-requests gauge as in flight
+        await self.hold(config, version, count_open=False)
+        return True
+
+    async def hold(self, config: GatewayConfig, version: str, *, count_open: bool = True) -> None:
+        """Return once ``version`` is ready; raise the 503 to answer when the hold is full or times out.
+        ``count_open``: count the held request in the open-requests gauge (KEDA's demand)."""
         policy = config.scale_from_zero
         assert policy is not None
         deployment = config.deployment
@@ -69,7 +99,8 @@ class ColdStartHolds:
             self._probes[version] = asyncio.create_task(self._probe(version, ready))
         self._held[version] = self.held(version) + 1
         gauge = self._metrics.child(self._metrics.open_requests, deployment, version)
-        gauge.inc()
+        if count_open:
+            gauge.inc()
         outcome = "cancelled"
         try:
             await asyncio.wait_for(ready.wait(), policy.hold_seconds)
@@ -82,7 +113,8 @@ class ColdStartHolds:
                 policy.hold_seconds,
             ) from None
         finally:
-            gauge.dec()
+            if count_open:
+                gauge.dec()
             self._held[version] -= 1
             self._count(deployment, version, outcome)
             if not self._held[version]:
@@ -107,13 +139,14 @@ class ColdStartHolds:
             while not ready.is_set():
                 config = self._current()
                 found = next((v for v in config.versions if v.name == version), None)
-                if found is None or found.ready:
+                if found is None or (found.ready and version not in self._found_asleep):
                     ready.set()  # ready per the config, or gone (the request then fails as for any version)
                     break
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
                     async with session.get(found.url.rstrip("/") + "/readyz") as answer:
                         if answer.status == 200:
                             log.info("version %s answers /readyz: releasing its held requests", version)
+                            self._found_asleep.discard(version)
                             ready.set()
                             break
                 await asyncio.sleep(PROBE_INTERVAL_S)

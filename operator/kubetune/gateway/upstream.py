@@ -351,6 +351,7 @@ async def send_with_fallback(
     on_fallback: Callable[[str, str], None],
     unavailable: Callable[[], frozenset[str]],
     retry_elsewhere: RetryElsewhere | None = None,
+    wake: Callable[[str], Awaitable[bool]] | None = None,
 ) -> tuple[Attempt, UpstreamBody]:
     """Send ``upstream`` to its version; when it cannot be connected to and ``retry_elsewhere`` is
     given, re-send the request once to another version it chooses; when that fails, send
@@ -358,12 +359,19 @@ async def send_with_fallback(
     is the version that failed).
 
     ``on_fallback(failed_version, fallback_version)`` is called once the fallback is really asked.
+    ``wake(version)`` (when given) is first awaited for a version that could not be connected to: True
+    when it held the request until the version, found scaled to zero, is ready again (it raises the
+    hold's 503 otherwise), and the request is then sent to it once more.
     Attempts are bounded by ``fallback.timeoutSeconds`` as well as the ``timeouts``. Returns the
     attempt that answered and what was sent to it; raises the GatewayError of :func:`failed` when no
     version could answer."""
     fallback = config.fallback.version if config.fallback is not None else None
     can_fall_back = fallback is not None and fallback != upstream.version
     first = await send(upstream.version, upstream.body, attempt_limits(config, fallback_bounds=can_fall_back))
+    if first.unreachable and wake is not None and await wake(first.version):
+        first = await send(
+            upstream.version, upstream.body, attempt_limits(config, fallback_bounds=can_fall_back)
+        )
     if first.unreachable and retry_elsewhere is not None:
         elsewhere = await _send_elsewhere(
             retry_elsewhere,

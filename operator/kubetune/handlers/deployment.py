@@ -55,7 +55,11 @@ class DeploymentRuntime:
     schedules: Schedules = field(default_factory=Schedules)
 
     def serving(self) -> KubernetesServing:
-        images = ChildImages(serving=self.settings.serving_image, gateway=self.settings.gateway_image)
+        images = ChildImages(
+            serving=self.settings.serving_image,
+            gateway=self.settings.gateway_image,
+            vllm_serving=self.settings.vllm_serving_image,
+        )
         return KubernetesServing(
             self.client,
             images,

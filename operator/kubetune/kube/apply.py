@@ -74,6 +74,7 @@ DEPLOYMENTS = _child_resource("deployments")
 SERVICES = _child_resource("services")
 HORIZONTAL_POD_AUTOSCALERS = _child_resource("horizontalpodautoscalers")
 SCALED_OBJECTS = _child_resource("scaledobjects")
+CONFIG_MAPS = _child_resource("configmaps")
 # lightkube knows the built-in kinds; an add-on's kind is registered as a generic resource
 for _addon in (resource for resource in CHILD_RESOURCES if resource.from_addon):
     create_namespaced_resource(_addon.group, _addon.version, _addon.kind, _addon.plural)

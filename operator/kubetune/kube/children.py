@@ -66,12 +66,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.config import OPERATOR_IMAGE, PROMETHEUS_URL_ENV, RUNTIME_IMAGE
+from kubetune.config import OPERATOR_IMAGE, PROMETHEUS_URL_ENV, RUNTIME_IMAGE, VLLM_SERVING_IMAGE
 from kubetune.gateway.access.keys import KEY_FILE_NAME, SIGNING_KEY_FILE_NAME
 from kubetune.gateway.config import REDIS_PASSWORD_ENV
 from kubetune.gateway.metrics import OPEN_REQUESTS_METRIC
+from kubetune.kube.vllm_serving import vllm_deployment
 from kubetune.plan.versions import DeploymentRef, VersionServing
-from kubetune_contract.deployment import DNS_LABEL_PATTERN, Serving
+from kubetune_contract.deployment import DNS_LABEL_PATTERN, GPU_RESOURCE, Serving
 from kubetune_contract.serving import MODEL_DIR_ENV
 from kubetune_contract.workspace import PVC_MOUNT_ROOT, PVC_ROOT_ENV
 
@@ -115,6 +116,8 @@ class ChildImages:
     """Runs the init container (fetch model, build Bento) and ``bentoml serve``: the runtime image."""
     gateway: str = OPERATOR_IMAGE
     """Runs ``kubetune gateway``: any image with the kubetune package (the operator's)."""
+    vllm_serving: str = VLLM_SERVING_IMAGE
+    """Serves the versions with engine vllm (:mod:`kubetune.kube.vllm_serving`): the runtime plus vLLM."""
     pull_policy: str = "IfNotPresent"
 
 
@@ -286,6 +289,16 @@ def _model_claim(version: VersionServing) -> str | None:
     return None
 
 
+def container_resources(serving: Serving) -> dict[str, dict[str, str]]:
+    """spec.serving.resources, with one GPU (limit; Kubernetes sets the request equal) on a gpu target
+    whose resources name no GPU count."""
+    resources = {key: dict(value) for key, value in serving.resources.to_wire().items() if value}
+    named = GPU_RESOURCE in resources.get("limits", {}) or GPU_RESOURCE in resources.get("requests", {})
+    if serving.target == "gpu" and not named:
+        resources.setdefault("limits", {})[GPU_RESOURCE] = "1"
+    return resources
+
+
 def _check_bento(ref: DeploymentRef, version: VersionServing) -> None:
     # The init container names the Bento from the deployment and version (bento.bento_name).
     expected = f"{ref.name}-{version.name}".lower()
@@ -352,7 +365,7 @@ def build_version_deployment(
     # The contract's settings first; the pod's own paths win over anything of the same name.
     serve_values = {**version.env, **pod_env, "HF_HUB_OFFLINE": "1"}
     serve_values.pop(MODEL_DIR_ENV, None)
-    resources = {key: value for key, value in serving.resources.to_wire().items() if value}
+    resources = container_resources(serving)
 
     fetch = {
         "name": "fetch-model",
@@ -575,9 +588,13 @@ def build_version_scaled_object(
 def build_version_children(
     ref: DeploymentRef, version: VersionServing, images: ChildImages, prometheus_url: str | None = None
 ) -> list[dict[str, Any]]:
-    """A version's Deployment, Service and with autoscaling a HorizontalPodAutoscaler, or with
-    minReplicas 0 a KEDA ScaledObject (which needs ``prometheus_url``, the operator's Prometheus)."""
-    children = [build_version_deployment(ref, version, images), build_version_service(ref, version.name)]
+    """A version's Deployment (serving the vLLM Bento with engine vllm: :mod:`kubetune.kube.vllm_serving`),
+    Service and with autoscaling a HorizontalPodAutoscaler, or with minReplicas 0 a KEDA ScaledObject
+    (which needs ``prometheus_url``, the operator's Prometheus)."""
+    server = build_version_deployment(ref, version, images)
+    if version.serving.engine == "vllm":
+        server = vllm_deployment(server, version, images.vllm_serving)
+    children = [server, build_version_service(ref, version.name)]
     scaled_object = build_version_scaled_object(ref, version.name, version.serving, prometheus_url)
     if scaled_object is not None:
         children.append(scaled_object)

@@ -22,6 +22,15 @@ with ModelInvalid at once, instead of crash-looping) when a pod of its current m
 cannot be served: its model-building init container exited with ``MODEL_INVALID_EXIT_CODE``, now or
 the last time it ran; the message is the container's termination message (``<Reason>: <message>``).
 
+LoRA versions of one base model that :func:`~kubetune.plan.versions.shared_adapter_groups` groups
+(adapters on claims, ``spec.serving.shareBaseModel``) are served by one Deployment per group instead
+(:mod:`kubetune.kube.adapter_group`): a version joining or leaving changes the group's ConfigMap,
+which the running pods follow. A grouped version is ready once the group's rollout is complete and its
+pods hold its adapter: they started after it entered the ConfigMap, or it has been there
+:data:`~kubetune.kube.adapter_group.ADAPTER_LOAD_WAIT_S`. A version moving into or out of a group
+keeps its previous server for ``retire_after_s``, as a removed version does, while the gateway's
+pods still route to it.
+
 Every method is a coroutine over lightkube's AsyncClient: the reconcile pass awaits them on the
 operator's event loop.
 """
@@ -38,6 +47,17 @@ from lightkube.resources.core_v1 import Pod
 
 from kubetune.config import RETIRE_AFTER_S
 from kubetune.kube import apply as kube
+from kubetune.kube.adapter_group import (
+    ADAPTER_LOAD_WAIT_S,
+    BASE_MODEL_ANNOTATION,
+    GROUP_LABEL,
+    adapters_since,
+    build_group_children,
+    group_child_name,
+    group_selector,
+    group_version_url,
+    shares_on_cluster,
+)
 from kubetune.kube.apply import AddonMissing, ChildConflict
 from kubetune.kube.children import (
     RETIRED_AT_ANNOTATION,
@@ -58,10 +78,13 @@ from kubetune.plan.versions import (
     GatewayObservation,
     VersionObservation,
     VersionServing,
+    shared_adapter_groups,
 )
 from kubetune_contract.serving import MODEL_INVALID_EXIT_CODE
 
 VERSION_RESOURCES = (kube.DEPLOYMENTS, kube.SERVICES, kube.HORIZONTAL_POD_AUTOSCALERS, kube.SCALED_OBJECTS)
+# what a version or a group of versions sharing a base model may own (a group also has a ConfigMap)
+SERVING_RESOURCES = (*VERSION_RESOURCES, kube.CONFIG_MAPS)
 # Holds a version's replica count between kubetune's last apply that set it and the HPA's first scale
 # (see :meth:`KubernetesServing._hand_replicas_over`).
 HANDOVER_FIELD_MANAGER = "kubetune-handover-to-hpa"
@@ -75,6 +98,14 @@ def _retired_at(deployment: Mapping[str, Any]) -> float | None:
         return datetime.fromisoformat(str(stamp)).timestamp()
     except ValueError:
         return 0.0  # unreadable: long retired
+
+
+def _timestamp(stamp: str) -> float:
+    """Seconds since the epoch of a Kubernetes timestamp (``2026-01-02T03:04:05Z``); 0 if unreadable."""
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def rollout_state(deployment: Mapping[str, Any], required: int) -> tuple[bool, str | None]:
@@ -110,6 +141,24 @@ def _required_replicas(version: VersionServing, stored: Mapping[str, Any]) -> in
     # The HPA owns the count: at least minReplicas, or what the Deployment has until the HPA acts.
     current = int((stored.get("spec") or {}).get("replicas", 1))
     return max(1, min(autoscaling.min_replicas, current))
+
+
+SCALED_TO_ZERO = (
+    "scaled to zero by KEDA (spec.serving.autoscaling.minReplicas 0): the gateway holds the next request "
+    "while it scales up"
+)
+
+
+def _scaled_to_zero(version: VersionServing, stored: Mapping[str, Any]) -> bool:
+    """Whether KEDA has scaled the version's (or group's) Deployment to zero: it sleeps, it has not failed."""
+    autoscaling = version.serving.autoscaling
+    spec, status = stored.get("spec") or {}, stored.get("status") or {}
+    return (
+        autoscaling is not None
+        and autoscaling.scales_to_zero
+        and spec.get("replicas") == 0
+        and not status.get("replicas")
+    )
 
 
 def _applies_replicas(stored: Mapping[str, Any], manager: str) -> bool:
@@ -171,7 +220,24 @@ class KubernetesServing:
     ) -> dict[str, VersionObservation]:
         observations: dict[str, VersionObservation] = {}
         keep: set[tuple[str, str]] = set()
+        shareable = [version for version in versions if shares_on_cluster(version)]
+        groups = shared_adapter_groups(shareable, running=await self._running_groups(deployment))
+        for base, members in groups.items():
+            try:
+                group = await self._apply_group(deployment, base, members)
+            except ValueError as error:
+                group = {
+                    member.name: VersionObservation(url=None, ready=False, message=str(error))
+                    for member in members
+                }
+            keep |= {
+                (resource.kind, group_child_name(deployment.name, base)) for resource in SERVING_RESOURCES
+            }
+            observations.update(group)
+        grouped = {member.name for members in groups.values() for member in members}
         for version in versions:
+            if version.name in grouped:
+                continue
             try:
                 children = build_version_children(deployment, version, self.images, self.prometheus_url)
             except ValueError as error:
@@ -182,32 +248,127 @@ class KubernetesServing:
                 continue
             keep |= {(child["kind"], child["metadata"]["name"]) for child in children}
             observations[version.name] = await self._apply_version(deployment, version, children)
-        await self._retire(deployment, keep, {version.name for version in versions})
+        await self._retire(deployment, keep)
         return observations
 
-    async def _retire(self, deployment: DeploymentRef, keep: set[tuple[str, str]], wanted: set[str]) -> None:
-        """Delete the version objects that are no longer wanted.
+    async def _running_groups(self, deployment: DeploymentRef) -> set[str]:
+        """The base models whose group's Deployment exists (its last version stays in it)."""
+        selector = version_children_selector(deployment.name)
+        bases: set[str] = set()
+        for obj in await kube.list_objects(self.client, kube.DEPLOYMENTS, deployment.namespace, selector):
+            meta = obj["metadata"]
+            base = (meta.get("annotations") or {}).get(BASE_MODEL_ANNOTATION)
+            if base and GROUP_LABEL in (meta.get("labels") or {}) and _retired_at(obj) is None:
+                bases.add(str(base))
+        return bases
 
-        An HPA whose version stays (autoscaling turned off) goes at once. A removed version keeps
-        serving for ``retire_after_s`` after it was first found unwanted (the time is written on
-        its Deployment): the gateway's pods see the ConfigMap without it only once the kubelet has
-        refreshed the mounted file, and until then they may still send it requests.
+    async def _apply_group(
+        self, deployment: DeploymentRef, base: str, members: Sequence[VersionServing]
+    ) -> dict[str, VersionObservation]:
+        """Apply a group's children; each member's observation (ValueError when they cannot be built)."""
+        name = group_child_name(deployment.name, base)
+        stored_map = await kube.get(self.client, kube.CONFIG_MAPS, deployment.namespace, name)
+        since = adapters_since(members, stored_map, self.clock())
+        children = build_group_children(deployment, base, members, self.images, since, self.prometheus_url)
+
+        def every(message: str) -> dict[str, VersionObservation]:
+            return {
+                member.name: VersionObservation(url=None, ready=False, message=message) for member in members
+            }
+
+        try:
+            if members[0].serving.autoscaling is not None:
+                await self._hand_replicas_over(deployment, children[1])
+            stored = [await kube.apply(self.client, child) for child in children]
+        except ChildConflict as error:
+            return every(str(error))
+        except AddonMissing as error:
+            return every(f"the versions sharing {base}: {error}")
+        except ApiError as error:
+            if not _client_error(error):
+                raise
+            return every(f"the API server refused the objects of the versions sharing {base}: {error}")
+        server = stored[1]
+        if _retired_at(server) is not None:  # the group came back before it was deleted
+            patch = {"metadata": {"annotations": {RETIRED_AT_ANNOTATION: None}}}
+            server = await kube.merge_patch(self.client, kube.DEPLOYMENTS, deployment.namespace, name, patch)
+        ready, message = rollout_state(server, _required_replicas(members[0], server))
+        if not ready and _scaled_to_zero(members[0], server):
+            return {
+                member.name: VersionObservation(
+                    url=group_version_url(deployment, base, member.name),
+                    ready=False,
+                    message=SCALED_TO_ZERO,
+                    scaled_to_zero=True,
+                )
+                for member in members
+            }
+        oldest_pod = (
+            await self._oldest_pod(deployment.namespace, group_selector(deployment.name, base))
+            if ready
+            else None
+        )
+        observations: dict[str, VersionObservation] = {}
+        now = self.clock()
+        for member in members:
+            url = group_version_url(deployment, base, member.name)
+            if not ready:
+                observations[member.name] = VersionObservation(url=url, ready=False, message=message)
+                continue
+            added = _timestamp(since[member.name]["since"])
+            loaded = now - added >= ADAPTER_LOAD_WAIT_S or (oldest_pod is not None and oldest_pod > added)
+            waiting = (
+                None
+                if loaded
+                else f"waiting for the pods of Deployment {name} to load version {member.name}'s adapter "
+                f"(the kubelet refreshes their ConfigMap {name} within about a minute; taken as loaded "
+                f"{ADAPTER_LOAD_WAIT_S:.0f}s after it was written)"
+            )
+            observations[member.name] = VersionObservation(url=url, ready=loaded, message=waiting)
+        return observations
+
+    async def _oldest_pod(self, namespace: str, selector: Mapping[str, str]) -> float | None:
+        """When the oldest running pod matching ``selector`` was created (None: no pod)."""
+        created: list[float] = []
+        try:
+            async for found in self.client.list(Pod, namespace=namespace, labels=dict(selector)):
+                meta = found.to_dict().get("metadata") or {}
+                if meta.get("deletionTimestamp") or not meta.get("creationTimestamp"):
+                    continue
+                created.append(_timestamp(str(meta["creationTimestamp"])))
+        except ApiError as error:
+            if not _client_error(error):
+                raise
+            return None  # e.g. RBAC from before pods were read: its adapters count as loaded after the wait
+        return min(created) if created else None
+
+    async def _retire(self, deployment: DeploymentRef, keep: set[tuple[str, str]]) -> None:
+        """Delete the version (and adapter group) objects that are no longer wanted.
+
+        An HPA whose version stays (autoscaling turned off) goes at once. A removed version, a group
+        no version shares any more, and a version's own server once it joined a group (or a group's
+        once it left it) keep serving for ``retire_after_s`` after it was first found unwanted (the
+        time is written on its Deployment): the gateway's pods see the ConfigMap without it only once
+        the kubelet has refreshed the mounted file, and until then they may still send it requests.
         """
         selector = version_children_selector(deployment.name)
         unwanted: dict[str, list[tuple[ChildResource, dict[str, Any]]]] = {}
-        for resource in VERSION_RESOURCES:
+        for resource in SERVING_RESOURCES:
             for obj in await kube.list_objects(self.client, resource, deployment.namespace, selector):
                 meta = obj["metadata"]
                 if (resource.kind, meta["name"]) in keep:
                     continue
                 if deployment.uid is not None and kube.controller_uid(obj) != deployment.uid:
                     continue  # it only carries the label: not ours to delete
-                version = (meta.get("labels") or {}).get(VERSION_LABEL, "")
-                unwanted.setdefault(version, []).append((resource, obj))
+                labels = meta.get("labels") or {}
+                owner = labels.get(VERSION_LABEL) or f"{GROUP_LABEL}={labels.get(GROUP_LABEL, '')}"
+                unwanted.setdefault(owner, []).append((resource, obj))
         now = self.clock()
-        for version, objects in unwanted.items():
+        for objects in unwanted.values():
             server = next((obj for resource, obj in objects if resource is kube.DEPLOYMENTS), None)
-            if version not in wanted and server is not None and self.retire_after_s > 0:
+            # A server still wanted by its version is unwanted only when the version moved into or out of
+            # a group: it serves on for the same while as a removed version's, for the same reason.
+            if server is not None and self.retire_after_s > 0:
                 retired_at = _retired_at(server)
                 if retired_at is None:
                     stamp = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -246,6 +407,8 @@ class KubernetesServing:
         url = version_url(deployment, version.name)
         if not ready and (invalid := await self._model_invalid(deployment.namespace, server, version)):
             return VersionObservation(url=url, ready=False, message=invalid, failed=True)
+        if not ready and _scaled_to_zero(version, server):
+            return VersionObservation(url=url, ready=False, message=SCALED_TO_ZERO, scaled_to_zero=True)
         return VersionObservation(url=url, ready=ready, message=message)
 
     async def _model_invalid(

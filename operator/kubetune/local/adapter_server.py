@@ -10,7 +10,6 @@ leaves it is unloaded (``DELETE``) once the gateway has stopped routing to it. E
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -18,20 +17,20 @@ from collections.abc import Mapping, Sequence
 import httpx
 
 from kubetune.common.supervision import Backoff, ManagedProcess, describe_exit, stop_processes
+from kubetune.kube.adapter_group import group_id
 from kubetune.local.serving_host import LOOPBACK, ServingHost
 from kubetune.local.version_server import cpu_threads, local_model_dir
 from kubetune.plan.versions import DeploymentRef, VersionObservation, VersionServing
-from kubetune_contract.serving import ADAPTERS_ENV, VERSION_ENV
+from kubetune_contract.serving import ADAPTERS_ENV, ADAPTERS_PATH, VERSION_ENV
 
 SERVICE = "kubetune_components.serving.shared_service:SharedAdapterService"
-ADAPTERS_PATH = "/adapters"
 ADAPTER_LOAD_TIMEOUT_S = 120.0
 RETIRE_GRACE_S = 5.0  # a version leaving the group serves on until the gateway has reloaded (1 s)
 
 
 def group_name(base_model_uri: str) -> str:
     """The directory of a group's logs: ``adapters-<hash of the base model URI>``."""
-    return "adapters-" + hashlib.sha256(base_model_uri.encode()).hexdigest()[:10]
+    return group_id(base_model_uri)
 
 
 class SharedAdapterServer:

@@ -20,6 +20,7 @@ from pathlib import Path
 from kubetune.common.supervision import Backoff, ManagedProcess, describe_exit, stop_processes
 from kubetune.local.demand import VersionDemand
 from kubetune.local.serving_host import LOOPBACK, ServingHost
+from kubetune.local.vllm_check import local_vllm_problem
 from kubetune.plan.versions import DeploymentRef, VersionObservation, VersionServing
 from kubetune_contract.deployment import Autoscaling
 from kubetune_contract.serving import MODEL_DIR_ENV
@@ -148,6 +149,8 @@ class VersionServer:
         now = time.monotonic()
         spec = self.spec
         self._explain_local_limits()
+        if spec.serving.engine == "vllm" and (problem := local_vllm_problem(self.host.python)) is not None:
+            return VersionObservation(url=None, ready=False, message=problem, failed=True)
         if spec.serving.replicas == 0:
             if self.server is not None:
                 self._stop_server()
@@ -238,6 +241,7 @@ class VersionServer:
             ready=False,
             message=f"scaled to zero (spec.serving.autoscaling.minReplicas 0): no request for {idle_s:g}s; "
             "the gateway holds the next one while it starts",
+            scaled_to_zero=True,
         )
 
     def _step_readiness(self, server: ManagedProcess, now: float) -> VersionObservation:
@@ -355,6 +359,8 @@ class VersionServer:
             self.deployment.name,
             "--version",
             spec.name,
+            "--engine",
+            spec.serving.engine,
         ]
         self.build = ManagedProcess(
             f"Bento build for {self.role}", command, env=self.host.base_env(), log=log, cwd=self.directory

@@ -2,9 +2,10 @@
 
 Conditions (``status.conditions``), set on first sight:
 - ``Ready``: True when every version with a planned weight above 0 serves its spec'd model and the
-  gateway is up. Reasons: AllVersionsReady; WaitingForModel, VersionNotReady, GatewayNotReady (on
-  their way); ModelFailed, ModelInvalid, RolledBack, RolloutPaused, AnalysisInconclusive, InvalidSpec
-  (a person must act; see Stalled).
+  gateway is up; a version scaled to zero (minReplicas 0) counts as up, its next request held by the
+  gateway (Knative's and KServe's convention). Reasons: AllVersionsReady, ScaledToZero;
+  WaitingForModel, VersionNotReady, GatewayNotReady (on their way); ModelFailed, ModelInvalid,
+  RolledBack, RolloutPaused, AnalysisInconclusive, InvalidSpec (a person must act; see Stalled).
 - ``Progressing``: True while a model is awaited, a server or the gateway is starting, or a canary
   rollout is under way; False with RolloutComplete (spec.rollout set) or Stable when done, or with
   the Stalled reason.
@@ -22,7 +23,7 @@ Conditions (``status.conditions``), set on first sight:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -72,9 +73,11 @@ def _verdict(
     rollout: RolloutStatus | None,
     spec_error: str | None,
     unservable: Mapping[str, str],
+    sleeping: Collection[str] = (),
 ) -> _Verdict:
     """``unservable``: the versions whose backend gave up on them (see VersionObservation.failed),
-    with why."""
+    with why; ``sleeping``: those scaled to zero (VersionObservation.scaled_to_zero), which do not make
+    the deployment not ready (as in Knative and KServe): Ready stays True with reason ScaledToZero."""
     if spec_error is not None:
         return _Verdict(
             ("False", "InvalidSpec", spec_error), ("False", "InvalidSpec", spec_error), True, "Failed"
@@ -96,7 +99,10 @@ def _verdict(
     waiting = [resolved[v.name] for v in spec.versions if resolved[v.name].state == "waiting"]
     weighted_waiting = [r for r in waiting if planned.get(r.name, 0) > 0]
     not_ready = [status for status in version_status if not status.ready and planned.get(status.name, 0) > 0]
-    weighted_not_ready = [s for s in not_ready if resolved[s.name].state == "ready"]
+    weighted_not_ready = [
+        s for s in not_ready if resolved[s.name].state == "ready" and s.name not in sleeping
+    ]
+    weighted_sleeping = [s.name for s in not_ready if s.name in sleeping]
     rolling = rollout is not None and rollout.state == "Progressing"
 
     if weighted_waiting:
@@ -110,6 +116,14 @@ def _verdict(
         ready = ("False", "VersionNotReady", details)
     elif not gateway.ready:
         ready = ("False", "GatewayNotReady", f"the gateway is not ready: {gateway.message or 'starting'}")
+    elif weighted_sleeping:
+        asleep = ", ".join(weighted_sleeping)
+        ready = (
+            "True",
+            "ScaledToZero",
+            f"serving {format_weights(effective)} at {gateway.endpoint}; scaled to zero (minReplicas 0): "
+            f"{asleep}, whose next request the gateway holds while it starts",
+        )
     else:
         ready = ("True", "AllVersionsReady", f"serving {format_weights(effective)} at {gateway.endpoint}")
 
@@ -200,6 +214,7 @@ def deployment_status(
         rollout,
         spec_error,
         unservable,
+        sleeping={name for name, observation in versions.items() if observation.scaled_to_zero},
     )
     generation = deployment.metadata.generation
     conditions: list[dict[str, Any]] = list((previous_status or {}).get("conditions") or [])

@@ -7,15 +7,17 @@ Pure: the caller passes in how to look jobs up (a Kopf index on a cluster, the l
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from kubetune.common.uris import absolute
+from kubetune.plan.engines import engine_problem
 from kubetune_contract.common import API_VERSION, SecretKeyRef
 from kubetune_contract.conditions import find_condition
-from kubetune_contract.deployment import KIND, ModelDeployment, ModelDeploymentSpec, Serving
+from kubetune_contract.deployment import KIND, ModelDeployment, ModelDeploymentSpec, Serving, ServingEngine
 from kubetune_contract.finetune import PEFT_METHODS, Method, Output
 from kubetune_contract.serving import (
     CONTEXT_OVERFLOW_ENV,
@@ -24,6 +26,7 @@ from kubetune_contract.serving import (
     MAX_LATENCY_MS_ENV,
     MAX_PROMPT_TOKENS_ENV,
     VERSION_ENV,
+    VLLM_OPTIONS_ENV,
 )
 
 # (kind, namespace, name) -> the job ({"spec": ..., "status": ...}) or None; kind is FineTuneJob or
@@ -97,6 +100,9 @@ class VersionObservation:
     ready: bool
     message: str | None = None
     failed: bool = False
+    scaled_to_zero: bool = False
+    """Not ready because it sleeps at ``autoscaling.minReplicas`` 0 (KEDA, or ``kubetune up``, scaled it to
+    zero): not a failure, the gateway holds its next request while it starts (the message says so)."""
 
 
 @dataclass(frozen=True)
@@ -138,12 +144,22 @@ def _adapter_base(kind: str, spec: Mapping[str, Any]) -> str | None:
     return str(uri) if uri else None
 
 
-def _resolve_job(name: str, kind: str, job_name: str, namespace: str, lookup: JobLookup) -> ResolvedVersion:
+def _resolve_job(
+    name: str,
+    kind: str,
+    job_name: str,
+    namespace: str,
+    lookup: JobLookup,
+    engine: ServingEngine = "transformers",
+) -> ResolvedVersion:
     job = lookup(kind, namespace, job_name)
     if job is None:
         return ResolvedVersion(
             name, "waiting", reason="WaitingForModel", message=f"{kind}/{job_name} does not exist (yet)"
         )
+    # known from the job's spec: said at once, not after the job has run
+    if (problem := engine_problem(engine, kind, job_name, job.get("spec") or {})) is not None:
+        return ResolvedVersion(name, "failed", reason="ModelFailed", message=problem)
     status = job.get("status") or {}
     condition = find_condition(status.get("conditions") or [], "Succeeded") or {}
     if condition.get("status") == "False":
@@ -184,11 +200,21 @@ def resolve_versions(
         model = version.model
         if model.fine_tune_job_ref is not None:
             resolved[version.name] = _resolve_job(
-                version.name, "FineTuneJob", model.fine_tune_job_ref.name, namespace, lookup
+                version.name,
+                "FineTuneJob",
+                model.fine_tune_job_ref.name,
+                namespace,
+                lookup,
+                spec.serving.engine,
             )
         elif model.quantize_job_ref is not None:
             resolved[version.name] = _resolve_job(
-                version.name, "QuantizeJob", model.quantize_job_ref.name, namespace, lookup
+                version.name,
+                "QuantizeJob",
+                model.quantize_job_ref.name,
+                namespace,
+                lookup,
+                spec.serving.engine,
             )
         else:
             assert model.uri is not None  # the API guarantees exactly one source
@@ -213,7 +239,15 @@ def serving_env(deployment: ModelDeployment, version: str) -> dict[str, str]:
         CONTEXT_OVERFLOW_ENV: window.overflow,
         MAX_BATCH_SIZE_ENV: str(batching.max_batch_size),
         MAX_LATENCY_MS_ENV: str(batching.max_latency_ms),
+        **_engine_env(deployment.spec.serving),
     }
+
+
+def _engine_env(serving: Serving) -> dict[str, str]:
+    """The vLLM engine's arguments (spec.serving.vllm, defaults included) for a vllm version's server."""
+    if serving.engine != "vllm":
+        return {}
+    return {VLLM_OPTIONS_ENV: json.dumps(serving.vllm_options.to_wire(), sort_keys=True)}
 
 
 def version_servings(
@@ -264,6 +298,8 @@ def shared_adapter_groups(
             version.lora_adapter
             and version.base_model_uri is not None
             and serving.share_base_model
+            # a vllm version's own server holds its LoRA on the base (kubetune.kube.vllm_serving)
+            and serving.engine == "transformers"
             and serving.replicas > 0
         ):
             groups.setdefault(version.base_model_uri, []).append(version)

@@ -172,3 +172,64 @@ def test_namespaced_the_grants_are_where_the_runs_execute(chart: helm.Chart) -> 
     assert not [
         d for d in docs if d["kind"] == "ClusterRoleBinding" and d["metadata"]["name"].endswith("-kfp")
     ]
+
+
+TRAINJOB_RULES = [
+    {
+        "apiGroups": ["trainer.kubeflow.org"],
+        "resources": ["trainjobs"],
+        "verbs": ["create", "get", "list", "watch", "delete"],
+    }
+]
+
+
+def trainjob_bindings(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The RoleBindings of the TrainJob grants, by namespace: their subjects."""
+    return {
+        d["metadata"]["namespace"]: d["subjects"]
+        for d in docs
+        if d["kind"] == "RoleBinding" and d["metadata"]["name"] == f"{RELEASE}-trainjobs"
+    }
+
+
+def test_the_pipeline_runner_may_create_and_follow_trainjobs_where_runs_execute(chart: helm.Chart) -> None:
+    docs = rendered_objects(chart, KFP_VALUES)
+    role = one(docs, "ClusterRole", f"{RELEASE}-trainjobs")
+    assert role["rules"] == TRAINJOB_RULES
+    # a multi-user Kubeflow's profiles get it through kubeflow-edit (bound to their default-editor)
+    assert role["metadata"]["labels"]["rbac.authorization.kubeflow.org/aggregate-to-kubeflow-edit"] == "true"
+    assert trainjob_bindings(docs) == {  # cluster-wide: namespaceMap's targets
+        "ml-b": [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "ml-b"}]
+    }
+    # and the namespaces listed, e.g. a standalone Kubeflow Pipelines' own
+    docs = rendered_objects(chart, with_values(kfp={"pipelineRunner": {"namespaces": ["kubeflow"]}}))
+    assert trainjob_bindings(docs) == {
+        namespace: [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": namespace}]
+        for namespace in ("kubeflow", "ml-b")
+    }
+    for binding in (
+        d for d in docs if d["metadata"]["name"] == f"{RELEASE}-trainjobs" and d["kind"] != "ClusterRole"
+    ):
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": f"{RELEASE}-trainjobs",
+        }
+
+
+def test_namespaced_the_runner_of_each_run_namespace_gets_trainjobs_by_the_name_configured(
+    chart: helm.Chart,
+) -> None:
+    values = with_values(
+        watchNamespaces=["team-a", "team-b"], kfp={"pipelineRunner": {"serviceAccount": "default-editor"}}
+    )
+    bindings = trainjob_bindings(rendered_objects(chart, values))
+    assert bindings == {
+        namespace: [{"kind": "ServiceAccount", "name": "default-editor", "namespace": namespace}]
+        for namespace in ("ml-b", "team-a")
+    }
+
+
+def test_the_local_executor_grants_no_trainjobs(chart: helm.Chart) -> None:
+    docs = rendered_objects(chart, {})
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-trainjobs")]

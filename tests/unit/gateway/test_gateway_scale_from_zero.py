@@ -10,6 +10,7 @@ scales on, and each held request is counted by outcome.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from asgi_server import serve_app
+from asgi_server import free_port, serve_app
 
 CHAT = "/v1/chat/completions"
 OPEN = "kubetune_gateway_open_requests"
@@ -193,3 +194,59 @@ def test_a_request_in_flight_counts_as_open_until_it_is_answered(
         text = metrics(client)
     assert metric_value(text, OPEN, version="tuned") == 0
     assert metric_value(text, HELD, version="tuned", outcome="ready") == 0  # it was never held
+
+
+def bound_to(port: int) -> socket.socket:
+    """A socket bound to ``port`` again, for a server that comes back where it was."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+def test_a_version_gone_to_zero_before_the_config_says_so_holds_its_requests_until_it_is_back(
+    gateway_server: GatewayServer,
+) -> None:
+    # KEDA scaled the version to zero; the gateway's config still marks it ready: nothing listens.
+    server = SleepingServer()
+    server.awake.set()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    marked_ready = config(url)
+    marked_ready["versions"][0]["ready"] = True
+    with (
+        gateway_server(marked_ready) as (gateway_url, _),
+        httpx.Client(base_url=gateway_url, timeout=60) as client,
+    ):
+        with serve_app(server.app, bound_to(port)):
+            assert client.post(CHAT, json=chat_body("before")).status_code == 200
+        # the server went away: the next requests are held, not answered 503 at once
+        with ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(client.post, CHAT, json=chat_body(f"m{n}")) for n in range(2)]
+            poll(lambda: metric_value(metrics(client), OPEN, deployment="support-bot", version="tuned") == 2)
+            assert not any(future.done() for future in held)
+            with serve_app(server.app, bound_to(port)):  # KEDA scaled it up again
+                answers = [future.result(timeout=30) for future in held]
+        text = metrics(client)
+        health = client.get("/healthz").json()
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert sorted(a.json()["choices"][0]["message"]["content"] for a in answers) == ["woke: m0", "woke: m1"]
+    assert metric_value(text, HELD, version="tuned", outcome="ready") == 2
+    assert metric_value(text, OPEN, version="tuned") == 0
+    assert health["notRouted"] == []  # asleep, never marked down
+
+
+def test_a_version_gone_to_zero_that_does_not_come_back_gets_503_with_retry_after_once_held_too_long(
+    gateway_server: GatewayServer,
+) -> None:
+    gone = config(f"http://127.0.0.1:{free_port()}", holdSeconds=1)
+    gone["versions"][0]["ready"] = True
+    with gateway_server(gone) as (gateway_url, _), httpx.Client(base_url=gateway_url, timeout=30) as client:
+        started = time.monotonic()
+        response = client.post(CHAT, json=chat_body())
+        waited = time.monotonic() - started
+        text = metrics(client)
+    assert response.status_code == 503 and waited >= 1
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.json()["error"]["code"] == "version_scaling_from_zero"
+    assert metric_value(text, HELD, version="tuned", outcome="timeout") == 1

@@ -87,6 +87,7 @@ class FakeServing:
         self.not_ready: set[str] = set()
         self.refused: set[str] = set()  # the API server refused their objects: no URL, not ready
         self.gave_up: dict[str, str] = {}  # the backend stopped trying them: version -> why
+        self.asleep: set[str] = set()  # scaled to zero at minReplicas 0
         self.versions: list[VersionServing] = []
         self.config: dict[str, Any] | None = None
         self.removed: list[DeploymentRef] = []
@@ -100,6 +101,13 @@ class FakeServing:
             if v.name in self.refused
             else VersionObservation(url=None, ready=False, message=self.gave_up[v.name], failed=True)
             if v.name in self.gave_up
+            else VersionObservation(
+                url=f"http://{deployment.name}-{v.name}.{deployment.namespace}:3000",
+                ready=False,
+                message="scaled to zero by KEDA",
+                scaled_to_zero=True,
+            )
+            if v.name in self.asleep
             else VersionObservation(
                 url=f"http://{deployment.name}-{v.name}.{deployment.namespace}:3000",
                 ready=self.ready and v.name not in self.not_ready,
@@ -463,6 +471,25 @@ async def test_a_version_its_backend_gave_up_on_stalls_the_deployment_at_once() 
     assert kstatus({**mdep(), "status": outcome.status}) == "Failed"
     assert [(e.type, e.reason) for e in outcome.events] == [("Warning", "ModelInvalid")]
     assert outcome.status["weights"] == "tuned=100,int8=0"  # the version that answers keeps serving
+
+
+async def test_a_version_scaled_to_zero_keeps_the_deployment_ready_saying_so() -> None:
+    serving = FakeServing()
+    serving.asleep = {"int8"}
+    to_zero = mdep({**FULL_SPEC, "serving": {"autoscaling": {"minReplicas": 0}}})
+    outcome = await reconcile_deployment(to_zero, lookup=DONE, serving=serving, prometheus=None, now=T0)
+    ready = condition(outcome.status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "ScaledToZero")
+    assert "scaled to zero (minReplicas 0): int8" in ready["message"]
+    assert condition(outcome.status, "Stalled")["status"] == "False"
+    assert outcome.status["weights"] == "tuned=80,int8=20"  # its share stays: its requests wake it
+    assert outcome.status["versions"][1]["ready"] is False
+    assert outcome.status["versions"][1]["message"] == "scaled to zero by KEDA"
+    assert kstatus({**to_zero, "status": outcome.status}) == "Current"
+    # a version that is starting (not asleep) still makes it not ready
+    serving.asleep, serving.not_ready = set(), {"int8"}
+    starting = await reconcile_deployment(to_zero, lookup=DONE, serving=serving, prometheus=None, now=T0)
+    assert condition(starting.status, "Ready")["reason"] == "VersionNotReady"
 
 
 async def test_servers_that_are_starting_get_no_traffic_yet() -> None:

@@ -9,6 +9,7 @@ API served by uvicorn, asked through the real openai client.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import openai
 import pytest
 
 from asgi_server import serve_app
-from kubetune_components.common.errors import ModelLoadError
+from kubetune_components.common.errors import ConfigError, ModelLoadError
 from kubetune_components.dev import tinylm
 from kubetune_components.serving.adapters import SharedAdapters
+from kubetune_components.serving.adapters_file import AdaptersFileWatch, read_adapters_file
 from kubetune_components.serving.config import RuntimeLimits
 from kubetune_components.serving.requests import SamplingParams
 from kubetune_components.serving.runtime import ModelRuntime
@@ -152,6 +154,33 @@ def test_versions_are_added_and_removed_while_the_others_serve(
         lost = http.post("/v1/completions", json={"prompt": PROMPTS[0]})
         assert lost.status_code == 404
         assert "each under /adapters/<version>/v1/... (loaded: v1, v3, v4)" in lost.json()["error"]["message"]
+
+
+def test_a_watched_adapters_file_loads_and_unloads_versions_as_it_changes(
+    tmp_path: Path, server: tuple[str, SharedSlot], adapters: dict[str, Path], alone: dict[str, list[str]]
+) -> None:
+    # On a cluster the group's ConfigMap is that file; the pods follow it without a restart.
+    url, slot = server
+    assert slot.shared is not None
+    listed = tmp_path / "adapters.json"
+    watch = AdaptersFileWatch(listed, slot.shared, {version: str(adapters[version]) for version in VERSIONS})
+    missing = tmp_path / "no-adapter-here"
+    wanted = {"v1": str(adapters["v1"]), "v3": str(adapters["v3"]), "v4": str(adapters["v4"])}
+    listed.write_text(json.dumps({**wanted, "v5": str(missing)}), encoding="utf-8")
+    watch.sync()
+    assert slot.shared.versions == ["v1", "v3", "v4"]
+    assert watch.problems["v5"].startswith(str(missing))  # left out and logged; the others serve on
+    assert completion_of(url, "v4", PROMPTS[0]) == (alone["v4"][0], "v4")
+    assert completion_of(url, "v1", PROMPTS[1]) == (alone["v1"][1], "v1")
+    # what the gateway probes while a version wakes from zero: its own readiness on the shared server
+    assert httpx.get(version_url(url, "v4") + "/readyz").status_code == 200
+    assert httpx.get(version_url(url, "v2") + "/readyz").status_code == 503
+
+    listed.write_text("{not json", encoding="utf-8")  # a broken file changes nothing
+    watch.sync()
+    assert slot.shared.versions == ["v1", "v3", "v4"]
+    with pytest.raises(ConfigError, match=r"adapters\.json is not valid JSON"):
+        read_adapters_file(listed)
 
 
 def test_an_adapter_of_another_base_is_refused(
