@@ -410,6 +410,16 @@ def cmd_usage(args: argparse.Namespace) -> int:
 API_KEY_ENV = "KUBETUNE_API_KEY"
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text!r}")
+    return value
+
+
 def cmd_feedback_export(args: argparse.Namespace) -> int:
     import httpx
 
@@ -438,10 +448,21 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
         print(f"error: {url}/v1/feedback/records answered {response.status_code}: {message}", file=sys.stderr)
         return 1
     records = response.json().get("data") or []
+    of = f"mdep/{name}"
+    if args.version:
+        records = [record for record in records if record.get("version") in args.version]
+        of = f"version(s) {', '.join(args.version)} of mdep/{name}"
     rows = dataset_rows(records, args.format)
+    if len(rows) < args.min_rows:
+        print(
+            f"error: --min-rows: {len(rows)} {args.format} row(s) from {len(records)} rated completion(s) "
+            f"of {of}, fewer than {args.min_rows}; {args.output} not written",
+            file=sys.stderr,
+        )
+        return 1
     write_jsonl(Path(args.output), rows)
     print(
-        f"wrote {len(rows)} {args.format} row(s) from {len(records)} rated completion(s) of mdep/{name} "
+        f"wrote {len(rows)} {args.format} row(s) from {len(records)} rated completion(s) of {of} "
         f"to {args.output}"
     )
     return 0
@@ -771,6 +792,19 @@ def build_parser() -> argparse.ArgumentParser:
     feedback_export.add_argument("-n", "--namespace", default="default", help="namespace (default: default)")
     feedback_export.add_argument("--gateway", help="the gateway's base URL (default: the local deployment's)")
     feedback_export.add_argument("--api-key", help=f"an admin key (default: ${API_KEY_ENV})")
+    feedback_export.add_argument(
+        "--version",
+        action="append",
+        metavar="NAME",
+        help="only the completions this version answered (may repeat; default: every version)",
+    )
+    feedback_export.add_argument(
+        "--min-rows",
+        type=_non_negative_int,
+        default=1,
+        metavar="N",
+        help="fail, writing nothing, when the dataset would have fewer rows (default: 1)",
+    )
     feedback_export.set_defaults(func=cmd_feedback_export)
 
     prompt = _subcommand(

@@ -130,6 +130,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def export(url: str, out: Path, *options: str, fmt: str = "kto") -> int:
+    """`kubetune feedback export` of mdep/support-bot from the gateway at ``url``: ``fmt`` rows to ``out``."""
+    return cli(
+        "feedback", "export", "mdep/support-bot", "--gateway", url, "--format", fmt, "-o", str(out), *options
+    )
+
+
 def test_rated_completions_are_exported_as_kto_and_preference_datasets(
     scripted: ScriptedModelServer, gateway_server: GatewayServer, tmp_path: Path
 ) -> None:
@@ -144,24 +151,8 @@ def test_rated_completions_are_exported_as_kto_and_preference_datasets(
         rate(url, good, 1.0)
         rate(url, bad, 0.0)
         kto, preference = tmp_path / "kto.jsonl", tmp_path / "preference.jsonl"
-        assert (
-            cli("feedback", "export", "mdep/support-bot", "--gateway", url, "--format", "kto", "-o", str(kto))
-            == 0
-        )
-        assert (
-            cli(
-                "feedback",
-                "export",
-                "mdep/support-bot",
-                "--gateway",
-                url,
-                "--format",
-                "preference",
-                "-o",
-                str(preference),
-            )
-            == 0
-        )
+        assert export(url, kto) == 0
+        assert export(url, preference, fmt="preference") == 0
     prompt = [{"role": "user", "content": REDACTED_PROMPT}]
     assert read_jsonl(kto) == [
         {"prompt": prompt, "completion": [{"role": "assistant", "content": REDACTED_ANSWER}], "label": True},
@@ -205,10 +196,7 @@ def test_without_capture_there_are_no_records_to_export(
         answer = httpx.get(f"{url}/v1/feedback/records")
         assert answer.status_code == 404 and answer.json()["error"]["code"] == "feedback_capture_off"
         out = tmp_path / "kto.jsonl"
-        assert (
-            cli("feedback", "export", "mdep/support-bot", "--gateway", url, "--format", "kto", "-o", str(out))
-            == 1
-        )
+        assert export(url, out) == 1
         assert "spec.feedback.capture" in capsys.readouterr().err
         assert not out.exists()
 
@@ -256,20 +244,10 @@ def test_reading_the_records_needs_an_admin_key_when_authentication_is_on(
         )
         assert rated.status_code == 200
         out = tmp_path / "kto.jsonl"
-        export = (
-            "feedback",
-            "export",
-            "mdep/support-bot",
-            "--gateway",
-            url,
-            "--format",
-            "kto",
-            "-o",
-            str(out),
-        )
-        assert cli(*export, "--api-key", product) == 1  # a product's key may rate, not read what was said
+        # A product's key may rate, not read what was said.
+        assert export(url, out, "--api-key", product) == 1
         assert "403" in capsys.readouterr().err and not out.exists()
-        assert cli(*export, "--api-key", admin) == 0
+        assert export(url, out, "--api-key", admin) == 0
     assert read_jsonl(out) == [
         {
             "prompt": [{"role": "user", "content": "hi"}],
