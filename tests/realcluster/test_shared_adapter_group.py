@@ -2,14 +2,17 @@
 from one Deployment, and a version joining or leaving changes only the group's ConfigMap.
 
 ``reconcile_deployment`` runs with the cluster backend (``KubernetesServing``) on ModelDeployments and
-FineTuneJob results as the API server holds and the Kopf index would return them. No controller
-runs here: the test plays the Deployment controller's status update, and the clock of the backend is
-moved past the time the pods take to load an adapter from their ConfigMap.
+FineTuneJob results as the API server holds and the Kopf index would return them. kube-controller-manager runs
+(the Deployment and ReplicaSet controllers make the pods); no kubelet does: the test writes the pods'
+Ready status, and moves the backend's clock past the time the pods take to load an adapter from their
+ConfigMap.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -27,7 +30,7 @@ from kubetune.kube.children import ChildImages, gateway_config_map_name
 from kubetune.kube.serving import KubernetesServing
 from kubetune.plan.versions import DeploymentRef
 from kubetune.reconcile.deployment import DeploymentOutcome, reconcile_deployment
-from realcluster.control_plane import ControlPlane
+from realcluster.control_plane import ControlPlane, ManagedProcess
 
 pytestmark = pytest.mark.realcluster
 
@@ -87,19 +90,45 @@ class Clock:
 
 
 def play_rollout_done(plane: ControlPlane, namespace: str, name: str) -> None:
-    """What the Deployment controller writes once one pod of the current spec is ready."""
-    stored = json.loads(plane.kubectl("get", "deployment", name, "-n", namespace, "-o", "json").stdout)
-    status = {
-        "observedGeneration": stored["metadata"]["generation"],
-        "replicas": 1,
-        "updatedReplicas": 1,
-        "readyReplicas": 1,
-        "availableReplicas": 1,
-    }
-    plane.kubectl(
-        "patch", "deployment", name, "-n", namespace, "--subresource=status", "--type=merge",
-        "-p", json.dumps({"status": status}),
-    )  # fmt: skip
+    """What the kubelet writes once the Deployment's current pods run: each of its pods Ready, until the
+    Deployment controller (kube-controller-manager runs for these tests) reports the rollout complete."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        stored = get(plane, namespace, "deployment", name)
+        status = stored.get("status") or {}
+        wanted = stored["spec"].get("replicas", 1)
+        if (
+            status.get("observedGeneration") == stored["metadata"]["generation"]
+            and status.get("updatedReplicas") == status.get("readyReplicas") == wanted
+            and status.get("replicas") == wanted
+        ):
+            return
+        selector = ",".join(
+            f"{key}={value}" for key, value in stored["spec"]["selector"]["matchLabels"].items()
+        )
+        pods = json.loads(plane.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)
+        for pod in pods["items"]:
+            conditions = (pod.get("status") or {}).get("conditions") or []
+            if pod["metadata"].get("deletionTimestamp") or any(
+                c["type"] == "Ready" and c["status"] == "True" for c in conditions
+            ):
+                continue
+            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            ready = {
+                "status": {
+                    "phase": "Running",
+                    "conditions": [
+                        {"type": kind, "status": "True", "lastTransitionTime": now}
+                        for kind in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+                    ],
+                }
+            }
+            plane.kubectl(
+                "patch", "pod", pod["metadata"]["name"], "-n", namespace, "--subresource=status",
+                "--type=merge", "-p", json.dumps(ready), check=False,
+            )  # fmt: skip
+        time.sleep(0.5)
+    raise AssertionError(f"Deployment {name} never finished its rollout: {status}")
 
 
 async def reconcile(
@@ -131,7 +160,11 @@ def get(plane: ControlPlane, namespace: str, kind: str, name: str) -> dict[str, 
 
 
 async def test_lora_versions_of_one_base_share_one_deployment_that_follows_them_without_a_restart(
-    control_plane: ControlPlane, kubetune_crds: list[str], namespace: str, client: AsyncClient
+    control_plane: ControlPlane,
+    kubetune_crds: list[str],
+    controller_manager: ManagedProcess,
+    namespace: str,
+    client: AsyncClient,
 ) -> None:
     clock = Clock()
     serving = KubernetesServing(client, IMAGES, retire_after_s=0, clock=clock)
@@ -156,7 +189,9 @@ async def test_lora_versions_of_one_base_share_one_deployment_that_follows_them_
     play_rollout_done(control_plane, namespace, group)
     clock.now += ADAPTER_LOAD_WAIT_S
     ready = await reconcile(control_plane, namespace, serving, {"v1": 50, "v2": 30, "v3": 20})
-    assert all(item["ready"] for item in ready.status["versions"]), ready.status["versions"]
+    assert all(item["ready"] for item in ready.status["versions"]), [
+        (item["name"], item.get("message")) for item in ready.status["versions"]
+    ]
     gateway = json.loads(
         get(control_plane, namespace, "configmap", gateway_config_map_name("router"))["data"]["gateway.json"]
     )
@@ -184,7 +219,8 @@ async def test_lora_versions_of_one_base_share_one_deployment_that_follows_them_
     joined = await reconcile(control_plane, namespace, serving, {"v1": 60, "v3": 30, "v4": 10})
     versions = status_of(joined)
     assert versions["v1"]["ready"] and versions["v3"]["ready"]
-    # no pod is listed here, so none is known to have started with v4: it waits for the ConfigMap refresh
+    # the pods' creation times are real, the backend's clock is ahead of them: no pod is known to have
+    # started with v4, so it waits for the ConfigMap refresh
     assert not versions["v4"]["ready"]
     clock.now += ADAPTER_LOAD_WAIT_S
     joined = await reconcile(control_plane, namespace, serving, {"v1": 60, "v3": 30, "v4": 10})

@@ -122,7 +122,11 @@ def _platform_pod_parts(
 
 
 def task_pods(documents: list[Mapping[str, Any]]) -> list[TaskPod]:
-    """Every task's pod of a compiled pipeline (its IR document and platform document), dependencies first."""
+    """Every task's pod of a compiled pipeline (its IR document and platform document), dependencies first.
+
+    A ``dsl.ParallelFor`` task (a component with a ``dag``) becomes its inner tasks' pods once per item
+    of its list, one item after another, as the local runner runs it.
+    """
     spec = documents[0]
     platform = (
         documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(documents) > 1 else {}
@@ -131,7 +135,15 @@ def task_pods(documents: list[Mapping[str, Any]]) -> list[TaskPod]:
         name: str(definition["defaultValue"])
         for name, definition in spec["root"]["inputDefinitions"]["parameters"].items()
     }
-    tasks: dict[str, Mapping[str, Any]] = spec["root"]["dag"]["tasks"]
+    return _dag_pods(spec, platform, spec["root"]["dag"]["tasks"], pipeline_inputs)
+
+
+def _dag_pods(
+    spec: Mapping[str, Any],
+    platform: Mapping[str, Any],
+    tasks: Mapping[str, Mapping[str, Any]],
+    pipeline_inputs: Mapping[str, str],
+) -> list[TaskPod]:
     ordered: list[str] = []
     while len(ordered) < len(tasks):
         ready = [
@@ -146,6 +158,15 @@ def task_pods(documents: list[Mapping[str, Any]]) -> list[TaskPod]:
     for name in ordered:
         task = tasks[name]
         component = spec["components"][task["componentRef"]["name"]]
+        if "dag" in component:
+            iterator = task["parameterIterator"]
+            loop_inputs = _task_inputs(task, pipeline_inputs)
+            # KFP passes a list parameter's default as its JSON text (and str() of a Python list of ints
+            # reads the same).
+            for item in json.loads(loop_inputs[iterator["items"]["inputParameter"]]):
+                item_inputs = {**loop_inputs, iterator["itemInput"]: str(item)}
+                pods.extend(_dag_pods(spec, platform, component["dag"]["tasks"], item_inputs))
+            continue
         executor_label = component["executorLabel"]
         container = spec["deploymentSpec"]["executors"][executor_label]["container"]
         inputs = _task_inputs(task, pipeline_inputs)
