@@ -15,7 +15,8 @@ import yaml
 if TYPE_CHECKING:
     from conftest import KubetuneCli
 
-pytestmark = pytest.mark.slow
+# The `kubetune up` inside may take longer than the suite-wide 600 s timeout on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ROWS = 32  # 24 to train on after the 25% validation split: two folds of 12
 JOB = """\

@@ -14,7 +14,8 @@ import pytest
 if TYPE_CHECKING:
     from conftest import KubetuneCli
 
-pytestmark = pytest.mark.slow
+# The `kubetune up` inside may take longer than the suite-wide 600 s timeout on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 # accuracy is at most 1, so an improvement of 0.9 over a base model that already scores above 0.1 is out
 # of reach: this gate must fail, while min 0 passes.

@@ -13,7 +13,8 @@ import pytest
 if TYPE_CHECKING:
     from conftest import KubetuneCli
 
-pytestmark = pytest.mark.slow
+# The `kubetune up` inside may take longer than the suite-wide 600 s timeout on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 JOB = """\
 apiVersion: kubetune.dev/v1alpha1
