@@ -376,19 +376,27 @@ def _gateway_url(args: argparse.Namespace, name: str) -> str | None:
     return str(endpoint).removesuffix("/").removesuffix("/v1")
 
 
-def cmd_usage(args: argparse.Namespace) -> int:
-    import httpx
-
-    from kubetune.gateway.access.usage import usage_rows, usage_table
-
+def _deployment_gateway(args: argparse.Namespace) -> tuple[str, str] | int:
+    """The ModelDeployment named by ``args.deployment`` and its gateway's URL, or the exit code after
+    saying why there is none (2: a malformed name, 1: no gateway endpoint)."""
     try:
         name = _deployment_name(args.deployment)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     url = _gateway_url(args, name)
-    if url is None:
-        return 1
+    return 1 if url is None else (name, url)
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    import httpx
+
+    from kubetune.gateway.access.usage import usage_rows, usage_table
+
+    found = _deployment_gateway(args)
+    if isinstance(found, int):
+        return found
+    name, url = found
     try:
         response = httpx.get(f"{url}/metrics", timeout=10, trust_env=False)
         response.raise_for_status()
@@ -425,14 +433,10 @@ def cmd_feedback_export(args: argparse.Namespace) -> int:
 
     from kubetune.gateway.capture import dataset_rows, write_jsonl
 
-    try:
-        name = _deployment_name(args.deployment)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    url = _gateway_url(args, name)
-    if url is None:
-        return 1
+    found = _deployment_gateway(args)
+    if isinstance(found, int):
+        return found
+    name, url = found
     api_key = args.api_key or os.environ.get(API_KEY_ENV)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
